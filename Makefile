@@ -1,0 +1,44 @@
+# udsgateway: `make run` starts the gateway, `make test` runs the whole suite.
+# Both set everything up on a fresh machine first (virtualenv, install).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= etc/udsgateway.toml
+
+.PHONY: run test install trial lint typecheck bench bench-smoke clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=23.1" "setuptools>=68" wheel
+	# compat mode puts src/ on sys.path, so twistd finds src/twisted/plugins too
+	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	mkdir -p var
+	$(BIN)/twistd --nodaemon --pidfile= udsgateway --config $(CONFIG)
+
+trial: $(STAMP)
+	rm -f .coverage .coverage.*
+	$(BIN)/coverage run -m twisted.trial --temp-directory=_trial_temp tests
+	$(BIN)/coverage combine --quiet || true
+	$(BIN)/coverage report --fail-under=0 | tail -n 3
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: trial lint typecheck
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
+clean:
+	rm -rf $(VENV) _trial_temp* .coverage .coverage.* build *.egg-info src/*.egg-info
