@@ -1,0 +1,9 @@
+"""``python -m udsgateway``: the same as the ``udsgateway`` command."""
+
+from __future__ import annotations
+
+import sys
+
+from udsgateway.cli import main
+
+sys.exit(main())

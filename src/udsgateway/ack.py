@@ -1,0 +1,367 @@
+"""Build the ACKs we send and read the ACKs destinations send us.
+
+`build_ack` follows RELIABILITY.md "Wire facts": the sender's delimiters and
+MSH-18, MSH-3/4 swapped with MSH-5/6, a fresh MSH-10 of our own, MSA-2
+echoing the message's MSH-10, and for a NAK an ERR segment with the location,
+the table 0357 code, the severity and a diagnostic without PHI. It works from
+the partial header of a `HeaderProblem` too. Nothing here reads the clock:
+callers pass timestamps in.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import string
+import time
+from functools import lru_cache
+from random import Random, SystemRandom
+
+from attrs import Attribute, define, field, frozen
+
+from udsgateway.header import (
+    Delimiters,
+    Header,
+    codec_for,
+    hl7_escape,
+    hl7_unescape,
+    read_delimiters,
+    segments,
+)
+
+__all__ = [
+    "TABLE_0357",
+    "AckError",
+    "ControlIdSource",
+    "Outcome",
+    "Reply",
+    "ack_code",
+    "build_ack",
+    "hl7_timestamp",
+    "is_enhanced",
+    "parse_reply",
+    "wants_accept_ack",
+]
+
+TABLE_0357: dict[int, str] = {
+    100: "Segment sequence error",
+    101: "Required field missing",
+    102: "Data type error",
+    103: "Table value not found",
+    104: "Value too long",
+    200: "Unsupported message type",
+    201: "Unsupported event code",
+    202: "Unsupported processing id",
+    203: "Unsupported version id",
+    204: "Unknown key identifier",
+    205: "Duplicate key identifier",
+    206: "Application record locked",
+    207: "Application internal error",
+}
+
+ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
+
+# Codecs an ACK may be encoded with: those parse_header can produce.
+_ACK_CODECS = frozenset(
+    {
+        "ascii",
+        "latin-1",
+        "utf-8",
+        "cp1252",
+        *(f"iso8859-{n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 15)),
+    }
+)
+
+
+@frozen
+class AckError:
+    """The content of an ERR segment.
+
+    `location` is an ERR-2 location written with `^` ("MSH^1^10"); the ACK
+    uses the sender's component separator. `diagnostic` (ERR-7) must not
+    contain field values.
+    """
+
+    code: int
+    location: str = ""
+    diagnostic: str = ""
+    severity: str = "E"
+
+
+class Outcome(enum.Enum):
+    """What the receiver decided: AA/AE/AR in original mode, CA/CE/CR in enhanced mode."""
+
+    ACCEPT = "accept"
+    ERROR = "error"
+    REJECT = "reject"
+
+
+_ORIGINAL = {Outcome.ACCEPT: "AA", Outcome.ERROR: "AE", Outcome.REJECT: "AR"}
+_ENHANCED = {Outcome.ACCEPT: "CA", Outcome.ERROR: "CE", Outcome.REJECT: "CR"}
+
+
+def is_enhanced(header: Header) -> bool:
+    """True when the sender asked for enhanced mode (MSH-15 or MSH-16 present)."""
+    return bool(header.accept_ack_type.strip() or header.application_ack_type.strip())
+
+
+def ack_code(header: Header, outcome: Outcome) -> str:
+    """MSA-1 for `outcome`, in the sender's acknowledgment mode."""
+    return (_ENHANCED if is_enhanced(header) else _ORIGINAL)[outcome]
+
+
+def wants_accept_ack(header: Header, outcome: Outcome) -> bool:
+    """Whether the sender wants an accept ACK for `outcome`.
+
+    Original mode: always. Enhanced mode, by MSH-15: NE never, ER only on
+    error or reject, SU only on success, AL, empty or any other value always
+    (an unknown value is answered, since a sender that waits for an ACK it
+    never gets stalls its whole queue).
+    """
+    if not is_enhanced(header):
+        return True
+    condition = header.accept_ack_type.strip().upper()
+    if condition == "NE":
+        return False
+    if condition == "ER":
+        return outcome is not Outcome.ACCEPT
+    if condition == "SU":
+        return outcome is Outcome.ACCEPT
+    return True
+
+
+def hl7_timestamp(epoch_seconds: float) -> str:
+    """`epoch_seconds` as an HL7 timestamp "YYYYMMDDHHMMSS", in UTC.
+
+    UTC so that a clock change or daylight saving time never makes the
+    timestamps of one gateway go backwards; no offset is written because
+    the format asked of us has none.
+    """
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime(epoch_seconds))
+
+
+@lru_cache(maxsize=64)
+def _wire_safe_table(delimiters: Delimiters) -> dict[int, str]:
+    """Translation for echoed values: control characters and the field separator escaped.
+
+    Values echoed from the sender's header are already in wire form and are
+    copied as they are; this only stops a value that could not have come
+    from a well-formed header (CR, LF, MLLP bytes, a field separator) from
+    breaking the ACK's structure.
+    """
+    escape = delimiters.escape
+    table: dict[int, str] = {code: f"{escape}X{code:02X}{escape}" for code in range(0x20)}
+    table[0x7F] = f"{escape}X7F{escape}"
+    table[ord(delimiters.field)] = f"{escape}F{escape}"
+    return table
+
+
+def build_ack(
+    header: Header,
+    code: str,
+    *,
+    control_id: str,
+    timestamp: str,
+    error: AckError | None = None,
+    text: str = "",
+) -> bytes:
+    """Encode the ACK (or NAK, with `error`) of the message whose header is `header`.
+
+    `code` is MSA-1, `control_id` our fresh MSH-10, `timestamp` MSH-7 and
+    `text` MSA-3. MSH-11 and MSH-12 echo the sender's ("P" and "2.5" when
+    unreadable). MSH-18 is echoed when it names a charset we support; the
+    ACK is encoded with the message's codec. Characters the codec can not
+    encode (only possible in `text` or the diagnostic) become "?".
+    """
+    delimiters = header.delimiters
+    field_separator = delimiters.field
+    component = delimiters.component
+    safe = _wire_safe_table(delimiters)
+
+    def echo(value: str) -> str:
+        return value.translate(safe)
+
+    event = header.trigger_event
+    message_type = f"ACK{component}{echo(event)}{component}ACK" if event else "ACK"
+    msh = [
+        "MSH",
+        delimiters.encoding_characters(),
+        echo(header.receiving_application),
+        echo(header.receiving_facility),
+        echo(header.sending_application),
+        echo(header.sending_facility),
+        echo(timestamp),
+        "",
+        message_type,
+        echo(control_id),
+        echo(header.processing_id) or "P",
+        echo(header.version) or "2.5",
+    ]
+    codec = header.encoding if header.encoding in _ACK_CODECS else "ascii"
+    charset = header.charset.strip()
+    if charset and codec_for(charset, "ascii") is not None:
+        msh += ["", "", "", "", "", echo(charset)]
+
+    msa = ["MSA", echo(code), echo(header.control_id)]
+    if text:
+        msa.append(hl7_escape(text, delimiters))
+    lines = [field_separator.join(msh), field_separator.join(msa)]
+
+    if error is not None:
+        err = [
+            "ERR",
+            "",
+            echo(error.location).replace("^", component),
+            component.join(
+                (
+                    str(error.code),
+                    hl7_escape(TABLE_0357.get(error.code, ""), delimiters),
+                    "HL70357",
+                )
+            ),
+            hl7_escape(error.severity, delimiters),
+            "",
+            "",
+            hl7_escape(error.diagnostic, delimiters),
+        ]
+        while err[-1] == "":
+            err.pop()
+        lines.append(field_separator.join(err))
+
+    message = "\r".join(lines) + "\r"
+    try:
+        return message.encode(codec)
+    except UnicodeEncodeError:
+        return message.encode(codec, "replace")
+
+
+_ID_ALPHABET = string.digits + string.ascii_uppercase
+_PREFIX = re.compile(r"[A-Za-z0-9]{1,10}")
+
+
+def _base36(number: int) -> str:
+    digits = []
+    while True:
+        number, digit = divmod(number, 36)
+        digits.append(_ID_ALPHABET[digit])
+        if not number:
+            return "".join(reversed(digits))
+
+
+def _check_prefix(instance: ControlIdSource, attribute: Attribute[str], value: str) -> None:
+    if not _PREFIX.fullmatch(value):
+        raise ValueError("control id prefix must be 1 to 10 letters or digits")
+
+
+@define
+class ControlIdSource:
+    """Fresh MSH-10 values for the ACKs and messages we send.
+
+    Each value is the prefix and a base-36 counter, at most 20 characters
+    (the HL7 2.3 limit), letters and digits only so that no delimiter set
+    needs them escaped. The prefix differs on every start (see `for_boot`),
+    which keeps values unique across restarts without storing the counter.
+    36**10 values per prefix: more than a century at a million a second.
+    """
+
+    prefix: str = field(validator=_check_prefix)
+    _counter: int = field(default=0, init=False)
+
+    def next(self) -> str:
+        """A control id never returned before by this source."""
+        self._counter += 1
+        return self.prefix + _base36(self._counter)
+
+    @classmethod
+    def for_boot(cls, boot_epoch: float, rng: Random | None = None) -> ControlIdSource:
+        """A source whose prefix is the boot time in seconds and two random characters.
+
+        Two starts would have to happen in the same second and draw the same
+        two characters (1 in 1296) to share a prefix. `rng` is for tests.
+        """
+        rng = rng or SystemRandom()
+        seconds = _base36(max(0, int(boot_epoch))).rjust(7, "0")[-7:]
+        entropy = "".join(rng.choice(_ID_ALPHABET) for _ in range(2))
+        return cls(seconds + entropy)
+
+
+@frozen
+class Reply:
+    """What a destination answered, read from its ACK.
+
+    `problem` is "" for a well-formed ACK; otherwise it says, without field
+    values, why the reply can not count as one. `text` is MSA-3, unescaped.
+    """
+
+    ack_code: str | None
+    control_id: str | None
+    text: str
+    error_code: int | None
+    problem: str
+
+
+def _decode(value: bytes, codec: str) -> str:
+    # Informational fields of a reply: a byte that does not decode becomes
+    # U+FFFD. Our control ids are ASCII, so MSA-2 can never match by accident.
+    return value.decode(codec, "replace")
+
+
+def _error_code(err: list[bytes], delimiters: Delimiters) -> int | None:
+    """ERR-3.1, or ERR-1.4.1 as HL7 2.3 and 2.4 write it."""
+    component = delimiters.component.encode("ascii")
+    candidates = []
+    if len(err) > 3:
+        candidates.append(err[3].split(component, 1)[0])
+    if len(err) > 1:
+        parts = err[1].split(component)
+        if len(parts) > 3:
+            candidates.append(parts[3].split(delimiters.subcomponent.encode("ascii"), 1)[0])
+    for candidate in candidates:
+        value = candidate.strip()
+        if value.isdigit() and len(value) <= 9:
+            return int(value)
+    return None
+
+
+def parse_reply(frame: bytes) -> Reply:
+    """Read a destination's ACK: MSA-1, MSA-2, MSA-3 and the ERR code; never raises.
+
+    Leading blank lines are skipped. Garbage, a garbled MSH or a message
+    without MSA gives `ack_code` None and a `problem`.
+    """
+    frame = frame.lstrip(b"\r\n\t ")
+    if not frame.startswith(b"MSH"):
+        return Reply(None, None, "", None, "reply does not start with MSH")
+    delimiters = read_delimiters(frame)
+    if delimiters is None:
+        return Reply(None, None, "", None, "reply MSH-1 or MSH-2 invalid")
+    separator = delimiters.field.encode("ascii")
+    lines = segments(frame)
+    msh = lines[0].split(separator)
+    # msh[0] is "MSH", so msh[n] is MSH-(n+1).
+    raw_charset = msh[17] if len(msh) > 17 else b""
+    raw_charset = raw_charset.split(delimiters.repetition.encode("ascii"), 1)[0]
+    codec = codec_for(raw_charset.decode("latin-1"), "utf-8") or "latin-1"
+
+    msa: list[bytes] | None = None
+    err: list[bytes] | None = None
+    for line in lines[1:]:
+        if msa is None and line.startswith(b"MSA" + separator):
+            msa = line.split(separator)
+        elif err is None and line.startswith(b"ERR" + separator):
+            err = line.split(separator)
+    error_code = _error_code(err, delimiters) if err is not None else None
+    if msa is None:
+        return Reply(None, None, "", error_code, "reply has no MSA segment")
+
+    def at(n: int) -> str:
+        return _decode(msa[n], codec) if len(msa) > n else ""
+
+    code = at(1).strip()
+    control_id = at(2)
+    text = hl7_unescape(at(3), delimiters)
+    if code not in ACK_CODES:
+        return Reply(None, control_id, text, error_code, "reply MSA-1 is not an ACK code")
+    if not control_id:
+        return Reply(code, control_id, text, error_code, "reply MSA-2 empty")
+    return Reply(code, control_id, text, error_code, "")

@@ -1,0 +1,178 @@
+"""``udsgateway``: the command line for everything but running the service.
+
+Each subcommand opens the same store the service uses (SQLite allows the CLI
+beside a running gateway; the gateway notices flow changes within its
+``flow_reload_interval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from udsgateway import store
+from udsgateway.config import ConfigError, GatewayConfig, load_config
+from udsgateway.db import Database, InlineRunner, SchemaError, ensure_schema, make_engine
+from udsgateway.flows import App, FlowFileError, read_app_file, write_app
+
+DEFAULT_CONFIG = "etc/udsgateway.toml"
+
+
+class CommandError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def listen_address(endpoint: str) -> tuple[str, str]:
+    """Host and port of a server endpoint string such as ``tcp:port=2575:interface=...``."""
+    host, port = "0.0.0.0", ""
+    parts = endpoint.split(":")
+    for index, part in enumerate(parts[1:], start=1):
+        if part.startswith("port="):
+            port = part[5:]
+        elif part.startswith("interface="):
+            host = part[10:].replace("\\", "")
+        elif index == 1 and part.isdigit():
+            port = part
+    return host, port
+
+
+def open_database(config: GatewayConfig) -> Database:
+    """The store, in this thread, schema checked."""
+    database = Database(make_engine(config.database), InlineRunner())
+    try:
+        database.transaction_now(ensure_schema)
+    except SchemaError as error:
+        raise CommandError(str(error)) from None
+    return database
+
+
+def flow_table(config: GatewayConfig, apps: Sequence[App]) -> list[dict[str, str]]:
+    """Host, Port, App ID, Flow ID (and more) of each flow: what a sender needs."""
+    listeners = {tenant.name: listen_address(tenant.listen) for tenant in config.tenants}
+    rows = []
+    for app in apps:
+        host, port = listeners.get(app.tenant, ("?", "?"))
+        for flow in app.flows:
+            rows.append(
+                {
+                    "host": host,
+                    "port": port,
+                    "app_id": app.app_id,
+                    "flow_id": flow.flow_id,
+                    "tenant": app.tenant,
+                    "type": flow.trigger.message_type,
+                    "connection": flow.trigger.connection.upper(),
+                    "enabled": "yes" if flow.enabled else "no",
+                    "name": flow.name,
+                }
+            )
+    return rows
+
+
+def print_table(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """Rows as an aligned text table with upper-case headings."""
+    if not rows:
+        out.write("(none)\n")
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    out.write("  ".join(c.upper().replace("_", " ").ljust(widths[c]) for c in columns).rstrip())
+    out.write("\n")
+    for row in rows:
+        out.write("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip() + "\n")
+
+
+def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    problems: list[str] = []
+    apps = []
+    for path in args.files:
+        try:
+            app = read_app_file(path)
+        except FlowFileError as error:
+            problems.extend(error.problems)
+            continue
+        if app.tenant not in {t.name for t in config.tenants}:
+            problems.append(f"{path}: tenant: {app.tenant!r} is not configured in {config.path}")
+            continue
+        apps.append(app)
+    if problems:
+        raise CommandError("\n".join(problems))
+    database = open_database(config)
+    saved = [database.transaction_now(store.save_app, app, time.time()) for app in apps]
+    print_table(flow_table(config, saved), out)
+    return 0
+
+
+def cmd_flows_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    apps = open_database(config).transaction_now(store.load_apps, args.tenant)
+    rows = flow_table(config, apps)
+    if args.json:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    else:
+        print_table(rows, out)
+    return 0
+
+
+def cmd_flows_export(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    apps = open_database(config).transaction_now(store.load_apps, None)
+    chosen = [app for app in apps if app.app_id == args.app_id]
+    if not chosen:
+        raise CommandError(f"no app with App ID {args.app_id!r} (see `udsgateway flows list`)")
+    text = write_app(chosen[0])
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        out.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="udsgateway", description="Operate an udsgateway HL7 gateway."
+    )
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    flows = commands.add_parser("flows", help="import, export and list apps and flows")
+    flow_commands = flows.add_subparsers(dest="flows_command", required=True, metavar="ACTION")
+    p = flow_commands.add_parser("import", help="load flow files (one app each) into the store")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.set_defaults(handler=cmd_flows_import)
+    p = flow_commands.add_parser("list", help="print Host, Port, App ID, Flow ID of each flow")
+    p.add_argument("--tenant", default=None)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(handler=cmd_flows_list)
+    p = flow_commands.add_parser("export", help="write an app back as a flow file")
+    p.add_argument("app_id", metavar="APP_ID")
+    p.add_argument("-o", "--output", help="file to write (default: standard output)")
+    p.set_defaults(handler=cmd_flows_export)
+    return parser
+
+
+Handler = Callable[[argparse.Namespace, GatewayConfig, TextIO], int]
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Run one command; return the exit status."""
+    out = out if out is not None else sys.stdout
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+        handler: Handler = args.handler
+        return handler(args, config, out)
+    except ConfigError as error:
+        sys.stderr.write("udsgateway: invalid configuration:\n")
+        for problem in error.problems:
+            sys.stderr.write(f"  {problem}\n")
+        return 2
+    except CommandError as error:
+        sys.stderr.write(f"udsgateway: {error}\n")
+        return 2

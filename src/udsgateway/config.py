@@ -1,0 +1,316 @@
+"""The gateway's configuration: one TOML file parsed into frozen attrs values.
+
+Unknown keys and bad values are errors, and all of them are reported at once,
+each with the file and the dotted key, so an operator fixes a file in one pass.
+Every setting is documented in ``docs/configuration.md``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from attrs import field, frozen
+
+from udsgateway.header import codec_for
+from udsgateway.tomlreader import TableReader
+
+MIB = 1024 * 1024
+
+#: HL7 versions accepted by default (MSH-12).
+DEFAULT_VERSIONS = (
+    "2.1",
+    "2.2",
+    "2.3",
+    "2.3.1",
+    "2.4",
+    "2.5",
+    "2.5.1",
+    "2.6",
+    "2.7",
+    "2.7.1",
+    "2.8",
+    "2.8.1",
+    "2.8.2",
+)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``problems`` lists every error found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@frozen
+class Limits:
+    """Per-listener limits of RELIABILITY.md "Default limits"."""
+
+    max_frame_size: int = 10 * MIB
+    frame_timeout: float = 60.0
+    idle_timeout: float = 600.0
+    tls_handshake_timeout: float = 10.0
+    max_connections: int = 64
+    max_connections_per_peer: int = 8
+    max_pending_frames: int = 32
+    detect_limit: int = 4096
+
+
+@frozen
+class PlainTCP:
+    """How a plain TCP (non-MLLP) message ends, besides the next ``MSH``."""
+
+    idle_gap: float = 0.2
+    start_bytes: bytes = b""
+    end_bytes: bytes = b""
+
+
+@frozen
+class TenantConfig:
+    """One tenant: one listener shared by all of its TCP triggers."""
+
+    name: str
+    listen: str
+    flow_files: tuple[str, ...] = ()
+    app_id_field: int = 5
+    flow_id_field: int = 6
+    processing_ids: tuple[str, ...] = ("P", "T", "D")
+    versions: tuple[str, ...] = DEFAULT_VERSIONS
+    default_charset: str = "8859/1"
+    lenient_fs: bool = False
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    limits: Limits = field(factory=Limits)
+    tcp: PlainTCP = field(factory=PlainTCP)
+
+
+@frozen
+class ManholeConfig:
+    """The operator console into the live process; off by default."""
+
+    enabled: bool = False
+    ssh: str = "tcp:port=2222:interface=127.0.0.1"
+    authorized_keys: str = ""
+    host_key_dir: str = ""
+    telnet: str = ""
+    telnet_passwd: str = ""
+
+
+@frozen
+class GatewayConfig:
+    """The whole configuration file."""
+
+    path: str
+    database: str
+    node_name: str = "node1"
+    commit_max_batch: int = 512
+    flow_reload_interval: float = 5.0
+    tenants: tuple[TenantConfig, ...] = ()
+    manhole: ManholeConfig = field(factory=ManholeConfig)
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _field_number(value: int) -> str | None:
+    return None if 3 <= value <= 21 else "must be an MSH field number from 3 to 21"
+
+
+def _hex_bytes(reader: TableReader, table: dict[str, Any], key: str) -> bytes:
+    text = reader.get(table, key, str, "")
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        reader.problem(key, "expected hexadecimal bytes, e.g. '1c0d'")
+        return b""
+
+
+def _read_limits(reader: TableReader, table: dict[str, Any]) -> Limits:
+    base = Limits()
+    known = {a.name for a in Limits.__attrs_attrs__}
+    reader.unknown(table, known)
+    values: dict[str, Any] = {}
+    for name in known:
+        default = getattr(base, name)
+        kind: type | tuple[type, ...] = int if isinstance(default, int) else (int, float)
+        values[name] = reader.get(table, name, kind, default, _positive)
+    return Limits(**values)
+
+
+def _read_tcp(reader: TableReader, table: dict[str, Any]) -> PlainTCP:
+    reader.unknown(table, {"idle_gap", "start_bytes", "end_bytes"})
+    return PlainTCP(
+        idle_gap=float(reader.get(table, "idle_gap", (int, float), 0.2, _positive)),
+        start_bytes=_hex_bytes(reader, table, "start_bytes"),
+        end_bytes=_hex_bytes(reader, table, "end_bytes"),
+    )
+
+
+def _read_networks(
+    reader: TableReader, table: dict[str, Any]
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    networks = []
+    for text in reader.strings(table, "allow", ()):
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            reader.problem("allow", f"not an address or network: {text!r}")
+    return tuple(networks)
+
+
+_TENANT_KEYS = {
+    "name",
+    "listen",
+    "flow_files",
+    "app_id_field",
+    "flow_id_field",
+    "processing_ids",
+    "versions",
+    "default_charset",
+    "lenient_fs",
+    "allow",
+    "limits",
+    "tcp",
+}
+
+
+def _read_tenant(reader: TableReader, table: dict[str, Any], base_dir: Path) -> TenantConfig:
+    reader.unknown(table, _TENANT_KEYS)
+    name = reader.get(table, "name", str, "")
+    if not name:
+        reader.problem("name", "required")
+    listen = reader.get(table, "listen", str, "")
+    if not listen:
+        reader.problem("listen", "required, e.g. 'tcp:port=2575:interface=127.0.0.1'")
+    charset = reader.get(table, "default_charset", str, "8859/1")
+    if codec_for(charset, "") is None:
+        reader.problem("default_charset", f"unknown HL7 character set {charset!r}")
+    flow_files = tuple(
+        str((base_dir / path).resolve()) for path in reader.strings(table, "flow_files", ())
+    )
+    with reader.section("limits"):
+        limits = _read_limits(reader, reader.get(table, "limits", dict, {}))
+    with reader.section("tcp"):
+        tcp = _read_tcp(reader, reader.get(table, "tcp", dict, {}))
+    return TenantConfig(
+        name=name,
+        listen=listen,
+        flow_files=flow_files,
+        app_id_field=reader.get(table, "app_id_field", int, 5, _field_number),
+        flow_id_field=reader.get(table, "flow_id_field", int, 6, _field_number),
+        processing_ids=reader.strings(table, "processing_ids", ("P", "T", "D")),
+        versions=reader.strings(table, "versions", DEFAULT_VERSIONS),
+        default_charset=charset,
+        lenient_fs=reader.get(table, "lenient_fs", bool, False),
+        allow=_read_networks(reader, table),
+        limits=limits,
+        tcp=tcp,
+    )
+
+
+def _read_manhole(reader: TableReader, table: dict[str, Any], base_dir: Path) -> ManholeConfig:
+    reader.unknown(
+        table,
+        {"enabled", "ssh", "authorized_keys", "host_key_dir", "telnet", "telnet_passwd"},
+    )
+
+    def resolve(key: str) -> str:
+        value = reader.get(table, key, str, "")
+        return str((base_dir / value).resolve()) if value else ""
+
+    config = ManholeConfig(
+        enabled=reader.get(table, "enabled", bool, False),
+        ssh=reader.get(table, "ssh", str, ManholeConfig.ssh),
+        authorized_keys=resolve("authorized_keys"),
+        host_key_dir=resolve("host_key_dir"),
+        telnet=reader.get(table, "telnet", str, ""),
+        telnet_passwd=resolve("telnet_passwd"),
+    )
+    if config.enabled and config.ssh and not config.authorized_keys:
+        reader.problem("authorized_keys", "required when the manhole is enabled over SSH")
+    if config.enabled and config.telnet and not config.telnet_passwd:
+        reader.problem("telnet_passwd", "required when the telnet manhole is enabled")
+    for key in ("ssh", "telnet"):
+        endpoint = getattr(config, key)
+        if config.enabled and endpoint and not _loopback_endpoint(endpoint):
+            reader.problem(key, "the manhole listens on loopback only (interface=127.0.0.1)")
+    return config
+
+
+def _loopback_endpoint(endpoint: str) -> bool:
+    for part in endpoint.split(":"):
+        if part.startswith("interface="):
+            try:
+                return ipaddress.ip_address(part.split("=", 1)[1].replace("\\", "")).is_loopback
+            except ValueError:
+                return False
+    return False
+
+
+def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
+    """Parse the TOML text of a configuration file; raise ConfigError listing every problem."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError([f"{filename}: not valid TOML: {error}"]) from None
+    reader = TableReader(filename)
+    base_dir = Path(filename).resolve().parent
+    reader.unknown(document, {"gateway", "tenants", "manhole"})
+
+    with reader.section("gateway"):
+        gateway = reader.get(document, "gateway", dict, {})
+        reader.unknown(
+            gateway, {"database", "node_name", "commit_max_batch", "flow_reload_interval"}
+        )
+        database = reader.get(gateway, "database", str, "sqlite:///var/udsgateway.db")
+        database = _resolve_sqlite(database, base_dir)
+        node_name = reader.get(gateway, "node_name", str, "node1")
+        commit_max_batch = reader.get(gateway, "commit_max_batch", int, 512, _positive)
+        reload_interval = reader.get(gateway, "flow_reload_interval", (int, float), 5.0, _positive)
+
+    tenants = []
+    raw_tenants = reader.get(document, "tenants", list, [])
+    for index, table in enumerate(raw_tenants):
+        with reader.section(f"tenants[{index}]"):
+            if not isinstance(table, dict):
+                reader.problem("", "expected a table ([[tenants]])")
+                continue
+            tenants.append(_read_tenant(reader, table, base_dir))
+    names = [tenant.name for tenant in tenants]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        reader.problem("tenants", f"tenant name {name!r} is used more than once")
+
+    with reader.section("manhole"):
+        manhole = _read_manhole(reader, reader.get(document, "manhole", dict, {}), base_dir)
+
+    if reader.problems:
+        raise ConfigError(reader.problems)
+    return GatewayConfig(
+        path=filename,
+        database=database,
+        node_name=node_name,
+        commit_max_batch=commit_max_batch,
+        flow_reload_interval=float(reload_interval),
+        tenants=tuple(tenants),
+        manhole=manhole,
+    )
+
+
+def _resolve_sqlite(url: str, base_dir: Path) -> str:
+    """Resolve a relative SQLite path against the configuration file's folder."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str((base_dir / url[len(prefix) :]).resolve())
+    return url
+
+
+def load_config(path: str) -> GatewayConfig:
+    """Read and parse a configuration file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read: {error.strerror}"]) from None
+    return parse_config(text, path)

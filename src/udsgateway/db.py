@@ -1,0 +1,233 @@
+"""The database layer's plumbing: engines, the database thread, group commit.
+
+All SQL runs in one dedicated thread (a single writer for SQLite), never on
+the reactor. SQLite runs in WAL mode with ``synchronous=FULL``, so a commit
+that returned is on disk before any ACK is written (G4).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from attrs import define, field
+from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
+
+from udsgateway import schema
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+log = Logger()
+
+#: How long SQLite waits on a lock before the commit fails (NAK 206).
+SQLITE_BUSY_TIMEOUT_MS = 2000
+
+
+class SchemaError(Exception):
+    """The database holds a schema this version cannot use."""
+
+
+def is_locked(error: BaseException) -> bool:
+    """True when a database error means "locked by someone else" (HL7 206)."""
+    if isinstance(error, OperationalError):
+        text = str(error.orig).lower()
+        return "locked" in text or "busy" in text or "could not obtain lock" in text
+    return False
+
+
+def make_engine(url: str) -> Engine:
+    """Create an engine; SQLite files are created 0600, in WAL with synchronous=FULL."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, future=True)
+    database = parsed.database or ""
+    if database and database != ":memory:":
+        os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
+        # Create the file ourselves so it is 0600 from its first byte; SQLite
+        # gives the -wal and -shm files the same permissions.
+        os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
+        engine = create_engine(url, future=True)
+    else:
+        engine = create_engine(
+            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+        )
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's transaction control the BEGIN (pysqlite quirk).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        # IMMEDIATE takes the write lock up front: no deadlock between readers
+        # that upgrade, and a lock conflict shows at BEGIN (NAK 206), not later.
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def ensure_schema(connection: Connection) -> int:
+    """Create the tables on an empty database, or migrate an older one; return the version."""
+    schema.metadata.create_all(connection)
+    row = connection.execute(
+        select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
+    ).first()
+    if row is None:
+        connection.execute(
+            schema.meta.insert().values(key="schema_version", value=str(schema.SCHEMA_VERSION))
+        )
+        return schema.SCHEMA_VERSION
+    version = int(row[0])
+    if version > schema.SCHEMA_VERSION:
+        raise SchemaError(
+            f"database schema {version} is newer than this udsgateway ({schema.SCHEMA_VERSION})"
+        )
+    while version < schema.SCHEMA_VERSION:
+        schema.MIGRATIONS[version](connection)
+        version += 1
+        connection.execute(
+            schema.meta.update()
+            .where(schema.meta.c.key == "schema_version")
+            .values(value=str(version))
+        )
+    return version
+
+
+class IDatabaseRunner(Interface):
+    """Runs blocking database functions away from the reactor."""
+
+    def run(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """Call ``function(*args)`` in the database thread; fire with its result."""
+
+
+@implementer(IDatabaseRunner)
+@define
+class ThreadRunner:
+    """One dedicated thread for all SQL (SQLite has a single writer anyway)."""
+
+    _reactor: IReactorFromThreads
+    _pool: ThreadPool = field(factory=lambda: ThreadPool(1, 1, name="udsgateway-db"))
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        self._pool.stop()
+
+    def run(self, function: Callable[..., R], *args: Any) -> Deferred[R]:
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+
+@implementer(IDatabaseRunner)
+class InlineRunner:
+    """Runs database functions synchronously: for the CLI and deterministic tests."""
+
+    def run(self, function: Callable[..., R], *args: Any) -> Deferred[R]:
+        try:
+            return succeed(function(*args))
+        except BaseException:
+            return fail()
+
+
+@define
+class Database:
+    """An engine plus the runner that all of its SQL goes through."""
+
+    engine: Engine
+    runner: Any  # IDatabaseRunner
+
+    def transaction(self, function: Callable[..., R], *args: Any) -> Deferred[R]:
+        """Run ``function(connection, *args)`` in one transaction in the database thread."""
+        return self.runner.run(self.transaction_now, function, *args)
+
+    def transaction_now(self, function: Callable[..., R], *args: Any) -> R:
+        """The same, synchronously, in the calling thread (the CLI, the db thread)."""
+        with self.engine.begin() as connection:
+            return function(connection, *args)
+
+
+@define
+class _Pending(Generic[Item, Result]):
+    item: Item
+    deferred: Deferred[Result]
+
+
+@define
+class GroupCommitter(Generic[Item, Result]):
+    """Commit items in groups: items that arrive while a commit runs go into the next one.
+
+    ``batch`` runs in the database thread inside one transaction and returns
+    one result per item, in order. When the transaction fails, every item of
+    the group gets the failure (the caller turns it into a NAK, never an AA).
+    """
+
+    _database: Database
+    _batch: Callable[[Connection, list[Item]], list[Result]]
+    _max_batch: int = 512
+    _pending: list[_Pending[Item, Result]] = field(factory=list)
+    _running: bool = False
+    groups: int = 0
+    committed: int = 0
+
+    def submit(self, item: Item) -> Deferred[Result]:
+        """Queue an item for the next group; fire with its result once committed."""
+        deferred: Deferred[Result] = Deferred()
+        self._pending.append(_Pending(item, deferred))
+        if not self._running:
+            self._next()
+        return deferred
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for the next group."""
+        return len(self._pending)
+
+    def _next(self) -> None:
+        if not self._pending:
+            self._running = False
+            return
+        self._running = True
+        group = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        self.groups += 1
+        done = self._database.transaction(self._batch, [p.item for p in group])
+        done.addCallbacks(self._committed, self._failed, (group,), None, (group,), None)
+
+    def _committed(self, results: list[Result], group: list[_Pending[Item, Result]]) -> None:
+        self.committed += len(group)
+        for pending, result in zip(group, results, strict=True):
+            pending.deferred.callback(result)
+        self._next()
+
+    def _failed(self, failure: Any, group: list[_Pending[Item, Result]]) -> None:
+        if not failure.check(SQLAlchemyError):
+            log.failure("group commit failed unexpectedly", failure, size=len(group))
+        else:
+            log.warn(
+                "group commit failed: {error}",
+                error=type(failure.value).__name__,
+                locked=is_locked(failure.value),
+                size=len(group),
+            )
+        for pending in group:
+            pending.deferred.errback(failure)
+        self._next()

@@ -1,0 +1,217 @@
+"""Apps and flows: their definitions, and the TOML flow file format.
+
+One app per file. ``udsgateway flows import`` reads a file into the store,
+generating App ID and Flow ID when absent; ``udsgateway flows export``
+writes it back losslessly (``read_app_file(write_app(app)) == app``).
+See ``docs/flows.md`` for the format.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from attrs import evolve, field, frozen
+
+from udsgateway.tomlreader import TableReader
+from udsgateway.tomlwriter import dumps
+
+CONNECTIONS = ("mllp", "tcp")
+ACK_TIMINGS = ("on_commit", "after_actions")
+_ID_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+class FlowFileError(Exception):
+    """A flow file is invalid; ``problems`` lists every error found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def new_id(prefix: str) -> str:
+    """A fresh App ID or Flow ID: short enough for an HL7 HD field (20 characters)."""
+    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(10))
+
+
+@frozen
+class Trigger:
+    """What starts a flow: the framing, the message type, a sample, and ACK timing."""
+
+    connection: str = "mllp"
+    message_type: str = ""
+    sample: str = ""
+    ack: str = "on_commit"
+    ack_timeout: float = 30.0
+
+
+@frozen
+class Flow:
+    """One trigger plus an ordered chain of actions."""
+
+    name: str
+    trigger: Trigger
+    flow_id: str = ""
+    enabled: bool = True
+    description: str = ""
+    actions: tuple[dict[str, Any], ...] = ()
+
+
+@frozen
+class App:
+    """A group of flows for one partner system, with app-wide variables."""
+
+    name: str
+    tenant: str
+    app_id: str = ""
+    description: str = ""
+    variables: dict[str, str] = field(factory=dict)
+    flows: tuple[Flow, ...] = ()
+
+    def with_ids(self) -> App:
+        """This app with an App ID and Flow IDs generated where absent."""
+        return evolve(
+            self,
+            app_id=self.app_id or new_id("APP"),
+            flows=tuple(evolve(f, flow_id=f.flow_id or new_id("FLW")) for f in self.flows),
+        )
+
+
+def _event_type(value: str) -> str | None:
+    parts = value.split("^")
+    if len(parts) != 2 or not all(p.isalnum() and p.isupper() for p in parts):
+        return "expected TYPE^EVENT, e.g. ADT^A04"
+    return None
+
+
+def _read_trigger(reader: TableReader, table: dict[str, Any]) -> Trigger:
+    reader.unknown(table, {"connection", "message_type", "sample", "ack", "ack_timeout"})
+
+    def one_of(choices: tuple[str, ...]) -> Any:
+        return lambda value: None if value in choices else "expected " + " or ".join(choices)
+
+    message_type = reader.get(table, "message_type", str, "", _event_type)
+    if "message_type" not in table:
+        reader.problem("message_type", "required, e.g. ADT^A04")
+    timeout = reader.get(
+        table, "ack_timeout", (int, float), 30.0, lambda v: None if v > 0 else "must be > 0"
+    )
+    return Trigger(
+        connection=reader.get(table, "connection", str, "mllp", one_of(CONNECTIONS)),
+        message_type=message_type,
+        sample=reader.get(table, "sample", str, ""),
+        ack=reader.get(table, "ack", str, "on_commit", one_of(ACK_TIMINGS)),
+        ack_timeout=float(timeout),
+    )
+
+
+def _read_flow(reader: TableReader, table: dict[str, Any]) -> Flow:
+    reader.unknown(table, {"flow_id", "name", "enabled", "description", "trigger", "actions"})
+    name = reader.get(table, "name", str, "")
+    if not name:
+        reader.problem("name", "required")
+    with reader.section("trigger"):
+        if "trigger" not in table:
+            reader.problem("", "required")
+        trigger = _read_trigger(reader, reader.get(table, "trigger", dict, {}))
+    actions = reader.get(table, "actions", list, [])
+    if not all(isinstance(action, dict) for action in actions):
+        reader.problem("actions", "expected an array of tables ([[flows.actions]])")
+        actions = []
+    return Flow(
+        name=name,
+        trigger=trigger,
+        flow_id=reader.get(table, "flow_id", str, ""),
+        enabled=reader.get(table, "enabled", bool, True),
+        description=reader.get(table, "description", str, ""),
+        actions=tuple(actions),
+    )
+
+
+def parse_app(text: str, filename: str = "<flows>") -> App:
+    """Parse the TOML text of a flow file; raise FlowFileError listing every problem."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise FlowFileError([f"{filename}: not valid TOML: {error}"]) from None
+    reader = TableReader(filename)
+    reader.unknown(document, {"app_id", "name", "tenant", "description", "variables", "flows"})
+    name = reader.get(document, "name", str, "")
+    if not name:
+        reader.problem("name", "required")
+    tenant = reader.get(document, "tenant", str, "")
+    if not tenant:
+        reader.problem("tenant", "required: the tenant whose listener receives these flows")
+    variables = reader.get(document, "variables", dict, {})
+    for key, value in variables.items():
+        if not isinstance(value, str):
+            reader.problem(f"variables.{key}", "expected a string")
+    flows = []
+    for index, table in enumerate(reader.get(document, "flows", list, [])):
+        with reader.section(f"flows[{index}]"):
+            if not isinstance(table, dict):
+                reader.problem("", "expected a table ([[flows]])")
+                continue
+            flows.append(_read_flow(reader, table))
+    seen: set[str] = set()
+    for flow in flows:
+        if flow.name in seen:
+            reader.problem("flows", f"flow name {flow.name!r} is used more than once")
+        seen.add(flow.name)
+    if reader.problems:
+        raise FlowFileError(reader.problems)
+    return App(
+        name=name,
+        tenant=tenant,
+        app_id=reader.get(document, "app_id", str, ""),
+        description=reader.get(document, "description", str, ""),
+        variables={k: v for k, v in variables.items() if isinstance(v, str)},
+        flows=tuple(flows),
+    )
+
+
+def read_app_file(path: str) -> App:
+    """Read and parse one flow file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise FlowFileError([f"{path}: cannot read: {error.strerror}"]) from None
+    return parse_app(text, path)
+
+
+def app_document(app: App) -> dict[str, Any]:
+    """The TOML document of an app, with every field, so export is lossless."""
+    document: dict[str, Any] = {"app_id": app.app_id, "name": app.name, "tenant": app.tenant}
+    document["description"] = app.description
+    document["variables"] = dict(app.variables)
+    document["flows"] = [
+        {
+            "flow_id": flow.flow_id,
+            "name": flow.name,
+            "enabled": flow.enabled,
+            "description": flow.description,
+            "trigger": {
+                "connection": flow.trigger.connection,
+                "message_type": flow.trigger.message_type,
+                "ack": flow.trigger.ack,
+                "ack_timeout": flow.trigger.ack_timeout,
+                "sample": flow.trigger.sample,
+            },
+            "actions": [dict(action) for action in flow.actions],
+        }
+        for flow in app.flows
+    ]
+    return document
+
+
+def write_app(app: App) -> str:
+    """The flow file text of an app."""
+    return dumps(app_document(app))
+
+
+def actions_json(flow: Flow) -> str:
+    """A flow's actions as stored in the database."""
+    return json.dumps(list(flow.actions), sort_keys=True)

@@ -1,0 +1,571 @@
+# zope.interface ships no type information; mypy sees it as Any.
+# mypy: disable-error-code="import-untyped"
+"""Sans-I/O framers: split an inbound byte stream into HL7 v2 messages.
+
+A framer takes the bytes of one connection as they arrive (``feed``) and
+returns events: complete frames, complete frames that were too large, or a
+fatal overflow. It does no I/O and knows nothing about Twisted, so the MLLP
+and plain TCP listeners differ only in the framer they inject, and the
+framers are tested on bytes alone.
+
+Wire rules (RELIABILITY.md, "Wire facts"):
+
+* MLLP: a frame is ``0x0B`` + message + ``0x1C 0x0D``. Only the pair FS CR
+  ends a frame (a bare FS ends it too when ``lenient_fs`` is on); a bare CR
+  inside is a segment separator. Bytes before a start byte are dropped and
+  counted. A start byte inside an open frame discards the partial frame and
+  starts a new one (a resync). MLLP release 2 commit ACK/NAK blocks
+  (``0x0B 0x06 0x1C 0x0D``, ``0x0B 0x15 0x1C 0x0D``) are counted and ignored.
+* Plain TCP: a message starts at ``MSH`` (or after the configured start
+  bytes) and ends at the next ``MSH`` at a segment start, at the configured
+  end bytes, or when the caller calls ``flush`` (end of stream or idle gap).
+
+Limits: a frame larger than ``max_frame_size`` is not buffered; only its
+first bytes (the head, enough to read MSH and answer NAK 104) are kept while
+the framer scans on for its end. If the frame ends, an ``OversizedFrame`` is
+emitted; if it grows past ``drain_limit`` first, ``FrameOverflow`` is emitted,
+the framer stops, and the caller must close the connection. Memory therefore
+never exceeds ``max_frame_size`` plus a few bytes per connection.
+
+Every byte is examined a bounded number of times: searches use
+``bytes.find`` on new data only, and a delimiter split across two reads is
+handled by holding back the few trailing bytes that could start one, so one
+byte per packet costs linear time, not quadratic.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+from attrs import define, field, frozen
+from zope.interface import Attribute, Interface, implementer
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEAD_SIZE",
+    "MLLP_END",
+    "MLLP_START",
+    "Frame",
+    "FrameEvent",
+    "FrameOverflow",
+    "FramerStats",
+    "IFramer",
+    "MLLPFramer",
+    "OversizedFrame",
+    "PlainTCPFramer",
+]
+
+DEFAULT_MAX_FRAME_SIZE = 10 * 1024 * 1024
+"""Default largest accepted message, in bytes (RELIABILITY.md "Default limits")."""
+
+HEAD_SIZE = 64 * 1024
+"""How many leading bytes of an oversized frame are kept, enough to read MSH."""
+
+MLLP_START = b"\x0b"
+"""MLLP start block byte (VT)."""
+
+MLLP_END = b"\x1c\x0d"
+"""MLLP end block: FS followed by CR."""
+
+_FS = 0x1C
+_CR = 0x0D
+_FS_BYTES = b"\x1c"
+_COMMIT_BLOCKS = (b"\x06", b"\x15")
+_MSH = b"MSH"
+
+
+@frozen
+class Frame:
+    """One complete message: the bytes exactly as received between the delimiters."""
+
+    payload: bytes
+
+
+@frozen
+class OversizedFrame:
+    """A complete frame larger than the maximum size; it was not buffered.
+
+    ``head`` holds its first bytes (at most ``HEAD_SIZE`` and at most the
+    maximum frame size) so the caller can read MSH and answer NAK 104;
+    ``size`` is the full size of the message.
+    """
+
+    head: bytes
+    size: int
+
+
+@frozen
+class FrameOverflow:
+    """Fatal: a frame grew past the drain limit without ending.
+
+    ``size`` is how many bytes of the frame had arrived when this was noticed
+    (more than the drain limit). The caller must close the connection; the
+    framer ignores any further input.
+    """
+
+    size: int
+
+
+FrameEvent: TypeAlias = Frame | OversizedFrame | FrameOverflow
+
+
+@define
+class FramerStats:
+    """Counters for one framer (one connection). Counts only, never content.
+
+    ``dropped_bytes`` counts bytes discarded without producing an event:
+    bytes outside any frame and the content of partial frames thrown away by a
+    resync, ``reset`` or (for MLLP) ``flush``.
+    """
+
+    dropped_bytes: int = 0
+    resyncs: int = 0
+    commit_acks: int = 0
+    frames: int = 0
+    oversized: int = 0
+
+
+class IFramer(Interface):
+    """Splits one connection's inbound byte stream into messages, without I/O."""
+
+    frame_open = Attribute(
+        "True while a partial frame is pending; the protocol arms its absolute "
+        "frame timer when this becomes True."
+    )
+    stats = Attribute("The FramerStats counters of this framer.")
+    buffered_bytes = Attribute("How many bytes the framer currently holds in memory.")
+
+    def feed(data: bytes) -> list[FrameEvent]:  # type: ignore[empty-body]  # noqa: N805
+        """Take the next bytes of the stream; return the events they complete, in order."""
+
+    def flush() -> list[FrameEvent]:  # type: ignore[misc, empty-body]
+        """End of stream or idle gap: emit or discard whatever is pending."""
+
+    def reset() -> None:  # type: ignore[misc]
+        """Discard any partial frame (after a frame timeout)."""
+
+    def encode(payload: bytes) -> bytes:  # type: ignore[empty-body]  # noqa: N805
+        """Wrap an outgoing message (an ACK) in this framing."""
+
+
+def _drain_limit(max_frame_size: int, drain_limit: int | None) -> int:
+    """Check the size limits and resolve the default drain limit."""
+    if max_frame_size < 1:
+        raise ValueError(f"max_frame_size must be at least 1, not {max_frame_size}")
+    if drain_limit is None:
+        return 2 * max_frame_size
+    if drain_limit < max_frame_size:
+        raise ValueError(
+            f"drain_limit ({drain_limit}) must not be below max_frame_size ({max_frame_size})"
+        )
+    return drain_limit
+
+
+@define
+class _FrameBuffer:
+    """The content of the frame being received, with the size limits applied.
+
+    Below the maximum size every byte is kept. Past it, only the head is
+    kept and the rest is counted, so memory stays bounded while the framer
+    looks for the end of the frame.
+    """
+
+    max_frame_size: int
+    drain_limit: int
+    _buf: bytearray = field(factory=bytearray)
+    size: int = 0
+    _oversized: bool = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held in memory."""
+        return len(self._buf)
+
+    @property
+    def _head_size(self) -> int:
+        return min(HEAD_SIZE, self.max_frame_size)
+
+    def add(self, chunk: bytes | memoryview) -> FrameOverflow | None:
+        """Append part of the frame; return FrameOverflow past the drain limit."""
+        size = self.size + len(chunk)
+        if size > self.max_frame_size:
+            if size > self.drain_limit:
+                self.clear()
+                return FrameOverflow(size)
+            if not self._oversized:
+                self._oversized = True
+                head = self._head_size
+                if len(self._buf) < head:
+                    self._buf += chunk[: head - len(self._buf)]
+                else:
+                    del self._buf[head:]
+        else:
+            self._buf += chunk
+        self.size = size
+        return None
+
+    def finish(self, tail: bytes | memoryview) -> FrameEvent:
+        """Append the last part of the frame and return its event; start afresh."""
+        size = self.size + len(tail)
+        event: FrameEvent
+        if size <= self.max_frame_size:
+            if self._buf:
+                self._buf += tail
+                event = Frame(bytes(self._buf))
+            else:
+                event = Frame(bytes(tail))
+        elif size > self.drain_limit:
+            event = FrameOverflow(size)
+        elif self._oversized:
+            event = OversizedFrame(bytes(self._buf), size)
+        else:
+            head = self._head_size
+            missing = max(0, head - len(self._buf))
+            event = OversizedFrame(bytes(self._buf[:head]) + bytes(tail[:missing]), size)
+        self.clear()
+        return event
+
+    def clear(self) -> int:
+        """Discard the frame; return how many bytes of it had arrived."""
+        size = self.size
+        if self._buf:
+            # A new object, so the memory of a large frame is released.
+            self._buf = bytearray()
+        self.size = 0
+        self._oversized = False
+        return size
+
+
+def _tail_prefix_start(
+    window: bytes, pos: int, patterns: tuple[bytes, ...]
+) -> tuple[int, int] | None:
+    """Find where a delimiter may begin in the last bytes of ``window[pos:]``.
+
+    Returns ``(offset, index)`` of the earliest suffix that is a proper
+    prefix of one of ``patterns`` (lowest index first at equal offsets),
+    or None. Such bytes cannot be judged until more data arrives.
+    """
+    n = len(window)
+    best: tuple[int, int] | None = None
+    for index, pattern in enumerate(patterns):
+        for length in range(min(len(pattern) - 1, n - pos), 0, -1):
+            if window.endswith(pattern[:length]):
+                found = (n - length, index)
+                if best is None or found < best:
+                    best = found
+                break
+    return best
+
+
+@implementer(IFramer)
+@define
+class MLLPFramer:
+    """Frames MLLP: ``0x0B`` + message + ``0x1C 0x0D``.
+
+    ``lenient_fs`` also accepts a bare FS as the end of a frame (a per-tenant
+    switch for senders that omit the CR). ``drain_limit`` (default twice
+    ``max_frame_size``) is how far an oversized frame is read, looking for
+    its end so it can be answered with a NAK, before the framer gives up.
+    """
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    lenient_fs: bool = False
+    drain_limit: int | None = None
+    stats: FramerStats = field(factory=FramerStats, init=False)
+    _frame: _FrameBuffer = field(init=False)
+    _open: bool = field(default=False, init=False)
+    # Strict mode: the last chunk ended with an FS inside an open frame; it
+    # is data unless the next byte is CR, so it is not counted until then.
+    _pending_fs: bool = field(default=False, init=False)
+    # Lenient mode: a bare FS at the end of the last chunk ended a frame; a
+    # CR that follows belongs to that end block, not to the gap.
+    _skip_cr: bool = field(default=False, init=False)
+    _stopped: bool = field(default=False, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        drain = _drain_limit(self.max_frame_size, self.drain_limit)
+        self._frame = _FrameBuffer(self.max_frame_size, drain)
+
+    @property
+    def frame_open(self) -> bool:
+        """True while a partial frame is pending (a start byte was seen)."""
+        return self._open
+
+    @property
+    def buffered_bytes(self) -> int:
+        """How many bytes the framer currently holds in memory."""
+        return self._frame.buffered + self._pending_fs
+
+    def feed(self, data: bytes) -> list[FrameEvent]:
+        """Take the next bytes of the stream; return the events they complete, in order."""
+        if self._stopped or not data:
+            return []
+        events: list[FrameEvent] = []
+        view = memoryview(data)
+        n = len(data)
+        pos = 0
+        if self._skip_cr:
+            self._skip_cr = False
+            if data[0] == _CR:
+                pos = 1
+        elif self._pending_fs:
+            self._pending_fs = False
+            if data[0] == _CR:
+                self._open = False
+                self._record(self._frame.finish(b""), events)
+                pos = 1
+            else:
+                overflow = self._frame.add(_FS_BYTES)
+                if overflow is not None:
+                    self._record(overflow, events)
+                    return events
+        end_block = _FS_BYTES if self.lenient_fs else MLLP_END
+        while pos < n:
+            if not self._open:
+                start = data.find(MLLP_START, pos)
+                if start < 0:
+                    self.stats.dropped_bytes += n - pos
+                    break
+                self.stats.dropped_bytes += start - pos
+                self._open = True
+                pos = start + 1
+                continue
+            end = data.find(end_block, pos)
+            restart = data.find(MLLP_START, pos, n if end < 0 else end)
+            if restart >= 0:
+                self.stats.resyncs += 1
+                self.stats.dropped_bytes += self._frame.clear() + restart - pos
+                pos = restart + 1
+                continue
+            if end >= 0:
+                self._open = False
+                self._record(self._frame.finish(view[pos:end]), events)
+                if self._stopped:
+                    break
+                pos = end + len(end_block)
+                if self.lenient_fs:
+                    if pos == n:
+                        self._skip_cr = True
+                    elif data[pos] == _CR:
+                        pos += 1
+                continue
+            stop = n
+            if not self.lenient_fs and data[n - 1] == _FS:
+                stop = n - 1
+                self._pending_fs = True
+            overflow = self._frame.add(view[pos:stop])
+            if overflow is not None:
+                self._record(overflow, events)
+            break
+        return events
+
+    def flush(self) -> list[FrameEvent]:
+        """End of stream or idle gap: discard any partial frame (it never ended)."""
+        self.reset()
+        return []
+
+    def reset(self) -> None:
+        """Discard any partial frame (after a frame timeout); wait for a start byte."""
+        self.stats.dropped_bytes += self._frame.clear() + self._pending_fs
+        self._open = False
+        self._pending_fs = False
+        self._skip_cr = False
+
+    def encode(self, payload: bytes) -> bytes:
+        """Wrap an outgoing message in an MLLP block."""
+        return MLLP_START + payload + MLLP_END
+
+    def _record(self, event: FrameEvent, events: list[FrameEvent]) -> None:
+        if isinstance(event, Frame):
+            if event.payload in _COMMIT_BLOCKS:
+                self.stats.commit_acks += 1
+                return
+            self.stats.frames += 1
+        elif isinstance(event, OversizedFrame):
+            self.stats.oversized += 1
+        else:
+            self._stopped = True
+            self._open = False
+            self._pending_fs = False
+        events.append(event)
+
+
+# What a delimiter found inside an open plain TCP message does.
+_END = 0  # end bytes: the message ends before them
+_SPLIT = 1  # CR/LF + MSH: the message ends after the separator, the next starts at MSH
+_RESTART = 2  # start bytes: a new message starts after them
+
+
+@implementer(IFramer)
+@define
+class PlainTCPFramer:
+    """Frames HL7 sent over TCP without MLLP.
+
+    With no ``start_bytes`` a message starts at ``MSH`` and ends at the next
+    ``MSH`` at a segment start (right after a CR or LF), at ``end_bytes`` if
+    configured, or at ``flush``. With ``start_bytes`` a message starts after
+    them, and ``MSH`` does not split messages; start bytes inside an open
+    message end it when there are no ``end_bytes``, and discard it (a resync,
+    as in MLLP) when there are. Start and end bytes are not part of the
+    payload; everything else is kept exactly as received.
+    """
+
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    start_bytes: bytes = b""
+    end_bytes: bytes = b""
+    drain_limit: int | None = None
+    stats: FramerStats = field(factory=FramerStats, init=False)
+    _frame: _FrameBuffer = field(init=False)
+    _open: bool = field(default=False, init=False)
+    # Trailing bytes of the last chunk that may begin a delimiter; they are
+    # judged together with the next chunk.
+    _held: bytes = field(default=b"", init=False)
+    _stopped: bool = field(default=False, init=False)
+    _patterns: tuple[bytes, ...] = field(init=False)
+    _kinds: tuple[int, ...] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        drain = _drain_limit(self.max_frame_size, self.drain_limit)
+        self._frame = _FrameBuffer(self.max_frame_size, drain)
+        # Priority order: at equal offsets the first listed delimiter wins.
+        found: list[tuple[bytes, int]] = []
+        if self.end_bytes:
+            found.append((self.end_bytes, _END))
+        if self.start_bytes:
+            found.append((self.start_bytes, _RESTART))
+        else:
+            found += [(b"\r" + _MSH, _SPLIT), (b"\n" + _MSH, _SPLIT)]
+        self._patterns = tuple(pattern for pattern, _ in found)
+        self._kinds = tuple(kind for _, kind in found)
+
+    @property
+    def frame_open(self) -> bool:
+        """True while a message has started and not yet been emitted."""
+        return self._open
+
+    @property
+    def buffered_bytes(self) -> int:
+        """How many bytes the framer currently holds in memory."""
+        return self._frame.buffered + len(self._held)
+
+    def feed(self, data: bytes) -> list[FrameEvent]:
+        """Take the next bytes of the stream; return the messages they complete, in order."""
+        if self._stopped or not data:
+            return []
+        if self._held:
+            data = self._held + data
+            self._held = b""
+        return self._scan(data, final=False)
+
+    def flush(self) -> list[FrameEvent]:
+        """End of stream or idle gap: emit the pending message, if any."""
+        if self._stopped:
+            return []
+        held = self._held
+        self._held = b""
+        events = self._scan(held, final=True)
+        if self._open and not self._stopped:
+            self._open = False
+            self._record(self._frame.finish(b""), events)
+        return events
+
+    def reset(self) -> None:
+        """Discard any partial message; wait for the next start."""
+        self.stats.dropped_bytes += self._frame.clear() + len(self._held)
+        self._held = b""
+        self._open = False
+
+    def encode(self, payload: bytes) -> bytes:
+        """Wrap an outgoing message in the configured start and end bytes (often none)."""
+        return self.start_bytes + payload + self.end_bytes
+
+    def _scan(self, window: bytes, final: bool) -> list[FrameEvent]:
+        """Process ``window``; unless ``final``, hold back a possible delimiter start."""
+        events: list[FrameEvent] = []
+        view = memoryview(window)
+        n = len(window)
+        pos = 0
+        patterns = self._patterns
+        longest = max(len(pattern) for pattern in patterns)
+        marker = self.start_bytes or _MSH
+        include_marker = not self.start_bytes
+        # Next offset of each delimiter at or after pos (-1: none left, -2: not
+        # searched yet), so many messages in one chunk cost one pass each.
+        upcoming = [-2] * len(patterns)
+        while pos < n:
+            if not self._open:
+                start = window.find(marker, pos)
+                if start < 0:
+                    partial = None if final else _tail_prefix_start(window, pos, (marker,))
+                    cut = partial[0] if partial else n
+                    self.stats.dropped_bytes += cut - pos
+                    self._held = window[cut:]
+                    break
+                self.stats.dropped_bytes += start - pos
+                self._open = True
+                pos = start if include_marker else start + len(marker)
+                continue
+            best = -1
+            which = 0
+            for index, pattern in enumerate(patterns):
+                at = upcoming[index]
+                if at == -2 or 0 <= at < pos:
+                    at = upcoming[index] = window.find(pattern, pos)
+                if at >= 0 and (best < 0 or at < best):
+                    best, which = at, index
+            partial = None
+            if not final and (best < 0 or best > n - longest):
+                # A delimiter may be starting in the last bytes; if it would
+                # come first, wait for the rest of it.
+                partial = _tail_prefix_start(window, pos, patterns)
+            if best >= 0 and (partial is None or (best, which) < partial):
+                pos = self._on_delimiter(window, view, pos, best, which, events)
+                if self._stopped:
+                    break
+                continue
+            hold = partial[0] if partial else n
+            overflow = self._frame.add(view[pos:hold])
+            if overflow is not None:
+                self._record(overflow, events)
+                break
+            self._held = window[hold:]
+            break
+        return events
+
+    def _on_delimiter(
+        self,
+        window: bytes,
+        view: memoryview,
+        pos: int,
+        at: int,
+        index: int,
+        events: list[FrameEvent],
+    ) -> int:
+        """Act on delimiter ``index`` found at ``at``; return where scanning resumes."""
+        kind = self._kinds[index]
+        after = at + len(self._patterns[index])
+        if kind == _END:
+            self._open = False
+            self._record(self._frame.finish(view[pos:at]), events)
+            return after
+        if kind == _SPLIT:
+            # The separator belongs to this message; the next one starts at MSH.
+            self._record(self._frame.finish(view[pos : at + 1]), events)
+            return at + 1
+        if self.end_bytes:
+            self.stats.resyncs += 1
+            self.stats.dropped_bytes += self._frame.clear() + at - pos
+        else:
+            self._record(self._frame.finish(view[pos:at]), events)
+        return after
+
+    def _record(self, event: FrameEvent, events: list[FrameEvent]) -> None:
+        if isinstance(event, Frame):
+            self.stats.frames += 1
+        elif isinstance(event, OversizedFrame):
+            self.stats.oversized += 1
+        else:
+            self._stopped = True
+            self._open = False
+            self._held = b""
+        events.append(event)

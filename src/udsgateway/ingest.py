@@ -1,0 +1,211 @@
+"""From a received frame to the answer for its sender: validate, route, commit, ACK.
+
+This is the inbound hot path. It reads only the MSH header (no full parse),
+routes in memory, hands the message to the group committer, and answers
+only once the commit has returned (G4): AA/CA for a stored message, the
+stored ACK for a resend (G3), a NAK with an ERR segment otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Callable
+
+from attrs import define, field, frozen
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from udsgateway.ack import AckError, ControlIdSource, Outcome, ack_code, build_ack, hl7_timestamp
+from udsgateway.ack import wants_accept_ack as _wants_accept_ack
+from udsgateway.config import TenantConfig
+from udsgateway.db import GroupCommitter, is_locked
+from udsgateway.header import Header, HeaderProblem, codec_for, parse_header
+from udsgateway.routing import EMPTY, Rejected, RoutingTable
+from udsgateway.store import CommitOutcome, CommitResult, InboundRecord
+
+log = Logger()
+
+
+@frozen
+class Answer:
+    """What to do on the connection after a frame: write bytes, close, or both."""
+
+    data: bytes | None = None
+    close: bool = False
+
+
+NO_ANSWER = Answer()
+CLOSE = Answer(close=True)
+
+
+@define
+class IngestStats:
+    """Counters for operators (manhole, admin API); never message content."""
+
+    frames: int = 0
+    stored: int = 0
+    replayed: int = 0
+    acks: Counter[str] = field(factory=Counter)
+    errors: Counter[int] = field(factory=Counter)
+    unreadable: int = 0
+    inbound_acks: int = 0
+
+
+@define
+class Ingest:
+    """The inbound pipeline of one tenant."""
+
+    tenant: TenantConfig
+    _committer: GroupCommitter[InboundRecord, CommitResult]
+    _clock: IReactorTime
+    _control_ids: ControlIdSource
+    routes: RoutingTable = EMPTY
+    #: Called with each stored message's CommitResult (the executor listens here).
+    on_stored: Callable[[CommitResult], None] | None = None
+    stats: IngestStats = field(factory=IngestStats)
+    _codec: str = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._codec = codec_for(self.tenant.default_charset, "latin-1") or "latin-1"
+
+    def handle(self, payload: bytes, peer: str, connection: str) -> Deferred[Answer]:
+        """Answer one complete frame; the Deferred fires once it is safe to answer."""
+        return Deferred.fromCoroutine(self._handle(payload, peer, connection))
+
+    def oversized(self, head: bytes, size: int) -> Answer:
+        """A complete frame over the size limit: NAK 104 when its header is readable."""
+        self.stats.frames += 1
+        parsed = parse_header(head, default_charset=self._codec)
+        header = parsed.header if isinstance(parsed, HeaderProblem) else parsed
+        log.warn("frame over the size limit", size=size, tenant=self.tenant.name)
+        if header is None:
+            self.stats.unreadable += 1
+            return CLOSE
+        error = AckError(104, "", f"frame of {size} bytes is over the limit")
+        return self._nak(header, Outcome.ERROR, error)
+
+    async def _handle(self, payload: bytes, peer: str, connection: str) -> Answer:
+        self.stats.frames += 1
+        parsed = parse_header(payload, default_charset=self._codec)
+        if isinstance(parsed, HeaderProblem):
+            log.info(
+                "bad header: {code} at {location}",
+                code=parsed.code,
+                location=parsed.location,
+                size=len(payload),
+                tenant=self.tenant.name,
+            )
+            if parsed.header is None:
+                self.stats.unreadable += 1
+                return CLOSE
+            error = AckError(parsed.code, parsed.location, parsed.diagnostic)
+            return self._nak(parsed.header, Outcome.ERROR, error)
+        header = parsed
+        if header.message_code == "ACK":
+            # An ACK is never acknowledged (that way lies an endless loop).
+            self.stats.inbound_acks += 1
+            log.info("inbound ACK ignored", control_id=header.control_id, tenant=self.tenant.name)
+            return NO_ANSWER
+        if header.processing_id not in self.tenant.processing_ids:
+            return self._nak(header, Outcome.REJECT, AckError(202, "MSH^1^11", "not accepted"))
+        if header.version not in self.tenant.versions:
+            return self._nak(header, Outcome.REJECT, AckError(203, "MSH^1^12", "not accepted"))
+
+        routed = self.routes.route(header, connection)
+        now = self._clock.seconds()
+        if isinstance(routed, Rejected):
+            outcome, flows, error = Outcome.REJECT, (), routed.error
+            reason = f"{error.code}: {error.diagnostic}"
+        else:
+            outcome, flows, error, reason = Outcome.ACCEPT, routed.flows, None, ""
+        code = ack_code(header, outcome)
+        ack = b""
+        if _wants_accept_ack(header, outcome):
+            ack = build_ack(
+                header,
+                code,
+                control_id=self._control_ids.next(),
+                timestamp=hl7_timestamp(now),
+                error=error,
+            )
+        record = InboundRecord(
+            tenant=self.tenant.name,
+            sender=_sender(header),
+            control_id=header.control_id,
+            message_type=header.event_type,
+            peer=peer,
+            connection=connection,
+            received_at=now,
+            raw=payload,
+            digest=hashlib.sha256(payload).hexdigest(),
+            accepted=error is None,
+            flows=tuple(route.flow_id for route in flows),
+            reason=reason,
+            ack_code=code,
+            ack=ack,
+        )
+        try:
+            result = await self._committer.submit(record)
+        except Exception:
+            failure = Failure()
+            locked = is_locked(failure.value)
+            log.warn(
+                "commit failed; NAK {code} sent",
+                code=206 if locked else 207,
+                control_id=header.control_id,
+                tenant=self.tenant.name,
+            )
+            text = "database locked" if locked else "message could not be stored"
+            return self._nak(header, Outcome.REJECT, AckError(206 if locked else 207, "", text))
+
+        if result.outcome is CommitOutcome.STORED:
+            self.stats.stored += 1
+            if error is not None:
+                log.info(
+                    "message rejected: {reason}",
+                    reason=reason,
+                    control_id=header.control_id,
+                    message_type=header.event_type,
+                    tenant=self.tenant.name,
+                )
+            if self.on_stored is not None and result.execution_ids:
+                self.on_stored(result)
+            return self._answer(code, ack)
+        if result.outcome is CommitOutcome.REPLAY:
+            self.stats.replayed += 1
+            log.info("duplicate: stored ACK replayed", control_id=header.control_id)
+            return self._answer("replay", result.ack)
+        log.warn("same MSH-10 with different content", control_id=header.control_id)
+        return self._nak(
+            header, Outcome.REJECT, AckError(205, "MSH^1^10", "control id already used")
+        )
+
+    def _answer(self, code: str, ack: bytes) -> Answer:
+        if not ack:
+            return NO_ANSWER
+        self.stats.acks[code] += 1
+        return Answer(ack)
+
+    def _nak(self, header: Header, outcome: Outcome, error: AckError) -> Answer:
+        self.stats.errors[error.code] += 1
+        if not _wants_accept_ack(header, outcome):
+            return NO_ANSWER
+        code = ack_code(header, outcome)
+        self.stats.acks[code] += 1
+        return Answer(
+            build_ack(
+                header,
+                code,
+                control_id=self._control_ids.next(),
+                timestamp=hl7_timestamp(self._clock.seconds()),
+                error=error,
+            )
+        )
+
+
+def _sender(header: Header) -> str:
+    """The sender key of G3: MSH-3 and MSH-4 (a sender may reconnect from another port)."""
+    return f"{header.sending_application}|{header.sending_facility}"[:255]

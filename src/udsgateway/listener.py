@@ -1,0 +1,371 @@
+"""A tenant's listener: one port for MLLP and plain TCP senders alike.
+
+The framing is detected per connection from the first meaningful byte: a
+start byte (0x0B) means MLLP, ``MSH`` means plain TCP. The protocol only
+frames and delegates: each complete frame goes to the tenant's Ingest, one at
+a time, and the answers are written back in order (G5). Every wait has a
+timeout (frame, idle, plain-TCP gap) and every buffer a bound.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import deque
+
+from attrs import define, field
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IReactorTime,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from udsgateway.config import TenantConfig
+from udsgateway.framing import (
+    Frame,
+    FrameEvent,
+    FrameOverflow,
+    IFramer,
+    MLLPFramer,
+    OversizedFrame,
+    PlainTCPFramer,
+)
+from udsgateway.ingest import Answer, Ingest
+
+log = Logger()
+
+START_BYTE = b"\x0b"
+_NOT_HL7_PREFIXES = (
+    b"GET ",
+    b"POST",
+    b"PUT ",
+    b"HEAD",
+    b"DELE",
+    b"OPTI",
+    b"PATC",
+    b"CONN",
+    b"TRAC",
+    b"PRI ",
+    b"SSH-",
+)
+
+
+def _not_hl7(data: bytes) -> bool:
+    """HTTP, SSH or a TLS ClientHello on a plain port: close it at once."""
+    if data[:1] == b"\x16" and data[1:2] == b"\x03":
+        return True
+    return data[:4] in _NOT_HL7_PREFIXES
+
+
+@define
+class RateLimit:
+    """Let one event through per interval and count the rest (bounded log volume)."""
+
+    _clock: IReactorTime
+    interval: float = 10.0
+    _last: float = -1e18
+    suppressed: int = 0
+
+    def allow(self) -> bool:
+        now = self._clock.seconds()
+        if now - self._last >= self.interval:
+            self._last = now
+            return True
+        self.suppressed += 1
+        return False
+
+
+@define
+class ListenerStats:
+    """What an operator wants to know of a listener; counts only, never content."""
+
+    open_connections: int = 0
+    connections: int = 0
+    refused: int = 0
+    closed_not_hl7: int = 0
+    frame_timeouts: int = 0
+    idle_timeouts: int = 0
+    overflows: int = 0
+    dropped_bytes: int = 0
+    mllp_connections: int = 0
+    tcp_connections: int = 0
+
+
+@implementer(IHalfCloseableProtocol)
+class InboundProtocol(Protocol):
+    """One sender's connection: detect framing, frame, hand frames over in order."""
+
+    def __init__(self, factory: ListenerFactory, peer: str) -> None:
+        self._factory = factory
+        self._tenant = factory.tenant
+        self._clock = factory.clock
+        self._peer = peer
+        self._framer: IFramer | None = None
+        self._connection_type = ""
+        self._detect = bytearray()
+        self._queue: deque[FrameEvent] = deque()
+        self._busy = False
+        self._paused = False
+        self._closing = False
+        self._frames_seen = 0
+        self._idle_timer: IDelayedCall | None = None
+        self._frame_timer: IDelayedCall | None = None
+        self._gap_timer: IDelayedCall | None = None
+
+    # -- Twisted callbacks
+
+    def connectionMade(self) -> None:
+        self._idle_timer = self._clock.callLater(
+            self._tenant.limits.idle_timeout, self._idle_timeout
+        )
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._tenant.limits.idle_timeout)
+        if self._framer is None:
+            data = self._detect_framing(data)
+            if self._framer is None:
+                return
+        self._feed(self._framer.feed(data))
+
+    def readConnectionLost(self) -> None:
+        """The sender half-closed: a plain TCP message ends at end of stream."""
+        if self._framer is not None and not self._closing:
+            self._feed(self._framer.flush())
+        self._closing = True
+        if not self._busy and not self._queue:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self._close()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._closing = True
+        self._queue.clear()
+        for timer in (self._idle_timer, self._frame_timer, self._gap_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        if self._framer is not None:
+            self._factory.stats.dropped_bytes += self._framer.stats.dropped_bytes
+        self._factory.connection_closed(self._peer)
+
+    # -- framing
+
+    def _detect_framing(self, data: bytes) -> bytes:
+        self._detect += data
+        buffered = bytes(self._detect)
+        if _not_hl7(buffered.lstrip(b"\r\n\x00 ")):
+            self._factory.stats.closed_not_hl7 += 1
+            if self._factory.not_hl7_log.allow():
+                log.info(
+                    "not HL7 on an HL7 port: closed",
+                    peer=self._peer,
+                    tenant=self._tenant.name,
+                    suppressed=self._factory.not_hl7_log.suppressed,
+                )
+            self._close()
+            return b""
+        start, msh = buffered.find(START_BYTE), buffered.find(b"MSH")
+        if start == -1 and msh == -1:
+            if len(buffered) > self._tenant.limits.detect_limit:
+                self._close()
+            return b""
+        limits = self._tenant.limits
+        if start != -1 and (msh == -1 or start < msh):
+            self._connection_type = "mllp"
+            self._factory.stats.mllp_connections += 1
+            self._framer = MLLPFramer(
+                max_frame_size=limits.max_frame_size, lenient_fs=self._tenant.lenient_fs
+            )
+        else:
+            self._connection_type = "tcp"
+            self._factory.stats.tcp_connections += 1
+            self._framer = PlainTCPFramer(
+                max_frame_size=limits.max_frame_size,
+                start_bytes=self._tenant.tcp.start_bytes,
+                end_bytes=self._tenant.tcp.end_bytes,
+            )
+        self._detect = bytearray()
+        return buffered
+
+    def _feed(self, events: list[FrameEvent]) -> None:
+        assert self._framer is not None
+        for event in events:
+            if isinstance(event, FrameOverflow):
+                self._factory.stats.overflows += 1
+                log.warn(
+                    "frame grew past the size limit: closed",
+                    size=event.size,
+                    peer=self._peer,
+                    tenant=self._tenant.name,
+                )
+                self._close(abort=True)
+                return
+            self._queue.append(event)
+        self._watch_frame_timer(bool(events))
+        if self._connection_type == "tcp":
+            self._watch_gap_timer()
+        if len(self._queue) >= self._tenant.limits.max_pending_frames and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()  # type: ignore[attr-defined]
+        self._pump()
+
+    def _watch_frame_timer(self, frames_ended: bool) -> None:
+        """The frame timeout is absolute: from a frame's first byte to its last."""
+        assert self._framer is not None
+        timer = self._frame_timer
+        if not self._framer.frame_open:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._frame_timer = None
+        elif timer is None or not timer.active() or frames_ended:
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._frame_timer = self._clock.callLater(
+                self._tenant.limits.frame_timeout, self._frame_timeout
+            )
+
+    def _watch_gap_timer(self) -> None:
+        assert self._framer is not None
+        if self._gap_timer is not None and self._gap_timer.active():
+            self._gap_timer.cancel()
+        self._gap_timer = None
+        if self._framer.frame_open:
+            self._gap_timer = self._clock.callLater(self._tenant.tcp.idle_gap, self._gap)
+
+    def _gap(self) -> None:
+        """Plain TCP: an idle gap after data ends the message."""
+        self._gap_timer = None
+        if self._framer is not None and not self._closing:
+            self._feed(self._framer.flush())
+
+    def _frame_timeout(self) -> None:
+        self._frame_timer = None
+        self._factory.stats.frame_timeouts += 1
+        log.info("frame timeout: partial frame discarded", peer=self._peer)
+        if self._framer is not None:
+            self._framer.reset()
+        self._close()
+
+    def _idle_timeout(self) -> None:
+        self._idle_timer = None
+        self._factory.stats.idle_timeouts += 1
+        self._close()
+
+    # -- answering, in order
+
+    def _pump(self) -> None:
+        while not self._busy and self._queue:
+            event = self._queue.popleft()
+            if isinstance(event, OversizedFrame):
+                self._answer(self._factory.ingest.oversized(event.head, event.size))
+                continue
+            assert isinstance(event, Frame)
+            self._busy = True
+            done = self._factory.ingest.handle(event.payload, self._peer, self._connection_type)
+            done.addCallback(self._answered)
+            done.addErrback(self._failed)
+        if self._paused and len(self._queue) < self._tenant.limits.max_pending_frames // 2 + 1:
+            self._paused = False
+            if not self._closing:
+                self.transport.resumeProducing()  # type: ignore[attr-defined]
+        if self._closing and not self._busy and not self._queue:
+            self.transport.loseConnection()
+
+    def _answered(self, answer: Answer) -> None:
+        self._busy = False
+        self._answer(answer)
+        self._pump()
+
+    def _failed(self, failure: Failure) -> None:
+        # Ingest answers every frame itself; reaching here is a bug. Close
+        # rather than answer wrongly: the sender resends, G3 handles it.
+        log.failure("inbound pipeline failed", failure, peer=self._peer)
+        self._busy = False
+        self._close()
+
+    def _answer(self, answer: Answer) -> None:
+        if self._framer is None or self.transport is None:
+            return
+        if answer.data is not None and not self._closing:
+            self.transport.write(self._framer.encode(answer.data))
+        if answer.close:
+            self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        self._closing = True
+        self._queue.clear()
+        if abort:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+        else:
+            self.transport.loseConnection()
+
+
+@define(eq=False, repr=False)
+class ListenerFactory(Factory):
+    """Builds one InboundProtocol per accepted connection, within the tenant's caps."""
+
+    noisy = False  # one log line per start/stop of a port is enough (service.py logs it)
+
+    tenant: TenantConfig
+    ingest: Ingest
+    clock: IReactorTime
+    stats: ListenerStats = field(factory=ListenerStats)
+    _per_peer: dict[str, int] = field(factory=dict)
+    not_hl7_log: RateLimit = field(init=False)
+    _refusal_log: RateLimit = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.not_hl7_log = RateLimit(self.clock)
+        self._refusal_log = RateLimit(self.clock)
+
+    def buildProtocol(self, addr: IAddress) -> InboundProtocol | None:
+        peer = getattr(addr, "host", str(addr))
+        reason = self._refusal(peer)
+        if reason:
+            # Returning None closes the connection before any byte is read.
+            self.stats.refused += 1
+            if self._refusal_log.allow():
+                log.info(
+                    "connection refused: {reason}",
+                    reason=reason,
+                    peer=peer,
+                    tenant=self.tenant.name,
+                    suppressed=self._refusal_log.suppressed,
+                )
+            return None
+        self.stats.open_connections += 1
+        self.stats.connections += 1
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+        return InboundProtocol(self, peer)
+
+    def _refusal(self, peer: str) -> str:
+        if self.tenant.allow and not _allowed(peer, self.tenant):
+            return "peer not in the allowlist"
+        if self.stats.open_connections >= self.tenant.limits.max_connections:
+            return "too many connections"
+        if self._per_peer.get(peer, 0) >= self.tenant.limits.max_connections_per_peer:
+            return "too many connections from this peer"
+        return ""
+
+    def connection_closed(self, peer: str) -> None:
+        self.stats.open_connections -= 1
+        left = self._per_peer.get(peer, 1) - 1
+        if left:
+            self._per_peer[peer] = left
+        else:
+            self._per_peer.pop(peer, None)
+
+
+def _allowed(peer: str, tenant: TenantConfig) -> bool:
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return False
+    return any(address in network for network in tenant.allow)

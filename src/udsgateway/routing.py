@@ -1,0 +1,136 @@
+"""Routing an inbound message to the flows that want it (DESIGN.md section 2).
+
+1. The tenant's App ID and Flow ID header fields (MSH-5 and MSH-6 by default)
+   name an enabled flow: the message goes to that flow.
+2. Otherwise every enabled flow whose trigger message type equals MSH-9
+   (type^event) runs for it.
+3. Otherwise it is rejected: AR with ERR-3 200 (no flow takes the message
+   type), 201 (the type, but not the event) or 204 (the App ID names an app
+   but the Flow ID no enabled flow of it).
+
+A flow also checks what its trigger promised: a message over plain TCP for
+an MLLP trigger (or the reverse), or with another event, is rejected with a
+logged reason, never silently accepted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from attrs import frozen
+
+from udsgateway.ack import AckError
+from udsgateway.flows import App
+from udsgateway.header import Header
+
+
+@frozen
+class FlowRoute:
+    """What routing needs to know of a flow."""
+
+    flow_id: str
+    app_id: str
+    name: str
+    connection: str
+    message_type: str
+    ack: str
+    ack_timeout: float
+
+
+@frozen
+class Routed:
+    """The message goes to these flows, in their configured order."""
+
+    flows: tuple[FlowRoute, ...]
+
+
+@frozen
+class Rejected:
+    """No flow takes the message; ``error`` goes into the AR."""
+
+    error: AckError
+
+
+@frozen
+class RoutingTable:
+    """The enabled flows of one tenant, indexed for routing."""
+
+    by_id: dict[tuple[str, str], FlowRoute]
+    by_type: dict[str, tuple[FlowRoute, ...]]
+    app_ids: frozenset[str]
+    message_codes: frozenset[str]
+    app_id_field: int = 5
+    flow_id_field: int = 6
+
+    @classmethod
+    def build(
+        cls, apps: Iterable[App], app_id_field: int = 5, flow_id_field: int = 6
+    ) -> RoutingTable:
+        """Index the enabled flows of these apps."""
+        routes = [
+            FlowRoute(
+                flow_id=flow.flow_id,
+                app_id=app.app_id,
+                name=flow.name,
+                connection=flow.trigger.connection,
+                message_type=flow.trigger.message_type,
+                ack=flow.trigger.ack,
+                ack_timeout=flow.trigger.ack_timeout,
+            )
+            for app in apps
+            for flow in app.flows
+            if flow.enabled
+        ]
+        by_type: dict[str, list[FlowRoute]] = {}
+        for route in routes:
+            by_type.setdefault(route.message_type, []).append(route)
+        return cls(
+            by_id={(r.app_id, r.flow_id): r for r in routes},
+            by_type={k: tuple(v) for k, v in by_type.items()},
+            app_ids=frozenset(r.app_id for r in routes),
+            message_codes=frozenset(r.message_type.split("^")[0] for r in routes),
+            app_id_field=app_id_field,
+            flow_id_field=flow_id_field,
+        )
+
+    def route(self, header: Header, connection: str) -> Routed | Rejected:
+        """Pick the flows for a message that arrived with this framing."""
+        component = header.delimiters.component
+        app_id = header.field(self.app_id_field).split(component, 1)[0]
+        flow_id = header.field(self.flow_id_field).split(component, 1)[0]
+        event_type = header.event_type
+
+        named = self.by_id.get((app_id, flow_id))
+        if named is not None:
+            if named.message_type != event_type:
+                return _reject(
+                    201 if named.message_type.split("^")[0] == header.message_code else 200,
+                    self.flow_id_field,
+                    f"flow {named.flow_id} takes {named.message_type}",
+                )
+            if named.connection != connection:
+                return _reject(
+                    200, self.flow_id_field, f"flow {named.flow_id} takes {named.connection}"
+                )
+            return Routed((named,))
+
+        candidates = self.by_type.get(event_type, ())
+        if candidates:
+            matching = tuple(route for route in candidates if route.connection == connection)
+            if matching:
+                return Routed(matching)
+            return _reject(
+                200, 9, f"no flow takes {event_type} over {connection}, only over the other"
+            )
+        if app_id in self.app_ids:
+            return _reject(204, self.flow_id_field, "unknown or disabled Flow ID")
+        if header.message_code in self.message_codes:
+            return _reject(201, 9, "no flow takes this event")
+        return _reject(200, 9, "no flow takes this message type")
+
+
+def _reject(code: int, field: int, diagnostic: str) -> Rejected:
+    return Rejected(AckError(code=code, location=f"MSH^1^{field}", diagnostic=diagnostic))
+
+
+EMPTY = RoutingTable.build(())

@@ -1,0 +1,182 @@
+"""The database schema: every table, with a comment per column, and its version.
+
+SQLAlchemy Core only and dialect-neutral, so the same schema serves the
+embedded SQLite default and a PostgreSQL shared by several nodes. Bump
+SCHEMA_VERSION and add a step to MIGRATIONS for every change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+# SQLite only makes INTEGER PRIMARY KEY an alias of the rowid (autoincrementing).
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String(64), primary_key=True, comment="setting name, e.g. schema_version"),
+    Column("value", String(255), nullable=False, comment="its value, as text"),
+)
+
+apps = Table(
+    "apps",
+    metadata,
+    Column("app_id", String(32), primary_key=True, comment="App ID, generated when first saved"),
+    Column("tenant", String(64), nullable=False, comment="owning tenant's name"),
+    Column("name", String(255), nullable=False, comment="unique name within the tenant"),
+    Column("description", Text, nullable=False, default="", comment="free text"),
+    Column("variables", Text, nullable=False, default="{}", comment="app-wide variables, JSON"),
+    Column("updated_at", Float, nullable=False, comment="last import, epoch seconds"),
+    Index("apps_tenant_name", "tenant", "name", unique=True),
+)
+
+flows = Table(
+    "flows",
+    metadata,
+    Column("flow_id", String(32), primary_key=True, comment="Flow ID, generated when saved"),
+    Column("app_id", String(32), ForeignKey("apps.app_id"), nullable=False, comment="its app"),
+    Column("tenant", String(64), nullable=False, comment="owning tenant (denormalised)"),
+    Column("name", String(255), nullable=False, comment="unique name within the app"),
+    Column("position", Integer, nullable=False, comment="order of the flow in its app file"),
+    Column("enabled", Boolean, nullable=False, comment="disabled flows receive nothing"),
+    Column("connection", String(8), nullable=False, comment="trigger framing: mllp or tcp"),
+    Column("message_type", String(32), nullable=False, comment="trigger MSH-9, e.g. ADT^A04"),
+    Column("ack", String(16), nullable=False, comment="ACK timing: on_commit, after_actions"),
+    Column("ack_timeout", Float, nullable=False, comment="after_actions: seconds to wait"),
+    Column("sample", Text, nullable=False, comment="sample payload (variable catalogue)"),
+    Column("actions", Text, nullable=False, default="[]", comment="ordered actions, JSON"),
+    Column("extra", Text, nullable=False, default="{}", comment="other flow settings, JSON"),
+    Index("flows_app", "app_id"),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="arrival order"),
+    Column("tenant", String(64), nullable=False, comment="tenant whose listener received it"),
+    Column("sender", String(255), nullable=False, comment="MSH-3 and MSH-4, the sender key"),
+    Column("control_id", String(199), nullable=False, comment="MSH-10"),
+    Column("message_type", String(32), nullable=False, comment="MSH-9 code^event"),
+    Column("peer", String(64), nullable=False, comment="peer address the bytes came from"),
+    Column("connection", String(8), nullable=False, comment="framing it came in: mllp or tcp"),
+    Column("received_at", Float, nullable=False, comment="epoch seconds"),
+    Column("size", Integer, nullable=False, comment="bytes of the frame"),
+    Column("digest", String(64), nullable=False, comment="SHA-256 of the raw bytes (G3)"),
+    Column("raw", LargeBinary, nullable=False, comment="the message exactly as received"),
+    Column("accepted", Boolean, nullable=False, comment="routed to flows (else rejected)"),
+    Column("flows", Text, nullable=False, comment="Flow IDs it was routed to, JSON"),
+    Column("reason", String(255), nullable=False, comment="rejection reason, no PHI"),
+    Column("ack_code", String(2), nullable=False, comment="MSA-1 we answered"),
+    Column("ack", LargeBinary, nullable=False, comment="the ACK we sent, replayed on resend"),
+    Index("messages_received", "received_at"),
+    Index("messages_lookup", "tenant", "sender", "control_id"),
+)
+
+# G3: one accepted message per sender and control ID. The index is partial so
+# that a rejected message can be corrected and sent again under the same MSH-10.
+Index(
+    "messages_dedupe",
+    messages.c.tenant,
+    messages.c.sender,
+    messages.c.control_id,
+    unique=True,
+    sqlite_where=messages.c.accepted.is_(True),
+    postgresql_where=messages.c.accepted.is_(True),
+)
+
+executions = Table(
+    "executions",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="creation order"),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=False, comment="trigger"),
+    Column("flow_id", String(32), nullable=False, comment="the flow run"),
+    Column("state", String(16), nullable=False, comment="pending, waiting, done, failed"),
+    Column("step", Integer, nullable=False, default=0, comment="index of the current action"),
+    Column("created_at", Float, nullable=False, comment="epoch seconds"),
+    Column("updated_at", Float, nullable=False, comment="epoch seconds"),
+    Column("error", String(255), nullable=False, default="", comment="failure reason, no PHI"),
+    Index("executions_state", "state", "id"),
+    Index("executions_message", "message_id"),
+)
+
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="enqueue order (G2)"),
+    Column("execution_id", Id, nullable=True, comment="execution that produced it"),
+    Column("step", Integer, nullable=False, default=0, comment="action index in the flow"),
+    Column("lane", String(255), nullable=False, comment="ordering unit: destination[+key]"),
+    Column("destination", String(255), nullable=False, comment="client endpoint string"),
+    Column("protocol", String(8), nullable=False, comment="mllp or tcp"),
+    Column("control_id", String(199), nullable=False, comment="MSH-10 of the payload"),
+    Column("payload", LargeBinary, nullable=False, comment="bytes to send"),
+    Column("state", String(16), nullable=False, comment="queued, held, delivered, failed..."),
+    Column("attempts", Integer, nullable=False, default=0, comment="sends so far"),
+    Column("next_attempt_at", Float, nullable=False, default=0.0, comment="epoch seconds"),
+    Column("last_error", String(255), nullable=False, default="", comment="no PHI"),
+    Column("response", LargeBinary, nullable=True, comment="the destination's reply"),
+    Column("response_code", String(2), nullable=False, default="", comment="its MSA-1"),
+    Column("policy", Text, nullable=False, default="{}", comment="response policy, JSON"),
+    Column("created_at", Float, nullable=False, comment="epoch seconds"),
+    Column("updated_at", Float, nullable=False, comment="epoch seconds"),
+    Column("lease_owner", String(64), nullable=False, default="", comment="node (multi-node)"),
+    Index("deliveries_lane", "lane", "state", "id"),
+    Index("deliveries_execution", "execution_id"),
+)
+
+logs = Table(
+    "logs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="order written"),
+    Column("at", Float, nullable=False, comment="epoch seconds"),
+    Column("tenant", String(64), nullable=False, default="", comment="tenant"),
+    Column("app_id", String(32), nullable=False, default="", comment="App ID"),
+    Column("flow_id", String(32), nullable=False, default="", comment="Flow ID"),
+    Column("message_id", Id, nullable=True, comment="inbound message"),
+    Column("execution_id", Id, nullable=True, comment="execution"),
+    Column("control_id", String(199), nullable=False, default="", comment="MSH-10"),
+    Column("message_type", String(32), nullable=False, default="", comment="MSH-9"),
+    Column("step", Integer, nullable=True, comment="action index"),
+    Column("attempt", Integer, nullable=True, comment="delivery attempt"),
+    Column("event", String(32), nullable=False, comment="what happened, e.g. received"),
+    Column("outcome", String(16), nullable=False, default="", comment="ok, failed, held..."),
+    Column("ack_code", String(2), nullable=False, default="", comment="ACK code involved"),
+    Column("reason", String(255), nullable=False, default="", comment="why, never PHI"),
+    Index("logs_at", "at"),
+    Index("logs_flow", "flow_id", "id"),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="order written"),
+    Column("at", Float, nullable=False, comment="epoch seconds"),
+    Column("who", String(128), nullable=False, comment="operator (user, token, key)"),
+    Column("action", String(64), nullable=False, comment="what they did"),
+    Column("target", String(255), nullable=False, comment="what it was done to; no content"),
+    Column("reason", String(255), nullable=False, default="", comment="why they said"),
+)
+
+#: Steps from version N to N+1, each run in one transaction.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}

@@ -1,0 +1,157 @@
+"""GatewayService: owns the start and stop order of everything in the process.
+
+Start: open the database (schema, migrations), import the configured flow
+files, recover unfinished work, load routing, and only then open one
+listener per tenant. Stop: close the listeners first, let in-flight commits
+finish, then stop the database thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from udsgateway import store
+from udsgateway.ack import ControlIdSource
+from udsgateway.config import GatewayConfig, TenantConfig
+from udsgateway.db import Database, GroupCommitter, ensure_schema
+from udsgateway.flows import read_app_file
+from udsgateway.ingest import Ingest
+from udsgateway.listener import ListenerFactory
+from udsgateway.routing import RoutingTable
+from udsgateway.store import CommitResult, InboundRecord
+
+log = Logger()
+
+
+class GatewayService(MultiService):
+    """The whole gateway process, as a tree of services."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        reactor: Any,
+        database: Database,
+        control_ids: ControlIdSource,
+        on_runner_stop: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self._reactor = reactor
+        self.database = database
+        self._on_runner_stop = on_runner_stop
+        self.committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
+            database, store.commit_inbound, config.commit_max_batch
+        )
+        self.ingests: dict[str, Ingest] = {
+            tenant.name: Ingest(tenant, self.committer, reactor, control_ids)
+            for tenant in config.tenants
+        }
+        self.factories: dict[str, ListenerFactory] = {
+            tenant.name: ListenerFactory(tenant, self.ingests[tenant.name], reactor)
+            for tenant in config.tenants
+        }
+        self.ports: dict[str, IListeningPort] = {}
+        self._generation = -1
+        self._reload = LoopingCall(self._reload_flows)
+        self._reload.clock = reactor
+        self.ready: Deferred[None] = Deferred()
+
+    def startService(self) -> None:
+        super().startService()
+        started = Deferred.fromCoroutine(self._start())
+        started.addErrback(self._start_failed)
+
+    async def _start(self) -> None:
+        version = await self.database.transaction(ensure_schema)
+        log.info("database ready, schema {version}", version=version)
+        for tenant in self.config.tenants:
+            await self._import_flow_files(tenant)
+        await self._reload_flows()
+        for tenant in self.config.tenants:
+            endpoint = serverFromString(self._reactor, tenant.listen)
+            port = await endpoint.listen(self.factories[tenant.name])
+            self.ports[tenant.name] = port
+            log.info(
+                "tenant {tenant} listening on {address}",
+                tenant=tenant.name,
+                address=str(port.getHost()),
+            )
+        self._reload.start(self.config.flow_reload_interval, now=False).addErrback(
+            lambda f: log.failure("flow reload loop stopped", f)
+        )
+        self.ready.callback(None)
+
+    def _start_failed(self, failure: Any) -> None:
+        log.failure("udsgateway could not start", failure)
+        self.ready.errback(failure)
+        if IReactorCore.providedBy(self._reactor) and self._reactor.running:
+            self._reactor.stop()
+
+    async def _import_flow_files(self, tenant: TenantConfig) -> None:
+        now = self._clock.seconds()
+        for path in tenant.flow_files:
+            app = read_app_file(path)
+            if app.tenant != tenant.name:
+                raise ValueError(f"{path}: tenant {app.tenant!r} is not {tenant.name!r}")
+            saved = await self.database.transaction(store.save_app, app, now)
+            log.info(
+                "flow file {path} imported: App ID {app_id}, {count} flows",
+                path=path,
+                app_id=saved.app_id,
+                count=len(saved.flows),
+            )
+
+    @property
+    def _clock(self) -> IReactorTime:
+        return self._reactor  # type: ignore[no-any-return]
+
+    async def _reload_flows(self) -> None:
+        """Reload routing when flows changed (flows import from the CLI, another node)."""
+        try:
+            generation = await self.database.transaction(store.flows_generation)
+            if generation == self._generation:
+                return
+            apps = await self.database.transaction(store.load_apps, None)
+        except Exception:
+            log.failure("could not reload flows; routing unchanged")
+            return
+        for tenant in self.config.tenants:
+            self.ingests[tenant.name].routes = RoutingTable.build(
+                [app for app in apps if app.tenant == tenant.name],
+                tenant.app_id_field,
+                tenant.flow_id_field,
+            )
+        self._generation = generation
+        log.info("routing loaded, flows generation {generation}", generation=generation)
+
+    def stopService(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._reload.running:
+            self._reload.stop()
+        for port in self.ports.values():
+            await port.stopListening()
+        self.ports.clear()
+        await super().stopService()
+        if self._on_runner_stop is not None:
+            self._on_runner_stop()
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of every listener's counters, for the manhole and admin API."""
+        return {
+            name: {
+                "listener": factory.stats,
+                "ingest": self.ingests[name].stats,
+                "port": str(self.ports[name].getHost()) if name in self.ports else None,
+            }
+            for name, factory in self.factories.items()
+        }

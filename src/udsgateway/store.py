@@ -1,0 +1,388 @@
+"""The SQL of the gateway: every query, as functions of a Connection.
+
+Each function runs inside a transaction in the database thread (or the CLI's
+own thread) and returns plain attrs values, never live result objects.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Iterable, Sequence
+
+from attrs import evolve, frozen
+from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
+
+from udsgateway import schema
+from udsgateway.flows import App, Flow, Trigger, actions_json
+
+
+class CommitOutcome(enum.Enum):
+    """What happened to one inbound message in a group commit."""
+
+    STORED = "stored"  # new message, committed with its executions
+    REPLAY = "replay"  # same sender, MSH-10 and bytes as a stored message (G3)
+    CONFLICT = "conflict"  # same sender and MSH-10, different bytes (NAK 205)
+
+
+@frozen
+class InboundRecord:
+    """An inbound message ready to commit, with the ACK we will send."""
+
+    tenant: str
+    sender: str
+    control_id: str
+    message_type: str
+    peer: str
+    connection: str
+    received_at: float
+    raw: bytes
+    digest: str
+    accepted: bool
+    flows: tuple[str, ...]
+    reason: str
+    ack_code: str
+    ack: bytes
+
+
+@frozen
+class CommitResult:
+    """The result of committing one InboundRecord."""
+
+    outcome: CommitOutcome
+    message_id: int | None = None
+    ack: bytes = b""  # for REPLAY: the ACK stored with the original
+    execution_ids: tuple[int, ...] = ()
+
+
+@frozen
+class StoredMessage:
+    """A stored inbound message, for operators and tests."""
+
+    id: int
+    tenant: str
+    sender: str
+    control_id: str
+    message_type: str
+    peer: str
+    connection: str
+    received_at: float
+    size: int
+    raw: bytes
+    accepted: bool
+    flows: tuple[str, ...]
+    reason: str
+    ack_code: str
+    ack: bytes
+
+
+def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
+    """Store a group of inbound messages: duplicate check, insert, executions, log lines."""
+    m = schema.messages
+    keys = {(r.tenant, r.sender, r.control_id) for r in records}
+    existing: dict[tuple[str, str, str], tuple[int, str, bytes]] = {}
+    for chunk in _chunks(sorted(keys), 200):
+        rows = connection.execute(
+            select(m.c.id, m.c.tenant, m.c.sender, m.c.control_id, m.c.digest, m.c.ack).where(
+                m.c.accepted.is_(True), tuple_(m.c.tenant, m.c.sender, m.c.control_id).in_(chunk)
+            )
+        )
+        for row in rows:
+            existing[(row.tenant, row.sender, row.control_id)] = (row.id, row.digest, row.ack)
+
+    results: list[CommitResult | None] = []
+    to_insert: list[InboundRecord] = []
+    positions: list[int] = []
+    in_batch: dict[tuple[str, str, str], InboundRecord] = {}
+    for index, record in enumerate(records):
+        key = (record.tenant, record.sender, record.control_id)
+        if key in existing:
+            _id, digest, ack = existing[key]
+            results.append(_duplicate(record, digest, ack, _id))
+            continue
+        first = in_batch.get(key)
+        if first is not None:
+            # Resent on another connection while the original waits in this group.
+            results.append(_duplicate(record, first.digest, first.ack, None))
+            continue
+        if record.accepted:
+            in_batch[key] = record
+        results.append(None)
+        to_insert.append(record)
+        positions.append(index)
+
+    if to_insert:
+        ids = _insert_messages(connection, to_insert)
+        executions = _insert_executions(connection, to_insert, ids)
+        _insert_receipt_logs(connection, to_insert, ids)
+        for position, record, message_id in zip(positions, to_insert, ids, strict=True):
+            results[position] = CommitResult(
+                CommitOutcome.STORED, message_id, record.ack, executions.get(message_id, ())
+            )
+    return [r for r in results if r is not None]
+
+
+def _duplicate(
+    record: InboundRecord, digest: str, ack: bytes, message_id: int | None
+) -> CommitResult:
+    if record.digest == digest:
+        return CommitResult(CommitOutcome.REPLAY, message_id, ack)
+    return CommitResult(CommitOutcome.CONFLICT, message_id)
+
+
+def _chunks(items: Sequence[tuple[str, str, str]], size: int) -> Iterable[list[tuple[str, ...]]]:
+    for start in range(0, len(items), size):
+        yield [tuple(item) for item in items[start : start + size]]
+
+
+def _insert_messages(connection: Connection, records: list[InboundRecord]) -> list[int]:
+    rows = [
+        {
+            "tenant": r.tenant,
+            "sender": r.sender,
+            "control_id": r.control_id,
+            "message_type": r.message_type,
+            "peer": r.peer,
+            "connection": r.connection,
+            "received_at": r.received_at,
+            "size": len(r.raw),
+            "digest": r.digest,
+            "raw": r.raw,
+            "accepted": r.accepted,
+            "flows": json.dumps(list(r.flows)),
+            "reason": r.reason,
+            "ack_code": r.ack_code,
+            "ack": r.ack,
+        }
+        for r in records
+    ]
+    result = connection.execute(
+        schema.messages.insert().returning(schema.messages.c.id, sort_by_parameter_order=True),
+        rows,
+    )
+    return [row[0] for row in result]
+
+
+def _insert_executions(
+    connection: Connection, records: list[InboundRecord], ids: list[int]
+) -> dict[int, tuple[int, ...]]:
+    rows = [
+        {
+            "message_id": message_id,
+            "flow_id": flow_id,
+            "state": "pending",
+            "step": 0,
+            "created_at": record.received_at,
+            "updated_at": record.received_at,
+            "error": "",
+        }
+        for record, message_id in zip(records, ids, strict=True)
+        if record.accepted
+        for flow_id in record.flows
+    ]
+    if not rows:
+        return {}
+    e = schema.executions
+    result = connection.execute(
+        e.insert().returning(e.c.id, e.c.message_id, sort_by_parameter_order=True), rows
+    )
+    made: dict[int, list[int]] = {}
+    for execution_id, message_id in result:
+        made.setdefault(message_id, []).append(execution_id)
+    return {k: tuple(v) for k, v in made.items()}
+
+
+def _insert_receipt_logs(
+    connection: Connection, records: list[InboundRecord], ids: list[int]
+) -> None:
+    connection.execute(
+        schema.logs.insert(),
+        [
+            {
+                "at": r.received_at,
+                "tenant": r.tenant,
+                "flow_id": ",".join(r.flows)[:32] if len(r.flows) == 1 else "",
+                "message_id": message_id,
+                "control_id": r.control_id,
+                "message_type": r.message_type,
+                "event": "received",
+                "outcome": "accepted" if r.accepted else "rejected",
+                "ack_code": r.ack_code,
+                "reason": r.reason,
+            }
+            for r, message_id in zip(records, ids, strict=True)
+        ],
+    )
+
+
+def find_messages(
+    connection: Connection,
+    tenant: str | None = None,
+    control_id: str | None = None,
+    limit: int = 100,
+) -> list[StoredMessage]:
+    """Stored messages, oldest first, optionally filtered."""
+    m = schema.messages
+    query = select(m).order_by(m.c.id).limit(limit)
+    if tenant is not None:
+        query = query.where(m.c.tenant == tenant)
+    if control_id is not None:
+        query = query.where(m.c.control_id == control_id)
+    return [
+        StoredMessage(
+            id=row.id,
+            tenant=row.tenant,
+            sender=row.sender,
+            control_id=row.control_id,
+            message_type=row.message_type,
+            peer=row.peer,
+            connection=row.connection,
+            received_at=row.received_at,
+            size=row.size,
+            raw=row.raw,
+            accepted=row.accepted,
+            flows=tuple(json.loads(row.flows)),
+            reason=row.reason,
+            ack_code=row.ack_code,
+            ack=row.ack,
+        )
+        for row in connection.execute(query)
+    ]
+
+
+def count_messages(connection: Connection) -> int:
+    """How many inbound messages are stored."""
+    return int(connection.execute(select(func.count()).select_from(schema.messages)).scalar_one())
+
+
+def save_app(connection: Connection, app: App, now: float) -> App:
+    """Insert or update an app and its flows; return it with its IDs.
+
+    An app without an App ID that has the same tenant and name as a stored
+    one is the same app, and a flow without a Flow ID that has the name of
+    one of its stored flows is that flow, so importing a file twice is safe.
+    """
+    a, f = schema.apps, schema.flows
+    if not app.app_id:
+        row = connection.execute(
+            select(a.c.app_id).where(a.c.tenant == app.tenant, a.c.name == app.name)
+        ).first()
+        if row is not None:
+            app = evolve(app, app_id=row[0])
+    stored_flows = {}
+    if app.app_id:
+        stored_flows = dict(
+            connection.execute(select(f.c.name, f.c.flow_id).where(f.c.app_id == app.app_id))
+            .tuples()
+            .all()
+        )
+    app = evolve(
+        app,
+        flows=tuple(
+            flow if flow.flow_id else evolve(flow, flow_id=stored_flows.get(flow.name, ""))
+            for flow in app.flows
+        ),
+    ).with_ids()
+
+    values = {
+        "tenant": app.tenant,
+        "name": app.name,
+        "description": app.description,
+        "variables": json.dumps(app.variables, sort_keys=True),
+        "updated_at": now,
+    }
+    exists = connection.execute(select(a.c.app_id).where(a.c.app_id == app.app_id)).first()
+    if exists:
+        connection.execute(update(a).where(a.c.app_id == app.app_id).values(**values))
+    else:
+        connection.execute(a.insert().values(app_id=app.app_id, **values))
+    keep = [flow.flow_id for flow in app.flows]
+    connection.execute(delete(f).where(and_(f.c.app_id == app.app_id, f.c.flow_id.not_in(keep))))
+    for position, flow in enumerate(app.flows):
+        row = {
+            "app_id": app.app_id,
+            "tenant": app.tenant,
+            "name": flow.name,
+            "position": position,
+            "enabled": flow.enabled,
+            "connection": flow.trigger.connection,
+            "message_type": flow.trigger.message_type,
+            "ack": flow.trigger.ack,
+            "ack_timeout": flow.trigger.ack_timeout,
+            "sample": flow.trigger.sample,
+            "actions": actions_json(flow),
+            "extra": json.dumps({"description": flow.description}),
+        }
+        owner = connection.execute(select(f.c.app_id).where(f.c.flow_id == flow.flow_id)).first()
+        if owner is None:
+            connection.execute(f.insert().values(flow_id=flow.flow_id, **row))
+        elif owner[0] != app.app_id:
+            raise ValueError(f"Flow ID {flow.flow_id} belongs to another app ({owner[0]})")
+        else:
+            connection.execute(update(f).where(f.c.flow_id == flow.flow_id).values(**row))
+    bump_generation(connection)
+    return app
+
+
+def load_apps(connection: Connection, tenant: str | None = None) -> list[App]:
+    """Every stored app with its flows, in a stable order."""
+    a, f = schema.apps, schema.flows
+    query = select(a).order_by(a.c.tenant, a.c.name)
+    if tenant is not None:
+        query = query.where(a.c.tenant == tenant)
+    apps = list(connection.execute(query))
+    flows_by_app: dict[str, list[Flow]] = {}
+    flow_query = select(f).order_by(f.c.app_id, f.c.position)
+    if tenant is not None:
+        flow_query = flow_query.where(f.c.tenant == tenant)
+    for row in connection.execute(flow_query):
+        extra = json.loads(row.extra)
+        flows_by_app.setdefault(row.app_id, []).append(
+            Flow(
+                name=row.name,
+                flow_id=row.flow_id,
+                enabled=row.enabled,
+                description=extra.get("description", ""),
+                trigger=Trigger(
+                    connection=row.connection,
+                    message_type=row.message_type,
+                    sample=row.sample,
+                    ack=row.ack,
+                    ack_timeout=row.ack_timeout,
+                ),
+                actions=tuple(json.loads(row.actions)),
+            )
+        )
+    return [
+        App(
+            name=row.name,
+            tenant=row.tenant,
+            app_id=row.app_id,
+            description=row.description,
+            variables=json.loads(row.variables),
+            flows=tuple(flows_by_app.get(row.app_id, ())),
+        )
+        for row in apps
+    ]
+
+
+def bump_generation(connection: Connection) -> None:
+    """Note that flows changed, so running nodes reload their routing."""
+    meta = schema.meta
+    current = flows_generation(connection)
+    if current == 0:
+        connection.execute(meta.insert().values(key="flows_generation", value="1"))
+    else:
+        connection.execute(
+            update(meta)
+            .where(meta.c.key == "flows_generation")
+            .values(value=str(current + 1))
+        )
+
+
+def flows_generation(connection: Connection) -> int:
+    """A counter that grows each time any flow changes."""
+    row = connection.execute(
+        select(schema.meta.c.value).where(schema.meta.c.key == "flows_generation")
+    ).first()
+    return int(row[0]) if row else 0
