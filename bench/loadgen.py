@@ -38,13 +38,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
 import os
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,10 +165,10 @@ class _Client(asyncio.Protocol):
         self._watchdog = None
         if self.done.done():
             return
-        if self.outstanding:
-            if time.perf_counter_ns() - self.outstanding[0][2] > self.timeout_ns:
-                self.fail("timeout")
-                return
+        head = self.outstanding[0] if self.outstanding else None
+        if head is not None and time.perf_counter_ns() - head[2] > self.timeout_ns:
+            self.fail("timeout")
+            return
         self._watchdog = self.loop.call_later(0.2, self._watch)
 
     def _check_done(self) -> None:
@@ -178,7 +179,6 @@ class _Client(asyncio.Protocol):
             unsent = len(self.frames) - self.next
             if unsent:
                 self.errors["aborted"] += unsent
-                self.next = len(self.frames)
             for handle in (self._timer, self._watchdog):
                 if handle is not None:
                     handle.cancel()
@@ -280,7 +280,7 @@ async def _run_clients(
                 timeout,
             )
             clients.append(client)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             clients.append(None)
     on_start()
     start = time.perf_counter_ns()
@@ -445,23 +445,18 @@ def percentile(sorted_values: Sequence[int], fraction: float) -> int:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
-async def _warm_up(host: str, port: int, factory: MessageFactory, count: int, timeout: float) -> None:
+async def _warm_up(
+    host: str, port: int, factory: MessageFactory, count: int, timeout: float
+) -> None:
     if count <= 0:
         return
-    batch = factory.batch(count)
-    loop = asyncio.get_running_loop()
-    sink: list[int] = []
-    _transport, client = await loop.create_connection(lambda: _Client(sink), host, port)
-    ok, errors, _sent = await _drive(
-        client,
-        [frame(m.payload) for m in batch],
-        [m.control_id for m in batch],
-        1,
-        None,
-        int(timeout * 1e9),
+    clients, _elapsed = await _run_clients(
+        host, port, [factory.batch(count)], 1, None, timeout, []
     )
-    if ok != count:
-        raise RuntimeError(f"warm-up failed: {ok}/{count} verified, errors {errors}")
+    client = clients[0]
+    if client is None or client.ok != count:
+        errors = dict(client.errors) if client is not None else {"closed": count}
+        raise RuntimeError(f"warm-up failed: errors {errors}")
 
 
 async def run_load(
@@ -487,57 +482,41 @@ async def run_load(
     await _warm_up(host, port, factory, warmup, timeout)
 
     # Everything is built before the clock starts.
-    per_conn: list[list[BenchMessage]] = [factory.batch(messages) for _ in range(connections)]
-    frames = [[frame(m.payload) for m in batch] for batch in per_conn]
-    controls = [[m.control_id for m in batch] for batch in per_conn]
+    batches = [factory.batch(messages) for _ in range(connections)]
     latencies: list[int] = []
-    loop = asyncio.get_running_loop()
-    clients: list[_Client | None] = []
-    connect_errors = 0
-    for _ in range(connections):
-        try:
-            _transport, client = await asyncio.wait_for(
-                loop.create_connection(lambda: _Client(latencies), host, port), timeout
-            )
-            clients.append(client)
-        except (OSError, asyncio.TimeoutError):
-            clients.append(None)
-            connect_errors += 1
-
     pids = process_tree(pid) if pid is not None else []
-    cpu_before = cpu_ticks(pids) if pids else 0
-    own_before = time.process_time()
-    t0 = time.perf_counter_ns() + 2_000_000  # a little head room for the rate schedule
-    timeout_ns = int(timeout * 1e9)
-    tasks = []
-    for index, client in enumerate(clients):
-        if client is None:
-            continue
-        schedule = None
-        if rate is not None:
-            step = 1e9 / rate
-            schedule = [
-                t0 + int((j * connections + index) * step) for j in range(len(frames[index]))
-            ]
-        tasks.append(
-            asyncio.ensure_future(
-                _drive(client, frames[index], controls[index], pipeline, schedule, timeout_ns)
-            )
+    marks: dict[str, float] = {}
+
+    def on_start() -> None:
+        marks["cpu"] = cpu_ticks(pids) if pids else 0
+        marks["own"] = time.process_time()
+
+    # The collector would add its pauses to our latencies: freeze what exists, pause it.
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        clients, elapsed_s = await _run_clients(
+            host, port, batches, pipeline, rate, timeout, latencies, on_start
         )
-    start = time.perf_counter_ns()
-    outcomes = await asyncio.gather(*tasks)
-    elapsed_s = (time.perf_counter_ns() - start) / 1e9
-    own_cpu = time.process_time() - own_before
+    finally:
+        gc.enable()
+        gc.unfreeze()
+    own_cpu = time.process_time() - marks["own"]
+    cpu_before = int(marks["cpu"])
     cpu_at_last_ack = cpu_ticks(pids) if pids else 0
     cpu_settled = await _settle(pids, settle) if pids and settle > 0 else cpu_at_last_ack
     peak = peak_rss_kib(process_tree(pid)) if pid is not None else None
 
-    ok = sum(o[0] for o in outcomes)
-    sent = sum(o[2] for o in outcomes)
     errors: Counter[str] = Counter({kind: 0 for kind in ERROR_KINDS})
-    for _ok, errs, _sent in outcomes:
-        errors.update(errs)
-    errors["closed"] += connect_errors * messages
+    ok = sent = 0
+    for client in clients:
+        if client is None:
+            errors["closed"] += messages
+            continue
+        ok += client.ok
+        sent += client.next
+        errors.update(client.errors)
     total = connections * messages
     lat = sorted(latencies)
 
@@ -565,7 +544,7 @@ async def run_load(
         latency_p50_ms=lat_ms(0.50),
         latency_p99_ms=lat_ms(0.99),
         latency_max_ms=lat[-1] / 1e6 if lat else None,
-        latency_from="scheduled send time" if rate is not None else "write",
+        latency_from="scheduled send time when held back" if rate is not None else "write",
         loadgen_cpu_ms_per_msg=own_cpu * 1000 / ok if ok else None,
         server_pids=pids,
         server_cpu_ms_per_msg=per_msg_ms(cpu_at_last_ack - cpu_before),
@@ -591,7 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, default=1, help="K connections")
     parser.add_argument("--messages", type=int, default=1000, help="N messages per connection")
     parser.add_argument(
-        "--pipeline", type=int, default=1, help="W unacknowledged per connection (1 = stop-and-wait)"
+        "--pipeline",
+        type=int,
+        default=1,
+        help="W unacknowledged per connection (1 = stop-and-wait)",
     )
     parser.add_argument("--rate", type=float, default=None, help="messages/s over all connections")
     parser.add_argument("--pid", type=int, default=None, help="server pid for CPU time and RSS")

@@ -156,7 +156,9 @@ class MessageFactory:
     ) -> None:
         unknown = [t for t in types if t not in MESSAGE_TYPES]
         if unknown or not types:
-            raise ValueError(f"unknown message types {unknown!r}; expected some of {MESSAGE_TYPES}")
+            raise ValueError(
+                f"unknown message types {unknown!r}; expected some of {MESSAGE_TYPES}"
+            )
         self._rng = random.Random(seed)
         self.receiving_app = receiving_app
         self.receiving_facility = receiving_facility
@@ -251,7 +253,9 @@ class MessageFactory:
         clinic = rng.choice(_CLINICS)
         rel_code, rel_text = rng.choice(_RELATIONS)
         kin_first, kin_last = rng.choice(_FIRST_NAMES), rng.choice(_LAST_NAMES)
-        operator = f"OP{rng.randint(1000, 9999)}^{rng.choice(_LAST_NAMES)}^{rng.choice(_FIRST_NAMES)}"
+        operator = (
+            f"OP{rng.randint(1000, 9999)}^{rng.choice(_LAST_NAMES)}^{rng.choice(_FIRST_NAMES)}"
+        )
         visit = f"V{rng.randint(1_000_000, 9_999_999)}"
         admit = when - timedelta(minutes=rng.randint(5, 90))
         return [
@@ -321,7 +325,7 @@ def sample_sizes(count: int = 500, seed: int = 2575) -> dict[str, tuple[int, int
 
 def main() -> None:
     for message_type, (low, high) in sample_sizes().items():
-        flag = "ok" if MIN_SIZE <= low and high <= MAX_SIZE else "OUT OF RANGE"
+        flag = "ok" if low >= MIN_SIZE and high <= MAX_SIZE else "OUT OF RANGE"
         print(f"{message_type}: {low}..{high} bytes {flag}")
     for message in MessageFactory(control_prefix="DEMO00").batch(len(MESSAGE_TYPES)):
         print(message.payload.decode("ascii").replace("\r", "\n"), end="\n\n")

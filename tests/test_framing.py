@@ -265,7 +265,7 @@ class MLLPFramerTests(SplitChecks):
     def test_oversized_in_one_chunk(self) -> None:
         """A complete oversized frame arriving in a single chunk gives the same event."""
         body = ADT_A04 + b"Z" * 500
-        framer = MLLPFramer(max_frame_size=300)
+        framer = MLLPFramer(max_frame_size=300, drain_limit=1000)
         self.assertEqual(
             framer.feed(mllp(body) + mllp(ADT_A04)),
             [OversizedFrame(body[:300], len(body)), Frame(ADT_A04)],
@@ -576,9 +576,9 @@ class PlainTCPFramerTests(SplitChecks):
         """An oversized message completed by flush() is an OversizedFrame whose head
         starts with the MSH segment."""
         body = ADT_A04 + b"OBX|1|ED|PDF||" + b"E" * (200 * 1024) + b"\r"
-        framer = PlainTCPFramer(max_frame_size=100 * 1024)
+        framer = PlainTCPFramer(max_frame_size=100 * 1024, drain_limit=400 * 1024)
         for start in range(0, len(body), 1000):
-            framer.feed(body[start : start + 1000])
+            self.assertEqual(framer.feed(body[start : start + 1000]), [])
         self.assertLessEqual(framer.buffered_bytes, HEAD_SIZE + 3)
         self.assertEqual(framer.flush(), [OversizedFrame(body[:HEAD_SIZE], len(body))])
 

@@ -183,6 +183,8 @@ class GroupCommitter(Generic[Item, Result]):
     _database: Database
     _batch: Callable[[Connection, list[Item]], list[Result]]
     _max_batch: int = 512
+    #: Called in the database thread before each group (fault injection in tests).
+    before_batch: Callable[[], None] | None = None
     _pending: list[_Pending[Item, Result]] = field(factory=list)
     _running: bool = False
     groups: int = 0
@@ -209,8 +211,13 @@ class GroupCommitter(Generic[Item, Result]):
         group = self._pending[: self._max_batch]
         del self._pending[: self._max_batch]
         self.groups += 1
-        done = self._database.transaction(self._batch, [p.item for p in group])
+        done = self._database.transaction(self._run_batch, [p.item for p in group])
         done.addCallbacks(self._committed, self._failed, (group,), None, (group,), None)
+
+    def _run_batch(self, connection: Connection, items: list[Item]) -> list[Result]:
+        if self.before_batch is not None:
+            self.before_batch()
+        return self._batch(connection, items)
 
     def _committed(self, results: list[Result], group: list[_Pending[Item, Result]]) -> None:
         self.committed += len(group)

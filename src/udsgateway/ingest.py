@@ -65,6 +65,8 @@ class Ingest:
     routes: RoutingTable = EMPTY
     #: Called with each stored message's CommitResult (the executor listens here).
     on_stored: Callable[[CommitResult], None] | None = None
+    #: Called after a commit, before its answer is written (fault injection in tests).
+    after_commit: Callable[[], None] | None = None
     stats: IngestStats = field(factory=IngestStats)
     _codec: str = field(init=False)
 
@@ -161,6 +163,8 @@ class Ingest:
             text = "database locked" if locked else "message could not be stored"
             return self._nak(header, Outcome.REJECT, AckError(206 if locked else 207, "", text))
 
+        if self.after_commit is not None:
+            self.after_commit()
         if result.outcome is CommitOutcome.STORED:
             self.stats.stored += 1
             if error is not None:

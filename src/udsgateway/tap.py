@@ -5,8 +5,11 @@ This is the only module that touches the global reactor.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -14,6 +17,9 @@ from twisted.python import usage
 from udsgateway.ack import ControlIdSource
 from udsgateway.config import ConfigError, load_config
 from udsgateway.db import Database, ThreadRunner, make_engine
+
+if TYPE_CHECKING:
+    from udsgateway.service import GatewayService
 
 
 class Options(usage.Options):
@@ -45,7 +51,31 @@ def makeService(options: Options) -> IService:
     database = Database(make_engine(config.database), runner)
     control_ids = ControlIdSource.for_boot(time.time())
     service = GatewayService(config, reactor, database, control_ids, on_runner_stop=runner.stop)
+    _install_crash_points(service)
     if config.manhole.enabled:
         manhole_service(config.manhole, service, reactor).setServiceParent(service)
     return service
 
+
+
+#: Environment variable naming a point where the process kills itself with
+#: SIGKILL. For the crash tests (tests/integration) only: it lets them prove
+#: G1 and G3 at the exact moments of RELIABILITY.md's "Faults" table.
+CRASH_AT_VARIABLE = "UDSGATEWAY_TEST_CRASH_AT"
+
+
+def _install_crash_points(service: GatewayService) -> None:
+    point = os.environ.get(CRASH_AT_VARIABLE, "")
+    if not point:
+        return
+
+    def crash() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if point == "before_commit":
+        service.committer.before_batch = crash
+    elif point == "after_commit":
+        for ingest in service.ingests.values():
+            ingest.after_commit = crash
+    else:
+        raise SystemExit(f"{CRASH_AT_VARIABLE}: unknown crash point {point!r}")

@@ -1,0 +1,371 @@
+"""A full, lightweight parse of an HL7 v2 message, for the mapping layer.
+
+Templates and the variable catalogue need every field of a message; the ACK hot path
+needs only the header and never comes here. Every value stays in its **wire form**:
+still HL7-escaped, exactly as received (``D\\F\\Angelo`` stays ``D\\F\\Angelo``, a
+malformed ``\\X4`` stays ``\\X4``), so that a value copied into an outbound message is
+forwarded byte-for-byte and never double-escaped.
+
+We use a small parser of our own rather than python-hl7's ``hl7.parse``: values are plain
+slices of the received text (so wire-form preservation is evident), splitting below the
+field is done only when a path asks for it, segments may be separated by ``\\r``, ``\\n``
+or ``\\r\\n`` (pasted samples), and MSH-1/MSH-2 follow HL7's numbering without special
+cases in every caller.
+
+Paths (see ``parse_path``)::
+
+    PID-5          the whole field, all repetitions, with its separators
+    PID-5.1        component 1 of the first repetition
+    PID-5.1.2      subcomponent 2 of component 1
+    PID-3[2].1     component 1 of the second repetition (1-based)
+    NK1[2]-2       field 2 of the second NK1 segment
+    NK1[2]         the whole second NK1 segment
+    MSH-1, MSH-2   the field separator and the encoding characters
+
+``Message.get`` returns ``""`` for any path that is not populated; only a path that is
+not a path raises ``PathSyntaxError``. ``[*]`` (all segments, all repetitions) is part of
+the syntax for the template layer, which expands it; ``Message.get`` refuses it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, Literal
+
+from attrs import field, frozen
+
+ALL: Final = "*"
+"""The ``[*]`` selector of a path: every occurrence instead of one."""
+
+Selector = int | Literal["*"]
+
+_SEGMENT_BREAK = re.compile(r"\r\n|\r|\n")
+_SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
+_PATH = re.compile(
+    r"(?P<segment>[A-Z][A-Z0-9]{2})"
+    r"(?:\[(?P<occurrence>[0-9]+|\*)\])?"
+    r"(?:-(?P<field>[0-9]+)"
+    r"(?:\[(?P<repetition>[0-9]+|\*)\])?"
+    r"(?:\.(?P<component>[0-9]+)"
+    r"(?:\.(?P<subcomponent>[0-9]+))?)?)?"
+)
+
+# HL7 table 0211 (MSH-18) to Python codecs. An empty MSH-18 means ASCII in the standard;
+# callers pass the tenant's default instead, because real senders put 8-bit text there.
+_CHARSETS: Final = {
+    "ASCII": "ascii",
+    "ISO IR6": "ascii",
+    "8859/1": "iso8859-1",
+    "ISO IR100": "iso8859-1",
+    "8859/2": "iso8859-2",
+    "ISO IR101": "iso8859-2",
+    "8859/3": "iso8859-3",
+    "ISO IR109": "iso8859-3",
+    "8859/4": "iso8859-4",
+    "ISO IR110": "iso8859-4",
+    "8859/5": "iso8859-5",
+    "ISO IR144": "iso8859-5",
+    "8859/6": "iso8859-6",
+    "ISO IR127": "iso8859-6",
+    "8859/7": "iso8859-7",
+    "ISO IR126": "iso8859-7",
+    "8859/8": "iso8859-8",
+    "ISO IR138": "iso8859-8",
+    "8859/9": "iso8859-9",
+    "ISO IR148": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "UNICODE": "utf-8",
+    "UNICODE UTF-8": "utf-8",
+    "UNICODE UTF-16": "utf-16",
+    "UNICODE UTF-32": "utf-32",
+    "GB 18030-2000": "gb18030",
+    "KS X 1001": "euc_kr",
+    "BIG-5": "big5",
+    "ISO IR87": "iso2022_jp",
+    "ISO IR159": "iso2022_jp_2",
+}
+
+
+class MessageParseError(ValueError):
+    """The input is not an HL7 v2 message. ``reason`` never contains field values."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PathSyntaxError(ValueError):
+    """A string that is not an HL7 path (``PID-5.1``, ``NK1[2]-2``, ``PID-3[2].1``)."""
+
+
+@frozen
+class Delimiters:
+    """The five delimiters of a message: MSH-1 and the four characters of MSH-2.
+
+    A delimiter that MSH-2 does not declare is ``""`` and splits nothing.
+    """
+
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+
+    @property
+    def encoding_characters(self) -> str:
+        """MSH-2 as written in a header: component, repetition, escape, subcomponent."""
+        return self.component + self.repetition + self.escape + self.subcomponent
+
+
+def delimiters_from_header(line: str) -> Delimiters:
+    """Read the delimiters from an MSH segment line (``MSH|^~\\&|...``).
+
+    MSH-2 may carry a fifth character (the v2.7 truncation character), which is ignored.
+    Raises ``MessageParseError`` when the line is not an MSH header or its delimiters are
+    unusable (empty, repeated, letters or digits).
+    """
+    if not line.startswith("MSH") or len(line) < 5:
+        raise MessageParseError("the message does not start with an MSH segment")
+    separator = line[3]
+    end = line.find(separator, 4)
+    encoding = line[4:] if end == -1 else line[4:end]
+    chars = [separator, *encoding[:4]]
+    if len(encoding) < 1:
+        raise MessageParseError("MSH-2 (encoding characters) is empty")
+    if len(set(chars)) != len(chars) or any(ch.isalnum() or ch in "\r\n " for ch in chars):
+        raise MessageParseError("MSH-1/MSH-2 do not declare distinct delimiter characters")
+    padded = encoding[:4].ljust(4, "\0")
+    component, repetition, escape, subcomponent = (ch if ch != "\0" else "" for ch in padded)
+    return Delimiters(separator, component, repetition, escape, subcomponent)
+
+
+def python_codec(charset: str) -> str | None:
+    """Return the Python codec for an MSH-18 value (HL7 table 0211), or None if unknown."""
+    return _CHARSETS.get(charset.strip().upper())
+
+
+@frozen
+class Path:
+    """A parsed HL7 path; ``str(path)`` gives its canonical spelling.
+
+    ``field`` None selects the whole segment. ``repetition`` None means "not given": the
+    whole field when no component is given, otherwise the first repetition.
+    """
+
+    segment: str
+    occurrence: Selector = 1
+    field: int | None = None
+    repetition: Selector | None = None
+    component: int | None = None
+    subcomponent: int | None = None
+
+    @property
+    def has_wildcard(self) -> bool:
+        """True when the path selects several segments or repetitions (``[*]``)."""
+        return self.occurrence == ALL or self.repetition == ALL
+
+    def __str__(self) -> str:
+        text = self.segment
+        if self.occurrence != 1:
+            text += f"[{self.occurrence}]"
+        if self.field is None:
+            return text
+        text += f"-{self.field}"
+        if self.repetition is not None:
+            text += f"[{self.repetition}]"
+        if self.component is not None:
+            text += f".{self.component}"
+            if self.subcomponent is not None:
+                text += f".{self.subcomponent}"
+        return text
+
+
+def parse_path(text: str) -> Path:
+    """Parse ``SEG[n]-F[r].C.S``: every part after SEG optional, indexes 1-based.
+
+    ``[*]`` may replace a segment index when no field follows, or a repetition index
+    when no component follows. Raises ``PathSyntaxError`` otherwise.
+    """
+    match = _PATH.fullmatch(text)
+    if match is None:
+        raise PathSyntaxError(f"not an HL7 path: {text!r} (expected e.g. PID-5.1 or NK1[2]-3)")
+    occurrence = _selector(match["occurrence"], text)
+    repetition = _selector(match["repetition"], text) if match["repetition"] else None
+    numbers = [_index(match[name], text) for name in ("field", "component", "subcomponent")]
+    field_number, component, subcomponent = numbers
+    if occurrence == ALL and field_number is not None:
+        raise PathSyntaxError(f"{text!r}: [*] on a segment selects segments, not fields")
+    if repetition == ALL and component is not None:
+        raise PathSyntaxError(f"{text!r}: [*] on a field selects repetitions, not components")
+    return Path(match["segment"], occurrence, field_number, repetition, component, subcomponent)
+
+
+def _selector(group: str | None, text: str) -> Selector:
+    if group is None:
+        return 1
+    if group == ALL:
+        return ALL
+    index = _index(group, text)
+    assert index is not None
+    return index
+
+
+def _index(group: str | None, text: str) -> int | None:
+    if group is None:
+        return None
+    value = int(group)
+    if value < 1:
+        raise PathSyntaxError(f"{text!r}: indexes start at 1")
+    return value
+
+
+def split(value: str, delimiter: str) -> list[str]:
+    """Split wire text on one delimiter; an undeclared (empty) delimiter splits nothing."""
+    return value.split(delimiter) if delimiter else [value]
+
+
+@frozen
+class Segment:
+    """One segment: its wire text and its fields, ``fields[n]`` being field n.
+
+    ``fields[0]`` is the segment ID. For MSH, ``fields[1]`` is the field separator and
+    ``fields[2]`` the encoding characters, as HL7 numbers them.
+    """
+
+    text: str
+    fields: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        """The segment ID (``PID``)."""
+        return self.fields[0]
+
+    def field(self, number: int) -> str:
+        """Field ``number`` in wire form, ``""`` when absent."""
+        return self.fields[number] if 0 <= number < len(self.fields) else ""
+
+    def is_atomic(self, number: int) -> bool:
+        """MSH-1 and MSH-2 hold delimiters themselves and are never split."""
+        return self.name == "MSH" and number in (1, 2)
+
+
+@frozen
+class Message:
+    """A parsed HL7 v2 message: delimiters and segments, all values in wire form."""
+
+    delimiters: Delimiters
+    segments: tuple[Segment, ...]
+    _by_name: dict[str, tuple[Segment, ...]] = field(init=False, repr=False, eq=False)
+
+    def __attrs_post_init__(self) -> None:
+        by_name: dict[str, list[Segment]] = {}
+        for segment in self.segments:
+            by_name.setdefault(segment.name, []).append(segment)
+        object.__setattr__(self, "_by_name", {k: tuple(v) for k, v in by_name.items()})
+
+    @property
+    def text(self) -> str:
+        """The message in wire form with ``\\r`` after every segment."""
+        return "".join(segment.text + "\r" for segment in self.segments)
+
+    def segments_named(self, name: str) -> tuple[Segment, ...]:
+        """All segments with this ID, in message order."""
+        return self._by_name.get(name, ())
+
+    def segment(self, name: str, occurrence: int = 1) -> Segment | None:
+        """The ``occurrence``-th (1-based) segment with this ID, or None."""
+        found = self.segments_named(name)
+        return found[occurrence - 1] if 0 < occurrence <= len(found) else None
+
+    def get(self, path: str | Path) -> str:
+        """The wire-form value at ``path``; ``""`` when not populated.
+
+        Raises ``PathSyntaxError`` for an invalid path or one with ``[*]``.
+        """
+        parsed = parse_path(path) if isinstance(path, str) else path
+        if parsed.has_wildcard:
+            raise PathSyntaxError(f"{parsed}: [*] selects several values; use one index")
+        assert isinstance(parsed.occurrence, int)
+        segment = self.segment(parsed.segment, parsed.occurrence)
+        if segment is None:
+            return ""
+        if parsed.field is None:
+            return segment.text
+        return value_in_segment(segment, parsed, self.delimiters)
+
+
+def value_in_segment(segment: Segment, path: Path, delimiters: Delimiters) -> str:
+    """The value of ``path`` (its field part; the segment part is ignored) in ``segment``."""
+    assert path.field is not None and path.repetition != ALL
+    value = segment.field(path.field)
+    if path.repetition is None and path.component is None:
+        return value
+    indexes = [path.repetition or 1, path.component or 1, path.subcomponent or 1]
+    if segment.is_atomic(path.field):
+        return value if indexes == [1, 1, 1] else ""
+    if path.repetition is not None and path.component is None:
+        indexes = indexes[:1]
+    elif path.subcomponent is None:
+        indexes = indexes[:2]
+    for index, delimiter in zip(
+        indexes, (delimiters.repetition, delimiters.component, delimiters.subcomponent)
+    ):
+        parts = split(value, delimiter)
+        if index > len(parts):
+            return ""
+        value = parts[index - 1]
+    return value
+
+
+def is_segment_id(text: str) -> bool:
+    """True when ``text`` is a segment ID (three characters, ``PID``, ``ZPD``)."""
+    return _SEGMENT_ID.fullmatch(text) is not None
+
+
+def decode(data: bytes, default_charset: str = "utf-8") -> str:
+    """Decode raw message bytes by their MSH-18, strictly (never lossily).
+
+    An empty MSH-18 uses ``default_charset`` (the tenant's default). Raises
+    ``MessageParseError`` for an unknown MSH-18 or bytes invalid in the charset.
+    """
+    header = _SEGMENT_BREAK.split(data[:4096].decode("latin-1"), maxsplit=1)[0]
+    charset = ""
+    if header.startswith("MSH") and len(header) > 3:
+        fields = header.split(header[3])
+        if len(fields) > 17:
+            charset = fields[17]
+            encoding = fields[1] if len(fields) > 1 else ""
+            if len(encoding) > 1:
+                charset = charset.split(encoding[1])[0]  # first repetition
+    codec = python_codec(charset) if charset.strip() else default_charset
+    if codec is None:
+        raise MessageParseError("MSH-18 names a character set we do not know")
+    try:
+        return data.decode(codec)
+    except UnicodeDecodeError:
+        raise MessageParseError(f"the bytes are not valid {codec}") from None
+
+
+def parse_message(data: str | bytes, *, default_charset: str = "utf-8") -> Message:
+    """Parse a whole message. Segments may be separated by ``\\r``, ``\\n`` or ``\\r\\n``.
+
+    Blank lines are skipped. Bytes are decoded by MSH-18 (see ``decode``). Raises
+    ``MessageParseError`` when the input does not start with a usable MSH header. Later
+    lines are taken as they are (the listener has validated the message already): one
+    that does not start with a segment ID is kept but no path reaches it.
+    """
+    text = decode(data, default_charset) if isinstance(data, bytes) else data
+    text = text.lstrip("\ufeff")
+    lines = [line for line in _SEGMENT_BREAK.split(text) if line.strip()]
+    if not lines:
+        raise MessageParseError("the message is empty")
+    delimiters = delimiters_from_header(lines[0])
+    segments = []
+    for number, line in enumerate(lines, start=1):
+        if number == 1:
+            rest = line[4:].split(delimiters.field)
+            fields = ("MSH", delimiters.field, *rest)
+        else:
+            fields = tuple(line.split(delimiters.field))
+        segments.append(Segment(line, fields))
+    return Message(delimiters, tuple(segments))
