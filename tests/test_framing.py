@@ -1,5 +1,3 @@
-# zope.interface ships no type information; mypy sees it as Any.
-# mypy: disable-error-code="import-untyped"
 """Tests for udsgateway.framing: MLLP and plain TCP framers, bytes in, events out."""
 
 from __future__ import annotations
@@ -307,6 +305,20 @@ class MLLPFramerTests(SplitChecks):
         framer = MLLPFramer(max_frame_size=200, drain_limit=400)
         self.assertEqual(framer.feed(mllp(body) + mllp(ADT_A04)), [FrameOverflow(len(body))])
 
+    def test_partial_past_drain_limit_then_start_byte(self) -> None:
+        """A partial frame that grew past the drain limit is an overflow even when a new
+        start byte follows it in the same chunk, as it would be had it come alone."""
+        framer = MLLPFramer(max_frame_size=100, drain_limit=200)
+        events = framer.feed(b"\x0b" + ADT_A04 + b"G" * 200 + mllp(ADT_A04))
+        self.assertEqual(events, [FrameOverflow(len(ADT_A04) + 200)])
+
+    def test_fs_that_is_data_crosses_drain_limit(self) -> None:
+        """An FS held back at the end of a chunk counts towards the limits once the next
+        byte shows it is data."""
+        framer = MLLPFramer(max_frame_size=10, drain_limit=10)
+        self.assertEqual(framer.feed(b"\x0b" + b"H" * 10 + b"\x1c"), [])
+        self.assertEqual(framer.feed(b"\x1c\r"), [FrameOverflow(11)])
+
     def test_frame_open_transitions(self) -> None:
         """frame_open is False between frames and True from the start byte until the
         frame ends, including while an FS waits for its CR."""
@@ -598,6 +610,24 @@ class PlainTCPFramerTests(SplitChecks):
         self.assertGreater(overflow.size, 5000)
         self.assertEqual(framer.feed(ADT_A04 + ADT_A04), [])
         self.assertEqual(framer.flush(), [])
+
+    def test_complete_message_past_drain_limit(self) -> None:
+        """A complete message larger than the drain limit is a FrameOverflow, and the
+        messages after it are ignored."""
+        framer = PlainTCPFramer(max_frame_size=100, drain_limit=120, end_bytes=b"\x1c\r")
+        events = framer.feed(ADT_A04 + b"\x1c\r" + ADT_A04[:100] + b"\x1c\r")
+        self.assertEqual(events, [FrameOverflow(len(ADT_A04))])
+        self.assertEqual(framer.flush(), [])
+
+    def test_resynced_partial_past_drain_limit(self) -> None:
+        """With start and end bytes, a partial that grew past the drain limit before new
+        start bytes is an overflow, not a resync."""
+        framer = PlainTCPFramer(
+            max_frame_size=100, drain_limit=120, start_bytes=b"\x0b", end_bytes=b"\x1c\r"
+        )
+        events = framer.feed(b"\x0b" + ADT_A04 + b"\x0b" + ADT_A04[:50] + b"\x1c\r")
+        self.assertEqual(events, [FrameOverflow(len(ADT_A04))])
+        self.assertEqual(framer.stats.resyncs, 0)
 
     def test_many_messages_one_chunk(self) -> None:
         """A thousand messages in one write come out in order (one scan, no re-search)."""

@@ -43,19 +43,67 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SEGMENTS = (
-    "MSH EVN PID PD1 PV1 PV2 NK1 AL1 DG1 IN1 SCH TQ1 NTE RGS AIS AIG AIL AIP MSA ERR"
-).split()
+SEGMENTS = [
+    "MSH",
+    "EVN",
+    "PID",
+    "PD1",
+    "PV1",
+    "PV2",
+    "NK1",
+    "AL1",
+    "DG1",
+    "IN1",
+    "SCH",
+    "TQ1",
+    "NTE",
+    "RGS",
+    "AIS",
+    "AIG",
+    "AIL",
+    "AIP",
+    "MSA",
+    "ERR",
+]
 VERSIONS = ("2.3", "2.3.1", "2.4", "2.5", "2.5.1")
 
 # Words kept in capitals when hl7apy's UPPER_SNAKE names are turned into titles.
 _ACRONYMS = frozenset(
-    "ID IDS HL7 SSN DEA DMV DRG NDC VIP HCFA UB UB92 PSRO IRB CPU MD JR DR III ISO OID URL"
-    " CDM UID NPI PAC LOA".split()
+    [
+        "ID",
+        "IDS",
+        "HL7",
+        "SSN",
+        "DEA",
+        "DMV",
+        "DRG",
+        "NDC",
+        "VIP",
+        "HCFA",
+        "UB",
+        "UB92",
+        "PSRO",
+        "IRB",
+        "CPU",
+        "MD",
+        "JR",
+        "DR",
+        "III",
+        "ISO",
+        "OID",
+        "URL",
+        "CDM",
+        "UID",
+        "NPI",
+        "PAC",
+        "LOA",
+    ]
 )
 # hl7apy suffixes a data type code to tell apart two components of the same name.
-_TYPE_SUFFIXES = frozenset("ST NM DT TS HD IS TX SAD CE CWE DTM".split())
-_SMALL_WORDS = frozenset("a an and at by for from in of on or the to with".split())
+_TYPE_SUFFIXES = frozenset(["ST", "NM", "DT", "TS", "HD", "IS", "TX", "SAD", "CE", "CWE", "DTM"])
+_SMALL_WORDS = frozenset(
+    ["a", "an", "and", "at", "by", "for", "from", "in", "of", "on", "or", "the", "to", "with"]
+)
 
 Entry = list[str]
 

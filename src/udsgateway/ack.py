@@ -20,6 +20,7 @@ from random import Random, SystemRandom
 from attrs import Attribute, define, field, frozen
 
 from udsgateway.header import (
+    SUPPORTED_CODECS,
     Delimiters,
     Header,
     codec_for,
@@ -30,6 +31,7 @@ from udsgateway.header import (
 )
 
 __all__ = [
+    "ACK_CODES",
     "TABLE_0357",
     "AckError",
     "ControlIdSource",
@@ -60,17 +62,6 @@ TABLE_0357: dict[int, str] = {
 }
 
 ACK_CODES = frozenset({"AA", "AE", "AR", "CA", "CE", "CR"})
-
-# Codecs an ACK may be encoded with: those parse_header can produce.
-_ACK_CODECS = frozenset(
-    {
-        "ascii",
-        "latin-1",
-        "utf-8",
-        "cp1252",
-        *(f"iso8859-{n}" for n in (2, 3, 4, 5, 6, 7, 8, 9, 15)),
-    }
-)
 
 
 @frozen
@@ -197,7 +188,7 @@ def build_ack(
         echo(header.processing_id) or "P",
         echo(header.version) or "2.5",
     ]
-    codec = header.encoding if header.encoding in _ACK_CODECS else "ascii"
+    codec = header.encoding if header.encoding in SUPPORTED_CODECS else "ascii"
     charset = header.charset.strip()
     if charset and codec_for(charset, "ascii") is not None:
         msh += ["", "", "", "", "", echo(charset)]

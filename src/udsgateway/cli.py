@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,7 +19,20 @@ from typing import Any, TextIO
 from udsgateway import store
 from udsgateway.config import ConfigError, GatewayConfig, load_config
 from udsgateway.db import Database, InlineRunner, SchemaError, ensure_schema, make_engine
-from udsgateway.flows import App, FlowFileError, read_app_file, write_app
+from udsgateway.ack import ControlIdSource
+from udsgateway.catalogue import variable_catalogue
+from udsgateway.flows import App, Flow, FlowFileError, read_app_file, write_app
+from udsgateway.message import MessageParseError, parse_message
+from udsgateway.operate import add_operator_commands
+from udsgateway.templating import (
+    ActionResponse,
+    RenderError,
+    TemplateData,
+    TemplateError,
+    check_template,
+    compile_template,
+    render_body,
+)
 
 DEFAULT_CONFIG = "etc/udsgateway.toml"
 
@@ -99,12 +113,96 @@ def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextI
         if app.tenant not in {t.name for t in config.tenants}:
             problems.append(f"{path}: tenant: {app.tenant!r} is not configured in {config.path}")
             continue
+        problems.extend(template_problems(path, app))
         apps.append(app)
     if problems:
         raise CommandError("\n".join(problems))
     database = open_database(config)
     saved = [database.transaction_now(store.save_app, app, time.time()) for app in apps]
     print_table(flow_table(config, saved), out)
+    return 0
+
+
+def template_problems(path: str, app: App) -> list[str]:
+    """Every template checked against its trigger's sample: flow, action and line."""
+    problems = []
+    for index, flow in enumerate(app.flows):
+        if flow.actions and not flow.trigger.sample.strip():
+            problems.append(
+                f"{path}: flows[{index}] ({flow.name}): trigger.sample: required to check "
+                "the action templates"
+            )
+            continue
+        names: list[str] = []
+        for step, action in enumerate(flow.actions):
+            for problem in check_template(
+                action.template,
+                flow.trigger.sample,
+                action.message_type,
+                app=app.variables,
+                action_names=names,
+            ):
+                problems.append(
+                    f"{path}: flows[{index}] ({flow.name}): actions[{step}] ({action.name}): "
+                    f"template line {problem.line}: {problem.message}"
+                )
+            names.append(action.name)
+    return problems
+
+
+def find_flow(config: GatewayConfig, flow_id: str) -> tuple[App, Flow]:
+    """The app and flow of a Flow ID, from the store."""
+    for app in open_database(config).transaction_now(store.load_apps, None):
+        for flow in app.flows:
+            if flow.flow_id == flow_id:
+                return app, flow
+    raise CommandError(f"no flow with Flow ID {flow_id!r} (see `udsgateway flows list`)")
+
+
+def cmd_flows_variables(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    _app, flow = find_flow(config, args.flow_id)
+    if not flow.trigger.sample.strip():
+        raise CommandError(f"flow {args.flow_id} has no sample payload")
+    rows = [
+        {"path": v.path, "name": v.name, "sample": v.value, "template": v.expression}
+        for v in variable_catalogue(flow.trigger.sample)
+    ]
+    if args.json:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    else:
+        print_table(rows, out)
+    return 0
+
+
+def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    app, flow = find_flow(config, args.flow_id)
+    chosen = [
+        (step, action)
+        for step, action in enumerate(flow.actions)
+        if action.name == args.action or str(step) == args.action
+    ]
+    if not chosen:
+        names = ", ".join(a.name for a in flow.actions) or "none"
+        raise CommandError(f"flow {args.flow_id} has no action {args.action!r} (actions: {names})")
+    step, action = chosen[0]
+    message = Path(args.message).read_bytes() if args.message else flow.trigger.sample.encode()
+    try:
+        template = compile_template(action.template)
+        body = render_body(
+            template,
+            TemplateData(
+                parse_message(message),
+                tuple(ActionResponse(a.name, None) for a in flow.actions[:step]),
+                dict(app.variables),
+            ),
+            message_type=action.message_type,
+            now=lambda: datetime.now(timezone.utc),
+            new_control_id=ControlIdSource.for_boot(time.time()).next,
+        )
+    except (TemplateError, RenderError, MessageParseError) as error:
+        raise CommandError(f"action {action.name}: {error}") from None
+    out.write(body.decode("latin-1").replace("\r", "\n"))
     return 0
 
 
@@ -154,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("app_id", metavar="APP_ID")
     p.add_argument("-o", "--output", help="file to write (default: standard output)")
     p.set_defaults(handler=cmd_flows_export)
+    p = flow_commands.add_parser("variables", help="show a flow's variable catalogue")
+    p.add_argument("flow_id", metavar="FLOW_ID")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(handler=cmd_flows_variables)
+    p = flow_commands.add_parser(
+        "render", help="render an action's body against the sample or a message file"
+    )
+    p.add_argument("flow_id", metavar="FLOW_ID")
+    p.add_argument("action", metavar="ACTION", help="action name or position (0, 1, ...)")
+    p.add_argument("--message", metavar="FILE", help="HL7 message to render from")
+    p.set_defaults(handler=cmd_flows_render)
+    add_operator_commands(commands)
     return parser
 
 

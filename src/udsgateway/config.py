@@ -99,6 +99,16 @@ class ManholeConfig:
 
 
 @frozen
+class DeliveryConfig:
+    """The outbound delivery engine (docs/delivery.md)."""
+
+    max_queued_per_destination: int = 100_000
+    page_size: int = 64
+    max_active_lanes: int = 512
+    held_poll: float = 5.0
+
+
+@frozen
 class GatewayConfig:
     """The whole configuration file."""
 
@@ -109,6 +119,7 @@ class GatewayConfig:
     flow_reload_interval: float = 5.0
     tenants: tuple[TenantConfig, ...] = ()
     manhole: ManholeConfig = field(factory=ManholeConfig)
+    delivery: DeliveryConfig = field(factory=DeliveryConfig)
 
 
 def _positive(value: float) -> str | None:
@@ -258,7 +269,7 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
         raise ConfigError([f"{filename}: not valid TOML: {error}"]) from None
     reader = TableReader(filename)
     base_dir = Path(filename).resolve().parent
-    reader.unknown(document, {"gateway", "tenants", "manhole"})
+    reader.unknown(document, {"gateway", "tenants", "manhole", "delivery"})
 
     with reader.section("gateway"):
         gateway = reader.get(document, "gateway", dict, {})
@@ -286,9 +297,31 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
     with reader.section("manhole"):
         manhole = _read_manhole(reader, reader.get(document, "manhole", dict, {}), base_dir)
 
+    with reader.section("delivery"):
+        delivery_table = reader.get(document, "delivery", dict, {})
+        base = DeliveryConfig()
+        reader.unknown(delivery_table, {a.name for a in DeliveryConfig.__attrs_attrs__})
+        delivery = DeliveryConfig(
+            max_queued_per_destination=reader.get(
+                delivery_table,
+                "max_queued_per_destination",
+                int,
+                base.max_queued_per_destination,
+                _positive,
+            ),
+            page_size=reader.get(delivery_table, "page_size", int, base.page_size, _positive),
+            max_active_lanes=reader.get(
+                delivery_table, "max_active_lanes", int, base.max_active_lanes, _positive
+            ),
+            held_poll=float(
+                reader.get(delivery_table, "held_poll", (int, float), base.held_poll, _positive)
+            ),
+        )
+
     if reader.problems:
         raise ConfigError(reader.problems)
     return GatewayConfig(
+        delivery=delivery,
         path=filename,
         database=database,
         node_name=node_name,

@@ -48,6 +48,62 @@ class Trigger:
     ack_timeout: float = 30.0
 
 
+RESPONSE_DECISIONS = ("success", "retry", "hold")
+_POLICY_DEFAULTS = {"AA": "success", "CA": "success", "AE": "retry", "CE": "retry"}
+_POLICY_DEFAULTS |= {"AR": "hold", "CR": "hold"}
+
+
+@frozen
+class ActionTLS:
+    """TLS towards a destination; the server certificate is always verified."""
+
+    enabled: bool = False
+    ca: str = ""  # folder of PEM CA certificates; empty: the system's trust store
+    certificate: str = ""  # client certificate (PEM) for mutual TLS
+    private_key: str = ""  # its private key (PEM)
+
+
+@frozen
+class Action:
+    """A TCP action: send a message built from a template to a destination."""
+
+    name: str
+    host: str
+    port: int
+    message_type: str
+    template: str
+    protocol: str = "mllp"
+    ordering_key: str = ""  # an HL7 path of the trigger, e.g. PID-3.1: one lane per value
+    tls: ActionTLS = field(factory=ActionTLS)
+    policy: dict[str, str] = field(factory=lambda: dict(_POLICY_DEFAULTS))
+    max_retries: int = 3
+    connect_timeout: float = 10.0
+    response_timeout: float = 30.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+
+    @property
+    def endpoint(self) -> str:
+        """The Twisted client endpoint string of the destination."""
+        host = self.host.replace(":", "\\:")
+        timeout = f"timeout={self.connect_timeout:g}"
+        if not self.tls.enabled:
+            return f"tcp:host={host}:port={self.port}:{timeout}"
+        parts = [f"tls:host={host}:port={self.port}:{timeout}"]
+        if self.tls.ca:
+            parts.append(f"trustRoots={self.tls.ca}")
+        if self.tls.certificate:
+            parts.append(f"certificate={self.tls.certificate}")
+        if self.tls.private_key:
+            parts.append(f"privateKey={self.tls.private_key}")
+        return ":".join(parts)
+
+    @property
+    def delivery_policy(self) -> dict[str, Any]:
+        """The response policy as the delivery engine stores it with each delivery."""
+        return {**self.policy, "max_retries": self.max_retries}
+
+
 @frozen
 class Flow:
     """One trigger plus an ordered chain of actions."""
@@ -57,7 +113,7 @@ class Flow:
     flow_id: str = ""
     enabled: bool = True
     description: str = ""
-    actions: tuple[dict[str, Any], ...] = ()
+    actions: tuple[Action, ...] = ()
 
 
 @frozen
@@ -108,6 +164,120 @@ def _read_trigger(reader: TableReader, table: dict[str, Any]) -> Trigger:
     )
 
 
+_ACTION_KEYS = {
+    "name",
+    "host",
+    "port",
+    "protocol",
+    "message_type",
+    "template",
+    "ordering_key",
+    "tls",
+    "policy",
+    "max_retries",
+    "connect_timeout",
+    "response_timeout",
+    "backoff_initial",
+    "backoff_max",
+}
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _read_action(reader: TableReader, table: dict[str, Any]) -> Action:
+    reader.unknown(table, _ACTION_KEYS)
+    for key in ("name", "host", "port", "message_type", "template"):
+        if key not in table:
+            reader.problem(key, "required")
+    with reader.section("tls"):
+        tls_table = reader.get(table, "tls", dict, {})
+        reader.unknown(tls_table, {"enabled", "ca", "certificate", "private_key"})
+        tls = ActionTLS(
+            enabled=reader.get(tls_table, "enabled", bool, False),
+            ca=reader.get(tls_table, "ca", str, ""),
+            certificate=reader.get(tls_table, "certificate", str, ""),
+            private_key=reader.get(tls_table, "private_key", str, ""),
+        )
+        if bool(tls.certificate) != bool(tls.private_key):
+            reader.problem("", "certificate and private_key go together")
+    with reader.section("policy"):
+        policy_table = reader.get(table, "policy", dict, {})
+        reader.unknown(policy_table, set(_POLICY_DEFAULTS))
+        policy = dict(_POLICY_DEFAULTS)
+        for code in _POLICY_DEFAULTS:
+            policy[code] = reader.get(
+                policy_table,
+                code,
+                str,
+                _POLICY_DEFAULTS[code],
+                lambda v: None if v in RESPONSE_DECISIONS else "expected success, retry or hold",
+            )
+    return Action(
+        name=reader.get(table, "name", str, ""),
+        host=reader.get(table, "host", str, ""),
+        port=reader.get(
+            table, "port", int, 0, lambda v: None if 0 < v < 65536 else "not a TCP port"
+        ),
+        message_type=reader.get(table, "message_type", str, "", _event_type),
+        template=reader.get(table, "template", str, ""),
+        protocol=reader.get(
+            table,
+            "protocol",
+            str,
+            "mllp",
+            lambda v: None if v in CONNECTIONS else "expected mllp or tcp",
+        ),
+        ordering_key=reader.get(table, "ordering_key", str, ""),
+        tls=tls,
+        policy=policy,
+        max_retries=reader.get(
+            table, "max_retries", int, 3, lambda v: None if v >= 0 else "must be >= 0"
+        ),
+        connect_timeout=float(reader.get(table, "connect_timeout", (int, float), 10.0, _positive)),
+        response_timeout=float(
+            reader.get(table, "response_timeout", (int, float), 30.0, _positive)
+        ),
+        backoff_initial=float(reader.get(table, "backoff_initial", (int, float), 1.0, _positive)),
+        backoff_max=float(reader.get(table, "backoff_max", (int, float), 300.0, _positive)),
+    )
+
+
+def action_document(action: Action) -> dict[str, Any]:
+    """An action as a TOML table (and as stored, JSON), with every field."""
+    return {
+        "name": action.name,
+        "host": action.host,
+        "port": action.port,
+        "protocol": action.protocol,
+        "message_type": action.message_type,
+        "ordering_key": action.ordering_key,
+        "max_retries": action.max_retries,
+        "connect_timeout": action.connect_timeout,
+        "response_timeout": action.response_timeout,
+        "backoff_initial": action.backoff_initial,
+        "backoff_max": action.backoff_max,
+        "template": action.template,
+        "tls": {
+            "enabled": action.tls.enabled,
+            "ca": action.tls.ca,
+            "certificate": action.tls.certificate,
+            "private_key": action.tls.private_key,
+        },
+        "policy": dict(action.policy),
+    }
+
+
+def action_from_document(document: dict[str, Any]) -> Action:
+    """The inverse of action_document (for actions read back from the store)."""
+    reader = TableReader("<stored action>")
+    action = _read_action(reader, document)
+    if reader.problems:
+        raise FlowFileError(reader.problems)
+    return action
+
+
 def _read_flow(reader: TableReader, table: dict[str, Any]) -> Flow:
     reader.unknown(table, {"flow_id", "name", "enabled", "description", "trigger", "actions"})
     name = reader.get(table, "name", str, "")
@@ -117,10 +287,16 @@ def _read_flow(reader: TableReader, table: dict[str, Any]) -> Flow:
         if "trigger" not in table:
             reader.problem("", "required")
         trigger = _read_trigger(reader, reader.get(table, "trigger", dict, {}))
-    actions = reader.get(table, "actions", list, [])
-    if not all(isinstance(action, dict) for action in actions):
-        reader.problem("actions", "expected an array of tables ([[flows.actions]])")
-        actions = []
+    actions = []
+    for index, action_table in enumerate(reader.get(table, "actions", list, [])):
+        with reader.section(f"actions[{index}]"):
+            if not isinstance(action_table, dict):
+                reader.problem("", "expected a table ([[flows.actions]])")
+                continue
+            actions.append(_read_action(reader, action_table))
+    names = [action.name for action in actions]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        reader.problem("actions", f"action name {name!r} is used more than once")
     return Flow(
         name=name,
         trigger=trigger,
@@ -200,7 +376,7 @@ def app_document(app: App) -> dict[str, Any]:
                 "ack_timeout": flow.trigger.ack_timeout,
                 "sample": flow.trigger.sample,
             },
-            "actions": [dict(action) for action in flow.actions],
+            "actions": [action_document(action) for action in flow.actions],
         }
         for flow in app.flows
     ]
@@ -214,4 +390,4 @@ def write_app(app: App) -> str:
 
 def actions_json(flow: Flow) -> str:
     """A flow's actions as stored in the database."""
-    return json.dumps(list(flow.actions), sort_keys=True)
+    return json.dumps([action_document(action) for action in flow.actions], sort_keys=True)

@@ -1,5 +1,3 @@
-# zope.interface ships no type information; mypy sees it as Any.
-# mypy: disable-error-code="import-untyped"
 """Sans-I/O framers: split an inbound byte stream into HL7 v2 messages.
 
 A framer takes the bytes of one connection as they arrive (``feed``) and
@@ -35,6 +33,7 @@ byte per packet costs linear time, not quadratic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TypeAlias
 
 from attrs import define, field, frozen
@@ -135,16 +134,16 @@ class IFramer(Interface):
     stats = Attribute("The FramerStats counters of this framer.")
     buffered_bytes = Attribute("How many bytes the framer currently holds in memory.")
 
-    def feed(data: bytes) -> list[FrameEvent]:  # type: ignore[empty-body]  # noqa: N805
+    def feed(data: bytes) -> list[FrameEvent]:  # noqa: N805
         """Take the next bytes of the stream; return the events they complete, in order."""
 
-    def flush() -> list[FrameEvent]:  # type: ignore[misc, empty-body]
+    def flush() -> list[FrameEvent]:
         """End of stream or idle gap: emit or discard whatever is pending."""
 
-    def reset() -> None:  # type: ignore[misc]
+    def reset() -> None:
         """Discard any partial frame (after a frame timeout)."""
 
-    def encode(payload: bytes) -> bytes:  # type: ignore[empty-body]  # noqa: N805
+    def encode(payload: bytes) -> bytes:  # noqa: N805
         """Wrap an outgoing message (an ACK) in this framing."""
 
 
@@ -257,6 +256,28 @@ def _tail_prefix_start(
     return best
 
 
+def _resync(
+    frame: _FrameBuffer,
+    stats: FramerStats,
+    tail: memoryview,
+    events: list[FrameEvent],
+    record: Callable[[FrameEvent, list[FrameEvent]], None],
+) -> bool:
+    """Drop the partial frame ending with ``tail`` because a new one starts.
+
+    A partial that had already grown past the drain limit is still an
+    overflow, whatever follows it, so the outcome does not depend on how the
+    stream was cut. Returns True in that case.
+    """
+    overflow = frame.add(tail)
+    if overflow is not None:
+        record(overflow, events)
+        return True
+    stats.resyncs += 1
+    stats.dropped_bytes += frame.clear()
+    return False
+
+
 @implementer(IFramer)
 @define
 class MLLPFramer:
@@ -333,8 +354,8 @@ class MLLPFramer:
             end = data.find(end_block, pos)
             restart = data.find(MLLP_START, pos, n if end < 0 else end)
             if restart >= 0:
-                self.stats.resyncs += 1
-                self.stats.dropped_bytes += self._frame.clear() + restart - pos
+                if _resync(self._frame, self.stats, view[pos:restart], events, self._record):
+                    break
                 pos = restart + 1
                 continue
             if end >= 0:
@@ -423,6 +444,10 @@ class PlainTCPFramer:
     _stopped: bool = field(default=False, init=False)
     _patterns: tuple[bytes, ...] = field(init=False)
     _kinds: tuple[int, ...] = field(init=False)
+    _longest: int = field(init=False)
+    # Bytes that can occur in a delimiter before its last byte: a chunk that
+    # ends with any other byte cannot end with the start of a delimiter.
+    _prefix_bytes: frozenset[int] = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         drain = _drain_limit(self.max_frame_size, self.drain_limit)
@@ -437,6 +462,8 @@ class PlainTCPFramer:
             found += [(b"\r" + _MSH, _SPLIT), (b"\n" + _MSH, _SPLIT)]
         self._patterns = tuple(pattern for pattern, _ in found)
         self._kinds = tuple(kind for _, kind in found)
+        self._longest = max(len(pattern) for pattern in self._patterns)
+        self._prefix_bytes = frozenset(b"".join(pattern[:-1] for pattern in self._patterns))
 
     @property
     def frame_open(self) -> bool:
@@ -486,7 +513,6 @@ class PlainTCPFramer:
         n = len(window)
         pos = 0
         patterns = self._patterns
-        longest = max(len(pattern) for pattern in patterns)
         marker = self.start_bytes or _MSH
         include_marker = not self.start_bytes
         # Next offset of each delimiter at or after pos (-1: none left, -2: not
@@ -514,12 +540,16 @@ class PlainTCPFramer:
                 if at >= 0 and (best < 0 or at < best):
                     best, which = at, index
             partial = None
-            if not final and (best < 0 or best > n - longest):
+            if (
+                not final
+                and (best < 0 or best > n - self._longest)
+                and window[-1] in self._prefix_bytes
+            ):
                 # A delimiter may be starting in the last bytes; if it would
                 # come first, wait for the rest of it.
                 partial = _tail_prefix_start(window, pos, patterns)
             if best >= 0 and (partial is None or (best, which) < partial):
-                pos = self._on_delimiter(window, view, pos, best, which, events)
+                pos = self._on_delimiter(view, pos, best, which, events)
                 if self._stopped:
                     break
                 continue
@@ -534,7 +564,6 @@ class PlainTCPFramer:
 
     def _on_delimiter(
         self,
-        window: bytes,
         view: memoryview,
         pos: int,
         at: int,
@@ -553,8 +582,7 @@ class PlainTCPFramer:
             self._record(self._frame.finish(view[pos : at + 1]), events)
             return at + 1
         if self.end_bytes:
-            self.stats.resyncs += 1
-            self.stats.dropped_bytes += self._frame.clear() + at - pos
+            _resync(self._frame, self.stats, view[pos:at], events, self._record)
         else:
             self._record(self._frame.finish(view[pos:at]), events)
         return after

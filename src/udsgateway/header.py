@@ -23,6 +23,7 @@ from typing import ClassVar
 from attrs import frozen
 
 __all__ = [
+    "SUPPORTED_CODECS",
     "Delimiters",
     "Header",
     "HeaderProblem",
@@ -93,8 +94,9 @@ def _charset_table() -> dict[str, str]:
 # Keys are normalised by _normalise_charset: upper case, without spaces,
 # hyphens and underscores.
 _CHARSETS = _charset_table()
-# Codec names a tenant may configure as its default charset.
-_CODECS = frozenset(_CHARSETS.values())
+# Every codec parse_header can choose, and the names a tenant may configure as
+# its default charset besides the MSH-18 names.
+SUPPORTED_CODECS = frozenset(_CHARSETS.values())
 
 
 def _normalise_charset(name: str) -> str:
@@ -103,7 +105,7 @@ def _normalise_charset(name: str) -> str:
 
 @lru_cache(maxsize=256)
 def _lookup_charset(name: str) -> str | None:
-    if name in _CODECS:
+    if name in SUPPORTED_CODECS:
         return name
     return _CHARSETS.get(_normalise_charset(name))
 

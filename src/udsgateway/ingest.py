@@ -23,7 +23,8 @@ from udsgateway.ack import wants_accept_ack as _wants_accept_ack
 from udsgateway.config import TenantConfig
 from udsgateway.db import GroupCommitter, is_locked
 from udsgateway.header import Header, HeaderProblem, codec_for, parse_header
-from udsgateway.routing import EMPTY, Rejected, RoutingTable
+from udsgateway.executions import Finished
+from udsgateway.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.store import CommitOutcome, CommitResult, InboundRecord
 
 log = Logger()
@@ -67,6 +68,12 @@ class Ingest:
     on_stored: Callable[[CommitResult], None] | None = None
     #: Called after a commit, before its answer is written (fault injection in tests).
     after_commit: Callable[[], None] | None = None
+    #: Backpressure: True when a destination's queue is at its cap (NAK 207).
+    is_full: Callable[[str], bool] | None = None
+    #: "after actions" ACK timing: waits for an execution to finish, within a timeout.
+    watch: Callable[[int, float], Deferred[Finished]] | None = None
+    #: Stores the ACK finally sent for an "after actions" message (for replays).
+    save_ack: Callable[[int, str, bytes], Deferred[None]] | None = None
     stats: IngestStats = field(factory=IngestStats)
     _codec: str = field(init=False)
 
@@ -86,6 +93,8 @@ class Ingest:
         if header is None:
             self.stats.unreadable += 1
             return CLOSE
+        if header.message_code == "ACK":
+            return self._inbound_ack(header)
         error = AckError(104, "", f"frame of {size} bytes is over the limit")
         return self._nak(header, Outcome.ERROR, error)
 
@@ -103,14 +112,13 @@ class Ingest:
             if parsed.header is None:
                 self.stats.unreadable += 1
                 return CLOSE
+            if parsed.header.message_code == "ACK":
+                return self._inbound_ack(parsed.header)
             error = AckError(parsed.code, parsed.location, parsed.diagnostic)
             return self._nak(parsed.header, Outcome.ERROR, error)
         header = parsed
         if header.message_code == "ACK":
-            # An ACK is never acknowledged (that way lies an endless loop).
-            self.stats.inbound_acks += 1
-            log.info("inbound ACK ignored", control_id=header.control_id, tenant=self.tenant.name)
-            return NO_ANSWER
+            return self._inbound_ack(header)
         if header.processing_id not in self.tenant.processing_ids:
             return self._nak(header, Outcome.REJECT, AckError(202, "MSH^1^11", "not accepted"))
         if header.version not in self.tenant.versions:
@@ -123,6 +131,16 @@ class Ingest:
             reason = f"{error.code}: {error.diagnostic}"
         else:
             outcome, flows, error, reason = Outcome.ACCEPT, routed.flows, None, ""
+            full = self._full_destination(flows)
+            if full:
+                log.warn(
+                    "destination queue full: NAK 207",
+                    control_id=header.control_id,
+                    tenant=self.tenant.name,
+                )
+                return self._nak(
+                    header, Outcome.REJECT, AckError(207, "", "destination queue is full")
+                )
         code = ack_code(header, outcome)
         ack = b""
         if _wants_accept_ack(header, outcome):
@@ -148,6 +166,7 @@ class Ingest:
             reason=reason,
             ack_code=code,
             ack=ack,
+            run_flows=tuple(route.flow_id for route in flows if route.destinations),
         )
         try:
             result = await self._committer.submit(record)
@@ -175,8 +194,16 @@ class Ingest:
                     message_type=header.event_type,
                     tenant=self.tenant.name,
                 )
+            waiting = [route for route in flows if route.ack == "after_actions"]
+            watches: list[Deferred[Finished]] = []
+            timeout = min((route.ack_timeout for route in waiting), default=0.0)
+            if waiting and self.watch is not None:
+                # Watch before the executor hears of the message: it may finish at once.
+                watches = [self.watch(eid, timeout) for eid in result.execution_ids]
             if self.on_stored is not None and result.execution_ids:
                 self.on_stored(result)
+            if watches:
+                return await self._after_actions(header, result, watches, timeout)
             return self._answer(code, ack)
         if result.outcome is CommitOutcome.REPLAY:
             self.stats.replayed += 1
@@ -186,6 +213,59 @@ class Ingest:
         return self._nak(
             header, Outcome.REJECT, AckError(205, "MSH^1^10", "control id already used")
         )
+
+    def _full_destination(self, flows: tuple[FlowRoute, ...]) -> bool:
+        if self.is_full is None:
+            return False
+        return any(self.is_full(d) for route in flows for d in route.destinations)
+
+    async def _after_actions(
+        self,
+        header: Header,
+        result: CommitResult,
+        watches: list[Deferred[Finished]],
+        timeout: float,
+    ) -> Answer:
+        """The ACK reflects the action chain's outcome, within the flows' timeout."""
+        assert result.message_id is not None
+        error: AckError | None = None
+        for watching in watches:
+            try:
+                finished = await watching
+            except Exception:
+                error = AckError(207, "", f"actions did not finish within {timeout:g}s")
+                for other in watches:
+                    other.cancel()
+                break
+            if finished.state != "done":
+                error = AckError(207, "", f"actions {finished.state}: {finished.reason}"[:200])
+                break
+        outcome = Outcome.ACCEPT if error is None else Outcome.ERROR
+        code = ack_code(header, outcome)
+        ack = b""
+        if _wants_accept_ack(header, outcome):
+            ack = build_ack(
+                header,
+                code,
+                control_id=self._control_ids.next(),
+                timestamp=hl7_timestamp(self._clock.seconds()),
+                error=error,
+            )
+        if self.save_ack is not None:
+            try:
+                await self.save_ack(result.message_id, code, ack)
+            except Exception:
+                log.failure("could not store the after-actions ACK", control_id=header.control_id)
+        if error is not None:
+            self.stats.errors[error.code] += 1
+        return self._answer(code, ack)
+
+    def _inbound_ack(self, header: Header) -> Answer:
+        # An ACK is never acknowledged, not even a malformed one: that way
+        # lies an endless loop between two gateways.
+        self.stats.inbound_acks += 1
+        log.info("inbound ACK ignored", control_id=header.control_id, tenant=self.tenant.name)
+        return NO_ANSWER
 
     def _answer(self, code: str, ack: bytes) -> Answer:
         if not ack:

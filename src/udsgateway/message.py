@@ -308,7 +308,9 @@ def value_in_segment(segment: Segment, path: Path, delimiters: Delimiters) -> st
     elif path.subcomponent is None:
         indexes = indexes[:2]
     for index, delimiter in zip(
-        indexes, (delimiters.repetition, delimiters.component, delimiters.subcomponent)
+        indexes,
+        (delimiters.repetition, delimiters.component, delimiters.subcomponent),
+        strict=False,  # fewer indexes than levels: stop at the level asked for
     ):
         parts = split(value, delimiter)
         if index > len(parts):

@@ -35,6 +35,8 @@ class FlowRoute:
     message_type: str
     ack: str
     ack_timeout: float
+    #: Endpoints of its actions (empty: the flow only records messages).
+    destinations: tuple[str, ...] = ()
 
 
 @frozen
@@ -76,6 +78,7 @@ class RoutingTable:
                 message_type=flow.trigger.message_type,
                 ack=flow.trigger.ack,
                 ack_timeout=flow.trigger.ack_timeout,
+                destinations=tuple(action.endpoint for action in flow.actions),
             )
             for app in apps
             for flow in app.flows

@@ -22,6 +22,8 @@ from udsgateway import store
 from udsgateway.ack import ControlIdSource
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.db import Database, GroupCommitter, ensure_schema
+from udsgateway.delivery import Dispatcher, Timing
+from udsgateway.executor import Executor
 from udsgateway.flows import read_app_file
 from udsgateway.ingest import Ingest
 from udsgateway.listener import ListenerFactory
@@ -50,8 +52,31 @@ class GatewayService(MultiService):
         self.committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
             database, store.commit_inbound, config.commit_max_batch
         )
+        self._timings: dict[str, Timing] = {}
+        self.dispatcher = Dispatcher(
+            database,
+            reactor,
+            reactor,
+            timing=lambda endpoint: self._timings.get(endpoint, Timing()),
+            page_size=config.delivery.page_size,
+            max_active_lanes=config.delivery.max_active_lanes,
+            held_poll=config.delivery.held_poll,
+            max_queued_per_destination=config.delivery.max_queued_per_destination,
+        )
+        self.executor = Executor(database, self.dispatcher, reactor, control_ids)
+        self.dispatcher.after_record = self.executor.after_record
+        self.dispatcher.on_recorded = self.executor.on_recorded
         self.ingests: dict[str, Ingest] = {
-            tenant.name: Ingest(tenant, self.committer, reactor, control_ids)
+            tenant.name: Ingest(
+                tenant,
+                self.committer,
+                reactor,
+                control_ids,
+                on_stored=lambda _result: self.executor.wake(),
+                is_full=self.dispatcher.is_full,
+                watch=self.executor.watch,
+                save_ack=self._save_ack,
+            )
             for tenant in config.tenants
         }
         self.factories: dict[str, ListenerFactory] = {
@@ -75,6 +100,10 @@ class GatewayService(MultiService):
         for tenant in self.config.tenants:
             await self._import_flow_files(tenant)
         await self._reload_flows()
+        # Recovery before any listener opens: unfinished executions and queued
+        # deliveries resume, in their original order, ahead of new traffic.
+        await self.dispatcher.recover()
+        self.executor.wake()
         for tenant in self.config.tenants:
             endpoint = serverFromString(self._reactor, tenant.listen)
             port = await endpoint.listen(self.factories[tenant.name])
@@ -123,6 +152,18 @@ class GatewayService(MultiService):
         except Exception:
             log.failure("could not reload flows; routing unchanged")
             return
+        self.executor.load(apps)
+        self._timings = {
+            action.endpoint: Timing(
+                connect_timeout=action.connect_timeout,
+                response_timeout=action.response_timeout,
+                backoff_initial=action.backoff_initial,
+                backoff_max=action.backoff_max,
+            )
+            for app in apps
+            for flow in app.flows
+            for action in flow.actions
+        }
         for tenant in self.config.tenants:
             self.ingests[tenant.name].routes = RoutingTable.build(
                 [app for app in apps if app.tenant == tenant.name],
@@ -141,9 +182,13 @@ class GatewayService(MultiService):
         for port in self.ports.values():
             await port.stopListening()
         self.ports.clear()
+        await self.dispatcher.stopService()
         await super().stopService()
         if self._on_runner_stop is not None:
             self._on_runner_stop()
+
+    def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
+        return self.database.transaction(store.update_ack, message_id, code, ack)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of every listener's counters, for the manhole and admin API."""

@@ -14,7 +14,7 @@ from attrs import evolve, frozen
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
 
 from udsgateway import schema
-from udsgateway.flows import App, Flow, Trigger, actions_json
+from udsgateway.flows import App, Flow, Trigger, action_from_document, actions_json
 
 
 class CommitOutcome(enum.Enum):
@@ -43,6 +43,8 @@ class InboundRecord:
     reason: str
     ack_code: str
     ack: bytes
+    #: The routed flows that have actions: each gets an execution.
+    run_flows: tuple[str, ...] = ()
 
 
 @frozen
@@ -178,7 +180,7 @@ def _insert_executions(
         }
         for record, message_id in zip(records, ids, strict=True)
         if record.accepted
-        for flow_id in record.flows
+        for flow_id in record.run_flows
     ]
     if not rows:
         return {}
@@ -350,7 +352,7 @@ def load_apps(connection: Connection, tenant: str | None = None) -> list[App]:
                     ack=row.ack,
                     ack_timeout=row.ack_timeout,
                 ),
-                actions=tuple(json.loads(row.actions)),
+                actions=tuple(action_from_document(a) for a in json.loads(row.actions)),
             )
         )
     return [
@@ -386,3 +388,9 @@ def flows_generation(connection: Connection) -> int:
         select(schema.meta.c.value).where(schema.meta.c.key == "flows_generation")
     ).first()
     return int(row[0]) if row else 0
+
+
+def update_ack(connection: Connection, message_id: int, ack_code: str, ack: bytes) -> None:
+    """Store the ACK finally sent (an "after actions" ACK reflects the chain's outcome)."""
+    m = schema.messages
+    connection.execute(update(m).where(m.c.id == message_id).values(ack_code=ack_code, ack=ack))

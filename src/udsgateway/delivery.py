@@ -1,0 +1,593 @@
+"""The outbound delivery engine: destinations, lanes and the dispatcher.
+
+* A **destination** is one endpoint (``tcp:`` or ``tls:``) spoken to over MLLP
+  or plain TCP through a Twisted ``ClientService`` (reconnect with capped
+  exponential backoff). One message is in flight per connection; an ACK
+  counts only when its MSA-2 equals the MSH-10 sent. On a response timeout
+  or a garbled, MSA-less or mismatched reply the connection is closed, so a
+  late ACK can never be matched to the next message.
+* A **lane** is the unit of ordering (G2): its deliveries are sent strictly
+  in order, one at a time; a held head blocks the lane until an operator
+  releases, skips or replays it. Lanes page through the store, so memory
+  stays bounded however long the backlog is.
+* The **dispatcher** recovers lanes from the store at start (before anything
+  is sent), runs a bounded number of them at once, and records every
+  outcome through a group committer, together with whatever the outcome
+  unlocks (the next action of an execution) in the same transaction.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define, evolve, field, frozen
+from sqlalchemy import Connection
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.endpoints import clientFromString
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from udsgateway import outbox
+from udsgateway.ack import parse_reply
+from udsgateway.db import Database, GroupCommitter
+from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
+from udsgateway.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
+
+log = Logger()
+
+SUCCESS, RETRY, HOLD = "success", "retry", "hold"
+DEFAULT_POLICY: dict[str, Any] = {
+    "AA": SUCCESS,
+    "CA": SUCCESS,
+    "AE": RETRY,
+    "CE": RETRY,
+    "AR": HOLD,
+    "CR": HOLD,
+    "max_retries": 3,
+}
+
+
+class DeliveryError(Exception):
+    """An attempt that did not get a usable answer; the message is sent again later."""
+
+
+@frozen
+class Timing:
+    """Timeouts and backoff of a destination (RELIABILITY.md "Default limits")."""
+
+    connect_timeout: float = 10.0
+    response_timeout: float = 30.0
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+    reply_gap: float = 0.1  # plain TCP: an idle gap ends the reply
+    max_reply_size: int = 1024 * 1024
+
+    def backoff(self, failures: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after ``failures`` failures in a row (exponential, capped)."""
+        delay = min(self.backoff_initial * (2 ** min(failures - 1, 60)), self.backoff_max)
+        return delay * (1 + 0.1 * rng.random()) if rng is not None else delay
+
+
+class DestinationProtocol(Protocol):
+    """One connection to a destination: send a message, wait for its one reply."""
+
+    def __init__(self, framer: IFramer, clock: IReactorTime, timing: Timing) -> None:
+        self._framer = framer
+        self._clock = clock
+        self._timing = timing
+        self._waiting: Deferred[bytes] | None = None
+        self._gap: IDelayedCall | None = None
+        self.connected_ok = True
+
+    def exchange(self, payload: bytes) -> Deferred[bytes]:
+        """Send one message; fire with the reply frame, or fail with DeliveryError."""
+        if self._waiting is not None:
+            raise RuntimeError("one message in flight per connection")
+        waiting: Deferred[bytes] = Deferred()
+        self._waiting = waiting
+        waiting.addTimeout(self._timing.response_timeout, self._clock, self._timed_out)
+        assert self.transport is not None
+        self.transport.write(self._framer.encode(payload))
+        return waiting
+
+    def _timed_out(self, result: Any, timeout: float) -> Any:
+        if isinstance(result, Failure) and result.check(CancelledError):
+            self._waiting = None
+            self.drop()
+            raise DeliveryError(f"no reply within {timeout:g}s")
+        return result
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self._framer.feed(data):
+            if isinstance(event, Frame):
+                self._reply(event.payload)
+            else:
+                self._fail(DeliveryError("reply too large"))
+        if isinstance(self._framer, PlainTCPFramer) and self._framer.frame_open:
+            if self._gap is not None and self._gap.active():
+                self._gap.cancel()
+            self._gap = self._clock.callLater(self._timing.reply_gap, self._flush)
+
+    def _flush(self) -> None:
+        self._gap = None
+        for event in self._framer.flush():
+            if isinstance(event, Frame):
+                self._reply(event.payload)
+
+    def _reply(self, payload: bytes) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            # Unsolicited or late: this connection is out of step; start afresh.
+            self.drop()
+            return
+        waiting.callback(payload)
+
+    def _fail(self, error: DeliveryError) -> None:
+        waiting, self._waiting = self._waiting, None
+        self.drop()
+        if waiting is not None:
+            waiting.errback(error)
+
+    def drop(self) -> None:
+        """Close this connection now; the ClientService reconnects."""
+        self.connected_ok = False
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.connected_ok = False
+        if self._gap is not None and self._gap.active():
+            self._gap.cancel()
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.errback(DeliveryError("connection lost before the reply"))
+
+
+class _DestinationFactory(Factory):
+    noisy = False
+
+    def __init__(self, protocol: str, clock: IReactorTime, timing: Timing) -> None:
+        self._protocol = protocol
+        self._clock = clock
+        self._timing = timing
+
+    def buildProtocol(self, addr: Any) -> DestinationProtocol:
+        framer: IFramer
+        if self._protocol == "mllp":
+            framer = MLLPFramer(max_frame_size=self._timing.max_reply_size)
+        else:
+            framer = PlainTCPFramer(max_frame_size=self._timing.max_reply_size)
+        return DestinationProtocol(framer, self._clock, self._timing)
+
+
+@define(eq=False)
+class Destination:
+    """One destination endpoint with its connection (a ClientService).
+
+    Lanes to the same destination take turns on the connection: one message
+    in flight at a time, as MLLP requires.
+    """
+
+    endpoint: str
+    protocol: str
+    _clock: IReactorTime
+    timing: Timing = field(factory=Timing)
+    _service: ClientService | None = None
+    _current: DestinationProtocol | None = None
+    _busy: bool = False
+    _turns: deque[Deferred[None]] = field(factory=deque)
+    last_error: str = ""
+    sent: int = 0
+
+    def start(self, reactor: Any) -> None:
+        endpoint = clientFromString(reactor, self.endpoint)
+        self._service = ClientService(
+            endpoint,
+            _DestinationFactory(self.protocol, self._clock, self.timing),
+            retryPolicy=backoffPolicy(
+                self.timing.backoff_initial, self.timing.backoff_max, factor=2.0
+            ),
+            clock=self._clock,
+        )
+        self._service.startService()
+
+    def stop(self) -> Deferred[None]:
+        for turn in self._turns:
+            turn.cancel()
+        self._turns.clear()
+        if self._service is None:
+            return Deferred.fromCoroutine(_nothing())
+        service, self._service = self._service, None
+        return service.stopService()
+
+    async def exchange(self, payload: bytes) -> bytes:
+        """Send one message over the connection; return the reply frame."""
+        if self._busy:
+            turn: Deferred[None] = Deferred()
+            self._turns.append(turn)
+            await turn
+        self._busy = True
+        try:
+            return await self._exchange(payload)
+        finally:
+            self._busy = False
+            if self._turns:
+                self._turns.popleft().callback(None)
+
+    async def _exchange(self, payload: bytes) -> bytes:
+        if self._service is None:
+            raise DeliveryError("destination stopped")
+        connecting = self._service.whenConnected(failAfterFailures=1)
+        connecting.addTimeout(self.timing.connect_timeout, self._clock)
+        try:
+            protocol = await connecting
+        except (TimeoutError, CancelledError):
+            raise DeliveryError(
+                f"could not connect within {self.timing.connect_timeout:g}s"
+            ) from None
+        except Exception as error:
+            raise DeliveryError(f"connect failed: {type(error).__name__}") from None
+        assert isinstance(protocol, DestinationProtocol)
+        self._current = protocol
+        self.sent += 1
+        return await protocol.exchange(payload)
+
+    def drop(self) -> None:
+        """Close the current connection (after a reply that cannot be trusted)."""
+        if self._current is not None:
+            self._current.drop()
+            self._current = None
+
+
+async def _nothing() -> None:
+    return None
+
+
+def judge(delivery: Delivery, reply_bytes: bytes, now: float, nak_retries: int) -> Settlement:
+    """Turn a destination's reply into the delivery's new state (the response policy)."""
+    reply = parse_reply(reply_bytes)
+    if reply.ack_code is None or reply.problem:
+        raise DeliveryError(f"unusable reply: {reply.problem or 'no MSA'}")
+    if reply.control_id != delivery.control_id:
+        raise DeliveryError("reply MSA-2 does not match the MSH-10 sent")
+    policy = {**DEFAULT_POLICY, **delivery.policy}
+    decision = policy.get(reply.ack_code, HOLD)
+    attempts = delivery.attempts + 1
+    if decision == SUCCESS:
+        return Settlement(
+            delivery.id, DELIVERED, attempts, 0.0, "", reply_bytes, reply.ack_code
+        )
+    if decision == RETRY and nak_retries < int(policy.get("max_retries", 3)):
+        return Settlement(
+            delivery.id,
+            QUEUED,
+            attempts,
+            now,
+            f"{reply.ack_code} (retry {nak_retries + 1})",
+            reply_bytes,
+            reply.ack_code,
+        )
+    reason = f"{reply.ack_code} from destination" + (
+        f" after {nak_retries} retries" if decision == RETRY else ""
+    )
+    if reply.error_code:
+        reason += f", ERR {reply.error_code}"
+    return Settlement(delivery.id, HELD, attempts, 0.0, reason, reply_bytes, reply.ack_code)
+
+
+@define(eq=False)
+class Lane:
+    """One ordering lane: sends its deliveries strictly in order, one at a time."""
+
+    name: str
+    _dispatcher: Dispatcher
+    destination: Destination
+    _page: deque[Delivery] = field(factory=deque)
+    _loaded_up_to: int = 0
+    _failures: int = 0
+    _nak_retries: int = 0
+    _dirty: bool = False
+    _sleeping: Deferred[None] | None = None
+    _stopped: bool = False
+    state: str = "idle"
+    running: Deferred[None] | None = None
+
+    def wake(self) -> None:
+        """New work arrived, or an operator acted: look again."""
+        self._dirty = True
+        if self._sleeping is not None and self.state in ("held", "idle"):
+            sleeping, self._sleeping = self._sleeping, None
+            sleeping.cancel()
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._sleeping is not None:
+            sleeping, self._sleeping = self._sleeping, None
+            sleeping.cancel()
+
+    async def run(self) -> None:
+        dispatcher = self._dispatcher
+        while not self._stopped:
+            if not self._page:
+                self._dirty = False
+                self._page.extend(
+                    await dispatcher.database.transaction(
+                        outbox.lane_page, self.name, self._loaded_up_to, dispatcher.page_size
+                    )
+                )
+                if not self._page:
+                    if self._dirty:
+                        continue
+                    self.state = "idle"
+                    return
+                self._loaded_up_to = self._page[-1].id
+            head = self._page[0]
+            if head.state == HELD:
+                self.state = "held"
+                await self._sleep(dispatcher.held_poll)
+                await self._reload_from(head.id)
+                continue
+            wait = head.next_attempt_at - dispatcher.clock.seconds()
+            if wait > 0:
+                self.state = "backoff"
+                await self._sleep(wait)
+                continue
+            self.state = "sending"
+            settlement = await self._attempt(head)
+            if self._stopped:
+                return
+            recorded = await dispatcher.record(settlement)
+            if recorded is not None and dispatcher.on_recorded is not None:
+                dispatcher.on_recorded(recorded)
+            if settlement.state == DELIVERED:
+                dispatcher.delivered(head.destination)
+                self._page.popleft()
+                self._failures = self._nak_retries = 0
+            else:
+                self._page[0] = evolve(
+                    head,
+                    state=settlement.state,
+                    attempts=settlement.attempts,
+                    next_attempt_at=settlement.next_attempt_at,
+                    last_error=settlement.last_error,
+                )
+                if settlement.state == HELD:
+                    log.warn(
+                        "delivery held: {reason}",
+                        reason=settlement.last_error,
+                        lane=self.name,
+                        delivery=head.id,
+                        control_id=head.control_id,
+                    )
+                    self._nak_retries = 0
+
+    async def _attempt(self, head: Delivery) -> Settlement:
+        dispatcher = self._dispatcher
+        try:
+            reply = await self.destination.exchange(head.payload)
+            settlement = judge(head, reply, dispatcher.clock.seconds(), self._nak_retries)
+        except DeliveryError as failure:
+            self.destination.drop()
+            self._failures += 1
+            reason = str(failure)
+            self.destination.last_error = reason
+            log.info(
+                "delivery attempt failed: {reason}",
+                reason=reason,
+                lane=self.name,
+                delivery=head.id,
+                control_id=head.control_id,
+            )
+            delay = self.destination.timing.backoff(self._failures, dispatcher.rng)
+            return Settlement(
+                head.id,
+                QUEUED,
+                head.attempts + 1,
+                dispatcher.clock.seconds() + delay,
+                reason,
+            )
+        if settlement.state == QUEUED:
+            # A negative ACK the policy retries: back off like any failure.
+            self._nak_retries += 1
+            self._failures += 1
+            delay = self.destination.timing.backoff(self._failures, dispatcher.rng)
+            settlement = evolve(settlement, next_attempt_at=settlement.next_attempt_at + delay)
+        return settlement
+
+    async def _reload_from(self, head_id: int) -> None:
+        self._page.clear()
+        self._loaded_up_to = head_id - 1
+        self._failures = 0
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait on the injected clock; ``wake`` or ``stop`` cut the wait short."""
+        call: IDelayedCall | None = None
+
+        def cancel(_: Deferred[None]) -> None:
+            if call is not None and call.active():
+                call.cancel()
+
+        sleeping: Deferred[None] = Deferred(cancel)
+        call = self._dispatcher.clock.callLater(seconds, sleeping.callback, None)
+        self._sleeping = sleeping
+        try:
+            await sleeping
+        except CancelledError:
+            pass
+        finally:
+            if self._sleeping is sleeping:
+                self._sleeping = None
+
+
+@define(eq=False)
+class Dispatcher(Service):
+    """Runs the lanes: recovery first, then a bounded number of lanes at once."""
+
+    database: Database
+    clock: IReactorTime
+    reactor: Any
+    #: Runs in the same transaction as every recorded outcome (executions advance there).
+    after_record: Callable[[Connection, list[Delivery]], Any] | None = None
+    #: Called in the reactor with what ``after_record`` returned, after the commit.
+    on_recorded: Callable[[Any], None] | None = None
+    timing: Callable[[str], Timing] = field(default=lambda _endpoint: Timing())
+    page_size: int = 64
+    max_active_lanes: int = 512
+    max_waiting_lanes: int = 10_000
+    held_poll: float = 5.0
+    max_queued_per_destination: int = 100_000
+    rng: random.Random = field(factory=random.Random)
+    destinations: dict[str, Destination] = field(factory=dict)
+    lanes: dict[str, Lane] = field(factory=dict)
+    queued: dict[str, int] = field(factory=dict)
+    _waiting: OrderedDict[str, tuple[str, str]] = field(factory=OrderedDict)
+    _rescan: bool = True
+    _filling: bool = False
+    _started: bool = False
+    _committer: GroupCommitter[Settlement, Any] = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._committer = GroupCommitter(self.database, self._record_batch, 256)
+
+    # -- lifecycle
+
+    async def recover(self) -> None:
+        """Load the backpressure counters and the lanes with work, before anything is sent."""
+        self.queued = await self.database.transaction(outbox.queued_per_destination)
+        self._rescan = True
+        self._started = True
+        log.info(
+            "delivery recovery: {count} open deliveries",
+            count=sum(self.queued.values()),
+        )
+        await self._fill()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        self._started = False
+        lanes = list(self.lanes.values())
+        for lane in lanes:
+            lane.stop()
+        for destination in self.destinations.values():
+            await destination.stop()
+        for lane in lanes:
+            if lane.running is not None and not lane.running.called:
+                lane.running.cancel()
+        self.lanes.clear()
+
+    # -- work arriving
+
+    def is_full(self, destination: str) -> bool:
+        """Backpressure: the destination's queue is at its cap."""
+        return self.queued.get(destination, 0) >= self.max_queued_per_destination
+
+    def enqueued(self, lane: str, destination: str, protocol: str, count: int = 1) -> None:
+        """Deliveries were committed to ``lane``: make sure it runs."""
+        self.queued[destination] = self.queued.get(destination, 0) + count
+        if not self._started:
+            return
+        running = self.lanes.get(lane)
+        if running is not None:
+            running.wake()
+            return
+        if len(self._waiting) < self.max_waiting_lanes:
+            self._waiting[lane] = (destination, protocol)
+        else:
+            self._rescan = True
+        Deferred.fromCoroutine(self._fill())
+
+    def operator_acted(self, lane: str) -> None:
+        """An operator released, skipped or replayed a delivery of this lane."""
+        running = self.lanes.get(lane)
+        if running is not None:
+            running.wake()
+        else:
+            self._rescan = True
+            Deferred.fromCoroutine(self._fill())
+
+    # -- running lanes
+
+    async def _fill(self) -> None:
+        if self._filling or not self._started:
+            return
+        self._filling = True
+        try:
+            while len(self.lanes) < self.max_active_lanes:
+                if not self._waiting:
+                    if not self._rescan:
+                        break
+                    await self._scan()
+                    if not self._waiting:
+                        break
+                lane, (destination, protocol) = self._waiting.popitem(last=False)
+                if lane not in self.lanes:
+                    self._start_lane(lane, destination, protocol)
+        finally:
+            self._filling = False
+
+    async def _scan(self) -> None:
+        self._rescan = False
+        found = await self.database.transaction(outbox.lanes_with_work)
+        room = self.max_waiting_lanes
+        for work in found:
+            if work.lane in self.lanes or work.lane in self._waiting:
+                continue
+            if room <= 0:
+                self._rescan = True
+                break
+            self._waiting[work.lane] = (work.destination, work.protocol)
+            room -= 1
+
+    def destination(self, endpoint: str, protocol: str) -> Destination:
+        """The Destination for an endpoint and framing, started on first use."""
+        key = f"{protocol} {endpoint}"
+        destination = self.destinations.get(key)
+        if destination is None:
+            destination = Destination(endpoint, protocol, self.clock, self.timing(endpoint))
+            destination.start(self.reactor)
+            self.destinations[key] = destination
+        return destination
+
+    def _start_lane(self, name: str, endpoint: str, protocol: str) -> None:
+        lane = Lane(name, self, self.destination(endpoint, protocol))
+        self.lanes[name] = lane
+        lane.running = Deferred.fromCoroutine(lane.run())
+        lane.running.addErrback(self._lane_failed, lane)
+        lane.running.addBoth(self._lane_done, lane)
+
+    def _lane_failed(self, failure: Failure, lane: Lane) -> None:
+        if not failure.check(CancelledError):
+            log.failure("lane {lane} stopped on an error", failure, lane=lane.name)
+            self._rescan = True
+
+    def _lane_done(self, _result: Any, lane: Lane) -> None:
+        if self.lanes.get(lane.name) is lane:
+            del self.lanes[lane.name]
+        if self._started:
+            Deferred.fromCoroutine(self._fill())
+
+    # -- recording outcomes
+
+    def record(self, settlement: Settlement) -> Deferred[Any]:
+        """Commit an attempt's outcome (grouped with others)."""
+        return self._committer.submit(settlement)
+
+    def _record_batch(self, connection: Connection, settlements: list[Settlement]) -> list[Any]:
+        result = outbox.record(
+            connection, settlements, self.clock.seconds(), self.after_record
+        )
+        return [result] + [None] * (len(settlements) - 1)
+
+    def delivered(self, destination: str) -> None:
+        """One delivery left the destination's queue (backpressure counter)."""
+        self.queued[destination] = max(0, self.queued.get(destination, 0) - 1)

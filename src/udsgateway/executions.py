@@ -1,0 +1,227 @@
+"""The SQL of executions: one run of one flow for one inbound message.
+
+An execution is a durable state machine::
+
+    pending(step n) --render, enqueue--> waiting(step n) --delivered--> pending(n+1) | done
+         |                                     |
+         +--template error--> failed           +--held--> (stays waiting: the lane is blocked)
+
+Every transition commits in one transaction with what caused it: the
+enqueue of the delivery, or the recording of the delivery's outcome. So a
+kill -9 at any point resumes exactly where the store says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from attrs import frozen
+from sqlalchemy import Connection, select, update
+
+from udsgateway import outbox, schema
+from udsgateway.outbox import DELIVERED, HELD, Delivery, NewDelivery
+
+PENDING = "pending"
+WAITING = "waiting"
+DONE = "done"
+FAILED = "failed"
+FINISHED = (DONE, FAILED)
+
+
+@frozen
+class PendingWork:
+    """A pending execution with what rendering its next action needs."""
+
+    execution_id: int
+    message_id: int
+    flow_id: str
+    step: int
+    raw: bytes
+    control_id: str
+    message_type: str
+    #: Responses of the earlier actions of this execution, by step (None: no response).
+    responses: tuple[bytes | None, ...]
+
+
+@frozen
+class Transition:
+    """What the executor decided for one pending execution."""
+
+    execution_id: int
+    delivery: NewDelivery | None = None  # enqueue this and wait for it
+    error: str = ""  # or fail with this reason (no PHI)
+
+
+@frozen
+class Finished:
+    """An execution that reached done or failed, for watchers ("after actions" ACKs)."""
+
+    execution_id: int
+    state: str
+    reason: str = ""
+
+
+@frozen
+class Advanced:
+    """What recording delivery outcomes changed in executions."""
+
+    pending: bool  # some execution has a next action to render
+    finished: tuple[Finished, ...]
+    held: tuple[Finished, ...]
+
+
+def pending(connection: Connection, limit: int) -> list[PendingWork]:
+    """The oldest pending executions, in creation (= arrival) order."""
+    e, m, d = schema.executions, schema.messages, schema.deliveries
+    rows = list(
+        connection.execute(
+            select(
+                e.c.id,
+                e.c.message_id,
+                e.c.flow_id,
+                e.c.step,
+                m.c.raw,
+                m.c.control_id,
+                m.c.message_type,
+            )
+            .join(m, m.c.id == e.c.message_id)
+            .where(e.c.state == PENDING)
+            .order_by(e.c.id)
+            .limit(limit)
+        )
+    )
+    responses: dict[int, dict[int, bytes | None]] = {}
+    wanting = [row.id for row in rows if row.step > 0]
+    if wanting:
+        for execution_id, step, response in connection.execute(
+            select(d.c.execution_id, d.c.step, d.c.response).where(
+                d.c.execution_id.in_(wanting), d.c.state == DELIVERED
+            )
+        ):
+            responses.setdefault(execution_id, {})[step] = response
+    return [
+        PendingWork(
+            execution_id=row.id,
+            message_id=row.message_id,
+            flow_id=row.flow_id,
+            step=row.step,
+            raw=row.raw,
+            control_id=row.control_id,
+            message_type=row.message_type,
+            responses=tuple(responses.get(row.id, {}).get(step) for step in range(row.step)),
+        )
+        for row in rows
+    ]
+
+
+def apply(
+    connection: Connection, transitions: Sequence[Transition], now: float
+) -> list[tuple[int, NewDelivery]]:
+    """Enqueue the deliveries and move executions to waiting, or fail them; one commit."""
+    e = schema.executions
+    deliveries = [t.delivery for t in transitions if t.delivery is not None]
+    ids = outbox.enqueue(connection, deliveries, now)
+    for transition in transitions:
+        if transition.delivery is not None:
+            values = {"state": WAITING, "updated_at": now}
+        else:
+            values = {"state": FAILED, "error": transition.error[:255], "updated_at": now}
+        connection.execute(update(e).where(e.c.id == transition.execution_id).values(**values))
+    failed = [t for t in transitions if t.delivery is None]
+    if failed:
+        _log(connection, [(t.execution_id, "failed", t.error) for t in failed], now)
+    return list(zip(ids, deliveries, strict=True))
+
+
+def advance(
+    connection: Connection, settled: list[Delivery], steps: Mapping[str, int], now: float
+) -> Advanced:
+    """After deliveries settled: the next step, or done. Runs in their commit.
+
+    ``steps`` gives each flow's number of actions.
+    """
+    e = schema.executions
+    ids = [row.execution_id for row in settled if row.execution_id is not None]
+    if not ids:
+        return Advanced(False, (), ())
+    flows = dict(
+        connection.execute(select(e.c.id, e.c.flow_id).where(e.c.id.in_(ids))).tuples().all()
+    )
+    pending_any = False
+    finished: list[Finished] = []
+    held: list[Finished] = []
+    for row in settled:
+        if row.execution_id is None or row.execution_id not in flows:
+            continue
+        if row.state == HELD:
+            held.append(Finished(row.execution_id, HELD, row.last_error))
+            continue
+        if row.state != DELIVERED:
+            continue
+        total = steps.get(flows[row.execution_id], row.step + 1)
+        if row.step + 1 < total:
+            values = {"state": PENDING, "step": row.step + 1, "updated_at": now}
+            pending_any = True
+        else:
+            values = {"state": DONE, "updated_at": now}
+            finished.append(Finished(row.execution_id, DONE))
+        connection.execute(
+            update(e).where(e.c.id == row.execution_id, e.c.state == WAITING).values(**values)
+        )
+    if finished:
+        _log(connection, [(f.execution_id, "done", "") for f in finished], now)
+    return Advanced(pending_any, tuple(finished), tuple(held))
+
+
+def _log(connection: Connection, items: list[tuple[int, str, str]], now: float) -> None:
+    if not items:
+        return
+    e, m = schema.executions, schema.messages
+    ids = [item[0] for item in items]
+    info = {
+        row.id: row
+        for row in connection.execute(
+            select(
+                e.c.id,
+                e.c.flow_id,
+                e.c.step,
+                e.c.message_id,
+                m.c.control_id,
+                m.c.message_type,
+                m.c.tenant,
+            )
+            .join(m, m.c.id == e.c.message_id)
+            .where(e.c.id.in_(ids))
+        )
+    }
+    connection.execute(
+        schema.logs.insert(),
+        [
+            {
+                "at": now,
+                "tenant": info[execution_id].tenant,
+                "flow_id": info[execution_id].flow_id,
+                "message_id": info[execution_id].message_id,
+                "execution_id": execution_id,
+                "control_id": info[execution_id].control_id,
+                "message_type": info[execution_id].message_type,
+                "step": info[execution_id].step,
+                "event": "execution",
+                "outcome": outcome,
+                "reason": reason[:255],
+            }
+            for execution_id, outcome, reason in items
+            if execution_id in info
+        ],
+    )
+
+
+def states(connection: Connection, execution_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
+    """State and error of executions (for watchers that start late)."""
+    e = schema.executions
+    return {
+        row.id: (row.state, row.error)
+        for row in connection.execute(
+            select(e.c.id, e.c.state, e.c.error).where(e.c.id.in_(list(execution_ids)))
+        )
+    }

@@ -1,0 +1,240 @@
+"""The executor: runs each flow's action chain for each stored message.
+
+Pending executions are taken in arrival order; for each, the next action's
+body is rendered from the trigger message (parsed here, once, only because a
+flow needs its fields), the earlier actions' responses and the app's
+variables, then enqueued to the delivery engine in the same commit that
+moves the execution on. A template error fails that execution with the
+reason; other executions and flows go on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from attrs import define, field
+from sqlalchemy import Connection
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from udsgateway import executions
+from udsgateway.ack import ControlIdSource
+from udsgateway.db import Database
+from udsgateway.delivery import Dispatcher
+from udsgateway.executions import Advanced, Finished, PendingWork, Transition
+from udsgateway.flows import Action, App, Flow
+from udsgateway.header import HeaderProblem, parse_header
+from udsgateway.message import MessageParseError, parse_message
+from udsgateway.outbox import Delivery, NewDelivery
+from udsgateway.templating import (
+    ActionResponse,
+    RenderError,
+    Template,
+    TemplateData,
+    TemplateError,
+    compile_template,
+    render_body,
+)
+
+log = Logger()
+
+
+def lane_name(flow_id: str, step: int, key_value: str | None = None) -> str:
+    """The lane of a flow action; with an ordering key, one lane per key value.
+
+    The key value (a patient identifier, say) is hashed: lane names appear in
+    logs and must carry no PHI (G6).
+    """
+    lane = f"{flow_id}/{step}"
+    if key_value is not None:
+        lane += "#" + hashlib.sha256(key_value.encode("utf-8")).hexdigest()[:16]
+    return lane
+
+
+@define
+class _FlowPlan:
+    app: App
+    flow: Flow
+    templates: tuple[Template | TemplateError, ...]
+
+
+@define(eq=False)
+class Executor:
+    """Turns pending executions into deliveries, in arrival order."""
+
+    database: Database
+    dispatcher: Dispatcher
+    clock: IReactorTime
+    control_ids: ControlIdSource
+    batch_size: int = 64
+    default_charset: str = "utf-8"
+    _plans: dict[str, _FlowPlan] = field(factory=dict)
+    _steps: dict[str, int] = field(factory=dict)
+    _running: bool = False
+    _dirty: bool = False
+    _watchers: dict[int, list[Deferred[Finished]]] = field(factory=dict)
+    rendered: int = 0
+    failed: int = 0
+
+    def load(self, apps: Sequence[App]) -> None:
+        """Take the current flows (at start and after every reload)."""
+        plans = {}
+        for app in apps:
+            for flow in app.flows:
+                templates: list[Template | TemplateError] = []
+                for action in flow.actions:
+                    try:
+                        templates.append(compile_template(action.template))
+                    except TemplateError as error:
+                        templates.append(error)
+                plans[flow.flow_id] = _FlowPlan(app, flow, tuple(templates))
+        self._plans = plans
+        # Replaced whole, never mutated: the database thread reads it.
+        self._steps = {flow_id: len(plan.flow.actions) for flow_id, plan in plans.items()}
+
+    # -- hooks for the delivery engine (after_record runs in the database thread)
+
+    def after_record(self, connection: Connection, settled: list[Delivery]) -> Advanced:
+        return executions.advance(connection, settled, self._steps, self.clock.seconds())
+
+    def on_recorded(self, advanced: Any) -> None:
+        if not isinstance(advanced, Advanced):
+            return
+        for item in advanced.finished + advanced.held:
+            self._finished(item)
+        if advanced.pending:
+            self.wake()
+
+    # -- watchers: the "after actions" ACK timing
+
+    def watch(self, execution_id: int, timeout: float) -> Deferred[Finished]:
+        """Fire when the execution is done, failed or held; fail after ``timeout``."""
+        waiting: Deferred[Finished] = Deferred()
+        self._watchers.setdefault(execution_id, []).append(waiting)
+
+        def forget(result: Any) -> Any:
+            watchers = self._watchers.get(execution_id, [])
+            if waiting in watchers:
+                watchers.remove(waiting)
+            if not watchers:
+                self._watchers.pop(execution_id, None)
+            return result
+
+        waiting.addTimeout(timeout, self.clock)
+        waiting.addBoth(forget)
+        return waiting
+
+    def _finished(self, item: Finished) -> None:
+        for waiting in self._watchers.pop(item.execution_id, []):
+            waiting.callback(item)
+
+    # -- running
+
+    def wake(self) -> None:
+        """There may be pending executions: run them (at most one loop at a time)."""
+        if self._running:
+            self._dirty = True
+            return
+        done = Deferred.fromCoroutine(self._run())
+        done.addErrback(lambda failure: log.failure("executor loop failed", failure))
+
+    async def _run(self) -> None:
+        self._running = True
+        try:
+            while True:
+                self._dirty = False
+                work = await self.database.transaction(executions.pending, self.batch_size)
+                if not work:
+                    if self._dirty:
+                        continue
+                    return
+                transitions = [self._transition(item) for item in work]
+                enqueued = await self.database.transaction(
+                    executions.apply, transitions, self.clock.seconds()
+                )
+                for _delivery_id, delivery in enqueued:
+                    self.dispatcher.enqueued(delivery.lane, delivery.destination, delivery.protocol)
+                for transition in transitions:
+                    if transition.delivery is None:
+                        self.failed += 1
+                        self._finished(
+                            Finished(transition.execution_id, executions.FAILED, transition.error)
+                        )
+                if len(work) < self.batch_size and not self._dirty:
+                    return
+        finally:
+            self._running = False
+
+    def _transition(self, work: PendingWork) -> Transition:
+        plan = self._plans.get(work.flow_id)
+        if plan is None:
+            return Transition(work.execution_id, error="the flow no longer exists")
+        if work.step >= len(plan.flow.actions):
+            return Transition(work.execution_id, error="the flow no longer has this action")
+        action = plan.flow.actions[work.step]
+        template = plan.templates[work.step]
+        if isinstance(template, TemplateError):
+            return Transition(work.execution_id, error=f"template: {template.problem}")
+        try:
+            body, key_value = self._render(plan, action, template, work)
+        except RenderError as error:
+            log.info(
+                "action {step} of flow {flow_id} failed to render: {reason}",
+                step=work.step,
+                flow_id=work.flow_id,
+                reason=error.reason,
+                control_id=work.control_id,
+            )
+            return Transition(work.execution_id, error=f"action {action.name}: {error}")
+        header = parse_header(body, default_charset=self.default_charset)
+        control_id = header.control_id if not isinstance(header, HeaderProblem) else ""
+        self.rendered += 1
+        return Transition(
+            work.execution_id,
+            NewDelivery(
+                lane=lane_name(work.flow_id, work.step, key_value),
+                destination=action.endpoint,
+                protocol=action.protocol,
+                control_id=control_id,
+                payload=body,
+                policy=action.delivery_policy,
+                execution_id=work.execution_id,
+                step=work.step,
+            ),
+        )
+
+    def _render(
+        self, plan: _FlowPlan, action: Action, template: Template, work: PendingWork
+    ) -> tuple[bytes, str | None]:
+        try:
+            trigger = parse_message(work.raw, default_charset=self.default_charset)
+        except MessageParseError as error:
+            raise RenderError(f"trigger message unreadable: {error.reason}") from None
+        responses = []
+        for step, response in enumerate(work.responses):
+            parsed = None
+            if response:
+                try:
+                    parsed = parse_message(response, default_charset=self.default_charset)
+                except MessageParseError:
+                    parsed = None
+            responses.append(ActionResponse(plan.flow.actions[step].name, parsed))
+        data = TemplateData(trigger, tuple(responses), dict(plan.app.variables))
+        body = render_body(
+            template,
+            data,
+            message_type=action.message_type,
+            now=self._now,
+            new_control_id=self.control_ids.next,
+            default_charset=self.default_charset,
+        )
+        key_value = trigger.get(action.ordering_key) if action.ordering_key else None
+        return body, key_value
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
+

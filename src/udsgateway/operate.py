@@ -1,0 +1,205 @@
+"""Operator commands: the delivery queue (``deliveries``) and the execution logs (``logs``).
+
+They work on the store directly, beside a running gateway: a released,
+skipped or replayed delivery is picked up by the gateway within its
+``held_poll`` interval. Every such action is audited (who, what, when, why;
+never content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import re
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from sqlalchemy import Connection, select
+
+from udsgateway import outbox, schema
+
+if TYPE_CHECKING:
+    from udsgateway.config import GatewayConfig
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``15m``, ``1h``, ``2d`` in seconds."""
+    match = _DURATION.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 30m, 1h, 2d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def _time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def delivery_row(delivery: outbox.Delivery) -> dict[str, Any]:
+    """What an operator sees of a delivery: never its payload."""
+    return {
+        "id": delivery.id,
+        "state": delivery.state,
+        "lane": delivery.lane,
+        "destination": delivery.destination,
+        "control_id": delivery.control_id,
+        "attempts": delivery.attempts,
+        "ack": delivery.response_code,
+        "updated": _time(delivery.updated_at),
+        "last_error": delivery.last_error,
+    }
+
+
+def cmd_deliveries_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    from udsgateway.cli import open_database, print_table
+
+    states = tuple(args.state or ())
+    rows = open_database(config).transaction_now(
+        outbox.list_deliveries, states, args.lane, args.limit
+    )
+    table = [delivery_row(row) for row in rows]
+    if args.json:
+        for row in table:
+            out.write(json.dumps(row) + "\n")
+    else:
+        print_table(table, out)
+    return 0
+
+
+def cmd_deliveries_act(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    from udsgateway.cli import CommandError, open_database
+
+    payload = None
+    if args.command_action == "replay" and args.payload:
+        text = Path(args.payload).read_bytes()
+        payload = b"\r".join(line.rstrip(b"\r") for line in text.splitlines() if line.strip())
+        payload += b"\r"
+    try:
+        updated = open_database(config).transaction_now(
+            outbox.operator_action,
+            args.delivery_id,
+            args.command_action,
+            args.who or getpass.getuser(),
+            args.reason,
+            time.time(),
+            payload,
+        )
+    except (LookupError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    out.write(f"delivery {updated.id}: {updated.state} ({args.command_action}d)\n")
+    return 0
+
+
+def _log_rows(
+    connection: Connection,
+    flow_id: str | None,
+    status: str | None,
+    since: float | None,
+    after_id: int,
+    limit: int,
+) -> list[dict[str, Any]]:
+    logs, flows = schema.logs, schema.flows
+    query = (
+        select(logs, flows.c.app_id)
+        .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
+        .where(logs.c.id > after_id)
+        .order_by(logs.c.id)
+        .limit(limit)
+    )
+    if flow_id:
+        query = query.where(logs.c.flow_id == flow_id)
+    if status:
+        query = query.where(logs.c.outcome == status)
+    if since is not None:
+        query = query.where(logs.c.at >= since)
+    return [
+        {
+            "id": row.id,
+            "time": _time(row.at),
+            "event": row.event,
+            "outcome": row.outcome,
+            "app_id": row.app_id or "",
+            "flow_id": row.flow_id,
+            "control_id": row.control_id,
+            "type": row.message_type,
+            "action": "" if row.step is None else row.step,
+            "attempt": "" if row.attempt is None else row.attempt,
+            "ack": row.ack_code,
+            "reason": row.reason,
+        }
+        for row in connection.execute(query)
+    ]
+
+
+def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    from udsgateway.cli import open_database, print_table
+
+    database = open_database(config)
+    since = time.time() - args.since if args.since else None
+    after = 0
+    status = {"failed": "failed", "held": "held", "ok": "delivered"}.get(args.status or "", None)
+    if args.status and status is None:
+        status = args.status
+    sleep: Callable[[float], None] = time.sleep
+    while True:
+        rows = database.transaction_now(
+            _log_rows, args.flow, status, since, after, args.limit
+        )
+        if rows:
+            after = rows[-1]["id"]
+            if args.json:
+                for row in rows:
+                    out.write(json.dumps(row) + "\n")
+            else:
+                print_table(rows, out)
+            out.flush()
+        if not args.follow:
+            return 0
+        sleep(args.poll)
+
+
+def add_operator_commands(commands: Any) -> None:
+    """Register ``deliveries`` and ``logs`` on the CLI's subcommand parser."""
+    deliveries = commands.add_parser("deliveries", help="list, release, skip or replay")
+    actions = deliveries.add_subparsers(dest="deliveries_command", required=True, metavar="ACTION")
+    p = actions.add_parser("list", help="deliveries, oldest first (never their content)")
+    p.add_argument(
+        "--state",
+        action="append",
+        choices=[outbox.QUEUED, outbox.HELD, outbox.DELIVERED, outbox.SKIPPED],
+        help="only these states (repeatable)",
+    )
+    p.add_argument("--lane", default=None)
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(handler=cmd_deliveries_list)
+    for name, text in (
+        ("release", "send a held delivery again"),
+        ("skip", "give up on a held delivery (its lane moves on)"),
+        ("replay", "send a delivery again, optionally with an edited payload"),
+    ):
+        p = actions.add_parser(name, help=text)
+        p.add_argument("delivery_id", type=int, metavar="ID")
+        p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+        p.add_argument("--who", default=None, help="operator name (default: your login)")
+        if name == "replay":
+            p.add_argument("--payload", metavar="FILE", help="the edited message to send")
+        p.set_defaults(handler=cmd_deliveries_act, command_action=name)
+
+    p = commands.add_parser("logs", help="execution logs (no message content)")
+    p.add_argument("--flow", default=None, metavar="FLOW_ID")
+    p.add_argument(
+        "--status", default=None, help="failed, held, ok, or any outcome (accepted, ...)"
+    )
+    p.add_argument("--since", type=parse_duration, default=None, help="e.g. 30m, 1h, 2d")
+    p.add_argument("--follow", action="store_true", help="keep printing new entries")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (--follow)")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(handler=cmd_logs)

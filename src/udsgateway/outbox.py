@@ -1,0 +1,320 @@
+"""The SQL of outbound deliveries: the durable, ordered queue behind every TCP action.
+
+A delivery belongs to a lane, the unit of ordering (G2): deliveries of a lane
+are sent strictly in ``id`` order, one at a time, and a held head blocks its
+lane until an operator releases, skips or replays it. Every function runs in
+one transaction in the database thread and returns plain attrs values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import frozen
+from sqlalchemy import Connection, func, select, update
+
+from udsgateway import schema
+
+QUEUED = "queued"
+HELD = "held"
+DELIVERED = "delivered"
+SKIPPED = "skipped"
+#: States a lane still has to deal with, in id order.
+OPEN_STATES = (QUEUED, HELD)
+
+
+@frozen
+class NewDelivery:
+    """An outbound message to enqueue."""
+
+    lane: str
+    destination: str
+    protocol: str
+    control_id: str
+    payload: bytes
+    policy: dict[str, Any]
+    execution_id: int | None = None
+    step: int = 0
+
+
+@frozen
+class Delivery:
+    """A stored delivery."""
+
+    id: int
+    lane: str
+    destination: str
+    protocol: str
+    control_id: str
+    payload: bytes
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    response: bytes | None
+    response_code: str
+    policy: dict[str, Any]
+    execution_id: int | None
+    step: int
+    created_at: float
+    updated_at: float
+
+
+@frozen
+class LaneWork:
+    """A lane with open deliveries, for recovery."""
+
+    lane: str
+    destination: str
+    protocol: str
+    first_id: int
+    open: int
+
+
+@frozen
+class Settlement:
+    """The result of one attempt at a delivery, to record."""
+
+    delivery_id: int
+    state: str  # QUEUED (retry later), HELD or DELIVERED
+    attempts: int
+    next_attempt_at: float
+    last_error: str = ""
+    response: bytes | None = None
+    response_code: str = ""
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(
+        id=row.id,
+        lane=row.lane,
+        destination=row.destination,
+        protocol=row.protocol,
+        control_id=row.control_id,
+        payload=row.payload,
+        state=row.state,
+        attempts=row.attempts,
+        next_attempt_at=row.next_attempt_at,
+        last_error=row.last_error,
+        response=row.response,
+        response_code=row.response_code,
+        policy=json.loads(row.policy),
+        execution_id=row.execution_id,
+        step=row.step,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def enqueue(connection: Connection, deliveries: Sequence[NewDelivery], now: float) -> list[int]:
+    """Add deliveries at the tail of their lanes; return their ids, in order."""
+    if not deliveries:
+        return []
+    d = schema.deliveries
+    result = connection.execute(
+        d.insert().returning(d.c.id, sort_by_parameter_order=True),
+        [
+            {
+                "execution_id": item.execution_id,
+                "step": item.step,
+                "lane": item.lane,
+                "destination": item.destination,
+                "protocol": item.protocol,
+                "control_id": item.control_id,
+                "payload": item.payload,
+                "state": QUEUED,
+                "attempts": 0,
+                "next_attempt_at": 0.0,
+                "last_error": "",
+                "response": None,
+                "response_code": "",
+                "policy": json.dumps(item.policy, sort_keys=True),
+                "created_at": now,
+                "updated_at": now,
+                "lease_owner": "",
+            }
+            for item in deliveries
+        ],
+    )
+    return [row[0] for row in result]
+
+
+def lanes_with_work(connection: Connection) -> list[LaneWork]:
+    """Every lane with open deliveries, oldest work first (recovery order)."""
+    d = schema.deliveries
+    rows = connection.execute(
+        select(
+            d.c.lane,
+            func.min(d.c.destination),
+            func.min(d.c.protocol),
+            func.min(d.c.id),
+            func.count(),
+        )
+        .where(d.c.state.in_(OPEN_STATES))
+        .group_by(d.c.lane)
+        .order_by(func.min(d.c.id))
+    )
+    return [LaneWork(lane, dest, proto, first, count) for lane, dest, proto, first, count in rows]
+
+
+def lane_page(connection: Connection, lane: str, after_id: int, limit: int) -> list[Delivery]:
+    """The next open deliveries of a lane after ``after_id``, in order."""
+    d = schema.deliveries
+    rows = connection.execute(
+        select(d)
+        .where(d.c.lane == lane, d.c.state.in_(OPEN_STATES), d.c.id > after_id)
+        .order_by(d.c.id)
+        .limit(limit)
+    )
+    return [_delivery(row) for row in rows]
+
+
+def get_delivery(connection: Connection, delivery_id: int) -> Delivery | None:
+    """One delivery by id."""
+    row = connection.execute(
+        select(schema.deliveries).where(schema.deliveries.c.id == delivery_id)
+    ).first()
+    return _delivery(row) if row is not None else None
+
+
+def record(
+    connection: Connection,
+    settlements: Sequence[Settlement],
+    now: float,
+    after: Callable[[Connection, list[Delivery]], Any] | None = None,
+) -> Any:
+    """Write the outcome of attempts; ``after`` sees the settled rows in the same transaction.
+
+    ``after`` is how an execution advances atomically with its delivery (the
+    next action is enqueued in the same commit that marks this one done).
+    """
+    d = schema.deliveries
+    for item in settlements:
+        connection.execute(
+            update(d)
+            .where(d.c.id == item.delivery_id)
+            .values(
+                state=item.state,
+                attempts=item.attempts,
+                next_attempt_at=item.next_attempt_at,
+                last_error=item.last_error[:255],
+                response=item.response,
+                response_code=item.response_code,
+                updated_at=now,
+            )
+        )
+    settled = [s.delivery_id for s in settlements if s.state != QUEUED]
+    rows: list[Delivery] = []
+    if settled:
+        rows = [
+            _delivery(row)
+            for row in connection.execute(select(d).where(d.c.id.in_(settled)).order_by(d.c.id))
+        ]
+        _log_settled(connection, rows, now)
+    return after(connection, rows) if after is not None else None
+
+
+def _log_settled(connection: Connection, rows: list[Delivery], now: float) -> None:
+    connection.execute(
+        schema.logs.insert(),
+        [
+            {
+                "at": now,
+                "execution_id": row.execution_id,
+                "control_id": row.control_id,
+                "step": row.step,
+                "attempt": row.attempts,
+                "event": "delivery",
+                "outcome": row.state,
+                "ack_code": row.response_code,
+                "reason": row.last_error,
+            }
+            for row in rows
+        ],
+    )
+
+
+def queued_per_destination(connection: Connection) -> dict[str, int]:
+    """Open deliveries per destination (the backpressure counters at start)."""
+    d = schema.deliveries
+    rows = connection.execute(
+        select(d.c.destination, func.count()).where(d.c.state.in_(OPEN_STATES)).group_by(
+            d.c.destination
+        )
+    )
+    return {destination: count for destination, count in rows}
+
+
+def list_deliveries(
+    connection: Connection,
+    states: Sequence[str] = (),
+    lane: str | None = None,
+    limit: int = 100,
+) -> list[Delivery]:
+    """Deliveries for operators, oldest first."""
+    d = schema.deliveries
+    query = select(d).order_by(d.c.id).limit(limit)
+    if states:
+        query = query.where(d.c.state.in_(states))
+    if lane is not None:
+        query = query.where(d.c.lane == lane)
+    return [_delivery(row) for row in connection.execute(query)]
+
+
+def operator_action(
+    connection: Connection,
+    delivery_id: int,
+    action: str,
+    who: str,
+    reason: str,
+    now: float,
+    payload: bytes | None = None,
+) -> Delivery:
+    """Release (send again), skip, or replay (with an edited payload) a held delivery.
+
+    Recorded in the audit log with who and why, never the content.
+    """
+    d = schema.deliveries
+    current = get_delivery(connection, delivery_id)
+    if current is None:
+        raise LookupError(f"no delivery {delivery_id}")
+    if action in ("release", "skip") and current.state != HELD:
+        raise ValueError(f"delivery {delivery_id} is {current.state}, not held")
+    if action == "replay" and current.state not in (HELD, DELIVERED, SKIPPED):
+        raise ValueError(f"delivery {delivery_id} is {current.state}: it is still queued")
+    values: dict[str, Any] = {"updated_at": now, "last_error": ""}
+    if action == "release":
+        values.update(state=QUEUED, attempts=0, next_attempt_at=0.0)
+    elif action == "skip":
+        values.update(state=SKIPPED, last_error=f"skipped by {who}"[:255])
+    elif action == "replay":
+        values.update(state=QUEUED, attempts=0, next_attempt_at=0.0)
+        if payload is not None:
+            values["payload"] = payload
+    else:
+        raise ValueError(f"unknown action {action!r}")
+    connection.execute(update(d).where(d.c.id == delivery_id).values(**values))
+    if action == "skip" and current.execution_id is not None:
+        # The chain cannot go on without this action's response.
+        e = schema.executions
+        connection.execute(
+            update(e)
+            .where(e.c.id == current.execution_id, e.c.state == "waiting")
+            .values(
+                state="failed", error=f"step {current.step} skipped by an operator", updated_at=now
+            )
+        )
+    connection.execute(
+        schema.audit.insert().values(
+            at=now,
+            who=who[:128],
+            action=f"delivery.{action}",
+            target=f"delivery {delivery_id} lane {current.lane}"[:255],
+            reason=reason[:255],
+        )
+    )
+    updated = get_delivery(connection, delivery_id)
+    assert updated is not None
+    return updated
