@@ -270,35 +270,34 @@ async def _run_clients(
     for batch in batches:
         frames = [frame(m.payload) for m in batch]
         controls = [m.control_id for m in batch]
+
+        def make_client(f: list[bytes] = frames, c: list[str] = controls) -> _Client:
+            return _Client(f, c, window, timeout_ns, latencies)
+
         try:
-            _transport, client = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda f=frames, c=controls: _Client(f, c, window, timeout_ns, latencies),
-                    host,
-                    port,
-                ),
-                timeout,
+            _transport, connected = await asyncio.wait_for(
+                loop.create_connection(make_client, host, port), timeout
             )
-            clients.append(client)
+            clients.append(connected)
         except (TimeoutError, OSError):
             clients.append(None)
     on_start()
     start = time.perf_counter_ns()
     t0 = start + 1_000_000
     count = len(batches)
-    for index, client in enumerate(clients):
-        if client is None:
+    for index, maybe in enumerate(clients):
+        if maybe is None:
             continue
         schedule = None
         if rate is not None:
             step = 1e9 / rate
             schedule = [t0 + int((j * count + index) * step) for j in range(len(batches[index]))]
-        client.start(schedule)
+        maybe.start(schedule)
     await asyncio.gather(*(c.done for c in clients if c is not None))
     elapsed = (time.perf_counter_ns() - start) / 1e9
-    for client in clients:
-        if client is not None:
-            client.close()
+    for maybe in clients:
+        if maybe is not None:
+            maybe.close()
     return clients, elapsed
 
 

@@ -77,9 +77,14 @@ class CannedAck(asyncio.Protocol):
 async def serve(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(CannedAck, host, port, reuse_address=True)
-    stop = loop.create_future()
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def request_stop() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, request_stop)
     print(f"canned_ack listening on {host}:{port}", flush=True)
     async with server:
         await stop

@@ -109,6 +109,15 @@ class DeliveryConfig:
 
 
 @frozen
+class RetentionConfig:
+    """How long finished messages, executions and logs are kept (docs/configuration.md)."""
+
+    days: float = 30.0
+    interval: float = 300.0
+    batch: int = 500
+
+
+@frozen
 class GatewayConfig:
     """The whole configuration file."""
 
@@ -120,6 +129,7 @@ class GatewayConfig:
     tenants: tuple[TenantConfig, ...] = ()
     manhole: ManholeConfig = field(factory=ManholeConfig)
     delivery: DeliveryConfig = field(factory=DeliveryConfig)
+    retention: RetentionConfig = field(factory=RetentionConfig)
 
 
 def _positive(value: float) -> str | None:
@@ -269,7 +279,7 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
         raise ConfigError([f"{filename}: not valid TOML: {error}"]) from None
     reader = TableReader(filename)
     base_dir = Path(filename).resolve().parent
-    reader.unknown(document, {"gateway", "tenants", "manhole", "delivery"})
+    reader.unknown(document, {"gateway", "tenants", "manhole", "delivery", "retention"})
 
     with reader.section("gateway"):
         gateway = reader.get(document, "gateway", dict, {})
@@ -318,9 +328,19 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
             ),
         )
 
+    with reader.section("retention"):
+        table = reader.get(document, "retention", dict, {})
+        reader.unknown(table, {"days", "interval", "batch"})
+        retention = RetentionConfig(
+            days=float(reader.get(table, "days", (int, float), 30.0, _positive)),
+            interval=float(reader.get(table, "interval", (int, float), 300.0, _positive)),
+            batch=reader.get(table, "batch", int, 500, _positive),
+        )
+
     if reader.problems:
         raise ConfigError(reader.problems)
     return GatewayConfig(
+        retention=retention,
         delivery=delivery,
         path=filename,
         database=database,

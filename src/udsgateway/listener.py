@@ -111,6 +111,8 @@ class InboundProtocol(Protocol):
         self._busy = False
         self._paused = False
         self._closing = False
+        # The sender half-closed: answer what was received, then close.
+        self._read_closed = False
         self._frames_seen = 0
         self._idle_timer: IDelayedCall | None = None
         self._frame_timer: IDelayedCall | None = None
@@ -135,10 +137,14 @@ class InboundProtocol(Protocol):
         self._feed(self._framer.feed(data))
 
     def readConnectionLost(self) -> None:
-        """The sender half-closed: a plain TCP message ends at end of stream."""
+        """The sender half-closed: a plain TCP message ends at end of stream.
+
+        The frames already received are still answered (the sender is still
+        reading); the connection is closed after the last answer.
+        """
         if self._framer is not None and not self._closing:
             self._feed(self._framer.flush())
-        self._closing = True
+        self._read_closed = True
         if not self._busy and not self._queue:
             self.transport.loseConnection()
 
@@ -273,9 +279,9 @@ class InboundProtocol(Protocol):
             done.addErrback(self._failed)
         if self._paused and len(self._queue) < self._tenant.limits.max_pending_frames // 2 + 1:
             self._paused = False
-            if not self._closing:
+            if not self._closing and not self._read_closed:
                 self.transport.resumeProducing()  # type: ignore[attr-defined]
-        if self._closing and not self._busy and not self._queue:
+        if (self._closing or self._read_closed) and not self._busy and not self._queue:
             self.transport.loseConnection()
 
     def _answered(self, answer: Answer) -> None:

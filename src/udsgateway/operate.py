@@ -106,7 +106,7 @@ def _log_rows(
 ) -> list[dict[str, Any]]:
     logs, flows = schema.logs, schema.flows
     query = (
-        select(logs, flows.c.app_id)
+        select(logs, flows.c.app_id.label("flow_app_id"))
         .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
         .where(logs.c.id > after_id)
         .order_by(logs.c.id)
@@ -124,7 +124,7 @@ def _log_rows(
             "time": _time(row.at),
             "event": row.event,
             "outcome": row.outcome,
-            "app_id": row.app_id or "",
+            "app_id": row.app_id or row.flow_app_id or "",
             "flow_id": row.flow_id,
             "control_id": row.control_id,
             "type": row.message_type,

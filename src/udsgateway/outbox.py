@@ -205,29 +205,50 @@ def record(
                 updated_at=now,
             )
         )
-    settled = [s.delivery_id for s in settlements if s.state != QUEUED]
-    rows: list[Delivery] = []
-    if settled:
-        rows = [
-            _delivery(row)
-            for row in connection.execute(select(d).where(d.c.id.in_(settled)).order_by(d.c.id))
-        ]
-        _log_settled(connection, rows, now)
-    return after(connection, rows) if after is not None else None
+    touched = [item.delivery_id for item in settlements]
+    rows = [
+        _delivery(row)
+        for row in connection.execute(select(d).where(d.c.id.in_(touched)).order_by(d.c.id))
+    ]
+    # Every attempt is logged, retries included; only settled ones move executions.
+    _log_settled(connection, rows, now)
+    settled = [row for row in rows if row.state != QUEUED]
+    return after(connection, settled) if after is not None else None
 
 
 def _log_settled(connection: Connection, rows: list[Delivery], now: float) -> None:
+    e, m = schema.executions, schema.messages
+    ids = [row.execution_id for row in rows if row.execution_id is not None]
+    origin: dict[int, Any] = {}
+    if ids:
+        origin = {
+            item.id: item
+            for item in connection.execute(
+                select(e.c.id, e.c.flow_id, e.c.message_id, m.c.tenant, m.c.message_type)
+                .join(m, m.c.id == e.c.message_id)
+                .where(e.c.id.in_(ids))
+            )
+        }
+
+    def of(row: Delivery, name: str, default: Any) -> Any:
+        found = origin.get(row.execution_id) if row.execution_id is not None else None
+        return getattr(found, name) if found is not None else default
+
     connection.execute(
         schema.logs.insert(),
         [
             {
                 "at": now,
+                "tenant": of(row, "tenant", ""),
+                "flow_id": of(row, "flow_id", ""),
+                "message_id": of(row, "message_id", None),
+                "message_type": of(row, "message_type", ""),
                 "execution_id": row.execution_id,
                 "control_id": row.control_id,
                 "step": row.step,
                 "attempt": row.attempts,
                 "event": "delivery",
-                "outcome": row.state,
+                "outcome": "retry" if row.state == QUEUED else row.state,
                 "ack_code": row.response_code,
                 "reason": row.last_error,
             }

@@ -87,6 +87,9 @@ class GatewayService(MultiService):
         self._generation = -1
         self._reload = LoopingCall(self._reload_flows)
         self._reload.clock = reactor
+        self._retention = LoopingCall(self._prune)
+        self._retention.clock = reactor
+        self.pruned = 0
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
@@ -115,6 +118,9 @@ class GatewayService(MultiService):
             )
         self._reload.start(self.config.flow_reload_interval, now=False).addErrback(
             lambda f: log.failure("flow reload loop stopped", f)
+        )
+        self._retention.start(self.config.retention.interval, now=False).addErrback(
+            lambda f: log.failure("retention loop stopped", f)
         )
         self.ready.callback(None)
 
@@ -176,9 +182,25 @@ class GatewayService(MultiService):
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
 
+    async def _prune(self) -> None:
+        """Delete what retention says is old, in small batches, yielding between them."""
+        retention = self.config.retention
+        before = self._clock.seconds() - retention.days * 86400
+        try:
+            while self.running:
+                count = await self.database.transaction(
+                    store.prune, before, retention.batch
+                )
+                self.pruned += count
+                if count < retention.batch:
+                    break
+        except Exception:
+            log.failure("retention pass failed; it runs again at the next interval")
+
     async def _stop(self) -> None:
-        if self._reload.running:
-            self._reload.stop()
+        for loop in (self._reload, self._retention):
+            if loop.running:
+                loop.stop()
         for port in self.ports.values():
             await port.stopListening()
         self.ports.clear()

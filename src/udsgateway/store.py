@@ -394,3 +394,47 @@ def update_ack(connection: Connection, message_id: int, ack_code: str, ack: byte
     """Store the ACK finally sent (an "after actions" ACK reflects the chain's outcome)."""
     m = schema.messages
     connection.execute(update(m).where(m.c.id == message_id).values(ack_code=ack_code, ack=ack))
+
+
+def prune(connection: Connection, before: float, limit: int) -> int:
+    """Delete up to ``limit`` finished messages older than ``before``, with their records.
+
+    A message goes only when none of its executions is unfinished and none
+    of its deliveries is still open, so retention never loses work (G1).
+    Small batches keep each transaction short: traffic is never stalled.
+    """
+    m, e, d, logs = schema.messages, schema.executions, schema.deliveries, schema.logs
+    unfinished = (
+        select(e.c.message_id)
+        .where(e.c.state.in_(("pending", "waiting")))
+        .scalar_subquery()
+    )
+    candidates = [
+        row[0]
+        for row in connection.execute(
+            select(m.c.id)
+            .where(m.c.received_at < before, m.c.id.not_in(unfinished))
+            .order_by(m.c.id)
+            .limit(limit)
+        )
+    ]
+    if not candidates:
+        connection.execute(delete(logs).where(logs.c.at < before, logs.c.message_id.is_(None)))
+        return 0
+    execution_ids = [
+        row[0] for row in connection.execute(select(e.c.id).where(e.c.message_id.in_(candidates)))
+    ]
+    if execution_ids:
+        open_rows = connection.execute(
+            select(func.count())
+            .select_from(d)
+            .where(d.c.execution_id.in_(execution_ids), d.c.state.in_(("queued", "held")))
+        ).scalar_one()
+        if open_rows:
+            return 0
+        connection.execute(delete(d).where(d.c.execution_id.in_(execution_ids)))
+        connection.execute(delete(e).where(e.c.id.in_(execution_ids)))
+    connection.execute(delete(logs).where(logs.c.message_id.in_(candidates)))
+    connection.execute(delete(logs).where(logs.c.at < before, logs.c.message_id.is_(None)))
+    connection.execute(delete(m).where(m.c.id.in_(candidates)))
+    return len(candidates)

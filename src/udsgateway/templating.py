@@ -838,7 +838,7 @@ def compile_template(source: str) -> Template:
     try:
         bound = _ENVIRONMENT.from_string(source)
     except LiquidError as err:
-        raise TemplateError(_problem(err, detailed=True)) from None
+        raise TemplateError(_problem(err, source, detailed=True)) from None
     return Template(source, _declared_delimiters(source), bound)
 
 
@@ -973,16 +973,21 @@ def _render(
     try:
         bound.render_with_context(context, buffer)
     except LiquidError as err:
-        problem = _problem(err, detailed=detailed)
+        problem = _problem(err, template.source, detailed=detailed)
         raise RenderError(problem.message, problem.line) from None
     except Exception as err:  # a template must never crash the executor
         raise RenderError(f"the template failed ({type(err).__name__})") from None
     return buffer.getvalue()
 
 
-def _problem(err: LiquidError, *, detailed: bool) -> TemplateProblem:
+def _problem(err: LiquidError, source: str, *, detailed: bool) -> TemplateProblem:
     context = err.context()
-    line = context[0] if context is not None else 1
+    if context is not None:
+        line = context[0]
+    elif isinstance(err, LiquidSyntaxError):
+        line = max(len(_LINE_BREAK.split(source.rstrip("\r\n"))), 1)  # "found end of ..."
+    else:
+        line = 1
     safe = isinstance(err, (_SafeFilterError, _TemplatePathError)) or not _is_render_time(err)
     if detailed or safe:
         message = str(err.message)

@@ -20,11 +20,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from twisted.internet import reactor
+from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IReactorTCP
+from twisted.internet.address import IPv4Address
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
@@ -85,14 +87,13 @@ class BenchSmokeTests(TestCase):
     def start_canned_ack(self) -> tuple[int, int]:
         """Start the canned-ACK server; (port, pid). Stopped by the test's cleanup."""
         port = _free_port()
-        log = open(f"canned_ack-{port}.log", "wb")  # noqa: SIM115 (closed by the cleanup)
-        self.addCleanup(log.close)
-        proc = subprocess.Popen(
-            [sys.executable, str(CANNED_ACK), "--host", HOST, "--port", str(port)],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        with open(f"canned_ack-{port}.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, str(CANNED_ACK), "--host", HOST, "--port", str(port)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.addCleanup(self._stop, proc)
         deadline = time.monotonic() + START_TIMEOUT
         while not _accepts(port):
@@ -117,7 +118,7 @@ class BenchSmokeTests(TestCase):
         """Run ``python -m bench.loadgen --json ARGS``; fires with (exit status, result)."""
         argv = ["-m", "bench.loadgen", "--host", HOST, "--timeout", "5", "--json", *args]
         running: Deferred[tuple[bytes, bytes, int]] = getProcessOutputAndValue(
-            sys.executable, argv, env=dict(os.environ), path=str(REPO), reactor=reactor
+            sys.executable, argv, env=dict(os.environ), path=str(REPO)
         )
 
         def parse(output: tuple[bytes, bytes, int]) -> tuple[int, dict[str, Any]]:
@@ -164,9 +165,10 @@ class BenchSmokeTests(TestCase):
         self.assertEqual(result["rate"], 500)
 
     def listen_scripted(self, reply: Callable[[bytes], bytes]) -> int:
-        port = reactor.listenTCP(0, Factory.forProtocol(lambda: _ScriptedAck(reply)), interface=HOST)
+        factory = ServerFactory.forProtocol(lambda: _ScriptedAck(reply))
+        port = cast(IReactorTCP, _reactor).listenTCP(0, factory, interface=HOST)
         self.addCleanup(port.stopListening)
-        return int(port.getHost().port)
+        return cast(IPv4Address, port.getHost()).port
 
     async def test_wrong_control_id_is_a_mismatch(self) -> None:
         port = self.listen_scripted(lambda _message: b"MSH|^~\\&|X|Y\rMSA|AA|NOT-IT")

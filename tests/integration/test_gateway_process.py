@@ -93,16 +93,17 @@ class SampleMessageTests(SynchronousTestCase):
         )
         self.assertEqual([r["raw"] for r in rows], [over_mllp, over_tcp])
         self.assertEqual([r["ack"] for r in rows], [mllp_ack, tcp_ack])
-        self.assertEqual(
-            [json.loads(r["flows"]) for r in rows], [[MLLP_A04_FLOW], [TCP_A04_FLOW]]
-        )
+        self.assertEqual([json.loads(r["flows"]) for r in rows], [[MLLP_A04_FLOW], [TCP_A04_FLOW]])
         received = query(
             database_path(directory),
             "SELECT message_id, flow_id, outcome FROM logs WHERE event = 'received' ORDER BY id",
         )
         self.assertEqual(
             [(r["message_id"], r["flow_id"], r["outcome"]) for r in received],
-            [(rows[0]["id"], MLLP_A04_FLOW, "accepted"), (rows[1]["id"], TCP_A04_FLOW, "accepted")],
+            [
+                (rows[0]["id"], MLLP_A04_FLOW, "accepted"),
+                (rows[1]["id"], TCP_A04_FLOW, "accepted"),
+            ],
         )
 
 
