@@ -14,6 +14,9 @@ from udsgateway.message import MessageParseError, PathSyntaxError, parse_message
 from udsgateway.templating import TemplateData, compile_template, render_body
 
 FIXTURES = Path(__file__).parent / "fixtures"
+REQUIRED_SEGMENTS: tuple[str, ...] = ("MSH", "EVN", "PID", "PD1", "PV1", "PV2", "NK1", "AL1")
+REQUIRED_SEGMENTS += ("DG1", "IN1", "SCH", "TQ1", "NTE", "RGS", "AIS", "AIG", "AIL", "AIP")
+REQUIRED_SEGMENTS += ("MSA", "ERR")
 SAMPLES = {
     "ADT^A04": "adt_a04.hl7",
     "ADT^A08": "adt_a08.hl7",
@@ -54,7 +57,11 @@ class FirstClassSampleTests(SynchronousTestCase):
                 ("MSH-10", "Message Control ID", "ADT0001"),
                 ("EVN-1", "Event Type Code", "A04"),
                 ("EVN-5.2", "Operator ID / Family Name", "Frontdesk"),
-                ("PID-3", "Patient Identifier List", "MRN100234^^^SYNTHHOSP^MR~INS-77120^^^SYNTHINS^MB"),
+                (
+                    "PID-3",
+                    "Patient Identifier List",
+                    "MRN100234^^^SYNTHHOSP^MR~INS-77120^^^SYNTHINS^MB",
+                ),
                 ("PID-3[1]", "Patient Identifier List", "MRN100234^^^SYNTHHOSP^MR"),
                 ("PID-3.1", "Patient Identifier List / ID Number", "MRN100234"),
                 ("PID-3[2].1", "Patient Identifier List / ID Number", "INS-77120"),
@@ -225,12 +232,19 @@ class CatalogueTests(SynchronousTestCase):
     def test_unknown_version_falls_back(self) -> None:
         """A later version uses the latest tables we have; nonsense uses the default."""
         text = sample("adt_a04.hl7")
-        self.assertEqual(by_path(variable_catalogue(text, "2.8"))["PID-8"].name, "Administrative Sex")
-        self.assertEqual(by_path(variable_catalogue(text, "banana"))["PID-5.1"].name, "Patient Name / Family Name")
+        self.assertEqual(
+            by_path(variable_catalogue(text, "2.8"))["PID-8"].name, "Administrative Sex"
+        )
+        self.assertEqual(
+            by_path(variable_catalogue(text, "banana"))["PID-5.1"].name,
+            "Patient Name / Family Name",
+        )
 
     def test_unknown_segment_has_no_name(self) -> None:
         """A Z-segment is listed with its paths and values but an empty name."""
-        variables = by_path(variable_catalogue("MSH|^~\\&|A|B|C|D|2024||ADT^A04|1|P|2.5\rZPD|1|x^y\r"))
+        variables = by_path(
+            variable_catalogue("MSH|^~\\&|A|B|C|D|2024||ADT^A04|1|P|2.5\rZPD|1|x^y\r")
+        )
         self.assertEqual((variables["ZPD-2.2"].name, variables["ZPD-2.2"].value), ("", "y"))
 
     def test_not_a_message(self) -> None:
@@ -268,9 +282,7 @@ class PathNameTests(SynchronousTestCase):
             resources.files("udsgateway").joinpath("data/segments.json").read_text("utf-8")
         )
         self.assertEqual(data["versions"], ["2.3", "2.3.1", "2.4", "2.5", "2.5.1"])
-        for segment in (
-            "MSH EVN PID PD1 PV1 PV2 NK1 AL1 DG1 IN1 SCH TQ1 NTE RGS AIS AIG AIL AIP MSA ERR"
-        ).split():
+        for segment in REQUIRED_SEGMENTS:
             self.assertIn(segment, data["segments"])
             for version in data["versions"]:
                 self.assertNotEqual(path_name(f"{segment}-1", version), "", (segment, version))

@@ -619,7 +619,6 @@ class SizeLimitTests(GatewayTestCase):
         while not connection.closed:
             connection.send(chunk)
         _current, peak = tracemalloc.get_traced_memory()
-        print("PEAK", peak)
         # Without the bound the frame's 2 MiB would be buffered before the close.
         self.assertLess(peak, max_size * 1.5)
 

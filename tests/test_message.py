@@ -38,9 +38,7 @@ class ParseTests(SynchronousTestCase):
         expected = parse_message(ADT).segments
         self.assertEqual(parse_message(lf).segments, expected)
         self.assertEqual(parse_message(crlf).segments, expected)
-        self.assertEqual(
-            [s.name for s in expected], ["MSH", "EVN", "PID", "PV1", "NK1", "NK1"]
-        )
+        self.assertEqual([s.name for s in expected], ["MSH", "EVN", "PID", "PV1", "NK1", "NK1"])
 
     def test_blank_lines_and_bom_are_skipped(self) -> None:
         """A pasted sample with a BOM and blank lines parses like the plain one."""

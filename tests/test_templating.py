@@ -145,7 +145,9 @@ class AutoescapeTests(SynchronousTestCase):
     def test_hl7_escape_filter(self) -> None:
         """| hl7_escape escapes any value, even one taken from the message."""
         self.assertEqual(
-            render_line('{{ msg["PID-5.1"] | hl7_escape }}|{{ app.x | hl7_escape }}', app={"x": "^"}),
+            render_line(
+                '{{ msg["PID-5.1"] | hl7_escape }}|{{ app.x | hl7_escape }}', app={"x": "^"}
+            ),
             "D\\E\\F\\E\\Angelo|\\S\\",
         )
 
@@ -235,7 +237,9 @@ class PathsInTemplatesTests(SynchronousTestCase):
     def test_repetition_index(self) -> None:
         """A repetition index and .size work on field paths."""
         self.assertEqual(
-            render_line('{{ msg["PID-3[2].1"] }}|{{ msg["PID-3[*]"].size }}|{{ msg["PID-13[2].4"] }}'),
+            render_line(
+                '{{ msg["PID-3[2].1"] }}|{{ msg["PID-3[*]"].size }}|{{ msg["PID-13[2].4"] }}'
+            ),
             "INS-77120|2|maria.dangelo@example.org",
         )
 
@@ -243,7 +247,7 @@ class PathsInTemplatesTests(SynchronousTestCase):
         """msg.NK1 and msg["NK1[*]"] list the NK1 segments, keyed by relative paths."""
         self.assertEqual(
             render_line(
-                "{% for nk in msg.NK1 %}{{ forloop.index }}:{{ nk[\"2.1\"] }},{{ nk[3] }};"
+                '{% for nk in msg.NK1 %}{{ forloop.index }}:{{ nk["2.1"] }},{{ nk[3] }};'
                 '{% endfor %}{{ msg["NK1[*]"] | size }}|{{ msg.NK1.size }}|'
                 '{{ msg["NK1[2]"]["2.2"] }}|{{ msg.NK1.last["3[1].2"] }}'
             ),
@@ -269,7 +273,9 @@ class PathsInTemplatesTests(SynchronousTestCase):
 
     def test_other_source_delimiters_are_translated(self) -> None:
         """Values from a #$%@! message are re-expressed in the destination's delimiters."""
-        trigger = parse_message("MSH#$%@!#A#B#C#D#2024##ADT$A04#1#P#2.5\rPID#1##7##Doe$Jo!Ann@F@x^y\r")
+        trigger = parse_message(
+            "MSH#$%@!#A#B#C#D#2024##ADT$A04#1#P#2.5\rPID#1##7##Doe$Jo!Ann@F@x^y\r"
+        )
         self.assertEqual(render_line('{{ msg["PID-5"] }}', trigger), "Doe^Jo&Ann\\F\\x\\S\\y")
         self.assertEqual(render_line('{{ msg["PID-5.2.2"] }}', trigger), "Ann\\F\\x\\S\\y")
 
@@ -281,7 +287,7 @@ class PathsInTemplatesTests(SynchronousTestCase):
         error = self.assertRaises(
             RenderError,
             render,
-            HEADER + "{% for nk in msg.NK1 %}\nNK1|{{ nk[\"2..1\"] }}\n{% endfor %}",
+            HEADER + '{% for nk in msg.NK1 %}\nNK1|{{ nk["2..1"] }}\n{% endfor %}',
         )
         self.assertEqual(error.line, 3)
 
@@ -352,10 +358,19 @@ class HelperTests(SynchronousTestCase):
         self.assertEqual(render_line('{{ msg["PID-7"] | hl7_date }}'), "19850314")
         self.assertEqual(render_line('{{ "198503141230" | hl7_date }}'), "198503141230")
         self.assertEqual(render_line('{{ "202405011230+0200" | hl7_date }}'), "202405011230+0200")
-        self.assertEqual(render_line('{{ "20240501123000.123-0500" | hl7_date: "%H:%M %z" }}'), "12:30 -0500")
+        self.assertEqual(
+            render_line('{{ "20240501123000.123-0500" | hl7_date: "%H:%M %z" }}'), "12:30 -0500"
+        )
         self.assertEqual(render_line('{{ "2024-05-01" | hl7_date }}'), "20240501")
         self.assertEqual(render_line('{{ "2024-05-01T08:15:00" | hl7_date }}'), "20240501081500")
-        self.assertEqual(render_line('{{ msg["SCH-11.4"] | hl7_date: "%H:%M" }}', parse_message(fixture("siu_s12.hl7")), message_type="ADT^A04"), "14:00")
+        self.assertEqual(
+            render_line(
+                '{{ msg["SCH-11.4"] | hl7_date: "%H:%M" }}',
+                parse_message(fixture("siu_s12.hl7")),
+                message_type="ADT^A04",
+            ),
+            "14:00",
+        )
 
     def test_hl7_date_of_now(self) -> None:
         """hl7_date formats now, including its UTC offset when asked."""
@@ -388,11 +403,11 @@ class CompileTests(SynchronousTestCase):
     """compile_template and its errors."""
 
     def test_syntax_error_line(self) -> None:
-        """A syntax error reports the line it is on."""
+        """A syntax error reports its line; a block left open, the template's last line."""
         for source, line in (
             ('MSH|^~\\&|\nPID|{{ msg["PID-5"] \n', 2),
             ("MSH|^~\\&|\nPID|1\n{% if %}\n{% endif %}", 3),
-            ("MSH|^~\\&|\n{% for x in msg.NK1 %}\nNK1|1\n", 2),
+            ("MSH|^~\\&|\n{% for x in msg.NK1 %}\nNK1|1\n", 3),  # unclosed: at the end
             ("MSH|^~\\&|\n\n\n{% endfor %}", 4),
         ):
             error = self.assertRaises(TemplateError, compile_template, source)
@@ -512,6 +527,9 @@ class RenderValidationTests(SynchronousTestCase):
         self.assertIn("limit", error.reason)
 
 
+KNOWN = "msg, responses, actions, app, now, control_id"
+
+
 class CheckTemplateTests(SynchronousTestCase):
     """check_template, run by `flows import` against the trigger's sample."""
 
@@ -548,15 +566,17 @@ class CheckTemplateTests(SynchronousTestCase):
             + '\nNTE|{{ actions.lookup["MSA-2"] }}|{{ actions.notify["MSA-1"] }}|{{ 1 | nope }}\n'
         )
         problems = check_template(
-            source, fixture("adt_a04.hl7"), "ADT^A04", app={"facility": "F"}, action_names=["lookup"]
+            source,
+            fixture("adt_a04.hl7"),
+            "ADT^A04",
+            app={"facility": "F"},
+            action_names=["lookup"],
         )
         self.assertEqual(
             problems,
             [
                 TemplateProblem(2, "unknown app variable 'nope'"),
-                TemplateProblem(
-                    2, "unknown variable 'mgs' (known: msg, responses, actions, app, now, control_id)"
-                ),
+                TemplateProblem(2, f"unknown variable 'mgs' (known: {KNOWN})"),
                 TemplateProblem(4, "no earlier action is named 'notify'"),
                 TemplateProblem(4, "unknown filter 'nope'"),
             ],

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import IO, Any
 
@@ -217,10 +217,8 @@ class GatewayProcess:
 
     def _pause(self) -> None:
         # Waiting on the process is the pause between polls: it ends early if it exits.
-        try:
+        with suppress(subprocess.TimeoutExpired):
             self._started().wait(timeout=_POLL)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def start_gateway(
@@ -341,7 +339,7 @@ def segment(message: bytes, name: str) -> list[str]:
 
 def msa(ack: bytes) -> tuple[str, str]:
     """MSA-1 (the ACK code) and MSA-2 (the acknowledged MSH-10) of an ACK."""
-    fields = segment(ack, "MSA") + ["", ""]
+    fields = [*segment(ack, "MSA"), "", ""]
     return fields[1], fields[2]
 
 

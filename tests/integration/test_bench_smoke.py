@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from twisted.internet import reactor as _reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTCP
-from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
@@ -79,6 +79,16 @@ class _ScriptedAck(Protocol):
             self.buffer = self.buffer[end + 2 :]
             assert self.transport is not None
             self.transport.write(b"\x0b" + self.reply(message) + b"\x1c\r")
+
+
+class _ScriptedAckFactory(ServerFactory):
+    def __init__(self, reply: Callable[[bytes], bytes]) -> None:
+        self.reply = reply
+
+    def buildProtocol(self, addr: object) -> _ScriptedAck:
+        protocol = _ScriptedAck(self.reply)
+        protocol.factory = self
+        return protocol
 
 
 class BenchSmokeTests(TestCase):
@@ -165,8 +175,7 @@ class BenchSmokeTests(TestCase):
         self.assertEqual(result["rate"], 500)
 
     def listen_scripted(self, reply: Callable[[bytes], bytes]) -> int:
-        factory = ServerFactory.forProtocol(lambda: _ScriptedAck(reply))
-        port = cast(IReactorTCP, _reactor).listenTCP(0, factory, interface=HOST)
+        port = cast(IReactorTCP, _reactor).listenTCP(0, _ScriptedAckFactory(reply), interface=HOST)
         self.addCleanup(port.stopListening)
         return cast(IPv4Address, port.getHost()).port
 

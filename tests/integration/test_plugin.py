@@ -91,13 +91,13 @@ class RegularInstallTests(SynchronousTestCase):
             if (REPO / name).exists():
                 shutil.copy2(REPO / name, source / name)
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+        dist = directory / "dist"
         built = run_command(
-            [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
-            + ["-w", directory / "dist", source],
+            [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", dist, source],
             cwd=directory,
         )
         self.assertEqual(built.returncode, 0, built.stdout + built.stderr)
-        (wheel,) = (directory / "dist").glob("udsgateway-*.whl")
+        (wheel,) = dist.glob("udsgateway-*.whl")
         site = directory / "site"
         installed = run_command(
             [*pip, "install", "--no-deps", "--no-index", "--target", site, wheel],
