@@ -259,9 +259,7 @@ class HeaderValidationTests(GatewayTestCase):
 
     def test_non_default_delimiters_in_nak(self) -> None:
         """A NAK to a message with its own delimiters writes ERR-2 and ERR-3 with them."""
-        message = (
-            b"MSH#$%@!#HIS#Hospital#LSQ#LeadSquared#20240101123000##ADT$A04#DELIM2#X#2.5\r"
-        )
+        message = b"MSH#$%@!#HIS#Hospital#LSQ#LeadSquared#20240101123000##ADT$A04#DELIM2#X#2.5\r"
         reply = self.send_one(Gateway(), message)
         self.assertEqual((reply.code, reply.control_id), ("AR", "DELIM2"))
         self.assertEqual(reply.error_location, "MSH$1$11")
@@ -423,7 +421,7 @@ class StoreThenAckTests(GatewayTestCase):
         self.assertEqual([m.control_id for m in gateway.messages()], ["G4C"])
 
     def test_disk_full_nak_207(self) -> None:
-        """"database or disk is full" during the commit: AR 207."""
+        """ "database or disk is full" during the commit: AR 207."""
         runner = ManualRunner()
         gateway = Gateway(runner=runner)
         connection = gateway.connect()
@@ -434,7 +432,7 @@ class StoreThenAckTests(GatewayTestCase):
         self.assertEqual(gateway.messages(), [])
 
     def test_locked_database_nak_206(self) -> None:
-        """"database is locked" during the commit: AR 206, not stored; then normal again."""
+        """ "database is locked" during the commit: AR 206, not stored; then normal again."""
         runner = ManualRunner()
         gateway = Gateway(runner=runner)
         connection = gateway.connect()
@@ -653,9 +651,13 @@ class RoutingTests(GatewayTestCase):
         message = hl7("R7", message_type="ADT^A08", receiving="APPCRM|FLWCRMA08")
         reply = self.send_one(self.gateway, message)
         self.assertEqual((reply.code, reply.error_code), ("AR", 200))
-        self.assertEqual(self.send_plain(hl7("R8", "ADT^A08", receiving="APPCRM|FLWCRMA08")).code, "AA")
+        self.assertEqual(
+            self.send_plain(hl7("R8", "ADT^A08", receiving="APPCRM|FLWCRMA08")).code, "AA"
+        )
         rows = self.gateway.messages()
-        self.assertEqual([(m.accepted, m.flows) for m in rows], [(False, ()), (True, ("FLWCRMA08",))])
+        self.assertEqual(
+            [(m.accepted, m.flows) for m in rows], [(False, ()), (True, ("FLWCRMA08",))]
+        )
         self.assertIn("mllp", rows[0].reason + rows[0].connection)
 
 
@@ -671,7 +673,9 @@ class EnhancedModeTests(GatewayTestCase):
     def test_ne_never_answered_stored(self) -> None:
         """MSH-15 NE: no accept ACK, the message is stored."""
         self.assertEqual(self.answers(hl7("E1", accept_ack="NE")), [])
-        self.assertEqual([(m.control_id, m.accepted) for m in self.gateway.messages()], [("E1", True)])
+        self.assertEqual(
+            [(m.control_id, m.accepted) for m in self.gateway.messages()], [("E1", True)]
+        )
 
     def test_ne_rejected_not_answered_recorded(self) -> None:
         """MSH-15 NE on a message no flow takes: no answer, and it is recorded."""
@@ -735,7 +739,9 @@ class InboundAckTests(GatewayTestCase):
         """An ACK gets no answer, is not stored, is logged; the connection keeps working."""
         gateway = Gateway()
         connection = gateway.connect()
-        ack = b"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|20240101||ACK^A04^ACK|ACK1|P|2.5\rMSA|AA|X1\r"
+        ack = (
+            b"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|20240101||ACK^A04^ACK|ACK1|P|2.5\rMSA|AA|X1\r"
+        )
         connection.send(mllp(ack))
         self.assertEqual(connection.received(), b"")
         self.assertEqual(gateway.messages(), [])

@@ -258,7 +258,9 @@ class PlainTCPTests(GatewayTestCase):
         connection.send(hl7("END1") + b"\x1c\r" + hl7("END2") + b"\x1c\r")
         data = connection.received()
         self.assertTrue(data.endswith(b"\x1c\r"))
-        replies = [mllp_replies(b"\x0b" + part + b"\x1c\r")[0] for part in data.split(b"\x1c\r")[:-1]]
+        replies = [
+            mllp_replies(b"\x0b" + part + b"\x1c\r")[0] for part in data.split(b"\x1c\r")[:-1]
+        ]
         self.assertEqual([r.control_id for r in replies], ["END1", "END2"])
         self.assertEqual([m.raw for m in gateway.messages()], [hl7("END1"), hl7("END2")])
 
@@ -297,7 +299,9 @@ class PlainTCPTests(GatewayTestCase):
         runner.run_next()
         runner.run_next()
         replies = plain_replies(connection.received())
-        self.assertEqual([(r.code, r.control_id) for r in replies], [("AA", "HALF1"), ("AA", "HALF2")])
+        self.assertEqual(
+            [(r.code, r.control_id) for r in replies], [("AA", "HALF1"), ("AA", "HALF2")]
+        )
         self.assertTrue(connection.closed)
 
     def test_mllp_half_close_answers_pending_frames(self) -> None:
@@ -376,7 +380,9 @@ class OrderAndBackpressureTests(GatewayTestCase):
         self.assertEqual(connection.received(), b"")
         runner.run_next()
         replies = mllp_replies(connection.received())
-        self.assertEqual([(r.control_id, r.code) for r in replies], [("BEFORE", "AA"), ("BIG", "AE")])
+        self.assertEqual(
+            [(r.control_id, r.code) for r in replies], [("BEFORE", "AA"), ("BIG", "AE")]
+        )
 
     def test_backpressure_pauses_and_resumes(self) -> None:
         """More than max_pending_frames queued: the transport is paused, resumed once drained."""

@@ -265,6 +265,21 @@ class PathsInTemplatesTests(SynchronousTestCase):
             "||||||",
         )
 
+    def test_lists_are_written_item_by_item(self) -> None:
+        """A list is written as its items: message values raw, plain values escaped."""
+        self.assertEqual(
+            render_line('{{ msg.NK1 | map: "2.1" }}|{{ app.codes }}', app={"codes": ["a^", "b"]}),
+            "D\\F\\AngeloBianchi|a\\S\\b",
+        )
+
+    def test_segments_copied_verbatim(self) -> None:
+        """A segment written whole is copied as received, e.g. to forward every NK1."""
+        body = render(HEADER + "{% for nk in msg.NK1 %}\n{{ nk }}\n{% endfor %}")
+        self.assertEqual(
+            body.decode("utf-8").split("\r")[1:],
+            [ADT.segments[4].text, ADT.segments[5].text, ""],
+        )
+
     def test_conditions(self) -> None:
         """Message values compare as strings in conditions."""
         self.assertEqual(
@@ -607,6 +622,14 @@ class CheckTemplateTests(SynchronousTestCase):
         source = HEADER + '{% for nk in msg.NK1 %}\nNK1|{{ nk["2..1"] }}\n{% endfor %}'
         [problem] = check_template(source, fixture("adt_a04.hl7"), "ADT^A04")
         self.assertEqual(problem.line, 3)
+
+    def test_unknown_charset(self) -> None:
+        """An MSH-18 the body cannot be encoded with is reported on the MSH line."""
+        source = "MSH|^~\\&|GW||||{{ now }}||ADT^A04|1|P|2.5||||||KLINGON"
+        self.assertEqual(
+            check_template(source, fixture("adt_a04.hl7"), "ADT^A04"),
+            [TemplateProblem(1, "MSH-18 names a character set we do not know")],
+        )
 
     def test_bad_sample(self) -> None:
         """A sample that is not HL7 is reported instead of a crash."""

@@ -11,16 +11,16 @@ import argparse
 import json
 import sys
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 from udsgateway import store
-from udsgateway.config import ConfigError, GatewayConfig, load_config
-from udsgateway.db import Database, InlineRunner, SchemaError, ensure_schema, make_engine
 from udsgateway.ack import ControlIdSource
 from udsgateway.catalogue import variable_catalogue
+from udsgateway.config import ConfigError, GatewayConfig, load_config
+from udsgateway.db import Database, InlineRunner, SchemaError, ensure_schema, make_engine
 from udsgateway.flows import App, Flow, FlowFileError, read_app_file, write_app
 from udsgateway.message import MessageParseError, parse_message
 from udsgateway.operate import add_operator_commands
@@ -197,7 +197,7 @@ def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextI
                 dict(app.variables),
             ),
             message_type=action.message_type,
-            now=lambda: datetime.now(timezone.utc),
+            now=lambda: datetime.now(UTC),
             new_control_id=ControlIdSource.for_boot(time.time()).next,
         )
     except (TemplateError, RenderError, MessageParseError) as error:

@@ -115,7 +115,7 @@ def ensure_schema(connection: Connection) -> int:
 class IDatabaseRunner(Interface):
     """Runs blocking database functions away from the reactor."""
 
-    def run(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+    def run(function: Callable[..., Any], *args: Any) -> Deferred[Any]:  # noqa: N805
         """Call ``function(*args)`` in the database thread; fire with its result."""
 
 
@@ -212,7 +212,9 @@ class GroupCommitter(Generic[Item, Result]):
         del self._pending[: self._max_batch]
         self.groups += 1
         done = self._database.transaction(self._run_batch, [p.item for p in group])
-        done.addCallbacks(self._committed, self._failed, (group,), None, (group,), None)
+        done.addCallbacks(
+            self._committed, self._failed, callbackArgs=(group,), errbackArgs=(group,)
+        )
 
     def _run_batch(self, connection: Connection, items: list[Item]) -> list[Result]:
         if self.before_batch is not None:

@@ -261,9 +261,7 @@ def judge(delivery: Delivery, reply_bytes: bytes, now: float, nak_retries: int) 
     decision = policy.get(reply.ack_code, HOLD)
     attempts = delivery.attempts + 1
     if decision == SUCCESS:
-        return Settlement(
-            delivery.id, DELIVERED, attempts, 0.0, "", reply_bytes, reply.ack_code
-        )
+        return Settlement(delivery.id, DELIVERED, attempts, 0.0, "", reply_bytes, reply.ack_code)
     if decision == RETRY and nak_retries < int(policy.get("max_retries", 3)):
         return Settlement(
             delivery.id,
@@ -583,9 +581,7 @@ class Dispatcher(Service):
         return self._committer.submit(settlement)
 
     def _record_batch(self, connection: Connection, settlements: list[Settlement]) -> list[Any]:
-        result = outbox.record(
-            connection, settlements, self.clock.seconds(), self.after_record
-        )
+        result = outbox.record(connection, settlements, self.clock.seconds(), self.after_record)
         return [result] + [None] * (len(settlements) - 1)
 
     def delivered(self, destination: str) -> None:

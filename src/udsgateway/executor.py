@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from attrs import define, field
@@ -157,7 +157,9 @@ class Executor:
                     executions.apply, transitions, self.clock.seconds()
                 )
                 for _delivery_id, delivery in enqueued:
-                    self.dispatcher.enqueued(delivery.lane, delivery.destination, delivery.protocol)
+                    self.dispatcher.enqueued(
+                        delivery.lane, delivery.destination, delivery.protocol
+                    )
                 for transition in transitions:
                     if transition.delivery is None:
                         self.failed += 1
@@ -236,5 +238,4 @@ class Executor:
         return body, key_value
 
     def _now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock.seconds(), tz=timezone.utc)
-
+        return datetime.fromtimestamp(self.clock.seconds(), tz=UTC)

@@ -22,8 +22,8 @@ from udsgateway.ack import AckError, ControlIdSource, Outcome, ack_code, build_a
 from udsgateway.ack import wants_accept_ack as _wants_accept_ack
 from udsgateway.config import TenantConfig
 from udsgateway.db import GroupCommitter, is_locked
-from udsgateway.header import Header, HeaderProblem, codec_for, parse_header
 from udsgateway.executions import Finished
+from udsgateway.header import Header, HeaderProblem, codec_for, parse_header
 from udsgateway.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.store import CommitOutcome, CommitResult, InboundRecord
 
@@ -114,8 +114,8 @@ class Ingest:
                 return CLOSE
             if parsed.header.message_code == "ACK":
                 return self._inbound_ack(parsed.header)
-            error = AckError(parsed.code, parsed.location, parsed.diagnostic)
-            return self._nak(parsed.header, Outcome.ERROR, error)
+            problem = AckError(parsed.code, parsed.location, parsed.diagnostic)
+            return self._nak(parsed.header, Outcome.ERROR, problem)
         header = parsed
         if header.message_code == "ACK":
             return self._inbound_ack(header)
@@ -126,6 +126,8 @@ class Ingest:
 
         routed = self.routes.route(header, connection)
         now = self._clock.seconds()
+        flows: tuple[FlowRoute, ...]
+        error: AckError | None
         if isinstance(routed, Rejected):
             outcome, flows, error = Outcome.REJECT, (), routed.error
             reason = f"{error.code}: {error.diagnostic}"
@@ -172,7 +174,7 @@ class Ingest:
             result = await self._committer.submit(record)
         except Exception:
             failure = Failure()
-            locked = is_locked(failure.value)
+            locked = failure.value is not None and is_locked(failure.value)
             log.warn(
                 "commit failed; NAK {code} sent",
                 code=206 if locked else 207,

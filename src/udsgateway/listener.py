@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
+from typing import Any
 
 from attrs import define, field
 from twisted.internet.interfaces import (
@@ -118,6 +119,12 @@ class InboundProtocol(Protocol):
         self._frame_timer: IDelayedCall | None = None
         self._gap_timer: IDelayedCall | None = None
 
+    @property
+    def _transport(self) -> Any:
+        """The TCP transport (ITCPTransport, IProducer): more than ITransport promises."""
+        assert self.transport is not None
+        return self.transport
+
     # -- Twisted callbacks
 
     def connectionMade(self) -> None:
@@ -146,7 +153,7 @@ class InboundProtocol(Protocol):
             self._feed(self._framer.flush())
         self._read_closed = True
         if not self._busy and not self._queue:
-            self.transport.loseConnection()
+            self._transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         self._close()
@@ -219,7 +226,7 @@ class InboundProtocol(Protocol):
             self._watch_gap_timer()
         if len(self._queue) >= self._tenant.limits.max_pending_frames and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()  # type: ignore[attr-defined]
+            self._transport.pauseProducing()
         self._pump()
 
     def _watch_frame_timer(self, frames_ended: bool) -> None:
@@ -280,9 +287,9 @@ class InboundProtocol(Protocol):
         if self._paused and len(self._queue) < self._tenant.limits.max_pending_frames // 2 + 1:
             self._paused = False
             if not self._closing and not self._read_closed:
-                self.transport.resumeProducing()  # type: ignore[attr-defined]
+                self._transport.resumeProducing()
         if (self._closing or self._read_closed) and not self._busy and not self._queue:
-            self.transport.loseConnection()
+            self._transport.loseConnection()
 
     def _answered(self, answer: Answer) -> None:
         self._busy = False
@@ -308,9 +315,9 @@ class InboundProtocol(Protocol):
         self._closing = True
         self._queue.clear()
         if abort:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
+            self._transport.abortConnection()
         else:
-            self.transport.loseConnection()
+            self._transport.loseConnection()
 
 
 @define(eq=False, repr=False)
@@ -331,7 +338,7 @@ class ListenerFactory(Factory):
         self.not_hl7_log = RateLimit(self.clock)
         self._refusal_log = RateLimit(self.clock)
 
-    def buildProtocol(self, addr: IAddress) -> InboundProtocol | None:
+    def buildProtocol(self, addr: IAddress | None) -> InboundProtocol | None:
         peer = getattr(addr, "host", str(addr))
         reason = self._refusal(peer)
         if reason:

@@ -14,7 +14,7 @@ from typing import Any
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
 from twisted.conch import manhole, manhole_ssh
-from twisted.conch.checkers import SSHPublicKeyChecker
+from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
 from twisted.conch.manhole_tap import _StupidRealm, chainedProtocolFactory, makeTelnetProtocol
 from twisted.conch.ssh import keys
@@ -22,10 +22,12 @@ from twisted.conch.telnet import TelnetBootstrapProtocol
 from twisted.cred import checkers, portal
 from twisted.internet import protocol
 from twisted.python import filepath
+from zope.interface import implementer
 
 from udsgateway.config import ManholeConfig
 
 
+@implementer(IAuthorizedKeysDB)
 class _KeysFile:
     """An authorized-keys database read from one file, for one operator name."""
 
@@ -54,7 +56,8 @@ def namespace(service: Any) -> dict[str, Any]:
 
     def stats() -> dict[str, Any]:
         """Counters of every listener and its inbound pipeline."""
-        return service.stats()  # type: ignore[no-any-return]
+        result: dict[str, Any] = service.stats()
+        return result
 
     def flows() -> list[tuple[str, str, str, str, str]]:
         """(tenant, App ID, Flow ID, name, message type) of every routed flow."""
@@ -72,9 +75,10 @@ def manhole_service(config: ManholeConfig, service: Any, reactor: Any) -> IServi
     parent = MultiService()
     names = namespace(service)
     if config.ssh:
-        realm = manhole_ssh.TerminalRealm()
+        realm: Any = manhole_ssh.TerminalRealm()
         realm.chainedProtocolFactory = chainedProtocolFactory(names)
-        checker = SSHPublicKeyChecker(_KeysFile(config.authorized_keys))
+        keys_db: Any = _KeysFile(config.authorized_keys)
+        checker = SSHPublicKeyChecker(keys_db)
         factory = manhole_ssh.ConchFactory(portal.Portal(realm, [checker]))
         key_dir = config.host_key_dir or os.path.join(os.getcwd(), "var")
         os.makedirs(key_dir, mode=0o700, exist_ok=True)
@@ -93,9 +97,6 @@ def manhole_service(config: ManholeConfig, service: Any, reactor: Any) -> IServi
         )
         telnet_checker = checkers.FilePasswordDB(config.telnet_passwd)
         telnet_factory = protocol.ServerFactory()
-        telnet_factory.protocol = makeTelnetProtocol(  # type: ignore[assignment]
-            portal.Portal(telnet_realm, [telnet_checker])
-        )
+        telnet_factory.protocol = makeTelnetProtocol(portal.Portal(telnet_realm, [telnet_checker]))
         strports.service(config.telnet, telnet_factory, reactor=reactor).setServiceParent(parent)
     return parent
-

@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -38,7 +38,7 @@ def parse_duration(text: str) -> float:
 
 
 def _time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def delivery_row(delivery: outbox.Delivery) -> dict[str, Any]:
@@ -143,14 +143,12 @@ def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> in
     database = open_database(config)
     since = time.time() - args.since if args.since else None
     after = 0
-    status = {"failed": "failed", "held": "held", "ok": "delivered"}.get(args.status or "", None)
+    status = {"failed": "failed", "held": "held", "ok": "delivered"}.get(args.status or "")
     if args.status and status is None:
         status = args.status
     sleep: Callable[[float], None] = time.sleep
     while True:
-        rows = database.transaction_now(
-            _log_rows, args.flow, status, since, after, args.limit
-        )
+        rows = database.transaction_now(_log_rows, args.flow, status, since, after, args.limit)
         if rows:
             after = rows[-1]["id"]
             if args.json:

@@ -261,9 +261,9 @@ def queued_per_destination(connection: Connection) -> dict[str, int]:
     """Open deliveries per destination (the backpressure counters at start)."""
     d = schema.deliveries
     rows = connection.execute(
-        select(d.c.destination, func.count()).where(d.c.state.in_(OPEN_STATES)).group_by(
-            d.c.destination
-        )
+        select(d.c.destination, func.count())
+        .where(d.c.state.in_(OPEN_STATES))
+        .group_by(d.c.destination)
     )
     return {destination: count for destination, count in rows}
 

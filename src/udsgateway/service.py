@@ -146,7 +146,8 @@ class GatewayService(MultiService):
 
     @property
     def _clock(self) -> IReactorTime:
-        return self._reactor  # type: ignore[no-any-return]
+        clock: IReactorTime = self._reactor
+        return clock
 
     async def _reload_flows(self) -> None:
         """Reload routing when flows changed (flows import from the CLI, another node)."""
@@ -188,9 +189,7 @@ class GatewayService(MultiService):
         before = self._clock.seconds() - retention.days * 86400
         try:
             while self.running:
-                count = await self.database.transaction(
-                    store.prune, before, retention.batch
-                )
+                count = await self.database.transaction(store.prune, before, retention.batch)
                 self.pruned += count
                 if count < retention.batch:
                     break
@@ -202,10 +201,10 @@ class GatewayService(MultiService):
             if loop.running:
                 loop.stop()
         for port in self.ports.values():
-            await port.stopListening()
+            await _maybe(port.stopListening())
         self.ports.clear()
         await self.dispatcher.stopService()
-        await super().stopService()
+        await _maybe(super().stopService())
         if self._on_runner_stop is not None:
             self._on_runner_stop()
 
@@ -222,3 +221,9 @@ class GatewayService(MultiService):
             }
             for name, factory in self.factories.items()
         }
+
+
+async def _maybe(result: Deferred[None] | None) -> None:
+    """Await what Service.stopService returned: a Deferred, or None."""
+    if result is not None:
+        await result

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import json
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from attrs import evolve, frozen
 from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
@@ -301,7 +302,7 @@ def save_app(connection: Connection, app: App, now: float) -> App:
     keep = [flow.flow_id for flow in app.flows]
     connection.execute(delete(f).where(and_(f.c.app_id == app.app_id, f.c.flow_id.not_in(keep))))
     for position, flow in enumerate(app.flows):
-        row = {
+        values_of_flow: dict[str, Any] = {
             "app_id": app.app_id,
             "tenant": app.tenant,
             "name": flow.name,
@@ -317,11 +318,13 @@ def save_app(connection: Connection, app: App, now: float) -> App:
         }
         owner = connection.execute(select(f.c.app_id).where(f.c.flow_id == flow.flow_id)).first()
         if owner is None:
-            connection.execute(f.insert().values(flow_id=flow.flow_id, **row))
+            connection.execute(f.insert().values(flow_id=flow.flow_id, **values_of_flow))
         elif owner[0] != app.app_id:
             raise ValueError(f"Flow ID {flow.flow_id} belongs to another app ({owner[0]})")
         else:
-            connection.execute(update(f).where(f.c.flow_id == flow.flow_id).values(**row))
+            connection.execute(
+                update(f).where(f.c.flow_id == flow.flow_id).values(**values_of_flow)
+            )
     bump_generation(connection)
     return app
 
@@ -376,9 +379,7 @@ def bump_generation(connection: Connection) -> None:
         connection.execute(meta.insert().values(key="flows_generation", value="1"))
     else:
         connection.execute(
-            update(meta)
-            .where(meta.c.key == "flows_generation")
-            .values(value=str(current + 1))
+            update(meta).where(meta.c.key == "flows_generation").values(value=str(current + 1))
         )
 
 
@@ -405,9 +406,7 @@ def prune(connection: Connection, before: float, limit: int) -> int:
     """
     m, e, d, logs = schema.messages, schema.executions, schema.deliveries, schema.logs
     unfinished = (
-        select(e.c.message_id)
-        .where(e.c.state.in_(("pending", "waiting")))
-        .scalar_subquery()
+        select(e.c.message_id).where(e.c.state.in_(("pending", "waiting"))).scalar_subquery()
     )
     candidates = [
         row[0]

@@ -46,7 +46,7 @@ def makeService(options: Options) -> IService:
             sys.stderr.write(f"  {problem}\n")
         raise SystemExit(2) from None
 
-    runner = ThreadRunner(reactor)
+    runner = ThreadRunner(reactor)  # type: ignore[arg-type]
     runner.start()
     database = Database(make_engine(config.database), runner)
     control_ids = ControlIdSource.for_boot(time.time())
@@ -55,7 +55,6 @@ def makeService(options: Options) -> IService:
     if config.manhole.enabled:
         manhole_service(config.manhole, service, reactor).setServiceParent(service)
     return service
-
 
 
 #: Environment variable naming a point where the process kills itself with

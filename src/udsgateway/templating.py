@@ -470,7 +470,7 @@ def _field_value(segment: Segment, path: Path, source: Delimiters, target: Delim
         if not value:
             return []
         if segment.is_atomic(path.field):
-            return [RepetitionView(value, source, source)]
+            return [WireText(value, target)]  # MSH-1/MSH-2 never repeat
         return [RepetitionView(rep, source, target) for rep in split(value, source.repetition)]
     value = value_in_segment(segment, path, source)
     if segment.is_atomic(path.field):
@@ -504,31 +504,33 @@ def _target(context: RenderContext) -> DelimiterSet:
 
 def _wire_text(value: object, target: DelimiterSet) -> str:
     """Stringify a value for output: wire text as it is, everything else escaped."""
-    if isinstance(value, WireText):
+    if isinstance(value, WireText) or callable(getattr(value, "__hl7__", None)):
+        return _plain_text(value)
+    if isinstance(value, (list, tuple)):
+        return "".join(_wire_text(item, target) for item in value)
+    return escape_value(_plain_text(value), target)
+
+
+def _plain_text(value: object) -> str:
+    """Liquid's stringification, plus wire text of views and HL7 dates; no escaping."""
+    if isinstance(value, str):
         return str.__str__(value)
     hl7 = getattr(value, "__hl7__", None)
     if callable(hl7):
         return str(hl7())
-    return escape_value(_plain_text(value, target), target)
-
-
-def _plain_text(value: object, target: DelimiterSet) -> str:
-    """Liquid's stringification, plus HL7 forms for dates; no escaping."""
-    if isinstance(value, str):
-        return str.__str__(value)
     if isinstance(value, bool):
         return "true" if value else "false"
-    if value is None or is_undefined(value):
-        return str(value) if value is not None else ""
+    if value is None:
+        return ""
     if isinstance(value, datetime):
         return value.strftime(_TIMESTAMP_FORMAT)
     if isinstance(value, date):
         return value.strftime("%Y%m%d")
     if isinstance(value, (list, tuple)):
-        return "".join(_wire_text(item, target) for item in value)
+        return "".join(_plain_text(item) for item in value)
     if isinstance(value, range):
         return f"{value.start}..{value.stop - 1}"
-    return str(value)
+    return str(value)  # Undefined gives ""
 
 
 class _OutputNode(OutputNode):
@@ -578,23 +580,18 @@ class _SafeFilterError(FilterArgumentError):
 
 def _raw(value: object, *, context: RenderContext) -> WireText:
     """``| raw``: insert the value as it is, unescaped."""
-    target = _target(context)
     if isinstance(value, WireText):
         return value
-    hl7 = getattr(value, "__hl7__", None)
-    text = str(hl7()) if callable(hl7) else _plain_text(value, target)
-    return WireText(text, target)
+    return WireText(_plain_text(value), _target(context))
 
 
 def _hl7_escape(value: object, *, context: RenderContext) -> WireText:
     """``| hl7_escape``: escape the value, even wire text (which then becomes data)."""
     target = _target(context)
-    hl7 = getattr(value, "__hl7__", None)
-    text = str(hl7()) if callable(hl7) else _plain_text(value, target)
-    return WireText(escape_value(text, target), target)
+    return WireText(escape_value(_plain_text(value), target), target)
 
 
-def _hl7_date(value: object, fmt: object = None, *, context: RenderContext) -> str:
+def _hl7_date(value: object, fmt: object = None) -> str:
     """``| hl7_date`` and ``| hl7_date: "%d.%m.%Y"``: parse and format a date.
 
     Input: a datetime (``now``), an HL7 DTM/TS (``20240501``, ``202405011230+0200``,
@@ -674,11 +671,8 @@ def _join(values: object, separator: object = " ", *, context: RenderContext) ->
             f"join expected an array, found {type(values).__name__}", token=None
         )
     target = _target(context)
-    wire = WireText("", target)
-    if not isinstance(separator, str):
-        separator = _plain_text(separator, target)
     items = [_wire_text(item, target) for item in values]
-    return wire._wire(wire._coerce(separator).join(items))
+    return WireText(_wire_text(separator, target).join(items), target)
 
 
 def _truncate(value: object, num: object = 50, end: object = "...") -> str:
@@ -750,7 +744,7 @@ class _Hl7Environment(Environment):
         self.add_tag(_CaptureTag)
         self.add_filter("raw", with_context(_raw))
         self.add_filter("hl7_escape", with_context(_hl7_escape))
-        self.add_filter("hl7_date", with_context(_hl7_date))
+        self.add_filter("hl7_date", _hl7_date)
         self.add_filter("date", with_context(_date))
         self.add_filter("join", with_context(_join))
         self.add_filter("truncate", _truncate)
@@ -863,8 +857,8 @@ def render_body(
     """
     target = delimiters if delimiters is not None else template.delimiters
     text = _render(template, data, target, now, new_control_id, detailed=False)
-    segments = _body_segments(text, message_type, target)
-    return _encode(segments, default_charset)
+    segments, charset = _body_segments(text, message_type, target)
+    return _encode(segments, python_codec(charset) if charset else default_charset)
 
 
 def check_template(
@@ -907,7 +901,8 @@ def check_template(
             lambda: _CHECK_CONTROL_ID,
             detailed=True,
         )
-        _body_segments(text, message_type, template.delimiters)
+        segments, charset = _body_segments(text, message_type, template.delimiters)
+        _encode(segments, python_codec(charset) if charset else "utf-8")
     except RenderError as err:
         line = err.line if err.line is not None else _header_line(source)
         return [TemplateProblem(line, err.reason)]
@@ -1022,7 +1017,8 @@ def _header_line(source: str) -> int:
     return 1
 
 
-def _body_segments(text: str, message_type: str, target: DelimiterSet) -> list[str]:
+def _body_segments(text: str, message_type: str, target: DelimiterSet) -> tuple[list[str], str]:
+    """Normalise and check a rendered body; return its segments and its MSH-18."""
     lines = [line.lstrip(" \t") for line in _LINE_BREAK.split(text)]
     segments = [line for line in lines if line.strip()]
     if not segments:
@@ -1051,13 +1047,10 @@ def _body_segments(text: str, message_type: str, target: DelimiterSet) -> list[s
         )
     if not message.get("MSH-10"):
         raise RenderError("MSH-10 (message control ID) is empty")
-    return segments
+    return segments, message.get("MSH-18[1]").strip()
 
 
-def _encode(segments: list[str], default_charset: str) -> bytes:
-    header = parse_message(segments[0])
-    charset = header.get("MSH-18[1]")
-    codec = python_codec(charset) if charset.strip() else default_charset
+def _encode(segments: list[str], codec: str | None) -> bytes:
     if codec is None:
         raise RenderError("MSH-18 names a character set we do not know")
     try:

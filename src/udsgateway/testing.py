@@ -118,9 +118,7 @@ class Gateway:
             committer,
             self.clock,
             ControlIdSource("TEST"),
-            routes=RoutingTable.build(
-                loaded, self.tenant.app_id_field, self.tenant.flow_id_field
-            ),
+            routes=RoutingTable.build(loaded, self.tenant.app_id_field, self.tenant.flow_id_field),
         )
         self.factory = ListenerFactory(self.tenant, self.ingest, self.clock)
 

@@ -61,7 +61,9 @@ class TableReader:
                 return default
         return value  # type: ignore[return-value]
 
-    def strings(self, table: dict[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    def strings(
+        self, table: dict[str, Any], key: str, default: tuple[str, ...]
+    ) -> tuple[str, ...]:
         value = self.get(table, key, list, list(default))
         if not all(isinstance(item, str) for item in value):
             self.problem(key, "expected a list of strings")

@@ -35,9 +35,9 @@ def _string(value: str) -> str:
 def _multiline(value: str) -> str:
     # A literal string keeps HL7's backslashes readable; it cannot hold control
     # characters other than tab and newline, nor three quotes in a row.
-    if "'''" not in value and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", value):
-        if not value.endswith("'"):
-            return "'''\n" + value + "'''"
+    literal_ok = "'''" not in value and not value.endswith("'")
+    if literal_ok and not re.search(r"[\x00-\x08\x0b-\x1f\x7f]", value):
+        return "'''\n" + value + "'''"
     escaped = re.sub(
         r'[\\"\x00-\x09\x0b-\x1f\x7f]', lambda m: _escape_char(m.group()), value
     ).replace('"""', '""\\"')

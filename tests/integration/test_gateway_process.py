@@ -21,7 +21,9 @@ from tests.integration.helpers import (
     HOST,
     IO_TIMEOUT,
     MLLP_START,
+    GatewayProcess,
     accepts_connections,
+    assert_port_free,
     closed_by_peer,
     count,
     database_path,
@@ -213,3 +215,48 @@ class ShutdownTests(SynchronousTestCase):
         self.assertFalse(accepts_connections(self.PORT))
         rows = query(database_path(directory), "SELECT control_id, ack FROM messages")
         self.assertEqual(rows, [{"control_id": "TERM00001", "ack": ack}])
+
+
+class FailedStartTests(SynchronousTestCase):
+    """A gateway that cannot start says so, in its log and in its exit status."""
+
+    def test_port_in_use(self) -> None:
+        """When its port is taken the gateway logs why it could not start and exits
+        with a non-zero status, so a supervisor or ``make run`` sees the failure."""
+        port = 26550
+        directory = new_directory(self)
+        config = demo_gateway_config(directory, port)
+        assert_port_free(port)
+        taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(taken.close)
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind((HOST, port))
+        taken.listen()
+
+        gateway = GatewayProcess(config, port, directory / "twistd.log")
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        status = gateway.wait_exit()
+
+        log = gateway.log_text()
+        self.assertEqual(status, 1, log)
+        self.assertIn("udsgateway could not start", log)
+        self.assertIn(f"Couldn't listen on {HOST}:{port}", log)
+
+    def test_invalid_configuration(self) -> None:
+        """An invalid configuration file: every problem is printed with its key, and
+        the exit status is 2."""
+        directory = new_directory(self)
+        config = directory / "gateway.toml"
+        config.write_text(
+            '[gateway]\ncolour = "blue"\n\n[[tenants]]\nname = "demo"\n', encoding="utf-8"
+        )
+        gateway = GatewayProcess(config, 26560, directory / "twistd.log")
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        status = gateway.wait_exit()
+
+        log = gateway.log_text()
+        self.assertEqual(status, 2, log)
+        self.assertIn(f"{config}: gateway.colour: unknown key", log)
+        self.assertIn(f"{config}: tenants[0].listen: required", log)
