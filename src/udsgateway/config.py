@@ -69,6 +69,16 @@ class PlainTCP:
 
 
 @frozen
+class ListenerTLS:
+    """TLS on a tenant's listener; ``client_ca`` set means clients must present a certificate."""
+
+    enabled: bool = False
+    certificate: str = ""
+    private_key: str = ""
+    client_ca: str = ""
+
+
+@frozen
 class TenantConfig:
     """One tenant: one listener shared by all of its TCP triggers."""
 
@@ -84,6 +94,7 @@ class TenantConfig:
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limits: Limits = field(factory=Limits)
     tcp: PlainTCP = field(factory=PlainTCP)
+    tls: ListenerTLS = field(factory=ListenerTLS)
 
 
 @frozen
@@ -182,6 +193,31 @@ def _read_networks(
     return tuple(networks)
 
 
+def _read_tls(reader: TableReader, table: dict[str, Any], base_dir: Path) -> ListenerTLS:
+    reader.unknown(table, {"enabled", "certificate", "private_key", "client_ca"})
+
+    def path(key: str) -> str:
+        value = reader.get(table, key, str, "")
+        if not value:
+            return ""
+        resolved = (base_dir / value).resolve()
+        if not resolved.is_file():
+            reader.problem(key, f"no such file: {resolved}")
+        return str(resolved)
+
+    tls = ListenerTLS(
+        enabled=reader.get(table, "enabled", bool, False),
+        certificate=path("certificate"),
+        private_key=path("private_key"),
+        client_ca=path("client_ca"),
+    )
+    if tls.enabled:
+        for key in ("certificate", "private_key"):
+            if not getattr(tls, key):
+                reader.problem(key, "required when TLS is enabled")
+    return tls
+
+
 _TENANT_KEYS = {
     "name",
     "listen",
@@ -195,6 +231,7 @@ _TENANT_KEYS = {
     "allow",
     "limits",
     "tcp",
+    "tls",
 }
 
 
@@ -216,6 +253,8 @@ def _read_tenant(reader: TableReader, table: dict[str, Any], base_dir: Path) -> 
         limits = _read_limits(reader, reader.get(table, "limits", dict, {}))
     with reader.section("tcp"):
         tcp = _read_tcp(reader, reader.get(table, "tcp", dict, {}))
+    with reader.section("tls"):
+        tls = _read_tls(reader, reader.get(table, "tls", dict, {}), base_dir)
     return TenantConfig(
         name=name,
         listen=listen,
@@ -229,6 +268,7 @@ def _read_tenant(reader: TableReader, table: dict[str, Any], base_dir: Path) -> 
         allow=_read_networks(reader, table),
         limits=limits,
         tcp=tcp,
+        tls=tls,
     )
 
 

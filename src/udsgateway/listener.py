@@ -18,6 +18,7 @@ from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -90,13 +91,14 @@ class ListenerStats:
     closed_not_hl7: int = 0
     frame_timeouts: int = 0
     idle_timeouts: int = 0
+    handshake_timeouts: int = 0
     overflows: int = 0
     dropped_bytes: int = 0
     mllp_connections: int = 0
     tcp_connections: int = 0
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class InboundProtocol(Protocol):
     """One sender's connection: detect framing, frame, hand frames over in order."""
 
@@ -118,6 +120,7 @@ class InboundProtocol(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self._frame_timer: IDelayedCall | None = None
         self._gap_timer: IDelayedCall | None = None
+        self._handshake_timer: IDelayedCall | None = None
 
     @property
     def _transport(self) -> Any:
@@ -131,6 +134,22 @@ class InboundProtocol(Protocol):
         self._idle_timer = self._clock.callLater(
             self._tenant.limits.idle_timeout, self._idle_timeout
         )
+        if self._tenant.tls.enabled:
+            self._handshake_timer = self._clock.callLater(
+                self._tenant.limits.tls_handshake_timeout, self._handshake_timeout
+            )
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (IHandshakeListener): the handshake timeout no longer applies."""
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
+        self._handshake_timer = None
+
+    def _handshake_timeout(self) -> None:
+        self._handshake_timer = None
+        self._factory.stats.handshake_timeouts += 1
+        log.info("TLS handshake timeout: closed", peer=self._peer, tenant=self._tenant.name)
+        self._close(abort=True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
@@ -161,7 +180,7 @@ class InboundProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         self._queue.clear()
-        for timer in (self._idle_timer, self._frame_timer, self._gap_timer):
+        for timer in (self._idle_timer, self._frame_timer, self._gap_timer, self._handshake_timer):
             if timer is not None and timer.active():
                 timer.cancel()
         if self._framer is not None:

@@ -29,6 +29,7 @@ from udsgateway.ingest import Ingest
 from udsgateway.listener import ListenerFactory
 from udsgateway.routing import RoutingTable
 from udsgateway.store import CommitResult, InboundRecord
+from udsgateway.tls import TLSListenerFactory, server_options
 
 log = Logger()
 
@@ -109,7 +110,10 @@ class GatewayService(MultiService):
         self.executor.wake()
         for tenant in self.config.tenants:
             endpoint = serverFromString(self._reactor, tenant.listen)
-            port = await endpoint.listen(self.factories[tenant.name])
+            factory: Any = self.factories[tenant.name]
+            if tenant.tls.enabled:
+                factory = TLSListenerFactory(server_options(tenant.tls), False, factory)
+            port = await endpoint.listen(factory)
             self.ports[tenant.name] = port
             log.info(
                 "tenant {tenant} listening on {address}",
