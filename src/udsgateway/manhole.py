@@ -88,6 +88,7 @@ def manhole_service(config: ManholeConfig, service: Any, reactor: Any) -> IServi
             host_key = keys._getPersistentRSAKey(location, 2048)
         finally:
             os.umask(old_umask)
+        os.chmod(location.path, 0o600)
         factory.publicKeys[b"ssh-rsa"] = host_key
         factory.privateKeys[b"ssh-rsa"] = host_key
         strports.service(config.ssh, factory, reactor=reactor).setServiceParent(parent)
