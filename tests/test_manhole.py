@@ -55,10 +55,10 @@ host_key_dir = "{folder / "hostkey"}"
 
     def _checker(self, config: Any) -> Any:
         reactor = MemoryReactorClock()
-        service = manhole_service(config, _Service(), reactor)
+        service: Any = manhole_service(config, _Service(), reactor)
         [ssh] = list(service)
         assert isinstance(ssh, StreamServerEndpointService)
-        portal = ssh.factory.portal  # type: ignore[attr-defined]
+        portal = ssh.factory.portal
         return portal.checkers[ISSHPrivateKey]
 
     def _credentials(self, key: keys.Key) -> SSHPrivateKey:

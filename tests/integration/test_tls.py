@@ -42,7 +42,7 @@ def _certificate(
     ca: bool = False,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(subject))
@@ -116,7 +116,7 @@ class MutualTLSTests(TestCase):
         self.gateway = Gateway(tenant=tenant)
         factory = TLSListenerFactory(server_options(tls), False, self.gateway.factory)
         listening = TCP4ServerEndpoint(reactor, PORT, interface="127.0.0.1").listen(factory)
-        return listening.addCallback(self._listening)  # type: ignore[return-value]
+        return listening.addCallback(self._listening)
 
     def _listening(self, port: Any) -> None:
         self.addCleanup(port.stopListening)
