@@ -20,7 +20,10 @@ not the expected MSH-10, or no readable MSA), ``timeout`` (no ACK within the tim
 answered because its connection was abandoned after an earlier mismatch or timeout: once the
 stream is out of step, nothing later on it can be verified).
 
-With ``pid`` it also reads the server's CPU time (utime + stime of the process and its
+With ``pid`` it also estimates how busy the rest of the machine was during the run
+(``other_cpu_cores``: machine-wide busy time from ``/proc/stat`` less the server's and the load
+generator's own, in cores), so a run disturbed by other work can be told apart. It also reads the
+server's CPU time (utime + stime of the process and its
 descendants, from ``/proc/<pid>/stat``, in ticks of ``os.sysconf("SC_CLK_TCK")``) over the
 measured run, and its peak RSS (``VmHWM`` from ``/proc/<pid>/status``; that is the peak since the
 process started, so the suite starts a fresh server for every measurement). After the last ACK it
@@ -360,6 +363,17 @@ def peak_rss_kib(pids: Sequence[int]) -> int:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def machine_busy_ticks() -> int:
+    """Busy clock ticks of the whole machine, all CPUs (``/proc/stat``: all but idle and
+    iowait)."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return 0
+    return sum(fields) - fields[3] - fields[4]
+
+
 async def _settle(pids: Sequence[int], max_wait: float, interval: float = 0.25) -> int:
     """Read CPU ticks until the server is idle (under 4% of a core over ``interval``)."""
     deadline = time.monotonic() + max_wait
@@ -402,6 +416,7 @@ class LoadResult:
     server_cpu_ms_per_msg: float | None = None
     server_cpu_ms_per_msg_settled: float | None = None
     server_peak_rss_kib: int | None = None
+    other_cpu_cores: float | None = None
 
     @property
     def error_count(self) -> int:
@@ -489,6 +504,7 @@ async def run_load(
     def on_start() -> None:
         marks["cpu"] = cpu_ticks(pids) if pids else 0
         marks["own"] = time.process_time()
+        marks["machine"] = machine_busy_ticks()
 
     # The collector would add its pauses to our latencies: freeze what exists, pause it.
     gc.collect()
@@ -502,8 +518,13 @@ async def run_load(
         gc.enable()
         gc.unfreeze()
     own_cpu = time.process_time() - marks["own"]
+    machine_busy = machine_busy_ticks() - int(marks["machine"])
     cpu_before = int(marks["cpu"])
     cpu_at_last_ack = cpu_ticks(pids) if pids else 0
+    other_cores = None
+    if pids and elapsed_s > 0:
+        other = machine_busy - (cpu_at_last_ack - cpu_before) - own_cpu * CLK_TCK
+        other_cores = max(0.0, other / CLK_TCK / elapsed_s)
     cpu_settled = await _settle(pids, settle) if pids and settle > 0 else cpu_at_last_ack
     peak = peak_rss_kib(process_tree(pid)) if pid is not None else None
 
@@ -549,6 +570,7 @@ async def run_load(
         server_cpu_ms_per_msg=per_msg_ms(cpu_at_last_ack - cpu_before),
         server_cpu_ms_per_msg_settled=per_msg_ms(cpu_settled - cpu_before),
         server_peak_rss_kib=peak,
+        other_cpu_cores=other_cores,
     )
 
 

@@ -199,6 +199,7 @@ class ReportInput:
     versions: dict[str, str]
     install_notes: Sequence[str]
     raw_json: Path | None
+    warmup: int = 200
 
 
 def _versions_table(data: ReportInput) -> list[str]:
@@ -223,7 +224,8 @@ def _versions_table(data: ReportInput) -> list[str]:
         "--port 27402 --env dev` |",
         f"| udsgateway | this repo at {data.machine['repo_commit']} | "
         "`.venv/bin/twistd -n --pidfile= udsgateway --config <tmp>/udsgateway.toml` "
-        "(config from `bench.servers.gateway_config`, flows from etc/flows/) |",
+        "(config from `bench.servers.gateway_config`; flows from `bench.servers.gateway_flows`: "
+        "one MLLP flow per first-class type, no actions, ACK on commit) |",
     ]
     return rows
 
@@ -262,9 +264,12 @@ def render(data: ReportInput) -> str:
         "- CPU ms/msg: server utime+stime over the measured messages (`/proc/<pid>/stat`), "
         "'to ACK' up to the last ACK, 'settled' once the server is idle again (includes work "
         "done after the ACK, e.g. routing). Peak RSS is VmHWM of the fresh process (it includes "
-        "start-up and a 200-message warm-up).",
+        f"start-up and a {data.warmup}-message warm-up, which is not measured otherwise).",
         "- Compare servers by the ratios, never by absolute numbers from another machine or "
         "session.",
+        f"- Other load: during the measured runs the rest of the machine (neither the server nor "
+        f"the load generator) used {_load_text(data.measurements)}; per run in the last "
+        "table. Runs disturbed by other work show up there.",
         "",
         "## Machine",
         "",
@@ -331,9 +336,9 @@ def render(data: ReportInput) -> str:
     lines.append("")
     lines += ["## Scenarios not run", ""]
     for hook in data.hooks:
+        reason = _one_line(data.hook_results.get(hook.name, "not selected"))
         lines.append(
-            f"- **{hook.name}** ({hook.title}: {hook.measures}): not run. "
-            f"{_one_line(data.hook_results.get(hook.name, 'not selected'))}"
+            f"- **{hook.name}**, {hook.title.lower()} ({hook.measures}) Not run: {reason}."
         )
     lines.append("")
     lines += _all_runs(data)
@@ -399,15 +404,15 @@ def _all_runs(data: ReportInput) -> list[str]:
         "## All measurements",
         "",
         "| round | scenario | server | verified | msgs/s | p50 ms | p99 ms | max ms | "
-        "CPU ms/msg settled | peak RSS MiB | start-up s | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU ms/msg settled | peak RSS MiB | other load (cores) | start-up s | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in data.measurements:
         r = m.result
         startup = _num(m.startup_s) if m.startup_s is not None else "-"
         if r is None:
             lines.append(
-                f"| {m.round} | {m.scenario} | {m.server} | no | - | - | - | - | - | - | "
+                f"| {m.round} | {m.scenario} | {m.server} | no | - | - | - | - | - | - | - | "
                 f"{startup} | {_one_line(m.error or 'failed')[:160]} |"
             )
             continue
@@ -418,9 +423,23 @@ def _all_runs(data: ReportInput) -> list[str]:
             f"{_num(r['msgs_per_s'])} | {_num(r['latency_p50_ms'])} | "
             f"{_num(r['latency_p99_ms'])} | {_num(r['latency_max_ms'])} | "
             f"{_num(r['server_cpu_ms_per_msg_settled'], 3)} | {_mib(r['server_peak_rss_kib'])} | "
-            f"{startup} | {_errors_text(errors)} |"
+            f"{_num(r.get('other_cpu_cores'))} | {startup} | {_errors_text(errors)} |"
         )
     return lines
+
+
+def _load_text(measurements: Sequence[Measurement]) -> str:
+    values = sorted(
+        m.result["other_cpu_cores"]
+        for m in measurements
+        if m.result is not None and m.result.get("other_cpu_cores") is not None
+    )
+    if not values:
+        return "an unknown amount of CPU"
+    return (
+        f"a median of {statistics.median(values):.2f} cores (max {values[-1]:.2f}) "
+        f"of {len(os.sched_getaffinity(0))}"
+    )
 
 
 def _one_line(text: str) -> str:

@@ -21,9 +21,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from bench.install import ensure_peers
-from bench.loadgen import run_load
+from bench.loadgen import CLK_TCK, machine_busy_ticks, run_load
 from bench.messages import MessageFactory
 from bench.report import Measurement, ReportInput, machine_info, render
 from bench.scenarios import (
@@ -40,8 +41,26 @@ WARMUP = 200
 QUICK_WARMUP = 20
 
 
+QUIET_CORES = 0.3
+
+
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def wait_for_quiet(max_wait: float) -> tuple[float, float]:
+    """Wait (at most ``max_wait`` s) until the machine uses under QUIET_CORES cores over one
+    second, so a measurement does not start in the middle of someone else's test run. Returns
+    (seconds waited, cores busy in the last sample)."""
+    started = time.monotonic()
+    cores = 0.0
+    while True:
+        before = machine_busy_ticks()
+        time.sleep(1.0)
+        cores = (machine_busy_ticks() - before) / CLK_TCK
+        waited = time.monotonic() - started
+        if cores < QUIET_CORES or waited >= max_wait:
+            return waited, cores
 
 
 def measure(
@@ -93,6 +112,44 @@ def describe(measurement: Measurement) -> str:
     )
 
 
+def report_input(session: dict[str, Any], raw_path: Path) -> ReportInput:
+    """The report of one session, from the dict that is also saved as raw JSON."""
+    measurements = [Measurement(**m) for m in session["measurements"]]
+    measured = [
+        n
+        for n in session["servers"]
+        if any(m.server == n and m.result is not None for m in measurements)
+    ]
+    selected = set(session["scenarios"])
+    return ReportInput(
+        command=session["command"],
+        started=session["started"],
+        finished=session["finished"],
+        rounds=session["rounds"],
+        quick=session["quick"],
+        scenarios=[s for s in LOAD_SCENARIOS if s.name in selected],
+        hooks=[h for h in HOOK_SCENARIOS if h.name in session["hooks"]],
+        hook_results=session["hooks"],
+        servers=measured,
+        skipped_servers={k: v for k, v in session["skipped"].items() if k not in measured},
+        measurements=measurements,
+        machine=session["machine"],
+        versions=session["versions"],
+        install_notes=session["install_notes"],
+        raw_json=raw_path,
+        warmup=QUICK_WARMUP if session["quick"] else WARMUP,
+    )
+
+
+def rerender(raw_path: Path, results: Path | None) -> int:
+    session = json.loads(raw_path.read_text())
+    default = WORK_DIR / "RESULTS-quick.md" if session["quick"] else BENCH_DIR / "RESULTS.md"
+    target = results or default
+    target.write_text(render(report_input(session, raw_path)))
+    log(f"[done] wrote {target} from {raw_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bench.run", description=__doc__.split("\n\n")[0]
@@ -112,12 +169,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="run only this server (repeatable; default: all that are available)",
     )
     parser.add_argument("--no-install", action="store_true", help="do not install missing peers")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=20.0,
+        help="before each measurement, wait up to this many seconds for the machine to be idle "
+        f"(under {QUIET_CORES} cores busy); 0 disables (default 20)",
+    )
     parser.add_argument("--results", type=Path, default=None, help="where to write the report")
+    parser.add_argument(
+        "--rerender",
+        type=Path,
+        default=None,
+        metavar="RAW_JSON",
+        help="measure nothing: rewrite the report from a saved bench/work/results-*.json",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.rerender is not None:
+        return rerender(args.rerender, args.results)
     command = "python -m bench.run" + "".join(
         " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )
@@ -189,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"[{done}/{total}] round {round_no}/{rounds} {scenario.name} "
                     f"({scenario.shape(args.quick)}) {name}:"
                 )
+                if args.quiet_wait > 0:
+                    waited, cores = wait_for_quiet(args.quiet_wait)
+                    if waited > 1.5:
+                        quiet = f"waited {waited:.0f} s for a quiet machine ({cores:.2f} cores)"
+                        log(f"{prefix} {quiet}")
                 log(f"{prefix} starting")
                 measurement, could_start = measure(name, scenario, args.quick, round_no)
                 measurements.append(measurement)
@@ -201,39 +279,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     raw_path = WORK_DIR / time.strftime("results-%Y%m%d-%H%M%S.json", time.gmtime(started))
-    raw_path.write_text(
-        json.dumps(
-            {
-                "command": command,
-                "machine": machine,
-                "versions": versions,
-                "skipped": skipped,
-                "hooks": hook_results,
-                "measurements": [asdict(m) for m in measurements],
-            },
-            indent=2,
-        )
-    )
-    measured = [
-        n for n in servers if any(m.server == n and m.result is not None for m in measurements)
-    ]
-    report = ReportInput(
-        command=command,
-        started=started,
-        finished=finished,
-        rounds=rounds,
-        quick=args.quick,
-        scenarios=scenarios,
-        hooks=hooks,
-        hook_results=hook_results,
-        servers=measured,
-        skipped_servers={k: v for k, v in skipped.items() if k not in measured},
-        measurements=measurements,
-        machine=machine,
-        versions=versions,
-        install_notes=notes,
-        raw_json=raw_path,
-    )
+    session = {
+        "command": command,
+        "started": started,
+        "finished": finished,
+        "rounds": rounds,
+        "quick": args.quick,
+        "scenarios": [s.name for s in scenarios],
+        "hooks": hook_results,
+        "servers": servers,
+        "skipped": skipped,
+        "machine": machine,
+        "versions": versions,
+        "install_notes": notes,
+        "measurements": [asdict(m) for m in measurements],
+    }
+    raw_path.write_text(json.dumps(session, indent=2))
+    report = report_input(session, raw_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(render(report))
     log(f"[done] {len(measurements)} measurements in {(finished - started) / 60:.1f} min")

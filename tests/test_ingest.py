@@ -11,6 +11,7 @@ those about framing, timers and connections are in ``test_listener``.
 from __future__ import annotations
 
 import re
+
 from attrs import frozen
 from sqlalchemy.exc import OperationalError
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
@@ -39,7 +40,10 @@ def hl7(
     patient: bytes = b"Doe^John",
     separator: bytes = b"\r",
 ) -> bytes:
-    """An HL7 v2 message with the default delimiters; ``sending``/``receiving`` are MSH-3|4, MSH-5|6."""
+    """An HL7 v2 message with the default delimiters.
+
+    ``sending`` is MSH-3|MSH-4 and ``receiving`` MSH-5|MSH-6.
+    """
     msh = (
         f"MSH|^~\\&|{sending}|{receiving}|{SENT_AT}||{message_type}|{control_id}"
         f"|{processing_id}|{version}"
@@ -421,7 +425,7 @@ class StoreThenAckTests(GatewayTestCase):
         self.assertEqual([m.control_id for m in gateway.messages()], ["G4C"])
 
     def test_disk_full_nak_207(self) -> None:
-        """ "database or disk is full" during the commit: AR 207."""
+        """A full disk during the commit ("database or disk is full"): AR 207."""
         runner = ManualRunner()
         gateway = Gateway(runner=runner)
         connection = gateway.connect()
@@ -432,7 +436,7 @@ class StoreThenAckTests(GatewayTestCase):
         self.assertEqual(gateway.messages(), [])
 
     def test_locked_database_nak_206(self) -> None:
-        """ "database is locked" during the commit: AR 206, not stored; then normal again."""
+        """A locked database during the commit: AR 206, not stored; then normal again."""
         runner = ManualRunner()
         gateway = Gateway(runner=runner)
         connection = gateway.connect()
@@ -583,6 +587,7 @@ class RoutingTests(GatewayTestCase):
         self.gateway = Gateway(apps=routing_apps())
 
     def send_plain(self, message: bytes) -> Reply:
+        """Send ``message`` over plain TCP, ended by a half-close; return its one reply."""
         connection = self.gateway.connect()
         connection.send(message)
         connection.protocol.readConnectionLost()
@@ -665,6 +670,7 @@ class EnhancedModeTests(GatewayTestCase):
     """MSH-15/MSH-16 present: enhanced mode; the message is stored in every case."""
 
     def answers(self, message: bytes) -> list[Reply]:
+        """Send ``message`` to a new gateway (``self.gateway``); return the replies."""
         self.gateway = Gateway()
         connection = self.gateway.connect()
         connection.send(mllp(message))
@@ -772,6 +778,7 @@ class NoPhiInLogsTests(GatewayTestCase):
     """G6: planted patient names never appear in any log event."""
 
     def patient(self, n: int = 0) -> bytes:
+        """A PID-5 value made of marker words."""
         return f"{PHI_MARKERS[0]}{n}^{PHI_MARKERS[1]}".encode("ascii")
 
     def test_no_marker_in_any_log_event(self) -> None:

@@ -12,7 +12,7 @@ import ipaddress
 import tracemalloc
 
 from sqlalchemy.exc import OperationalError
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
@@ -78,7 +78,7 @@ class MLLPFramingTests(GatewayTestCase):
         self.assertEqual([r.code for r in replies], ["AA", "AA"])
 
     def test_unframed_hl7_on_mllp_connection_dropped_then_idle_close(self) -> None:
-        """Unframed HL7 after MLLP is dropped while waiting for a start byte; idle timeout closes."""
+        """Unframed HL7 after MLLP is dropped while no frame is open; idle timeout closes."""
         gateway = Gateway()
         connection = gateway.connect()
         connection.send(mllp(hl7("FRAMED")))
@@ -265,7 +265,7 @@ class PlainTCPTests(GatewayTestCase):
         self.assertEqual([m.raw for m in gateway.messages()], [hl7("END1"), hl7("END2")])
 
     def test_start_and_end_bytes(self) -> None:
-        """Mirth-style start and end bytes (STX/ETX): stripped from the message, added to the ACK."""
+        """Start and end bytes (STX/ETX): not part of the message, added to the ACK."""
         gateway = Gateway(tenant=tenant(tcp=PlainTCP(start_bytes=b"\x02", end_bytes=b"\x03")))
         connection = gateway.connect()
         connection.send(b"\x02" + hl7("STX1") + b"\x03")
@@ -404,6 +404,24 @@ class OrderAndBackpressureTests(GatewayTestCase):
         replies = mllp_replies(connection.received())
         self.assertEqual([r.control_id for r in replies], ids)
         self.assertEqual(connection.transport.producerState, "producing")
+
+    def test_sender_gone_before_ack_then_resend_replays(self) -> None:
+        """The sender disconnects while its commit is held: the commit completes, nothing is
+        written on the dead connection, and the resend on a new one replays the ACK."""
+        runner = ManualRunner()
+        gateway = Gateway(runner=runner)
+        connection = gateway.connect(port=1)
+        connection.send(mllp(hl7("GONE")))
+        hang_up(connection)
+        runner.run_next()
+        self.assertEqual(connection.received(), b"")
+        [stored] = gateway.messages()
+        again = gateway.connect(port=2)
+        again.send(mllp(hl7("GONE")))
+        runner.run_next()
+        self.assertEqual(again.received(), mllp(stored.ack))
+        self.assertEqual(len(gateway.messages()), 1)
+        self.assertEqual([e for e in self.events if e.get("log_failure")], [])
 
     def test_no_pause_below_the_limit(self) -> None:
         """Fewer frames than max_pending_frames do not pause the transport."""
@@ -669,6 +687,14 @@ class ConnectionLimitTests(GatewayTestCase):
         connection.send(mllp(hl7("ALLOWED")))
         self.assertEqual(one_reply(connection).code, "AA")
 
+    def test_allowlist_on_dual_stack_socket(self) -> None:
+        """An IPv4 peer seen as an IPv4-mapped IPv6 address is judged by its IPv4 address."""
+        gateway = Gateway(tenant=tenant(allow=(ipaddress.ip_network("10.0.0.0/8"),)))
+        build = gateway.factory.buildProtocol
+        self.assertIsNotNone(build(IPv6Address("TCP", "::ffff:10.1.2.3", 1)))
+        self.assertIsNone(build(IPv6Address("TCP", "::ffff:192.168.1.1", 1)))
+        self.assertIsNone(build(IPv6Address("TCP", "2001:db8::1", 1)))
+
     def test_refusals_log_rate_limited(self) -> None:
         """Thousands of refused connections log a bounded number of lines."""
         gateway = Gateway(tenant=tenant(allow=(ipaddress.ip_network("10.0.0.0/8"),)))
@@ -685,6 +711,7 @@ class NotHL7Tests(GatewayTestCase):
     """HTTP, TLS and load balancer probes on an HL7 port."""
 
     def probe(self, gateway: Gateway, data: bytes, port: int) -> Connection:
+        """A new connection that sends ``data``."""
         connection = gateway.connect(port=port)
         connection.send(data)
         return connection

@@ -222,6 +222,136 @@ class AutoescapeTests(SynchronousTestCase):
         self.assertEqual(WireText("^", Delimiters()).join(["a|", wire]), "a\\F\\^D\\F\\Angelo")
 
 
+class FilterEdgeTests(SynchronousTestCase):
+    """Less common filters and values, still escaped exactly once."""
+
+    def test_wire_text_string_methods(self) -> None:
+        """Case, strip, split, partition and repeat keep WireText and escape plain operands."""
+        wire = WireText(" D\\F\\Angelo^Maria ", Delimiters())
+        for result, expected in (
+            (wire.lower(), " d\\f\\angelo^maria "),
+            (wire.upper(), " D\\F\\ANGELO^MARIA "),
+            (wire.strip().capitalize(), "D\\f\\angelo^maria"),
+            (wire.title(), " D\\F\\Angelo^Maria "),
+            (wire.swapcase(), " d\\f\\aNGELO^mARIA "),
+            (wire.lstrip(), "D\\F\\Angelo^Maria "),
+            (wire.rstrip(), " D\\F\\Angelo^Maria"),
+            (wire * 2, " D\\F\\Angelo^Maria  D\\F\\Angelo^Maria "),
+        ):
+            self.assertIsInstance(result, WireText)
+            self.assertEqual(result, expected)
+        self.assertEqual(wire.rsplit("^"), [wire])
+        self.assertEqual(wire.partition("Angelo"), (" D\\F\\", "Angelo", "^Maria "))
+        # A "|" in the data is "\\F\\" on the wire: that is what the plain "|" matches.
+        self.assertEqual(wire.rpartition("|"), (" D", "\\F\\", "Angelo^Maria "))
+        self.assertTrue(all(isinstance(part, WireText) for part in wire.partition("^")))
+        self.assertEqual(repr(WireText("a", Delimiters())), "WireText('a')")
+
+    def test_truncatewords_and_strip_newlines(self) -> None:
+        """truncatewords and strip_newlines keep wire text and escape their own text."""
+        self.assertEqual(
+            render_line(
+                '{{ msg["NTE-3"] | truncatewords: 2, "~" }}', parse_message(fixture("siu_s12.hl7"))
+            ),
+            "Patient prefers\\R\\",
+        )
+        self.assertEqual(render_line('{{ msg["PID-5.1"] | truncatewords: 3 }}'), "D\\F\\Angelo")
+        self.assertEqual(render_line('{{ msg["PID-5.1"] | strip_newlines }}'), "D\\F\\Angelo")
+        self.assertEqual(
+            render_line("{{ app.x | strip_newlines }}", app={"x": "a\r\nb|"}), "ab\\F\\"
+        )
+
+    def test_filter_argument_errors(self) -> None:
+        """Bad filter arguments fail the render with a reason naming the filter only."""
+        for expression, reason in (
+            ('{{ msg["PID-5.1"] | truncate: "x" }}', "truncate expected an integer"),
+            (
+                '{{ msg["PID-5.1"] | truncatewords: app.none }}',
+                "truncatewords expected an integer, found Undefined",
+            ),
+            ('{{ msg["PID-7"] | hl7_date: 5 }}', "hl7_date: the format must be a string"),
+            ("{{ app.x | hl7_date }}", "hl7_date: the value is not a date"),
+            ('{{ "2024-13-45" | hl7_date }}', "hl7_date: the value is not a date"),
+            ('{{ "20241345" | hl7_date }}', "hl7_date: the value is not a date"),
+            ('{{ msg["PID-3"] | join: "," }}', "join expected an array, found WireText"),
+        ):
+            error = self.assertRaises(
+                RenderError, render, HEADER + "NTE|1||" + expression, app={"x": 5}
+            )
+            self.assertEqual(error.reason, reason, expression)
+
+    def test_dates_of_other_kinds(self) -> None:
+        """hl7_date takes date objects and timezone-aware ISO text; date leaves non-dates."""
+        self.assertEqual(
+            render_line("{{ app.d | hl7_date }}", app={"d": datetime(2024, 5, 1).date()}),
+            "20240501",
+        )
+        self.assertEqual(
+            render_line('{{ "2024-05-01T08:15:00+02:00" | hl7_date }}'), "20240501081500+0200"
+        )
+        self.assertEqual(render_line('{{ msg["PID-5.1"] | date: "%Y" }}'), "D\\F\\Angelo")
+        self.assertEqual(
+            render_line("{{ app.when }}", app={"when": datetime(2024, 5, 1).date()}), "20240501"
+        )
+
+    def test_raw_of_other_values(self) -> None:
+        """raw leaves wire text alone and writes views and lists without escaping."""
+        self.assertEqual(
+            render_line(
+                '{{ msg["PID-5.1"] | raw }}|{{ app.list | raw }}|{{ (1..3) | raw }}',
+                app={"list": ["a^", 1]},
+            ),
+            "D\\F\\Angelo|a^1|1..3",
+        )
+
+
+class ViewTests(SynchronousTestCase):
+    """The message, segment and repetition mappings as Python sees them."""
+
+    def test_whole_message_pass_through(self) -> None:
+        """{{ msg }} writes the trigger as received: a template can forward it unchanged."""
+        self.assertEqual(render("{{ msg }}"), fixture("adt_a04.hl7").encode("utf-8"))
+
+    def test_mapping_protocol(self) -> None:
+        """Views list their keys: segment IDs, field numbers, component numbers."""
+        from udsgateway.templating import MessageView
+
+        view = MessageView(ADT, Delimiters())
+        self.assertEqual(list(view), ["MSH", "EVN", "PID", "PV1", "NK1"])
+        self.assertEqual(len(view), 5)
+        nk1 = view["NK1[2]"]
+        assert isinstance(nk1, Mapping)
+        self.assertEqual(list(nk1), ["1", "2", "3", "4", "5"])
+        self.assertEqual(len(nk1), 5)
+        reps = view["PID-3[*]"]
+        assert isinstance(reps, list)
+        self.assertEqual((list(reps[0]), len(reps[0])), (["1", "2", "3", "4", "5"], 5))
+        self.assertEqual(reps[0]["4.1"], "SYNTHHOSP")
+        self.assertEqual(reps[0][9], "")
+        self.assertRaises(KeyError, view.__getitem__, "NK1[3]")
+        self.assertRaises(KeyError, view.__getitem__, 3)
+        self.assertRaises(KeyError, nk1.__getitem__, "x")
+        self.assertEqual(view["MSH-2[*]"], ["^~\\&"])
+
+    def test_no_message(self) -> None:
+        """A view of a missing response has no keys and only empty values."""
+        from udsgateway.templating import MessageView
+
+        view = MessageView(None, Delimiters())
+        self.assertEqual((list(view), len(view), view.__hl7__()), ([], 0, ""))
+        self.assertEqual((view["MSA-1"], view["NK1"], view["PID-3[*]"]), ("", [], []))
+
+    def test_bad_component_key(self) -> None:
+        """A bad component path on a repetition fails the render at its line."""
+        error = self.assertRaises(
+            RenderError,
+            render,
+            HEADER + '\n{% for id in msg["PID-3[*]"] %}{{ id["1..2"] }}{% endfor %}',
+        )
+        self.assertEqual(error.line, 3)
+        self.assertIn("1..2", error.reason)
+
+
 class PathsInTemplatesTests(SynchronousTestCase):
     """The trigger message in the template: paths, repetitions, segments."""
 
@@ -641,6 +771,12 @@ class DocumentedExampleTests(SynchronousTestCase):
     """The examples of docs/templates.md, rendered from the first-class samples."""
 
     APP = {"facility": "UDS&CO", "partner_app": "PARTNER", "partner_facility": "MAIN"}
+
+    def test_docs_show_the_fixtures(self) -> None:
+        """docs/templates.md shows the example templates exactly as tested here."""
+        docs = (Path(__file__).parent.parent / "docs" / "templates.md").read_text("utf-8")
+        for name in ("adt_a04_to_partner.liquid", "siu_s12_to_partner.liquid"):
+            self.assertIn("```liquid\n" + fixture(name) + "```", docs)
 
     def test_adt_a04_to_partner(self) -> None:
         """ADT^A04: MRN re-issued, name forwarded unchanged, one NK1 per next of kin."""

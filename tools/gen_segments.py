@@ -28,9 +28,12 @@ Layout of the JSON (data, not code)::
 ``segments[SEG]`` maps a version to the list of fields (index 0 is field 1) as
 ``[name, data type]``; ``datatypes[TYPE]`` maps a version to the components of a
 composite data type in the same form. Only composite types reachable from the listed
-segments are kept. To keep the file small, a version whose list equals that of the
-previous version in ``versions`` is omitted: a reader takes the nearest earlier version
-present (the first version of every entry is always present).
+segments are kept. hl7apy's ``UPPER_SNAKE`` names are turned into the standard's titles
+(``MOTHER_S_MAIDEN_NAME`` -> "Mother's Maiden Name", ``SET_ID_PID`` -> "Set ID - PID").
+
+To keep the file small (about 50 KB), a version whose list equals that of the previous
+version in ``versions`` is omitted: a reader takes the nearest earlier version present,
+and for a version before the first one present (TQ1 is new in 2.5), the first one.
 """
 
 from __future__ import annotations

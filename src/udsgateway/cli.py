@@ -24,6 +24,7 @@ from udsgateway.db import Database, InlineRunner, SchemaError, ensure_schema, ma
 from udsgateway.flows import App, Flow, FlowFileError, read_app_file, write_app
 from udsgateway.message import MessageParseError, parse_message
 from udsgateway.operate import add_operator_commands
+from udsgateway.peers import add_peer_commands
 from udsgateway.templating import (
     ActionResponse,
     RenderError,
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--message", metavar="FILE", help="HL7 message to render from")
     p.set_defaults(handler=cmd_flows_render)
     add_operator_commands(commands)
+    add_peer_commands(commands)
     return parser
 
 
@@ -275,6 +277,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     out = out if out is not None else sys.stdout
     args = build_parser().parse_args(argv)
     try:
+        if not getattr(args, "needs_config", True):
+            # send and receive (peers.py) talk to a gateway and read no configuration.
+            return int(args.handler(args, None, out))
         config = load_config(args.config)
         handler: Handler = args.handler
         return handler(args, config, out)

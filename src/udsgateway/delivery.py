@@ -29,7 +29,7 @@ from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import clientFromString
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -85,6 +85,12 @@ class DestinationProtocol(Protocol):
         self._waiting: Deferred[bytes] | None = None
         self._gap: IDelayedCall | None = None
         self.connected_ok = True
+
+    def connectionMade(self) -> None:
+        # One small message, then wait for its ACK: Nagle would only add latency.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def exchange(self, payload: bytes) -> Deferred[bytes]:
         """Send one message; fire with the reply frame, or fail with DeliveryError."""
@@ -185,14 +191,21 @@ class Destination:
     _turns: deque[Deferred[None]] = field(factory=deque)
     last_error: str = ""
     sent: int = 0
+    #: Turns the endpoint string into an endpoint (tests pass an in-memory one).
+    endpoint_factory: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
+    #: Reconnect jitter, drawn from the dispatcher's generator so tests can seed it.
+    rng: random.Random = field(factory=random.Random)
 
     def start(self, reactor: Any) -> None:
-        endpoint = clientFromString(reactor, self.endpoint)
+        endpoint = self.endpoint_factory(reactor, self.endpoint)
         self._service = ClientService(
             endpoint,
             _DestinationFactory(self.protocol, self._clock, self.timing),
             retryPolicy=backoffPolicy(
-                self.timing.backoff_initial, self.timing.backoff_max, factor=2.0
+                self.timing.backoff_initial,
+                self.timing.backoff_max,
+                factor=2.0,
+                jitter=self.rng.random,
             ),
             clock=self._clock,
         )
@@ -341,6 +354,8 @@ class Lane:
             settlement = await self._attempt(head)
             if self._stopped:
                 return
+            if settlement.response is not None and dispatcher.after_send is not None:
+                dispatcher.after_send()
             recorded = await dispatcher.record(settlement)
             if recorded is not None and dispatcher.on_recorded is not None:
                 dispatcher.on_recorded(recorded)
@@ -435,6 +450,9 @@ class Dispatcher(Service):
     after_record: Callable[[Connection, list[Delivery]], Any] | None = None
     #: Called in the reactor with what ``after_record`` returned, after the commit.
     on_recorded: Callable[[Any], None] | None = None
+    #: Called when a destination answered an attempt, before the outcome is
+    #: recorded (fault injection in tests: tap.py's crash points).
+    after_send: Callable[[], None] | None = None
     timing: Callable[[str], Timing] = field(default=lambda _endpoint: Timing())
     page_size: int = 64
     max_active_lanes: int = 512
@@ -442,6 +460,8 @@ class Dispatcher(Service):
     held_poll: float = 5.0
     max_queued_per_destination: int = 100_000
     rng: random.Random = field(factory=random.Random)
+    #: Turns an endpoint string into an endpoint; tests inject in-memory destinations.
+    endpoint_factory: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
     destinations: dict[str, Destination] = field(factory=dict)
     lanes: dict[str, Lane] = field(factory=dict)
     queued: dict[str, int] = field(factory=dict)
@@ -551,7 +571,14 @@ class Dispatcher(Service):
         key = f"{protocol} {endpoint}"
         destination = self.destinations.get(key)
         if destination is None:
-            destination = Destination(endpoint, protocol, self.clock, self.timing(endpoint))
+            destination = Destination(
+                endpoint,
+                protocol,
+                self.clock,
+                self.timing(endpoint),
+                endpoint_factory=self.endpoint_factory,
+                rng=self.rng,
+            )
             destination.start(self.reactor)
             self.destinations[key] = destination
         return destination

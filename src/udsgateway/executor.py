@@ -11,7 +11,7 @@ reason; other executions and flows go on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -77,6 +77,9 @@ class Executor:
     _running: bool = False
     _dirty: bool = False
     _watchers: dict[int, list[Deferred[Finished]]] = field(factory=dict)
+    #: Called for each delivery once its enqueue committed, before the dispatcher
+    #: hears of it (fault injection in tests: tap.py's crash points).
+    after_enqueue: Callable[[], None] | None = None
     rendered: int = 0
     failed: int = 0
 
@@ -157,6 +160,8 @@ class Executor:
                     executions.apply, transitions, self.clock.seconds()
                 )
                 for _delivery_id, delivery in enqueued:
+                    if self.after_enqueue is not None:
+                        self.after_enqueue()
                     self.dispatcher.enqueued(
                         delivery.lane, delivery.destination, delivery.protocol
                     )

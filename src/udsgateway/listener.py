@@ -131,6 +131,10 @@ class InboundProtocol(Protocol):
     # -- Twisted callbacks
 
     def connectionMade(self) -> None:
+        # ACKs are small and answer a waiting sender: never let Nagle hold them back.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self._idle_timer = self._clock.callLater(
             self._tenant.limits.idle_timeout, self._idle_timeout
         )
@@ -400,4 +404,7 @@ def _allowed(peer: str, tenant: TenantConfig) -> bool:
         address = ipaddress.ip_address(peer)
     except ValueError:
         return False
-    return any(address in network for network in tenant.allow)
+    candidates = [address]
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        candidates.append(address.ipv4_mapped)  # an IPv4 peer on a dual-stack IPv6 socket
+    return any(candidate in network for candidate in candidates for network in tenant.allow)

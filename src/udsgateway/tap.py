@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -51,30 +51,70 @@ def makeService(options: Options) -> IService:
     database = Database(make_engine(config.database), runner)
     control_ids = ControlIdSource.for_boot(time.time())
     service = GatewayService(config, reactor, database, control_ids, on_runner_stop=runner.stop)
+    service.ready.addErrback(_exit_status_after_failed_start, reactor)
     _install_crash_points(service)
     if config.manhole.enabled:
         manhole_service(config.manhole, service, reactor).setServiceParent(service)
     return service
 
 
+#: twistd's exit status when the gateway could not start (the reason is logged).
+FAILED_START_STATUS = 1
+
+
+def _exit_status_after_failed_start(_failure: object, reactor: Any) -> None:
+    """Make a failed start visible to whoever runs twistd: a non-zero exit status.
+
+    GatewayService logs why it could not start and stops the reactor; twistd
+    then exits 0, as after a clean stop, which hides the failure from a
+    supervisor or ``make run``. So exit with FAILED_START_STATUS once the
+    shutdown (service stop, database thread stop) has run.
+    """
+
+    def exit_now() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(FAILED_START_STATUS)
+
+    reactor.addSystemEventTrigger("after", "shutdown", exit_now)
+
+
 #: Environment variable naming a point where the process kills itself with
 #: SIGKILL. For the crash tests (tests/integration) only: it lets them prove
 #: G1 and G3 at the exact moments of RELIABILITY.md's "Faults" table.
+#: ``POINT`` crashes the first time the point is reached, ``POINT:N`` the Nth:
+#:
+#: * ``before_commit``: a group of inbound messages is about to be committed;
+#: * ``after_commit``: an inbound message is committed, not yet answered;
+#: * ``after_enqueue``: an action's delivery is committed (its execution is
+#:   waiting), not yet handed to its lane;
+#: * ``after_send``: a destination answered a delivery, its outcome not yet
+#:   recorded (so it is sent again after the restart).
 CRASH_AT_VARIABLE = "UDSGATEWAY_TEST_CRASH_AT"
 
 
 def _install_crash_points(service: GatewayService) -> None:
-    point = os.environ.get(CRASH_AT_VARIABLE, "")
-    if not point:
+    value = os.environ.get(CRASH_AT_VARIABLE, "")
+    if not value:
         return
+    point, _, nth = value.partition(":")
+    if not (nth or "1").isdigit() or int(nth or "1") < 1:
+        raise SystemExit(f"{CRASH_AT_VARIABLE}: {value!r}: expected POINT or POINT:N (N >= 1)")
+    reached = [0]
 
     def crash() -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
+        reached[0] += 1
+        if reached[0] >= int(nth or "1"):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     if point == "before_commit":
         service.committer.before_batch = crash
     elif point == "after_commit":
         for ingest in service.ingests.values():
             ingest.after_commit = crash
+    elif point == "after_enqueue":
+        service.executor.after_enqueue = crash
+    elif point == "after_send":
+        service.dispatcher.after_send = crash
     else:
         raise SystemExit(f"{CRASH_AT_VARIABLE}: unknown crash point {point!r}")

@@ -667,7 +667,7 @@ def _date(value: object, fmt: object, *, context: RenderContext) -> object:
 def _join(values: object, separator: object = " ", *, context: RenderContext) -> WireText:
     """``join``: items and separator escaped unless wire text; the result is wire text."""
     if not isinstance(values, (list, tuple)):
-        raise FilterArgumentError(
+        raise _SafeFilterError(
             f"join expected an array, found {type(values).__name__}", token=None
         )
     target = _target(context)

@@ -5,26 +5,41 @@ ingest, group committer, SQLite store) on an in-memory database, a
 synchronous database runner and a ``task.Clock``, so a test can connect
 ``StringTransport``s and assert bytes on the wire and rows in the store
 without threads, sockets or sleeps.
+
+``Outbound`` does the same for the delivery engine: the real dispatcher,
+lanes and destination protocol, talking through in-memory endpoints to
+scripted ``DestinationPeer``s on the same clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from attrs import define, field
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IProtocol,
+    IProtocolFactory,
+    IStreamClientEndpoint,
+)
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from udsgateway import store
+from udsgateway import outbox, store
 from udsgateway.ack import ControlIdSource
 from udsgateway.config import TenantConfig
 from udsgateway.db import Database, GroupCommitter, IDatabaseRunner, InlineRunner, ensure_schema
 from udsgateway.db import make_engine as _make_engine
+from udsgateway.delivery import Dispatcher, Timing
 from udsgateway.flows import App, Flow, Trigger
+from udsgateway.framing import Frame, IFramer, MLLPFramer
 from udsgateway.ingest import Ingest
 from udsgateway.listener import InboundProtocol, ListenerFactory
 from udsgateway.routing import RoutingTable
@@ -154,3 +169,336 @@ class Connection:
     @property
     def closed(self) -> bool:
         return bool(self.transport.disconnecting)
+
+
+# -- the outbound side: destination systems in memory
+
+
+def outbound_message(control_id: str, body: str = "PID|1||12345") -> bytes:
+    """A small HL7 message to deliver, whose MSH-10 is ``control_id``."""
+    return (
+        f"MSH|^~\\&|GATEWAY|FAC|DEST|FAC|20240101000000||ADT^A04|{control_id}|P|2.5\r{body}\r"
+    ).encode()
+
+
+def control_id_of(message: bytes) -> str:
+    """MSH-10 of a message built by ``outbound_message`` (or any with ``|`` fields)."""
+    return message.split(b"\r", 1)[0].split(b"|")[9].decode()
+
+
+def destination_ack(control_id: str, code: str = "AA", error: int | None = None) -> bytes:
+    """The ACK a destination sends for the message ``control_id``."""
+    reply = f"MSH|^~\\&|DEST|FAC|GATEWAY|FAC|20240101000001||ACK|R{control_id}|P|2.5\r"
+    reply += f"MSA|{code}|{control_id}\r"
+    if error is not None:
+        reply += f"ERR|||{error}^Error^HL70357|E\r"
+    return reply.encode()
+
+
+class PeerTransport(StringTransport):
+    """The gateway's end of an in-memory connection to a ``DestinationPeer``.
+
+    Writes reach the peer at once; closing tells the gateway's protocol on the
+    next turn of the clock (as a reactor does), and writes after a close are
+    discarded, as a real transport discards them.
+    """
+
+    def __init__(self, connection: PeerConnection) -> None:
+        super().__init__(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 50000 + len(connection.peer.connections)),
+            peerAddress=IPv4Address("TCP", "127.0.0.1", 2575),
+        )
+        self._connection = connection
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting:
+            return
+        super().write(data)
+        self._connection.from_gateway(data)
+
+    def writeSequence(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if not self.disconnecting:
+            super().loseConnection()
+            self._connection.lost(ConnectionDone())
+
+    def abortConnection(self) -> None:
+        if not self.disconnecting:
+            self.disconnected = True
+            super().loseConnection()
+            self._connection.lost(ConnectionAborted())
+
+
+@define(eq=False)
+class PeerConnection:
+    """One connection as the destination sees it: what arrived, and a way to answer."""
+
+    peer: DestinationPeer
+    protocol: IProtocol
+    transport: PeerTransport = field(init=False)
+    received: list[bytes] = field(factory=list)
+    #: True once the gateway's protocol was told the connection is gone.
+    closed: bool = False
+    _framer: IFramer | None = field(default=None, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.transport = PeerTransport(self)
+        if self.peer.protocol == "mllp":
+            self._framer = MLLPFramer()
+
+    def from_gateway(self, data: bytes) -> None:
+        # Plain TCP: the gateway writes each message in one call, with no end
+        # bytes, so one write is one message.
+        payloads = (
+            [data]
+            if self._framer is None
+            else [event.payload for event in self._framer.feed(data) if isinstance(event, Frame)]
+        )
+        for payload in payloads:
+            self.received.append(payload)
+            self.peer.received.append(payload)
+            self.peer.answer(self, payload)
+
+    def reply(self, message: bytes, delay: float | None = None) -> None:
+        """Send ``message`` back, framed as the connection's protocol wants, after ``delay``."""
+        framed = mllp(message) if self.peer.protocol == "mllp" else message
+        self.send_raw(framed, self.peer.latency if delay is None else delay)
+
+    def send_raw(self, data: bytes, delay: float = 0.0) -> None:
+        """Send bytes as they are after ``delay``; lost if the connection closed meanwhile."""
+        self.peer.clock.callLater(delay, self._deliver, data)
+
+    def _deliver(self, data: bytes) -> None:
+        if self.closed or self.transport.disconnecting:
+            self.peer.undelivered.append(data)
+            return
+        self.peer.delivered.append(data)
+        self.protocol.dataReceived(data)
+
+    def hang_up(self) -> None:
+        """The destination closes the connection."""
+        self.transport.loseConnection()
+
+    def lost(self, reason: Exception) -> None:
+        self.peer.clock.callLater(0, self._lost, reason)
+
+    def _lost(self, reason: Exception) -> None:
+        if not self.closed:
+            self.closed = True
+            self.protocol.connectionLost(Failure(reason))
+
+
+def _answer_aa(connection: PeerConnection, payload: bytes) -> None:
+    connection.reply(destination_ack(control_id_of(payload)))
+
+
+@define(eq=False)
+class DestinationPeer:
+    """A destination system in memory for the delivery engine's tests.
+
+    ``endpoint()`` gives an ``IStreamClientEndpoint`` whose connections reach
+    this peer on the clock: a connection attempt completes (or is refused,
+    while ``accepting`` is false or ``refuse_next`` is positive) on the next
+    turn of the clock. Each message received is recorded and passed to
+    ``script(connection, payload)``, which by default answers AA after
+    ``latency`` seconds.
+    """
+
+    clock: Clock
+    protocol: str = "mllp"
+    accepting: bool = True
+    refuse_next: int = 0
+    latency: float = 0.0
+    script: Callable[[PeerConnection, bytes], None] = _answer_aa
+    connections: list[PeerConnection] = field(factory=list)
+    #: Every message received, over every connection, in order.
+    received: list[bytes] = field(factory=list)
+    #: Replies that reached the gateway's protocol, and replies lost to a closed connection.
+    delivered: list[bytes] = field(factory=list)
+    undelivered: list[bytes] = field(factory=list)
+    attempts: int = 0
+    refused: int = 0
+
+    def endpoint(self) -> PeerEndpoint:
+        """A client endpoint that connects to this peer."""
+        return PeerEndpoint(self)
+
+    def answer(self, connection: PeerConnection, payload: bytes) -> None:
+        self.script(connection, payload)
+
+    def received_ids(self) -> list[str]:
+        """MSH-10 of every message received, in order."""
+        return [control_id_of(payload) for payload in self.received]
+
+    @property
+    def current(self) -> PeerConnection:
+        """The latest connection."""
+        return self.connections[-1]
+
+    def open_connections(self) -> list[PeerConnection]:
+        """Connections the gateway has not been told are closed."""
+        return [connection for connection in self.connections if not connection.closed]
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        call: IDelayedCall | None = None
+
+        def cancel(_: Deferred[IProtocol]) -> None:
+            if call is not None and call.active():
+                call.cancel()
+
+        connecting: Deferred[IProtocol] = Deferred(cancel)
+        call = self.clock.callLater(0, self._connect, factory, connecting)
+        return connecting
+
+    def _connect(self, factory: IProtocolFactory, connecting: Deferred[IProtocol]) -> None:
+        self.attempts += 1
+        if not self.accepting or self.refuse_next > 0:
+            self.refuse_next = max(0, self.refuse_next - 1)
+            self.refused += 1
+            connecting.errback(ConnectionRefusedError("refused by the test peer"))
+            return
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 2575))
+        assert protocol is not None
+        connection = PeerConnection(self, protocol)
+        self.connections.append(connection)
+        protocol.makeConnection(connection.transport)
+        connecting.callback(protocol)
+
+
+@implementer(IStreamClientEndpoint)
+@define(eq=False)
+class PeerEndpoint:
+    """A client endpoint whose connections reach a ``DestinationPeer``."""
+
+    peer: DestinationPeer
+
+    def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
+        return self.peer.connect(factory)
+
+
+def run_until(clock: Clock, done: Callable[[], bool], limit: float = 86_400.0) -> float:
+    """Move the clock from one delayed call to the next until ``done()``; return the time.
+
+    Raises AssertionError when nothing is scheduled any more, or ``limit``
+    seconds of clock time went by, before ``done()`` is true.
+    """
+    deadline = clock.seconds() + limit
+    while not done():
+        calls = clock.getDelayedCalls()
+        if not calls:
+            raise AssertionError("nothing left to run, and not done")
+        due = min(call.getTime() for call in calls)
+        if due > deadline:
+            raise AssertionError(f"not done within {limit:g}s of clock time")
+        # Land on the due time exactly: floating-point sums may fall short of it.
+        clock.advance(max(0.0, due - clock.seconds()))
+        while clock.seconds() < due:
+            clock.advance(due - clock.seconds() or 1e-9)
+    return clock.seconds()
+
+
+@define(eq=False)
+class Outbound:
+    """The delivery engine on an in-memory database, a ``task.Clock`` and in-memory peers.
+
+    Endpoint strings name ``DestinationPeer``s (created on first use), so a
+    test enqueues deliveries, moves the clock and asserts what each peer
+    received and what the store says.
+    """
+
+    clock: Clock = field(factory=Clock)
+    database: Database = field(factory=lambda: memory_database())
+    timing: Timing = field(factory=Timing)
+    page_size: int = 64
+    max_active_lanes: int = 512
+    held_poll: float = 5.0
+    max_queued_per_destination: int = 100_000
+    seed: int = 1
+    peers: dict[str, DestinationPeer] = field(factory=dict)
+    dispatcher: Dispatcher = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.dispatcher = Dispatcher(
+            self.database,
+            self.clock,
+            self.clock,
+            timing=lambda _endpoint: self.timing,
+            page_size=self.page_size,
+            max_active_lanes=self.max_active_lanes,
+            held_poll=self.held_poll,
+            max_queued_per_destination=self.max_queued_per_destination,
+            rng=random.Random(self.seed),
+            endpoint_factory=self._endpoint,
+        )
+
+    def _endpoint(self, _reactor: Any, description: str) -> IStreamClientEndpoint:
+        return self.peer(description).endpoint()
+
+    def peer(self, endpoint: str, protocol: str = "mllp") -> DestinationPeer:
+        """The destination behind ``endpoint``."""
+        if endpoint not in self.peers:
+            self.peers[endpoint] = DestinationPeer(self.clock, protocol)
+        return self.peers[endpoint]
+
+    def start(self) -> None:
+        """Recover (counters and lanes from the store), as the service does at start."""
+        recovering = Deferred.fromCoroutine(self.dispatcher.recover())
+        assert recovering.called, "recovery waits on something"
+
+    def enqueue(
+        self,
+        lane: str,
+        endpoint: str,
+        control_ids: Sequence[str],
+        protocol: str = "mllp",
+        policy: dict[str, Any] | None = None,
+        notify: bool = True,
+    ) -> list[int]:
+        """Commit deliveries of ``outbound_message``s to a lane; tell the dispatcher."""
+        ids = self.database.transaction_now(
+            outbox.enqueue,
+            [
+                outbox.NewDelivery(
+                    lane,
+                    endpoint,
+                    protocol,
+                    control_id,
+                    outbound_message(control_id),
+                    policy or {},
+                )
+                for control_id in control_ids
+            ],
+            self.clock.seconds(),
+        )
+        if notify:
+            self.dispatcher.enqueued(lane, endpoint, protocol, len(ids))
+        return ids
+
+    def deliveries(self, lane: str | None = None) -> list[outbox.Delivery]:
+        """Every delivery (of ``lane``), oldest first."""
+        return self.database.transaction_now(outbox.list_deliveries, (), lane, 1_000_000)
+
+    def delivery(self, delivery_id: int) -> outbox.Delivery:
+        """One delivery, as stored."""
+        found = self.database.transaction_now(outbox.get_delivery, delivery_id)
+        assert found is not None
+        return found
+
+    def run_until(self, done: Callable[[], bool], limit: float = 86_400.0) -> float:
+        """Move the clock until ``done()`` (see ``run_until``)."""
+        return run_until(self.clock, done, limit)
+
+    def stop(self) -> None:
+        """Stop the dispatcher and let the connections close."""
+        stopping = self.dispatcher.stopService()
+        self.clock.advance(0)
+        assert stopping.called, "the dispatcher did not stop"
+
+
+def memory_database() -> Database:
+    """A fresh in-memory database with the schema, on the synchronous runner."""
+    database = Database(_make_engine("sqlite:///:memory:"), InlineRunner())
+    database.transaction_now(ensure_schema)
+    return database

@@ -299,16 +299,21 @@ def send_mllp(port: int, payload: bytes, timeout: float = IO_TIMEOUT) -> bytes |
     return data[start + 1 : data.index(MLLP_END, start + 1)]
 
 
-def send_plain(port: int, payload: bytes, timeout: float = IO_TIMEOUT) -> bytes | None:
+def send_plain(
+    port: int, payload: bytes, timeout: float = IO_TIMEOUT, half_close: bool = False
+) -> bytes | None:
     """Send one message over plain TCP (no framing) on a new connection; return the answer.
 
-    The message ends at the gateway's idle gap; the ACK comes back unframed and
-    is read up to the end of its MSA segment. None means the gateway closed the
-    connection without a complete answer.
+    The message ends at the gateway's idle gap, or at end of stream with
+    ``half_close`` (the sender shuts down its side for writing); the ACK comes
+    back unframed and is read up to the end of its MSA segment. None means the
+    gateway closed the connection without a complete answer.
     """
     deadline = time.monotonic() + timeout
     with socket.create_connection((HOST, port), timeout=timeout) as connection:
         connection.sendall(payload)
+        if half_close:
+            connection.shutdown(socket.SHUT_WR)
         data, closed = _receive_until(connection, _plain_ack_end, deadline)
     if closed and not _plain_ack_end(data):
         return None

@@ -189,7 +189,6 @@ class FlowsCommandTests(SynchronousTestCase):
             self.assertEqual(
                 second.read_text(encoding="utf-8"), exported.read_text(encoding="utf-8")
             )
-        self.assertEqual(len(self.list_json(config)), len(imported))
 
     def test_invalid_files_report_every_problem(self) -> None:
         """Flow files with several errors: every error is reported, each with its file
@@ -240,7 +239,6 @@ ack = "later"
         """``flows list --json`` prints one JSON object per flow with Host, Port, App ID,
         Flow ID and the flow's details; ``--tenant`` keeps one tenant's flows."""
         config = self.setup_config(26640, 26641)
-        self.assertEqual(self.list_json(config), [])
         lab = self.write("lab.toml", LAB_FLOWS)
         imported = self.import_ok(config, DEMO_FLOWS, lab)
 
