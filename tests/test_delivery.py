@@ -1,0 +1,910 @@
+"""Tests for udsgateway.delivery: destinations, lanes and the dispatcher.
+
+The real dispatcher, lanes, destination protocol and ``ClientService`` run on
+an in-memory SQLite store, a synchronous database runner and a ``task.Clock``;
+endpoints are in-memory ``DestinationPeer``s scripted per test
+(``udsgateway.testing.Outbound``). No sockets, no threads, no sleeps. Each
+outbound row of RELIABILITY.md "Faults" has a test here, as has "a destination
+stalled while others keep flowing".
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from twisted.application.service import IService
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from udsgateway import outbox, schema
+from udsgateway.db import IDatabaseRunner
+from udsgateway.delivery import (
+    DEFAULT_POLICY,
+    DestinationProtocol,
+    Dispatcher,
+    Timing,
+    _DestinationFactory,
+)
+from udsgateway.framing import IFramer, MLLPFramer
+from udsgateway.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery
+from udsgateway.testing import (
+    DestinationPeer,
+    Outbound,
+    PeerConnection,
+    PeerEndpoint,
+    control_id_of,
+    destination_ack,
+    memory_database,
+    mllp,
+    outbound_message,
+)
+
+DEST = "tcp:lab.example:2575"
+OTHER = "tcp:billing.example:2575"
+#: Timers are compared in floating point; allow this much rounding.
+TICK = 1e-6
+
+
+def ids(prefix: str, count: int) -> list[str]:
+    """``count`` control IDs that sort in the order they are made."""
+    return [f"{prefix}{index:05d}" for index in range(count)]
+
+
+def silent(_connection: PeerConnection, _payload: bytes) -> None:
+    """A destination that reads every message and never answers."""
+
+
+def answer(code: str, error: int | None = None) -> Callable[[PeerConnection, bytes], None]:
+    """A destination that answers every message with ``code``."""
+
+    def script(connection: PeerConnection, payload: bytes) -> None:
+        connection.reply(destination_ack(control_id_of(payload), code, error))
+
+    return script
+
+
+def states(outbound: Outbound, lane: str | None = None) -> list[tuple[str, str]]:
+    """(control ID, state) of every delivery (of ``lane``), oldest first."""
+    return [(d.control_id, d.state) for d in outbound.deliveries(lane)]
+
+
+def all_delivered(outbound: Outbound) -> Callable[[], bool]:
+    """A condition: every delivery in the store is delivered."""
+    return lambda: all(d.state == DELIVERED for d in outbound.deliveries())
+
+
+def schedule_log(clock: Clock) -> list[tuple[float, float, str]]:
+    """Record every ``callLater`` made on ``clock`` from now on: (at, delay, what)."""
+    log: list[tuple[float, float, str]] = []
+    original = clock.callLater
+
+    def call_later(delay: float, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        log.append((clock.seconds(), delay, getattr(function, "__qualname__", repr(function))))
+        return original(delay, function, *args, **kwargs)
+
+    clock.callLater = call_later  # type: ignore[method-assign]
+    return log
+
+
+def audit_rows(outbound: Outbound) -> list[Any]:
+    """Every audit row, oldest first."""
+    return outbound.database.transaction_now(
+        lambda connection: connection.execute(
+            select(schema.audit).order_by(schema.audit.c.id)
+        ).all()
+    )
+
+
+class DeliveryTestCase(SynchronousTestCase):
+    """Builds ``Outbound`` rigs that are stopped when the test ends."""
+
+    def outbound(self, **kwargs: Any) -> Outbound:
+        rig = Outbound(**kwargs)
+        self.addCleanup(rig.stop)
+        return rig
+
+
+class InterfaceTests(DeliveryTestCase):
+    """The seams provide their interfaces, and the default endpoint comes from config."""
+
+    def test_interfaces(self) -> None:
+        """The fake endpoint, the destination protocol, its factory and framer, the
+        dispatcher and the database runner provide their interfaces."""
+        rig = self.outbound()
+        self.assertTrue(verifyObject(IStreamClientEndpoint, rig.peer(DEST).endpoint()))
+        self.assertTrue(verifyObject(IDatabaseRunner, rig.database.runner))
+        self.assertTrue(verifyObject(IService, rig.dispatcher))
+        factory = _DestinationFactory("mllp", rig.clock, Timing())
+        self.assertTrue(verifyObject(IProtocolFactory, factory))
+        protocol = factory.buildProtocol(None)
+        self.assertTrue(verifyObject(IProtocol, protocol))
+        self.assertTrue(verifyObject(IFramer, protocol._framer))
+        self.assertIsInstance(protocol._framer, MLLPFramer)
+
+    def test_default_endpoint_from_config_string(self) -> None:
+        """Without an injected factory, the endpoint string is parsed with
+        clientFromString against the reactor: a TCP connection to its host and port."""
+        reactor = MemoryReactorClock()
+        dispatcher = Dispatcher(memory_database(), reactor, reactor)
+        destination = dispatcher.destination("tcp:host=lab.example:port=2575", "mllp")
+        self.addCleanup(destination.stop)
+        [(host, port, _factory, timeout, _bind)] = reactor.tcpClients
+        self.assertEqual((host, port, timeout), ("lab.example", 2575, 30))
+        self.assertIs(dispatcher.destination("tcp:host=lab.example:port=2575", "mllp"), destination)
+
+
+class HappyPathTests(DeliveryTestCase):
+    """Deliveries that succeed: order, the stored response, plain TCP."""
+
+    def test_delivers_in_order_and_stores_the_response(self) -> None:
+        """Each delivery is sent once, in order, and its row keeps the response
+        bytes and code; a log row records each attempt."""
+        rig = self.outbound()
+        rig.start()
+        rig.enqueue("lane-1", DEST, ["A1", "A2", "A3"])
+        peer = rig.peer(DEST)
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(peer.received_ids(), ["A1", "A2", "A3"])
+        self.assertEqual(
+            peer.received, [outbound_message(c) for c in ("A1", "A2", "A3")]
+        )
+        for delivery in rig.deliveries():
+            self.assertEqual(delivery.state, DELIVERED)
+            self.assertEqual(delivery.response, destination_ack(delivery.control_id))
+            self.assertEqual((delivery.response_code, delivery.attempts), ("AA", 1))
+        logs = rig.database.transaction_now(
+            lambda c: c.execute(select(schema.logs.c.control_id, schema.logs.c.outcome)).all()
+        )
+        self.assertEqual(
+            [tuple(row) for row in logs],
+            [("A1", DELIVERED), ("A2", DELIVERED), ("A3", DELIVERED)],
+        )
+        self.assertEqual(len(peer.connections), 1, "one connection reused")
+
+    def test_plain_tcp_reply_ends_at_idle_gap(self) -> None:
+        """Over plain TCP the reply is unframed: it ends after the reply gap,
+        then counts like an MLLP one."""
+        rig = self.outbound()
+        peer = rig.peer(DEST, protocol="tcp")
+        rig.start()
+        rig.enqueue("lane-tcp", DEST, ["T1", "T2"], protocol="tcp")
+        rig.clock.advance(0)
+        self.assertEqual(peer.received_ids(), ["T1"])
+        self.assertEqual(peer.connections[0].transport.value(), outbound_message("T1"))
+        self.assertEqual(states(rig)[0], ("T1", QUEUED))
+        rig.clock.advance(rig.timing.reply_gap)
+        rig.clock.advance(0)
+        self.assertEqual(states(rig), [("T1", DELIVERED), ("T2", QUEUED)])
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(peer.received_ids(), ["T1", "T2"])
+
+
+class ConnectionRefusedTests(DeliveryTestCase):
+    """RELIABILITY.md: a destination refuses connections for an hour, then returns."""
+
+    def test_refused_for_an_hour_backs_off_capped_then_drains_in_order(self) -> None:
+        """While refused, nothing is sent and every delivery stays queued; the
+        lane's waits between attempts double up to the cap (plus at most 10 %
+        jitter), and so do the reconnect attempts. Once the destination
+        accepts again the lane drains, in order, within two capped waits."""
+        rig = self.outbound()
+        timing = rig.timing
+        log = schedule_log(rig.clock)
+        peer = rig.peer(DEST)
+        peer.accepting = False
+        rig.start()
+        rig.enqueue("lane-refused", DEST, ids("R", 5))
+        rig.run_until(lambda: rig.clock.seconds() >= 3600)
+
+        self.assertEqual(peer.received, [])
+        self.assertGreater(peer.refused, 10)
+        rows = rig.deliveries()
+        self.assertEqual({d.state for d in rows}, {QUEUED})
+        self.assertGreater(rows[0].attempts, 10)
+        self.assertEqual([d.attempts for d in rows[1:]], [0, 0, 0, 0], "only the head is tried")
+        self.assertIn(
+            rows[0].last_error,
+            ("connect failed: ConnectionRefusedError", "could not connect within 10s"),
+        )
+
+        # The lane's backoff sleeps (Deferred.callback) and the ClientService
+        # reconnect waits (_reconnect), as scheduled on the clock.
+        sleeps = [delay for _at, delay, what in log if what == "Deferred.callback"]
+        reconnects = [delay for _at, delay, what in log if "_reconnect" in what]
+        self.assertGreater(len(sleeps), 10)
+        for failures, delay in enumerate(sleeps, start=1):
+            expected = min(timing.backoff_initial * 2 ** (failures - 1), timing.backoff_max)
+            self.assertTrue(expected <= delay <= expected * 1.1 + TICK, (failures, delay))
+        self.assertGreaterEqual(sleeps[-1], timing.backoff_max)
+        self.assertTrue(all(delay <= timing.backoff_max * 1.1 for delay in sleeps))
+        for attempt, delay in enumerate(reconnects, start=1):
+            expected = min(timing.backoff_initial * 2**attempt, timing.backoff_max)
+            self.assertTrue(expected <= delay <= expected + 1, (attempt, delay))
+        self.assertEqual(max(reconnects), max(reconnects[-3:]))
+        self.assertLessEqual(max(reconnects), timing.backoff_max + 1)
+
+        back = rig.clock.seconds()
+        peer.accepting = True
+        done = rig.run_until(all_delivered(rig))
+        self.assertEqual(peer.received_ids(), ids("R", 5))
+        cap = timing.backoff_max * 1.1
+        self.assertLess(done - back, 2 * cap + timing.connect_timeout)
+        self.assertEqual(rig.dispatcher.lanes, {}, "the drained lane went idle")
+
+
+class NoReplyTests(DeliveryTestCase):
+    """RELIABILITY.md: a destination accepts but never ACKs."""
+
+    def test_response_timeout_closes_and_resends_the_same_message(self) -> None:
+        """At the response timeout the connection is closed; after a reconnect
+        the same message (same bytes) is sent again; the next one waits."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        peer.script = silent
+        rig.start()
+        rig.enqueue("lane-silent", DEST, ["S1", "S2"])
+        rig.clock.advance(0)
+        first = peer.connections[0]
+        self.assertEqual(first.received, [outbound_message("S1")])
+
+        rig.clock.advance(rig.timing.response_timeout - 0.01)
+        self.assertFalse(first.transport.disconnecting)
+        rig.clock.advance(0.01 + TICK)
+        self.assertTrue(first.transport.disconnecting)
+        self.assertTrue(first.closed)
+        [head, second] = rig.deliveries()
+        self.assertEqual((head.state, head.attempts), (QUEUED, 1))
+        self.assertEqual(head.last_error, "no reply within 30s")
+        self.assertEqual((second.state, second.attempts), (QUEUED, 0))
+
+        rig.run_until(lambda: len(peer.connections) == 2 and bool(peer.current.received))
+        self.assertEqual(peer.current.received, [outbound_message("S1")])
+        self.assertEqual(peer.received_ids(), ["S1", "S1"])
+
+    def test_late_ack_is_never_matched(self) -> None:
+        """An ACK that comes after the response timeout is never matched: sent on
+        the closed connection it is lost with it, and bytes reaching the timed-out
+        protocol settle nothing; only the ACK on the new connection counts, and the
+        next message gets its own."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        slow = rig.timing.response_timeout + 1
+
+        def late(connection: PeerConnection, payload: bytes) -> None:
+            connection.reply(destination_ack(control_id_of(payload)), delay=slow)
+
+        peer.script = late
+        rig.start()
+        rig.enqueue("lane-late", DEST, ["L1", "L2"])
+        rig.clock.advance(0)
+        first = peer.connections[0]
+        old_protocol = first.protocol
+        rig.clock.advance(rig.timing.response_timeout + TICK)
+        self.assertTrue(first.closed)
+
+        # The slow ACK was written after the close: it never reaches the gateway.
+        rig.clock.advance(1)
+        self.assertEqual(peer.undelivered, [mllp(destination_ack("L1"))])
+        self.assertEqual(peer.delivered, [])
+        # Bytes that do reach the timed-out protocol are out of step: ignored.
+        old_protocol.dataReceived(mllp(destination_ack("L1")))
+        self.assertEqual(states(rig), [("L1", QUEUED), ("L2", QUEUED)])
+
+        peer.script = answer("AA")
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(peer.received_ids(), ["L1", "L1", "L2"])
+        self.assertEqual([c.received for c in peer.connections[1:]][0][0], outbound_message("L1"))
+        [l1, l2] = rig.deliveries()
+        self.assertEqual((l1.attempts, l1.response), (2, destination_ack("L1")))
+        self.assertEqual((l2.attempts, l2.response), (1, destination_ack("L2")))
+
+    def test_unsolicited_reply_drops_the_connection(self) -> None:
+        """A reply while nothing is in flight puts the connection out of step:
+        it is closed, and the next message goes over a new one."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        rig.start()
+        rig.enqueue("lane-u", DEST, ["U1"])
+        rig.run_until(all_delivered(rig))
+        first = peer.connections[0]
+        first.reply(destination_ack("U1"))
+        rig.clock.advance(0)
+        self.assertTrue(first.closed)
+        rig.enqueue("lane-u", DEST, ["U2"])
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(len(peer.connections), 2)
+        self.assertEqual(peer.current.received, [outbound_message("U2")])
+
+
+class BadReplyTests(DeliveryTestCase):
+    """RELIABILITY.md: a destination ACK with the wrong MSA-2, garbage, or no MSA."""
+
+    def bad_then_good(self, bad: bytes, reason: str) -> None:
+        """The first reply is ``bad``: not success, connection closed, retried."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        replies = [bad]
+
+        def script(connection: PeerConnection, payload: bytes) -> None:
+            if replies:
+                connection.reply(replies.pop())
+            else:
+                connection.reply(destination_ack(control_id_of(payload)))
+
+        peer.script = script
+        rig.start()
+        rig.enqueue("lane-bad", DEST, ["B1", "B2"])
+        rig.clock.advance(0)
+        first = peer.connections[0]
+        self.assertTrue(first.transport.disconnecting, "closed on the bad reply")
+        [head, second] = rig.deliveries()
+        self.assertEqual((head.state, head.attempts, head.last_error), (QUEUED, 1, reason))
+        self.assertEqual((head.response, head.response_code), (None, ""))
+        self.assertEqual(second.attempts, 0)
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(peer.received_ids(), ["B1", "B1", "B2"])
+        self.assertEqual(len(peer.connections), 2)
+        self.assertEqual(rig.delivery(head.id).response, destination_ack("B1"))
+
+    def test_wrong_msa2(self) -> None:
+        """An AA whose MSA-2 is not the MSH-10 sent is not success: closed, retried."""
+        self.bad_then_good(
+            destination_ack("SOMETHING-ELSE"), "reply MSA-2 does not match the MSH-10 sent"
+        )
+
+    def test_garbage(self) -> None:
+        """A framed reply that is not HL7 is not success: closed, retried."""
+        self.bad_then_good(b"\x00\xffnot hl7 at all", "unusable reply: reply does not start with MSH")
+
+    def test_no_msa(self) -> None:
+        """A reply without an MSA segment is not success: closed, retried."""
+        reply = destination_ack("B1").split(b"MSA")[0]
+        self.bad_then_good(reply, "unusable reply: reply has no MSA segment")
+
+    def test_bad_reply_does_not_disturb_another_lane(self) -> None:
+        """Lanes to one destination take turns on its connection. A bad reply to
+        one lane closes the connection before the next lane's message is written
+        to it, so the other lane's message is sent once, on a fresh connection."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+
+        def script(connection: PeerConnection, payload: bytes) -> None:
+            control_id = control_id_of(payload)
+            if control_id == "X1" and peer.received_ids().count("X1") == 1:
+                connection.reply(destination_ack("NOT-X1"))
+            else:
+                connection.reply(destination_ack(control_id))
+
+        peer.script = script
+        rig.start()
+        rig.enqueue("lane-x", DEST, ["X1"])
+        rig.enqueue("lane-y", DEST, ["Y1"])
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(peer.connections[0].received, [outbound_message("X1")])
+        self.assertEqual(sorted(peer.received_ids()), ["X1", "X1", "Y1"])
+        [x1, y1] = rig.deliveries()
+        self.assertEqual((x1.attempts, y1.attempts), (2, 1))
+
+
+class NegativeAckTests(DeliveryTestCase):
+    """RELIABILITY.md: a destination answers AE / AR / CE / CR; operators act on holds."""
+
+    def held_after(self, code: str, sends: int) -> tuple[Outbound, DestinationPeer]:
+        """``code`` to everything: the head is held after ``sends`` sends; nothing
+        behind it is sent, however long we wait."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        peer.script = answer(code, 207)
+        rig.start()
+        rig.enqueue("lane-nak", DEST, ["N1", "N2", "N3"])
+        rig.run_until(lambda: rig.deliveries()[0].state == HELD)
+        rig.run_until(lambda: rig.clock.seconds() > 600)
+        self.assertEqual(peer.received_ids(), ["N1"] * sends)
+        self.assertEqual(states(rig), [("N1", HELD), ("N2", QUEUED), ("N3", QUEUED)])
+        head = rig.deliveries()[0]
+        self.assertEqual((head.attempts, head.response_code), (sends, code))
+        self.assertEqual(head.response, destination_ack("N1", code, 207))
+        self.assertEqual(rig.dispatcher.lanes["lane-nak"].state, "held")
+        return rig, peer
+
+    def test_ae_retried_then_held(self) -> None:
+        """AE is retried max_retries (3) times, with backoff, then held with the reason."""
+        rig, _peer = self.held_after("AE", 1 + DEFAULT_POLICY["max_retries"])
+        head = rig.deliveries()[0]
+        self.assertEqual(head.last_error, "AE from destination after 3 retries, ERR 207")
+
+    def test_ce_retried_then_held(self) -> None:
+        """CE (enhanced mode) is retried like AE, then held."""
+        self.held_after("CE", 1 + DEFAULT_POLICY["max_retries"])
+
+    def test_ar_held_at_once(self) -> None:
+        """AR is held at once, with the reason and the ERR code."""
+        rig, _peer = self.held_after("AR", 1)
+        self.assertEqual(rig.deliveries()[0].last_error, "AR from destination, ERR 207")
+
+    def test_cr_held_at_once(self) -> None:
+        """CR is held at once."""
+        self.held_after("CR", 1)
+
+    def test_nak_retries_back_off(self) -> None:
+        """Between AE retries the lane waits like after any failure: 1, 2, 4 s."""
+        rig = self.outbound()
+        log = schedule_log(rig.clock)
+        rig.peer(DEST).script = answer("AE")
+        rig.start()
+        rig.enqueue("lane-ae", DEST, ["E1"])
+        rig.run_until(lambda: rig.deliveries()[0].state == HELD)
+        sleeps = [delay for _at, delay, what in log if what == "Deferred.callback"]
+        self.assertEqual(len(sleeps), 3)
+        for expected, delay in zip((1, 2, 4), sleeps, strict=True):
+            self.assertTrue(expected <= delay <= expected * 1.1, sleeps)
+
+    def test_action_policy_overrides_default(self) -> None:
+        """A per-action policy can hold AE at once, or retry AR."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        peer.script = answer("AE")
+        rig.start()
+        rig.enqueue("lane-p", DEST, ["P1"], policy={"max_retries": 0})
+        rig.run_until(lambda: rig.deliveries()[0].state == HELD)
+        self.assertEqual(peer.received_ids(), ["P1"])
+
+    def test_release_sends_again(self) -> None:
+        """After a release the held head is sent again (at once when the
+        dispatcher is told), then the lane moves on; the audit log says who and why."""
+        rig, peer = self.held_after("AR", 1)
+        peer.script = answer("AA")
+        head = rig.deliveries()[0]
+        released = rig.database.transaction_now(
+            outbox.operator_action, head.id, "release", "alice", "mapping fixed", 700.0
+        )
+        self.assertEqual((released.state, released.attempts), (QUEUED, 0))
+        rig.dispatcher.operator_acted("lane-nak")
+        rig.clock.advance(0)
+        self.assertEqual(peer.received_ids(), ["N1", "N1", "N2", "N3"])
+        self.assertEqual(
+            [d.state for d in rig.deliveries()], [DELIVERED, DELIVERED, DELIVERED]
+        )
+        [row] = audit_rows(rig)
+        self.assertEqual(
+            (row.who, row.action, row.reason, row.target),
+            ("alice", "delivery.release", "mapping fixed", f"delivery {head.id} lane lane-nak"),
+        )
+
+    def test_skip_moves_on(self) -> None:
+        """A skip done in the store alone (the CLI runs in another process) is
+        seen at the next held poll: the skipped head is never sent again, the
+        lane moves on, and the audit log says who and why."""
+        rig, peer = self.held_after("AR", 1)
+        peer.script = answer("AA")
+        head = rig.deliveries()[0]
+        rig.database.transaction_now(
+            outbox.operator_action, head.id, "skip", "bob", "duplicate order", 700.0
+        )
+        acted = rig.clock.seconds()
+        done = rig.run_until(all_delivered(rig) if False else lambda: states(rig)[-1][1] == DELIVERED)
+        self.assertLessEqual(done - acted, rig.held_poll + TICK)
+        self.assertEqual(peer.received_ids(), ["N1", "N2", "N3"])
+        self.assertEqual(states(rig), [("N1", SKIPPED), ("N2", DELIVERED), ("N3", DELIVERED)])
+        self.assertEqual(rig.deliveries()[0].last_error, "skipped by bob")
+        [row] = audit_rows(rig)
+        self.assertEqual(
+            (row.who, row.action, row.reason, row.target),
+            ("bob", "delivery.skip", "duplicate order", f"delivery {head.id} lane lane-nak"),
+        )
+
+    def test_replay_sends_the_edited_payload(self) -> None:
+        """A replay with an edited payload sends exactly the edited bytes, in the
+        head's place, then the lane moves on."""
+        rig, peer = self.held_after("AR", 1)
+        peer.script = answer("AA")
+        head = rig.deliveries()[0]
+        edited = outbound_message("N1", body="PID|1||99999^^^HOSP")
+        rig.database.transaction_now(
+            outbox.operator_action, head.id, "replay", "carol", "fixed PID-3", 700.0, edited
+        )
+        rig.dispatcher.operator_acted("lane-nak")
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(peer.received[1:], [edited, outbound_message("N2"), outbound_message("N3")])
+        self.assertEqual(rig.deliveries()[0].payload, edited)
+        [row] = audit_rows(rig)
+        self.assertEqual((row.who, row.action), ("carol", "delivery.replay"))
+
+    def test_replay_with_a_new_control_id(self) -> None:
+        """A replay whose edited payload carries a new MSH-10 (destinations that
+        deduplicate on it need one) is matched against the new MSH-10."""
+        rig, peer = self.held_after("AR", 1)
+        peer.script = answer("AA")
+        head = rig.deliveries()[0]
+        edited = outbound_message("N1-R1")
+        rig.database.transaction_now(
+            outbox.operator_action, head.id, "replay", "carol", "new MSH-10", 700.0, edited
+        )
+        rig.dispatcher.operator_acted("lane-nak")
+        rig.run_until(all_delivered(rig), limit=600)
+        self.assertEqual(peer.received_ids(), ["N1", "N1-R1", "N2", "N3"])
+        self.assertEqual(rig.deliveries()[0].control_id, "N1-R1")
+
+    def test_held_lane_does_not_stop_others(self) -> None:
+        """A destination stalled while others keep flowing: only its lane waits.
+        A held lane blocks itself only: another lane to the same destination and a
+        lane to another destination deliver everything meanwhile."""
+        rig = self.outbound()
+        dest = rig.peer(DEST)
+
+        def reject_lane_a(connection: PeerConnection, payload: bytes) -> None:
+            control_id = control_id_of(payload)
+            code = "AR" if control_id.startswith("A") else "AA"
+            connection.reply(destination_ack(control_id, code))
+
+        dest.script = reject_lane_a
+        other = rig.peer(OTHER)
+        other.script = silent  # stalled: never answers
+        rig.start()
+        rig.enqueue("lane-a", DEST, ids("A", 3))
+        rig.enqueue("lane-stalled", OTHER, ids("S", 3))
+        rig.enqueue("lane-b", DEST, ids("B", 20))
+        rig.enqueue("lane-c", "tcp:third.example:2575", ids("C", 20))
+        rig.run_until(
+            lambda: all(d.state == DELIVERED for lane in ("lane-b", "lane-c")
+                        for d in rig.deliveries(lane))
+        )
+        self.assertEqual(dest.received_ids(), ["A00000"] + ids("B", 20))
+        self.assertEqual(rig.peer("tcp:third.example:2575").received_ids(), ids("C", 20))
+        self.assertEqual(states(rig, "lane-a")[0], ("A00000", HELD))
+        self.assertEqual({s for _c, s in states(rig, "lane-stalled")}, {QUEUED})
+        self.assertEqual(set(other.received_ids()), {"S00000"})
+
+
+class RecoveryTests(DeliveryTestCase):
+    """RELIABILITY.md: kill -9 with outbound messages not ACKed; restart with 100,000."""
+
+    def test_left_queued_sent_first_in_order(self) -> None:
+        """Rows left queued by a killed process, the one in flight included, are
+        sent first after recover(), in order, before deliveries enqueued later;
+        recovered lanes start in the order of their oldest row."""
+        first = self.outbound()
+        first.peer(DEST).script = silent
+        first.start()
+        first.enqueue("lane-k", DEST, ids("K", 4))
+        first.enqueue("lane-j", OTHER, ids("J", 2))
+        first.clock.advance(0)
+        self.assertEqual(first.peer(DEST).received_ids(), ["K00000"], "in flight at the kill")
+        # kill -9: the first process is gone without a word; a new one starts.
+        clock = Clock()
+        clock.advance(first.clock.seconds() + 60)
+        second = self.outbound(database=first.database, clock=clock, max_active_lanes=1)
+        log = second.peer(DEST)
+        second.peers[OTHER] = log
+        self.assertEqual(second.dispatcher.lanes, {})
+        second.start()
+        self.assertEqual(second.dispatcher.queued, {DEST: 4, OTHER: 2})
+        second.enqueue("lane-k", DEST, ["NEW-K"])
+        second.enqueue("lane-n", OTHER, ["NEW-N"])
+        second.run_until(all_delivered(second))
+        self.assertEqual(
+            log.received_ids(), [*ids("K", 4), "NEW-K", *ids("J", 2), "NEW-N"]
+        )
+
+    def test_hundred_thousand_queued_memory_bounded(self) -> None:
+        """Restart with 100,000 queued deliveries: recovery loads counters and
+        lanes, not rows; while draining, the lanes hold at most page_size
+        deliveries each and at most max_active_lanes lanes run, so the Delivery
+        objects alive in the process never exceed page_size * max_active_lanes;
+        order is kept across pages and across lanes taking turns."""
+        page_size, active = 64, 2
+        database = memory_database()
+        # Two short lanes first (oldest rows), then two long ones, interleaved.
+        short = [("mem-a", f"A{i:06d}") for i in range(300)] + [
+            ("mem-b", f"B{i:06d}") for i in range(300)
+        ]
+        long_rows = [
+            ("mem-c" if i % 2 == 0 else "mem-d", f"{'C' if i % 2 == 0 else 'D'}{i:06d}")
+            for i in range(100_000 - len(short))
+        ]
+        rows = [
+            {
+                "execution_id": None,
+                "step": 0,
+                "lane": lane,
+                "destination": DEST,
+                "protocol": "mllp",
+                "control_id": control_id,
+                "payload": outbound_message(control_id),
+                "state": QUEUED,
+                "attempts": 0,
+                "next_attempt_at": 0.0,
+                "last_error": "",
+                "response": None,
+                "response_code": "",
+                "policy": "{}",
+                "created_at": 0.0,
+                "updated_at": 0.0,
+                "lease_owner": "",
+            }
+            for lane, control_id in short + long_rows
+        ]
+        database.transaction_now(lambda c: c.execute(schema.deliveries.insert(), rows))
+        del rows
+        lanes = {"mem-a", "mem-b", "mem-c", "mem-d"}
+        bound = page_size * active
+
+        rig = self.outbound(database=database, page_size=page_size, max_active_lanes=active)
+        peer = rig.peer(DEST)
+        held: list[int] = []
+
+        def in_lanes() -> int:
+            running = rig.dispatcher.lanes.values()
+            self.assertLessEqual(len(running), active)
+            return sum(len(lane._page) for lane in running)
+
+        def alive() -> int:
+            gc.collect()
+            return sum(
+                1 for o in gc.get_objects() if isinstance(o, Delivery) and o.lane in lanes
+            )
+
+        def script(connection: PeerConnection, payload: bytes) -> None:
+            held.append(in_lanes())
+            if len(peer.received) % 250 == 1:
+                self.assertLessEqual(alive(), bound)
+            connection.reply(destination_ack(control_id_of(payload)))
+
+        peer.script = script
+        tracemalloc.start()
+        try:
+            rig.start()
+            _size, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # 100,000 rows of ~100 bytes would be tens of MB as Delivery objects;
+        # two pages and the SQL compiled for them stay well under 4 MB.
+        self.assertLess(peak, 4 * 1024 * 1024)
+        self.assertEqual(rig.dispatcher.queued, {DEST: 100_000})
+        self.assertEqual(set(rig.dispatcher.lanes), {"mem-a", "mem-b"})
+        self.assertLessEqual(alive(), bound)
+
+        drained = 600 + 4 * page_size
+        rig.run_until(lambda: len(peer.received) >= drained)
+        self.assertLessEqual(max(held), bound)
+        self.assertLessEqual(alive(), bound)
+        received = peer.received_ids()
+        for prefix, count in (("A", 300), ("B", 300)):
+            self.assertEqual(
+                [c for c in received if c.startswith(prefix)],
+                [f"{prefix}{i:06d}" for i in range(count)],
+            )
+        self.assertEqual(received[-1][0] in "CD", True)
+        c_sent = [c for c in received if c.startswith("C")]
+        d_sent = [c for c in received if c.startswith("D")]
+        self.assertEqual(c_sent, [f"C{i:06d}" for i in range(0, 2 * len(c_sent), 2)])
+        self.assertEqual(d_sent, [f"D{i:06d}" for i in range(1, 2 * len(d_sent), 2)])
+        self.assertGreater(len(c_sent), page_size)
+        self.assertGreater(len(d_sent), page_size)
+        self.assertEqual(set(rig.dispatcher.lanes), {"mem-c", "mem-d"})
+
+
+class BackpressureTests(DeliveryTestCase):
+    """is_full: the per-destination queue cap that makes ingest NAK (207)."""
+
+    def test_full_at_the_cap_then_not_after_draining(self) -> None:
+        """is_full is true once a destination holds its cap of open deliveries,
+        for that destination only, and false again once they are delivered."""
+        rig = self.outbound(max_queued_per_destination=3)
+        peer = rig.peer(DEST)
+        peer.script = silent
+        rig.start()
+        rig.enqueue("lane-bp", DEST, ["P1", "P2"])
+        self.assertFalse(rig.dispatcher.is_full(DEST))
+        rig.enqueue("lane-bp2", DEST, ["P3"])
+        self.assertTrue(rig.dispatcher.is_full(DEST))
+        self.assertFalse(rig.dispatcher.is_full(OTHER))
+        peer.script = answer("AA")
+        peer.current.reply(destination_ack("P1"))
+        rig.clock.advance(0)
+        self.assertEqual(states(rig)[0], ("P1", DELIVERED))
+        self.assertFalse(rig.dispatcher.is_full(DEST))
+        rig.run_until(all_delivered(rig), limit=600)
+        self.assertEqual(rig.dispatcher.queued[DEST], 0)
+
+    def test_counters_recovered_from_the_store(self) -> None:
+        """At start the counters come from the store: open rows, held ones included."""
+        database = memory_database()
+        before = Outbound(database=database)
+        before.enqueue("lane-r", DEST, ["R1", "R2"], notify=False)
+        rig = self.outbound(database=database, max_queued_per_destination=2)
+        self.assertFalse(rig.dispatcher.is_full(DEST))
+        rig.start()
+        self.assertTrue(rig.dispatcher.is_full(DEST))
+        rig.run_until(all_delivered(rig))
+        self.assertFalse(rig.dispatcher.is_full(DEST))
+
+    def test_held_counts_until_skipped(self) -> None:
+        """A held delivery keeps its place under the cap; skipping it frees it."""
+        rig = self.outbound(max_queued_per_destination=1)
+        rig.peer(DEST).script = answer("AR")
+        rig.start()
+        [held] = rig.enqueue("lane-s", DEST, ["H1"])
+        rig.run_until(lambda: rig.delivery(held).state == HELD)
+        self.assertTrue(rig.dispatcher.is_full(DEST))
+        rig.database.transaction_now(outbox.operator_action, held, "skip", "dan", "bad", 1.0)
+        rig.run_until(lambda: "lane-s" not in rig.dispatcher.lanes)
+        self.assertFalse(rig.dispatcher.is_full(DEST))
+
+
+class OrderingTests(DeliveryTestCase):
+    """G2 under faults: in order per lane, duplicates only where at-least-once allows."""
+
+    def test_random_faults_keep_order(self) -> None:
+        """3,000 messages over six lanes (some named by ordering key) to two
+        destinations that fail at random (seeded): refused connects, connections
+        dropped before or after reading, no reply, garbage, wrong MSA-2, AE.
+        Every message arrives; per lane the arrivals are the enqueue order with
+        only immediate repeats, and a message is repeated only when no AA for it
+        had reached the gateway."""
+        timing = Timing(
+            connect_timeout=2.0, response_timeout=3.0, backoff_initial=0.25, backoff_max=4.0
+        )
+        rig = self.outbound(timing=timing, seed=7)
+        rng = random.Random(20240601)
+        lanes = {
+            "lab-flow-1": DEST,
+            "lab-flow-1#patient-0001": DEST,
+            "lab-flow-1#patient-0002": DEST,
+            "billing-flow": OTHER,
+            "billing-flow#account-77": OTHER,
+            "billing-flow#account-78": OTHER,
+        }
+        expected = {lane: ids(f"{n}-", 500) for n, lane in enumerate(lanes)}
+        lane_of = {c: lane for lane, cs in expected.items() for c in cs}
+        arrivals: dict[str, list[str]] = {lane: [] for lane in lanes}
+        acked: set[str] = set()
+        seen_replies = {DEST: 0, OTHER: 0}
+        faults: dict[str, int] = {}
+
+        def chaos_for(endpoint: str) -> Callable[[PeerConnection, bytes], None]:
+            peer = rig.peer(endpoint)
+
+            def chaos(connection: PeerConnection, payload: bytes) -> None:
+                # AAs that reached the gateway so far: those messages are done.
+                for reply in peer.delivered[seen_replies[endpoint] :]:
+                    if b"MSA|AA|" in reply:
+                        acked.add(reply.split(b"MSA|AA|")[1].split(b"\r")[0].decode())
+                seen_replies[endpoint] = len(peer.delivered)
+                control_id = control_id_of(payload)
+                self.assertNotIn(control_id, acked, "re-sent after its AA arrived")
+                roll = rng.random()
+                fault = (
+                    "lost" if roll < 0.04 else
+                    "dropped" if roll < 0.08 else
+                    "silent" if roll < 0.11 else
+                    "garbage" if roll < 0.14 else
+                    "wrong-id" if roll < 0.17 else
+                    "AE" if roll < 0.21 else
+                    "refuse-next" if roll < 0.24 else
+                    "AA"
+                )
+                faults[fault] = faults.get(fault, 0) + 1
+                if fault == "lost":  # dropped before the destination read it
+                    connection.hang_up()
+                    return
+                arrivals[lane_of[control_id]].append(control_id)
+                if fault == "dropped":
+                    connection.hang_up()
+                elif fault == "garbage":
+                    connection.reply(b"\x00\x01garbage\xff")
+                elif fault == "wrong-id":
+                    connection.reply(destination_ack(control_id + "X"))
+                elif fault == "AE":
+                    connection.reply(destination_ack(control_id, "AE"))
+                elif fault != "silent":
+                    if fault == "refuse-next":
+                        peer.refuse_next = rng.randint(1, 3)
+                    connection.reply(
+                        destination_ack(control_id), delay=rng.choice((0.0, 0.01, 0.5))
+                    )
+
+            return chaos
+
+        for endpoint in (DEST, OTHER):
+            rig.peer(endpoint).script = chaos_for(endpoint)
+        rig.start()
+        for lane, control_ids in expected.items():
+            # Arrives in batches, while earlier ones are being sent.
+            rig.enqueue(lane, lanes[lane], control_ids[:200], policy={"max_retries": 1000})
+        rig.clock.advance(1)
+        for lane, control_ids in expected.items():
+            rig.enqueue(lane, lanes[lane], control_ids[200:], policy={"max_retries": 1000})
+        rig.run_until(all_delivered(rig), limit=30 * 86_400)
+
+        self.assertEqual(sum(len(a) for a in arrivals.values()) >= 3000, True)
+        for lane, control_ids in expected.items():
+            collapsed = [
+                c for i, c in enumerate(arrivals[lane]) if i == 0 or arrivals[lane][i - 1] != c
+            ]
+            self.assertEqual(collapsed, control_ids, lane)
+        self.assertEqual(acked, set(lane_of))
+        # Every kind of fault happened, many times.
+        for fault in ("lost", "dropped", "silent", "garbage", "wrong-id", "AE", "refuse-next"):
+            self.assertGreater(faults.get(fault, 0), 20, (fault, faults))
+        duplicates = sum(len(a) for a in arrivals.values()) - 3000
+        self.assertGreater(duplicates, 100)
+
+
+class StopTests(DeliveryTestCase):
+    """stopService leaves nothing behind."""
+
+    def test_stop_leaves_no_delayed_calls(self) -> None:
+        """After stopService no delayed call is left on the clock and no lane runs,
+        whatever the lanes were doing: backing off, connecting, waiting for a reply,
+        waiting for their turn, or held; connections are closed and the row in
+        flight is not counted as an attempt."""
+        rig = Outbound()
+        refused = rig.peer("tcp:refused:1")
+        refused.accepting = False
+        rig.peer("tcp:silent:1").script = silent
+        rig.peer("tcp:held:1").script = answer("AR")
+        rig.start()
+        rig.enqueue("lane-backoff", "tcp:refused:1", ["Z1"])
+        rig.enqueue("lane-reply", "tcp:silent:1", ["Z2"])
+        rig.enqueue("lane-turn", "tcp:silent:1", ["Z3"])
+        rig.enqueue("lane-held", "tcp:held:1", ["Z4"])
+        rig.clock.advance(0)
+        rig.clock.advance(2.5)
+        rig.enqueue("lane-connect", "tcp:late:1", ["Z5"])
+        lanes = rig.dispatcher.lanes
+        self.assertEqual(
+            {name: lane.state for name, lane in lanes.items()},
+            {
+                "lane-backoff": "backoff",
+                "lane-reply": "sending",
+                "lane-turn": "sending",
+                "lane-held": "held",
+                "lane-connect": "sending",
+            },
+        )
+        self.assertNotEqual(rig.clock.getDelayedCalls(), [])
+        rig.stop()
+        self.assertEqual(rig.clock.getDelayedCalls(), [])
+        self.assertEqual(rig.dispatcher.lanes, {})
+        for peer in rig.peers.values():
+            self.assertEqual(peer.open_connections(), [])
+        self.assertEqual(rig.deliveries("lane-reply")[0].attempts, 0)
+        self.assertEqual(rig.deliveries("lane-turn")[0].attempts, 0)
+
+    def test_stop_before_recover(self) -> None:
+        """Stopping a dispatcher that never started is harmless."""
+        rig = Outbound()
+        rig.stop()
+        self.assertEqual(rig.clock.getDelayedCalls(), [])
+
+
+class TimingTests(SynchronousTestCase):
+    """Timing.backoff: exponential, capped, jitter bounded."""
+
+    def test_backoff(self) -> None:
+        """Without jitter the waits double from backoff_initial up to backoff_max;
+        jitter adds at most 10 %."""
+        timing = Timing(backoff_initial=1.0, backoff_max=60.0)
+        self.assertEqual(
+            [timing.backoff(n) for n in range(1, 9)], [1, 2, 4, 8, 16, 32, 60, 60]
+        )
+        self.assertEqual(timing.backoff(10_000), 60.0)
+        rng = random.Random(3)
+        for n in range(1, 12):
+            delay = timing.backoff(n, rng)
+            self.assertTrue(timing.backoff(n) <= delay <= timing.backoff(n) * 1.1)
+
+
+# Keep the imports used only by annotations and helpers visible to linters.
+_ = (time, Deferred, DestinationProtocol, PeerEndpoint)
