@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import gc
 import random
-import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IProtocol, IProtocolFactory, IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
@@ -30,7 +28,6 @@ from udsgateway import outbox, schema
 from udsgateway.db import IDatabaseRunner
 from udsgateway.delivery import (
     DEFAULT_POLICY,
-    DestinationProtocol,
     Dispatcher,
     Timing,
     _DestinationFactory,
@@ -41,7 +38,6 @@ from udsgateway.testing import (
     DestinationPeer,
     Outbound,
     PeerConnection,
-    PeerEndpoint,
     control_id_of,
     destination_ack,
     memory_database,
@@ -140,7 +136,9 @@ class InterfaceTests(DeliveryTestCase):
         self.addCleanup(destination.stop)
         [(host, port, _factory, timeout, _bind)] = reactor.tcpClients
         self.assertEqual((host, port, timeout), ("lab.example", 2575, 30))
-        self.assertIs(dispatcher.destination("tcp:host=lab.example:port=2575", "mllp"), destination)
+        self.assertIs(
+            dispatcher.destination("tcp:host=lab.example:port=2575", "mllp"), destination
+        )
 
 
 class HappyPathTests(DeliveryTestCase):
@@ -155,9 +153,7 @@ class HappyPathTests(DeliveryTestCase):
         peer = rig.peer(DEST)
         rig.run_until(all_delivered(rig))
         self.assertEqual(peer.received_ids(), ["A1", "A2", "A3"])
-        self.assertEqual(
-            peer.received, [outbound_message(c) for c in ("A1", "A2", "A3")]
-        )
+        self.assertEqual(peer.received, [outbound_message(c) for c in ("A1", "A2", "A3")])
         for delivery in rig.deliveries():
             self.assertEqual(delivery.state, DELIVERED)
             self.assertEqual(delivery.response, destination_ack(delivery.control_id))
@@ -364,7 +360,9 @@ class BadReplyTests(DeliveryTestCase):
 
     def test_garbage(self) -> None:
         """A framed reply that is not HL7 is not success: closed, retried."""
-        self.bad_then_good(b"\x00\xffnot hl7 at all", "unusable reply: reply does not start with MSH")
+        self.bad_then_good(
+            b"\x00\xffnot hl7 at all", "unusable reply: reply does not start with MSH"
+        )
 
     def test_no_msa(self) -> None:
         """A reply without an MSA segment is not success: closed, retried."""
@@ -472,9 +470,7 @@ class NegativeAckTests(DeliveryTestCase):
         rig.dispatcher.operator_acted("lane-nak")
         rig.clock.advance(0)
         self.assertEqual(peer.received_ids(), ["N1", "N1", "N2", "N3"])
-        self.assertEqual(
-            [d.state for d in rig.deliveries()], [DELIVERED, DELIVERED, DELIVERED]
-        )
+        self.assertEqual([d.state for d in rig.deliveries()], [DELIVERED, DELIVERED, DELIVERED])
         [row] = audit_rows(rig)
         self.assertEqual(
             (row.who, row.action, row.reason, row.target),
@@ -492,7 +488,7 @@ class NegativeAckTests(DeliveryTestCase):
             outbox.operator_action, head.id, "skip", "bob", "duplicate order", 700.0
         )
         acted = rig.clock.seconds()
-        done = rig.run_until(all_delivered(rig) if False else lambda: states(rig)[-1][1] == DELIVERED)
+        done = rig.run_until(lambda: states(rig)[-1][1] == DELIVERED)
         self.assertLessEqual(done - acted, rig.held_poll + TICK)
         self.assertEqual(peer.received_ids(), ["N1", "N2", "N3"])
         self.assertEqual(states(rig), [("N1", SKIPPED), ("N2", DELIVERED), ("N3", DELIVERED)])
@@ -515,7 +511,9 @@ class NegativeAckTests(DeliveryTestCase):
         )
         rig.dispatcher.operator_acted("lane-nak")
         rig.run_until(all_delivered(rig))
-        self.assertEqual(peer.received[1:], [edited, outbound_message("N2"), outbound_message("N3")])
+        self.assertEqual(
+            peer.received[1:], [edited, outbound_message("N2"), outbound_message("N3")]
+        )
         self.assertEqual(rig.deliveries()[0].payload, edited)
         [row] = audit_rows(rig)
         self.assertEqual((row.who, row.action), ("carol", "delivery.replay"))
@@ -556,8 +554,9 @@ class NegativeAckTests(DeliveryTestCase):
         rig.enqueue("lane-b", DEST, ids("B", 20))
         rig.enqueue("lane-c", "tcp:third.example:2575", ids("C", 20))
         rig.run_until(
-            lambda: all(d.state == DELIVERED for lane in ("lane-b", "lane-c")
-                        for d in rig.deliveries(lane))
+            lambda: all(
+                d.state == DELIVERED for lane in ("lane-b", "lane-c") for d in rig.deliveries(lane)
+            )
         )
         self.assertEqual(dest.received_ids(), ["A00000"] + ids("B", 20))
         self.assertEqual(rig.peer("tcp:third.example:2575").received_ids(), ids("C", 20))
@@ -592,9 +591,7 @@ class RecoveryTests(DeliveryTestCase):
         second.enqueue("lane-k", DEST, ["NEW-K"])
         second.enqueue("lane-n", OTHER, ["NEW-N"])
         second.run_until(all_delivered(second))
-        self.assertEqual(
-            log.received_ids(), [*ids("K", 4), "NEW-K", *ids("J", 2), "NEW-N"]
-        )
+        self.assertEqual(log.received_ids(), [*ids("K", 4), "NEW-K", *ids("J", 2), "NEW-N"])
 
     def test_hundred_thousand_queued_memory_bounded(self) -> None:
         """Restart with 100,000 queued deliveries: recovery loads counters and
@@ -650,9 +647,7 @@ class RecoveryTests(DeliveryTestCase):
 
         def alive() -> int:
             gc.collect()
-            return sum(
-                1 for o in gc.get_objects() if isinstance(o, Delivery) and o.lane in lanes
-            )
+            return sum(1 for o in gc.get_objects() if isinstance(o, Delivery) and o.lane in lanes)
 
         def script(connection: PeerConnection, payload: bytes) -> None:
             held.append(in_lanes())
@@ -785,14 +780,21 @@ class OrderingTests(DeliveryTestCase):
                 self.assertNotIn(control_id, acked, "re-sent after its AA arrived")
                 roll = rng.random()
                 fault = (
-                    "lost" if roll < 0.04 else
-                    "dropped" if roll < 0.08 else
-                    "silent" if roll < 0.11 else
-                    "garbage" if roll < 0.14 else
-                    "wrong-id" if roll < 0.17 else
-                    "AE" if roll < 0.21 else
-                    "refuse-next" if roll < 0.24 else
-                    "AA"
+                    "lost"
+                    if roll < 0.04
+                    else "dropped"
+                    if roll < 0.08
+                    else "silent"
+                    if roll < 0.11
+                    else "garbage"
+                    if roll < 0.14
+                    else "wrong-id"
+                    if roll < 0.17
+                    else "AE"
+                    if roll < 0.21
+                    else "refuse-next"
+                    if roll < 0.24
+                    else "AA"
                 )
                 faults[fault] = faults.get(fault, 0) + 1
                 if fault == "lost":  # dropped before the destination read it
@@ -896,15 +898,9 @@ class TimingTests(SynchronousTestCase):
         """Without jitter the waits double from backoff_initial up to backoff_max;
         jitter adds at most 10 %."""
         timing = Timing(backoff_initial=1.0, backoff_max=60.0)
-        self.assertEqual(
-            [timing.backoff(n) for n in range(1, 9)], [1, 2, 4, 8, 16, 32, 60, 60]
-        )
+        self.assertEqual([timing.backoff(n) for n in range(1, 9)], [1, 2, 4, 8, 16, 32, 60, 60])
         self.assertEqual(timing.backoff(10_000), 60.0)
         rng = random.Random(3)
         for n in range(1, 12):
             delay = timing.backoff(n, rng)
             self.assertTrue(timing.backoff(n) <= delay <= timing.backoff(n) * 1.1)
-
-
-# Keep the imports used only by annotations and helpers visible to linters.
-_ = (time, Deferred, DestinationProtocol, PeerEndpoint)

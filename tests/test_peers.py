@@ -353,6 +353,14 @@ class ReceiverTests(SynchronousTestCase):
         [reply] = receiver.replies()
         self.assertEqual((reply.ack_code, reply.control_id, reply.error_code), ("AE", "", 101))
 
+    def test_oversized_frame_gets_nak_104(self) -> None:
+        """A frame over the size limit gets AE with ERR-3 104 and the right MSA-2."""
+        receiver = _Receiver(ReceiverOptions(max_frame_size=150))
+        receiver.send(hl7("M1") + b"NTE|1||" + b"x" * 50 + b"\r")
+        [reply] = receiver.replies()
+        self.assertEqual((reply.ack_code, reply.control_id, reply.error_code), ("AE", "M1", 104))
+        self.assertEqual(receiver.records[0].notes, ("err=104",))
+
     def test_unreadable_frame_closes(self) -> None:
         """A frame without a readable MSH is not answered; the connection is closed."""
         receiver = _Receiver()
@@ -396,6 +404,7 @@ class ReceiverTests(SynchronousTestCase):
         self.assertRaises(ValueError, ReceiverOptions, nak="AA")
         self.assertRaises(ValueError, ReceiverOptions, delay=-1)
         self.assertRaises(ValueError, ReceiverOptions, drop_every=-1)
+        self.assertRaises(ValueError, ReceiverOptions, nak_every=0)
 
 
 class _Link:

@@ -240,3 +240,37 @@ class GroupCommitter(Generic[Item, Result]):
         for pending in group:
             pending.deferred.errback(failure)
         self._next()
+
+
+@define
+class Prepared:
+    """A statement compiled once per dialect to its driver SQL, for the hot path.
+
+    SQLAlchemy Core builds and caches statements well, but each execution
+    still walks its compiler cache and execution context; on the inbound
+    path that costs more than the SQL itself. ``Prepared`` keeps the SQL
+    dialect-neutral (it is compiled by SQLAlchemy for whichever dialect the
+    connection speaks) and executes it with ``exec_driver_sql``.
+    """
+
+    build: Callable[[], Any]
+    _compiled: dict[str, tuple[str, tuple[str, ...] | None]] = field(factory=dict)
+
+    def sql(self, connection: Connection) -> tuple[str, tuple[str, ...] | None]:
+        """Driver SQL and, for positional paramstyles, the parameter names in order."""
+        name = connection.dialect.name
+        found = self._compiled.get(name)
+        if found is None:
+            compiled = self.build().compile(dialect=connection.dialect)
+            order = tuple(compiled.positiontup) if compiled.positiontup else None
+            found = (str(compiled), order)
+            self._compiled[name] = found
+        return found
+
+    def execute(self, connection: Connection, rows: list[dict[str, Any]]) -> Any:
+        """Run with one parameter set, or as executemany with several."""
+        sql, order = self.sql(connection)
+        params: Any = [tuple(row[k] for k in order) for row in rows] if order else rows
+        if len(params) == 1:
+            params = params[0]
+        return connection.exec_driver_sql(sql, params)

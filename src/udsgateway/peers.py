@@ -45,7 +45,7 @@ from twisted.internet.endpoints import (
     serverFromString,
     wrapClientTLS,
 )
-from twisted.internet.error import CannotListenError, ConnectingCancelledError
+from twisted.internet.error import CannotListenError, ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -366,7 +366,11 @@ class _SenderProtocol(Protocol):
         self._gap = None
         waiting, self._waiting = self._waiting, None
         if waiting is not None:
-            waiting.errback(_NoReplyError(self.unusable or "connection closed before the reply"))
+            lost = "connection closed before the reply"
+            if not reason.check(ConnectionDone):
+                # A reset, or a TLS handshake that failed (certificate not trusted).
+                lost = f"connection lost before the reply: {reason.getErrorMessage()}"
+            waiting.errback(_NoReplyError(self.unusable or lost))
         waiters, self._close_waiters = self._close_waiters, []
         for waiter in waiters:
             waiter.callback(None)
@@ -575,6 +579,11 @@ def _non_negative(instance: Any, attribute: Any, value: float) -> None:
         raise ValueError(f"{attribute.name} must not be negative")
 
 
+def _positive(instance: Any, attribute: Any, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{attribute.name} must be at least 1")
+
+
 def _nak_code(instance: Any, attribute: Any, value: str | None) -> None:
     if value is not None and value not in NAK_CODES:
         raise ValueError(f"nak must be one of {', '.join(NAK_CODES)}")
@@ -594,7 +603,7 @@ class ReceiverOptions:
     """
 
     nak: str | None = field(default=None, validator=_nak_code)
-    nak_every: int = field(default=1, validator=_non_negative)
+    nak_every: int = field(default=1, validator=_positive)
     nak_error: int = 207
     delay: float = field(default=0.0, validator=_non_negative)
     drop_every: int = field(default=0, validator=_non_negative)
@@ -1021,6 +1030,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a port number (0 to 65535): {text!r}")
+    return int(text)
+
+
 def _positive_seconds(text: str) -> float:
     try:
         value = float(text)
@@ -1189,7 +1204,7 @@ def add_peer_commands(commands: Any) -> None:
         "messages by number (1, 2, ... across connections); precedence: --no-ack, "
         "--drop-every, --garbage-every, then --nak/--nak-every and --wrong-msa2-every.",
     )
-    p.add_argument("--port", type=int, required=True, help="port to listen on")
+    p.add_argument("--port", type=_port, required=True, help="port to listen on (0: any)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument(
         "--nak",

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any
 
 from attrs import evolve, frozen
-from sqlalchemy import Connection, and_, delete, func, select, tuple_, update
+from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
 
 from udsgateway import schema
+from udsgateway.db import Prepared
 from udsgateway.flows import App, Flow, Trigger, action_from_document, actions_json
 
 
@@ -79,19 +80,68 @@ class StoredMessage:
     ack: bytes
 
 
+_MESSAGE_COLUMNS = (
+    "tenant",
+    "sender",
+    "control_id",
+    "message_type",
+    "peer",
+    "connection",
+    "received_at",
+    "size",
+    "digest",
+    "raw",
+    "accepted",
+    "flows",
+    "reason",
+    "ack_code",
+    "ack",
+)
+_LOG_COLUMNS = (
+    "at",
+    "tenant",
+    "app_id",
+    "execution_id",
+    "step",
+    "attempt",
+    "flow_id",
+    "message_id",
+    "control_id",
+    "message_type",
+    "event",
+    "outcome",
+    "ack_code",
+    "reason",
+)
+#: How many control IDs one duplicate-check query looks up.
+_LOOKUP_CHUNK = 64
+
+
+def _lookup_statement(size: int) -> Any:
+    m = schema.messages
+    return select(m.c.id, m.c.tenant, m.c.sender, m.c.control_id, m.c.digest, m.c.ack).where(
+        m.c.accepted.is_(True),
+        m.c.control_id.in_([bindparam(f"c{i}") for i in range(size)]),
+    )
+
+
+_LOOKUPS = {size: Prepared(partial(_lookup_statement, size)) for size in range(1, _LOOKUP_CHUNK + 1)}
+_INSERT_MESSAGE = Prepared(
+    lambda: schema.messages.insert().values({c: bindparam(c) for c in _MESSAGE_COLUMNS})
+)
+_INSERT_LOG = Prepared(lambda: schema.logs.insert().values({c: bindparam(c) for c in _LOG_COLUMNS}))
+
+
 def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
     """Store a group of inbound messages: duplicate check, insert, executions, log lines."""
-    m = schema.messages
-    keys = {(r.tenant, r.sender, r.control_id) for r in records}
     existing: dict[tuple[str, str, str], tuple[int, str, bytes]] = {}
-    for chunk in _chunks(sorted(keys), 200):
-        rows = connection.execute(
-            select(m.c.id, m.c.tenant, m.c.sender, m.c.control_id, m.c.digest, m.c.ack).where(
-                m.c.accepted.is_(True), tuple_(m.c.tenant, m.c.sender, m.c.control_id).in_(chunk)
-            )
-        )
-        for row in rows:
-            existing[(row.tenant, row.sender, row.control_id)] = (row.id, row.digest, row.ack)
+    control_ids = sorted({r.control_id for r in records})
+    for start in range(0, len(control_ids), _LOOKUP_CHUNK):
+        chunk = control_ids[start : start + _LOOKUP_CHUNK]
+        params = {f"c{i}": control_id for i, control_id in enumerate(chunk)}
+        for row in _LOOKUPS[len(chunk)].execute(connection, [params]):
+            message_id, tenant, sender, control_id, digest, ack = row
+            existing[(tenant, sender, control_id)] = (message_id, digest, ack)
 
     results: list[CommitResult | None] = []
     to_insert: list[InboundRecord] = []
@@ -133,11 +183,6 @@ def _duplicate(
     return CommitResult(CommitOutcome.CONFLICT, message_id)
 
 
-def _chunks(items: Sequence[tuple[str, str, str]], size: int) -> Iterable[list[tuple[str, ...]]]:
-    for start in range(0, len(items), size):
-        yield [tuple(item) for item in items[start : start + size]]
-
-
 def _insert_messages(connection: Connection, records: list[InboundRecord]) -> list[int]:
     rows = [
         {
@@ -159,6 +204,12 @@ def _insert_messages(connection: Connection, records: list[InboundRecord]) -> li
         }
         for r in records
     ]
+    if connection.dialect.name == "sqlite":
+        # One executemany, no RETURNING: inside our write transaction SQLite
+        # gives the rows consecutive rowids ending at last_insert_rowid().
+        _INSERT_MESSAGE.execute(connection, rows)
+        last = connection.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+        return list(range(last - len(rows) + 1, last + 1))
     result = connection.execute(
         schema.messages.insert().returning(schema.messages.c.id, sort_by_parameter_order=True),
         rows,
@@ -198,12 +249,16 @@ def _insert_executions(
 def _insert_receipt_logs(
     connection: Connection, records: list[InboundRecord], ids: list[int]
 ) -> None:
-    connection.execute(
-        schema.logs.insert(),
+    _INSERT_LOG.execute(
+        connection,
         [
             {
                 "at": r.received_at,
                 "tenant": r.tenant,
+                "app_id": "",
+                "execution_id": None,
+                "step": None,
+                "attempt": None,
                 "flow_id": ",".join(r.flows)[:32] if len(r.flows) == 1 else "",
                 "message_id": message_id,
                 "control_id": r.control_id,

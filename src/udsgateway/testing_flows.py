@@ -1,0 +1,254 @@
+"""Test doubles for flows end to end: a whole gateway in memory, on one ``task.Clock``.
+
+``FlowGateway`` wires what ``GatewayService`` wires (listener factory, ingest,
+group commit, the SQLite store, the executor and the dispatcher) on a
+synchronous database runner, with every action's destination a scripted
+``udsgateway.testing.DestinationPeer``. A test sends frames over
+``StringTransport``, moves the clock with ``run_until`` and asserts the bytes
+each destination received, the sender's ACKs and the rows in the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from attrs import define, field
+from sqlalchemy import select
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from udsgateway import schema, store
+from udsgateway.ack import ControlIdSource
+from udsgateway.config import TenantConfig
+from udsgateway.db import Database, GroupCommitter, InlineRunner, ensure_schema, make_engine
+from udsgateway.delivery import Timing
+from udsgateway.executor import Executor
+from udsgateway.flows import Action, App, Flow, Trigger
+from udsgateway.ingest import Ingest
+from udsgateway.listener import ListenerFactory
+from udsgateway.routing import RoutingTable
+from udsgateway.testing import (
+    Connection,
+    DestinationPeer,
+    Outbound,
+    PeerConnection,
+    control_id_of,
+    destination_ack,
+    mllp,
+    run_until,
+)
+
+#: The clock's start: a plausible wall-clock time (2023-11-14 22:13:20 UTC).
+START = 1_700_000_000.0
+HOST = "127.0.0.1"
+
+
+def action(
+    name: str,
+    port: int,
+    message_type: str,
+    template: str,
+    **options: Any,
+) -> Action:
+    """A TCP action to a destination on 127.0.0.1:``port``."""
+    return Action(
+        name=name, host=HOST, port=port, message_type=message_type, template=template, **options
+    )
+
+
+def flow(
+    name: str,
+    message_type: str,
+    actions: Sequence[Action],
+    *,
+    ack: str = "on_commit",
+    ack_timeout: float = 30.0,
+    connection: str = "mllp",
+) -> Flow:
+    """A flow with a stable Flow ID made from its name (at most 20 characters)."""
+    flow_id = "FLW" + "".join(ch for ch in name.upper() if ch.isalnum())[:17]
+    return Flow(
+        name=name,
+        flow_id=flow_id,
+        trigger=Trigger(
+            connection=connection, message_type=message_type, ack=ack, ack_timeout=ack_timeout
+        ),
+        actions=tuple(actions),
+    )
+
+
+def app(
+    *flows: Flow, tenant: str = "test", app_id: str = "APPFLOWTEST", **variables: str
+) -> App:
+    """An app of these flows."""
+    return App(
+        name="Flow tests", tenant=tenant, app_id=app_id, variables=variables, flows=tuple(flows)
+    )
+
+
+def answer_with(code: str, error: int | None = None) -> Callable[[PeerConnection, bytes], None]:
+    """A peer script: answer every message with ``code`` (AA, AE, AR...)."""
+
+    def script(connection: PeerConnection, payload: bytes) -> None:
+        connection.reply(destination_ack(control_id_of(payload), code, error))
+
+    return script
+
+
+def never_answer(_connection: PeerConnection, _payload: bytes) -> None:
+    """A peer script: take the message, never answer."""
+
+
+@define(eq=False)
+class FlowGateway:
+    """One tenant's whole gateway in memory; destinations are ``DestinationPeer``s.
+
+    ``database`` is an SQLAlchemy URL: in-memory by default, or a file for a
+    test that also runs the command line on the same store.
+    """
+
+    apps: tuple[App, ...]
+    tenant: TenantConfig = field(
+        factory=lambda: TenantConfig(name="test", listen="tcp:port=0:interface=127.0.0.1")
+    )
+    database_url: str = "sqlite:///:memory:"
+    clock: Clock = field(factory=Clock)
+    #: False: stored messages do not wake the executor (a test calls ``executor.wake``).
+    autorun: bool = True
+    database: Database = field(init=False)
+    outbound: Outbound = field(init=False)
+    executor: Executor = field(init=False)
+    ingest: Ingest = field(init=False)
+    factory: ListenerFactory = field(init=False)
+    _timings: dict[str, Timing] = field(init=False, factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.clock.seconds() == 0:
+            self.clock.advance(START)
+        self.database = Database(make_engine(self.database_url), InlineRunner())
+        self.database.transaction_now(ensure_schema)
+        for each in self.apps:
+            self.database.transaction_now(store.save_app, each, self.clock.seconds())
+        loaded = self.database.transaction_now(store.load_apps, None)
+
+        self.outbound = Outbound(clock=self.clock, database=self.database)
+        dispatcher = self.outbound.dispatcher
+        self._timings = {
+            step.endpoint: Timing(
+                connect_timeout=step.connect_timeout,
+                response_timeout=step.response_timeout,
+                backoff_initial=step.backoff_initial,
+                backoff_max=step.backoff_max,
+            )
+            for each in loaded
+            for one in each.flows
+            for step in one.actions
+        }
+        dispatcher.timing = lambda endpoint: self._timings.get(endpoint, Timing())
+        for each in loaded:
+            for one in each.flows:
+                for step in one.actions:
+                    self.outbound.peer(step.endpoint, step.protocol)
+
+        self.executor = Executor(self.database, dispatcher, self.clock, ControlIdSource("OUT"))
+        dispatcher.after_record = self.executor.after_record
+        dispatcher.on_recorded = self.executor.on_recorded
+        self.executor.load(loaded)
+
+        committer: GroupCommitter[store.InboundRecord, store.CommitResult] = GroupCommitter(
+            self.database, store.commit_inbound
+        )
+        self.ingest = Ingest(
+            self.tenant,
+            committer,
+            self.clock,
+            ControlIdSource("ACK"),
+            routes=RoutingTable.build(
+                [each for each in loaded if each.tenant == self.tenant.name],
+                self.tenant.app_id_field,
+                self.tenant.flow_id_field,
+            ),
+            on_stored=self._stored,
+            is_full=dispatcher.is_full,
+            watch=self.executor.watch,
+            save_ack=self._save_ack,
+        )
+        self.factory = ListenerFactory(self.tenant, self.ingest, self.clock)
+        self.outbound.start()
+        self.executor.wake()
+
+    def _stored(self, _result: store.CommitResult) -> None:
+        if self.autorun:
+            self.executor.wake()
+
+    def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
+        return self.database.transaction(store.update_ack, message_id, code, ack)
+
+    # -- the sender's side
+
+    def connect(self, port: int = 40000) -> Connection:
+        """A new sender connection to the tenant's listener."""
+        protocol = self.factory.buildProtocol(IPv4Address("TCP", HOST, port))
+        assert protocol is not None, "connection refused"
+        transport = StringTransport(peerAddress=IPv4Address("TCP", HOST, port))
+        protocol.makeConnection(transport)
+        return Connection(protocol, transport)
+
+    def send(self, message: bytes, connection: Connection | None = None) -> bytes:
+        """Send one MLLP frame; return what was answered at once (unframed, or b"")."""
+        connection = connection or self.connect()
+        connection.send(mllp(message))
+        return unframe(connection.received())
+
+    # -- destinations
+
+    def peer(self, port: int) -> DestinationPeer:
+        """The destination of the actions to 127.0.0.1:``port``."""
+        found = [
+            peer for endpoint, peer in self.outbound.peers.items() if f":port={port}:" in endpoint
+        ]
+        assert len(found) == 1, f"no single destination on port {port}"
+        return found[0]
+
+    def run_until(self, done: Callable[[], bool], limit: float = 3600.0) -> float:
+        """Move the clock from one delayed call to the next until ``done()``."""
+        return run_until(self.clock, done, limit)
+
+    def settle(self, limit: float = 3600.0) -> float:
+        """Run until no execution is pending or waiting."""
+        return self.run_until(
+            lambda: not any(
+                row["state"] in ("pending", "waiting") for row in self.rows(schema.executions)
+            ),
+            limit,
+        )
+
+    # -- the store
+
+    def rows(self, table: Any) -> list[dict[str, Any]]:
+        """Every row of a table (``udsgateway.schema``), in id order, as dicts."""
+        order = table.c.id if "id" in table.c else list(table.c)[0]
+
+        def read(connection: Any) -> list[dict[str, Any]]:
+            return [dict(row._mapping) for row in connection.execute(select(table).order_by(order))]
+
+        return self.database.transaction_now(read)
+
+    def messages(self) -> list[store.StoredMessage]:
+        """Every stored inbound message, oldest first."""
+        return self.database.transaction_now(store.find_messages, None, None, 1_000_000)
+
+    def stop(self) -> None:
+        """Stop the dispatcher (a test's cleanup)."""
+        self.outbound.stop()
+
+
+def unframe(data: bytes) -> bytes:
+    """The payload of one MLLP frame (b"" for no data)."""
+    if not data:
+        return b""
+    assert data.startswith(b"\x0b") and data.endswith(b"\x1c\r"), f"not one frame: {data!r}"
+    return data[1:-2]

@@ -1,0 +1,970 @@
+"""Tests for flows end to end in memory: executions, the executor, "after actions" ACKs,
+execution logs, no PHI in logs, and retention.
+
+Every test drives the real objects the service wires (listener factory, ingest,
+group commit, SQLite store, executor, dispatcher, destination protocol) through
+``udsgateway.testing_flows.FlowGateway``: an in-memory database on a synchronous
+runner, a ``task.Clock``, and scripted in-memory destinations. Assertions are on
+bytes (what each destination received, what the sender was answered), rows in
+the store and log events.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from udsgateway import cli, outbox, schema, store
+from udsgateway.ack import parse_reply
+from udsgateway.executor import lane_name
+from udsgateway.flows import Action, App
+from udsgateway.testing import PeerConnection, control_id_of, destination_ack
+from udsgateway.testing_flows import (
+    START,
+    FlowGateway,
+    action,
+    answer_with,
+    app,
+    flow,
+    never_answer,
+)
+
+SENT_AT = "20240101123000"
+#: ``now`` in a template, rendered at the clock's start (START).
+NOW = "20231114221320"
+DAY = 86_400.0
+
+
+def adt(
+    control_id: str,
+    *,
+    event: str = "A04",
+    family: str = "Doe",
+    given: str = "John",
+    mrn: str = "12345",
+    dob: str = "19800101",
+    street: str = "1 Main St",
+    phone: str = "5550100",
+    kin: str = "Doe^Jane",
+) -> bytes:
+    """An ADT message from the hospital, with the default delimiters."""
+    return (
+        "\r".join(
+            [
+                f"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|{SENT_AT}||ADT^{event}|{control_id}|P|2.5",
+                f"EVN|{event}|{SENT_AT}",
+                f"PID|1||{mrn}^^^Hospital||{family}^{given}||{dob}|M|||{street}^^City^ST^12345"
+                f"||{phone}",
+                f"NK1|1|{kin}|SPOUSE",
+            ]
+        )
+        + "\r"
+    ).encode("latin-1")
+
+
+def header(receiver: str, message_type: str = "ADT^A04") -> str:
+    """A template's MSH line, towards ``receiver``."""
+    return (
+        f"MSH|^~\\&|UDSGATEWAY|TEST|{receiver}|{receiver}FAC|{{{{ now }}}}||{message_type}"
+        "|{{ control_id }}|P|2.5\n"
+    )
+
+
+def sent_header(receiver: str, control_id: str, message_type: str = "ADT^A04") -> str:
+    """The MSH line that ``header(receiver)`` renders to (at START)."""
+    return f"MSH|^~\\&|UDSGATEWAY|TEST|{receiver}|{receiver}FAC|{NOW}||{message_type}|{control_id}|P|2.5\r"
+
+
+#: A segment carrying the trigger's MSH-10, so a test can tell the messages apart.
+TRIGGER_ID = 'ZTR|{{ msg["MSH-10"] }}\n'
+
+
+def trigger_ids(payloads: list[bytes]) -> list[str]:
+    """The trigger MSH-10 in each payload's ZTR segment."""
+    found = []
+    for payload in payloads:
+        match = re.search(rb"\rZTR\|([^\r]*)\r", payload)
+        assert match is not None, f"no ZTR segment in {payload!r}"
+        found.append(match.group(1).decode())
+    return found
+
+
+def ack_fields(ack: bytes) -> dict[str, Any]:
+    """MSA-1, MSA-2, ERR-3.1 and ERR-7 of an ACK."""
+    reply = parse_reply(ack)
+    assert reply.problem == "", f"{reply.problem}: {ack!r}"
+    err = next((line for line in ack.split(b"\r") if line.startswith(b"ERR|")), b"")
+    fields = err.decode("latin-1").split("|")
+    return {
+        "code": reply.ack_code,
+        "control_id": reply.control_id,
+        "error": reply.error_code,
+        "diagnostic": fields[7] if len(fields) > 7 else "",
+    }
+
+
+def gateway(test: SynchronousTestCase, *apps: App, **options: Any) -> FlowGateway:
+    """A FlowGateway for ``test``, stopped in its cleanup."""
+    running = FlowGateway(apps, **options)
+    test.addCleanup(running.stop)
+    return running
+
+
+def states(running: FlowGateway) -> list[tuple[str, str, int, str]]:
+    """(flow_id, state, step, error) of every execution, in creation order."""
+    return [
+        (row["flow_id"], row["state"], row["step"], row["error"])
+        for row in running.rows(schema.executions)
+    ]
+
+
+class ExecutionStateTests(SynchronousTestCase):
+    """The execution state machine: pending -> waiting -> (next action) -> done, or failed."""
+
+    def test_pending_waiting_done(self) -> None:
+        """A stored message's execution is pending until the executor runs it, waiting
+        while its delivery is out, done once the destination answered AA."""
+        running = gateway(
+            self,
+            app(flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])),
+            autorun=False,
+        )
+        destination = running.peer(2601)
+        destination.latency = 1.0
+
+        ack = running.send(adt("MSG1"))
+        self.assertEqual(ack_fields(ack)["code"], "AA")
+        self.assertEqual(states(running), [("FLWONE", "pending", 0, "")])
+        self.assertEqual(running.rows(schema.deliveries), [])
+
+        running.executor.wake()
+        self.assertEqual(states(running), [("FLWONE", "waiting", 0, "")])
+        running.run_until(lambda: len(destination.received) == 1)
+        self.assertEqual(states(running), [("FLWONE", "waiting", 0, "")])
+
+        running.clock.advance(1.0)
+        self.assertEqual(states(running), [("FLWONE", "done", 0, "")])
+        self.assertEqual(
+            destination.received, [(sent_header("A", "OUT1") + "ZTR|MSG1\r").encode()]
+        )
+        (delivery,) = running.rows(schema.deliveries)
+        self.assertEqual(
+            (delivery["state"], delivery["response_code"], delivery["control_id"]),
+            ("delivered", "AA", "OUT1"),
+        )
+
+    def test_second_action_uses_the_first_response(self) -> None:
+        """The second action is rendered only once the first was answered, from that
+        answer: responses[0]["MSA-2"], actions.first["MSA-1"], actions.first["MSH-10"]."""
+        second = (
+            header("B")
+            + 'PID|1||{{ msg["PID-3.1"] }}||{{ msg["PID-5"] }}\n'
+            + 'ZAK|{{ responses[0]["MSA-2"] }}|{{ actions.first["MSA-1"] }}'
+            + '|{{ actions.first["MSH-10"] }}|{{ responses.size }}\n'
+        )
+        running = gateway(
+            self,
+            app(
+                flow(
+                    "chain",
+                    "ADT^A04",
+                    [
+                        action("first", 2601, "ADT^A04", header("A") + TRIGGER_ID),
+                        action("second", 2602, "ADT^A08", second.replace("ADT^A04", "ADT^A08")),
+                    ],
+                )
+            ),
+        )
+        first_peer, second_peer = running.peer(2601), running.peer(2602)
+        first_peer.latency = 5.0
+        second_peer.latency = 1.0
+
+        running.send(adt("MSG1", family="O\\S\\Brien", given="Mary"))
+        running.run_until(lambda: len(first_peer.received) == 1)
+        self.assertEqual(states(running), [("FLWCHAIN", "waiting", 0, "")])
+        running.clock.advance(4.9)
+        self.assertEqual(second_peer.received, [])
+
+        running.run_until(lambda: len(second_peer.received) == 1)
+        self.assertEqual(states(running), [("FLWCHAIN", "waiting", 1, "")])
+        running.settle()
+        self.assertEqual(states(running), [("FLWCHAIN", "done", 1, "")])
+        self.assertEqual(
+            first_peer.received, [(sent_header("A", "OUT1") + "ZTR|MSG1\r").encode()]
+        )
+        # The peer's ACK to OUT1 is "MSH|...|ACK|ROUT1|...\rMSA|AA|OUT1\r".
+        self.assertEqual(
+            second_peer.received,
+            [
+                (
+                    sent_header("B", "OUT2", "ADT^A08")
+                    + "PID|1||12345||O\\S\\Brien^Mary\r"
+                    + "ZAK|OUT1|AA|ROUT1|1\r"
+                ).encode()
+            ],
+        )
+        self.assertEqual(
+            [(row["step"], row["state"]) for row in running.rows(schema.deliveries)],
+            [(0, "delivered"), (1, "delivered")],
+        )
+
+    def test_template_errors_fail_their_execution_only(self) -> None:
+        """A template that fails to render, or does not compile, fails that flow's
+        execution with the reason (logged); the other flow of the message is delivered."""
+        running = gateway(
+            self,
+            app(
+                flow("good", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)]),
+                flow(
+                    "joins",
+                    "ADT^A04",
+                    [action("send", 2602, "ADT^A04", header("B") + 'PID|{{ msg["PID-3"] | join: "," }}\n')],
+                ),
+                flow(
+                    "syntax",
+                    "ADT^A04",
+                    [action("send", 2603, "ADT^A04", header("C") + "PID|{% if %}\n")],
+                ),
+            ),
+        )
+        ack = running.send(adt("MSG1"))
+        running.settle()
+
+        self.assertEqual(ack_fields(ack)["code"], "AA")
+        self.assertEqual(
+            states(running),
+            [
+                ("FLWGOOD", "done", 0, ""),
+                (
+                    "FLWJOINS",
+                    "failed",
+                    0,
+                    "action send: join expected an array, found WireText (template line 2)",
+                ),
+                ("FLWSYNTAX", "failed", 0, "template: line 2: missing expression"),
+            ],
+        )
+        self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
+        self.assertEqual(running.peer(2602).received + running.peer(2603).received, [])
+        self.assertEqual(running.executor.failed, 2)
+        failed_logs = [
+            (row["flow_id"], row["control_id"], row["reason"])
+            for row in running.rows(schema.logs)
+            if row["event"] == "execution" and row["outcome"] == "failed"
+        ]
+        self.assertEqual(
+            failed_logs,
+            [
+                (
+                    "FLWJOINS",
+                    "MSG1",
+                    "action send: join expected an array, found WireText (template line 2)",
+                ),
+                ("FLWSYNTAX", "MSG1", "template: line 2: missing expression"),
+            ],
+        )
+
+    def test_a_message_that_breaks_its_template_every_time(self) -> None:
+        """RELIABILITY.md: a message that breaks its template every time fails its
+        execution with the reason, once; the lane goes on with the next message, and
+        the other flow of the same message type is unaffected."""
+        dated = header("A") + TRIGGER_ID + 'ZDT|{{ msg["PID-7"] | hl7_date: "%Y%m%d" }}\n'
+        running = gateway(
+            self,
+            app(
+                flow("dated", "ADT^A04", [action("send", 2601, "ADT^A04", dated)]),
+                flow("plain", "ADT^A04", [action("send", 2602, "ADT^A04", header("B") + TRIGGER_ID)]),
+            ),
+        )
+        bad = adt("MSG2", dob="unknown")
+        for message in (adt("MSG1"), bad, adt("MSG3"), bad, adt("MSG4", dob="unknown")):
+            self.assertEqual(ack_fields(running.send(message))["code"], "AA")
+            running.settle()
+
+        reason = "action send: hl7_date: the value is not a date (template line 3)"
+        self.assertEqual(
+            [(flow_id, state, error) for flow_id, state, _step, error in states(running)],
+            [
+                ("FLWDATED", "done", ""),
+                ("FLWPLAIN", "done", ""),
+                ("FLWDATED", "failed", reason),
+                ("FLWPLAIN", "done", ""),
+                ("FLWDATED", "done", ""),
+                ("FLWPLAIN", "done", ""),
+                # The resent MSG2 was a duplicate: its stored ACK replayed, no new execution.
+                ("FLWDATED", "failed", reason),
+                ("FLWPLAIN", "done", ""),
+            ],
+        )
+        self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1", "MSG3"])
+        self.assertEqual(
+            trigger_ids(running.peer(2602).received), ["MSG1", "MSG2", "MSG3", "MSG4"]
+        )
+        self.assertEqual(running.rows(schema.deliveries)[0]["payload"].count(b"ZDT|19800101\r"), 1)
+
+
+class OrderingTests(SynchronousTestCase):
+    """G2: each action's destination gets the messages in arrival order."""
+
+    def test_arrival_order_per_action_lane(self) -> None:
+        """Thirty messages through a two-action chain and a one-action flow, with
+        destination answers of varying latency and small executor batches: every
+        destination receives them in arrival order, each once."""
+        running = gateway(
+            self,
+            app(
+                flow(
+                    "chain",
+                    "ADT^A04",
+                    [
+                        action("first", 2601, "ADT^A04", header("A") + TRIGGER_ID),
+                        action(
+                            "second",
+                            2602,
+                            "ADT^A04",
+                            header("B") + TRIGGER_ID + 'ZAK|{{ actions.first["MSA-2"] }}\n',
+                        ),
+                    ],
+                ),
+                flow("single", "ADT^A04", [action("send", 2603, "ADT^A04", header("C") + TRIGGER_ID)]),
+            ),
+        )
+        running.executor.batch_size = 3
+        latencies = itertools.cycle([0.5, 0.0, 2.0, 0.1, 0.0, 1.3])
+
+        def varying(connection: PeerConnection, payload: bytes) -> None:
+            connection.reply(destination_ack(control_id_of(payload)), next(latencies))
+
+        for port in (2601, 2602, 2603):
+            running.peer(port).script = varying
+        sent = [f"MSG{number:02d}" for number in range(30)]
+        for number, control_id in enumerate(sent):
+            self.assertEqual(ack_fields(running.send(adt(control_id)))["code"], "AA")
+            if number % 4 == 0:
+                running.clock.advance(0.3)
+        running.settle()
+
+        for port in (2601, 2602, 2603):
+            self.assertEqual(trigger_ids(running.peer(port).received), sent, f"port {port}")
+        deliveries = running.rows(schema.deliveries)
+        self.assertEqual({row["state"] for row in deliveries}, {"delivered"})
+        for lane in {row["lane"] for row in deliveries}:
+            in_lane = [row for row in deliveries if row["lane"] == lane]
+            self.assertEqual(trigger_ids([row["payload"] for row in in_lane]), sent, lane)
+        self.assertEqual(
+            {row["state"] for row in running.rows(schema.executions)}, {"done"}
+        )
+
+    def test_ordering_key_gives_one_lane_per_value(self) -> None:
+        """With an ordering key, a held head blocks only its own key's lane; the other
+        patient's messages keep flowing in order. Lane names carry a hash, not the value."""
+        running = gateway(
+            self,
+            app(
+                flow(
+                    "keyed",
+                    "ADT^A04",
+                    [
+                        action(
+                            "send",
+                            2601,
+                            "ADT^A04",
+                            header("A") + TRIGGER_ID,
+                            ordering_key="PID-3.1",
+                        )
+                    ],
+                )
+            ),
+        )
+
+        def reject_mrn_111(connection: PeerConnection, payload: bytes) -> None:
+            code = "AR" if b"|MSGA" in payload else "AA"
+            connection.reply(destination_ack(control_id_of(payload), code))
+
+        running.peer(2601).script = reject_mrn_111
+        order = [("MSGA1", "111"), ("MSGB1", "222"), ("MSGA2", "111"), ("MSGB2", "222")]
+        order += [("MSGB3", "222"), ("MSGA3", "111")]
+        for control_id, mrn in order:
+            running.send(adt(control_id, mrn=mrn))
+        running.run_until(lambda: len(running.peer(2601).received) == 4)
+        running.clock.advance(60)
+
+        self.assertEqual(
+            trigger_ids(running.peer(2601).received), ["MSGA1", "MSGB1", "MSGB2", "MSGB3"]
+        )
+        lanes = {row["lane"] for row in running.rows(schema.deliveries)}
+        self.assertEqual(
+            lanes, {lane_name("FLWKEYED", 0, "111"), lane_name("FLWKEYED", 0, "222")}
+        )
+        for lane in lanes:
+            self.assertRegex(lane, r"^FLWKEYED/0#[0-9a-f]{16}$")
+        self.assertEqual(
+            [(row["state"], row["step"]) for row in running.rows(schema.executions)],
+            [("waiting", 0), ("done", 0), ("waiting", 0), ("done", 0), ("done", 0), ("waiting", 0)],
+        )
+
+
+class AfterActionsAckTests(SynchronousTestCase):
+    """A flow whose trigger says ``ack = "after_actions"``: the sender's ACK reflects
+    the action chain's outcome, within the flow's ``ack_timeout``."""
+
+    def chain(self, second_template: str | None = None, ack_timeout: float = 30.0) -> FlowGateway:
+        """A gateway with one "after actions" flow: two actions to ports 2601 and 2602."""
+        return gateway(
+            self,
+            app(
+                flow(
+                    "waits",
+                    "ADT^A04",
+                    [
+                        action("first", 2601, "ADT^A04", header("A") + TRIGGER_ID),
+                        action(
+                            "second",
+                            2602,
+                            "ADT^A04",
+                            second_template or header("B") + TRIGGER_ID,
+                            response_timeout=60.0,
+                        ),
+                    ],
+                    ack="after_actions",
+                    ack_timeout=ack_timeout,
+                )
+            ),
+        )
+
+    def assert_replayed(self, running: FlowGateway, message: bytes, ack: bytes) -> None:
+        """A resend of ``message`` gets ``ack`` again, byte for byte, at once."""
+        (stored,) = running.messages()
+        self.assertEqual(stored.ack, ack)
+        self.assertEqual(running.send(message), ack)
+        self.assertEqual(len(running.messages()), 1)
+
+    def test_aa_when_the_chain_is_done(self) -> None:
+        """No answer while the actions run; AA once the last one is delivered. The
+        stored ACK becomes the one sent, so a resend replays it."""
+        running = self.chain()
+        running.peer(2601).latency = 2.0
+        running.peer(2602).latency = 3.0
+        connection = running.connect()
+        message = adt("MSG1")
+
+        connection.send(b"\x0b" + message + b"\x1c\r")
+        self.assertEqual(connection.received(), b"")
+        running.run_until(lambda: len(running.peer(2602).received) == 1)
+        self.assertEqual(connection.received(), b"")
+        self.assertEqual(states(running), [("FLWWAITS", "waiting", 1, "")])
+
+        running.clock.advance(3.0)
+        framed = connection.received()
+        ack = framed[1:-2]
+        self.assertEqual(ack_fields(ack), {"code": "AA", "control_id": "MSG1", "error": None, "diagnostic": ""})
+        self.assertEqual(states(running), [("FLWWAITS", "done", 1, "")])
+        self.assert_replayed(running, message, ack)
+
+    def test_ae_207_when_an_action_fails(self) -> None:
+        """The second action's template fails after the first was delivered: AE with
+        ERR-3 207 and the reason; the stored ACK is that AE."""
+        running = self.chain(second_template=header("B") + 'PID|{{ msg["PID-3"] | join: "," }}\n')
+        connection = running.connect()
+        message = adt("MSG1")
+        connection.send(b"\x0b" + message + b"\x1c\r")
+        self.assertEqual(connection.received(), b"")
+        running.settle()
+        ack = connection.received()[1:-2]
+        (stored,) = running.messages()
+
+        self.assertEqual(
+            ack_fields(ack),
+            {
+                "code": "AE",
+                "control_id": "MSG1",
+                "error": 207,
+                "diagnostic": "actions failed: action second: join expected an array, "
+                "found WireText (template line 2)",
+            },
+        )
+        self.assertEqual(stored.ack_code, "AE")
+        self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
+        self.assert_replayed(running, message, ack)
+
+    def test_ae_207_when_a_delivery_is_held(self) -> None:
+        """The second destination rejects (AR, held by the default policy): AE 207."""
+        running = self.chain()
+        running.peer(2602).script = answer_with("AR", 206)
+        connection = running.connect()
+        message = adt("MSG1")
+        connection.send(b"\x0b" + message + b"\x1c\r")
+        running.run_until(lambda: connection.transport.value() != b"")
+        ack = connection.received()[1:-2]
+
+        self.assertEqual(
+            ack_fields(ack),
+            {
+                "code": "AE",
+                "control_id": "MSG1",
+                "error": 207,
+                "diagnostic": "actions held: AR from destination, ERR 206",
+            },
+        )
+        self.assertEqual(states(running), [("FLWWAITS", "waiting", 1, "")])
+        self.assert_replayed(running, message, ack)
+
+    def test_ae_207_at_the_timeout(self) -> None:
+        """A destination that never answers: AE 207 exactly at the flow's ack_timeout."""
+        running = self.chain(ack_timeout=5.0)
+        running.peer(2602).script = never_answer
+        connection = running.connect()
+        message = adt("MSG1")
+        connection.send(b"\x0b" + message + b"\x1c\r")
+        running.run_until(lambda: len(running.peer(2602).received) == 1)
+        self.assertEqual(running.clock.seconds(), START)
+
+        running.clock.advance(4.5)
+        self.assertEqual(connection.received(), b"")
+        running.clock.advance(0.5)
+        ack = connection.received()[1:-2]
+        self.assertEqual(
+            ack_fields(ack),
+            {
+                "code": "AE",
+                "control_id": "MSG1",
+                "error": 207,
+                "diagnostic": "actions did not finish within 5s",
+            },
+        )
+        self.assertEqual(states(running), [("FLWWAITS", "waiting", 1, "")])
+        self.assert_replayed(running, message, ack)
+
+    def test_on_commit_flows_answer_at_once(self) -> None:
+        """The default timing: AA as soon as the message is committed, actions or not."""
+        running = gateway(
+            self,
+            app(flow("now", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])),
+        )
+        running.peer(2601).script = never_answer
+        ack = running.send(adt("MSG1"))
+        self.assertEqual(ack_fields(ack)["code"], "AA")
+        self.assertEqual(running.peer(2601).received, [])
+
+
+class LogTests(SynchronousTestCase):
+    maxDiff = None
+    """``udsgateway logs``: one line per event, with what an operator needs."""
+
+    def test_logs_command_shows_every_field(self) -> None:
+        """Time, App ID (joined from the flow), Flow ID, control ID, type, action,
+        attempt, outcome, ACK code and reason, for receipts, attempts and executions."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        url = f"sqlite:///{directory / 'gateway.db'}"
+        config = directory / "gateway.toml"
+        config.write_text(
+            f'[gateway]\ndatabase = "{url}"\n\n[[tenants]]\nname = "test"\n'
+            'listen = "tcp:port=0:interface=127.0.0.1"\n',
+            encoding="utf-8",
+        )
+        running = gateway(
+            self,
+            app(
+                flow(
+                    "chain",
+                    "ADT^A04",
+                    [
+                        action("first", 2601, "ADT^A04", header("A") + TRIGGER_ID),
+                        action("second", 2602, "ADT^A04", header("B") + TRIGGER_ID),
+                    ],
+                ),
+                flow(
+                    "broken",
+                    "ADT^A04",
+                    [action("send", 2603, "ADT^A04", header("C") + 'PID|{{ msg["PID-3"] | join: "," }}\n')],
+                ),
+            ),
+            database_url=url,
+        )
+
+        def nak_first(connection: PeerConnection, payload: bytes) -> None:
+            if len(connection.peer.received) == 1:
+                connection.reply(destination_ack(control_id_of(payload), "AE", 207))
+            else:
+                connection.reply(destination_ack(control_id_of(payload)))
+
+        running.peer(2601).script = nak_first
+        running.send(adt("MSG1"))
+        running.settle()
+
+        out = io.StringIO()
+        self.assertEqual(cli.main(["--config", str(config), "logs", "--json"], out=out), 0)
+        rows = [json.loads(line) for line in out.getvalue().splitlines()]
+        for row in rows:
+            del row["id"]
+        when = "2023-11-14 22:13:20"
+        retried = "2023-11-14 22:13:21"  # one second of backoff after the AE
+        common = {"app_id": "APPFLOWTEST", "type": "ADT^A04"}
+        self.assertEqual(
+            rows,
+            [
+                {
+                    **common,
+                    "time": when,
+                    "event": "received",
+                    "outcome": "accepted",
+                    "app_id": "",
+                    "flow_id": "",
+                    "control_id": "MSG1",
+                    "action": "",
+                    "attempt": "",
+                    "ack": "AA",
+                    "reason": "",
+                },
+                {
+                    **common,
+                    "time": when,
+                    "event": "execution",
+                    "outcome": "failed",
+                    "flow_id": "FLWBROKEN",
+                    "control_id": "MSG1",
+                    "action": 0,
+                    "attempt": "",
+                    "ack": "",
+                    "reason": "action send: join expected an array, found WireText "
+                    "(template line 2)",
+                },
+                {
+                    **common,
+                    "time": when,
+                    "event": "delivery",
+                    "outcome": "retry",
+                    "flow_id": "FLWCHAIN",
+                    "control_id": "OUT1",
+                    "action": 0,
+                    "attempt": 1,
+                    "ack": "AE",
+                    "reason": "AE (retry 1)",
+                },
+                {
+                    **common,
+                    "time": retried,
+                    "event": "delivery",
+                    "outcome": "delivered",
+                    "flow_id": "FLWCHAIN",
+                    "control_id": "OUT1",
+                    "action": 0,
+                    "attempt": 2,
+                    "ack": "AA",
+                    "reason": "",
+                },
+                {
+                    **common,
+                    "time": retried,
+                    "event": "delivery",
+                    "outcome": "delivered",
+                    "flow_id": "FLWCHAIN",
+                    "control_id": "OUT2",
+                    "action": 1,
+                    "attempt": 1,
+                    "ack": "AA",
+                    "reason": "",
+                },
+                {
+                    **common,
+                    "time": retried,
+                    "event": "execution",
+                    "outcome": "done",
+                    "flow_id": "FLWCHAIN",
+                    "control_id": "MSG1",
+                    "action": 1,
+                    "attempt": "",
+                    "ack": "",
+                    "reason": "",
+                },
+            ],
+        )
+
+        out = io.StringIO()
+        cli.main(["--config", str(config), "logs", "--json", "--status", "failed"], out=out)
+        self.assertEqual(
+            [json.loads(line)["flow_id"] for line in out.getvalue().splitlines()], ["FLWBROKEN"]
+        )
+
+
+#: Planted in every patient field; no log may ever contain it (G6).
+MARKER = "ZZMARKER"
+
+
+class NoPHITests(SynchronousTestCase):
+    """G6 and RELIABILITY.md "Security": with marker values planted in the patient
+    fields, no log event and no row of the logs (nor any reason or error column)
+    contains them, whatever happens to the message."""
+
+    def setUp(self) -> None:
+        self.events: list[LogEvent] = []
+        observer: ILogObserver = self.events.append  # type: ignore[assignment]
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def test_markers_appear_in_no_log(self) -> None:
+        """Delivered chains, a held destination whose NAKs quote the patient, template
+        failures that involve patient values, an "after actions" AE, a rejected
+        message and a same-MSH-10-different-content NAK: no marker in any log."""
+        body = (
+            'PID|1||{{ msg["PID-3"] }}||{{ msg["PID-5"] }}||{{ msg["PID-7"] }}|||'
+            '{{ msg["PID-11"] }}||{{ msg["PID-13"] }}\n'
+            'NK1|1|{{ msg["NK1-2"] }}\n'
+        )
+        running = gateway(
+            self,
+            app(
+                flow(
+                    "chain",
+                    "ADT^A04",
+                    [
+                        action("first", 2611, "ADT^A04", header("A") + body, ordering_key="PID-3.1"),
+                        action(
+                            "second",
+                            2612,
+                            "ADT^A04",
+                            header("B") + body + 'ZAK|{{ actions.first["MSA-2"] }}\n',
+                        ),
+                    ],
+                ),
+                flow(
+                    "type_from_patient",
+                    "ADT^A04",
+                    [
+                        action(
+                            "send",
+                            2613,
+                            "ADT^A04",
+                            header("C", '{{ msg["PID-5.1"] }}^{{ msg["PID-5.2"] }}') + body,
+                        )
+                    ],
+                    ack="after_actions",
+                ),
+                flow(
+                    "liquid_error",
+                    "ADT^A04",
+                    [action("send", 2614, "ADT^A04", header("D") + 'PID|{{ msg["PID-5.1"] | plus: 1 }}\n')],
+                ),
+                flow(
+                    "naks",
+                    "ADT^A04",
+                    [action("send", 2615, "ADT^A04", header("E") + body, max_retries=1)],
+                ),
+            ),
+        )
+
+        def nak_quoting_the_patient(connection: PeerConnection, payload: bytes) -> None:
+            control_id = control_id_of(payload)
+            connection.reply(
+                (
+                    "MSH|^~\\&|DEST|FAC|GATEWAY|FAC|20240101000001||ACK|R1|P|2.5\r"
+                    f"MSA|AE|{control_id}|ZZMARKERFAMILY unknown\r"
+                    f"ERR||PID^1^5|207^Application error^HL70357|E||||ZZMARKERGIVEN rejected\r"
+                ).encode()
+            )
+
+        running.peer(2615).script = nak_quoting_the_patient
+        patient = {
+            "family": "ZZMARKERFAMILY",
+            "given": "ZZMARKERGIVEN",
+            "mrn": "ZZMARKERMRN",
+            "street": "ZZMARKERSTREET",
+            "phone": "ZZMARKERPHONE",
+            "kin": "ZZMARKERKIN^ZZMARKERKINGIVEN",
+        }
+        acks = []
+        for control_id in ("MSG1", "MSG2"):
+            connection = running.connect()
+            connection.send(b"\x0b" + adt(control_id, **patient) + b"\x1c\r")
+            running.run_until(lambda: connection.transport.value() != b"")
+            acks.append(connection.received())
+        acks.append(running.send(adt("MSG3", event="A99", **patient)))
+        acks.append(running.send(adt("MSG1", **{**patient, "family": "ZZMARKEROTHER"})))
+        running.clock.advance(3600)
+
+        # The scenario did what it says.
+        self.assertEqual([ack_fields(a[1:-2])["code"] for a in acks[:2]], ["AE", "AE"])
+        self.assertEqual([ack_fields(a)["error"] for a in acks[2:]], [201, 205])
+        self.assertEqual(len(running.peer(2611).received), 2)
+        self.assertEqual(len(running.peer(2612).received), 2)
+        self.assertEqual(len(running.peer(2615).received), 2)  # MSG1: AE, AE; MSG2 waits
+        self.assertIn(b"ZZMARKERFAMILY", running.peer(2612).received[0])
+        self.assertEqual(
+            [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)][:4],
+            [
+                ("FLWCHAIN", "done"),
+                ("FLWTYPEFROMPATIENT", "failed"),
+                ("FLWLIQUIDERROR", "failed"),
+                ("FLWNAKS", "waiting"),
+            ],
+        )
+        self.assertTrue(self.events)
+
+        leaks = []
+        for event in self.events:
+            text = formatEvent(event) + repr(event)
+            failure = event.get("log_failure")
+            if failure is not None:
+                text += failure.getTraceback()
+            if MARKER in text.upper():
+                leaks.append(("log event", text))
+        for ack in acks:
+            if MARKER.encode() in ack.upper():
+                leaks.append(("ACK", ack.decode("latin-1")))
+        bodies = {"raw", "payload", "response"}  # the message store: PHI by design
+        for table in (
+            schema.logs,
+            schema.executions,
+            schema.deliveries,
+            schema.messages,
+            schema.audit,
+        ):
+            for row in running.rows(table):
+                for column, value in row.items():
+                    if column in bodies:
+                        continue
+                    text = value.decode("latin-1") if isinstance(value, bytes) else str(value)
+                    if MARKER in text.upper():
+                        leaks.append((f"{table.name}.{column}", text))
+        self.assertEqual(leaks, [])
+
+
+class RetentionTests(SynchronousTestCase):
+    """``store.prune``: old finished messages go with their executions, deliveries and
+    logs, in batches; unfinished work is never deleted (G1)."""
+
+    def setUp(self) -> None:
+        one = header("A") + TRIGGER_ID
+        self.running = gateway(
+            self,
+            app(
+                flow("ok", "ADT^A04", [action("send", 2601, "ADT^A04", one)]),
+                flow(
+                    "broken",
+                    "ADT^A08",
+                    [action("send", 2602, "ADT^A08", header("B", "ADT^A08") + "{% if %}")],
+                ),
+                flow("slow", "SIU^S12", [action("send", 2603, "SIU^S12", header("C", "SIU^S12") + TRIGGER_ID)]),
+                flow("held", "SIU^S14", [action("send", 2604, "SIU^S14", header("D", "SIU^S14") + TRIGGER_ID)]),
+                flow("later", "SIU^S15", [action("send", 2605, "SIU^S15", header("E", "SIU^S15") + TRIGGER_ID)]),
+                flow("record", "ADT^A31", []),
+            ),
+        )
+        self.running.peer(2603).script = never_answer
+        self.running.peer(2604).script = answer_with("AR")
+
+    def send(self, control_id: str, message_type: str = "ADT^A04") -> None:
+        kind, event = message_type.split("^")
+        message = adt(control_id, event=event).replace(
+            f"ADT^{event}".encode(), message_type.encode(), 1
+        )
+        self.running.send(message)
+        self.running.clock.advance(0)
+
+    def prune(self, limit: int = 500, days: float = 30.0) -> int:
+        before = self.running.clock.seconds() - days * DAY
+        return self.running.database.transaction_now(store.prune, before, limit)
+
+    def control_ids(self, table: Any = schema.messages) -> list[str]:
+        return [row["control_id"] for row in self.running.rows(table)]
+
+    def message_ids_in(self, table: Any) -> set[int]:
+        if table is schema.deliveries:
+            executions = {row["id"]: row["message_id"] for row in self.running.rows(schema.executions)}
+            return {executions[row["execution_id"]] for row in self.running.rows(table)}
+        return {row["message_id"] for row in self.running.rows(table) if row["message_id"] is not None}
+
+    def test_old_finished_messages_go_with_their_records(self) -> None:
+        """Done, failed and rejected messages older than the retention go, with their
+        executions, deliveries and logs; unfinished ones (pending, waiting on a slow
+        destination, held) and recent ones stay whole."""
+        running = self.running
+        self.send("DONE1")
+        self.send("FAILED1", "ADT^A08")
+        self.send("REJECTED1", "ADT^A99")
+        self.send("SLOW1", "SIU^S12")
+        self.send("HELD1", "SIU^S14")
+        running.autorun = False
+        self.send("PENDING1", "SIU^S15")
+        running.database.transaction_now(
+            lambda connection: connection.execute(
+                insert(schema.logs).values(at=START, event="delivery", outcome="retry")
+            )
+        )
+        running.clock.advance(31 * DAY)
+        self.send("RECENT1", "ADT^A31")
+        self.assertEqual(
+            [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)],
+            [
+                ("FLWOK", "done"),
+                ("FLWBROKEN", "failed"),
+                ("FLWSLOW", "waiting"),
+                ("FLWHELD", "waiting"),
+                ("FLWLATER", "pending"),
+            ],
+        )
+        ids = {row["control_id"]: row["id"] for row in running.rows(schema.messages)}
+
+        self.assertEqual(self.prune(), 3)
+
+        kept = ["SLOW1", "HELD1", "PENDING1", "RECENT1"]
+        self.assertEqual(self.control_ids(), kept)
+        kept_ids = {ids[control_id] for control_id in kept}
+        self.assertEqual(self.message_ids_in(schema.logs), kept_ids)
+        self.assertEqual(
+            self.message_ids_in(schema.executions), kept_ids - {ids["RECENT1"]}
+        )
+        self.assertEqual(self.message_ids_in(schema.deliveries), {ids["SLOW1"], ids["HELD1"]})
+        self.assertEqual(
+            [row["state"] for row in running.rows(schema.deliveries)], ["queued", "held"]
+        )
+        self.assertNotIn(None, [row["message_id"] for row in running.rows(schema.logs)])
+        self.assertEqual(self.prune(), 0)
+
+    def test_in_batches_oldest_first(self) -> None:
+        """``limit`` bounds each call: five old messages go 2, 2, 1, oldest first."""
+        for number in range(5):
+            self.send(f"OLD{number}")
+            self.running.clock.advance(1)
+        self.running.clock.advance(31 * DAY)
+        self.send("NEW")
+
+        self.assertEqual(self.prune(limit=2), 2)
+        self.assertEqual(self.control_ids(), ["OLD2", "OLD3", "OLD4", "NEW"])
+        self.assertEqual(self.prune(limit=2), 2)
+        self.assertEqual(self.prune(limit=2), 1)
+        self.assertEqual(self.prune(limit=2), 0)
+        self.assertEqual(self.control_ids(), ["NEW"])
+        self.assertEqual(len(self.running.rows(schema.deliveries)), 1)
+
+    def test_a_replayed_delivery_keeps_its_message_only(self) -> None:
+        """A finished message whose delivery an operator replayed (open again) stays
+        until it is delivered; older and newer finished messages still go."""
+        running = self.running
+        for control_id in ("OLD1", "OLD2", "OLD3"):
+            self.send(control_id)
+        running.peer(2601).accepting = False
+        (replayed,) = [
+            row["id"] for row in running.rows(schema.deliveries) if b"ZTR|OLD2\r" in row["payload"]
+        ]
+        running.database.transaction_now(
+            outbox.operator_action, replayed, "replay", "tester", "partner lost it", START
+        )
+        running.clock.advance(31 * DAY)
+
+        self.assertEqual(self.prune(limit=2), 2)
+        self.assertEqual(self.control_ids(), ["OLD2"])
+        self.assertEqual(self.prune(limit=2), 0)
+        self.assertEqual(self.control_ids(), ["OLD2"])
+        self.assertEqual(
+            [row["state"] for row in running.rows(schema.deliveries)], ["queued"]
+        )
