@@ -267,10 +267,19 @@ class Prepared:
             self._compiled[name] = found
         return found
 
-    def execute(self, connection: Connection, rows: list[dict[str, Any]]) -> Any:
-        """Run with one parameter set, or as executemany with several."""
+    def execute(self, connection: Connection, rows: list[dict[str, Any]]) -> list[Any]:
+        """Run with one parameter set, or as executemany with several; return any rows.
+
+        The DBAPI cursor belongs to the connection's current transaction.
+        """
         sql, order = self.sql(connection)
         params: Any = [tuple(row[k] for k in order) for row in rows] if order else rows
-        if len(params) == 1:
-            params = params[0]
-        return connection.exec_driver_sql(sql, params)
+        cursor = connection.connection.cursor()
+        try:
+            if len(params) == 1:
+                cursor.execute(sql, params[0])
+            else:
+                cursor.executemany(sql, params)
+            return cursor.fetchall() if cursor.description else []
+        finally:
+            cursor.close()

@@ -90,16 +90,17 @@ messages = Table(
     Column("ack_code", String(2), nullable=False, comment="MSA-1 we answered"),
     Column("ack", LargeBinary, nullable=False, comment="the ACK we sent, replayed on resend"),
     Index("messages_received", "received_at"),
-    Index("messages_lookup", "tenant", "sender", "control_id"),
+    # The duplicate check looks a group's control IDs up: control_id leads.
+    Index("messages_lookup", "control_id", "tenant", "sender"),
 )
 
 # G3: one accepted message per sender and control ID. The index is partial so
 # that a rejected message can be corrected and sent again under the same MSH-10.
 Index(
     "messages_dedupe",
+    messages.c.control_id,
     messages.c.tenant,
     messages.c.sender,
-    messages.c.control_id,
     unique=True,
     sqlite_where=messages.c.accepted.is_(True),
     postgresql_where=messages.c.accepted.is_(True),

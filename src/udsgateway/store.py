@@ -129,6 +129,7 @@ _LOOKUPS = {size: Prepared(partial(_lookup_statement, size)) for size in range(1
 _INSERT_MESSAGE = Prepared(
     lambda: schema.messages.insert().values({c: bindparam(c) for c in _MESSAGE_COLUMNS})
 )
+_LAST_ROWID = Prepared(lambda: select(func.last_insert_rowid()))
 _INSERT_LOG = Prepared(lambda: schema.logs.insert().values({c: bindparam(c) for c in _LOG_COLUMNS}))
 
 
@@ -208,7 +209,7 @@ def _insert_messages(connection: Connection, records: list[InboundRecord]) -> li
         # One executemany, no RETURNING: inside our write transaction SQLite
         # gives the rows consecutive rowids ending at last_insert_rowid().
         _INSERT_MESSAGE.execute(connection, rows)
-        last = connection.exec_driver_sql("SELECT last_insert_rowid()").scalar_one()
+        last = _LAST_ROWID.execute(connection, [{}])[0][0]
         return list(range(last - len(rows) + 1, last + 1))
     result = connection.execute(
         schema.messages.insert().returning(schema.messages.c.id, sort_by_parameter_order=True),
@@ -463,11 +464,23 @@ def prune(connection: Connection, before: float, limit: int) -> int:
     unfinished = (
         select(e.c.message_id).where(e.c.state.in_(("pending", "waiting"))).scalar_subquery()
     )
+    # A finished execution may have an open delivery again (an operator replayed it):
+    # its message stays until that is delivered, and does not hold back the others.
+    open_delivery = (
+        select(e.c.message_id)
+        .join(d, d.c.execution_id == e.c.id)
+        .where(d.c.state.in_(("queued", "held")))
+        .scalar_subquery()
+    )
     candidates = [
         row[0]
         for row in connection.execute(
             select(m.c.id)
-            .where(m.c.received_at < before, m.c.id.not_in(unfinished))
+            .where(
+                m.c.received_at < before,
+                m.c.id.not_in(unfinished),
+                m.c.id.not_in(open_delivery),
+            )
             .order_by(m.c.id)
             .limit(limit)
         )
@@ -479,13 +492,6 @@ def prune(connection: Connection, before: float, limit: int) -> int:
         row[0] for row in connection.execute(select(e.c.id).where(e.c.message_id.in_(candidates)))
     ]
     if execution_ids:
-        open_rows = connection.execute(
-            select(func.count())
-            .select_from(d)
-            .where(d.c.execution_id.in_(execution_ids), d.c.state.in_(("queued", "held")))
-        ).scalar_one()
-        if open_rows:
-            return 0
         connection.execute(delete(d).where(d.c.execution_id.in_(execution_ids)))
         connection.execute(delete(e).where(e.c.id.in_(execution_ids)))
     connection.execute(delete(logs).where(logs.c.message_id.in_(candidates)))
