@@ -280,6 +280,6 @@ class Prepared:
                 cursor.execute(sql, params[0])
             else:
                 cursor.executemany(sql, params)
-            return cursor.fetchall() if cursor.description else []
+            return list(cursor.fetchall()) if cursor.description else []
         finally:
             cursor.close()

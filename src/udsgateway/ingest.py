@@ -236,12 +236,15 @@ class Ingest:
                 finished = await watching
             except Exception:
                 error = AckError(207, "", f"actions did not finish within {timeout:g}s")
-                for other in watches:
-                    other.cancel()
                 break
             if finished.state != "done":
                 error = AckError(207, "", f"actions {finished.state}: {finished.reason}"[:200])
                 break
+        for other in watches:
+            # The answer is decided: stop the other waits, without an unhandled error.
+            if not other.called:
+                other.addErrback(lambda _failure: None)
+                other.cancel()
         outcome = Outcome.ACCEPT if error is None else Outcome.ERROR
         code = ack_code(header, outcome)
         ack = b""

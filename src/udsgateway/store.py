@@ -125,12 +125,16 @@ def _lookup_statement(size: int) -> Any:
     )
 
 
-_LOOKUPS = {size: Prepared(partial(_lookup_statement, size)) for size in range(1, _LOOKUP_CHUNK + 1)}
+_LOOKUPS = {
+    size: Prepared(partial(_lookup_statement, size)) for size in range(1, _LOOKUP_CHUNK + 1)
+}
 _INSERT_MESSAGE = Prepared(
     lambda: schema.messages.insert().values({c: bindparam(c) for c in _MESSAGE_COLUMNS})
 )
 _LAST_ROWID = Prepared(lambda: select(func.last_insert_rowid()))
-_INSERT_LOG = Prepared(lambda: schema.logs.insert().values({c: bindparam(c) for c in _LOG_COLUMNS}))
+_INSERT_LOG = Prepared(
+    lambda: schema.logs.insert().values({c: bindparam(c) for c in _LOG_COLUMNS})
+)
 
 
 def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:

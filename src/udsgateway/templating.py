@@ -857,7 +857,7 @@ def render_body(
     """
     target = delimiters if delimiters is not None else template.delimiters
     text = _render(template, data, target, now, new_control_id, detailed=False)
-    segments, charset = _body_segments(text, message_type, target)
+    segments, charset = _body_segments(text, message_type, target, detailed=False)
     return _encode(segments, python_codec(charset) if charset else default_charset)
 
 
@@ -901,7 +901,7 @@ def check_template(
             lambda: _CHECK_CONTROL_ID,
             detailed=True,
         )
-        segments, charset = _body_segments(text, message_type, template.delimiters)
+        segments, charset = _body_segments(text, message_type, template.delimiters, detailed=True)
         _encode(segments, python_codec(charset) if charset else "utf-8")
     except RenderError as err:
         line = err.line if err.line is not None else _header_line(source)
@@ -1017,8 +1017,14 @@ def _header_line(source: str) -> int:
     return 1
 
 
-def _body_segments(text: str, message_type: str, target: DelimiterSet) -> tuple[list[str], str]:
-    """Normalise and check a rendered body; return its segments and its MSH-18."""
+def _body_segments(
+    text: str, message_type: str, target: DelimiterSet, *, detailed: bool
+) -> tuple[list[str], str]:
+    """Normalise and check a rendered body; return its segments and its MSH-18.
+
+    ``detailed`` (``flows import``, rendering the sample) may quote rendered values;
+    otherwise reasons go into execution logs and must not (the values may be PHI).
+    """
     lines = [line.lstrip(" \t") for line in _LINE_BREAK.split(text)]
     segments = [line for line in lines if line.strip()]
     if not segments:
@@ -1042,9 +1048,11 @@ def _body_segments(text: str, message_type: str, target: DelimiterSet) -> tuple[
     expected = message_type.split("^")[:2]
     actual = [message.get("MSH-9.1"), message.get("MSH-9.2")]
     if actual != expected:
-        raise RenderError(
-            f"MSH-9 is {'^'.join(actual)!r} but the action sends {'^'.join(expected)}"
-        )
+        if detailed:
+            raise RenderError(
+                f"MSH-9 is {'^'.join(actual)!r} but the action sends {'^'.join(expected)}"
+            )
+        raise RenderError(f"MSH-9 is not {'^'.join(expected)}, the action's message type")
     if not message.get("MSH-10"):
         raise RenderError("MSH-10 (message control ID) is empty")
     return segments, message.get("MSH-18[1]").strip()

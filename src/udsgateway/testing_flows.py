@@ -17,8 +17,10 @@ from attrs import define, field
 from sqlalchemy import select
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from udsgateway import schema, store
 from udsgateway.ack import ControlIdSource
@@ -80,9 +82,7 @@ def flow(
     )
 
 
-def app(
-    *flows: Flow, tenant: str = "test", app_id: str = "APPFLOWTEST", **variables: str
-) -> App:
+def app(*flows: Flow, tenant: str = "test", app_id: str = "APPFLOWTEST", **variables: str) -> App:
     """An app of these flows."""
     return App(
         name="Flow tests", tenant=tenant, app_id=app_id, variables=variables, flows=tuple(flows)
@@ -197,11 +197,15 @@ class FlowGateway:
         protocol.makeConnection(transport)
         return Connection(protocol, transport)
 
-    def send(self, message: bytes, connection: Connection | None = None) -> bytes:
-        """Send one MLLP frame; return what was answered at once (unframed, or b"")."""
-        connection = connection or self.connect()
+    def send(self, message: bytes) -> bytes:
+        """Send one MLLP frame on a new connection; return what was answered at once
+        (unframed, or b""), then close the connection."""
+        connection = self.connect()
         connection.send(mllp(message))
-        return unframe(connection.received())
+        answer = unframe(connection.received())
+        connection.transport.loseConnection()
+        connection.protocol.connectionLost(Failure(ConnectionDone()))
+        return answer
 
     # -- destinations
 
@@ -220,8 +224,10 @@ class FlowGateway:
     def settle(self, limit: float = 3600.0) -> float:
         """Run until no execution is pending or waiting."""
         return self.run_until(
-            lambda: not any(
-                row["state"] in ("pending", "waiting") for row in self.rows(schema.executions)
+            lambda: (
+                not any(
+                    row["state"] in ("pending", "waiting") for row in self.rows(schema.executions)
+                )
             ),
             limit,
         )
@@ -230,10 +236,12 @@ class FlowGateway:
 
     def rows(self, table: Any) -> list[dict[str, Any]]:
         """Every row of a table (``udsgateway.schema``), in id order, as dicts."""
-        order = table.c.id if "id" in table.c else list(table.c)[0]
+        order = table.c.id if "id" in table.c else next(iter(table.c))
 
         def read(connection: Any) -> list[dict[str, Any]]:
-            return [dict(row._mapping) for row in connection.execute(select(table).order_by(order))]
+            return [
+                dict(row._mapping) for row in connection.execute(select(table).order_by(order))
+            ]
 
         return self.database.transaction_now(read)
 
