@@ -299,7 +299,7 @@ class NoReplyTests(DeliveryTestCase):
         peer.script = answer("AA")
         rig.run_until(all_delivered(rig))
         self.assertEqual(peer.received_ids(), ["L1", "L1", "L2"])
-        self.assertEqual([c.received for c in peer.connections[1:]][0][0], outbound_message("L1"))
+        self.assertEqual(peer.connections[1].received[0], outbound_message("L1"))
         [l1, l2] = rig.deliveries()
         self.assertEqual((l1.attempts, l1.response), (2, destination_ack("L1")))
         self.assertEqual((l2.attempts, l2.response), (1, destination_ack("L2")))
@@ -558,7 +558,7 @@ class NegativeAckTests(DeliveryTestCase):
                 d.state == DELIVERED for lane in ("lane-b", "lane-c") for d in rig.deliveries(lane)
             )
         )
-        self.assertEqual(dest.received_ids(), ["A00000"] + ids("B", 20))
+        self.assertEqual(dest.received_ids(), ["A00000", *ids("B", 20)])
         self.assertEqual(rig.peer("tcp:third.example:2575").received_ids(), ids("C", 20))
         self.assertEqual(states(rig, "lane-a")[0], ("A00000", HELD))
         self.assertEqual({s for _c, s in states(rig, "lane-stalled")}, {QUEUED})
@@ -631,7 +631,7 @@ class RecoveryTests(DeliveryTestCase):
             }
             for lane, control_id in short + long_rows
         ]
-        database.transaction_now(lambda c: c.execute(schema.deliveries.insert(), rows))
+        database.transaction_now(lambda c, r: c.execute(schema.deliveries.insert(), r), rows)
         del rows
         lanes = {"mem-a", "mem-b", "mem-c", "mem-d"}
         bound = page_size * active

@@ -11,10 +11,12 @@ the store and log events.
 
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +27,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from udsgateway import cli, outbox, schema, store
 from udsgateway.ack import parse_reply
 from udsgateway.executor import lane_name
-from udsgateway.flows import Action, App
-from udsgateway.testing import PeerConnection, control_id_of, destination_ack
+from udsgateway.flows import App
+from udsgateway.testing import Connection, PeerConnection, control_id_of, destination_ack
 from udsgateway.testing_flows import (
     START,
     FlowGateway,
@@ -78,9 +80,14 @@ def header(receiver: str, message_type: str = "ADT^A04") -> str:
     )
 
 
-def sent_header(receiver: str, control_id: str, message_type: str = "ADT^A04") -> str:
-    """The MSH line that ``header(receiver)`` renders to (at START)."""
-    return f"MSH|^~\\&|UDSGATEWAY|TEST|{receiver}|{receiver}FAC|{NOW}||{message_type}|{control_id}|P|2.5\r"
+def sent_header(
+    receiver: str, control_id: str, message_type: str = "ADT^A04", now: str = NOW
+) -> str:
+    """The MSH line that ``header(receiver)`` renders to (at ``now``)."""
+    return (
+        f"MSH|^~\\&|UDSGATEWAY|TEST|{receiver}|{receiver}FAC|{now}||{message_type}"
+        f"|{control_id}|P|2.5\r"
+    )
 
 
 #: A segment carrying the trigger's MSH-10, so a test can tell the messages apart.
@@ -111,6 +118,11 @@ def ack_fields(ack: bytes) -> dict[str, Any]:
     }
 
 
+def answered(connection: Connection) -> Callable[[], bool]:
+    """True once something was written back on ``connection``."""
+    return lambda: connection.transport.value() != b""
+
+
 def gateway(test: SynchronousTestCase, *apps: App, **options: Any) -> FlowGateway:
     """A FlowGateway for ``test``, stopped in its cleanup."""
     running = FlowGateway(apps, **options)
@@ -134,7 +146,9 @@ class ExecutionStateTests(SynchronousTestCase):
         while its delivery is out, done once the destination answered AA."""
         running = gateway(
             self,
-            app(flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])),
+            app(
+                flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
+            ),
             autorun=False,
         )
         destination = running.peer(2601)
@@ -197,15 +211,14 @@ class ExecutionStateTests(SynchronousTestCase):
         self.assertEqual(states(running), [("FLWCHAIN", "waiting", 1, "")])
         running.settle()
         self.assertEqual(states(running), [("FLWCHAIN", "done", 1, "")])
-        self.assertEqual(
-            first_peer.received, [(sent_header("A", "OUT1") + "ZTR|MSG1\r").encode()]
-        )
+        self.assertEqual(first_peer.received, [(sent_header("A", "OUT1") + "ZTR|MSG1\r").encode()])
         # The peer's ACK to OUT1 is "MSH|...|ACK|ROUT1|...\rMSA|AA|OUT1\r".
         self.assertEqual(
             second_peer.received,
             [
                 (
-                    sent_header("B", "OUT2", "ADT^A08")
+                    # Rendered when the first answer came, 5 s after the start.
+                    sent_header("B", "OUT2", "ADT^A08", now="20231114221325")
                     + "PID|1||12345||O\\S\\Brien^Mary\r"
                     + "ZAK|OUT1|AA|ROUT1|1\r"
                 ).encode()
@@ -222,11 +235,20 @@ class ExecutionStateTests(SynchronousTestCase):
         running = gateway(
             self,
             app(
-                flow("good", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)]),
+                flow(
+                    "good", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)]
+                ),
                 flow(
                     "joins",
                     "ADT^A04",
-                    [action("send", 2602, "ADT^A04", header("B") + 'PID|{{ msg["PID-3"] | join: "," }}\n')],
+                    [
+                        action(
+                            "send",
+                            2602,
+                            "ADT^A04",
+                            header("B") + 'PID|{{ msg["PID-3"] | join: "," }}\n',
+                        )
+                    ],
                 ),
                 flow(
                     "syntax",
@@ -281,7 +303,9 @@ class ExecutionStateTests(SynchronousTestCase):
             self,
             app(
                 flow("dated", "ADT^A04", [action("send", 2601, "ADT^A04", dated)]),
-                flow("plain", "ADT^A04", [action("send", 2602, "ADT^A04", header("B") + TRIGGER_ID)]),
+                flow(
+                    "plain", "ADT^A04", [action("send", 2602, "ADT^A04", header("B") + TRIGGER_ID)]
+                ),
             ),
         )
         bad = adt("MSG2", dob="unknown")
@@ -334,7 +358,11 @@ class OrderingTests(SynchronousTestCase):
                         ),
                     ],
                 ),
-                flow("single", "ADT^A04", [action("send", 2603, "ADT^A04", header("C") + TRIGGER_ID)]),
+                flow(
+                    "single",
+                    "ADT^A04",
+                    [action("send", 2603, "ADT^A04", header("C") + TRIGGER_ID)],
+                ),
             ),
         )
         running.executor.batch_size = 3
@@ -359,9 +387,7 @@ class OrderingTests(SynchronousTestCase):
         for lane in {row["lane"] for row in deliveries}:
             in_lane = [row for row in deliveries if row["lane"] == lane]
             self.assertEqual(trigger_ids([row["payload"] for row in in_lane]), sent, lane)
-        self.assertEqual(
-            {row["state"] for row in running.rows(schema.executions)}, {"done"}
-        )
+        self.assertEqual({row["state"] for row in running.rows(schema.executions)}, {"done"})
 
     def test_ordering_key_gives_one_lane_per_value(self) -> None:
         """With an ordering key, a held head blocks only its own key's lane; the other
@@ -401,14 +427,19 @@ class OrderingTests(SynchronousTestCase):
             trigger_ids(running.peer(2601).received), ["MSGA1", "MSGB1", "MSGB2", "MSGB3"]
         )
         lanes = {row["lane"] for row in running.rows(schema.deliveries)}
-        self.assertEqual(
-            lanes, {lane_name("FLWKEYED", 0, "111"), lane_name("FLWKEYED", 0, "222")}
-        )
+        self.assertEqual(lanes, {lane_name("FLWKEYED", 0, "111"), lane_name("FLWKEYED", 0, "222")})
         for lane in lanes:
             self.assertRegex(lane, r"^FLWKEYED/0#[0-9a-f]{16}$")
         self.assertEqual(
             [(row["state"], row["step"]) for row in running.rows(schema.executions)],
-            [("waiting", 0), ("done", 0), ("waiting", 0), ("done", 0), ("done", 0), ("waiting", 0)],
+            [
+                ("waiting", 0),
+                ("done", 0),
+                ("waiting", 0),
+                ("done", 0),
+                ("done", 0),
+                ("waiting", 0),
+            ],
         )
 
 
@@ -465,7 +496,9 @@ class AfterActionsAckTests(SynchronousTestCase):
         running.clock.advance(3.0)
         framed = connection.received()
         ack = framed[1:-2]
-        self.assertEqual(ack_fields(ack), {"code": "AA", "control_id": "MSG1", "error": None, "diagnostic": ""})
+        self.assertEqual(
+            ack_fields(ack), {"code": "AA", "control_id": "MSG1", "error": None, "diagnostic": ""}
+        )
         self.assertEqual(states(running), [("FLWWAITS", "done", 1, "")])
         self.assert_replayed(running, message, ack)
 
@@ -502,7 +535,7 @@ class AfterActionsAckTests(SynchronousTestCase):
         connection = running.connect()
         message = adt("MSG1")
         connection.send(b"\x0b" + message + b"\x1c\r")
-        running.run_until(lambda: connection.transport.value() != b"")
+        running.run_until(answered(connection))
         ack = connection.received()[1:-2]
 
         self.assertEqual(
@@ -543,11 +576,101 @@ class AfterActionsAckTests(SynchronousTestCase):
         self.assertEqual(states(running), [("FLWWAITS", "waiting", 1, "")])
         self.assert_replayed(running, message, ack)
 
+    def test_the_other_watches_end_quietly(self) -> None:
+        """A message for two "after actions" flows: one fails at once, so the AE goes at
+        once; the other flow's wait is dropped without an unhandled error when its
+        timeout passes."""
+        running = gateway(
+            self,
+            app(
+                flow(
+                    "fails",
+                    "ADT^A04",
+                    [action("send", 2601, "ADT^A04", header("A") + "PID|{% if %}\n")],
+                    ack="after_actions",
+                    ack_timeout=5.0,
+                ),
+                flow(
+                    "stalls",
+                    "ADT^A04",
+                    [
+                        action(
+                            "send",
+                            2602,
+                            "ADT^A04",
+                            header("B") + TRIGGER_ID,
+                            response_timeout=60.0,
+                        )
+                    ],
+                    ack="after_actions",
+                    ack_timeout=5.0,
+                ),
+            ),
+        )
+        running.peer(2602).script = never_answer
+        ack = running.send(adt("MSG1"))
+        self.assertEqual(
+            ack_fields(ack),
+            {
+                "code": "AE",
+                "control_id": "MSG1",
+                "error": 207,
+                "diagnostic": "actions failed: template: line 2: missing expression",
+            },
+        )
+        running.clock.advance(10.0)
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_two_flows_time_out_quietly(self) -> None:
+        """A message for two "after actions" flows whose destinations never answer:
+        one AE 207 at the timeout, and no unhandled error for either wait."""
+        running = gateway(
+            self,
+            app(
+                *(
+                    flow(
+                        name,
+                        "ADT^A04",
+                        [
+                            action(
+                                "send",
+                                port,
+                                "ADT^A04",
+                                header("A") + TRIGGER_ID,
+                                response_timeout=60.0,
+                            )
+                        ],
+                        ack="after_actions",
+                        ack_timeout=5.0,
+                    )
+                    for name, port in (("one", 2601), ("two", 2602))
+                )
+            ),
+        )
+        running.peer(2601).script = running.peer(2602).script = never_answer
+        connection = running.connect()
+        connection.send(b"\x0b" + adt("MSG1") + b"\x1c\r")
+        running.clock.advance(5.0)
+        self.assertEqual(
+            ack_fields(connection.received()[1:-2]),
+            {
+                "code": "AE",
+                "control_id": "MSG1",
+                "error": 207,
+                "diagnostic": "actions did not finish within 5s",
+            },
+        )
+        gc.collect()
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_on_commit_flows_answer_at_once(self) -> None:
         """The default timing: AA as soon as the message is committed, actions or not."""
         running = gateway(
             self,
-            app(flow("now", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])),
+            app(
+                flow("now", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
+            ),
         )
         running.peer(2601).script = never_answer
         ack = running.send(adt("MSG1"))
@@ -585,7 +708,14 @@ class LogTests(SynchronousTestCase):
                 flow(
                     "broken",
                     "ADT^A04",
-                    [action("send", 2603, "ADT^A04", header("C") + 'PID|{{ msg["PID-3"] | join: "," }}\n')],
+                    [
+                        action(
+                            "send",
+                            2603,
+                            "ADT^A04",
+                            header("C") + 'PID|{{ msg["PID-3"] | join: "," }}\n',
+                        )
+                    ],
                 ),
             ),
             database_url=url,
@@ -668,7 +798,8 @@ class LogTests(SynchronousTestCase):
                     "event": "delivery",
                     "outcome": "delivered",
                     "flow_id": "FLWCHAIN",
-                    "control_id": "OUT2",
+                    # OUT2 went to the broken flow's header before its template failed.
+                    "control_id": "OUT3",
                     "action": 1,
                     "attempt": 1,
                     "ack": "AA",
@@ -727,7 +858,9 @@ class NoPHITests(SynchronousTestCase):
                     "chain",
                     "ADT^A04",
                     [
-                        action("first", 2611, "ADT^A04", header("A") + body, ordering_key="PID-3.1"),
+                        action(
+                            "first", 2611, "ADT^A04", header("A") + body, ordering_key="PID-3.1"
+                        ),
                         action(
                             "second",
                             2612,
@@ -752,7 +885,14 @@ class NoPHITests(SynchronousTestCase):
                 flow(
                     "liquid_error",
                     "ADT^A04",
-                    [action("send", 2614, "ADT^A04", header("D") + 'PID|{{ msg["PID-5.1"] | plus: 1 }}\n')],
+                    [
+                        action(
+                            "send",
+                            2614,
+                            "ADT^A04",
+                            header("D") + 'PID|{{ 5 | divided_by: msg["PID-5.1"] }}\n',
+                        )
+                    ],
                 ),
                 flow(
                     "naks",
@@ -785,7 +925,7 @@ class NoPHITests(SynchronousTestCase):
         for control_id in ("MSG1", "MSG2"):
             connection = running.connect()
             connection.send(b"\x0b" + adt(control_id, **patient) + b"\x1c\r")
-            running.run_until(lambda: connection.transport.value() != b"")
+            running.run_until(answered(connection))
             acks.append(connection.received())
         acks.append(running.send(adt("MSG3", event="A99", **patient)))
         acks.append(running.send(adt("MSG1", **{**patient, "family": "ZZMARKEROTHER"})))
@@ -853,9 +993,21 @@ class RetentionTests(SynchronousTestCase):
                     "ADT^A08",
                     [action("send", 2602, "ADT^A08", header("B", "ADT^A08") + "{% if %}")],
                 ),
-                flow("slow", "SIU^S12", [action("send", 2603, "SIU^S12", header("C", "SIU^S12") + TRIGGER_ID)]),
-                flow("held", "SIU^S14", [action("send", 2604, "SIU^S14", header("D", "SIU^S14") + TRIGGER_ID)]),
-                flow("later", "SIU^S15", [action("send", 2605, "SIU^S15", header("E", "SIU^S15") + TRIGGER_ID)]),
+                flow(
+                    "slow",
+                    "SIU^S12",
+                    [action("send", 2603, "SIU^S12", header("C", "SIU^S12") + TRIGGER_ID)],
+                ),
+                flow(
+                    "held",
+                    "SIU^S14",
+                    [action("send", 2604, "SIU^S14", header("D", "SIU^S14") + TRIGGER_ID)],
+                ),
+                flow(
+                    "later",
+                    "SIU^S15",
+                    [action("send", 2605, "SIU^S15", header("E", "SIU^S15") + TRIGGER_ID)],
+                ),
                 flow("record", "ADT^A31", []),
             ),
         )
@@ -863,7 +1015,7 @@ class RetentionTests(SynchronousTestCase):
         self.running.peer(2604).script = answer_with("AR")
 
     def send(self, control_id: str, message_type: str = "ADT^A04") -> None:
-        kind, event = message_type.split("^")
+        event = message_type.split("^")[1]
         message = adt(control_id, event=event).replace(
             f"ADT^{event}".encode(), message_type.encode(), 1
         )
@@ -879,9 +1031,13 @@ class RetentionTests(SynchronousTestCase):
 
     def message_ids_in(self, table: Any) -> set[int]:
         if table is schema.deliveries:
-            executions = {row["id"]: row["message_id"] for row in self.running.rows(schema.executions)}
+            executions = {
+                row["id"]: row["message_id"] for row in self.running.rows(schema.executions)
+            }
             return {executions[row["execution_id"]] for row in self.running.rows(table)}
-        return {row["message_id"] for row in self.running.rows(table) if row["message_id"] is not None}
+        return {
+            row["message_id"] for row in self.running.rows(table) if row["message_id"] is not None
+        }
 
     def test_old_finished_messages_go_with_their_records(self) -> None:
         """Done, failed and rejected messages older than the retention go, with their
@@ -920,9 +1076,7 @@ class RetentionTests(SynchronousTestCase):
         self.assertEqual(self.control_ids(), kept)
         kept_ids = {ids[control_id] for control_id in kept}
         self.assertEqual(self.message_ids_in(schema.logs), kept_ids)
-        self.assertEqual(
-            self.message_ids_in(schema.executions), kept_ids - {ids["RECENT1"]}
-        )
+        self.assertEqual(self.message_ids_in(schema.executions), kept_ids - {ids["RECENT1"]})
         self.assertEqual(self.message_ids_in(schema.deliveries), {ids["SLOW1"], ids["HELD1"]})
         self.assertEqual(
             [row["state"] for row in running.rows(schema.deliveries)], ["queued", "held"]
@@ -965,6 +1119,4 @@ class RetentionTests(SynchronousTestCase):
         self.assertEqual(self.control_ids(), ["OLD2"])
         self.assertEqual(self.prune(limit=2), 0)
         self.assertEqual(self.control_ids(), ["OLD2"])
-        self.assertEqual(
-            [row["state"] for row in running.rows(schema.deliveries)], ["queued"]
-        )
+        self.assertEqual([row["state"] for row in running.rows(schema.deliveries)], ["queued"])

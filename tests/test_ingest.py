@@ -270,30 +270,30 @@ class HeaderValidationTests(GatewayTestCase):
         self.assertTrue(reply.err[3].startswith("202$"))
 
     def test_garbled_msh2_nak_102(self) -> None:
-        """MSH-2 not four distinct characters: AE 102 at MSH-2, MSA-2 echoed, not stored."""
+        """MSH-2 not four distinct characters: AR 102 at MSH-2, MSA-2 echoed, not stored."""
         for encoding in (b"^^&&", b"^~", b"^~\\&&&"):
             gateway = Gateway()
             message = hl7("ENC1").replace(b"^~\\&", encoding, 1)
             reply = self.send_one(gateway, message)
-            self.assertEqual((reply.code, reply.control_id), ("AE", "ENC1"), encoding)
+            self.assertEqual((reply.code, reply.control_id), ("AR", "ENC1"), encoding)
             self.assertEqual(reply.error_code, 102)
             self.assertEqual(reply.error_location, "MSH^1^2")
             self.assertEqual(gateway.messages(), [])
 
     def test_empty_msh10_nak_101(self) -> None:
-        """MSH-10 empty: AE 101 at MSH-10 with MSA-2 empty; not stored."""
+        """MSH-10 empty: AR 101 at MSH-10 with MSA-2 empty; not stored."""
         gateway = Gateway()
         reply = self.send_one(gateway, hl7(""))
-        self.assertEqual((reply.code, reply.control_id), ("AE", ""))
+        self.assertEqual((reply.code, reply.control_id), ("AR", ""))
         self.assertEqual(reply.error_code, 101)
         self.assertEqual(reply.error_location, "MSH^1^10")
         self.assertEqual(gateway.messages(), [])
 
     def test_missing_msh9_nak_101(self) -> None:
-        """MSH-9 missing: AE 101 at MSH-9; not stored."""
+        """MSH-9 missing: AR 101 at MSH-9; not stored."""
         gateway = Gateway()
         reply = self.send_one(gateway, hl7("TYP1", message_type=""))
-        self.assertEqual((reply.code, reply.control_id), ("AE", "TYP1"))
+        self.assertEqual((reply.code, reply.control_id), ("AR", "TYP1"))
         self.assertEqual(reply.error_code, 101)
         self.assertEqual(reply.error_location, "MSH^1^9")
         self.assertEqual(gateway.messages(), [])
@@ -336,19 +336,19 @@ class HeaderValidationTests(GatewayTestCase):
         self.assertEqual([m for m in gateway.messages() if m.accepted], [])
 
     def test_unknown_charset_nak_103(self) -> None:
-        """MSH-18 names an unknown charset: AE 103 at MSH-18; not stored."""
+        """MSH-18 names an unknown charset: AR 103 at MSH-18; not stored."""
         gateway = Gateway()
         reply = self.send_one(gateway, hl7("CS1", charset="KLINGON"))
-        self.assertEqual((reply.code, reply.control_id, reply.error_code), ("AE", "CS1", 103))
+        self.assertEqual((reply.code, reply.control_id, reply.error_code), ("AR", "CS1", 103))
         self.assertEqual(reply.error_location, "MSH^1^18")
         self.assertEqual(gateway.messages(), [])
 
     def test_bytes_invalid_for_declared_charset_nak_102(self) -> None:
-        """Bytes invalid for MSH-18 (Latin-1 in a UTF-8 message): AE 102 naming the byte."""
+        """Bytes invalid for MSH-18 (Latin-1 in a UTF-8 message): AR 102 naming the byte."""
         gateway = Gateway()
         message = hl7("CS2", charset="UNICODE UTF-8", patient=b"M\xfcller^Hans")
         reply = self.send_one(gateway, message)
-        self.assertEqual((reply.code, reply.control_id, reply.error_code), ("AE", "CS2", 102))
+        self.assertEqual((reply.code, reply.control_id, reply.error_code), ("AR", "CS2", 102))
         self.assertEqual(reply.error_location, "MSH^1^18")
         offset = message.index(b"\xfc")
         self.assertIn(f"0xFC at offset {offset}", reply.diagnostic)

@@ -160,7 +160,7 @@ class MLLPFramingTests(GatewayTestCase):
         connection = gateway.connect()
         connection.send(mllp(hl7("BAD1", message_type="")))
         reply = one_reply(connection)
-        self.assertEqual((reply.code, reply.control_id, reply.error_code), ("AE", "BAD1", 101))
+        self.assertEqual((reply.code, reply.control_id, reply.error_code), ("AR", "BAD1", 101))
         self.assertFalse(connection.closed)
         self.assertEqual(gateway.messages(), [])
 

@@ -36,6 +36,7 @@ class PendingWork:
     message_id: int
     flow_id: str
     step: int
+    tenant: str
     raw: bytes
     control_id: str
     message_type: str
@@ -80,6 +81,7 @@ def pending(connection: Connection, limit: int) -> list[PendingWork]:
                 e.c.message_id,
                 e.c.flow_id,
                 e.c.step,
+                m.c.tenant,
                 m.c.raw,
                 m.c.control_id,
                 m.c.message_type,
@@ -105,6 +107,7 @@ def pending(connection: Connection, limit: int) -> list[PendingWork]:
             message_id=row.message_id,
             flow_id=row.flow_id,
             step=row.step,
+            tenant=row.tenant,
             raw=row.raw,
             control_id=row.control_id,
             message_type=row.message_type,

@@ -28,7 +28,7 @@ from udsgateway.delivery import Dispatcher
 from udsgateway.executions import Advanced, Finished, PendingWork, Transition
 from udsgateway.flows import Action, App, Flow
 from udsgateway.header import HeaderProblem, parse_header
-from udsgateway.message import MessageParseError, parse_message
+from udsgateway.message import MessageParseError, PathSyntaxError, parse_message
 from udsgateway.outbox import Delivery, NewDelivery
 from udsgateway.templating import (
     ActionResponse,
@@ -71,7 +71,8 @@ class Executor:
     clock: IReactorTime
     control_ids: ControlIdSource
     batch_size: int = 64
-    default_charset: str = "utf-8"
+    #: Each tenant's codec for messages without MSH-18 (its default_charset).
+    charsets: dict[str, str] = field(factory=dict)
     _plans: dict[str, _FlowPlan] = field(factory=dict)
     _steps: dict[str, int] = field(factory=dict)
     _running: bool = False
@@ -177,6 +178,19 @@ class Executor:
             self._running = False
 
     def _transition(self, work: PendingWork) -> Transition:
+        try:
+            return self._plan_transition(work)
+        except Exception as error:
+            # A bug here must fail this execution, never stop every flow's actions.
+            log.failure(
+                "action {step} of flow {flow_id} failed unexpectedly",
+                step=work.step,
+                flow_id=work.flow_id,
+                control_id=work.control_id,
+            )
+            return Transition(work.execution_id, error=f"internal error ({type(error).__name__})")
+
+    def _plan_transition(self, work: PendingWork) -> Transition:
         plan = self._plans.get(work.flow_id)
         if plan is None:
             return Transition(work.execution_id, error="the flow no longer exists")
@@ -197,7 +211,7 @@ class Executor:
                 control_id=work.control_id,
             )
             return Transition(work.execution_id, error=f"action {action.name}: {error}")
-        header = parse_header(body, default_charset=self.default_charset)
+        header = parse_header(body, default_charset="utf-8")
         control_id = header.control_id if not isinstance(header, HeaderProblem) else ""
         self.rendered += 1
         return Transition(
@@ -217,8 +231,9 @@ class Executor:
     def _render(
         self, plan: _FlowPlan, action: Action, template: Template, work: PendingWork
     ) -> tuple[bytes, str | None]:
+        charset = self.charsets.get(work.tenant, "latin-1")
         try:
-            trigger = parse_message(work.raw, default_charset=self.default_charset)
+            trigger = parse_message(work.raw, default_charset=charset)
         except MessageParseError as error:
             raise RenderError(f"trigger message unreadable: {error.reason}") from None
         responses = []
@@ -226,7 +241,7 @@ class Executor:
             parsed = None
             if response:
                 try:
-                    parsed = parse_message(response, default_charset=self.default_charset)
+                    parsed = parse_message(response, default_charset="latin-1")
                 except MessageParseError:
                     parsed = None
             responses.append(ActionResponse(plan.flow.actions[step].name, parsed))
@@ -237,9 +252,12 @@ class Executor:
             message_type=action.message_type,
             now=self._now,
             new_control_id=self.control_ids.next,
-            default_charset=self.default_charset,
+            default_charset=charset,
         )
-        key_value = trigger.get(action.ordering_key) if action.ordering_key else None
+        try:
+            key_value = trigger.get(action.ordering_key) if action.ordering_key else None
+        except PathSyntaxError:
+            raise RenderError("ordering_key is not an HL7 path") from None
         return body, key_value
 
     def _now(self) -> datetime:

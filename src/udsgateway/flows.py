@@ -16,6 +16,7 @@ from typing import Any
 
 from attrs import evolve, field, frozen
 
+from udsgateway.message import PathSyntaxError, parse_path
 from udsgateway.tomlreader import TableReader
 from udsgateway.tomlwriter import dumps
 
@@ -186,6 +187,18 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else "must be greater than 0"
 
 
+def _hl7_path(value: str) -> str | None:
+    if not value:
+        return None
+    try:
+        path = parse_path(value)
+    except PathSyntaxError as error:
+        return f"not an HL7 path: {error}"
+    if path.has_wildcard or path.field is None:
+        return "must name one field or component, e.g. PID-3.1"
+    return None
+
+
 def _read_action(reader: TableReader, table: dict[str, Any]) -> Action:
     reader.unknown(table, _ACTION_KEYS)
     for key in ("name", "host", "port", "message_type", "template"):
@@ -229,7 +242,7 @@ def _read_action(reader: TableReader, table: dict[str, Any]) -> Action:
             "mllp",
             lambda v: None if v in CONNECTIONS else "expected mllp or tcp",
         ),
-        ordering_key=reader.get(table, "ordering_key", str, ""),
+        ordering_key=reader.get(table, "ordering_key", str, "", _hl7_path),
         tls=tls,
         policy=policy,
         max_retries=reader.get(

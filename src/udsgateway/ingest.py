@@ -115,7 +115,11 @@ class Ingest:
             if parsed.header.message_code == "ACK":
                 return self._inbound_ack(parsed.header)
             problem = AckError(parsed.code, parsed.location, parsed.diagnostic)
-            return self._nak(parsed.header, Outcome.ERROR, problem)
+            # RELIABILITY.md: AR for a header problem, AE for a content error
+            # (control bytes or undecodable bytes in the body, located by offset).
+            header_problem = parsed.location.startswith("MSH")
+            outcome = Outcome.REJECT if header_problem else Outcome.ERROR
+            return self._nak(parsed.header, outcome, problem)
         header = parsed
         if header.message_code == "ACK":
             return self._inbound_ack(header)
@@ -133,16 +137,6 @@ class Ingest:
             reason = f"{error.code}: {error.diagnostic}"
         else:
             outcome, flows, error, reason = Outcome.ACCEPT, routed.flows, None, ""
-            full = self._full_destination(flows)
-            if full:
-                log.warn(
-                    "destination queue full: NAK 207",
-                    control_id=header.control_id,
-                    tenant=self.tenant.name,
-                )
-                return self._nak(
-                    header, Outcome.REJECT, AckError(207, "", "destination queue is full")
-                )
         code = ack_code(header, outcome)
         ack = b""
         if _wants_accept_ack(header, outcome):
@@ -169,6 +163,9 @@ class Ingest:
             ack_code=code,
             ack=ack,
             run_flows=tuple(route.flow_id for route in flows if route.destinations),
+            # Backpressure: a new message for a full destination is refused, but
+            # a resend of one already stored still gets its stored ACK (G3).
+            refuse_new=self._full_destination(flows),
         )
         try:
             result = await self._committer.submit(record)
@@ -196,17 +193,33 @@ class Ingest:
                     message_type=header.event_type,
                     tenant=self.tenant.name,
                 )
-            waiting = [route for route in flows if route.ack == "after_actions"]
+            waiting = {r.flow_id: r for r in flows if r.ack == "after_actions" and r.destinations}
             watches: list[Deferred[Finished]] = []
-            timeout = min((route.ack_timeout for route in waiting), default=0.0)
+            timeout = min((route.ack_timeout for route in waiting.values()), default=0.0)
             if waiting and self.watch is not None:
-                # Watch before the executor hears of the message: it may finish at once.
-                watches = [self.watch(eid, timeout) for eid in result.execution_ids]
+                # Only the flows that asked for it; watch before the executor hears
+                # of the message, since it may finish at once.
+                watches = [
+                    self.watch(execution_id, timeout)
+                    for flow_id, execution_id in zip(
+                        record.run_flows, result.execution_ids, strict=True
+                    )
+                    if flow_id in waiting
+                ]
             if self.on_stored is not None and result.execution_ids:
                 self.on_stored(result)
             if watches:
                 return await self._after_actions(header, result, watches, timeout)
             return self._answer(code, ack)
+        if result.outcome is CommitOutcome.REFUSED:
+            log.warn(
+                "destination queue full: NAK 207",
+                control_id=header.control_id,
+                tenant=self.tenant.name,
+            )
+            return self._nak(
+                header, Outcome.REJECT, AckError(207, "", "destination queue is full")
+            )
         if result.outcome is CommitOutcome.REPLAY:
             self.stats.replayed += 1
             log.info("duplicate: stored ACK replayed", control_id=header.control_id)
@@ -241,10 +254,10 @@ class Ingest:
                 error = AckError(207, "", f"actions {finished.state}: {finished.reason}"[:200])
                 break
         for other in watches:
-            # The answer is decided: stop the other waits, without an unhandled error.
-            if not other.called:
-                other.addErrback(lambda _failure: None)
-                other.cancel()
+            # The answer is decided: stop the other waits, and consume their failures
+            # (a timeout or the cancellation) so none is logged as unhandled.
+            other.addErrback(lambda _failure: None)
+            other.cancel()
         outcome = Outcome.ACCEPT if error is None else Outcome.ERROR
         code = ack_code(header, outcome)
         ack = b""

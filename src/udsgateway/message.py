@@ -34,6 +34,8 @@ from typing import Final, Literal
 
 from attrs import field, frozen
 
+from udsgateway.header import codec_for
+
 ALL: Final = "*"
 """The ``[*]`` selector of a path: every occurrence instead of one."""
 
@@ -49,41 +51,6 @@ _PATH = re.compile(
     r"(?:\.(?P<component>[0-9]+)"
     r"(?:\.(?P<subcomponent>[0-9]+))?)?)?"
 )
-
-# HL7 table 0211 (MSH-18) to Python codecs. An empty MSH-18 means ASCII in the standard;
-# callers pass the tenant's default instead, because real senders put 8-bit text there.
-_CHARSETS: Final = {
-    "ASCII": "ascii",
-    "ISO IR6": "ascii",
-    "8859/1": "iso8859-1",
-    "ISO IR100": "iso8859-1",
-    "8859/2": "iso8859-2",
-    "ISO IR101": "iso8859-2",
-    "8859/3": "iso8859-3",
-    "ISO IR109": "iso8859-3",
-    "8859/4": "iso8859-4",
-    "ISO IR110": "iso8859-4",
-    "8859/5": "iso8859-5",
-    "ISO IR144": "iso8859-5",
-    "8859/6": "iso8859-6",
-    "ISO IR127": "iso8859-6",
-    "8859/7": "iso8859-7",
-    "ISO IR126": "iso8859-7",
-    "8859/8": "iso8859-8",
-    "ISO IR138": "iso8859-8",
-    "8859/9": "iso8859-9",
-    "ISO IR148": "iso8859-9",
-    "8859/15": "iso8859-15",
-    "UNICODE": "utf-8",
-    "UNICODE UTF-8": "utf-8",
-    "UNICODE UTF-16": "utf-16",
-    "UNICODE UTF-32": "utf-32",
-    "GB 18030-2000": "gb18030",
-    "KS X 1001": "euc_kr",
-    "BIG-5": "big5",
-    "ISO IR87": "iso2022_jp",
-    "ISO IR159": "iso2022_jp_2",
-}
 
 
 class MessageParseError(ValueError):
@@ -140,8 +107,12 @@ def delimiters_from_header(line: str) -> Delimiters:
 
 
 def python_codec(charset: str) -> str | None:
-    """Return the Python codec for an MSH-18 value (HL7 table 0211), or None if unknown."""
-    return _CHARSETS.get(charset.strip().upper())
+    """Return the Python codec for an MSH-18 value (HL7 table 0211), or None if unknown.
+
+    The one table of MSH-18 names is the header layer's, so the listener and
+    the templates always agree on what a message's bytes mean.
+    """
+    return codec_for(charset, "") if charset.strip() else None
 
 
 @frozen
@@ -339,7 +310,7 @@ def decode(data: bytes, default_charset: str = "utf-8") -> str:
             encoding = fields[1] if len(fields) > 1 else ""
             if len(encoding) > 1:
                 charset = charset.split(encoding[1])[0]  # first repetition
-    codec = python_codec(charset) if charset.strip() else default_charset
+    codec = codec_for(charset, default_charset)
     if codec is None:
         raise MessageParseError("MSH-18 names a character set we do not know")
     try:

@@ -8,7 +8,6 @@ finish, then stop the database thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import MultiService
@@ -21,10 +20,11 @@ from twisted.logger import Logger
 from udsgateway import store
 from udsgateway.ack import ControlIdSource
 from udsgateway.config import GatewayConfig, TenantConfig
-from udsgateway.db import Database, GroupCommitter, ensure_schema
+from udsgateway.db import Database, GroupCommitter, ThreadRunner, ensure_schema
 from udsgateway.delivery import Dispatcher, Timing
 from udsgateway.executor import Executor
 from udsgateway.flows import read_app_file
+from udsgateway.header import codec_for
 from udsgateway.ingest import Ingest
 from udsgateway.listener import ListenerFactory
 from udsgateway.routing import RoutingTable
@@ -43,13 +43,15 @@ class GatewayService(MultiService):
         reactor: Any,
         database: Database,
         control_ids: ControlIdSource,
-        on_runner_stop: Callable[[], None] | None = None,
+        threads: ThreadRunner | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
         self.database = database
-        self._on_runner_stop = on_runner_stop
+        # Started in startService, after twistd has forked into the background:
+        # threads do not survive a fork.
+        self._threads = threads
         self.committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
             database, store.commit_inbound, config.commit_max_batch
         )
@@ -64,7 +66,16 @@ class GatewayService(MultiService):
             held_poll=config.delivery.held_poll,
             max_queued_per_destination=config.delivery.max_queued_per_destination,
         )
-        self.executor = Executor(database, self.dispatcher, reactor, control_ids)
+        self.executor = Executor(
+            database,
+            self.dispatcher,
+            reactor,
+            control_ids,
+            charsets={
+                tenant.name: codec_for(tenant.default_charset, "latin-1") or "latin-1"
+                for tenant in config.tenants
+            },
+        )
         self.dispatcher.after_record = self.executor.after_record
         self.dispatcher.on_recorded = self.executor.on_recorded
         self.ingests: dict[str, Ingest] = {
@@ -94,6 +105,8 @@ class GatewayService(MultiService):
         self.ready: Deferred[None] = Deferred()
 
     def startService(self) -> None:
+        if self._threads is not None:
+            self._threads.start()
         super().startService()
         started = Deferred.fromCoroutine(self._start())
         started.addErrback(self._start_failed)
@@ -209,8 +222,8 @@ class GatewayService(MultiService):
         self.ports.clear()
         await self.dispatcher.stopService()
         await _maybe(super().stopService())
-        if self._on_runner_stop is not None:
-            self._on_runner_stop()
+        if self._threads is not None:
+            self._threads.stop()
 
     def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
         return self.database.transaction(store.update_ack, message_id, code, ack)

@@ -25,6 +25,7 @@ class CommitOutcome(enum.Enum):
     STORED = "stored"  # new message, committed with its executions
     REPLAY = "replay"  # same sender, MSH-10 and bytes as a stored message (G3)
     CONFLICT = "conflict"  # same sender and MSH-10, different bytes (NAK 205)
+    REFUSED = "refused"  # new, but a destination's queue is full (NAK 207); not stored
 
 
 @frozen
@@ -47,6 +48,8 @@ class InboundRecord:
     ack: bytes
     #: The routed flows that have actions: each gets an execution.
     run_flows: tuple[str, ...] = ()
+    #: Store it only if it is a resend of a stored message (backpressure).
+    refuse_new: bool = False
 
 
 @frozen
@@ -162,6 +165,9 @@ def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list
         if first is not None:
             # Resent on another connection while the original waits in this group.
             results.append(_duplicate(record, first.digest, first.ack, None))
+            continue
+        if record.refuse_new:
+            results.append(CommitResult(CommitOutcome.REFUSED))
             continue
         if record.accepted:
             in_batch[key] = record

@@ -55,10 +55,9 @@ def makeService(options: Options) -> IService:
     # thread can sit idle for that long. 0.5 ms keeps the hand-offs prompt.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     runner = ThreadRunner(reactor)  # type: ignore[arg-type]
-    runner.start()
     database = Database(make_engine(config.database), runner)
     control_ids = ControlIdSource.for_boot(time.time())
-    service = GatewayService(config, reactor, database, control_ids, on_runner_stop=runner.stop)
+    service = GatewayService(config, reactor, database, control_ids, threads=runner)
     service.ready.addErrback(_exit_status_after_failed_start, reactor)
     _install_crash_points(service)
     if config.manhole.enabled:
