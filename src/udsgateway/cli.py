@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,7 +22,14 @@ from udsgateway.ack import ControlIdSource
 from udsgateway.catalogue import variable_catalogue
 from udsgateway.config import ConfigError, GatewayConfig, load_config
 from udsgateway.db import Database, InlineRunner, SchemaError, ensure_schema, make_engine
-from udsgateway.flows import App, Flow, FlowFileError, read_app_file, write_app
+from udsgateway.flows import (
+    App,
+    Flow,
+    FlowFileError,
+    read_app_file,
+    template_problems,
+    write_app,
+)
 from udsgateway.message import MessageParseError, parse_message
 from udsgateway.operate import add_operator_commands
 from udsgateway.peers import add_peer_commands
@@ -30,7 +38,6 @@ from udsgateway.templating import (
     RenderError,
     TemplateData,
     TemplateError,
-    check_template,
     compile_template,
     render_body,
 )
@@ -119,36 +126,12 @@ def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextI
     if problems:
         raise CommandError("\n".join(problems))
     database = open_database(config)
-    saved = [database.transaction_now(store.save_app, app, time.time()) for app in apps]
+    try:
+        saved = [database.transaction_now(store.save_app, app, time.time()) for app in apps]
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     print_table(flow_table(config, saved), out)
     return 0
-
-
-def template_problems(path: str, app: App) -> list[str]:
-    """Every template checked against its trigger's sample: flow, action and line."""
-    problems = []
-    for index, flow in enumerate(app.flows):
-        if flow.actions and not flow.trigger.sample.strip():
-            problems.append(
-                f"{path}: flows[{index}] ({flow.name}): trigger.sample: required to check "
-                "the action templates"
-            )
-            continue
-        names: list[str] = []
-        for step, action in enumerate(flow.actions):
-            for problem in check_template(
-                action.template,
-                flow.trigger.sample,
-                action.message_type,
-                app=app.variables,
-                action_names=names,
-            ):
-                problems.append(
-                    f"{path}: flows[{index}] ({flow.name}): actions[{step}] ({action.name}): "
-                    f"template line {problem.line}: {problem.message}"
-                )
-            names.append(action.name)
-    return problems
 
 
 def find_flow(config: GatewayConfig, flow_id: str) -> tuple[App, Flow]:
@@ -291,3 +274,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     except CommandError as error:
         sys.stderr.write(f"udsgateway: {error}\n")
         return 2
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as Unix tools do
+        # (and keep Python's exit-time flush of stdout from failing again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -31,6 +31,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -470,6 +471,7 @@ class Dispatcher(Service):
     _filling: bool = False
     _started: bool = False
     _committer: GroupCommitter[Settlement, Any] = field(init=False)
+    _sweeper: LoopingCall | None = None
 
     def __attrs_post_init__(self) -> None:
         self._committer = GroupCommitter(self.database, self._record_batch, 256)
@@ -485,7 +487,26 @@ class Dispatcher(Service):
             "delivery recovery: {count} open deliveries",
             count=sum(self.queued.values()),
         )
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = self.clock
+        self._sweeper.start(self.held_poll, now=False).addErrback(
+            lambda failure: log.failure("delivery sweep stopped", failure)
+        )
         await self._fill()
+
+    async def _sweep(self) -> None:
+        """Every held_poll: pick up what changed in the store behind our back.
+
+        An operator's replay from the CLI, or work another process enqueued,
+        is found by a rescan; the backpressure counters are recounted so they
+        never drift (a skip from the CLI, say).
+        """
+        try:
+            self.queued = await self.database.transaction(outbox.queued_per_destination)
+            self._rescan = True
+            await self._fill()
+        except Exception:
+            log.failure("delivery sweep failed; it runs again")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -493,6 +514,8 @@ class Dispatcher(Service):
 
     async def _stop(self) -> None:
         self._started = False
+        if self._sweeper is not None and self._sweeper.running:
+            self._sweeper.stop()
         lanes = list(self.lanes.values())
         for lane in lanes:
             lane.stop()

@@ -92,7 +92,8 @@ def cmd_deliveries_act(args: argparse.Namespace, config: GatewayConfig, out: Tex
         )
     except (LookupError, ValueError) as error:
         raise CommandError(str(error)) from None
-    out.write(f"delivery {updated.id}: {updated.state} ({args.command_action}d)\n")
+    done = {"release": "released", "skip": "skipped", "replay": "replayed"}[args.command_action]
+    out.write(f"delivery {updated.id}: {done}, now {updated.state}\n")
     return 0
 
 

@@ -16,6 +16,7 @@ from attrs import frozen
 from sqlalchemy import Connection, func, select, update
 
 from udsgateway import schema
+from udsgateway.header import HeaderProblem, parse_header
 
 QUEUED = "queued"
 HELD = "held"
@@ -313,7 +314,11 @@ def operator_action(
     elif action == "replay":
         values.update(state=QUEUED, attempts=0, next_attempt_at=0.0)
         if payload is not None:
-            values["payload"] = payload
+            header = parse_header(payload, default_charset="latin-1")
+            if isinstance(header, HeaderProblem):
+                raise ValueError(f"the edited message is not valid HL7: {header.diagnostic}")
+            # The destination's ACK must echo the MSH-10 that is actually sent.
+            values.update(payload=payload, control_id=header.control_id)
     else:
         raise ValueError(f"unknown action {action!r}")
     connection.execute(update(d).where(d.c.id == delivery_id).values(**values))
@@ -327,6 +332,17 @@ def operator_action(
                 state="failed", error=f"step {current.step} skipped by an operator", updated_at=now
             )
         )
+    connection.execute(
+        schema.logs.insert().values(
+            at=now,
+            execution_id=current.execution_id,
+            control_id=current.control_id,
+            step=current.step,
+            event="operator",
+            outcome=action,
+            reason=f"{action} by {who}: {reason}"[:255],
+        )
+    )
     connection.execute(
         schema.audit.insert().values(
             at=now,

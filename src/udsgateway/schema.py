@@ -25,7 +25,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -143,6 +143,8 @@ deliveries = Table(
     Column("updated_at", Float, nullable=False, comment="epoch seconds"),
     Column("lease_owner", String(64), nullable=False, default="", comment="node (multi-node)"),
     Index("deliveries_lane", "lane", "state", "id"),
+    # Recovery, the sweep and the backpressure counters look at open rows only.
+    Index("deliveries_open", "state", "lane", "destination"),
     Index("deliveries_execution", "execution_id"),
 )
 
@@ -179,5 +181,18 @@ audit = Table(
     Column("reason", String(255), nullable=False, default="", comment="why they said"),
 )
 
-#: Steps from version N to N+1, each run in one transaction.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+def index(table: Table, name: str) -> Index:
+    """One of a table's indexes, by name."""
+    return next(i for i in table.indexes if i.name == name)
+
+
+def _v1_to_v2(connection: Connection) -> None:
+    """The duplicate check's indexes lead with control_id; open deliveries get an index."""
+    for name in ("messages_lookup", "messages_dedupe"):
+        index(messages, name).drop(connection, checkfirst=True)
+        index(messages, name).create(connection)
+    index(deliveries, "deliveries_open").create(connection, checkfirst=True)
+
+
+#: Steps from version N to N+1, each run in the transaction that opens the database.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}

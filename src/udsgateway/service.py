@@ -23,7 +23,7 @@ from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.db import Database, GroupCommitter, ThreadRunner, ensure_schema
 from udsgateway.delivery import Dispatcher, Timing
 from udsgateway.executor import Executor
-from udsgateway.flows import read_app_file
+from udsgateway.flows import FlowFileError, read_app_file, template_problems
 from udsgateway.header import codec_for
 from udsgateway.ingest import Ingest
 from udsgateway.listener import ListenerFactory
@@ -153,6 +153,11 @@ class GatewayService(MultiService):
             app = read_app_file(path)
             if app.tenant != tenant.name:
                 raise ValueError(f"{path}: tenant {app.tenant!r} is not {tenant.name!r}")
+            problems = template_problems(path, app)
+            if problems:
+                # The same checks as `udsgateway flows import`: a broken template
+                # stops the start, it is not found later on live traffic.
+                raise FlowFileError(problems)
             saved = await self.database.transaction(store.save_app, app, now)
             log.info(
                 "flow file {path} imported: App ID {app_id}, {count} flows",

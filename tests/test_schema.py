@@ -1,0 +1,54 @@
+"""The schema version and its migrations."""
+
+from __future__ import annotations
+
+from sqlalchemy import inspect, select, update
+from twisted.trial.unittest import SynchronousTestCase
+
+from udsgateway import schema
+from udsgateway.db import SchemaError, ensure_schema, make_engine
+
+
+class SchemaTests(SynchronousTestCase):
+    """A database is created at the current version and older ones are migrated."""
+
+    def test_new_database_gets_current_version(self) -> None:
+        """An empty database is created with every table at SCHEMA_VERSION."""
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            self.assertEqual(ensure_schema(connection), schema.SCHEMA_VERSION)
+            names = set(inspect(connection).get_table_names())
+        self.assertEqual(names, set(schema.metadata.tables))
+
+    def test_version_1_is_migrated(self) -> None:
+        """A version 1 database (old index column order, no open-deliveries index) is migrated."""
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            ensure_schema(connection)
+            schema.index(schema.deliveries, "deliveries_open").drop(connection)
+            connection.execute(
+                update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="1")
+            )
+        with engine.begin() as connection:
+            self.assertEqual(ensure_schema(connection), schema.SCHEMA_VERSION)
+            indexes = {i["name"]: i for i in inspect(connection).get_indexes("deliveries")}
+            self.assertIn("deliveries_open", indexes)
+            lookup = {i["name"]: i for i in inspect(connection).get_indexes("messages")}
+            self.assertEqual(lookup["messages_dedupe"]["column_names"][0], "control_id")
+            version = connection.execute(
+                select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
+            ).scalar_one()
+        self.assertEqual(version, str(schema.SCHEMA_VERSION))
+
+    def test_newer_database_is_refused(self) -> None:
+        """A database written by a newer udsgateway is refused, not damaged."""
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            ensure_schema(connection)
+            connection.execute(
+                update(schema.meta)
+                .where(schema.meta.c.key == "schema_version")
+                .values(value=str(schema.SCHEMA_VERSION + 1))
+            )
+        with engine.begin() as connection, self.assertRaises(SchemaError):
+            ensure_schema(connection)

@@ -1,0 +1,149 @@
+"""One contract for the store, run against SQLite and against a real PostgreSQL.
+
+The SQL is dialect-neutral (DESIGN.md section 7): the same functions must
+behave the same on both. The PostgreSQL run uses the server of the machine
+(127.0.0.1:5432, database ``test``, or ``UDSGATEWAY_TEST_POSTGRES``) in a
+schema of its own that it drops afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, create_engine, text
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from udsgateway import outbox, store
+from udsgateway.db import ensure_schema, make_engine
+from udsgateway.store import CommitOutcome, InboundRecord
+
+POSTGRES_URL = os.environ.get(
+    "UDSGATEWAY_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+def _record(control_id: str, body: bytes = b"PID|1", flows: tuple[str, ...] = ()) -> InboundRecord:
+    raw = b"MSH|^~\\&|HIS|H|LSQ|L|20240101||ADT^A04|" + control_id.encode() + b"|P|2.3\r" + body
+    return InboundRecord(
+        tenant="t",
+        sender="HIS|H",
+        control_id=control_id,
+        message_type="ADT^A04",
+        peer="127.0.0.1",
+        connection="mllp",
+        received_at=1000.0,
+        raw=raw,
+        digest=hashlib.sha256(raw).hexdigest(),
+        accepted=True,
+        flows=flows,
+        reason="",
+        ack_code="AA",
+        ack=b"ACK " + control_id.encode(),
+        run_flows=flows,
+    )
+
+
+if TYPE_CHECKING:
+    _Base = SynchronousTestCase
+else:
+    _Base = object
+
+
+class StoreContract(_Base):
+    """The behaviour every dialect must show; mixed into one TestCase per dialect."""
+
+    engine: Engine
+
+    def transaction(self, function: Callable[..., Any], *args: Any) -> Any:
+        with self.engine.begin() as connection:
+            return function(connection, *args)
+
+    def test_commit_then_duplicate_replays(self) -> None:
+        """A stored message's resend replays its ACK; other bytes under its MSH-10 conflict."""
+        [first] = self.transaction(store.commit_inbound, [_record("A1")])
+        self.assertEqual(first.outcome, CommitOutcome.STORED)
+        again, other = self.transaction(
+            store.commit_inbound, [_record("A1"), _record("A1", b"PID|2")]
+        )
+        self.assertEqual((again.outcome, again.ack), (CommitOutcome.REPLAY, b"ACK A1"))
+        self.assertEqual(other.outcome, CommitOutcome.CONFLICT)
+        self.assertEqual(len(self.transaction(store.find_messages, "t", "A1")), 1)
+
+    def test_group_keeps_order_and_makes_executions(self) -> None:
+        """A group stores its messages in order with one execution per flow with actions."""
+        results = self.transaction(
+            store.commit_inbound, [_record(f"G{i}", flows=("F1", "F2")) for i in range(5)]
+        )
+        ids = [r.message_id for r in results]
+        self.assertEqual(ids, sorted(ids))
+        self.assertTrue(all(len(r.execution_ids) == 2 for r in results))
+        stored = self.transaction(store.find_messages, "t", None)
+        self.assertEqual([m.control_id for m in stored], [f"G{i}" for i in range(5)])
+
+    def test_lane_order_and_settlement(self) -> None:
+        """Deliveries come back in lane order; recorded outcomes are stored with the reply."""
+        items = [
+            outbox.NewDelivery("L1", "tcp:host=h:port=1", "mllp", f"C{i}", b"MSH|x", {})
+            for i in range(3)
+        ]
+        ids = self.transaction(outbox.enqueue, items, 5.0)
+        self.assertEqual(ids, sorted(ids))
+        page = self.transaction(outbox.lane_page, "L1", 0, 10)
+        self.assertEqual([d.control_id for d in page], ["C0", "C1", "C2"])
+        settlement = outbox.Settlement(ids[0], outbox.DELIVERED, 1, 0.0, "", b"MSA|AA|C0", "AA")
+        self.transaction(outbox.record, [settlement], 6.0)
+        page = self.transaction(outbox.lane_page, "L1", 0, 10)
+        self.assertEqual([d.control_id for d in page], ["C1", "C2"])
+        done = self.transaction(outbox.get_delivery, ids[0])
+        self.assertEqual((done.state, done.response_code), ("delivered", "AA"))
+        work = self.transaction(outbox.lanes_with_work)
+        self.assertEqual([(w.lane, w.open) for w in work], [("L1", 2)])
+
+    def test_prune_keeps_unfinished_work(self) -> None:
+        """Retention deletes old finished messages only."""
+        self.transaction(store.commit_inbound, [_record("P1"), _record("P2", flows=("F",))])
+        deleted = self.transaction(store.prune, 2000.0, 100)
+        self.assertEqual(deleted, 1)
+        left = [m.control_id for m in self.transaction(store.find_messages, "t", None)]
+        self.assertEqual(left, ["P2"])
+
+
+class SQLiteStoreTests(StoreContract, SynchronousTestCase):
+    """The contract on the embedded SQLite default."""
+
+    def setUp(self) -> None:
+        self.engine = make_engine(f"sqlite:///{os.path.abspath(self.mktemp())}.db")
+        self.transaction(ensure_schema)
+
+
+class PostgreSQLStoreTests(StoreContract, SynchronousTestCase):
+    """The contract on PostgreSQL, in a throwaway schema."""
+
+    def setUp(self) -> None:
+        schema = f"udsgw_{uuid.uuid4().hex[:12]}"
+        admin = create_engine(POSTGRES_URL)
+        try:
+            with admin.begin() as connection:
+                connection.execute(text(f"CREATE SCHEMA {schema}"))
+        except Exception as error:
+            if os.environ.get("CI"):
+                raise
+            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
+
+        def drop() -> None:
+            self.engine.dispose()
+            with admin.begin() as connection:
+                connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            admin.dispose()
+
+        self.addCleanup(drop)
+        # Every connection works in the throwaway schema, as a deployment would
+        # in its own database.
+        self.engine = create_engine(
+            POSTGRES_URL, connect_args={"options": f"-c search_path={schema}"}
+        )
+        self.transaction(ensure_schema)
