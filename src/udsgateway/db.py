@@ -254,16 +254,18 @@ class Prepared:
     """
 
     build: Callable[[], Any]
-    _compiled: dict[str, tuple[str, tuple[str, ...] | None]] = field(factory=dict)
+    _compiled: dict[str, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = field(factory=dict)
 
-    def sql(self, connection: Connection) -> tuple[str, tuple[str, ...] | None]:
-        """Driver SQL and, for positional paramstyles, the parameter names in order."""
+    def sql(self, connection: Connection) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
+        """Driver SQL, the parameter names in order (positional paramstyles only), and
+        the values of parameters the dialect added itself (SQLite's ``OFFSET 0``)."""
         name = connection.dialect.name
         found = self._compiled.get(name)
         if found is None:
             compiled = self.build().compile(dialect=connection.dialect)
             order = tuple(compiled.positiontup) if compiled.positiontup else None
-            found = (str(compiled), order)
+            defaults = {k: v for k, v in compiled.params.items() if v is not None}
+            found = (str(compiled), order, defaults)
             self._compiled[name] = found
         return found
 
@@ -272,7 +274,9 @@ class Prepared:
 
         The DBAPI cursor belongs to the connection's current transaction.
         """
-        sql, order = self.sql(connection)
+        sql, order, defaults = self.sql(connection)
+        if defaults:
+            rows = [{**defaults, **row} for row in rows]
         params: Any = [tuple(row[k] for k in order) for row in rows] if order else rows
         cursor = connection.connection.cursor()
         try:

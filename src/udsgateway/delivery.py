@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from attrs import define, evolve, field, frozen
 from sqlalchemy import Connection
@@ -42,6 +42,8 @@ from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 from udsgateway.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
 
 log = Logger()
+
+_Judged = TypeVar("_Judged")
 
 SUCCESS, RETRY, HOLD = "success", "retry", "hold"
 DEFAULT_POLICY: dict[str, Any] = {
@@ -221,15 +223,25 @@ class Destination:
         service, self._service = self._service, None
         return service.stopService()
 
-    async def exchange(self, payload: bytes) -> bytes:
-        """Send one message over the connection; return the reply frame."""
+    async def exchange(self, payload: bytes, judge: Callable[[bytes], _Judged]) -> _Judged:
+        """Send one message over the connection; return what ``judge`` makes of the reply.
+
+        The reply is judged within this lane's turn: when ``judge`` finds it
+        untrustworthy (DeliveryError), the connection is closed before another
+        lane can write to it.
+        """
         if self._busy:
             turn: Deferred[None] = Deferred()
             self._turns.append(turn)
             await turn
         self._busy = True
         try:
-            return await self._exchange(payload)
+            reply = await self._exchange(payload)
+            try:
+                return judge(reply)
+            except DeliveryError:
+                self.drop()
+                raise
         finally:
             self._busy = False
             if self._turns:
@@ -249,6 +261,9 @@ class Destination:
         except Exception as error:
             raise DeliveryError(f"connect failed: {type(error).__name__}") from None
         assert isinstance(protocol, DestinationProtocol)
+        if not protocol.connected_ok:
+            # Dropped a moment ago; the service has not seen the loss yet.
+            raise DeliveryError("connection closing")
         self._current = protocol
         self.sent += 1
         return await protocol.exchange(payload)
@@ -306,6 +321,7 @@ class Lane:
     _failures: int = 0
     _nak_retries: int = 0
     _dirty: bool = False
+    _complete: bool = False
     _sleeping: Deferred[None] | None = None
     _stopped: bool = False
     state: str = "idle"
@@ -328,12 +344,17 @@ class Lane:
         dispatcher = self._dispatcher
         while not self._stopped:
             if not self._page:
+                if self._complete and not self._dirty:
+                    # The last page held every open delivery and nothing was
+                    # enqueued since: no need to ask the store again.
+                    self.state = "idle"
+                    return
                 self._dirty = False
-                self._page.extend(
-                    await dispatcher.database.transaction(
-                        outbox.lane_page, self.name, self._loaded_up_to, dispatcher.page_size
-                    )
+                page = await dispatcher.database.transaction(
+                    outbox.lane_page, self.name, self._loaded_up_to, dispatcher.page_size
                 )
+                self._page.extend(page)
+                self._complete = len(page) < dispatcher.page_size
                 if not self._page:
                     if self._dirty:
                         continue
@@ -357,6 +378,12 @@ class Lane:
                 return
             if settlement.response is not None and dispatcher.after_send is not None:
                 dispatcher.after_send()
+            settlement = evolve(
+                settlement,
+                execution_id=head.execution_id,
+                step=head.step,
+                control_id=head.control_id,
+            )
             recorded = await dispatcher.record(settlement)
             if recorded is not None and dispatcher.on_recorded is not None:
                 dispatcher.on_recorded(recorded)
@@ -385,10 +412,11 @@ class Lane:
     async def _attempt(self, head: Delivery) -> Settlement:
         dispatcher = self._dispatcher
         try:
-            reply = await self.destination.exchange(head.payload)
-            settlement = judge(head, reply, dispatcher.clock.seconds(), self._nak_retries)
+            settlement = await self.destination.exchange(
+                head.payload,
+                lambda reply: judge(head, reply, dispatcher.clock.seconds(), self._nak_retries),
+            )
         except DeliveryError as failure:
-            self.destination.drop()
             self._failures += 1
             reason = str(failure)
             self.destination.last_error = reason
@@ -417,6 +445,7 @@ class Lane:
 
     async def _reload_from(self, head_id: int) -> None:
         self._page.clear()
+        self._complete = False
         self._loaded_up_to = head_id - 1
         self._failures = 0
 
@@ -448,7 +477,7 @@ class Dispatcher(Service):
     clock: IReactorTime
     reactor: Any
     #: Runs in the same transaction as every recorded outcome (executions advance there).
-    after_record: Callable[[Connection, list[Delivery]], Any] | None = None
+    after_record: Callable[[Connection, list[Settlement]], Any] | None = None
     #: Called in the reactor with what ``after_record`` returned, after the commit.
     on_recorded: Callable[[Any], None] | None = None
     #: Called when a destination answered an attempt, before the outcome is

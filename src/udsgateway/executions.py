@@ -14,12 +14,14 @@ kill -9 at any point resumes exactly where the store says.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from attrs import frozen
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, bindparam, select, update
 
 from udsgateway import outbox, schema
-from udsgateway.outbox import DELIVERED, HELD, Delivery, NewDelivery
+from udsgateway.db import Prepared
+from udsgateway.outbox import DELIVERED, HELD, NewDelivery, Settlement
 
 PENDING = "pending"
 WAITING = "waiting"
@@ -137,7 +139,7 @@ def apply(
 
 
 def advance(
-    connection: Connection, settled: list[Delivery], steps: Mapping[str, int], now: float
+    connection: Connection, settled: Sequence[Settlement], steps: Mapping[str, int], now: float
 ) -> Advanced:
     """After deliveries settled: the next step, or done. Runs in their commit.
 
@@ -153,6 +155,7 @@ def advance(
     pending_any = False
     finished: list[Finished] = []
     held: list[Finished] = []
+    moves: list[dict[str, object]] = []
     for row in settled:
         if row.execution_id is None or row.execution_id not in flows:
             continue
@@ -163,17 +166,34 @@ def advance(
             continue
         total = steps.get(flows[row.execution_id], row.step + 1)
         if row.step + 1 < total:
-            values = {"state": PENDING, "step": row.step + 1, "updated_at": now}
+            moves.append(_move(row.execution_id, PENDING, row.step + 1, now))
             pending_any = True
         else:
-            values = {"state": DONE, "updated_at": now}
+            moves.append(_move(row.execution_id, DONE, row.step, now))
             finished.append(Finished(row.execution_id, DONE))
-        connection.execute(
-            update(e).where(e.c.id == row.execution_id, e.c.state == WAITING).values(**values)
-        )
+    if moves:
+        _ADVANCE.execute(connection, moves)
     if finished:
         _log(connection, [(f.execution_id, "done", "") for f in finished], now)
     return Advanced(pending_any, tuple(finished), tuple(held))
+
+
+def _move(execution_id: int, state: str, step: int, now: float) -> dict[str, object]:
+    return {"id": execution_id, "new_state": state, "new_step": step, "now": now, "from": WAITING}
+
+
+def _advance_statement() -> Any:
+    e = schema.executions
+    return (
+        update(e)
+        .where(e.c.id == bindparam("id"), e.c.state == bindparam("from"))
+        .values(
+            state=bindparam("new_state"), step=bindparam("new_step"), updated_at=bindparam("now")
+        )
+    )
+
+
+_ADVANCE = Prepared(_advance_statement)
 
 
 def _log(connection: Connection, items: list[tuple[int, str, str]], now: float) -> None:

@@ -29,7 +29,7 @@ from udsgateway.executions import Advanced, Finished, PendingWork, Transition
 from udsgateway.flows import Action, App, Flow
 from udsgateway.header import HeaderProblem, parse_header
 from udsgateway.message import MessageParseError, PathSyntaxError, parse_message
-from udsgateway.outbox import Delivery, NewDelivery
+from udsgateway.outbox import NewDelivery, Settlement
 from udsgateway.templating import (
     ActionResponse,
     RenderError,
@@ -102,7 +102,7 @@ class Executor:
 
     # -- hooks for the delivery engine (after_record runs in the database thread)
 
-    def after_record(self, connection: Connection, settled: list[Delivery]) -> Advanced:
+    def after_record(self, connection: Connection, settled: list[Settlement]) -> Advanced:
         return executions.advance(connection, settled, self._steps, self.clock.seconds())
 
     def on_recorded(self, advanced: Any) -> None:

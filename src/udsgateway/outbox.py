@@ -13,9 +13,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from attrs import frozen
-from sqlalchemy import Connection, func, select, update
+from sqlalchemy import Connection, bindparam, func, select, update
 
 from udsgateway import schema
+from udsgateway.db import Prepared
 from udsgateway.header import HeaderProblem, parse_header
 
 QUEUED = "queued"
@@ -76,7 +77,11 @@ class LaneWork:
 
 @frozen
 class Settlement:
-    """The result of one attempt at a delivery, to record."""
+    """The result of one attempt at a delivery, to record.
+
+    ``execution_id``, ``step`` and ``control_id`` repeat the delivery's own
+    values, so recording needs no read back of the row.
+    """
 
     delivery_id: int
     state: str  # QUEUED (retry later), HELD or DELIVERED
@@ -85,6 +90,9 @@ class Settlement:
     last_error: str = ""
     response: bytes | None = None
     response_code: str = ""
+    execution_id: int | None = None
+    step: int = 0
+    control_id: str = ""
 
 
 def _delivery(row: Any) -> Delivery:
@@ -160,16 +168,38 @@ def lanes_with_work(connection: Connection) -> list[LaneWork]:
     return [LaneWork(lane, dest, proto, first, count) for lane, dest, proto, first, count in rows]
 
 
+def _lane_page_statement() -> Any:
+    d = schema.deliveries
+    return (
+        select(d)
+        .where(
+            d.c.lane == bindparam("lane"),
+            d.c.state.in_([bindparam("queued"), bindparam("held")]),
+            d.c.id > bindparam("after_id"),
+        )
+        .order_by(d.c.id)
+        .limit(bindparam("limit"))
+    )
+
+
+_LANE_PAGE = Prepared(_lane_page_statement)
+_COLUMNS = tuple(column.name for column in schema.deliveries.columns)
+
+
 def lane_page(connection: Connection, lane: str, after_id: int, limit: int) -> list[Delivery]:
     """The next open deliveries of a lane after ``after_id``, in order."""
-    d = schema.deliveries
-    rows = connection.execute(
-        select(d)
-        .where(d.c.lane == lane, d.c.state.in_(OPEN_STATES), d.c.id > after_id)
-        .order_by(d.c.id)
-        .limit(limit)
+    rows = _LANE_PAGE.execute(
+        connection,
+        [{"lane": lane, "queued": QUEUED, "held": HELD, "after_id": after_id, "limit": limit}],
     )
-    return [_delivery(row) for row in rows]
+    return [_delivery(_Row(dict(zip(_COLUMNS, row, strict=True)))) for row in rows]
+
+
+class _Row:
+    """Attribute access to a raw row, as ``_delivery`` reads it."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.__dict__.update(values)
 
 
 def get_delivery(connection: Connection, delivery_id: int) -> Delivery | None:
@@ -184,40 +214,56 @@ def record(
     connection: Connection,
     settlements: Sequence[Settlement],
     now: float,
-    after: Callable[[Connection, list[Delivery]], Any] | None = None,
+    after: Callable[[Connection, list[Settlement]], Any] | None = None,
 ) -> Any:
     """Write the outcome of attempts; ``after`` sees the settled rows in the same transaction.
 
     ``after`` is how an execution advances atomically with its delivery (the
     next action is enqueued in the same commit that marks this one done).
     """
-    d = schema.deliveries
-    for item in settlements:
-        connection.execute(
-            update(d)
-            .where(d.c.id == item.delivery_id)
-            .values(
-                state=item.state,
-                attempts=item.attempts,
-                next_attempt_at=item.next_attempt_at,
-                last_error=item.last_error[:255],
-                response=item.response,
-                response_code=item.response_code,
-                updated_at=now,
-            )
-        )
-    touched = [item.delivery_id for item in settlements]
-    rows = [
-        _delivery(row)
-        for row in connection.execute(select(d).where(d.c.id.in_(touched)).order_by(d.c.id))
-    ]
+    _RECORD.execute(
+        connection,
+        [
+            {
+                "delivery_id": item.delivery_id,
+                "new_state": item.state,
+                "attempts": item.attempts,
+                "next_attempt_at": item.next_attempt_at,
+                "last_error": item.last_error[:255],
+                "response": item.response,
+                "response_code": item.response_code,
+                "updated_at": now,
+            }
+            for item in settlements
+        ],
+    )
     # Every attempt is logged, retries included; only settled ones move executions.
-    _log_settled(connection, rows, now)
-    settled = [row for row in rows if row.state != QUEUED]
+    _log_settled(connection, settlements, now)
+    settled = [item for item in settlements if item.state != QUEUED]
     return after(connection, settled) if after is not None else None
 
 
-def _log_settled(connection: Connection, rows: list[Delivery], now: float) -> None:
+def _record_statement() -> Any:
+    d = schema.deliveries
+    return (
+        update(d)
+        .where(d.c.id == bindparam("delivery_id"))
+        .values(
+            state=bindparam("new_state"),
+            attempts=bindparam("attempts"),
+            next_attempt_at=bindparam("next_attempt_at"),
+            last_error=bindparam("last_error"),
+            response=bindparam("response"),
+            response_code=bindparam("response_code"),
+            updated_at=bindparam("updated_at"),
+        )
+    )
+
+
+_RECORD = Prepared(_record_statement)
+
+
+def _log_settled(connection: Connection, rows: Sequence[Settlement], now: float) -> None:
     e, m = schema.executions, schema.messages
     ids = [row.execution_id for row in rows if row.execution_id is not None]
     origin: dict[int, Any] = {}
@@ -231,7 +277,7 @@ def _log_settled(connection: Connection, rows: list[Delivery], now: float) -> No
             )
         }
 
-    def of(row: Delivery, name: str, default: Any) -> Any:
+    def of(row: Settlement, name: str, default: Any) -> Any:
         found = origin.get(row.execution_id) if row.execution_id is not None else None
         return getattr(found, name) if found is not None else default
 
