@@ -57,6 +57,10 @@ DEFAULT_POLICY: dict[str, Any] = {
 }
 
 
+#: Policy keys that carry an action's timing with each of its deliveries.
+TIMING_KEYS = ("connect_timeout", "response_timeout", "backoff_initial", "backoff_max")
+
+
 class DeliveryError(Exception):
     """An attempt that did not get a usable answer; the message is sent again later."""
 
@@ -411,6 +415,10 @@ class Lane:
 
     async def _attempt(self, head: Delivery) -> Settlement:
         dispatcher = self._dispatcher
+        # Each action's own timeouts and backoff travel with its deliveries.
+        self.destination = dispatcher.destination(
+            head.destination, head.protocol, dispatcher.timing_for(head.destination, head.policy)
+        )
         try:
             settlement = await self.destination.exchange(
                 head.payload,
@@ -618,16 +626,31 @@ class Dispatcher(Service):
             self._waiting[work.lane] = (work.destination, work.protocol)
             room -= 1
 
-    def destination(self, endpoint: str, protocol: str) -> Destination:
-        """The Destination for an endpoint and framing, started on first use."""
+    def timing_for(self, endpoint: str, policy: dict[str, Any]) -> Timing:
+        """The timing of a delivery: its action's values, stored in its policy."""
+        base = self.timing(endpoint)
+        values = {key: float(policy[key]) for key in TIMING_KEYS if key in policy}
+        return evolve(base, **values) if values else base  # type: ignore[arg-type]
+
+    def destination(
+        self, endpoint: str, protocol: str, timing: Timing | None = None
+    ) -> Destination:
+        """The Destination for an endpoint, framing and timing, started on first use.
+
+        Actions with the same endpoint but other timeouts get connections of
+        their own, so each action's timeouts and backoff apply as configured.
+        """
+        timing = timing if timing is not None else self.timing(endpoint)
         key = f"{protocol} {endpoint}"
+        if timing != self.timing(endpoint):
+            key += f" {timing}"
         destination = self.destinations.get(key)
         if destination is None:
             destination = Destination(
                 endpoint,
                 protocol,
                 self.clock,
-                self.timing(endpoint),
+                timing,
                 endpoint_factory=self.endpoint_factory,
                 rng=self.rng,
             )

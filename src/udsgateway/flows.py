@@ -103,7 +103,14 @@ class Action:
     @property
     def delivery_policy(self) -> dict[str, Any]:
         """The response policy as the delivery engine stores it with each delivery."""
-        return {**self.policy, "max_retries": self.max_retries}
+        return {
+            **self.policy,
+            "max_retries": self.max_retries,
+            "connect_timeout": self.connect_timeout,
+            "response_timeout": self.response_timeout,
+            "backoff_initial": self.backoff_initial,
+            "backoff_max": self.backoff_max,
+        }
 
 
 @frozen
