@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from attrs import define, field
-from sqlalchemy import Connection, Engine, create_engine, event, select
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -322,3 +322,32 @@ class Prepared:
             return list(cursor.fetchall()) if cursor.description else []
         finally:
             cursor.close()
+
+
+def prepared_insert(table: Any, columns: Sequence[str]) -> Prepared:
+    """An INSERT of the given columns of ``table``, every value a bind parameter."""
+    return Prepared(lambda: table.insert().values({c: bindparam(c) for c in columns}))
+
+
+_LAST_ROWID = Prepared(lambda: select(func.last_insert_rowid()))
+
+
+def insert_with_ids(
+    connection: Connection, table: Any, insert: Prepared, rows: list[dict[str, Any]]
+) -> list[int]:
+    """Insert rows and return their ids, in order.
+
+    SQLite: one executemany and no RETURNING; inside our write transaction it
+    gives the rows consecutive rowids ending at last_insert_rowid(). Other
+    dialects: INSERT ... RETURNING in parameter order.
+    """
+    if not rows:
+        return []
+    if connection.dialect.name == "sqlite":
+        insert.execute(connection, rows)
+        last = int(_LAST_ROWID.execute(connection, [{}])[0][0])
+        return list(range(last - len(rows) + 1, last + 1))
+    result = connection.execute(
+        table.insert().returning(table.c.id, sort_by_parameter_order=True), rows
+    )
+    return [row[0] for row in result]

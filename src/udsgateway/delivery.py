@@ -31,7 +31,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -263,6 +263,10 @@ class Destination:
                 f"could not connect within {self.timing.connect_timeout:g}s"
             ) from None
         except Exception as error:
+            # A failed attempt is reported from inside the ClientService's state
+            # machine, which must not be re-entered (the next lane in line would
+            # ask it for a connection at once): carry on at the next clock turn.
+            await deferLater(self._clock, 0, lambda: None)
             raise DeliveryError(f"connect failed: {type(error).__name__}") from None
         assert isinstance(protocol, DestinationProtocol)
         if not protocol.connected_ok:

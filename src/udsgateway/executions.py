@@ -22,6 +22,7 @@ from sqlalchemy import Connection, bindparam, select, update
 from udsgateway import outbox, schema
 from udsgateway.db import Prepared
 from udsgateway.outbox import DELIVERED, HELD, NewDelivery, Settlement
+from udsgateway.store import insert_logs, origins
 
 PENDING = "pending"
 WAITING = "waiting"
@@ -75,25 +76,11 @@ class Advanced:
 
 def pending(connection: Connection, limit: int) -> list[PendingWork]:
     """The oldest pending executions, in creation (= arrival) order."""
-    e, m, d = schema.executions, schema.messages, schema.deliveries
-    rows = list(
-        connection.execute(
-            select(
-                e.c.id,
-                e.c.message_id,
-                e.c.flow_id,
-                e.c.step,
-                m.c.tenant,
-                m.c.raw,
-                m.c.control_id,
-                m.c.message_type,
-            )
-            .join(m, m.c.id == e.c.message_id)
-            .where(e.c.state == PENDING)
-            .order_by(e.c.id)
-            .limit(limit)
-        )
-    )
+    d = schema.deliveries
+    rows = [
+        _PendingRow(*row)
+        for row in _PENDING.execute(connection, [{"pending": PENDING, "limit": limit}])
+    ]
     responses: dict[int, dict[int, bytes | None]] = {}
     wanting = [row.id for row in rows if row.step > 0]
     if wanting:
@@ -119,19 +106,59 @@ def pending(connection: Connection, limit: int) -> list[PendingWork]:
     ]
 
 
+@frozen
+class _PendingRow:
+    id: int
+    message_id: int
+    flow_id: str
+    step: int
+    tenant: str
+    raw: bytes
+    control_id: str
+    message_type: str
+
+
+def _pending_statement() -> Any:
+    e, m = schema.executions, schema.messages
+    return (
+        select(
+            e.c.id,
+            e.c.message_id,
+            e.c.flow_id,
+            e.c.step,
+            m.c.tenant,
+            m.c.raw,
+            m.c.control_id,
+            m.c.message_type,
+        )
+        .join(m, m.c.id == e.c.message_id)
+        .where(e.c.state == bindparam("pending"))
+        .order_by(e.c.id)
+        .limit(bindparam("limit"))
+    )
+
+
+_PENDING = Prepared(_pending_statement)
+
+
 def apply(
     connection: Connection, transitions: Sequence[Transition], now: float
 ) -> list[tuple[int, NewDelivery]]:
     """Enqueue the deliveries and move executions to waiting, or fail them; one commit."""
-    e = schema.executions
     deliveries = [t.delivery for t in transitions if t.delivery is not None]
     ids = outbox.enqueue(connection, deliveries, now)
-    for transition in transitions:
-        if transition.delivery is not None:
-            values = {"state": WAITING, "updated_at": now}
-        else:
-            values = {"state": FAILED, "error": transition.error[:255], "updated_at": now}
-        connection.execute(update(e).where(e.c.id == transition.execution_id).values(**values))
+    _SET_STATE.execute(
+        connection,
+        [
+            {
+                "id": t.execution_id,
+                "new_state": WAITING if t.delivery is not None else FAILED,
+                "error": "" if t.delivery is not None else t.error[:255],
+                "now": now,
+            }
+            for t in transitions
+        ],
+    )
     failed = [t for t in transitions if t.delivery is None]
     if failed:
         _log(connection, [(t.execution_id, "failed", t.error) for t in failed], now)
@@ -145,13 +172,10 @@ def advance(
 
     ``steps`` gives each flow's number of actions.
     """
-    e = schema.executions
     ids = [row.execution_id for row in settled if row.execution_id is not None]
     if not ids:
         return Advanced(False, (), ())
-    flows = dict(
-        connection.execute(select(e.c.id, e.c.flow_id).where(e.c.id.in_(ids))).tuples().all()
-    )
+    flows = {key: origin.flow_id for key, origin in origins(connection, ids).items()}
     pending_any = False
     finished: list[Finished] = []
     held: list[Finished] = []
@@ -197,46 +221,41 @@ _ADVANCE = Prepared(_advance_statement)
 
 
 def _log(connection: Connection, items: list[tuple[int, str, str]], now: float) -> None:
-    if not items:
-        return
-    e, m = schema.executions, schema.messages
-    ids = [item[0] for item in items]
-    info = {
-        row.id: row
-        for row in connection.execute(
-            select(
-                e.c.id,
-                e.c.flow_id,
-                e.c.step,
-                e.c.message_id,
-                m.c.control_id,
-                m.c.message_type,
-                m.c.tenant,
-            )
-            .join(m, m.c.id == e.c.message_id)
-            .where(e.c.id.in_(ids))
-        )
-    }
-    connection.execute(
-        schema.logs.insert(),
+    found = origins(connection, [item[0] for item in items])
+    insert_logs(
+        connection,
         [
             {
                 "at": now,
-                "tenant": info[execution_id].tenant,
-                "flow_id": info[execution_id].flow_id,
-                "message_id": info[execution_id].message_id,
+                "tenant": found[execution_id].tenant,
+                "flow_id": found[execution_id].flow_id,
+                "message_id": found[execution_id].message_id,
                 "execution_id": execution_id,
-                "control_id": info[execution_id].control_id,
-                "message_type": info[execution_id].message_type,
-                "step": info[execution_id].step,
+                "control_id": found[execution_id].control_id,
+                "message_type": found[execution_id].message_type,
+                "step": found[execution_id].step,
                 "event": "execution",
                 "outcome": outcome,
                 "reason": reason[:255],
             }
             for execution_id, outcome, reason in items
-            if execution_id in info
+            if execution_id in found
         ],
     )
+
+
+def _set_state_statement() -> Any:
+    e = schema.executions
+    return (
+        update(e)
+        .where(e.c.id == bindparam("id"))
+        .values(
+            state=bindparam("new_state"), error=bindparam("error"), updated_at=bindparam("now")
+        )
+    )
+
+
+_SET_STATE = Prepared(_set_state_statement)
 
 
 def states(connection: Connection, execution_ids: Sequence[int]) -> dict[int, tuple[str, str]]:

@@ -16,8 +16,9 @@ from attrs import frozen
 from sqlalchemy import Connection, bindparam, func, select, update
 
 from udsgateway import schema
-from udsgateway.db import Prepared
+from udsgateway.db import Prepared, insert_with_ids, prepared_insert
 from udsgateway.header import HeaderProblem, parse_header
+from udsgateway.store import insert_logs, origins
 
 QUEUED = "queued"
 HELD = "held"
@@ -121,9 +122,10 @@ def enqueue(connection: Connection, deliveries: Sequence[NewDelivery], now: floa
     """Add deliveries at the tail of their lanes; return their ids, in order."""
     if not deliveries:
         return []
-    d = schema.deliveries
-    result = connection.execute(
-        d.insert().returning(d.c.id, sort_by_parameter_order=True),
+    return insert_with_ids(
+        connection,
+        schema.deliveries,
+        _ENQUEUE,
         [
             {
                 "execution_id": item.execution_id,
@@ -147,7 +149,30 @@ def enqueue(connection: Connection, deliveries: Sequence[NewDelivery], now: floa
             for item in deliveries
         ],
     )
-    return [row[0] for row in result]
+
+
+_ENQUEUE = prepared_insert(
+    schema.deliveries,
+    (
+        "execution_id",
+        "step",
+        "lane",
+        "destination",
+        "protocol",
+        "control_id",
+        "payload",
+        "state",
+        "attempts",
+        "next_attempt_at",
+        "last_error",
+        "response",
+        "response_code",
+        "policy",
+        "created_at",
+        "updated_at",
+        "lease_owner",
+    ),
+)
 
 
 def lanes_with_work(connection: Connection) -> list[LaneWork]:
@@ -264,32 +289,17 @@ _RECORD = Prepared(_record_statement)
 
 
 def _log_settled(connection: Connection, rows: Sequence[Settlement], now: float) -> None:
-    e, m = schema.executions, schema.messages
-    ids = [row.execution_id for row in rows if row.execution_id is not None]
-    origin: dict[int, Any] = {}
-    if ids:
-        origin = {
-            item.id: item
-            for item in connection.execute(
-                select(e.c.id, e.c.flow_id, e.c.message_id, m.c.tenant, m.c.message_type)
-                .join(m, m.c.id == e.c.message_id)
-                .where(e.c.id.in_(ids))
-            )
-        }
-
-    def of(row: Settlement, name: str, default: Any) -> Any:
+    origin = origins(connection, [r.execution_id for r in rows if r.execution_id is not None])
+    lines = []
+    for row in rows:
         found = origin.get(row.execution_id) if row.execution_id is not None else None
-        return getattr(found, name) if found is not None else default
-
-    connection.execute(
-        schema.logs.insert(),
-        [
+        lines.append(
             {
                 "at": now,
-                "tenant": of(row, "tenant", ""),
-                "flow_id": of(row, "flow_id", ""),
-                "message_id": of(row, "message_id", None),
-                "message_type": of(row, "message_type", ""),
+                "tenant": found.tenant if found else "",
+                "flow_id": found.flow_id if found else "",
+                "message_id": found.message_id if found else None,
+                "message_type": found.message_type if found else "",
                 "execution_id": row.execution_id,
                 "control_id": row.control_id,
                 "step": row.step,
@@ -299,9 +309,8 @@ def _log_settled(connection: Connection, rows: Sequence[Settlement], now: float)
                 "ack_code": row.response_code,
                 "reason": row.last_error,
             }
-            for row in rows
-        ],
-    )
+        )
+    insert_logs(connection, lines)
 
 
 def queued_per_destination(connection: Connection) -> dict[str, int]:

@@ -181,6 +181,7 @@ audit = Table(
     Column("reason", String(255), nullable=False, default="", comment="why they said"),
 )
 
+
 def index(table: Table, name: str) -> Index:
     """One of a table's indexes, by name."""
     return next(i for i in table.indexes if i.name == name)

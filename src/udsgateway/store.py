@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -15,7 +16,7 @@ from attrs import evolve, frozen
 from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
 
 from udsgateway import schema
-from udsgateway.db import Prepared
+from udsgateway.db import Prepared, insert_with_ids, prepared_insert
 from udsgateway.flows import App, Flow, Trigger, action_from_document, actions_json
 
 
@@ -134,7 +135,10 @@ _LOOKUPS = {
 _INSERT_MESSAGE = Prepared(
     lambda: schema.messages.insert().values({c: bindparam(c) for c in _MESSAGE_COLUMNS})
 )
-_LAST_ROWID = Prepared(lambda: select(func.last_insert_rowid()))
+_INSERT_EXECUTION = prepared_insert(
+    schema.executions,
+    ("message_id", "flow_id", "state", "step", "created_at", "updated_at", "error"),
+)
 _INSERT_LOG = Prepared(
     lambda: schema.logs.insert().values({c: bindparam(c) for c in _LOG_COLUMNS})
 )
@@ -215,23 +219,13 @@ def _insert_messages(connection: Connection, records: list[InboundRecord]) -> li
         }
         for r in records
     ]
-    if connection.dialect.name == "sqlite":
-        # One executemany, no RETURNING: inside our write transaction SQLite
-        # gives the rows consecutive rowids ending at last_insert_rowid().
-        _INSERT_MESSAGE.execute(connection, rows)
-        last = _LAST_ROWID.execute(connection, [{}])[0][0]
-        return list(range(last - len(rows) + 1, last + 1))
-    result = connection.execute(
-        schema.messages.insert().returning(schema.messages.c.id, sort_by_parameter_order=True),
-        rows,
-    )
-    return [row[0] for row in result]
+    return insert_with_ids(connection, schema.messages, _INSERT_MESSAGE, rows)
 
 
 def _insert_executions(
     connection: Connection, records: list[InboundRecord], ids: list[int]
 ) -> dict[int, tuple[int, ...]]:
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "message_id": message_id,
             "flow_id": flow_id,
@@ -247,14 +241,71 @@ def _insert_executions(
     ]
     if not rows:
         return {}
-    e = schema.executions
-    result = connection.execute(
-        e.insert().returning(e.c.id, e.c.message_id, sort_by_parameter_order=True), rows
-    )
+    ids = insert_with_ids(connection, schema.executions, _INSERT_EXECUTION, rows)
     made: dict[int, list[int]] = {}
-    for execution_id, message_id in result:
-        made.setdefault(message_id, []).append(execution_id)
+    for execution_id, row in zip(ids, rows, strict=True):
+        made.setdefault(row["message_id"], []).append(execution_id)
     return {k: tuple(v) for k, v in made.items()}
+
+
+def insert_logs(connection: Connection, rows: list[dict[str, Any]]) -> None:
+    """Append log lines; columns not given are empty."""
+    if rows:
+        _INSERT_LOG.execute(connection, [{**_LOG_DEFAULTS, **row} for row in rows])
+
+
+_LOG_DEFAULTS: dict[str, Any] = {
+    "tenant": "",
+    "app_id": "",
+    "flow_id": "",
+    "message_id": None,
+    "execution_id": None,
+    "control_id": "",
+    "message_type": "",
+    "step": None,
+    "attempt": None,
+    "outcome": "",
+    "ack_code": "",
+    "reason": "",
+}
+
+
+@frozen
+class Origin:
+    """Where an execution comes from: its flow and inbound message (for log lines)."""
+
+    flow_id: str
+    message_id: int
+    tenant: str
+    message_type: str
+    control_id: str
+    step: int
+
+
+_ORIGIN = Prepared(
+    lambda: (
+        select(
+            schema.executions.c.flow_id,
+            schema.executions.c.message_id,
+            schema.messages.c.tenant,
+            schema.messages.c.message_type,
+            schema.messages.c.control_id,
+            schema.executions.c.step,
+        )
+        .join(schema.messages, schema.messages.c.id == schema.executions.c.message_id)
+        .where(schema.executions.c.id == bindparam("id"))
+    )
+)
+
+
+def origins(connection: Connection, execution_ids: Iterable[int]) -> dict[int, Origin]:
+    """Flow and message of each execution, one indexed lookup each."""
+    found = {}
+    for execution_id in set(execution_ids):
+        rows = _ORIGIN.execute(connection, [{"id": execution_id}])
+        if rows:
+            found[execution_id] = Origin(*rows[0])
+    return found
 
 
 def _insert_receipt_logs(
