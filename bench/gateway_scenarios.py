@@ -23,6 +23,14 @@ from bench.loadgen import run_load
 HOST = "127.0.0.1"
 GATEWAY_PORT = 27675
 RECEIVER_PORT = 27676
+
+
+def use_ports(gateway: int, receiver: int) -> None:
+    """Run the scenarios on other ports (the smoke test in make test uses its own)."""
+    global GATEWAY_PORT, RECEIVER_PORT
+    GATEWAY_PORT, RECEIVER_PORT = gateway, receiver
+
+
 VENV_BIN = Path(sys.executable).parent
 TENANT = "bench"
 
@@ -243,9 +251,7 @@ def run_recovery(quick: bool, backlog: int | None = None) -> dict[str, object]:
         finally:
             _stop(gateway)
             _stop(receiver)
-        size = sum(
-            path.stat().st_size for path in folder.glob("bench.db*") if path.is_file()
-        )
+        size = sum(path.stat().st_size for path in folder.glob("bench.db*") if path.is_file())
     return {
         "queued_deliveries": count,
         "fill_s": round(fill_s, 1),
