@@ -9,6 +9,7 @@ gateway's own store functions, which is setup, not measurement.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -103,10 +104,8 @@ def _wait_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> N
 
 
 def process_wait(process: subprocess.Popen[bytes], seconds: float) -> None:
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(seconds)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
