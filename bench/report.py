@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -118,6 +119,7 @@ METRICS: tuple[str, ...] = (
     "server_cpu_ms_per_msg_settled",
     "server_peak_rss_kib",
     "loadgen_cpu_ms_per_msg",
+    "other_cpu_cores",
 )
 
 
@@ -175,7 +177,7 @@ def _mib(kib: float | None) -> str:
 def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "-"
-    return f"{a / b:.2f}x"
+    return f"{a / b:.3g}x"
 
 
 def _errors_text(errors: dict[str, int]) -> str:
@@ -242,6 +244,13 @@ def render(data: ReportInput) -> str:
         "scenario measures.",
         "",
     ]
+    completed = max((m.round for m in data.measurements), default=0)
+    if completed < data.rounds:
+        lines += [
+            f"**Interrupted: {completed} of {data.rounds} rounds were run (the last one may be "
+            "partial); the medians are over the measurements that exist.**",
+            "",
+        ]
     if data.quick:
         lines += [
             "**`--quick` smoke run: tiny sizes, one round. These numbers only show that the "
@@ -306,8 +315,9 @@ def render(data: ReportInput) -> str:
             scenario.measures,
             "",
             "| server | verified runs | msgs/s | p50 ms | p99 ms | max ms | CPU ms/msg to ACK | "
-            "CPU ms/msg settled | peak RSS MiB | loadgen CPU ms/msg | errors (all runs) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "CPU ms/msg settled | peak RSS MiB | loadgen CPU ms/msg | other load (cores) | "
+            "errors (all runs) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for server in data.servers:
             s = summaries[scenario.name, server]
@@ -318,7 +328,7 @@ def render(data: ReportInput) -> str:
                 f"{_num(md['latency_max_ms'])} | {_num(md['server_cpu_ms_per_msg'], 3)} | "
                 f"{_num(md['server_cpu_ms_per_msg_settled'], 3)} | "
                 f"{_mib(md['server_peak_rss_kib'])} | {_num(md['loadgen_cpu_ms_per_msg'], 3)} | "
-                f"{_errors_text(s.errors)} |"
+                f"{_num(md['other_cpu_cores'])} | {_errors_text(s.errors)} |"
             )
         failures = [
             f"{server}: {_one_line(f)}"
@@ -334,12 +344,17 @@ def render(data: ReportInput) -> str:
     lines += ["## Known limits of the peers", ""]
     lines += [f"- {note}" for note in PEER_NOTES]
     lines.append("")
-    lines += ["## Scenarios not run", ""]
+    lines += ["## Gateway-only scenarios", ""]
     for hook in data.hooks:
-        reason = _one_line(data.hook_results.get(hook.name, "not selected"))
-        lines.append(
-            f"- **{hook.name}**, {hook.title.lower()} ({hook.measures}) Not run: {reason}."
-        )
+        outcome = data.hook_results.get(hook.name, "not selected")
+        if outcome.startswith("{"):
+            values = ", ".join(f"{k} = {v}" for k, v in json.loads(outcome).items())
+            lines.append(f"- **{hook.name}**, {hook.title.lower()} ({hook.measures}): {values}.")
+        else:
+            lines.append(
+                f"- **{hook.name}**, {hook.title.lower()} ({hook.measures}) "
+                f"Not run: {_one_line(outcome)}."
+            )
     lines.append("")
     lines += _all_runs(data)
     if data.raw_json is not None:
@@ -360,7 +375,8 @@ def _ratios(data: ReportInput, summaries: dict[tuple[str, str], Summary]) -> lis
     for scenario in data.scenarios:
         if scenario.rate is not None:
             continue
-        ceiling = summaries[scenario.name, "canned-ack"].medians.get("msgs_per_s")
+        canned = summaries.get((scenario.name, "canned-ack"))
+        ceiling = canned.medians.get("msgs_per_s") if canned is not None else None
         cells = []
         for server in data.servers:
             value = summaries[scenario.name, server].medians.get("msgs_per_s")

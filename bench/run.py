@@ -37,6 +37,8 @@ from bench.scenarios import (
 from bench.servers import BENCH_DIR, HOST, SERVERS, WORK_DIR, ServerUnavailableError, running
 
 ACK_TIMEOUT = 5.0
+# A server that fails to start this many times in a row is skipped for the rest of the session.
+MAX_START_FAILURES = 2
 WARMUP = 200
 QUICK_WARMUP = 20
 
@@ -76,7 +78,7 @@ def measure(
             result = asyncio.run(
                 run_load(
                     HOST,
-                    server.port,
+                    started.port,
                     connections=connections,
                     messages=messages,
                     pipeline=scenario.pipeline,
@@ -243,14 +245,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     hook_results: dict[str, str] = {}
     for hook in hooks:
         try:
-            hook.run(args.quick)
-            hook_results[hook.name] = "ran, but hook scenarios do not report numbers yet"
+            log(f"[hook] {hook.name}: {hook.title}")
+            result = hook.run(args.quick)
+            hook_results[hook.name] = json.dumps(result, sort_keys=True)
+            log(f"[hook] {hook.name}: {hook_results[hook.name]}")
         except ScenarioUnavailableError as exc:
             hook_results[hook.name] = str(exc)
             log(f"[not run] {hook.name}: {exc}")
 
+    WORK_DIR.mkdir(parents=True, exist_ok=True)
+    raw_path = WORK_DIR / time.strftime("results-%Y%m%d-%H%M%S.json", time.gmtime(started))
     measurements: list[Measurement] = []
+    session: dict[str, Any] = {
+        "command": command,
+        "started": started,
+        "finished": None,
+        "rounds": rounds,
+        "quick": args.quick,
+        "scenarios": [s.name for s in scenarios],
+        "hooks": hook_results,
+        "servers": servers,
+        "skipped": skipped,
+        "machine": machine,
+        "versions": versions,
+        "install_notes": notes,
+        "measurements": [],
+    }
+
+    def save() -> None:
+        # Rewritten after every measurement, so an interrupted run can still be rendered
+        # with --rerender.
+        session["finished"] = time.time()
+        session["measurements"] = [asdict(m) for m in measurements]
+        raw_path.write_text(json.dumps(session, indent=2))
+
     total = rounds * len(scenarios) * len(servers)
+    start_failures: dict[str, int] = {}
     done = 0
     for round_no in range(1, rounds + 1):
         for scenario in scenarios:
@@ -270,31 +300,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"{prefix} starting")
                 measurement, could_start = measure(name, scenario, args.quick, round_no)
                 measurements.append(measurement)
+                save()
                 log(f"{prefix} {describe(measurement)}")
-                if not could_start:
-                    # A server that cannot start will not start next time either.
+                if could_start:
+                    start_failures[name] = 0
+                    continue
+                start_failures[name] = start_failures.get(name, 0) + 1
+                if start_failures[name] >= MAX_START_FAILURES:
                     skipped[name] = measurement.error or "could not start"
-                    log(f"[skip] {name} for the rest of the session")
+                    log(f"[skip] {name}: failed to start {MAX_START_FAILURES} times in a row")
     finished = time.time()
-
-    WORK_DIR.mkdir(parents=True, exist_ok=True)
-    raw_path = WORK_DIR / time.strftime("results-%Y%m%d-%H%M%S.json", time.gmtime(started))
-    session = {
-        "command": command,
-        "started": started,
-        "finished": finished,
-        "rounds": rounds,
-        "quick": args.quick,
-        "scenarios": [s.name for s in scenarios],
-        "hooks": hook_results,
-        "servers": servers,
-        "skipped": skipped,
-        "machine": machine,
-        "versions": versions,
-        "install_notes": notes,
-        "measurements": [asdict(m) for m in measurements],
-    }
-    raw_path.write_text(json.dumps(session, indent=2))
+    save()
     report = report_input(session, raw_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(render(report))

@@ -1,9 +1,9 @@
 """The benchmark scenarios.
 
 Load scenarios run against every server, one fresh server process per measurement. Hook
-scenarios need parts of the gateway that this build does not have yet; each is a function that
-raises :class:`ScenarioUnavailableError` with the reason, which the report records as "not run".
-They never produce numbers until they are implemented.
+scenarios measure what only the gateway has (relay through a TCP action, recovery, backlog
+memory, store size; see bench/gateway_scenarios.py); a hook that cannot run raises
+:class:`ScenarioUnavailableError` with the reason, which the report records as "not run".
 """
 
 from __future__ import annotations
@@ -109,23 +109,31 @@ LOAD_SCENARIOS: tuple[LoadScenario, ...] = (
 
 
 def run_relay(quick: bool) -> dict[str, object]:
-    """Relay: sender -> gateway -> flow TCP action -> destination (a canned-ACK server).
+    """Relay: sender -> gateway -> one mapped MLLP action -> ``udsgateway receive``."""
+    from bench.gateway_scenarios import run_relay as relay
 
-    Would measure end-to-end delivery rate and latency, in order per destination lane.
-    """
-    raise ScenarioUnavailableError(
-        "not available in this build: needs the gateway's TCP actions (a flow whose action "
-        "sends to a destination) and a way to read delivery completion; the lead adds it"
-    )
+    return relay(quick)
 
 
 def run_store_recovery(quick: bool) -> dict[str, object]:
-    """Store size and recovery: bytes on disk per stored message, and restart time with a
-    backlog of undelivered deliveries (order kept, memory bounded)."""
-    raise ScenarioUnavailableError(
-        "not available in this build: needs the gateway's durable delivery queue and restart "
-        "recovery; the lead adds it"
-    )
+    """Restart with 100,000 queued deliveries: time until sending again, peak RSS."""
+    from bench.gateway_scenarios import run_recovery
+
+    return run_recovery(quick)
+
+
+def run_backlog_memory(quick: bool) -> dict[str, object]:
+    """Peak RSS of a gateway started on 1,000,000 queued deliveries."""
+    from bench.gateway_scenarios import run_backlog_memory as backlog
+
+    return backlog(quick)
+
+
+def run_store_size(quick: bool) -> dict[str, object]:
+    """Ingest rate with an empty store and with 1,000,000 stored messages."""
+    from bench.gateway_scenarios import run_store_size as store_size
+
+    return store_size(quick)
 
 
 HOOK_SCENARIOS: tuple[HookScenario, ...] = (
@@ -137,9 +145,21 @@ HOOK_SCENARIOS: tuple[HookScenario, ...] = (
     ),
     HookScenario(
         name="store-recovery",
-        title="Store size and recovery",
-        measures="Bytes on disk per message; restart and drain time with a queued backlog.",
+        title="Recovery of 100,000 queued deliveries after a restart",
+        measures="Time from start to sending again, peak RSS, database size.",
         run=run_store_recovery,
+    ),
+    HookScenario(
+        name="backlog-memory",
+        title="1,000,000 queued deliveries",
+        measures="Peak RSS of the gateway while it recovers and starts draining them.",
+        run=run_backlog_memory,
+    ),
+    HookScenario(
+        name="store-size",
+        title="Ingest with 1,000,000 stored messages",
+        measures="8 x 2,000 stop-and-wait ingest rate, empty store versus 1,000,000 stored.",
+        run=run_store_size,
     ),
 )
 

@@ -38,7 +38,10 @@ VENV_BIN = Path(sys.executable).parent
 
 HOST = "127.0.0.1"
 
-# One port per server (27000-27999: no test uses them).
+# One port per server (27000-27999: no test uses them). When a server's port is taken (say, by
+# someone's manual run), the next of PORT_TRIES candidates, PORT_STEP apart, is used instead.
+PORT_TRIES = 5
+PORT_STEP = 10
 PORTS: dict[str, int] = {
     "canned-ack": 27101,
     "simple-hl7": 27201,
@@ -46,7 +49,7 @@ PORTS: dict[str, int] = {
     "messagefoundry": 27401,
     "udsgateway": 27575,
 }
-MESSAGEFOUNDRY_API_PORT = 27402
+# MessageFoundry's admin API listens on its MLLP port + 1 (27402 by default).
 
 GATEWAY_READY_TIMEOUT = 20.0
 
@@ -79,6 +82,7 @@ class ServerDef:
 @dataclass
 class Started:
     server: ServerDef
+    port: int
     pid: int
     workdir: Path
     log_path: Path
@@ -246,7 +250,7 @@ def _build_messagefoundry(workdir: Path, port: int) -> Launch:
             "--db",
             str(workdir / "messagefoundry.db"),
             "--port",
-            str(MESSAGEFOUNDRY_API_PORT),
+            str(port + 1),
             "--env",
             "dev",
         ],
@@ -264,7 +268,7 @@ SERVERS: dict[str, ServerDef] = {
             PORTS["canned-ack"],
             _build_canned,
             _check_nothing,
-            ready_timeout=15.0,
+            ready_timeout=30.0,
         ),
         ServerDef(
             "simple-hl7",
@@ -272,7 +276,7 @@ SERVERS: dict[str, ServerDef] = {
             PORTS["simple-hl7"],
             _build_node("simple_hl7_server.js"),
             _check_node_package("simple-hl7"),
-            ready_timeout=15.0,
+            ready_timeout=30.0,
         ),
         ServerDef(
             "medplum-hl7",
@@ -280,7 +284,7 @@ SERVERS: dict[str, ServerDef] = {
             PORTS["medplum-hl7"],
             _build_node("medplum_server.js"),
             _check_node_package("@medplum/hl7"),
-            ready_timeout=15.0,
+            ready_timeout=30.0,
         ),
         ServerDef(
             "messagefoundry",
@@ -307,6 +311,32 @@ PEER_NAMES: tuple[str, ...] = ("canned-ack", "simple-hl7", "medplum-hl7", "messa
 
 
 # -- process handling ------------------------------------------------------------------------
+
+
+def port_free(host: str, port: int) -> bool:
+    """Nothing listens on ``port`` and it can be bound now."""
+    if port_accepts(host, port):
+        return False
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(server: ServerDef) -> int:
+    """The server's port, or the next free candidate; the MessageFoundry API needs port + 1."""
+    candidates = [server.port + i * PORT_STEP for i in range(PORT_TRIES)]
+    for port in candidates:
+        if port_free(HOST, port) and (
+            server.name != "messagefoundry" or port_free(HOST, port + 1)
+        ):
+            return port
+    raise ServerUnavailableError(
+        f"ports {', '.join(map(str, candidates))} are all taken by other processes"
+    )
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -342,16 +372,13 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 @contextlib.contextmanager
 def running(server: ServerDef, *, keep: bool = False) -> Iterator[Started]:
     """Start a fresh ``server`` in a fresh temp dir, yield once its port accepts, then stop it."""
-    if port_accepts(HOST, server.port):
-        raise ServerUnavailableError(
-            f"port {server.port} already accepts connections: another process holds it"
-        )
+    port = pick_port(server)
     WORK_DIR.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"{server.name}-", dir=WORK_DIR))
     log_path = workdir / "server.log"
     proc: subprocess.Popen[bytes] | None = None
     try:
-        launch = server.build(workdir, server.port)
+        launch = server.build(workdir, port)
         env = dict(os.environ)
         env.update(launch.env)
         with log_path.open("wb") as log:
@@ -366,20 +393,21 @@ def running(server: ServerDef, *, keep: bool = False) -> Iterator[Started]:
                 start_new_session=True,
             )
         deadline = started_at + server.ready_timeout
-        while not port_accepts(HOST, server.port, timeout=0.25):
+        while not port_accepts(HOST, port, timeout=0.25):
             if proc.poll() is not None:
                 raise ServerUnavailableError(
                     f"{server.name} exited with status {proc.returncode} before accepting on "
-                    f"port {server.port}; log tail:\n{log_tail(log_path)}"
+                    f"port {port}; log tail:\n{log_tail(log_path)}"
                 )
             if time.monotonic() > deadline:
                 raise ServerUnavailableError(
-                    f"{server.name} did not accept on port {server.port} within "
+                    f"{server.name} did not accept on port {port} within "
                     f"{server.ready_timeout:.0f} s; log tail:\n{log_tail(log_path)}"
                 )
             time.sleep(0.1)
         yield Started(
             server=server,
+            port=port,
             pid=proc.pid,
             workdir=workdir,
             log_path=log_path,
