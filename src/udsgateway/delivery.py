@@ -671,8 +671,9 @@ class Dispatcher(Service):
 
     def _lane_failed(self, failure: Failure, lane: Lane) -> None:
         if not failure.check(CancelledError):
+            # Not restarted at once: an error that repeats (a failing database)
+            # would re-send the head in a tight loop. The next sweep restarts it.
             log.failure("lane {lane} stopped on an error", failure, lane=lane.name)
-            self._rescan = True
 
     def _lane_done(self, _result: Any, lane: Lane) -> None:
         if self.lanes.get(lane.name) is lane:
