@@ -258,10 +258,13 @@ class Destination:
         connecting.addTimeout(self.timing.connect_timeout, self._clock)
         try:
             protocol = await connecting
-        except (TimeoutError, CancelledError):
+        except TimeoutError:
             raise DeliveryError(
                 f"could not connect within {self.timing.connect_timeout:g}s"
             ) from None
+        except CancelledError:
+            # stopService cancelled the wait: not a connection problem.
+            raise DeliveryError("destination stopped") from None
         except Exception as error:
             # A failed attempt is reported from inside the ClientService's state
             # machine, which must not be re-entered (the next lane in line would
