@@ -256,14 +256,3 @@ def _set_state_statement() -> Any:
 
 
 _SET_STATE = Prepared(_set_state_statement)
-
-
-def states(connection: Connection, execution_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
-    """State and error of executions (for watchers that start late)."""
-    e = schema.executions
-    return {
-        row.id: (row.state, row.error)
-        for row in connection.execute(
-            select(e.c.id, e.c.state, e.c.error).where(e.c.id.in_(list(execution_ids)))
-        )
-    }

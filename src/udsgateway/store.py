@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any
 
 from attrs import evolve, frozen
-from sqlalchemy import Connection, and_, bindparam, delete, func, select, update
+from sqlalchemy import Connection, and_, bindparam, delete, select, update
 
 from udsgateway import schema
 from udsgateway.db import Prepared, insert_with_ids, prepared_insert
@@ -368,11 +368,6 @@ def find_messages(
         )
         for row in connection.execute(query)
     ]
-
-
-def count_messages(connection: Connection) -> int:
-    """How many inbound messages are stored."""
-    return int(connection.execute(select(func.count()).select_from(schema.messages)).scalar_one())
 
 
 def save_app(connection: Connection, app: App, now: float) -> App:
