@@ -124,8 +124,10 @@ class Ingest:
         if header.message_code == "ACK":
             return self._inbound_ack(header)
         if header.processing_id not in self.tenant.processing_ids:
+            self._log_refused(header, 202)
             return self._nak(header, Outcome.REJECT, AckError(202, "MSH^1^11", "not accepted"))
         if header.version not in self.tenant.versions:
+            self._log_refused(header, 203)
             return self._nak(header, Outcome.REJECT, AckError(203, "MSH^1^12", "not accepted"))
 
         routed = self.routes.route(header, connection)
@@ -284,6 +286,16 @@ class Ingest:
         self.stats.inbound_acks += 1
         log.info("inbound ACK ignored", control_id=header.control_id, tenant=self.tenant.name)
         return NO_ANSWER
+
+    def _log_refused(self, header: Header, code: int) -> None:
+        """202/203: the tenant does not take this processing ID or version (no PHI)."""
+        log.info(
+            "message refused: AR {code}",
+            code=code,
+            control_id=header.control_id,
+            message_type=header.event_type,
+            tenant=self.tenant.name,
+        )
 
     def _answer(self, code: str, ack: bytes) -> Answer:
         if not ack:
