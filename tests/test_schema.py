@@ -52,3 +52,18 @@ class SchemaTests(SynchronousTestCase):
             )
         with engine.begin() as connection, self.assertRaises(SchemaError):
             ensure_schema(connection)
+
+
+class DatabaseErrorTests(SynchronousTestCase):
+    """Database errors must not carry statement parameters into logs (G6)."""
+
+    def test_error_text_hides_parameters(self) -> None:
+        """A failing statement's error names the SQL but never the values bound to it."""
+        from sqlalchemy import text
+        from sqlalchemy.exc import OperationalError
+
+        engine = make_engine("sqlite:///:memory:")
+        with self.assertRaises(OperationalError) as raised, engine.begin() as connection:
+            connection.execute(text("INSERT INTO missing VALUES (:name)"), {"name": "ZZMARKER"})
+        self.assertNotIn("ZZMARKER", str(raised.exception))
+        self.assertIn("hidden", str(raised.exception))

@@ -50,20 +50,27 @@ def is_locked(error: BaseException) -> bool:
 
 
 def make_engine(url: str) -> Engine:
-    """Create an engine; SQLite files are created 0600, in WAL with synchronous=FULL."""
+    """Create an engine; SQLite files are created 0600, in WAL with synchronous=FULL.
+
+    ``hide_parameters``: a database error's text never carries the statement's
+    parameters, which hold message bodies (G6: no PHI in logs).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, future=True)
+        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
     database = parsed.database or ""
     if database and database != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
         # Create the file ourselves so it is 0600 from its first byte; SQLite
         # gives the -wal and -shm files the same permissions.
         os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
-        engine = create_engine(url, future=True)
+        engine = create_engine(url, hide_parameters=True)
     else:
         engine = create_engine(
-            "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
+            "sqlite://",
+            poolclass=StaticPool,
+            connect_args={"check_same_thread": False},
+            hide_parameters=True,
         )
 
     @event.listens_for(engine, "connect")
