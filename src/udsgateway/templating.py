@@ -58,6 +58,8 @@ from liquid.filter import with_context
 from liquid.limits import to_int
 from liquid.undefined import is_undefined
 
+from udsgateway.header import Delimiters as HeaderDelimiters
+from udsgateway.header import hl7_escape
 from udsgateway.message import (
     ALL,
     Delimiters,
@@ -156,25 +158,21 @@ def escape_value(text: str, delimiters: DelimiterSet) -> str:
     ``~`` -> ``\\R\\``, CR -> ``\\X0D\\``, LF -> ``\\X0A\\`` (with the message's own
     characters in place of these defaults).
 
-    Temporary: ``udsgateway.header.hl7_escape`` is the shared version; this private copy
-    exists until it lands and should then delegate to it.
+    Other control characters become ``\\Xhh\\`` too: the header layer's
+    ``hl7_escape`` does the work, so listener and templates escape alike.
     """
-    escape = delimiters.escape
-    if not escape:
+    if not delimiters.escape:
         raise ValueError("the delimiters declare no escape character")
-    table = {
-        escape: "E",
-        delimiters.field: "F",
-        delimiters.component: "S",
-        delimiters.subcomponent: "T",
-        delimiters.repetition: "R",
-        "\r": "X0D",
-        "\n": "X0A",
-    }
-    table.pop("", None)
-    if not any(ch in table for ch in text):
-        return text
-    return "".join(f"{escape}{table[ch]}{escape}" if ch in table else ch for ch in text)
+    return hl7_escape(
+        text,
+        HeaderDelimiters(
+            delimiters.field,
+            delimiters.component,
+            delimiters.repetition,
+            delimiters.escape,
+            delimiters.subcomponent,
+        ),
+    )
 
 
 def _translate(text: str, source: DelimiterSet, target: DelimiterSet) -> str:
