@@ -40,6 +40,34 @@ class SchemaTests(SynchronousTestCase):
             ).scalar_one()
         self.assertEqual(version, str(schema.SCHEMA_VERSION))
 
+    def test_version_2_is_migrated(self) -> None:
+        """Version 2's redundant messages_lookup index is dropped; the rows stay."""
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            ensure_schema(connection)
+            connection.exec_driver_sql(
+                "CREATE INDEX messages_lookup ON messages (control_id, tenant, sender)"
+            )
+            connection.execute(
+                update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="2")
+            )
+        with engine.begin() as connection:
+            self.assertEqual(ensure_schema(connection), schema.SCHEMA_VERSION)
+            names = {i["name"] for i in inspect(connection).get_indexes("messages")}
+        self.assertNotIn("messages_lookup", names)
+        self.assertIn("messages_dedupe", names)
+
+    def test_duplicate_check_uses_the_unique_index(self) -> None:
+        """The duplicate check's lookup is an index search, not a scan of the messages."""
+        from udsgateway.store import _LOOKUPS
+
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            ensure_schema(connection)
+            sql, _order, _defaults = _LOOKUPS[2].sql(connection)
+            plan = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, ("A", "B")).all()
+        self.assertIn("USING INDEX messages_dedupe", " ".join(str(row[-1]) for row in plan))
+
     def test_newer_database_is_refused(self) -> None:
         """A database written by a newer udsgateway is refused, not damaged."""
         engine = make_engine("sqlite:///:memory:")

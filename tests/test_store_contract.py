@@ -18,8 +18,9 @@ from sqlalchemy import Engine, create_engine, text
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from udsgateway import outbox, store
-from udsgateway.db import ensure_schema, make_engine
+from udsgateway.db import Database, InlineRunner, ensure_schema, is_locked, make_engine
 from udsgateway.store import CommitOutcome, InboundRecord
+from udsgateway.testing import demo_app
 
 POSTGRES_URL = os.environ.get(
     "UDSGATEWAY_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -57,10 +58,55 @@ class StoreContract(_Base):
     """The behaviour every dialect must show; mixed into one TestCase per dialect."""
 
     engine: Engine
+    database: Database
+
+    def open_database(self) -> None:
+        """The production transaction path (Database.transaction_now) on ``engine``."""
+        self.database = Database(self.engine, InlineRunner())
+        self.addCleanup(self.database.close)
+        self.transaction(ensure_schema)
 
     def transaction(self, function: Callable[..., Any], *args: Any) -> Any:
-        with self.engine.begin() as connection:
-            return function(connection, *args)
+        return self.database.transaction_now(function, *args)
+
+    def test_failed_transaction_rolls_back(self) -> None:
+        """A function that fails after its inserts leaves nothing behind; the next one works."""
+
+        def store_then_fail(connection: Any) -> None:
+            store.commit_inbound(connection, [_record("R1", flows=("F1",))])
+            raise RuntimeError("after the insert")
+
+        self.assertRaises(RuntimeError, self.transaction, store_then_fail)
+        self.assertEqual(self.transaction(store.find_messages, "t", None), [])
+        [result] = self.transaction(store.commit_inbound, [_record("R1")])
+        self.assertEqual(result.outcome, CommitOutcome.STORED)
+
+    def test_core_statements_join_the_transaction(self) -> None:
+        """SQLAlchemy statements and driver-level statements commit or roll back together."""
+        app = demo_app(tenant="t")
+
+        def both(connection: Any, fail: bool) -> None:
+            store.save_app(connection, app, 1.0)  # SQLAlchemy Core
+            store.commit_inbound(connection, [_record("J1")])  # driver statements
+            if fail:
+                raise RuntimeError("roll both back")
+
+        self.assertRaises(RuntimeError, self.transaction, both, True)
+        self.assertEqual(self.transaction(store.load_apps, "t"), [])
+        self.assertEqual(self.transaction(store.find_messages, "t", None), [])
+        self.transaction(both, False)
+        self.assertEqual(len(self.transaction(store.load_apps, "t")), 1)
+        self.assertEqual(len(self.transaction(store.find_messages, "t", None)), 1)
+
+    def test_group_larger_than_one_statement(self) -> None:
+        """A group of more rows than one multi-row statement holds keeps ids and order."""
+        records = [_record(f"B{i:03d}", flows=("F1",)) for i in range(150)]
+        results = self.transaction(store.commit_inbound, records)
+        ids = [r.message_id for r in results]
+        self.assertEqual(ids, list(range(ids[0], ids[0] + 150)))
+        stored = self.transaction(store.find_messages, "t", None, 1000)
+        self.assertEqual([m.id for m in stored], ids)
+        self.assertEqual([m.control_id for m in stored], [r.control_id for r in records])
 
     def test_commit_then_duplicate_replays(self) -> None:
         """A stored message's resend replays its ACK; other bytes under its MSH-10 conflict."""
@@ -116,8 +162,27 @@ class SQLiteStoreTests(StoreContract, SynchronousTestCase):
     """The contract on the embedded SQLite default."""
 
     def setUp(self) -> None:
-        self.engine = make_engine(f"sqlite:///{os.path.abspath(self.mktemp())}.db")
-        self.transaction(ensure_schema)
+        self.path = f"{os.path.abspath(self.mktemp())}.db"
+        self.engine = make_engine(f"sqlite:///{self.path}")
+        self.open_database()
+
+    def test_locked_database_is_reported_as_locked(self) -> None:
+        """Another writer holding the lock: the error is SQLAlchemy's, and reads as locked
+        (HL7 206), though the BEGIN runs on the driver connection."""
+        import sqlite3
+
+        from sqlalchemy.exc import OperationalError
+
+        self.transaction(lambda connection: connection.exec_driver_sql("PRAGMA busy_timeout=1"))
+        other = sqlite3.connect(self.path, isolation_level=None)
+        self.addCleanup(other.close)
+        other.execute("BEGIN IMMEDIATE")
+        with self.assertRaises(OperationalError) as raised:
+            self.transaction(store.commit_inbound, [_record("L1")])
+        self.assertTrue(is_locked(raised.exception))
+        other.execute("ROLLBACK")
+        [result] = self.transaction(store.commit_inbound, [_record("L1")])
+        self.assertEqual(result.outcome, CommitOutcome.STORED)
 
 
 class PostgreSQLStoreTests(StoreContract, SynchronousTestCase):
@@ -146,4 +211,4 @@ class PostgreSQLStoreTests(StoreContract, SynchronousTestCase):
         self.engine = create_engine(
             POSTGRES_URL, connect_args={"options": f"-c search_path={schema}"}
         )
-        self.transaction(ensure_schema)
+        self.open_database()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from attrs import define, field
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, func, select
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
@@ -82,13 +82,18 @@ def make_engine(url: str) -> Engine:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # Statement journals of multi-row inserts stay in memory, not in temp files.
+        cursor.execute("PRAGMA temp_store=MEMORY")
         cursor.close()
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
         # IMMEDIATE takes the write lock up front: no deadlock between readers
         # that upgrade, and a lock conflict shows at BEGIN (NAK 206), not later.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Database.transaction_now begins on the driver connection itself; SQLAlchemy's
+        # own begin then finds the transaction open.
+        if not connection.connection.dbapi_connection.in_transaction:  # type: ignore[union-attr]
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -173,6 +178,11 @@ class Database:
 
         Each thread keeps its connection open between transactions: a pool
         check-out and reset per group commit cost more than the commit's SQL.
+        The transaction is begun and committed on the driver connection
+        (SQLite: ``BEGIN IMMEDIATE``), not through SQLAlchemy's transaction
+        objects, whose bookkeeping cost as much as a small group's SQL; a
+        function that runs SQLAlchemy statements joins the same transaction
+        (SQLAlchemy's begin finds it open) and is committed through SQLAlchemy.
         A connection that failed is dropped, and the next transaction opens a
         fresh one.
         """
@@ -180,13 +190,37 @@ class Database:
         if connection is None or connection.closed or connection.invalidated:
             connection = self.engine.connect()
             self._held.connection = connection
+        driver = connection.connection
         try:
-            with connection.begin():
-                return function(connection, *args)
-        except BaseException:
-            if connection.invalidated or not _healthy(connection):
+            if connection.dialect.name == "sqlite":
+                cursor = driver.cursor()
+                try:
+                    cursor.execute("BEGIN IMMEDIATE")
+                finally:
+                    cursor.close()
+            result = function(connection, *args)
+            if connection.in_transaction():
+                connection.commit()
+            else:
+                driver.commit()
+            return result
+        except BaseException as error:
+            if not _rolled_back(connection) or connection.invalidated:
                 self._held.connection = None
                 connection.close()
+            dbapi = connection.dialect.loaded_dbapi
+            if isinstance(error, dbapi.Error):
+                # A driver error from a statement run on the driver connection: raise
+                # it as SQLAlchemy would have (OperationalError, IntegrityError...),
+                # without its parameters, so callers see one family of errors.
+                raise DBAPIError.instance(
+                    None,
+                    None,
+                    error,
+                    dbapi.Error,
+                    hide_parameters=True,
+                    dialect=connection.dialect,
+                ) from error
             raise
 
     def close(self) -> None:
@@ -197,12 +231,16 @@ class Database:
             connection.close()
 
 
-def _healthy(connection: Connection) -> bool:
-    """A held connection that still answers (after a failed transaction)."""
+def _rolled_back(connection: Connection) -> bool:
+    """Roll back after a failure; False when the connection no longer answers."""
     try:
+        if connection.in_transaction():
+            connection.rollback()
+        else:
+            connection.connection.rollback()
         connection.exec_driver_sql("SELECT 1")
         connection.rollback()
-    except SQLAlchemyError:
+    except Exception:
         return False
     return True
 
@@ -331,30 +369,82 @@ class Prepared:
             cursor.close()
 
 
-def prepared_insert(table: Any, columns: Sequence[str]) -> Prepared:
+@define
+class RowInsert:
+    """An INSERT of the given columns of ``table``, for one row or many.
+
+    On SQLite several rows go in as one multi-row ``INSERT ... VALUES (...), (...)``
+    per chunk of up to ``chunk`` rows, not one statement per row: each statement
+    the database thread runs releases and re-takes the GIL, and on the inbound
+    path those hand-offs with the busy reactor cost more than the SQL itself.
+    Other dialects (PostgreSQL) use the driver's executemany, one round trip.
+    """
+
+    table: Any
+    columns: tuple[str, ...]
+    chunk: int = 64
+    _single: Prepared = field(init=False)
+    _multi: dict[int, tuple[str, tuple[str, ...]]] = field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._single = Prepared(
+            lambda: self.table.insert().values({c: bindparam(c) for c in self.columns})
+        )
+
+    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> int | None:
+        """Insert ``rows`` (every column given); on SQLite return the last new rowid."""
+        if connection.dialect.name != "sqlite":
+            self._single.execute(connection, [dict(row) for row in rows])
+            return None
+        cursor = connection.connection.cursor()
+        try:
+            for start in range(0, len(rows), self.chunk):
+                part = rows[start : start + self.chunk]
+                sql, columns = self._multi_sql(connection, len(part))
+                cursor.execute(sql, [row[c] for row in part for c in columns])
+            return int(cursor.lastrowid) if rows else None
+        finally:
+            cursor.close()
+
+    def _multi_sql(self, connection: Connection, size: int) -> tuple[str, tuple[str, ...]]:
+        """SQLite's multi-row statement for ``size`` rows, compiled once per size, and
+        the column order of its parameters (the table's order), the same in every row."""
+        found = self._multi.get(size)
+        if found is None:
+            statement = self.table.insert().values(
+                [{c: bindparam(f"r{i}_{c}") for c in self.columns} for i in range(size)]
+            )
+            compiled = statement.compile(dialect=connection.dialect)
+            order = tuple(name.split("_", 1)[1] for name in (compiled.positiontup or ()))
+            columns = order[: len(self.columns)]
+            expected = [f"r{i}_{c}" for i in range(size) for c in columns]
+            if sorted(columns) != sorted(self.columns) or compiled.positiontup != expected:
+                raise AssertionError(f"unexpected parameter order for {self.table.name}")
+            found = self._multi[size] = (str(compiled), columns)
+        return found
+
+
+def prepared_insert(table: Any, columns: Sequence[str]) -> RowInsert:
     """An INSERT of the given columns of ``table``, every value a bind parameter."""
-    return Prepared(lambda: table.insert().values({c: bindparam(c) for c in columns}))
-
-
-_LAST_ROWID = Prepared(lambda: select(func.last_insert_rowid()))
+    return RowInsert(table, tuple(columns))
 
 
 def insert_with_ids(
-    connection: Connection, table: Any, insert: Prepared, rows: list[dict[str, Any]]
+    connection: Connection, table: Any, insert: RowInsert, rows: Sequence[Mapping[str, Any]]
 ) -> list[int]:
     """Insert rows and return their ids, in order.
 
-    SQLite: one executemany and no RETURNING; inside our write transaction it
-    gives the rows consecutive rowids ending at last_insert_rowid(). Other
-    dialects: INSERT ... RETURNING in parameter order.
+    SQLite: multi-row statements and no RETURNING; inside our write
+    transaction the rows get consecutive rowids ending at the last one
+    inserted. Other dialects: INSERT ... RETURNING in parameter order.
     """
     if not rows:
         return []
     if connection.dialect.name == "sqlite":
-        insert.execute(connection, rows)
-        last = int(_LAST_ROWID.execute(connection, [{}])[0][0])
+        last = insert.execute(connection, rows)
+        assert last is not None
         return list(range(last - len(rows) + 1, last + 1))
     result = connection.execute(
-        table.insert().returning(table.c.id, sort_by_parameter_order=True), rows
+        table.insert().returning(table.c.id, sort_by_parameter_order=True), list(rows)
     )
     return [row[0] for row in result]

@@ -25,7 +25,7 @@ from sqlalchemy import (
     Text,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = MetaData()
 
@@ -90,12 +90,12 @@ messages = Table(
     Column("ack_code", String(2), nullable=False, comment="MSA-1 we answered"),
     Column("ack", LargeBinary, nullable=False, comment="the ACK we sent, replayed on resend"),
     Index("messages_received", "received_at"),
-    # The duplicate check looks a group's control IDs up: control_id leads.
-    Index("messages_lookup", "control_id", "tenant", "sender"),
 )
 
 # G3: one accepted message per sender and control ID. The index is partial so
 # that a rejected message can be corrected and sent again under the same MSH-10.
+# It also serves the duplicate check, which looks a group's control IDs up among
+# accepted messages: control_id leads.
 Index(
     "messages_dedupe",
     messages.c.control_id,
@@ -188,12 +188,22 @@ def index(table: Table, name: str) -> Index:
 
 
 def _v1_to_v2(connection: Connection) -> None:
-    """The duplicate check's indexes lead with control_id; open deliveries get an index."""
-    for name in ("messages_lookup", "messages_dedupe"):
-        index(messages, name).drop(connection, checkfirst=True)
-        index(messages, name).create(connection)
+    """The duplicate check's index leads with control_id; open deliveries get an index.
+
+    (Version 2 also had a second, non-unique ``messages_lookup`` index on the same
+    columns; version 3 dropped it, so it is not rebuilt here.)
+    """
+    connection.exec_driver_sql("DROP INDEX IF EXISTS messages_lookup")
+    index(messages, "messages_dedupe").drop(connection, checkfirst=True)
+    index(messages, "messages_dedupe").create(connection)
     index(deliveries, "deliveries_open").create(connection, checkfirst=True)
 
 
+def _v2_to_v3(connection: Connection) -> None:
+    """Drop ``messages_lookup``: the partial unique index serves the duplicate check,
+    and every index on messages is pages written by every inbound commit."""
+    connection.exec_driver_sql("DROP INDEX IF EXISTS messages_lookup")
+
+
 #: Steps from version N to N+1, each run in the transaction that opens the database.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}

@@ -132,16 +132,12 @@ def _lookup_statement(size: int) -> Any:
 _LOOKUPS = {
     size: Prepared(partial(_lookup_statement, size)) for size in range(1, _LOOKUP_CHUNK + 1)
 }
-_INSERT_MESSAGE = Prepared(
-    lambda: schema.messages.insert().values({c: bindparam(c) for c in _MESSAGE_COLUMNS})
-)
+_INSERT_MESSAGE = prepared_insert(schema.messages, _MESSAGE_COLUMNS)
 _INSERT_EXECUTION = prepared_insert(
     schema.executions,
     ("message_id", "flow_id", "state", "step", "created_at", "updated_at", "error"),
 )
-_INSERT_LOG = Prepared(
-    lambda: schema.logs.insert().values({c: bindparam(c) for c in _LOG_COLUMNS})
-)
+_INSERT_LOG = prepared_insert(schema.logs, _LOG_COLUMNS)
 
 
 def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
