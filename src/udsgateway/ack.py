@@ -128,7 +128,13 @@ def hl7_timestamp(epoch_seconds: float) -> str:
     timestamps of one gateway go backwards; no offset is written because
     the format asked of us has none.
     """
-    return time.strftime("%Y%m%d%H%M%S", time.gmtime(epoch_seconds))
+    return _utc_stamp(int(epoch_seconds))
+
+
+@lru_cache(maxsize=4)
+def _utc_stamp(second: int) -> str:
+    # Every ACK of the same second has the same MSH-7: format it once.
+    return time.strftime("%Y%m%d%H%M%S", time.gmtime(second))
 
 
 @lru_cache(maxsize=64)
@@ -145,6 +151,57 @@ def _wire_safe_table(delimiters: Delimiters) -> dict[int, str]:
     table[0x7F] = f"{escape}X7F{escape}"
     table[ord(delimiters.field)] = f"{escape}F{escape}"
     return table
+
+
+@lru_cache(maxsize=256)
+def _msh_frame(
+    delimiters: Delimiters,
+    receiving_application: str,
+    receiving_facility: str,
+    sending_application: str,
+    sending_facility: str,
+    event: str,
+    processing_id: str,
+    version: str,
+    charset: str,
+    encoding: str,
+) -> tuple[str, str, str, str]:
+    """The ACK's MSH around its two fresh fields, and the codec to encode it with.
+
+    Everything but MSH-7 (the timestamp) and MSH-10 (our control id) comes
+    from the message's header, which is the same for every message of one
+    sender and type: the segment is built once per such header as
+    ``head + MSH-7 + middle + MSH-10 + tail``.
+    """
+    field_separator = delimiters.field
+    component = delimiters.component
+    safe = _wire_safe_table(delimiters)
+
+    def echo(value: str) -> str:
+        return value.translate(safe)
+
+    message_type = f"ACK{component}{echo(event)}{component}ACK" if event else "ACK"
+    head = [
+        "MSH",
+        delimiters.encoding_characters(),
+        echo(receiving_application),
+        echo(receiving_facility),
+        echo(sending_application),
+        echo(sending_facility),
+        "",
+    ]
+    middle = ["", "", message_type, ""]
+    tail = ["", echo(processing_id) or "P", echo(version) or "2.5"]
+    codec = encoding if encoding in SUPPORTED_CODECS else "ascii"
+    charset = charset.strip()
+    if charset and codec_for(charset, "ascii") is not None:
+        tail += ["", "", "", "", "", echo(charset)]
+    return (
+        field_separator.join(head),
+        field_separator.join(middle),
+        field_separator.join(tail),
+        codec,
+    )
 
 
 def build_ack(
@@ -172,31 +229,24 @@ def build_ack(
     def echo(value: str) -> str:
         return value.translate(safe)
 
-    event = header.trigger_event
-    message_type = f"ACK{component}{echo(event)}{component}ACK" if event else "ACK"
-    msh = [
-        "MSH",
-        delimiters.encoding_characters(),
-        echo(header.receiving_application),
-        echo(header.receiving_facility),
-        echo(header.sending_application),
-        echo(header.sending_facility),
-        echo(timestamp),
-        "",
-        message_type,
-        echo(control_id),
-        echo(header.processing_id) or "P",
-        echo(header.version) or "2.5",
-    ]
-    codec = header.encoding if header.encoding in SUPPORTED_CODECS else "ascii"
-    charset = header.charset.strip()
-    if charset and codec_for(charset, "ascii") is not None:
-        msh += ["", "", "", "", "", echo(charset)]
+    head, middle, tail, codec = _msh_frame(
+        delimiters,
+        header.receiving_application,
+        header.receiving_facility,
+        header.sending_application,
+        header.sending_facility,
+        header.trigger_event,
+        header.processing_id,
+        header.version,
+        header.charset,
+        header.encoding,
+    )
+    msh = head + echo(timestamp) + middle + echo(control_id) + tail
 
     msa = ["MSA", echo(code), echo(header.control_id)]
     if text:
         msa.append(hl7_escape(text, delimiters))
-    lines = [field_separator.join(msh), field_separator.join(msa)]
+    lines = [msh, field_separator.join(msa)]
 
     if error is not None:
         err = [

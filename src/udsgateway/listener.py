@@ -305,8 +305,7 @@ class InboundProtocol(Protocol):
             assert isinstance(event, Frame)
             self._busy = True
             done = self._factory.ingest.handle(event.payload, self._peer, self._connection_type)
-            done.addCallback(self._answered)
-            done.addErrback(self._failed)
+            done.addCallbacks(self._answered, self._failed)
         if self._paused and len(self._queue) < self._tenant.limits.max_pending_frames // 2 + 1:
             self._paused = False
             if not self._closing and not self._read_closed:
