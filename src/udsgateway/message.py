@@ -30,6 +30,7 @@ the syntax for the template layer, which expands it; ``Message.get`` refuses it.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 from typing import Final, Literal
 
 from attrs import field, frozen
@@ -93,9 +94,17 @@ def delimiters_from_header(line: str) -> Delimiters:
     """
     if not line.startswith("MSH") or len(line) < 5:
         raise MessageParseError("the message does not start with an MSH segment")
-    separator = line[3]
-    end = line.find(separator, 4)
-    encoding = line[4:] if end == -1 else line[4:end]
+    end = line.find(line[3], 4)
+    if end == -1:
+        return _delimiters(line[3:])
+    # MSH-1 and MSH-2 only: the same few characters in every message of a sender.
+    return _delimiters(line[3:end])
+
+
+@lru_cache(maxsize=64)
+def _delimiters(declared: str) -> Delimiters:
+    """Delimiters from MSH-1 followed by MSH-2 (``|^~\\&``)."""
+    separator, encoding = declared[0], declared[1:]
     chars = [separator, *encoding[:4]]
     if len(encoding) < 1:
         raise MessageParseError("MSH-2 (encoding characters) is empty")
@@ -151,11 +160,13 @@ class Path:
         return text
 
 
+@lru_cache(maxsize=1024)
 def parse_path(text: str) -> Path:
     """Parse ``SEG[n]-F[r].C.S``: every part after SEG optional, indexes 1-based.
 
     ``[*]`` may replace a segment index when no field follows, or a repetition index
-    when no component follows. Raises ``PathSyntaxError`` otherwise.
+    when no component follows. Raises ``PathSyntaxError`` otherwise. Templates name
+    the same few paths for every message: each spelling is parsed once.
     """
     match = _PATH.fullmatch(text)
     if match is None:
