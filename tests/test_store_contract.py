@@ -130,6 +130,23 @@ class StoreContract(_Base):
         stored = self.transaction(store.find_messages, "t", None)
         self.assertEqual([m.control_id for m in stored], [f"G{i}" for i in range(5)])
 
+    def test_origins_of_many_executions(self) -> None:
+        """Each execution's flow, message and step come back, across query chunks."""
+        records = [_record(f"O{i:03d}", flows=("F1",)) for i in range(70)]
+        results = self.transaction(store.commit_inbound, records)
+        wanted = {
+            r.execution_ids[0]: (r.message_id, rec.control_id)
+            for r, rec in zip(results, records, strict=True)
+        }
+        found = self.transaction(store.origins, [*wanted, *wanted, 10**9])
+        self.assertEqual(set(found), set(wanted))
+        for execution_id, (message_id, control_id) in wanted.items():
+            origin = found[execution_id]
+            self.assertEqual(
+                (origin.flow_id, origin.message_id, origin.control_id, origin.tenant, origin.step),
+                ("F1", message_id, control_id, "t", 0),
+            )
+
     def test_lane_order_and_settlement(self) -> None:
         """Deliveries come back in lane order; recorded outcomes are stored with the reply."""
         items = [
