@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 from sqlalchemy import inspect, select, update
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway import schema
-from udsgateway.db import SchemaError, ensure_schema, make_engine
+from udsgateway.db import SchemaError, ThreadRunner, ensure_schema, make_engine
 
 
 class SchemaTests(SynchronousTestCase):
@@ -95,3 +98,51 @@ class DatabaseErrorTests(SynchronousTestCase):
             connection.execute(text("INSERT INTO missing VALUES (:name)"), {"name": "ZZMARKER"})
         self.assertNotIn("ZZMARKER", str(raised.exception))
         self.assertIn("hidden", str(raised.exception))
+
+
+class _CallsFromThreads:
+    """IReactorFromThreads for a test: calls are kept and run by the test thread."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+
+    def callFromThread(self, function: Any, *args: Any) -> None:
+        self.calls.append((function, args))
+
+    def run_calls(self) -> None:
+        for function, args in self.calls:
+            function(*args)
+
+
+class ThreadRunnerTests(SynchronousTestCase):
+    """The database thread runs jobs in order, off the calling thread, and reports back
+    through the reactor."""
+
+    def test_results_and_failures_come_back_through_the_reactor(self) -> None:
+        reactor = _CallsFromThreads()
+        runner = ThreadRunner(reactor)  # type: ignore[arg-type]
+        runner.start()
+        order: list[int] = []
+
+        def first_job() -> int:
+            order.append(1)
+            return threading.get_ident()
+
+        first = runner.run(first_job)
+        second = runner.run(lambda: 1 // 0)
+        third = runner.run(order.append, 3)
+        runner.stop()  # waits for the queued jobs
+        self.assertNoResult(first)  # nothing fires until the reactor runs the calls
+        reactor.run_calls()
+        self.assertNotEqual(self.successResultOf(first), threading.get_ident())
+        self.failureResultOf(second, ZeroDivisionError)
+        self.assertIsNone(self.successResultOf(third))
+        self.assertEqual(order, [1, 3])
+
+    def test_refuses_work_when_not_running(self) -> None:
+        runner = ThreadRunner(_CallsFromThreads())  # type: ignore[arg-type]
+        self.failureResultOf(runner.run(int), RuntimeError)
+        runner.start()
+        runner.stop()
+        runner.stop()  # a second stop is harmless
+        self.failureResultOf(runner.run(int), RuntimeError)

@@ -8,6 +8,7 @@ that returned is on disk before any ACK is written (G4).
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, ParamSpec, TypeVar
@@ -19,9 +20,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorFromThreads
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from udsgateway import schema
@@ -135,19 +135,56 @@ class IDatabaseRunner(Interface):
 @implementer(IDatabaseRunner)
 @define
 class ThreadRunner:
-    """One dedicated thread for all SQL (SQLite has a single writer anyway)."""
+    """One dedicated thread for all SQL (SQLite has a single writer anyway).
+
+    A plain queue and ``callFromThread``, not Twisted's general thread pool:
+    every group commit crosses between the reactor and this thread twice,
+    and the pool's bookkeeping on each crossing is Python run under the GIL
+    both threads need.
+    """
 
     _reactor: IReactorFromThreads
-    _pool: ThreadPool = field(factory=lambda: ThreadPool(1, 1, name="udsgateway-db"))
+    name: str = "udsgateway-db"
+    _queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]] | None] = (
+        field(factory=queue.SimpleQueue)
+    )
+    _thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._pool.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
-        self._pool.stop()
+        """Finish the work already queued, then end the thread (waits for it)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
 
     def run(self, function: Callable[..., R], *args: Any) -> Deferred[R]:
-        return deferToThreadPool(self._reactor, self._pool, function, *args)
+        if self._thread is None:
+            return fail(RuntimeError("the database thread is not running"))
+        done: Deferred[R] = Deferred()
+        self._queue.put((function, args, done))
+        return done
+
+    def _work(self) -> None:
+        call_from_thread = self._reactor.callFromThread
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            function, args, done = item
+            del item
+            try:
+                result = function(*args)
+            except BaseException:
+                call_from_thread(done.errback, Failure())
+            else:
+                call_from_thread(done.callback, result)
+                del result
+            del function, args, done  # hold nothing while waiting for the next job
 
 
 @implementer(IDatabaseRunner)
