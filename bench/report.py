@@ -174,6 +174,10 @@ def _mib(kib: float | None) -> str:
     return "-" if kib is None else f"{kib / 1024:.0f}"
 
 
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}x"
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     if a is None or b is None or b == 0:
         return "-"
@@ -340,6 +344,7 @@ def render(data: ReportInput) -> str:
             lines += [f"- {f}" for f in dict.fromkeys(failures)]
         lines.append("")
 
+    lines += _targets(data, summaries)
     lines += _ratios(data, summaries)
     lines += ["## Known limits of the peers", ""]
     lines += [f"- {note}" for note in PEER_NOTES]
@@ -360,6 +365,102 @@ def render(data: ReportInput) -> str:
     if data.raw_json is not None:
         lines += ["", f"Raw results (JSON, not committed): `{_rel(data.raw_json)}`."]
     return "\n".join(lines) + "\n"
+
+
+NODE_PEERS = ("simple-hl7", "medplum-hl7")
+
+
+def _targets(data: ReportInput, summaries: dict[tuple[str, str], Summary]) -> list[str]:
+    """Issue 5's targets, each with what this run measured and whether it is met."""
+
+    def median(scenario: str, server: str, key: str) -> float | None:
+        found = summaries.get((scenario, server))
+        return found.medians.get(key) if found is not None else None
+
+    def hook(name: str) -> dict[str, Any]:
+        outcome = data.hook_results.get(name, "")
+        return json.loads(outcome) if outcome.startswith("{") else {}
+
+    def status(value: float | None, limit: float, above: bool) -> str:
+        if value is None:
+            return "not measured"
+        return "met" if (value >= limit if above else value <= limit) else "**not met**"
+
+    gateway = median("ingest-8x2000", "udsgateway", "msgs_per_s")
+    node = {p: median("ingest-8x2000", p, "msgs_per_s") for p in NODE_PEERS}
+    node_rates = {p: v for p, v in node.items() if v}
+    fastest = max(node_rates, key=lambda p: node_rates[p]) if node_rates else None
+    node_best = node_rates[fastest] if fastest else None
+    foundry = median("ingest-8x2000", "messagefoundry", "msgs_per_s")
+    p99 = median("latency-200", "udsgateway", "latency_p99_ms")
+    relay = hook("relay").get("relay_msgs_per_s")
+    store = hook("store-size")
+    backlog = hook("backlog-memory").get("peak_rss_mib")
+    recovery = hook("store-recovery").get("sending_again_after_s")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    ingest_ratio = ratio(gateway, node_best)
+    foundry_ratio = ratio(gateway, foundry)
+    relay_ratio = ratio(relay, node_best)
+    store_ratio = store.get("full_over_empty")
+    rows = [
+        (
+            "durable ingest, 8 x 2,000 stop-and-wait",
+            f">= 1.0x the faster Node peer ({fastest or '-'}, {_num(node_best)} msg/s)",
+            f"{_num(gateway)} msg/s = {_times(ingest_ratio)}",
+            status(ingest_ratio, 1.0, above=True),
+        ),
+        (
+            "durable ingest vs MessageFoundry 0.2.1",
+            f">= 30x ({_num(foundry)} msg/s)",
+            _times(foundry_ratio),
+            status(foundry_ratio, 30.0, above=True),
+        ),
+        (
+            "relay, one mapped action, downstream ACKed",
+            ">= 0.5x the faster Node peer's ingest",
+            f"{_num(relay)} msg/s = {_times(relay_ratio)}",
+            status(relay_ratio, 0.5, above=True),
+        ),
+        (
+            "p99 ACK latency, 1 connection, 200 msg/s",
+            "<= 5 ms",
+            f"{_num(p99)} ms",
+            status(p99, 5.0, above=False),
+        ),
+        (
+            "ingest with 1,000,000 stored messages",
+            "within 10% of the empty store (>= 0.9x)",
+            f"{_num(store.get('ingest_full_msgs_per_s'))} vs "
+            f"{_num(store.get('ingest_empty_msgs_per_s'))} msg/s = {_times(store_ratio)}",
+            status(store_ratio, 0.9, above=True),
+        ),
+        (
+            "1,000,000 queued deliveries",
+            "peak RSS < 250 MB",
+            f"{_num(backlog)} MiB",
+            status(backlog * 1.048576 if backlog else None, 250.0, above=False),
+        ),
+        (
+            "recovery of 100,000 queued deliveries after a restart",
+            "sending again within 10 s",
+            f"{_num(recovery)} s",
+            status(recovery, 10.0, above=False),
+        ),
+    ]
+    lines = [
+        "## Targets (issue 5)",
+        "",
+        "Computed from the medians above and the gateway-only scenarios below (one run each).",
+        "",
+        "| scenario | target | measured | status |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines.append("")
+    return lines
 
 
 def _ratios(data: ReportInput, summaries: dict[tuple[str, str], Summary]) -> list[str]:
