@@ -206,6 +206,63 @@ class HappyPathTests(DeliveryTestCase):
         self.assertEqual(peer.received_ids(), ["T1", "T2"])
 
 
+class WallClockJumpTests(DeliveryTestCase):
+    """RELIABILITY.md: the wall clock jumps; timeouts and backoff use the timer
+    (monotonic) clock. Stored times (next_attempt_at) are wall-clock times."""
+
+    WALL = 1_800_000_000.0
+
+    def rig_with_wall(self) -> tuple[Outbound, Clock]:
+        wall = Clock()
+        wall.advance(self.WALL)
+        rig = self.outbound(wall=wall)
+        return rig, wall
+
+    def test_wall_clock_set_back_does_not_hold_a_backoff(self) -> None:
+        """Set back an hour during a 1 s backoff, the retry still comes after about 1 s."""
+        rig, wall = self.rig_with_wall()
+        peer = rig.peer(DEST)
+        peer.refuse_next = 1
+        rig.start()
+        rig.enqueue("lane-jump", DEST, ["J1"])
+        rig.run_until(lambda: rig.deliveries()[0].attempts == 1)
+        failed_at = rig.clock.seconds()
+        stored = rig.deliveries()[0].next_attempt_at
+        self.assertTrue(self.WALL + 1.0 <= stored <= self.WALL + 1.1 + TICK, stored)
+        wall.advance(-3600)
+        done = rig.run_until(all_delivered(rig), limit=60)
+        # A backoff of about a second plus the reconnect: seconds, not the hour set back.
+        self.assertLess(done - failed_at, 5)
+        self.assertEqual(peer.received_ids(), ["J1"])
+
+    def test_wall_clock_set_forward_does_not_cut_a_backoff(self) -> None:
+        """Set forward a day during a backoff, the lane still waits out its delay."""
+        rig, wall = self.rig_with_wall()
+        peer = rig.peer(DEST)
+        peer.refuse_next = 3
+        rig.start()
+        rig.enqueue("lane-jump", DEST, ["J2"])
+        rig.run_until(lambda: rig.deliveries()[0].attempts == 3)
+        failed_at = rig.clock.seconds()
+        wall.advance(86_400)
+        done = rig.run_until(all_delivered(rig), limit=60)
+        self.assertGreaterEqual(done - failed_at, rig.timing.backoff(3) - TICK)
+        self.assertEqual(peer.received_ids(), ["J2"])
+
+    def test_stored_retry_time_is_trusted_at_most_one_backoff(self) -> None:
+        """After a restart the stored next_attempt_at (written while the wall clock was
+        far ahead, say) holds the lane for at most the longest backoff."""
+        rig, _wall = self.rig_with_wall()
+        [delivery_id] = rig.enqueue("lane-late", DEST, ["J3"], notify=False)
+        far = outbox.Settlement(delivery_id, QUEUED, 1, self.WALL + 30 * 86_400, "before")
+        rig.database.transaction_now(outbox.record, [far], self.WALL)
+        rig.start()
+        start = rig.clock.seconds()
+        done = rig.run_until(all_delivered(rig))
+        self.assertLessEqual(done - start, rig.timing.backoff_max + 1)
+        self.assertEqual(rig.peer(DEST).received_ids(), ["J3"])
+
+
 class ConnectionRefusedTests(DeliveryTestCase):
     """RELIABILITY.md: a destination refuses connections for an hour, then returns."""
 

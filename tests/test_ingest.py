@@ -14,6 +14,7 @@ import re
 
 from attrs import frozen
 from sqlalchemy.exc import OperationalError
+from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -833,3 +834,20 @@ class NoPhiInLogsTests(GatewayTestCase):
             text = log_text(event).upper()
             for marker in PHI_MARKERS:
                 self.assertNotIn(marker, text, formatEvent(event))
+
+
+class WallClockTests(SynchronousTestCase):
+    """Timestamps come from the wall clock, apart from the clock timers run on
+    (monotonic in the service: RELIABILITY.md "the wall clock jumps")."""
+
+    def test_received_at_and_ack_time_read_the_wall_clock(self) -> None:
+        wall = Clock()
+        wall.advance(1_800_000_000)  # 2027-01-15 08:00:00 UTC
+        gateway = Gateway(wall=wall)
+        connection = gateway.connect()
+        connection.send(mllp(hl7("W1")))
+        ack = connection.received().strip(b"\x0b\x1c\r").split(b"\r")[0]
+        self.assertEqual(ack.split(b"|")[6], b"20270115080000")
+        [message] = gateway.messages()
+        self.assertEqual(message.received_at, 1_800_000_000)
+        self.assertEqual(gateway.clock.seconds(), 1_700_000_000, "the timer clock is apart")

@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from udsgateway import outbox
 from udsgateway.ack import parse_reply
+from udsgateway.clock import Wall
 from udsgateway.db import Database, GroupCommitter
 from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 from udsgateway.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
@@ -335,6 +336,9 @@ class Lane:
     _complete: bool = False
     _sleeping: Deferred[None] | None = None
     _stopped: bool = False
+    #: The head's next attempt on the timer clock, when this lane chose it; a
+    #: stored next_attempt_at (wall clock) is only a hint after a restart.
+    _retry: tuple[int, float] | None = None
     state: str = "idle"
     running: Deferred[None] | None = None
 
@@ -378,15 +382,16 @@ class Lane:
                 await self._sleep(dispatcher.held_poll)
                 await self._reload_from(head.id)
                 continue
-            wait = head.next_attempt_at - dispatcher.clock.seconds()
+            wait = self._wait(head)
             if wait > 0:
                 self.state = "backoff"
                 await self._sleep(wait)
                 continue
             self.state = "sending"
-            settlement = await self._attempt(head)
+            settlement, delay = await self._attempt(head)
             if self._stopped:
                 return
+            self._retry = (head.id, dispatcher.clock.seconds() + delay) if delay else None
             if settlement.response is not None and dispatcher.after_send is not None:
                 dispatcher.after_send()
             settlement = evolve(
@@ -420,7 +425,29 @@ class Lane:
                     )
                     self._nak_retries = 0
 
-    async def _attempt(self, head: Delivery) -> Settlement:
+    def _wait(self, head: Delivery) -> float:
+        """Seconds until the head may be sent again.
+
+        Measured on the timer clock when this lane set the backoff; a
+        next_attempt_at read from the store (after a restart) is wall-clock
+        time and is trusted for at most the longest backoff, so a wall clock
+        set back cannot hold a lane for longer than that.
+        """
+        clock = self._dispatcher.clock
+        if self._retry is not None and self._retry[0] == head.id:
+            return self._retry[1] - clock.seconds()
+        if head.next_attempt_at <= 0:
+            return 0.0
+        wait = head.next_attempt_at - self._dispatcher.now()
+        if wait <= 0:
+            return wait
+        timing = self._dispatcher.timing_for(head.destination, head.policy)
+        wait = min(wait, timing.backoff_max)
+        self._retry = (head.id, clock.seconds() + wait)
+        return wait
+
+    async def _attempt(self, head: Delivery) -> tuple[Settlement, float]:
+        """Send the head once: its new state, and the seconds to wait before the next try."""
         dispatcher = self._dispatcher
         # Each action's own timeouts and backoff travel with its deliveries.
         self.destination = dispatcher.destination(
@@ -429,7 +456,7 @@ class Lane:
         try:
             settlement = await self.destination.exchange(
                 head.payload,
-                lambda reply: judge(head, reply, dispatcher.clock.seconds(), self._nak_retries),
+                lambda reply: judge(head, reply, dispatcher.now(), self._nak_retries),
             )
         except DeliveryError as failure:
             self._failures += 1
@@ -443,20 +470,18 @@ class Lane:
                 control_id=head.control_id,
             )
             delay = self.destination.timing.backoff(self._failures, dispatcher.rng)
-            return Settlement(
-                head.id,
-                QUEUED,
-                head.attempts + 1,
-                dispatcher.clock.seconds() + delay,
-                reason,
+            settlement = Settlement(
+                head.id, QUEUED, head.attempts + 1, dispatcher.now() + delay, reason
             )
+            return settlement, delay
         if settlement.state == QUEUED:
             # A negative ACK the policy retries: back off like any failure.
             self._nak_retries += 1
             self._failures += 1
             delay = self.destination.timing.backoff(self._failures, dispatcher.rng)
             settlement = evolve(settlement, next_attempt_at=settlement.next_attempt_at + delay)
-        return settlement
+            return settlement, delay
+        return settlement, 0.0
 
     async def _reload_from(self, head_id: int) -> None:
         self._page.clear()
@@ -505,6 +530,9 @@ class Dispatcher(Service):
     held_poll: float = 5.0
     max_queued_per_destination: int = 100_000
     rng: random.Random = field(factory=random.Random)
+    #: Wall clock for what is stored (next_attempt_at, updated_at, log times); None:
+    #: ``clock``'s. Waits are measured on ``clock`` (monotonic in the service).
+    wall: Wall | None = None
     #: Turns an endpoint string into an endpoint; tests inject in-memory destinations.
     endpoint_factory: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
     destinations: dict[str, Destination] = field(factory=dict)
@@ -519,6 +547,10 @@ class Dispatcher(Service):
 
     def __attrs_post_init__(self) -> None:
         self._committer = GroupCommitter(self.database, self._record_batch, 256)
+
+    def now(self) -> float:
+        """The wall-clock time, for what is stored or logged."""
+        return self.wall() if self.wall is not None else self.clock.seconds()
 
     # -- lifecycle
 
@@ -691,7 +723,7 @@ class Dispatcher(Service):
         return self._committer.submit(settlement)
 
     def _record_batch(self, connection: Connection, settlements: list[Settlement]) -> list[Any]:
-        result = outbox.record(connection, settlements, self.clock.seconds(), self.after_record)
+        result = outbox.record(connection, settlements, self.now(), self.after_record)
         return [result] + [None] * (len(settlements) - 1)
 
     def delivered(self, destination: str) -> None:

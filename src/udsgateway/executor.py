@@ -23,6 +23,7 @@ from twisted.logger import Logger
 
 from udsgateway import executions
 from udsgateway.ack import ControlIdSource
+from udsgateway.clock import Wall
 from udsgateway.db import Database
 from udsgateway.delivery import Dispatcher
 from udsgateway.executions import Advanced, Finished, PendingWork, Transition
@@ -83,6 +84,11 @@ class Executor:
     after_enqueue: Callable[[], None] | None = None
     rendered: int = 0
     failed: int = 0
+    #: Wall clock for timestamps (log lines, a template's ``now``); None: ``clock``'s.
+    wall: Wall | None = None
+
+    def _wall(self) -> float:
+        return self.wall() if self.wall is not None else self.clock.seconds()
 
     def load(self, apps: Sequence[App]) -> None:
         """Take the current flows (at start and after every reload)."""
@@ -103,7 +109,7 @@ class Executor:
     # -- hooks for the delivery engine (after_record runs in the database thread)
 
     def after_record(self, connection: Connection, settled: list[Settlement]) -> Advanced:
-        return executions.advance(connection, settled, self._steps, self.clock.seconds())
+        return executions.advance(connection, settled, self._steps, self._wall())
 
     def on_recorded(self, advanced: Any) -> None:
         if not isinstance(advanced, Advanced):
@@ -158,7 +164,7 @@ class Executor:
                     return
                 transitions = [self._transition(item) for item in work]
                 enqueued = await self.database.transaction(
-                    executions.apply, transitions, self.clock.seconds()
+                    executions.apply, transitions, self._wall()
                 )
                 for _delivery_id, delivery in enqueued:
                     if self.after_enqueue is not None:
@@ -261,4 +267,4 @@ class Executor:
         return body, key_value
 
     def _now(self) -> datetime:
-        return datetime.fromtimestamp(self.clock.seconds(), tz=UTC)
+        return datetime.fromtimestamp(self._wall(), tz=UTC)

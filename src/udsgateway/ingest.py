@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from udsgateway.ack import AckError, ControlIdSource, Outcome, ack_code, build_ack, hl7_timestamp
 from udsgateway.ack import wants_accept_ack as _wants_accept_ack
+from udsgateway.clock import Wall, wall_of
 from udsgateway.config import TenantConfig
 from udsgateway.db import GroupCommitter, is_locked
 from udsgateway.executions import Finished
@@ -75,10 +76,14 @@ class Ingest:
     #: Stores the ACK finally sent for an "after actions" message (for replays).
     save_ack: Callable[[int, str, bytes], Deferred[None]] | None = None
     stats: IngestStats = field(factory=IngestStats)
+    #: Wall clock for timestamps (received_at, ACK MSH-7); None: the timer clock's.
+    wall: Wall | None = None
     _codec: str = field(init=False)
+    _now: Wall = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._codec = codec_for(self.tenant.default_charset, "latin-1") or "latin-1"
+        self._now = wall_of(self._clock, self.wall)
 
     def handle(self, payload: bytes, peer: str, connection: str) -> Deferred[Answer]:
         """Answer one complete frame; the Deferred fires once it is safe to answer.
@@ -103,7 +108,7 @@ class Ingest:
             return succeed(self._nak(header, Outcome.REJECT, refused))
 
         routed = self.routes.route(header, connection)
-        now = self._clock.seconds()
+        now = self._now()
         flows: tuple[FlowRoute, ...]
         error: AckError | None
         if isinstance(routed, Rejected):
@@ -297,7 +302,7 @@ class Ingest:
                 header,
                 code,
                 control_id=self._control_ids.next(),
-                timestamp=hl7_timestamp(self._clock.seconds()),
+                timestamp=hl7_timestamp(self._now()),
                 error=error,
             )
         if self.save_ack is not None:
@@ -343,7 +348,7 @@ class Ingest:
                 header,
                 code,
                 control_id=self._control_ids.next(),
-                timestamp=hl7_timestamp(self._clock.seconds()),
+                timestamp=hl7_timestamp(self._now()),
                 error=error,
             )
         )

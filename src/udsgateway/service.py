@@ -19,6 +19,7 @@ from twisted.logger import Logger
 
 from udsgateway import store
 from udsgateway.ack import ControlIdSource
+from udsgateway.clock import Wall, wall_of
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.db import Database, GroupCommitter, ThreadRunner, ensure_schema
 from udsgateway.delivery import Dispatcher, Timing
@@ -44,10 +45,14 @@ class GatewayService(MultiService):
         database: Database,
         control_ids: ControlIdSource,
         threads: ThreadRunner | None = None,
+        wall: Wall | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self._reactor = reactor
+        # Timers run on the reactor's clock (monotonic under twistd, see tap.py);
+        # timestamps on the wall clock.
+        self._wall = wall_of(reactor, wall)
         self.database = database
         # Started in startService, after twistd has forked into the background:
         # threads do not survive a fork.
@@ -65,6 +70,7 @@ class GatewayService(MultiService):
             max_active_lanes=config.delivery.max_active_lanes,
             held_poll=config.delivery.held_poll,
             max_queued_per_destination=config.delivery.max_queued_per_destination,
+            wall=wall,
         )
         self.executor = Executor(
             database,
@@ -75,6 +81,7 @@ class GatewayService(MultiService):
                 tenant.name: codec_for(tenant.default_charset, "latin-1") or "latin-1"
                 for tenant in config.tenants
             },
+            wall=wall,
         )
         self.dispatcher.after_record = self.executor.after_record
         self.dispatcher.on_recorded = self.executor.on_recorded
@@ -88,6 +95,7 @@ class GatewayService(MultiService):
                 is_full=self.dispatcher.is_full,
                 watch=self.executor.watch,
                 save_ack=self._save_ack,
+                wall=wall,
             )
             for tenant in config.tenants
         }
@@ -148,7 +156,7 @@ class GatewayService(MultiService):
             self._reactor.stop()
 
     async def _import_flow_files(self, tenant: TenantConfig) -> None:
-        now = self._clock.seconds()
+        now = self._wall()
         for path in tenant.flow_files:
             app = read_app_file(path)
             if app.tenant != tenant.name:
@@ -208,7 +216,7 @@ class GatewayService(MultiService):
     async def _prune(self) -> None:
         """Delete what retention says is old, in small batches, yielding between them."""
         retention = self.config.retention
-        before = self._clock.seconds() - retention.days * 86400
+        before = self._wall() - retention.days * 86400
         try:
             while self.running:
                 count = await self.database.transaction(store.prune, before, retention.batch)

@@ -15,6 +15,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from udsgateway.ack import ControlIdSource
+from udsgateway.clock import monotonic_timers
 from udsgateway.config import ConfigError, load_config
 from udsgateway.db import Database, ThreadRunner, make_engine
 
@@ -54,10 +55,15 @@ def makeService(options: Options) -> IService:
     # group commit; with CPython's default 5 ms GIL switch interval a waiting
     # thread can sit idle for that long. 0.5 ms keeps the hand-offs prompt.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    # Timeouts, backoff and periodic jobs on the monotonic clock (RELIABILITY.md:
+    # the wall clock jumps); timestamps on the wall clock, passed as `wall`.
+    monotonic_timers(reactor)
     runner = ThreadRunner(reactor)  # type: ignore[arg-type]
     database = Database(make_engine(config.database), runner)
     control_ids = ControlIdSource.for_boot(time.time())
-    service = GatewayService(config, reactor, database, control_ids, threads=runner)
+    service = GatewayService(
+        config, reactor, database, control_ids, threads=runner, wall=time.time
+    )
     service.ready.addErrback(_exit_status_after_failed_start, reactor)
     _install_crash_points(service)
     if config.manhole.enabled:

@@ -112,6 +112,8 @@ class Gateway:
     apps: tuple[App, ...] = field(factory=lambda: (demo_app(), demo_app(connection="tcp")))
     runner: Any = field(factory=InlineRunner)
     clock: Clock = field(factory=Clock)
+    #: A wall clock apart from the timer clock (a test that makes it jump); None: ``clock``.
+    wall: Clock | None = None
     database: Database = field(init=False)
     ingest: Ingest = field(init=False)
     factory: ListenerFactory = field(init=False)
@@ -134,6 +136,7 @@ class Gateway:
             self.clock,
             ControlIdSource("TEST"),
             routes=RoutingTable.build(loaded, self.tenant.app_id_field, self.tenant.flow_id_field),
+            wall=self.wall.seconds if self.wall is not None else None,
         )
         self.factory = ListenerFactory(self.tenant, self.ingest, self.clock)
 
@@ -416,6 +419,8 @@ class Outbound:
     held_poll: float = 5.0
     max_queued_per_destination: int = 100_000
     seed: int = 1
+    #: A wall clock apart from the timer clock (a test that makes it jump); None: ``clock``.
+    wall: Clock | None = None
     peers: dict[str, DestinationPeer] = field(factory=dict)
     dispatcher: Dispatcher = field(init=False)
 
@@ -431,6 +436,7 @@ class Outbound:
             max_queued_per_destination=self.max_queued_per_destination,
             rng=random.Random(self.seed),
             endpoint_factory=self._endpoint,
+            wall=self.wall.seconds if self.wall is not None else None,
         )
 
     def _endpoint(self, _reactor: Any, description: str) -> IStreamClientEndpoint:
