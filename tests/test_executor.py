@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import insert
+from twisted.internet.defer import fail
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -575,6 +576,96 @@ class AfterActionsAckTests(SynchronousTestCase):
         )
         self.assertEqual(states(running), [("FLWWAITS", "waiting", 1, "")])
         self.assert_replayed(running, message, ack)
+
+    def test_resend_while_the_actions_run_waits_for_their_outcome(self) -> None:
+        """G3 with "after actions": a resend that arrives while the chain runs is not
+        given the provisional AA (never sent); it gets the chain's ACK, like the
+        original, and the message is processed once."""
+        running = self.chain()
+        running.peer(2601).latency = 2.0
+        running.peer(2602).latency = 3.0
+        message = adt("MSG1")
+        first = running.connect(40001)
+        first.send(b"\x0b" + message + b"\x1c\r")
+        running.run_until(lambda: len(running.peer(2601).received) == 1)
+        (stored,) = running.messages()
+        self.assertEqual((stored.ack_code, stored.ack), ("", b""), "not decided yet")
+
+        again = running.connect(40002)
+        again.send(b"\x0b" + message + b"\x1c\r")
+        running.clock.advance(0)
+        self.assertEqual(again.received(), b"")
+        running.run_until(lambda: answered(first)() and answered(again)())
+        for connection in (first, again):
+            ack = connection.received()[1:-2]
+            self.assertEqual(ack_fields(ack)["code"], "AA")
+            self.assertEqual(ack_fields(ack)["control_id"], "MSG1")
+        self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
+        self.assertEqual(trigger_ids(running.peer(2602).received), ["MSG1"])
+        (stored,) = running.messages()
+        self.assertEqual(stored.ack_code, "AA")
+        self.assert_replayed(running, message, stored.ack)
+
+    def test_resend_in_the_same_group_as_the_original(self) -> None:
+        """The original and its resend committed in one group: the resend waits too."""
+        running = self.chain()
+        message = adt("MSG1")
+        first, again = running.connect(40001), running.connect(40002)
+        first.send(b"\x0b" + message + b"\x1c\r")
+        again.send(b"\x0b" + message + b"\x1c\r")
+        self.assertEqual((first.received(), again.received()), (b"", b""))
+        running.settle()
+        running.run_until(lambda: answered(first)() and answered(again)())
+        codes = [ack_fields(c.received()[1:-2])["code"] for c in (first, again)]
+        self.assertEqual(codes, ["AA", "AA"])
+        self.assertEqual(len(running.messages()), 1)
+
+    def test_resend_after_an_unsaved_outcome_is_decided_from_the_store(self) -> None:
+        """The chain finished but its ACK was never stored (the gateway stopped in
+        between): a resend gets the outcome at once, from the executions' states."""
+        for template, code, diagnostic in (
+            (None, "AA", ""),
+            (
+                header("B") + 'PID|{{ msg["PID-3"] | join: "," }}\n',
+                "AE",
+                "actions failed: action second: join expected an array, "
+                "found WireText (template line 2)",
+            ),
+        ):
+            running = self.chain(second_template=template)
+            message = adt("MSG1")
+            running.connect().send(b"\x0b" + message + b"\x1c\r")
+            running.settle()
+            (stored,) = running.messages()
+            running.database.transaction_now(store.update_ack, stored.id, "", b"")
+
+            ack = running.send(message)
+            fields = ack_fields(ack)
+            self.assertEqual((fields["code"], fields["diagnostic"]), (code, diagnostic))
+            (stored,) = running.messages()
+            self.assertEqual((stored.ack_code, stored.ack), (code, ack))
+
+    def test_resend_when_the_executions_cannot_be_read(self) -> None:
+        """The store cannot be read for a pending resend: AE 207, and nothing is stored,
+        so the original's outcome is still the one kept."""
+        running = self.chain()
+        running.peer(2601).latency = 2.0
+        message = adt("MSG1")
+        first = running.connect(40001)
+        first.send(b"\x0b" + message + b"\x1c\r")
+        running.clock.advance(0)
+        running.ingest.execution_states = lambda _message_id: fail(RuntimeError("db down"))
+
+        fields = ack_fields(running.send(message))
+        self.assertEqual(
+            (fields["code"], fields["error"], fields["diagnostic"]),
+            ("AE", 207, "actions' outcome could not be read"),
+        )
+        self.assertEqual(running.messages()[0].ack_code, "")
+        self.flushLoggedErrors(RuntimeError)
+        running.run_until(answered(first))
+        self.assertEqual(ack_fields(first.received()[1:-2])["code"], "AA")
+        self.assertEqual(running.messages()[0].ack_code, "AA")
 
     def test_the_other_watches_end_quietly(self) -> None:
         """A message for two "after actions" flows: one fails at once, so the AE goes at

@@ -147,6 +147,27 @@ class StoreContract(_Base):
                 ("F1", message_id, control_id, "t", 0),
             )
 
+    def test_pending_ack_until_updated(self) -> None:
+        """An "after actions" message is stored without an ACK; a resend reads as pending
+        until update_ack stores the one finally sent; its executions can be read."""
+        from attrs import evolve
+
+        pending = evolve(_record("W1", flows=("F1", "F2")), ack_pending=True)
+        [stored] = self.transaction(store.commit_inbound, [pending])
+        [again] = self.transaction(store.commit_inbound, [pending])
+        self.assertEqual(
+            (again.outcome, again.message_id, again.ack, again.ack_pending),
+            (CommitOutcome.REPLAY, stored.message_id, b"", True),
+        )
+        states = self.transaction(store.execution_states, stored.message_id)
+        self.assertEqual(
+            [(s.id, s.flow_id, s.state) for s in states],
+            list(zip(stored.execution_ids, ("F1", "F2"), ("pending", "pending"), strict=True)),
+        )
+        self.transaction(store.update_ack, stored.message_id, "AA", b"ACK W1 final")
+        [final] = self.transaction(store.commit_inbound, [pending])
+        self.assertEqual((final.ack, final.ack_pending), (b"ACK W1 final", False))
+
     def test_lane_order_and_settlement(self) -> None:
         """Deliveries come back in lane order; recorded outcomes are stored with the reply."""
         items = [

@@ -26,7 +26,7 @@ from udsgateway.db import GroupCommitter, is_locked
 from udsgateway.executions import Finished
 from udsgateway.header import Header, HeaderProblem, codec_for, parse_header
 from udsgateway.routing import EMPTY, FlowRoute, Rejected, RoutingTable
-from udsgateway.store import CommitOutcome, CommitResult, InboundRecord
+from udsgateway.store import CommitOutcome, CommitResult, ExecutionState, InboundRecord
 
 log = Logger()
 
@@ -75,6 +75,9 @@ class Ingest:
     watch: Callable[[int, float], Deferred[Finished]] | None = None
     #: Stores the ACK finally sent for an "after actions" message (for replays).
     save_ack: Callable[[int, str, bytes], Deferred[None]] | None = None
+    #: The executions of a stored message (a resend while its "after actions" ACK
+    #: is not decided yet waits for them).
+    execution_states: Callable[[int], Deferred[list[ExecutionState]]] | None = None
     stats: IngestStats = field(factory=IngestStats)
     #: Wall clock for timestamps (received_at, ACK MSH-7); None: the timer clock's.
     wall: Wall | None = None
@@ -150,6 +153,9 @@ class Ingest:
             # Backpressure: a new message for a full destination is refused, but
             # a resend of one already stored still gets its stored ACK (G3).
             refuse_new=self._full_destination(flows),
+            # Its ACK will reflect the actions: until then a resend must not be
+            # given the provisional one (see _replay_pending).
+            ack_pending=(error is None and self.watch is not None and bool(_waiting_flows(flows))),
         )
         committing = self._committer.submit(record)
         return committing.addCallbacks(
@@ -227,9 +233,7 @@ class Ingest:
             watches: list[Deferred[Finished]] = []
             timeout = 0.0
             if self.watch is not None and any(r.ack == "after_actions" for r in flows):
-                waiting = {
-                    r.flow_id: r for r in flows if r.ack == "after_actions" and r.destinations
-                }
+                waiting = _waiting_flows(flows)
                 timeout = min((route.ack_timeout for route in waiting.values()), default=0.0)
                 # Only the flows that asked for it; watch before the executor hears
                 # of the message, since it may finish at once.
@@ -244,7 +248,7 @@ class Ingest:
                 self.on_stored(result)
             if watches:
                 return Deferred.fromCoroutine(
-                    self._after_actions(header, result, watches, timeout)
+                    self._after_actions(header, result.message_id, watches, timeout)
                 )
             return self._answer(record.ack_code, record.ack)
         if result.outcome is CommitOutcome.REFUSED:
@@ -258,6 +262,11 @@ class Ingest:
             )
         if result.outcome is CommitOutcome.REPLAY:
             self.stats.replayed += 1
+            if result.ack_pending and result.message_id is not None:
+                log.info("duplicate: waits for the actions' ACK", control_id=header.control_id)
+                return Deferred.fromCoroutine(
+                    self._replay_pending(header, result.message_id, flows)
+                )
             log.info("duplicate: stored ACK replayed", control_id=header.control_id)
             return self._answer("replay", result.ack)
         log.warn("same MSH-10 with different content", control_id=header.control_id)
@@ -270,17 +279,52 @@ class Ingest:
             return False
         return any(self.is_full(d) for route in flows for d in route.destinations)
 
+    async def _replay_pending(
+        self, header: Header, message_id: int, flows: tuple[FlowRoute, ...]
+    ) -> Answer:
+        """A resend of an "after actions" message whose ACK is not decided yet (G3).
+
+        The provisional ACK was never sent, so it is not replayed: the resend gets
+        the ACK the actions decide, like the original, within the same timeout.
+        Executions already finished (the original's answer may be on its way, or
+        the gateway restarted meanwhile) decide at once from the store.
+        """
+        waiting = _waiting_flows(flows)
+        timeout = min((route.ack_timeout for route in waiting.values()), default=0.0)
+        error: AckError | None = None
+        watches: list[Deferred[Finished]] = []
+        try:
+            states = await self.execution_states(message_id) if self.execution_states else []
+        except Exception:
+            # Answer this resend with an error, but store nothing: the outcome is
+            # still to come, and the next resend may get it.
+            log.failure("could not read the executions of a resent message")
+            unread = AckError(207, "", "actions' outcome could not be read")
+            return self._nak(header, Outcome.ERROR, unread)
+        for state in states:
+            if state.flow_id not in waiting or state.state == "done":
+                continue
+            if state.state == "failed":
+                error = AckError(207, "", f"actions failed: {state.error}"[:200])
+                break
+            if self.watch is not None:
+                watches.append(self.watch(state.id, timeout))
+        return await self._after_actions(header, message_id, watches, timeout, error)
+
     async def _after_actions(
         self,
         header: Header,
-        result: CommitResult,
+        message_id: int | None,
         watches: list[Deferred[Finished]],
         timeout: float,
+        error: AckError | None = None,
     ) -> Answer:
-        """The ACK reflects the action chain's outcome, within the flows' timeout."""
-        assert result.message_id is not None
-        error: AckError | None = None
-        for watching in watches:
+        """The ACK reflects the action chain's outcome, within the flows' timeout.
+
+        ``error``, when given, is already decided: the watches are dropped.
+        """
+        assert message_id is not None
+        for watching in watches if error is None else ():
             try:
                 finished = await watching
             except Exception:
@@ -307,7 +351,7 @@ class Ingest:
             )
         if self.save_ack is not None:
             try:
-                await self.save_ack(result.message_id, code, ack)
+                await self.save_ack(message_id, code, ack)
             except Exception:
                 log.failure("could not store the after-actions ACK", control_id=header.control_id)
         if error is not None:
@@ -352,6 +396,11 @@ class Ingest:
                 error=error,
             )
         )
+
+
+def _waiting_flows(flows: tuple[FlowRoute, ...]) -> dict[str, FlowRoute]:
+    """The routed flows whose ACK waits for their actions."""
+    return {r.flow_id: r for r in flows if r.ack == "after_actions" and r.destinations}
 
 
 def _sender(header: Header) -> str:

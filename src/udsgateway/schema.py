@@ -87,7 +87,12 @@ messages = Table(
     Column("accepted", Boolean, nullable=False, comment="routed to flows (else rejected)"),
     Column("flows", Text, nullable=False, comment="Flow IDs it was routed to, JSON"),
     Column("reason", String(255), nullable=False, comment="rejection reason, no PHI"),
-    Column("ack_code", String(2), nullable=False, comment="MSA-1 we answered"),
+    Column(
+        "ack_code",
+        String(2),
+        nullable=False,
+        comment="MSA-1 we answered; empty while an after-actions ACK waits for its actions",
+    ),
     Column("ack", LargeBinary, nullable=False, comment="the ACK we sent, replayed on resend"),
     Index("messages_received", "received_at"),
 )

@@ -95,6 +95,7 @@ class GatewayService(MultiService):
                 is_full=self.dispatcher.is_full,
                 watch=self.executor.watch,
                 save_ack=self._save_ack,
+                execution_states=self._execution_states,
                 wall=wall,
             )
             for tenant in config.tenants
@@ -240,6 +241,9 @@ class GatewayService(MultiService):
 
     def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
         return self.database.transaction(store.update_ack, message_id, code, ack)
+
+    def _execution_states(self, message_id: int) -> Deferred[list[store.ExecutionState]]:
+        return self.database.transaction(store.execution_states, message_id)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of every listener's counters, for the manhole and admin API."""

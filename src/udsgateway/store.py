@@ -51,6 +51,9 @@ class InboundRecord:
     run_flows: tuple[str, ...] = ()
     #: Store it only if it is a resend of a stored message (backpressure).
     refuse_new: bool = False
+    #: Its ACK waits for the actions ("after actions"): stored with an empty ACK
+    #: code until ``update_ack`` stores the one finally sent.
+    ack_pending: bool = False
 
 
 @frozen
@@ -61,6 +64,8 @@ class CommitResult:
     message_id: int | None = None
     ack: bytes = b""  # for REPLAY: the ACK stored with the original
     execution_ids: tuple[int, ...] = ()
+    #: REPLAY of a message whose "after actions" ACK is not decided yet.
+    ack_pending: bool = False
 
 
 @frozen
@@ -123,7 +128,9 @@ _LOOKUP_CHUNK = 64
 
 def _lookup_statement(size: int) -> Any:
     m = schema.messages
-    return select(m.c.id, m.c.tenant, m.c.sender, m.c.control_id, m.c.digest, m.c.ack).where(
+    return select(
+        m.c.id, m.c.tenant, m.c.sender, m.c.control_id, m.c.digest, m.c.ack, m.c.ack_code
+    ).where(
         m.c.accepted.is_(True),
         m.c.control_id.in_([bindparam(f"c{i}") for i in range(size)]),
     )
@@ -142,35 +149,38 @@ _INSERT_LOG = prepared_insert(schema.logs, _LOG_COLUMNS)
 
 def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
     """Store a group of inbound messages: duplicate check, insert, executions, log lines."""
-    existing: dict[tuple[str, str, str], tuple[int, str, bytes]] = {}
+    existing: dict[tuple[str, str, str], tuple[int, str, bytes, bool]] = {}
     control_ids = sorted({r.control_id for r in records})
     for start in range(0, len(control_ids), _LOOKUP_CHUNK):
         chunk = control_ids[start : start + _LOOKUP_CHUNK]
         params = {f"c{i}": control_id for i, control_id in enumerate(chunk)}
         for row in _LOOKUPS[len(chunk)].execute(connection, [params]):
-            message_id, tenant, sender, control_id, digest, ack = row
-            existing[(tenant, sender, control_id)] = (message_id, digest, ack)
+            message_id, tenant, sender, control_id, digest, ack, ack_code = row
+            existing[(tenant, sender, control_id)] = (message_id, digest, ack, ack_code == "")
 
     results: list[CommitResult | None] = []
     to_insert: list[InboundRecord] = []
     positions: list[int] = []
-    in_batch: dict[tuple[str, str, str], InboundRecord] = {}
+    in_batch: dict[tuple[str, str, str], int] = {}  # key -> its index in to_insert
+    resent: list[tuple[int, int, InboundRecord]] = []  # position, original's index, record
     for index, record in enumerate(records):
         key = (record.tenant, record.sender, record.control_id)
         if key in existing:
-            _id, digest, ack = existing[key]
-            results.append(_duplicate(record, digest, ack, _id))
+            _id, digest, ack, pending = existing[key]
+            results.append(_duplicate(record, digest, ack, _id, pending))
             continue
         first = in_batch.get(key)
         if first is not None:
-            # Resent on another connection while the original waits in this group.
-            results.append(_duplicate(record, first.digest, first.ack, None))
+            # Resent on another connection while the original waits in this group:
+            # answered once the original's id is known.
+            results.append(None)
+            resent.append((index, first, record))
             continue
         if record.refuse_new:
             results.append(CommitResult(CommitOutcome.REFUSED))
             continue
         if record.accepted:
-            in_batch[key] = record
+            in_batch[key] = len(to_insert)
         results.append(None)
         to_insert.append(record)
         positions.append(index)
@@ -183,14 +193,19 @@ def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list
             results[position] = CommitResult(
                 CommitOutcome.STORED, message_id, record.ack, executions.get(message_id, ())
             )
+        for position, first, record in resent:
+            original = to_insert[first]
+            results[position] = _duplicate(
+                record, original.digest, original.ack, ids[first], original.ack_pending
+            )
     return [r for r in results if r is not None]
 
 
 def _duplicate(
-    record: InboundRecord, digest: str, ack: bytes, message_id: int | None
+    record: InboundRecord, digest: str, ack: bytes, message_id: int | None, pending: bool
 ) -> CommitResult:
     if record.digest == digest:
-        return CommitResult(CommitOutcome.REPLAY, message_id, ack)
+        return CommitResult(CommitOutcome.REPLAY, message_id, ack, ack_pending=pending)
     return CommitResult(CommitOutcome.CONFLICT, message_id)
 
 
@@ -210,8 +225,8 @@ def _insert_messages(connection: Connection, records: list[InboundRecord]) -> li
             "accepted": r.accepted,
             "flows": json.dumps(list(r.flows)),
             "reason": r.reason,
-            "ack_code": r.ack_code,
-            "ack": r.ack,
+            "ack_code": "" if r.ack_pending else r.ack_code,
+            "ack": b"" if r.ack_pending else r.ack,
         }
         for r in records
     ]
@@ -324,7 +339,7 @@ def _insert_receipt_logs(
                 "message_type": r.message_type,
                 "event": "received",
                 "outcome": "accepted" if r.accepted else "rejected",
-                "ack_code": r.ack_code,
+                "ack_code": "" if r.ack_pending else r.ack_code,
                 "reason": r.reason,
             }
             for r, message_id in zip(records, ids, strict=True)
@@ -498,6 +513,27 @@ def flows_generation(connection: Connection) -> int:
         select(schema.meta.c.value).where(schema.meta.c.key == "flows_generation")
     ).first()
     return int(row[0]) if row else 0
+
+
+@frozen
+class ExecutionState:
+    """Where one execution of a message stands (for a resend of an "after actions" message)."""
+
+    id: int
+    flow_id: str
+    state: str
+    error: str
+
+
+def execution_states(connection: Connection, message_id: int) -> list[ExecutionState]:
+    """The executions of a stored message, in creation order."""
+    e = schema.executions
+    rows = connection.execute(
+        select(e.c.id, e.c.flow_id, e.c.state, e.c.error)
+        .where(e.c.message_id == message_id)
+        .order_by(e.c.id)
+    )
+    return [ExecutionState(*row) for row in rows]
 
 
 def update_ack(connection: Connection, message_id: int, ack_code: str, ack: bytes) -> None:

@@ -175,6 +175,7 @@ class FlowGateway:
             is_full=dispatcher.is_full,
             watch=self.executor.watch,
             save_ack=self._save_ack,
+            execution_states=self._execution_states,
         )
         self.factory = ListenerFactory(self.tenant, self.ingest, self.clock)
         self.outbound.start()
@@ -186,6 +187,9 @@ class FlowGateway:
 
     def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
         return self.database.transaction(store.update_ack, message_id, code, ack)
+
+    def _execution_states(self, message_id: int) -> Deferred[list[store.ExecutionState]]:
+        return self.database.transaction(store.execution_states, message_id)
 
     # -- the sender's side
 
