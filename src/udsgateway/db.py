@@ -269,14 +269,23 @@ class Database:
 
 
 def _rolled_back(connection: Connection) -> bool:
-    """Roll back after a failure; False when the connection no longer answers."""
+    """Roll back after a failure; False when the connection no longer answers.
+
+    The check runs on the driver connection, outside any transaction: it takes
+    no lock, so a database locked by another writer does not make it wait.
+    """
     try:
         if connection.in_transaction():
             connection.rollback()
-        else:
-            connection.connection.rollback()
-        connection.exec_driver_sql("SELECT 1")
-        connection.rollback()
+        driver = connection.connection
+        driver.rollback()
+        cursor = driver.cursor()
+        try:
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+        finally:
+            cursor.close()
+        driver.rollback()  # PostgreSQL: the SELECT opened a transaction
     except Exception:
         return False
     return True
@@ -452,7 +461,7 @@ class RowInsert:
                 [{c: bindparam(f"r{i}_{c}") for c in self.columns} for i in range(size)]
             )
             compiled = statement.compile(dialect=connection.dialect)
-            order = tuple(name.split("_", 1)[1] for name in (compiled.positiontup or ()))
+            order = tuple(name.partition("_")[2] for name in (compiled.positiontup or ()))
             columns = order[: len(self.columns)]
             expected = [f"r{i}_{c}" for i in range(size) for c in columns]
             if sorted(columns) != sorted(self.columns) or compiled.positiontup != expected:
