@@ -143,11 +143,26 @@ def report_input(session: dict[str, Any], raw_path: Path) -> ReportInput:
     )
 
 
+#: Everything after this line of RESULTS.md is written by hand and kept by every run.
+ANALYSIS_MARKER = "<!-- analysis: written by hand, kept by make bench -->"
+
+
+def write_results(path: Path, generated: str) -> None:
+    """Write the generated report, keeping the hand-written analysis of the old file."""
+    kept = ""
+    if path.exists():
+        old = path.read_text()
+        at = old.find(ANALYSIS_MARKER)
+        if at != -1:
+            kept = "\n" + old[at:]
+    path.write_text(generated + kept)
+
+
 def rerender(raw_path: Path, results: Path | None) -> int:
     session = json.loads(raw_path.read_text())
     default = WORK_DIR / "RESULTS-quick.md" if session["quick"] else BENCH_DIR / "RESULTS.md"
     target = results or default
-    target.write_text(render(report_input(session, raw_path)))
+    write_results(target, render(report_input(session, raw_path)))
     log(f"[done] wrote {target} from {raw_path}")
     return 0
 
@@ -313,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     save()
     report = report_input(session, raw_path)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    results_path.write_text(render(report))
+    write_results(results_path, render(report))
     log(f"[done] {len(measurements)} measurements in {(finished - started) / 60:.1f} min")
     log(f"[done] wrote {results_path} (raw: {raw_path})")
     return 0
