@@ -95,13 +95,13 @@ class EscapeValueTests(SynchronousTestCase):
     def test_every_special_character(self) -> None:
         """Delimiters, the escape character, CR and LF become escape sequences."""
         self.assertEqual(
-            escape_value("a|b^c~d\\e&f\rg\nh", Delimiters()),
+            escape_value("a|b^c~d\\e&f\rg\nh", Delimiters.DEFAULT),
             "a\\F\\b\\S\\c\\R\\d\\E\\e\\T\\f\\X0D\\g\\X0A\\h",
         )
 
     def test_plain_text_is_unchanged(self) -> None:
         """Text without special characters comes back as it is."""
-        self.assertEqual(escape_value("Maria Luisa 12-B", Delimiters()), "Maria Luisa 12-B")
+        self.assertEqual(escape_value("Maria Luisa 12-B", Delimiters.DEFAULT), "Maria Luisa 12-B")
 
     def test_other_delimiters(self) -> None:
         """The message's own delimiters are escaped, with its own escape character."""
@@ -110,7 +110,7 @@ class EscapeValueTests(SynchronousTestCase):
 
     def test_no_escape_character(self) -> None:
         """Escaping needs an escape character; without one it is an error."""
-        self.assertRaises(ValueError, escape_value, "a|b", Delimiters(escape=""))
+        self.assertRaises(ValueError, escape_value, "a|b", Delimiters("|", "^", "~", "", "&"))
 
 
 class AutoescapeTests(SynchronousTestCase):
@@ -214,12 +214,14 @@ class AutoescapeTests(SynchronousTestCase):
 
     def test_wire_text_operations(self) -> None:
         """WireText, like Markup, escapes plain operands and stays WireText."""
-        wire = WireText("D\\F\\Angelo", Delimiters())
+        wire = WireText("D\\F\\Angelo", Delimiters.DEFAULT)
         self.assertEqual(wire + "^", "D\\F\\Angelo\\S\\")
         self.assertEqual("&" + wire, "\\T\\D\\F\\Angelo")
         self.assertIsInstance("&" + wire, WireText)
         self.assertIsInstance(wire[0:3], WireText)
-        self.assertEqual(WireText("^", Delimiters()).join(["a|", wire]), "a\\F\\^D\\F\\Angelo")
+        self.assertEqual(
+            WireText("^", Delimiters.DEFAULT).join(["a|", wire]), "a\\F\\^D\\F\\Angelo"
+        )
 
 
 class FilterEdgeTests(SynchronousTestCase):
@@ -227,7 +229,7 @@ class FilterEdgeTests(SynchronousTestCase):
 
     def test_wire_text_string_methods(self) -> None:
         """Case, strip, split, partition and repeat keep WireText and escape plain operands."""
-        wire = WireText(" D\\F\\Angelo^Maria ", Delimiters())
+        wire = WireText(" D\\F\\Angelo^Maria ", Delimiters.DEFAULT)
         for result, expected in (
             (wire.lower(), " d\\f\\angelo^maria "),
             (wire.upper(), " D\\F\\ANGELO^MARIA "),
@@ -245,7 +247,7 @@ class FilterEdgeTests(SynchronousTestCase):
         # A "|" in the data is "\\F\\" on the wire: that is what the plain "|" matches.
         self.assertEqual(wire.rpartition("|"), (" D", "\\F\\", "Angelo^Maria "))
         self.assertTrue(all(isinstance(part, WireText) for part in wire.partition("^")))
-        self.assertEqual(repr(WireText("a", Delimiters())), "WireText('a')")
+        self.assertEqual(repr(WireText("a", Delimiters.DEFAULT)), "WireText('a')")
 
     def test_truncatewords_and_strip_newlines(self) -> None:
         """truncatewords and strip_newlines keep wire text and escape their own text."""
@@ -316,7 +318,7 @@ class ViewTests(SynchronousTestCase):
         """Views list their keys: segment IDs, field numbers, component numbers."""
         from udsgateway.templating import MessageView
 
-        view = MessageView(ADT, Delimiters())
+        view = MessageView(ADT, Delimiters.DEFAULT)
         self.assertEqual(list(view), ["MSH", "EVN", "PID", "PV1", "NK1"])
         self.assertEqual(len(view), 5)
         nk1 = view["NK1[2]"]
@@ -337,7 +339,7 @@ class ViewTests(SynchronousTestCase):
         """A view of a missing response has no keys and only empty values."""
         from udsgateway.templating import MessageView
 
-        view = MessageView(None, Delimiters())
+        view = MessageView(None, Delimiters.DEFAULT)
         self.assertEqual((list(view), len(view), view.__hl7__()), ([], 0, ""))
         self.assertEqual((view["MSA-1"], view["NK1"], view["PID-3[*]"]), ("", [], []))
 
@@ -569,7 +571,7 @@ class CompileTests(SynchronousTestCase):
         self.assertEqual(
             compile_template("  MSH#$%@!#GW").delimiters, Delimiters("#", "$", "%", "@", "!")
         )
-        self.assertEqual(compile_template("{{ app.header }}").delimiters, Delimiters())
+        self.assertEqual(compile_template("{{ app.header }}").delimiters, Delimiters.DEFAULT)
 
 
 class RenderValidationTests(SynchronousTestCase):

@@ -35,7 +35,7 @@ from typing import Final, Literal
 
 from attrs import field, frozen
 
-from udsgateway.header import codec_for
+from udsgateway.header import Delimiters, codec_for
 
 ALL: Final = "*"
 """The ``[*]`` selector of a path: every occurrence instead of one."""
@@ -64,25 +64,6 @@ class MessageParseError(ValueError):
 
 class PathSyntaxError(ValueError):
     """A string that is not an HL7 path (``PID-5.1``, ``NK1[2]-2``, ``PID-3[2].1``)."""
-
-
-@frozen
-class Delimiters:
-    """The five delimiters of a message: MSH-1 and the four characters of MSH-2.
-
-    A delimiter that MSH-2 does not declare is ``""`` and splits nothing.
-    """
-
-    field: str = "|"
-    component: str = "^"
-    repetition: str = "~"
-    escape: str = "\\"
-    subcomponent: str = "&"
-
-    @property
-    def encoding_characters(self) -> str:
-        """MSH-2 as written in a header: component, repetition, escape, subcomponent."""
-        return self.component + self.repetition + self.escape + self.subcomponent
 
 
 def delimiters_from_header(line: str) -> Delimiters:

@@ -38,7 +38,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import date, datetime
 from io import StringIO
-from typing import TYPE_CHECKING, Any, Final, Protocol, SupportsIndex, TextIO
+from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TextIO
 
 from attrs import field, frozen
 from liquid import Environment, RenderContext
@@ -58,11 +58,9 @@ from liquid.filter import with_context
 from liquid.limits import to_int
 from liquid.undefined import is_undefined
 
-from udsgateway.header import Delimiters as HeaderDelimiters
-from udsgateway.header import hl7_escape
+from udsgateway.header import Delimiters, hl7_escape
 from udsgateway.message import (
     ALL,
-    Delimiters,
     Message,
     MessageParseError,
     Path,
@@ -122,23 +120,8 @@ _CHECK_TIME: Final = datetime(2000, 1, 1)
 _CHECK_CONTROL_ID: Final = "CHECK"
 
 
-class DelimiterSet(Protocol):
-    """The delimiters of a message (``udsgateway.message.Delimiters`` or the header's)."""
-
-    @property
-    def field(self) -> str: ...
-
-    @property
-    def component(self) -> str: ...
-
-    @property
-    def repetition(self) -> str: ...
-
-    @property
-    def escape(self) -> str: ...
-
-    @property
-    def subcomponent(self) -> str: ...
+#: The delimiters of a message: the header layer's class serves the whole gateway.
+DelimiterSet = Delimiters
 
 
 def _chars(delimiters: DelimiterSet) -> tuple[str, str, str, str, str]:
@@ -163,16 +146,7 @@ def escape_value(text: str, delimiters: DelimiterSet) -> str:
     """
     if not delimiters.escape:
         raise ValueError("the delimiters declare no escape character")
-    return hl7_escape(
-        text,
-        HeaderDelimiters(
-            delimiters.field,
-            delimiters.component,
-            delimiters.repetition,
-            delimiters.escape,
-            delimiters.subcomponent,
-        ),
-    )
+    return hl7_escape(text, delimiters)
 
 
 def _translate(text: str, source: DelimiterSet, target: DelimiterSet) -> str:
@@ -491,13 +465,13 @@ class _Hl7RenderContext(RenderContext):
         **kwargs: Any,
     ) -> None:
         super().__init__(template, globals=globals, **kwargs)
-        self.hl7_delimiters: DelimiterSet = delimiters or Delimiters()
+        self.hl7_delimiters: DelimiterSet = delimiters or Delimiters.DEFAULT
 
 
 def _target(context: RenderContext) -> DelimiterSet:
     if isinstance(context, _Hl7RenderContext):
         return context.hl7_delimiters
-    return Delimiters()
+    return Delimiters.DEFAULT
 
 
 def _wire_text(value: object, target: DelimiterSet) -> str:
@@ -1005,7 +979,7 @@ def _declared_delimiters(source: str) -> Delimiters:
             except MessageParseError:
                 pass
         break
-    return Delimiters()
+    return Delimiters.DEFAULT
 
 
 def _header_line(source: str) -> int:
