@@ -130,6 +130,63 @@ def accepts_connections(port: int) -> bool:
 
 
 @define
+class LoggedProcess:
+    """A child process whose stdout and stderr go to a log file (appended to)."""
+
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = field(default=None, repr=False)
+
+    def spawn(self, argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> None:
+        assert self.process is None or self.process.poll() is not None, "already running"
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=dict(env),
+        )
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, signum: int = signal.SIGKILL) -> None:
+        """Send ``signum`` if the process still runs (SIGKILL if it outlives
+        EXIT_TIMEOUT), reap it, close the log: always safe to call."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signum)
+            try:
+                process.wait(timeout=EXIT_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=EXIT_TIMEOUT)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_text(self) -> str:
+        if self._log is not None:
+            self._log.flush()
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return ""
+
+    def started(self) -> subprocess.Popen[bytes]:
+        assert self.process is not None, "not started"
+        return self.process
+
+    def pause(self) -> None:
+        """Wait a poll interval on the process: it ends early if the process exits."""
+        with suppress(subprocess.TimeoutExpired):
+            self.started().wait(timeout=_POLL)
+
+
+@define
 class GatewayProcess:
     """One ``twistd -n --pidfile= udsgateway --config FILE`` process and its log file."""
 
@@ -137,8 +194,14 @@ class GatewayProcess:
     port: int
     log_path: Path
     crash_at: str = ""
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = field(default=None, repr=False)
+    _child: LoggedProcess = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._child = LoggedProcess(self.log_path)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._child.process
 
     def start(self) -> None:
         """Start the process; stdout and stderr go to the log file."""
@@ -147,23 +210,16 @@ class GatewayProcess:
         env.pop(CRASH_AT_VARIABLE, None)
         if self.crash_at:
             env[CRASH_AT_VARIABLE] = self.crash_at
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [str(TWISTD), "-n", "--pidfile=", "udsgateway", "--config", str(self.config)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self.config.parent,
-            env=env,
-        )
+        argv = [str(TWISTD), "-n", "--pidfile=", "udsgateway", "--config", str(self.config)]
+        self._child.spawn(argv, self.config.parent, env)
 
     @property
     def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+        return self._child.running
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
         """Wait until the listener accepts connections; fail if the process dies first."""
-        process = self._started()
+        process = self._child.started()
         deadline = time.monotonic() + timeout
         while True:
             if process.poll() is not None:
@@ -178,11 +234,11 @@ class GatewayProcess:
                     f"gateway not listening on port {self.port} after {timeout} s; "
                     f"log:\n{self.log_text()}"
                 )
-            self._pause()
+            self._child.pause()
 
     def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
         """The exit status (negative: killed by that signal); fail after ``timeout`` s."""
-        process = self._started()
+        process = self._child.started()
         try:
             return process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -191,34 +247,14 @@ class GatewayProcess:
             ) from None
 
     def send_signal(self, signum: int) -> None:
-        self._started().send_signal(signum)
+        self._child.started().send_signal(signum)
 
     def stop(self) -> None:
         """Kill the process if it still runs, reap it, close the log: always safe to call."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait(timeout=EXIT_TIMEOUT)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self._child.stop(signal.SIGKILL)
 
     def log_text(self) -> str:
-        if self._log is not None:
-            self._log.flush()
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-
-    def _started(self) -> subprocess.Popen[bytes]:
-        assert self.process is not None, "not started"
-        return self.process
-
-    def _pause(self) -> None:
-        # Waiting on the process is the pause between polls: it ends early if it exits.
-        with suppress(subprocess.TimeoutExpired):
-            self._started().wait(timeout=_POLL)
+        return self._child.log_text()
 
 
 def start_gateway(

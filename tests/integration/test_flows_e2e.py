@@ -16,23 +16,21 @@ Ports 26700-26799 only.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from attrs import define, field
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.helpers import (
-    EXIT_TIMEOUT,
     STARTUP_TIMEOUT,
     UDSGATEWAY,
     GatewayProcess,
+    LoggedProcess,
     count,
     database_path,
     msa,
@@ -225,41 +223,29 @@ class Receiver:
 
     port: int
     directory: Path
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = field(default=None, repr=False)
+    _child: LoggedProcess = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._child = LoggedProcess(self.directory / f"receive-{self.port}.log")
 
     @property
     def output(self) -> Path:
         return self.directory / f"received-{self.port}.hl7"
 
-    @property
-    def log_path(self) -> Path:
-        return self.directory / f"receive-{self.port}.log"
-
     def start(self) -> None:
         """Start listening (``wait_ready`` waits for it)."""
-        assert self.process is None or self.process.poll() is not None, "already running"
-        self._log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [str(UDSGATEWAY), "receive", "--port", str(self.port), "--output", str(self.output)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=self.directory,
-            env=dict(os.environ),
-        )
+        argv = [str(UDSGATEWAY), "receive", "--port", str(self.port), "--output", str(self.output)]
+        self._child.spawn(argv, self.directory, os.environ)
 
     def wait_ready(self) -> None:
         """Wait for "listening on"; fail if the process exits first or at the deadline."""
-        process = self.process
-        assert process is not None
+        process = self._child.started()
         deadline = time.monotonic() + STARTUP_TIMEOUT
         marker = f"listening on 127.0.0.1:{self.port}"
         while marker not in self.log_text():
             if process.poll() is not None or time.monotonic() >= deadline:
                 raise AssertionError(f"receiver on {self.port} did not start:\n{self.log_text()}")
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=_POLL)
+            self._child.pause()
 
     def messages(self) -> list[bytes]:
         """Every message received so far, in order, with its CR segment separators."""
@@ -271,26 +257,11 @@ class Receiver:
         return split_messages(data[: data.rfind(b"\n") + 1])
 
     def stop(self) -> None:
-        """Stop the process (always safe to call)."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=EXIT_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=EXIT_TIMEOUT)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        """Stop the process (SIGTERM; always safe to call)."""
+        self._child.stop(signal.SIGTERM)
 
     def log_text(self) -> str:
-        if self._log is not None:
-            self._log.flush()
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
+        return self._child.log_text()
 
 
 def start_all(
