@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
+from typing import cast
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.clock import monotonic_timers, wall_of
+from udsgateway.service import GatewayService
 
 
 class MonotonicTimersTests(SynchronousTestCase):
@@ -47,3 +51,30 @@ class MonotonicTimersTests(SynchronousTestCase):
         clock.advance(7)
         self.assertEqual(wall_of(clock, None)(), 7)
         self.assertEqual(wall_of(clock, lambda: 42.0)(), 42.0)
+
+
+class MakeServiceTests(SynchronousTestCase):
+    """``twistd udsgateway`` puts the reactor's timers on the monotonic clock and gives
+    the gateway the wall clock for its timestamps."""
+
+    def test_timers_monotonic_timestamps_wall(self) -> None:
+        from twisted.internet import reactor
+
+        from tests.integration.helpers import write_config
+        from udsgateway import tap
+
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        config = write_config(directory, {"clocks": 26999})
+        moved: list[object] = []
+        self.patch(tap, "monotonic_timers", moved.append)  # not the test run's own reactor
+        self.patch(sys, "setswitchinterval", lambda _interval: None)
+
+        service = tap.makeService({"config": str(config)})  # type: ignore[arg-type]
+
+        self.assertEqual(moved, [reactor])
+        gateway = cast(GatewayService, service)
+        self.assertIs(gateway.ingests["clocks"].wall, time.time)
+        self.assertIs(gateway.dispatcher.wall, time.time)
+        self.assertIs(gateway.executor.wall, time.time)
+        gateway.database.engine.dispose()
