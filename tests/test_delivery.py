@@ -218,36 +218,34 @@ class WallClockJumpTests(DeliveryTestCase):
         rig = self.outbound(wall=wall)
         return rig, wall
 
+    def failing(self, control_id: str, refusals: int) -> tuple[Outbound, Clock, float]:
+        """A rig whose destination refuses ``refusals`` connections; run until the
+        delivery's last failed attempt; return the rig, its wall clock and that time."""
+        rig, wall = self.rig_with_wall()
+        rig.peer(DEST).refuse_next = refusals
+        rig.start()
+        rig.enqueue("lane-jump", DEST, [control_id])
+        rig.run_until(lambda: rig.deliveries()[0].attempts == refusals)
+        return rig, wall, rig.clock.seconds()
+
     def test_wall_clock_set_back_does_not_hold_a_backoff(self) -> None:
         """Set back an hour during a 1 s backoff, the retry still comes after about 1 s."""
-        rig, wall = self.rig_with_wall()
-        peer = rig.peer(DEST)
-        peer.refuse_next = 1
-        rig.start()
-        rig.enqueue("lane-jump", DEST, ["J1"])
-        rig.run_until(lambda: rig.deliveries()[0].attempts == 1)
-        failed_at = rig.clock.seconds()
+        rig, wall, failed_at = self.failing("J1", 1)
         stored = rig.deliveries()[0].next_attempt_at
         self.assertTrue(self.WALL + 1.0 <= stored <= self.WALL + 1.1 + TICK, stored)
         wall.advance(-3600)
         done = rig.run_until(all_delivered(rig), limit=60)
         # A backoff of about a second plus the reconnect: seconds, not the hour set back.
         self.assertLess(done - failed_at, 5)
-        self.assertEqual(peer.received_ids(), ["J1"])
+        self.assertEqual(rig.peer(DEST).received_ids(), ["J1"])
 
     def test_wall_clock_set_forward_does_not_cut_a_backoff(self) -> None:
         """Set forward a day during a backoff, the lane still waits out its delay."""
-        rig, wall = self.rig_with_wall()
-        peer = rig.peer(DEST)
-        peer.refuse_next = 3
-        rig.start()
-        rig.enqueue("lane-jump", DEST, ["J2"])
-        rig.run_until(lambda: rig.deliveries()[0].attempts == 3)
-        failed_at = rig.clock.seconds()
+        rig, wall, failed_at = self.failing("J2", 3)
         wall.advance(86_400)
         done = rig.run_until(all_delivered(rig), limit=60)
         self.assertGreaterEqual(done - failed_at, rig.timing.backoff(3) - TICK)
-        self.assertEqual(peer.received_ids(), ["J2"])
+        self.assertEqual(rig.peer(DEST).received_ids(), ["J2"])
 
     def test_stored_retry_time_is_trusted_at_most_one_backoff(self) -> None:
         """After a restart the stored next_attempt_at (written while the wall clock was
