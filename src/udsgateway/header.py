@@ -381,7 +381,6 @@ def parse_header(frame: bytes, *, default_charset: str = "ascii") -> Header | He
 
 
 @lru_cache(maxsize=64)
-@lru_cache(maxsize=64)
 def _escape_table(delimiters: Delimiters) -> dict[int, str]:
     escape = delimiters.escape
     table: dict[int, str] = {
