@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from attrs import define, evolve, field, frozen
@@ -41,6 +41,7 @@ from udsgateway.clock import Wall
 from udsgateway.db import Database, GroupCommitter
 from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 from udsgateway.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
+from udsgateway.store import Origin
 
 log = Logger()
 
@@ -517,7 +518,7 @@ class Dispatcher(Service):
     clock: IReactorTime
     reactor: Any
     #: Runs in the same transaction as every recorded outcome (executions advance there).
-    after_record: Callable[[Connection, list[Settlement]], Any] | None = None
+    after_record: Callable[[Connection, list[Settlement], Mapping[int, Origin]], Any] | None = None
     #: Called in the reactor with what ``after_record`` returned, after the commit.
     on_recorded: Callable[[Any], None] | None = None
     #: Called when a destination answered an attempt, before the outcome is

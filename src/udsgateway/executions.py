@@ -22,7 +22,7 @@ from sqlalchemy import Connection, bindparam, select, update
 from udsgateway import outbox, schema
 from udsgateway.db import Prepared
 from udsgateway.outbox import DELIVERED, HELD, NewDelivery, Settlement
-from udsgateway.store import insert_logs, origins
+from udsgateway.store import Origin, insert_logs, origins
 
 PENDING = "pending"
 WAITING = "waiting"
@@ -166,16 +166,20 @@ def apply(
 
 
 def advance(
-    connection: Connection, settled: Sequence[Settlement], steps: Mapping[str, int], now: float
+    connection: Connection,
+    settled: Sequence[Settlement],
+    found: Mapping[int, Origin],
+    steps: Mapping[str, int],
+    now: float,
 ) -> Advanced:
     """After deliveries settled: the next step, or done. Runs in their commit.
 
-    ``steps`` gives each flow's number of actions.
+    ``found`` holds the origins of their executions (``outbox.record`` read
+    them); ``steps`` gives each flow's number of actions.
     """
-    ids = [row.execution_id for row in settled if row.execution_id is not None]
-    if not ids:
+    if not any(row.execution_id is not None for row in settled):
         return Advanced(False, (), ())
-    flows = {key: origin.flow_id for key, origin in origins(connection, ids).items()}
+    flows = {key: origin.flow_id for key, origin in found.items()}
     pending_any = False
     finished: list[Finished] = []
     held: list[Finished] = []
@@ -198,7 +202,7 @@ def advance(
     if moves:
         _ADVANCE.execute(connection, moves)
     if finished:
-        _log(connection, [(f.execution_id, "done", "") for f in finished], now)
+        _log(connection, [(f.execution_id, "done", "") for f in finished], now, found)
     return Advanced(pending_any, tuple(finished), tuple(held))
 
 
@@ -220,8 +224,15 @@ def _advance_statement() -> Any:
 _ADVANCE = Prepared(_advance_statement)
 
 
-def _log(connection: Connection, items: list[tuple[int, str, str]], now: float) -> None:
-    found = origins(connection, [item[0] for item in items])
+def _log(
+    connection: Connection,
+    items: list[tuple[int, str, str]],
+    now: float,
+    found: Mapping[int, Origin] | None = None,
+) -> None:
+    """Log lines of executions; ``found``: their origins when the caller has them."""
+    if found is None:
+        found = origins(connection, [item[0] for item in items])
     insert_logs(
         connection,
         [

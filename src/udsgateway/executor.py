@@ -11,7 +11,7 @@ reason; other executions and flows go on.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +31,7 @@ from udsgateway.flows import Action, App, Flow
 from udsgateway.header import HeaderProblem, parse_header
 from udsgateway.message import MessageParseError, PathSyntaxError, parse_message
 from udsgateway.outbox import NewDelivery, Settlement
+from udsgateway.store import Origin
 from udsgateway.templating import (
     ActionResponse,
     RenderError,
@@ -108,8 +109,10 @@ class Executor:
 
     # -- hooks for the delivery engine (after_record runs in the database thread)
 
-    def after_record(self, connection: Connection, settled: list[Settlement]) -> Advanced:
-        return executions.advance(connection, settled, self._steps, self._wall())
+    def after_record(
+        self, connection: Connection, settled: list[Settlement], found: Mapping[int, Origin]
+    ) -> Advanced:
+        return executions.advance(connection, settled, found, self._steps, self._wall())
 
     def on_recorded(self, advanced: Any) -> None:
         if not isinstance(advanced, Advanced):

@@ -9,7 +9,7 @@ one transaction in the database thread and returns plain attrs values.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import frozen
@@ -18,7 +18,7 @@ from sqlalchemy import Connection, bindparam, func, select, update
 from udsgateway import schema
 from udsgateway.db import Prepared, insert_with_ids, prepared_insert
 from udsgateway.header import HeaderProblem, parse_header
-from udsgateway.store import insert_logs, origins
+from udsgateway.store import Origin, insert_logs, origins
 
 QUEUED = "queued"
 HELD = "held"
@@ -239,12 +239,13 @@ def record(
     connection: Connection,
     settlements: Sequence[Settlement],
     now: float,
-    after: Callable[[Connection, list[Settlement]], Any] | None = None,
+    after: Callable[[Connection, list[Settlement], Mapping[int, Origin]], Any] | None = None,
 ) -> Any:
     """Write the outcome of attempts; ``after`` sees the settled rows in the same transaction.
 
     ``after`` is how an execution advances atomically with its delivery (the
-    next action is enqueued in the same commit that marks this one done).
+    next action is enqueued in the same commit that marks this one done). It
+    gets the attempts' origins too, read once here for the log lines.
     """
     _RECORD.execute(
         connection,
@@ -262,10 +263,13 @@ def record(
             for item in settlements
         ],
     )
+    found = origins(
+        connection, [r.execution_id for r in settlements if r.execution_id is not None]
+    )
     # Every attempt is logged, retries included; only settled ones move executions.
-    _log_settled(connection, settlements, now)
+    _log_settled(connection, settlements, now, found)
     settled = [item for item in settlements if item.state != QUEUED]
-    return after(connection, settled) if after is not None else None
+    return after(connection, settled, found) if after is not None else None
 
 
 def _record_statement() -> Any:
@@ -288,8 +292,9 @@ def _record_statement() -> Any:
 _RECORD = Prepared(_record_statement)
 
 
-def _log_settled(connection: Connection, rows: Sequence[Settlement], now: float) -> None:
-    origin = origins(connection, [r.execution_id for r in rows if r.execution_id is not None])
+def _log_settled(
+    connection: Connection, rows: Sequence[Settlement], now: float, origin: Mapping[int, Origin]
+) -> None:
     lines = []
     for row in rows:
         found = origin.get(row.execution_id) if row.execution_id is not None else None
