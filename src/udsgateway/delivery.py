@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 
 from udsgateway import outbox
 from udsgateway.ack import parse_reply
-from udsgateway.clock import Wall
+from udsgateway.clock import Wall, wall_of
 from udsgateway.db import Database, GroupCommitter
 from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 from udsgateway.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
@@ -551,7 +551,7 @@ class Dispatcher(Service):
 
     def now(self) -> float:
         """The wall-clock time, for what is stored or logged."""
-        return self.wall() if self.wall is not None else self.clock.seconds()
+        return wall_of(self.clock, self.wall)()
 
     # -- lifecycle
 

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 
 from udsgateway import executions
 from udsgateway.ack import ControlIdSource
-from udsgateway.clock import Wall
+from udsgateway.clock import Wall, wall_of
 from udsgateway.db import Database
 from udsgateway.delivery import Dispatcher
 from udsgateway.executions import Advanced, Finished, PendingWork, Transition
@@ -89,7 +89,7 @@ class Executor:
     wall: Wall | None = None
 
     def _wall(self) -> float:
-        return self.wall() if self.wall is not None else self.clock.seconds()
+        return wall_of(self.clock, self.wall)()
 
     def load(self, apps: Sequence[App]) -> None:
         """Take the current flows (at start and after every reload)."""
