@@ -18,8 +18,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from bench.loadgen import run_load
+from bench.loadgen import LoadResult, run_load
 
 HOST = "127.0.0.1"
 GATEWAY_PORT = 27675
@@ -147,6 +148,22 @@ def _start_receiver(folder: Path, count: int) -> subprocess.Popen[bytes]:
     return process
 
 
+def _load(
+    gateway: subprocess.Popen[bytes], connections: int, per_connection: int, **options: Any
+) -> LoadResult:
+    """The load generator against the gateway on GATEWAY_PORT, measuring its process."""
+    return asyncio.run(
+        run_load(
+            HOST,
+            GATEWAY_PORT,
+            connections=connections,
+            messages=per_connection,
+            pid=gateway.pid,
+            **options,
+        )
+    )
+
+
 def _peak_rss_kib(pid: int) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -170,16 +187,7 @@ def run_relay(quick: bool) -> dict[str, object]:
         try:
             _wait_port(GATEWAY_PORT, gateway, 30)
             started = time.monotonic()
-            result = asyncio.run(
-                run_load(
-                    HOST,
-                    GATEWAY_PORT,
-                    connections=connections,
-                    messages=per_connection,
-                    pid=gateway.pid,
-                    timeout=30.0,
-                )
-            )
+            result = _load(gateway, connections, per_connection, timeout=30.0)
             receiver.wait(600)
             delivered_after = time.monotonic() - started
             rss = _peak_rss_kib(gateway.pid)
@@ -323,15 +331,11 @@ def run_store_size(quick: bool) -> dict[str, object]:
                 _wait_port(GATEWAY_PORT, gateway, 60)
                 from bench.messages import MessageFactory
 
-                result = asyncio.run(
-                    run_load(
-                        HOST,
-                        GATEWAY_PORT,
-                        connections=connections,
-                        messages=per_connection,
-                        pid=gateway.pid,
-                        factory=MessageFactory(types=("ADT^A04",)),
-                    )
+                result = _load(
+                    gateway,
+                    connections,
+                    per_connection,
+                    factory=MessageFactory(types=("ADT^A04",)),
                 )
             finally:
                 _stop(gateway)
