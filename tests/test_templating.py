@@ -6,10 +6,12 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from attrs import evolve
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.message import Delimiters, Message, parse_message
 from udsgateway.templating import (
+    MAX_BODY_CHARS,
     ActionResponse,
     RenderError,
     TemplateData,
@@ -824,3 +826,105 @@ class DocumentedExampleTests(SynchronousTestCase):
             [s.name for s in out.segments],
             ["MSH", "SCH", "NTE", "PID", "RGS", "AIS", "AIL", "AIP"],
         )
+
+
+class LookupRenderTests(SynchronousTestCase):
+    """Templates of text and plain lookups skip Liquid's render machinery, with the same result.
+
+    Each case renders once through the direct lookups and once through Liquid (the same
+    template with its lookups removed); bodies, errors and helper calls must match.
+    """
+
+    TRIGGER = parse_message(
+        "MSH|^~\\&|HIS|H|GW|G|20240501||ADT^A04|M1|P|2.5\r"
+        "PID|1||X-1^^^H~X-2^^^H||O\\T\\Brien^Ann||19800101|F\r"
+        "NK1|1|Roe^Jo|SPO\r"
+    )
+    RESPONSES = (ActionResponse("lookup", ACK), ActionResponse("notify", None))
+    APP = {"partner": "P|A^R~T\\N&R", "nested": {"key": "v^1"}, "number": 7}
+
+    def both(self, source: str) -> tuple[object, object]:
+        """(lookups, liquid): each a body or a RenderError's reason, with its helper calls."""
+        template = compile_template(source)
+        results = []
+        for candidate in (template, evolve(template, lookups=None)):
+            clock, ids = Clock(), ControlIds()
+            try:
+                outcome: object = render_body(
+                    candidate,
+                    TemplateData(self.TRIGGER, self.RESPONSES, self.APP),
+                    message_type="ADT^A04",
+                    now=clock,
+                    new_control_id=ids,
+                )
+            except RenderError as error:
+                outcome = ("error", error.reason, error.line)
+            results.append((outcome, clock.calls, ids.calls))
+        return results[0], results[1]
+
+    def assertSame(self, source: str, *, direct: bool = True) -> None:
+        template = compile_template(source)
+        self.assertEqual(template._lookups is not None, direct, source)
+        fast, liquid = self.both(source)
+        self.assertEqual(fast, liquid, source)
+
+    def test_plain_lookups(self) -> None:
+        """Fields, components, repetitions, segments, app variables, responses and helpers."""
+        for line in (
+            '{{ msg["PID-3.1"] }}|{{ msg["PID-5.1"] }}^{{ msg["PID-5.2"] }}',
+            '{{ msg["PID-3"] }}|{{ msg["PID-3[2].1"] }}|{{ msg["NK1-2"] }}',
+            "{{ msg.PID }}",
+            '{{ msg["MSH-2"] }}|{{ msg["MSH-9"] }}',
+            "{{ app.partner }}|{{ app.nested.key }}|{{ app.number }}",
+            '{{ actions.lookup["MSA-1"] }}|{{ actions.notify["MSA-1"] }}',
+            "{{ control_id }}|{{ control_id }}|{{ now }}",
+            "plain text only",
+            "{% raw %}{{ kept }}{% endraw %}",
+        ):
+            self.assertSame(HEADER + "NTE|1||" + line)
+
+    def test_lookups_that_fail_fall_back_to_liquid(self) -> None:
+        """Missing keys and lookups into text give Liquid's own result, helpers called once."""
+        for line in (
+            "{{ control_id }}{{ app.missing }}{{ control_id }}",
+            '{{ msg["ZZZ-1"] }}|{{ msg["PID-99"] }}',
+            "{{ app.partner.key }}|{{ app.number.key }}",
+            '{{ actions.nobody["MSA-1"] }}',
+            '{{ msg["not a path"] }}',
+        ):
+            self.assertSame(HEADER + "NTE|1||" + line)
+
+    def test_other_templates_keep_liquid(self) -> None:
+        """Filters, tags, indexes and Liquid's special keys are never taken directly."""
+        for line in (
+            '{{ msg["PID-5.1"] | upcase }}',
+            "{% if app.partner %}yes{% endif %}",
+            '{{ responses[0]["MSA-1"] }}',
+            "{{ responses.size }}|{{ app.first }}",
+            '{% assign x = msg["PID-3.1"] %}{{ x }}',
+            "{{ nope }}|{{ template }}",
+            "{{ msg[app.partner] }}",
+        ):
+            self.assertSame(HEADER + "NTE|1||" + line, direct=False)
+
+    def test_output_limit(self) -> None:
+        """A body over Liquid's output limit (counted in UTF-8 bytes) fails the same way."""
+        self.APP = {"partner": "\U0001f600" * (MAX_BODY_CHARS // 4 + 1)}
+        self.assertSame(HEADER + "NTE|1||{{ app.partner }}")
+        fast, _ = self.both(HEADER + "NTE|1||{{ app.partner }}")
+        self.assertEqual(fast[0][0], "error")  # type: ignore[index]
+
+    def test_rendered_without_liquid(self) -> None:
+        """The direct lookups really are used: a Liquid render context is never built."""
+        import udsgateway.templating as templating
+
+        built = []
+        original = templating._Hl7RenderContext.__init__
+
+        def spy(self: object, *args: object, **kwargs: object) -> None:
+            built.append(1)
+            original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        self.patch(templating._Hl7RenderContext, "__init__", spy)
+        self.both(HEADER + 'NTE|1||{{ msg["PID-3.1"] }}')
+        self.assertEqual(len(built), 1)  # the Liquid half of both() only

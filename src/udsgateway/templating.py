@@ -42,6 +42,9 @@ from typing import TYPE_CHECKING, Any, Final, SupportsIndex, TextIO
 
 from attrs import field, frozen
 from liquid import Environment, RenderContext
+from liquid.builtin.content import ContentNode
+from liquid.builtin.expressions.filtered import FilteredExpression
+from liquid.builtin.expressions.path import Path as LiquidPath
 from liquid.builtin.filters.misc import date as liquid_date
 from liquid.builtin.filters.string import squish as liquid_squish
 from liquid.builtin.output import Output, OutputNode
@@ -780,6 +783,8 @@ class Template:
     source: str
     delimiters: Delimiters
     _bound: BoundTemplate = field(repr=False, eq=False)
+    #: The template as text and lookups, when it is nothing more (see ``_lookups``).
+    _lookups: _Lookups | None = field(default=None, repr=False, eq=False)
 
 
 @frozen
@@ -805,7 +810,7 @@ def compile_template(source: str) -> Template:
         bound = _ENVIRONMENT.from_string(source)
     except LiquidError as err:
         raise TemplateError(_problem(err, source, detailed=True)) from None
-    return Template(source, _declared_delimiters(source), bound)
+    return Template(source, _declared_delimiters(source), bound, _lookups(bound))
 
 
 def render_body(
@@ -921,6 +926,80 @@ class _RenderGlobals(Mapping[str, object]):
         return len(_CONTEXT_NAMES)
 
 
+#: A template that is only text and ``{{ name.key["key"] }}`` outputs: each item is
+#: literal text or the names of one lookup.
+_Lookups = tuple[str | tuple[str, ...], ...]
+
+#: Keys that Liquid's item getter treats specially (``.size`` of a list, say).
+_SPECIAL_KEYS: Final = frozenset({"size", "first", "last"})
+
+
+def _lookups(bound: BoundTemplate) -> _Lookups | None:
+    """The template as text and plain lookups, or None when it uses anything else.
+
+    Most request bodies are a fixed layout with values picked from the trigger
+    (``{{ msg["PID-5.1"] }}``, ``{{ app.partner }}``, ``{{ control_id }}``).
+    Liquid renders those through a render context, a scope chain and an output
+    stream per value, which costs more than the rest of an action's work; for
+    such templates ``_render_lookups`` does the same lookups directly. Tags,
+    filters, variables from tags, non-string keys and the keys Liquid treats
+    specially (size, first, last) all keep the full Liquid render.
+    """
+    lookups: list[str | tuple[str, ...]] = []
+    for node in bound.nodes:
+        if type(node) is ContentNode:
+            lookups.append(node.text)
+            continue
+        if type(node) is not _OutputNode:
+            return None
+        expression = node.expression
+        if type(expression) is not FilteredExpression or expression.filters:
+            return None
+        path = expression.left
+        if type(path) is not LiquidPath:
+            return None
+        names = path.path
+        if not all(type(name) is str for name in names) or names[0] not in _CONTEXT_NAMES:
+            return None
+        if any(name in _SPECIAL_KEYS for name in names[1:]):
+            return None
+        lookups.append(tuple(names))  # type: ignore[arg-type]
+    return tuple(lookups)
+
+
+def _render_lookups(lookups: _Lookups, names: _RenderGlobals, target: DelimiterSet) -> str | None:
+    """Render a text-and-lookups template as Liquid would; None when Liquid must.
+
+    A lookup that fails (a missing key, a value that is not a mapping) or an
+    output over the size limit gives None, and the full render then produces
+    Liquid's own result or error for it. A value found is written exactly as
+    ``_OutputNode`` writes it.
+    """
+    parts: list[str] = []
+    size = 0
+    for item in lookups:
+        if type(item) is str:
+            parts.append(item)
+            size += len(item)
+            continue
+        try:
+            value = names[item[0]]
+            for key in item[1:]:
+                value = value[key]  # type: ignore[index]
+            if is_undefined(value):
+                return None
+            text = _wire_text(value, target)
+        except Exception:
+            return None
+        parts.append(text)
+        size += len(text)
+    text = "".join(parts)
+    # Liquid's limit counts UTF-8 bytes: up to four per character.
+    if size * 4 > MAX_BODY_CHARS and len(text.encode("utf-8")) > MAX_BODY_CHARS:
+        return None
+    return text
+
+
 def _render(
     template: Template,
     data: TemplateData,
@@ -930,12 +1009,13 @@ def _render(
     *,
     detailed: bool,
 ) -> str:
+    names = _RenderGlobals(data, target, now, new_control_id)
+    if template._lookups is not None:
+        text = _render_lookups(template._lookups, names, target)
+        if text is not None:
+            return text
     bound = template._bound
-    context = _Hl7RenderContext(
-        bound,
-        globals=_RenderGlobals(data, target, now, new_control_id),
-        delimiters=target,
-    )
+    context = _Hl7RenderContext(bound, globals=names, delimiters=target)
     buffer = context.get_buffer()
     try:
         bound.render_with_context(context, buffer)
