@@ -256,6 +256,12 @@ class Destination:
     async def _exchange(self, payload: bytes) -> bytes:
         if self._service is None:
             raise DeliveryError("destination stopped")
+        current = self._current
+        if current is not None and current.connected_ok:
+            # The last exchange's connection is still up: the service would hand
+            # back the same protocol, through its state machine and a timeout.
+            self.sent += 1
+            return await current.exchange(payload)
         connecting = self._service.whenConnected(failAfterFailures=1)
         connecting.addTimeout(self.timing.connect_timeout, self._clock)
         try:

@@ -1096,7 +1096,7 @@ def _body_segments(
     for number, segment in enumerate(segments[1:], start=2):
         if not (is_segment_id(segment[:3]) and segment[3:4] in ("", target.field)):
             raise RenderError(f"segment {number} of the body does not start with a segment ID")
-    message = parse_message("\r".join(segments))
+    message = parse_message(segments[0])  # the checks below read only the header
     expected = message_type.split("^")[:2]
     actual = [message.get("MSH-9.1"), message.get("MSH-9.2")]
     if actual != expected:
