@@ -407,6 +407,36 @@ class StoreThenAckTests(GatewayTestCase):
         self.assertEqual((reply.code, reply.control_id), ("AA", "G4A"))
         self.assertEqual([m.control_id for m in gateway.messages()], ["G4A"])
 
+    def test_frames_of_one_turn_commit_together(self) -> None:
+        """With the reactor's clock, a group starts at the end of the turn that read its frames.
+
+        Three senders' frames read in one turn make one group; a frame that
+        arrives while that group commits goes into the next, started as soon
+        as the first commit ends (no further wait).
+        """
+        runner = ManualRunner()
+        gateway = Gateway(runner=runner, group_by_turn=True)
+        connections = [gateway.connect() for _ in range(3)]
+        for number, connection in enumerate(connections):
+            connection.send(mllp(hl7(f"TURN{number}")))
+        self.assertEqual(runner.calls, [])
+        gateway.clock.advance(0)
+        self.assertEqual(len(runner.calls), 1)
+        late = gateway.connect()
+        late.send(mllp(hl7("LATE")))
+        gateway.clock.advance(0)
+        self.assertEqual(len(runner.calls), 1)  # waits for the running group
+        runner.run_next()
+        for number, connection in enumerate(connections):
+            reply = one_reply(connection)
+            self.assertEqual((reply.code, reply.control_id), ("AA", f"TURN{number}"))
+        self.assertEqual(late.received(), b"")
+        self.assertEqual(len(runner.calls), 1)  # the next group started at once
+        runner.run_next()
+        self.assertEqual(one_reply(late).control_id, "LATE")
+        self.assertEqual(gateway.ingest._committer.groups, 2)
+        self.assertEqual(len(gateway.messages()), 4)
+
     def test_failed_commit_nak_207_then_next_message_normal(self) -> None:
         """A failed commit gives AR 207 (not AA, not stored); the next message gets AA."""
         runner = ManualRunner()

@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IReactorFromThreads
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
@@ -304,11 +304,18 @@ class GroupCommitter(Generic[Item, Result]):
     ``batch`` runs in the database thread inside one transaction and returns
     one result per item, in order. When the transaction fails, every item of
     the group gets the failure (the caller turns it into a NAK, never an AA).
+
+    With a ``clock`` (the reactor), a group that would start while the
+    database is idle starts at the end of the current reactor turn instead:
+    every frame read in that turn (one per ready connection) joins it, where
+    starting at once would commit the first frame alone and the others in
+    the next group. Without a clock (the CLI, tests), it starts at once.
     """
 
     _database: Database
     _batch: Callable[[Connection, list[Item]], list[Result]]
     _max_batch: int = 512
+    clock: IReactorTime | None = None
     #: Called in the database thread before each group (fault injection in tests).
     before_batch: Callable[[], None] | None = None
     _pending: list[_Pending[Item, Result]] = field(factory=list)
@@ -321,7 +328,11 @@ class GroupCommitter(Generic[Item, Result]):
         deferred: Deferred[Result] = Deferred()
         self._pending.append(_Pending(item, deferred))
         if not self._running:
-            self._next()
+            if self.clock is None:
+                self._next()
+            else:
+                self._running = True  # the group is due; more items join it
+                self.clock.callLater(0, self._next)
         return deferred
 
     @property

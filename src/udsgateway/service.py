@@ -58,7 +58,7 @@ class GatewayService(MultiService):
         # threads do not survive a fork.
         self._threads = threads
         self.committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
-            database, store.commit_inbound, config.commit_max_batch
+            database, store.commit_inbound, config.commit_max_batch, clock=reactor
         )
         self._timings: dict[str, Timing] = {}
         self.dispatcher = Dispatcher(

@@ -111,6 +111,8 @@ class Gateway:
     )
     apps: tuple[App, ...] = field(factory=lambda: (demo_app(), demo_app(connection="tcp")))
     runner: Any = field(factory=InlineRunner)
+    #: Start a group commit at the end of the clock's turn, as the service does.
+    group_by_turn: bool = False
     clock: Clock = field(factory=Clock)
     #: A wall clock apart from the timer clock (a test that makes it jump); None: ``clock``.
     wall: Clock | None = None
@@ -128,7 +130,7 @@ class Gateway:
         loaded = self.database.transaction_now(store.load_apps, self.tenant.name)
         self.database = Database(engine, self.runner)
         committer: GroupCommitter[store.InboundRecord, store.CommitResult] = GroupCommitter(
-            self.database, store.commit_inbound
+            self.database, store.commit_inbound, clock=self.clock if self.group_by_turn else None
         )
         self.ingest = Ingest(
             self.tenant,
