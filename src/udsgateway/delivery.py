@@ -672,7 +672,7 @@ class Dispatcher(Service):
             self._waiting[work.lane] = (work.destination, work.protocol)
             room -= 1
 
-    def timing_for(self, endpoint: str, policy: dict[str, Any]) -> Timing:
+    def timing_for(self, endpoint: str, policy: Mapping[str, Any]) -> Timing:
         """The timing of a delivery: its action's values, stored in its policy."""
         base = self.timing(endpoint)
         values = {key: float(policy[key]) for key in TIMING_KEYS if key in policy}

@@ -62,6 +62,8 @@ class _FlowPlan:
     app: App
     flow: Flow
     templates: tuple[Template | TemplateError, ...]
+    #: Each action's endpoint and delivery policy, built once: every delivery carries them.
+    targets: tuple[tuple[str, dict[str, Any]], ...]
 
 
 @define(eq=False)
@@ -102,7 +104,8 @@ class Executor:
                         templates.append(compile_template(action.template))
                     except TemplateError as error:
                         templates.append(error)
-                plans[flow.flow_id] = _FlowPlan(app, flow, tuple(templates))
+                targets = tuple((a.endpoint, a.delivery_policy) for a in flow.actions)
+                plans[flow.flow_id] = _FlowPlan(app, flow, tuple(templates), targets)
         self._plans = plans
         # Replaced whole, never mutated: the database thread reads it.
         self._steps = {flow_id: len(plan.flow.actions) for flow_id, plan in plans.items()}
@@ -223,15 +226,16 @@ class Executor:
         header = parse_header(body, default_charset="utf-8")
         control_id = header.control_id if not isinstance(header, HeaderProblem) else ""
         self.rendered += 1
+        endpoint, policy = plan.targets[work.step]
         return Transition(
             work.execution_id,
             NewDelivery(
                 lane=lane_name(work.flow_id, work.step, key_value),
-                destination=action.endpoint,
+                destination=endpoint,
                 protocol=action.protocol,
                 control_id=control_id,
                 payload=body,
-                policy=action.delivery_policy,
+                policy=policy,
                 execution_id=work.execution_id,
                 step=work.step,
             ),

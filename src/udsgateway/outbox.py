@@ -8,8 +8,10 @@ one transaction in the database thread and returns plain attrs values.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from attrs import frozen
@@ -58,7 +60,8 @@ class Delivery:
     last_error: str
     response: bytes | None
     response_code: str
-    policy: dict[str, Any]
+    #: Read-only: deliveries with the same policy share one mapping.
+    policy: Mapping[str, Any]
     execution_id: int | None
     step: int
     created_at: float
@@ -96,6 +99,12 @@ class Settlement:
     control_id: str = ""
 
 
+@functools.lru_cache(maxsize=256)
+def _policy(stored: str) -> Mapping[str, Any]:
+    """A stored policy; an action's deliveries all carry the same few, parsed once."""
+    return MappingProxyType(json.loads(stored))
+
+
 def _delivery(row: Any) -> Delivery:
     return Delivery(
         id=row.id,
@@ -110,7 +119,7 @@ def _delivery(row: Any) -> Delivery:
         last_error=row.last_error,
         response=row.response,
         response_code=row.response_code,
-        policy=json.loads(row.policy),
+        policy=_policy(row.policy),
         execution_id=row.execution_id,
         step=row.step,
         created_at=row.created_at,
@@ -122,6 +131,11 @@ def enqueue(connection: Connection, deliveries: Sequence[NewDelivery], now: floa
     """Add deliveries at the tail of their lanes; return their ids, in order."""
     if not deliveries:
         return []
+    # An action's deliveries share one policy mapping (see Executor.load).
+    stored: dict[int, str] = {}
+    for item in deliveries:
+        if id(item.policy) not in stored:
+            stored[id(item.policy)] = json.dumps(item.policy, sort_keys=True)
     return insert_with_ids(
         connection,
         schema.deliveries,
@@ -141,7 +155,7 @@ def enqueue(connection: Connection, deliveries: Sequence[NewDelivery], now: floa
                 "last_error": "",
                 "response": None,
                 "response_code": "",
-                "policy": json.dumps(item.policy, sort_keys=True),
+                "policy": stored[id(item.policy)],
                 "created_at": now,
                 "updated_at": now,
                 "lease_owner": "",
