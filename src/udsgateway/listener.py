@@ -1,46 +1,36 @@
 """A tenant's listener: one port for MLLP and plain TCP senders alike.
 
 The framing is detected per connection from the first meaningful byte: a
-start byte (0x0B) means MLLP, ``MSH`` means plain TCP. The protocol only
-frames and delegates: each complete frame goes to the tenant's Ingest, one at
-a time, and the answers are written back in order (G5). Every wait has a
-timeout (frame, idle, plain-TCP gap) and every buffer a bound.
+start byte (0x0B) means MLLP, ``MSH`` means plain TCP (framed.py, shared with
+the test receiver). The protocol only frames and delegates: each complete
+frame goes to the tenant's Ingest, one at a time, and the answers are written
+back in order (G5). Every wait has a timeout (frame, idle, plain-TCP gap, TLS
+handshake) and every buffer a bound.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections import deque
-from typing import Any
 
 from attrs import define, field
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
-    IHalfCloseableProtocol,
     IHandshakeListener,
     IReactorTime,
 )
-from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from udsgateway.config import TenantConfig
-from udsgateway.framing import (
-    Frame,
-    FrameEvent,
-    FrameOverflow,
-    IFramer,
-    MLLPFramer,
-    OversizedFrame,
-    PlainTCPFramer,
-)
+from udsgateway.framed import ConnectionLimits, FramedServerProtocol
+from udsgateway.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
 from udsgateway.ingest import Answer, Ingest
 
 log = Logger()
 
-START_BYTE = b"\x0b"
 _NOT_HL7_PREFIXES = (
     b"GET ",
     b"POST",
@@ -98,35 +88,17 @@ class ListenerStats:
     tcp_connections: int = 0
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener)
-class InboundProtocol(Protocol):
-    """One sender's connection: detect framing, frame, hand frames over in order."""
+@implementer(IHandshakeListener)
+class InboundProtocol(FramedServerProtocol):
+    """One sender's connection: frames go to the tenant's Ingest one at a time, in order."""
 
     def __init__(self, factory: ListenerFactory, peer: str) -> None:
+        super().__init__(factory.clock, factory.connection_limits)
         self._factory = factory
         self._tenant = factory.tenant
-        self._clock = factory.clock
         self._peer = peer
-        self._framer: IFramer | None = None
-        self._connection_type = ""
-        self._detect = bytearray()
-        self._queue: deque[FrameEvent] = deque()
-        self._busy = False
         self._paused = False
-        self._closing = False
-        # The sender half-closed: answer what was received, then close.
-        self._read_closed = False
-        self._frames_seen = 0
-        self._idle_timer: IDelayedCall | None = None
-        self._frame_timer: IDelayedCall | None = None
-        self._gap_timer: IDelayedCall | None = None
         self._handshake_timer: IDelayedCall | None = None
-
-    @property
-    def _transport(self) -> Any:
-        """The TCP transport (ITCPTransport, IProducer): more than ITransport promises."""
-        assert self.transport is not None
-        return self.transport
 
     # -- Twisted callbacks
 
@@ -135,9 +107,7 @@ class InboundProtocol(Protocol):
         set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if set_no_delay is not None:
             set_no_delay(True)
-        self._idle_timer = self._clock.callLater(
-            self._tenant.limits.idle_timeout, self._idle_timeout
-        )
+        super().connectionMade()
         if self._tenant.tls.enabled:
             self._handshake_timer = self._clock.callLater(
                 self._tenant.limits.tls_handshake_timeout, self._handshake_timeout
@@ -155,144 +125,63 @@ class InboundProtocol(Protocol):
         log.info("TLS handshake timeout: closed", peer=self._peer, tenant=self._tenant.name)
         self._close(abort=True)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self._tenant.limits.idle_timeout)
-        if self._framer is None:
-            data = self._detect_framing(data)
-            if self._framer is None:
-                return
-        self._feed(self._framer.feed(data))
-
-    def readConnectionLost(self) -> None:
-        """The sender half-closed: a plain TCP message ends at end of stream.
-
-        The frames already received are still answered (the sender is still
-        reading); the connection is closed after the last answer.
-        """
-        if self._framer is not None and not self._closing:
-            self._feed(self._framer.flush())
-        self._read_closed = True
-        if not self._busy and not self._queue:
-            self._transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        self._close()
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._closing = True
-        self._queue.clear()
-        for timer in (self._idle_timer, self._frame_timer, self._gap_timer, self._handshake_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        super().connectionLost(reason)
+        if self._handshake_timer is not None and self._handshake_timer.active():
+            self._handshake_timer.cancel()
         if self._framer is not None:
             self._factory.stats.dropped_bytes += self._framer.stats.dropped_bytes
         self._factory.connection_closed(self._peer)
 
-    # -- framing
+    # -- framing (FramedServerProtocol's hooks)
 
-    def _detect_framing(self, data: bytes) -> bytes:
-        self._detect += data
-        buffered = bytes(self._detect)
-        if _not_hl7(buffered.lstrip(b"\r\n\x00 ")):
-            self._factory.stats.closed_not_hl7 += 1
-            if self._factory.not_hl7_log.allow():
-                log.info(
-                    "not HL7 on an HL7 port: closed",
-                    peer=self._peer,
-                    tenant=self._tenant.name,
-                    suppressed=self._factory.not_hl7_log.suppressed,
-                )
-            self._close()
-            return b""
-        start, msh = buffered.find(START_BYTE), buffered.find(b"MSH")
-        if start == -1 and msh == -1:
-            if len(buffered) > self._tenant.limits.detect_limit:
-                self._close()
-            return b""
+    def _refuse(self, first_bytes: bytes) -> bool:
+        if not _not_hl7(first_bytes.lstrip(b"\r\n\x00 ")):
+            return False
+        self._factory.stats.closed_not_hl7 += 1
+        if self._factory.not_hl7_log.allow():
+            log.info(
+                "not HL7 on an HL7 port: closed",
+                peer=self._peer,
+                tenant=self._tenant.name,
+                suppressed=self._factory.not_hl7_log.suppressed,
+            )
+        return True
+
+    def _make_framer(self, connection_type: str) -> IFramer:
         limits = self._tenant.limits
-        if start != -1 and (msh == -1 or start < msh):
-            self._connection_type = "mllp"
+        if connection_type == "mllp":
             self._factory.stats.mllp_connections += 1
-            self._framer = MLLPFramer(
+            return MLLPFramer(
                 max_frame_size=limits.max_frame_size, lenient_fs=self._tenant.lenient_fs
             )
-        else:
-            self._connection_type = "tcp"
-            self._factory.stats.tcp_connections += 1
-            self._framer = PlainTCPFramer(
-                max_frame_size=limits.max_frame_size,
-                start_bytes=self._tenant.tcp.start_bytes,
-                end_bytes=self._tenant.tcp.end_bytes,
-            )
-        self._detect = bytearray()
-        return buffered
+        self._factory.stats.tcp_connections += 1
+        return PlainTCPFramer(
+            max_frame_size=limits.max_frame_size,
+            start_bytes=self._tenant.tcp.start_bytes,
+            end_bytes=self._tenant.tcp.end_bytes,
+        )
 
-    def _feed(self, events: list[FrameEvent]) -> None:
-        assert self._framer is not None
-        for event in events:
-            if isinstance(event, FrameOverflow):
-                self._factory.stats.overflows += 1
-                log.warn(
-                    "frame grew past the size limit: closed",
-                    size=event.size,
-                    peer=self._peer,
-                    tenant=self._tenant.name,
-                )
-                self._close(abort=True)
-                return
-            self._queue.append(event)
-        self._watch_frame_timer(bool(events))
-        if self._connection_type == "tcp":
-            self._watch_gap_timer()
+    def _on_overflow(self, size: int) -> None:
+        self._factory.stats.overflows += 1
+        log.warn(
+            "frame grew past the size limit: closed",
+            size=size,
+            peer=self._peer,
+            tenant=self._tenant.name,
+        )
+
+    def _on_queued(self) -> None:
         if len(self._queue) >= self._tenant.limits.max_pending_frames and not self._paused:
             self._paused = True
             self._transport.pauseProducing()
-        self._pump()
 
-    def _watch_frame_timer(self, frames_ended: bool) -> None:
-        """The frame timeout is absolute: from a frame's first byte to its last."""
-        assert self._framer is not None
-        timer = self._frame_timer
-        if not self._framer.frame_open:
-            if timer is not None and timer.active():
-                timer.cancel()
-            self._frame_timer = None
-        elif timer is None or not timer.active() or frames_ended:
-            if timer is not None and timer.active():
-                timer.cancel()
-            self._frame_timer = self._clock.callLater(
-                self._tenant.limits.frame_timeout, self._frame_timeout
-            )
-
-    def _watch_gap_timer(self) -> None:
-        assert self._framer is not None
-        if self._gap_timer is not None and self._gap_timer.active():
-            self._gap_timer.cancel()
-        self._gap_timer = None
-        if self._framer.frame_open:
-            self._gap_timer = self._clock.callLater(self._tenant.tcp.idle_gap, self._gap)
-
-    def _gap(self) -> None:
-        """Plain TCP: an idle gap after data ends the message."""
-        self._gap_timer = None
-        if self._framer is not None and not self._closing:
-            self._feed(self._framer.flush())
-
-    def _frame_timeout(self) -> None:
-        self._frame_timer = None
+    def _on_frame_timeout(self) -> None:
         self._factory.stats.frame_timeouts += 1
         log.info("frame timeout: partial frame discarded", peer=self._peer)
-        if self._framer is not None:
-            self._framer.reset()
-        self._close()
 
-    def _idle_timeout(self) -> None:
-        self._idle_timer = None
+    def _on_idle_timeout(self) -> None:
         self._factory.stats.idle_timeouts += 1
-        self._close()
 
     # -- answering, in order
 
@@ -333,14 +222,6 @@ class InboundProtocol(Protocol):
         if answer.close:
             self._close()
 
-    def _close(self, abort: bool = False) -> None:
-        self._closing = True
-        self._queue.clear()
-        if abort:
-            self._transport.abortConnection()
-        else:
-            self._transport.loseConnection()
-
 
 @define(eq=False, repr=False)
 class ListenerFactory(Factory):
@@ -355,10 +236,18 @@ class ListenerFactory(Factory):
     _per_peer: dict[str, int] = field(factory=dict)
     not_hl7_log: RateLimit = field(init=False)
     _refusal_log: RateLimit = field(init=False)
+    connection_limits: ConnectionLimits = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.not_hl7_log = RateLimit(self.clock)
         self._refusal_log = RateLimit(self.clock)
+        limits = self.tenant.limits
+        self.connection_limits = ConnectionLimits(
+            idle_timeout=limits.idle_timeout,
+            frame_timeout=limits.frame_timeout,
+            idle_gap=self.tenant.tcp.idle_gap,
+            detect_limit=limits.detect_limit,
+        )
 
     def buildProtocol(self, addr: IAddress | None) -> InboundProtocol | None:
         peer = getattr(addr, "host", str(addr))

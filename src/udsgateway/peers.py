@@ -24,7 +24,6 @@ import json
 import math
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -49,7 +48,6 @@ from twisted.internet.error import CannotListenError, ConnectingCancelledError, 
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
-    IHalfCloseableProtocol,
     IOpenSSLClientConnectionCreator,
     IReactorTime,
     IStreamClientEndpoint,
@@ -64,7 +62,6 @@ from twisted.internet.ssl import (
 )
 from twisted.internet.task import react
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from udsgateway.ack import (
     AckError,
@@ -77,11 +74,11 @@ from udsgateway.ack import (
     parse_reply,
     wants_accept_ack,
 )
+from udsgateway.framed import ConnectionLimits, FramedServerProtocol
 from udsgateway.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     Frame,
     FrameEvent,
-    FrameOverflow,
     IFramer,
     MLLPFramer,
     OversizedFrame,
@@ -672,25 +669,23 @@ class _Answer:
     notes: tuple[str, ...] = ()
 
 
-@implementer(IHalfCloseableProtocol)
-class ReceiverProtocol(Protocol):
+class ReceiverProtocol(FramedServerProtocol):
     """One connection to the test receiver: detect framing, answer each message in order."""
 
     def __init__(self, factory: ReceiverFactory) -> None:
+        options = factory.options
+        super().__init__(
+            factory.clock,
+            ConnectionLimits(
+                idle_timeout=options.idle_timeout,
+                frame_timeout=options.frame_timeout,
+                idle_gap=options.idle_gap,
+                detect_limit=_DETECT_LIMIT,
+            ),
+        )
         self._factory = factory
-        self._options = factory.options
-        self._clock = factory.clock
+        self._options = options
         self._peer = "?"
-        self._framer: IFramer | None = None
-        self._framing = ""
-        self._detect = bytearray()
-        self._queue: deque[Frame | OversizedFrame] = deque()
-        self._busy = False
-        self._closing = False
-        self._read_done = False
-        self._idle_timer: IDelayedCall | None = None
-        self._frame_timer: IDelayedCall | None = None
-        self._gap_timer: IDelayedCall | None = None
         self._answer_timer: IDelayedCall | None = None
         self._close_waiters: list[Deferred[None]] = []
         self.closed = False
@@ -699,79 +694,17 @@ class ReceiverProtocol(Protocol):
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         host, port = getattr(peer, "host", None), getattr(peer, "port", None)
         self._peer = f"{host}:{port}" if host is not None else str(peer)
-        self._idle_timer = self._clock.callLater(self._options.idle_timeout, self._close)
+        super().connectionMade()
 
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self._options.idle_timeout)
-        if self._framer is None:
-            data = self._detect_framing(data)
-            if self._framer is None:
-                return
-        self._take(self._framer.feed(data))
-
-    def _detect_framing(self, data: bytes) -> bytes:
-        """The first start byte (0x0B) means MLLP; ``MSH`` before any means plain TCP."""
-        self._detect += data
-        buffered = bytes(self._detect)
-        start, msh = buffered.find(b"\x0b"), buffered.find(b"MSH")
-        if start == -1 and msh == -1:
-            if len(buffered) > _DETECT_LIMIT:
-                self._close()
-            return b""
+    def _make_framer(self, connection_type: str) -> IFramer:
         size = self._options.max_frame_size
-        if start != -1 and (msh == -1 or start < msh):
-            self._framing, self._framer = "mllp", MLLPFramer(max_frame_size=size)
-        else:
-            self._framing, self._framer = "tcp", PlainTCPFramer(max_frame_size=size)
-        self._detect = bytearray()
-        return buffered
+        if connection_type == "mllp":
+            return MLLPFramer(max_frame_size=size)
+        return PlainTCPFramer(max_frame_size=size)
 
-    def _take(self, events: list[FrameEvent]) -> None:
-        assert self._framer is not None
-        for event in events:
-            if isinstance(event, FrameOverflow):
-                self._close(abort=True)
-                return
-            self._queue.append(event)
+    def _on_queued(self) -> None:
         if len(self._queue) > _MAX_PENDING:
             self._close()
-            return
-        self._watch_frame_timer(bool(events))
-        if self._framing == "tcp":
-            if self._gap_timer is not None and self._gap_timer.active():
-                self._gap_timer.cancel()
-            self._gap_timer = None
-            if self._framer.frame_open:
-                self._gap_timer = self._clock.callLater(self._options.idle_gap, self._gap)
-        self._pump()
-
-    def _watch_frame_timer(self, frames_ended: bool) -> None:
-        """The frame timeout runs from a frame's first byte to its last."""
-        assert self._framer is not None
-        timer = self._frame_timer
-        if timer is not None and timer.active() and (frames_ended or not self._framer.frame_open):
-            timer.cancel()
-            timer = self._frame_timer = None
-        if self._framer.frame_open and (timer is None or not timer.active()):
-            self._frame_timer = self._clock.callLater(self._options.frame_timeout, self._close)
-
-    def _gap(self) -> None:
-        self._gap_timer = None
-        if self._framer is not None and not self._closing:
-            self._take(self._framer.flush())
-
-    def readConnectionLost(self) -> None:
-        """The sender half-closed: answer what came (a plain TCP message ends here), then close."""
-        self._read_done = True
-        if self._framer is not None and not self._closing:
-            self._take(self._framer.flush())
-        self._pump()
-
-    def writeConnectionLost(self) -> None:
-        self._close()
 
     def _pump(self) -> None:
         while not self._busy and self._queue and not self._closing:
@@ -788,7 +721,7 @@ class ReceiverProtocol(Protocol):
             else:
                 self._carry_out(answer)
                 return
-        finished = self._closing or (self._read_done and not self._queue)
+        finished = self._closing or (self._read_closed and not self._queue)
         if finished and not self._busy and not self.closed and self.transport is not None:
             self.transport.loseConnection()
 
@@ -810,7 +743,7 @@ class ReceiverProtocol(Protocol):
     @property
     def framing(self) -> str:
         """The framing detected: "mllp" or "tcp" ("" before the first message)."""
-        return self._framing
+        return self._connection_type
 
     def close_when_done(self) -> Deferred[None]:
         """Close after any pending answer; fire once the connection is gone."""
@@ -830,22 +763,14 @@ class ReceiverProtocol(Protocol):
         self._close(abort=True)
 
     def _close(self, abort: bool = False) -> None:
-        self._closing = True
-        self._queue.clear()
-        if self.transport is None or self.closed:
-            return
-        if abort:
-            self.transport.abortConnection()  # type: ignore[attr-defined]
-        else:
-            self.transport.loseConnection()
+        if not self.closed:  # once lost, connectionLost has done the rest
+            super()._close(abort)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
-        self._closing = True
-        self._queue.clear()
-        for timer in (self._idle_timer, self._frame_timer, self._gap_timer, self._answer_timer):
-            if timer is not None and timer.active():
-                timer.cancel()
+        super().connectionLost(reason)
+        if self._answer_timer is not None and self._answer_timer.active():
+            self._answer_timer.cancel()
         if self._answer_timer is not None:
             # The delayed answer will never go out; it still counts as handled.
             self._answer_timer = None
