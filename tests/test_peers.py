@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 from collections.abc import Sequence
 
 import twisted.test
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -26,6 +27,7 @@ from udsgateway.peers import (
     ReceiverOptions,
     ReceiverProtocol,
     SendResult,
+    _run_reactor,
     _SenderFactory,
     client_endpoint,
     client_tls_options,
@@ -591,6 +593,41 @@ class SenderTests(SynchronousTestCase):
         self.assertEqual(exit_status([ok, nak], 2), 1)
         self.assertEqual(exit_status([ok], 2), 1)
         self.assertFalse(SendResult(1, "", "AA", "", None, "", "reply MSA-2 empty").ok)
+
+
+class ToolClockTests(SynchronousTestCase):
+    """RELIABILITY.md "the wall clock jumps": the tools time out on the monotonic clock."""
+
+    def test_timers_on_the_monotonic_clock(self) -> None:
+        """The tools' reactor schedules on time.monotonic before their main runs."""
+        reactor = MemoryReactorClock()
+        seen: list[object] = []
+
+        def main(running: MemoryReactorClock) -> Deferred[int]:
+            seen.append(running.seconds)
+            return succeed(3)
+
+        self.assertEqual(_run_reactor(main, interrupted=1, _reactor=reactor), 3)
+        self.assertEqual(seen, [time.monotonic])
+
+    def test_receiver_stamps_with_the_wall_clock(self) -> None:
+        """received_at and the ACK's MSH-7 come from the wall clock, not the timer clock."""
+        timers, wall = Clock(), Clock()
+        wall.advance(1_700_000_000)  # 2023-11-14T22:13:20Z
+        records: list[ReceivedMessage] = []
+        factory = ReceiverFactory(
+            timers,
+            ReceiverOptions(),
+            on_message=records.append,
+            control_ids=ControlIdSource("TEST"),
+            wall=wall.seconds,
+        )
+        protocol, transport = factory.buildProtocol(None), StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(mllp(hl7("WALL1")))
+        [record] = records
+        self.assertEqual(record.received_at, 1_700_000_000)
+        self.assertIn(b"|20231114221320|", transport.value())  # MSH-7
 
 
 class ReceiveCommandTests(SynchronousTestCase):

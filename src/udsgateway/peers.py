@@ -74,6 +74,7 @@ from udsgateway.ack import (
     parse_reply,
     wants_accept_ack,
 )
+from udsgateway.clock import Wall, monotonic_timers, wall_of
 from udsgateway.framed import ConnectionLimits, FramedServerProtocol
 from udsgateway.framing import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -797,6 +798,9 @@ class ReceiverFactory(Factory):
     options: ReceiverOptions = field(factory=ReceiverOptions)
     on_message: Callable[[ReceivedMessage], None] | None = None
     control_ids: ControlIdSource | None = None
+    #: Wall clock for what is printed and sent (received_at, the ACK's MSH-7);
+    #: None: ``clock``'s. Timeouts and delays run on ``clock``.
+    wall: Wall | None = None
     received: int = field(default=0, init=False)
     finished: Deferred[None] = field(factory=Deferred, init=False)
     _answered: int = field(default=0, init=False)
@@ -804,7 +808,7 @@ class ReceiverFactory(Factory):
 
     def __attrs_post_init__(self) -> None:
         if self.control_ids is None:
-            self.control_ids = ControlIdSource.for_boot(self.clock.seconds())
+            self.control_ids = ControlIdSource.for_boot(wall_of(self.clock, self.wall)())
 
     def buildProtocol(self, addr: IAddress | None) -> ReceiverProtocol:
         protocol = ReceiverProtocol(self)
@@ -837,7 +841,7 @@ class ReceiverFactory(Factory):
             self.on_message(
                 ReceivedMessage(
                     number,
-                    self.clock.seconds(),
+                    wall_of(self.clock, self.wall)(),
                     protocol.peer,
                     protocol.framing,
                     header.message_type if header is not None else "",
@@ -885,7 +889,7 @@ class ReceiverFactory(Factory):
             header,
             code,
             control_id=self.control_ids.next(),
-            timestamp=hl7_timestamp(self.clock.seconds()),
+            timestamp=hl7_timestamp(wall_of(self.clock, self.wall)()),
             error=error,
             text=text,
         )
@@ -981,16 +985,24 @@ def _delay(text: str) -> float:
     return value
 
 
-def _run_reactor(main: Callable[[Any], Deferred[int]], interrupted: int) -> int:
+def _run_reactor(
+    main: Callable[[Any], Deferred[int]], interrupted: int, _reactor: Any = None
+) -> int:
     """Run ``main`` under `react`; return its status, or ``interrupted`` when the
-    reactor stopped first (Ctrl-C, SIGTERM)."""
+    reactor stopped first (Ctrl-C, SIGTERM).
+
+    The reactor's timers run on the monotonic clock (clock.py), as the
+    service's do: a wall clock set back or forward does not stretch or cut a
+    timeout. ``_reactor`` is for tests, as `react`'s own.
+    """
     status: list[int] = []
 
     def run(reactor: Any) -> Deferred[None]:
+        monotonic_timers(reactor)
         return main(reactor).addCallback(status.append)
 
     try:
-        react(run)
+        react(run, _reactor=_reactor)
     except SystemExit as exit:
         # react always exits; its code is non-zero only if main raised (react logs it).
         if exit.code not in (0, None):
@@ -1079,7 +1091,7 @@ def cmd_receive(args: argparse.Namespace, config: object, out: TextIO) -> int:
         printer = _message_printer(out, args.show_body, output)
 
         def main(reactor: Any) -> Deferred[int]:
-            factory = ReceiverFactory(reactor, options, on_message=printer)
+            factory = ReceiverFactory(reactor, options, on_message=printer, wall=time.time)
             return Deferred.fromCoroutine(run_receive(reactor, factory, description, err))
 
         return _run_reactor(main, interrupted=0)
