@@ -116,7 +116,7 @@ def run_relay(quick: bool) -> dict[str, object]:
 
 
 def run_store_recovery(quick: bool) -> dict[str, object]:
-    """Restart with 100,000 queued deliveries: time until sending again, peak RSS."""
+    """Kill -9 with 100,000 queued deliveries, restart: time until sending again, peak RSS."""
     from bench.gateway_scenarios import run_recovery
 
     return run_recovery(quick)
@@ -140,13 +140,19 @@ HOOK_SCENARIOS: tuple[HookScenario, ...] = (
     HookScenario(
         name="relay",
         title="Relay to a destination",
-        measures="End-to-end rate and latency from inbound ACK to destination ACK, in order.",
+        measures=(
+            "End-to-end rate and latency from inbound ACK to destination ACK, in order "
+            "(3 runs, medians)."
+        ),
         run=run_relay,
     ),
     HookScenario(
         name="store-recovery",
-        title="Recovery of 100,000 queued deliveries after a restart",
-        measures="Time from start to sending again, peak RSS, database size.",
+        title="Recovery of 100,000 queued deliveries after a kill -9",
+        measures=(
+            "A gateway draining the backlog is killed with SIGKILL; time from its restart to "
+            "sending again, peak RSS, database size."
+        ),
         run=run_store_recovery,
     ),
     HookScenario(
@@ -158,7 +164,10 @@ HOOK_SCENARIOS: tuple[HookScenario, ...] = (
     HookScenario(
         name="store-size",
         title="Ingest with 1,000,000 stored messages",
-        measures="8 x 2,000 stop-and-wait ingest rate, empty store versus 1,000,000 stored.",
+        measures=(
+            "8 x 2,000 stop-and-wait ingest rate, empty store versus 1,000,000 stored "
+            "(3 interleaved rounds, medians)."
+        ),
         run=run_store_size,
     ),
 )

@@ -3,7 +3,7 @@
 A real gateway (``twistd``) and a real ``udsgateway receive`` on ports 26960 and 26961:
 the relay scenario must get a verified ACK for every message (MSA-1 AA, MSA-2 equal to its
 MSH-10) and every mapped message must reach the destination; the recovery scenario must
-send a stored backlog again after a restart. No timing is asserted.
+send a stored backlog again after a kill -9 and a restart. No timing is asserted.
 """
 
 from __future__ import annotations
