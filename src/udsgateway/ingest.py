@@ -119,16 +119,7 @@ class Ingest:
             reason = f"{error.code}: {error.diagnostic}"
         else:
             outcome, flows, error, reason = Outcome.ACCEPT, routed.flows, None, ""
-        code = ack_code(header, outcome)
-        ack = b""
-        if _wants_accept_ack(header, outcome):
-            ack = build_ack(
-                header,
-                code,
-                control_id=self._control_ids.next(),
-                timestamp=hl7_timestamp(now),
-                error=error,
-            )
+        code, ack = self._ack(header, outcome, error, now)
         flow_ids = tuple(route.flow_id for route in flows)
         record = InboundRecord(
             tenant=self.tenant.name,
@@ -339,16 +330,7 @@ class Ingest:
             other.addErrback(lambda _failure: None)
             other.cancel()
         outcome = Outcome.ACCEPT if error is None else Outcome.ERROR
-        code = ack_code(header, outcome)
-        ack = b""
-        if _wants_accept_ack(header, outcome):
-            ack = build_ack(
-                header,
-                code,
-                control_id=self._control_ids.next(),
-                timestamp=hl7_timestamp(self._now()),
-                error=error,
-            )
+        code, ack = self._ack(header, outcome, error, self._now())
         if self.save_ack is not None:
             try:
                 await self.save_ack(message_id, code, ack)
@@ -383,19 +365,28 @@ class Ingest:
 
     def _nak(self, header: Header, outcome: Outcome, error: AckError) -> Answer:
         self.stats.errors[error.code] += 1
-        if not _wants_accept_ack(header, outcome):
+        code, ack = self._ack(header, outcome, error, self._now())
+        if not ack:
             return NO_ANSWER
-        code = ack_code(header, outcome)
         self.stats.acks[code] += 1
-        return Answer(
-            build_ack(
-                header,
-                code,
-                control_id=self._control_ids.next(),
-                timestamp=hl7_timestamp(self._now()),
-                error=error,
-            )
+        return Answer(ack)
+
+    def _ack(
+        self, header: Header, outcome: Outcome, error: AckError | None, now: float
+    ) -> tuple[str, bytes]:
+        """The ACK code for ``outcome`` and the ACK to send (empty when the sender's
+        MSH-15 asks for none), with a fresh control ID and MSH-7 from ``now``."""
+        code = ack_code(header, outcome)
+        if not _wants_accept_ack(header, outcome):
+            return code, b""
+        ack = build_ack(
+            header,
+            code,
+            control_id=self._control_ids.next(),
+            timestamp=hl7_timestamp(now),
+            error=error,
         )
+        return code, ack
 
 
 def _waiting_flows(flows: tuple[FlowRoute, ...]) -> dict[str, FlowRoute]:
