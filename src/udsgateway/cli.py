@@ -96,6 +96,15 @@ def flow_table(config: GatewayConfig, apps: Sequence[App]) -> list[dict[str, str
     return rows
 
 
+def write_rows(rows: Sequence[dict[str, Any]], out: TextIO, as_json: bool) -> None:
+    """Rows as JSON lines (``--json``), else as a text table."""
+    if as_json:
+        for row in rows:
+            out.write(json.dumps(row) + "\n")
+    else:
+        print_table(rows, out)
+
+
 def print_table(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
     """Rows as an aligned text table with upper-case headings."""
     if not rows:
@@ -151,11 +160,7 @@ def cmd_flows_variables(args: argparse.Namespace, config: GatewayConfig, out: Te
         {"path": v.path, "name": v.name, "sample": v.value, "template": v.expression}
         for v in variable_catalogue(flow.trigger.sample)
     ]
-    if args.json:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
-    else:
-        print_table(rows, out)
+    write_rows(rows, out, args.json)
     return 0
 
 
@@ -193,11 +198,7 @@ def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextI
 def cmd_flows_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
     apps = open_database(config).transaction_now(store.load_apps, args.tenant)
     rows = flow_table(config, apps)
-    if args.json:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
-    else:
-        print_table(rows, out)
+    write_rows(rows, out, args.json)
     return 0
 
 

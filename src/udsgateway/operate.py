@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import json
 import re
 import time
 from collections.abc import Callable
@@ -57,18 +56,14 @@ def delivery_row(delivery: outbox.Delivery) -> dict[str, Any]:
 
 
 def cmd_deliveries_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli import open_database, print_table
+    from udsgateway.cli import open_database, write_rows
 
     states = tuple(args.state or ())
     rows = open_database(config).transaction_now(
         outbox.list_deliveries, states, args.lane, args.limit
     )
     table = [delivery_row(row) for row in rows]
-    if args.json:
-        for row in table:
-            out.write(json.dumps(row) + "\n")
-    else:
-        print_table(table, out)
+    write_rows(table, out, args.json)
     return 0
 
 
@@ -139,7 +134,7 @@ def _log_rows(
 
 
 def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli import open_database, print_table
+    from udsgateway.cli import open_database, write_rows
 
     database = open_database(config)
     since = time.time() - args.since if args.since else None
@@ -152,11 +147,7 @@ def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> in
         rows = database.transaction_now(_log_rows, args.flow, status, since, after, args.limit)
         if rows:
             after = rows[-1]["id"]
-            if args.json:
-                for row in rows:
-                    out.write(json.dumps(row) + "\n")
-            else:
-                print_table(rows, out)
+            write_rows(rows, out, args.json)
             out.flush()
         if not args.follow:
             return 0
