@@ -65,6 +65,11 @@ class FramedServerProtocol(Protocol):
         self._gap_timer: IDelayedCall | None = None
 
     @property
+    def connection_type(self) -> str:
+        """The framing detected: "mllp" or "tcp" ("" until a message starts)."""
+        return self._connection_type
+
+    @property
     def _transport(self) -> Any:
         """The TCP transport (ITCPTransport, IProducer): more than ITransport promises."""
         assert self.transport is not None

@@ -744,7 +744,7 @@ class ReceiverProtocol(FramedServerProtocol):
     @property
     def framing(self) -> str:
         """The framing detected: "mllp" or "tcp" ("" before the first message)."""
-        return self._connection_type
+        return self.connection_type
 
     def close_when_done(self) -> Deferred[None]:
         """Close after any pending answer; fire once the connection is gone."""

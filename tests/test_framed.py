@@ -1,0 +1,139 @@
+"""Tests for udsgateway.framed: the framed server connection under the listener and receiver.
+
+A minimal subclass answers each frame with its size, so these tests pin the base's
+contract (detection, bounded waits, order, half-close) apart from what the listener
+and the test receiver add on top; test_listener and test_peers cover those.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from udsgateway.framed import ConnectionLimits, FramedServerProtocol
+from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
+
+LIMITS = ConnectionLimits(idle_timeout=600.0, frame_timeout=60.0, idle_gap=0.2, detect_limit=64)
+MSH = b"MSH|^~\\&|A|B|C|D|20240101||ADT^A04|"
+
+
+class Sizes(FramedServerProtocol):
+    """Answers each complete frame with ``<size>;``, in order, at once."""
+
+    def __init__(self, clock: Clock, max_frame_size: int = 1024) -> None:
+        super().__init__(clock, LIMITS)
+        self.max_frame_size = max_frame_size
+        self.events: list[str] = []
+
+    def _make_framer(self, connection_type: str) -> IFramer:
+        if connection_type == "mllp":
+            return MLLPFramer(max_frame_size=self.max_frame_size)
+        return PlainTCPFramer(max_frame_size=self.max_frame_size)
+
+    def _refuse(self, first_bytes: bytes) -> bool:
+        return first_bytes.startswith(b"GET ")
+
+    def _on_overflow(self, size: int) -> None:
+        self.events.append(f"overflow {size}")
+
+    def _on_frame_timeout(self) -> None:
+        self.events.append("frame timeout")
+
+    def _on_idle_timeout(self) -> None:
+        self.events.append("idle timeout")
+
+    def _pump(self) -> None:
+        while self._queue and not self._closing:
+            event = self._queue.popleft()
+            assert isinstance(event, Frame)
+            self._transport.write(b"%d;" % len(event.payload))
+        if self._read_closed and not self._queue:
+            self._transport.loseConnection()
+
+
+class FramedServerTests(SynchronousTestCase):
+    def connect(self, **kwargs: int) -> tuple[Sizes, StringTransport, Clock]:
+        clock = Clock()
+        protocol = Sizes(clock, **kwargs)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport, clock
+
+    def test_mllp_after_junk_frames_in_order(self) -> None:
+        """Junk before the first start byte is dropped; frames are answered in order."""
+        protocol, transport, _clock = self.connect()
+        protocol.dataReceived(b"\r\n\x00junk\x0b" + MSH + b"1\x1c\r\x0b" + MSH + b"22\x1c\r")
+        self.assertEqual(protocol.connection_type, "mllp")
+        self.assertEqual(transport.value(), b"%d;%d;" % (len(MSH) + 1, len(MSH) + 2))
+
+    def test_plain_tcp_ends_at_the_idle_gap(self) -> None:
+        """Plain TCP: a message with no end marker ends after the idle gap."""
+        protocol, transport, clock = self.connect()
+        protocol.dataReceived(MSH + b"1\r")
+        self.assertEqual(transport.value(), b"")
+        clock.advance(LIMITS.idle_gap)
+        self.assertEqual(protocol.connection_type, "tcp")
+        self.assertEqual(transport.value(), b"%d;" % (len(MSH) + 2))
+
+    def test_no_hl7_within_the_detect_limit_closes(self) -> None:
+        """Bytes with neither a start byte nor MSH are buffered up to the limit, then closed."""
+        protocol, transport, _clock = self.connect()
+        protocol.dataReceived(b"x" * LIMITS.detect_limit)
+        self.assertFalse(transport.disconnecting)
+        protocol.dataReceived(b"x")
+        self.assertTrue(transport.disconnecting)
+
+    def test_refused_first_bytes_close(self) -> None:
+        """What the subclass refuses (an HTTP request, here) is closed before any framing."""
+        protocol, transport, _clock = self.connect()
+        protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(protocol.connection_type, "")
+
+    def test_overflow_aborts(self) -> None:
+        """A frame that grows past the limit: the hook hears its size, the connection aborts."""
+        protocol, transport, _clock = self.connect(max_frame_size=100)
+        protocol.dataReceived(b"\x0b" + MSH + b"x" * 200)
+        self.assertEqual(len(protocol.events), 1)
+        self.assertTrue(protocol.events[0].startswith("overflow "))
+        self.assertTrue(transport.disconnected)  # abortConnection, not loseConnection
+
+    def test_frame_timeout_is_absolute(self) -> None:
+        """Trickling bytes does not extend the frame timeout; at it the connection closes."""
+        protocol, transport, clock = self.connect()
+        protocol.dataReceived(b"\x0b" + MSH)
+        for _ in range(5):
+            clock.advance(LIMITS.frame_timeout / 6)
+            protocol.dataReceived(b"x")
+        self.assertFalse(transport.disconnecting)
+        clock.advance(LIMITS.frame_timeout / 6)
+        self.assertEqual(protocol.events, ["frame timeout"])
+        self.assertTrue(transport.disconnecting)
+
+    def test_idle_timeout(self) -> None:
+        """Data resets the idle timer; silence for the whole timeout closes."""
+        protocol, transport, clock = self.connect()
+        clock.advance(LIMITS.idle_timeout - 1)
+        protocol.dataReceived(b"\x0b" + MSH + b"1\x1c\r")
+        clock.advance(LIMITS.idle_timeout - 1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(1)
+        self.assertEqual(protocol.events, ["idle timeout"])
+        self.assertTrue(transport.disconnecting)
+
+    def test_half_close_answers_the_last_message_then_closes(self) -> None:
+        """Plain TCP: end of stream ends the message; it is answered, then the connection ends."""
+        protocol, transport, _clock = self.connect()
+        protocol.dataReceived(MSH + b"1\r")
+        protocol.readConnectionLost()
+        self.assertEqual(transport.value(), b"%d;" % (len(MSH) + 2))
+        self.assertTrue(transport.disconnecting)
+
+    def test_connection_lost_cancels_every_timer(self) -> None:
+        """Once the connection is gone, no timer of it is left on the clock."""
+        protocol, _transport, clock = self.connect()
+        protocol.dataReceived(MSH + b"partial")  # idle, frame and gap timers all running
+        self.assertEqual(len(clock.getDelayedCalls()), 3)
+        protocol.connectionLost()
+        self.assertEqual(clock.getDelayedCalls(), [])
