@@ -225,7 +225,7 @@ class Ingest:
             timeout = 0.0
             if self.watch is not None and any(r.ack == "after_actions" for r in flows):
                 waiting = _waiting_flows(flows)
-                timeout = min((route.ack_timeout for route in waiting.values()), default=0.0)
+                timeout = _ack_timeout(waiting)
                 # Only the flows that asked for it; watch before the executor hears
                 # of the message, since it may finish at once.
                 watches = [
@@ -281,7 +281,7 @@ class Ingest:
         the gateway restarted meanwhile) decide at once from the store.
         """
         waiting = _waiting_flows(flows)
-        timeout = min((route.ack_timeout for route in waiting.values()), default=0.0)
+        timeout = _ack_timeout(waiting)
         error: AckError | None = None
         watches: list[Deferred[Finished]] = []
         try:
@@ -392,6 +392,11 @@ class Ingest:
 def _waiting_flows(flows: tuple[FlowRoute, ...]) -> dict[str, FlowRoute]:
     """The routed flows whose ACK waits for their actions."""
     return {r.flow_id: r for r in flows if r.ack == "after_actions" and r.destinations}
+
+
+def _ack_timeout(waiting: dict[str, FlowRoute]) -> float:
+    """How long an "after actions" ACK waits: the shortest timeout of its flows."""
+    return min((route.ack_timeout for route in waiting.values()), default=0.0)
 
 
 def _sender(header: Header) -> str:
