@@ -26,8 +26,8 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway import cli, outbox, schema, store
-from udsgateway.ack import parse_reply
-from udsgateway.executor import lane_name
+from udsgateway.ack import ControlIdSource, parse_reply
+from udsgateway.executor import Executor, lane_name
 from udsgateway.flows import App
 from udsgateway.testing import Connection, PeerConnection, control_id_of, destination_ack
 from udsgateway.testing_flows import (
@@ -442,6 +442,179 @@ class OrderingTests(SynchronousTestCase):
                 ("waiting", 0),
             ],
         )
+
+
+def statements(running: FlowGateway) -> list[str]:
+    """Every SQL statement the gateway runs from now on (its one SQLite connection)."""
+    seen: list[str] = []
+
+    def trace(connection: Any) -> None:
+        connection.connection.dbapi_connection.set_trace_callback(seen.append)
+
+    running.database.transaction_now(trace)
+    return seen
+
+
+def inbound(control_id: str, flow_ids: tuple[str, ...], first: tuple[Any, ...]) -> Any:
+    """An accepted InboundRecord running ``flow_ids``, with those first actions."""
+    return store.InboundRecord(
+        tenant="test",
+        sender="HIS|Hospital",
+        control_id=control_id,
+        message_type="ADT^A04",
+        peer="127.0.0.1",
+        connection="mllp",
+        received_at=START,
+        raw=adt(control_id),
+        digest=control_id,
+        accepted=True,
+        flows=flow_ids,
+        reason="",
+        ack_code="AA",
+        ack=b"ACK",
+        run_flows=flow_ids,
+        first=first,
+    )
+
+
+class FoldTests(SynchronousTestCase):
+    """The fold: a new message's first action is rendered before its commit and
+    enqueued in it, unless older executions of its flow still wait for theirs."""
+
+    def one_flow(self, **options: Any) -> FlowGateway:
+        return gateway(
+            self,
+            app(
+                flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
+            ),
+            **options,
+        )
+
+    def test_first_action_is_enqueued_in_the_inbound_commit(self) -> None:
+        """The message, its execution (already waiting) and its delivery go in one
+        transaction; the executor never reads the message back."""
+        running = self.one_flow()
+        running.peer(2601).latency = 1.0
+        seen = statements(running)
+
+        self.assertEqual(ack_fields(running.send(adt("MSG1")))["code"], "AA")
+        self.assertEqual(states(running), [("FLWONE", "waiting", 0, "")])
+        (delivery,) = running.rows(schema.deliveries)
+        self.assertEqual(delivery["state"], "queued")
+        begin = [i for i, sql in enumerate(seen) if sql == "BEGIN IMMEDIATE"]
+        stored = next(i for i, sql in enumerate(seen) if sql.startswith("INSERT INTO messages"))
+        enqueued = next(i for i, sql in enumerate(seen) if sql.startswith("INSERT INTO deliver"))
+        commit = next(i for i, sql in enumerate(seen) if i > stored and sql == "COMMIT")
+        self.assertLess(max(i for i in begin if i < stored), stored)
+        self.assertLess(enqueued, commit)
+        self.assertFalse([sql for sql in seen if "messages.raw" in sql], "executor read")
+
+        running.settle()
+        self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
+        self.assertEqual(states(running), [("FLWONE", "done", 0, "")])
+
+    def test_older_pending_executions_keep_their_place(self) -> None:
+        """A message stored while older ones of its flow wait for the executor is not
+        folded: the executor enqueues them all, oldest first (G2)."""
+        running = self.one_flow(autorun=False)
+        for control_id in ("MSG1", "MSG2"):
+            self.assertEqual(ack_fields(running.send(adt(control_id)))["code"], "AA")
+        running.autorun = True
+        self.assertEqual(ack_fields(running.send(adt("MSG3")))["code"], "AA")
+        running.settle()
+
+        self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1", "MSG2", "MSG3"])
+        queued = running.rows(schema.deliveries)
+        self.assertEqual(trigger_ids([row["payload"] for row in queued]), ["MSG1", "MSG2", "MSG3"])
+        # Once the executor caught up, the next message folds again.
+        self.assertEqual(ack_fields(running.send(adt("MSG4")))["code"], "AA")
+        self.assertEqual(states(running)[-1], ("FLWONE", "waiting", 0, ""))
+
+    def test_pending_executions_of_a_previous_run_go_first(self) -> None:
+        """Executions a stopped gateway left pending are enqueued by the next one's
+        executor at start, before the first new message, which then folds again."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        url = f"sqlite:///{directory / 'gateway.db'}"
+        before = self.one_flow(database_url=url, autorun=False)
+        for control_id in ("MSG1", "MSG2"):
+            self.assertEqual(ack_fields(before.send(adt(control_id)))["code"], "AA")
+        before.stop()
+
+        after = self.one_flow(database_url=url)
+        self.assertEqual([state for _f, state, _s, _e in states(after)], ["waiting"] * 2)
+        self.assertEqual(ack_fields(after.send(adt("MSG3")))["code"], "AA")
+        self.assertEqual(states(after)[-1], ("FLWONE", "waiting", 0, ""))
+        after.settle()
+        self.assertEqual(trigger_ids(after.peer(2601).received), ["MSG1", "MSG2", "MSG3"])
+
+    def test_which_executions_the_store_folds(self) -> None:
+        """Folded: a first action given for a flow with nothing pending at step 0.
+        Not: a flow with an older execution pending at step 0, in the store or
+        earlier in the group, nor a duplicate. Other flows and later steps do not
+        block."""
+        running = self.one_flow()
+        database = running.database
+
+        def commit(*records: Any) -> list[store.CommitResult]:
+            return database.transaction_now(store.commit_inbound, list(records))
+
+        (alone,) = commit(inbound("R1", ("F",), ("d1",)))
+        self.assertEqual((alone.folded[0][1], alone.pending), ("d1", False))
+        self.assertEqual(alone.folded[0][0], alone.execution_ids[0])
+
+        unrendered, after, other = commit(
+            inbound("R2", ("F",), (None,)),
+            inbound("R3", ("F",), ("d3",)),
+            inbound("R4", ("G",), ("d4",)),
+        )
+        self.assertEqual((unrendered.folded, unrendered.pending), ((), True))
+        self.assertEqual((after.folded, after.pending), ((), True))
+        self.assertEqual(([d for _e, d in other.folded], other.pending), (["d4"], False))
+
+        (blocked,) = commit(inbound("R5", ("F",), ("d5",)))
+        self.assertEqual((blocked.folded, blocked.pending), ((), True))
+
+        database.transaction_now(
+            lambda connection: connection.execute(
+                schema.executions.update()
+                .where(schema.executions.c.state == "pending")
+                .values(step=1)
+            )
+        )
+        (later_step,) = commit(inbound("R6", ("F",), ("d6",)))
+        self.assertEqual([d for _e, d in later_step.folded], ["d6"])
+
+        (again,) = commit(inbound("R1", ("F",), ("d1",)))
+        self.assertEqual((again.outcome, again.folded), (store.CommitOutcome.REPLAY, ()))
+        self.assertEqual(
+            [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)],
+            [
+                ("F", "waiting"),
+                ("F", "pending"),
+                ("F", "pending"),
+                ("G", "waiting"),
+                ("F", "pending"),
+                ("F", "waiting"),
+            ],
+        )
+
+    def test_nothing_rendered_before_the_executor_looked(self) -> None:
+        """An executor that has not yet looked at the store (recovery) renders nothing
+        before a commit; after a look that finds no backlog, it does."""
+        running = self.one_flow()
+        fresh = Executor(
+            running.database, running.outbound.dispatcher, running.clock, ControlIdSource("X")
+        )
+        fresh.load(running.database.transaction_now(store.load_apps, None))
+        self.assertEqual(fresh.first_actions("test", ("FLWONE",), adt("MSG1")), ())
+        fresh.wake()
+        (rendered,) = fresh.first_actions("test", ("FLWONE",), adt("MSG1"))
+        assert rendered is not None
+        self.assertEqual(trigger_ids([rendered.payload]), ["MSG1"])
+        self.assertEqual(rendered.lane, lane_name("FLWONE", 0))
+        # A flow whose action cannot render is left to the executor.
+        self.assertEqual(fresh.first_actions("test", ("FLWNONE",), adt("MSG1")), (None,))
 
 
 class AfterActionsAckTests(SynchronousTestCase):
@@ -889,8 +1062,10 @@ class LogTests(SynchronousTestCase):
                     "event": "delivery",
                     "outcome": "delivered",
                     "flow_id": "FLWCHAIN",
-                    # OUT2 went to the broken flow's header before its template failed.
-                    "control_id": "OUT3",
+                    # OUT2 and OUT3 went to the broken flow's header before its
+                    # template failed: once rendered before the commit (the fold),
+                    # once by the executor, which records the failure.
+                    "control_id": "OUT4",
                     "action": 1,
                     "attempt": 1,
                     "ack": "AA",

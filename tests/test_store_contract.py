@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, create_engine, text
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from udsgateway import outbox, store
+from udsgateway import executions, outbox, store
 from udsgateway.db import Database, InlineRunner, ensure_schema, is_locked, make_engine
 from udsgateway.store import CommitOutcome, InboundRecord
 from udsgateway.testing import demo_app
@@ -167,6 +167,39 @@ class StoreContract(_Base):
         self.transaction(store.update_ack, stored.message_id, "AA", b"ACK W1 final")
         [final] = self.transaction(store.commit_inbound, [pending])
         self.assertEqual((final.ack, final.ack_pending), (b"ACK W1 final", False))
+
+    def test_folded_first_actions_are_enqueued_with_the_message(self) -> None:
+        """The inbound commit enqueues the first actions rendered before it, in
+        creation order, with their executions waiting; a flow with an execution
+        pending at step 0 is not folded."""
+        from attrs import evolve
+
+        def action(control_id: str) -> outbox.NewDelivery:
+            return outbox.NewDelivery("F1/0", "tcp:host=h:port=1", "mllp", control_id, b"M", {})
+
+        [pending] = self.transaction(executions.commit_inbound, [_record("P1", flows=("F2",))])
+        results = self.transaction(
+            executions.commit_inbound,
+            [
+                evolve(_record(f"D{i}", flows=("F1", "F2")), first=(action(f"O{i}"), action("X")))
+                for i in range(3)
+            ],
+        )
+        self.assertTrue(pending.pending)
+        for index, result in enumerate(results):
+            ((_delivery_id, delivery),) = result.enqueued
+            self.assertEqual(
+                (delivery.execution_id, delivery.control_id, result.pending),
+                (result.execution_ids[0], f"O{index}", True),
+            )
+        ids = [result.enqueued[0][0] for result in results]
+        self.assertEqual(ids, sorted(ids))
+        page = self.transaction(outbox.lane_page, "F1/0", 0, 10)
+        self.assertEqual([d.control_id for d in page], ["O0", "O1", "O2"])
+        states = self.transaction(store.execution_states, results[0].message_id)
+        self.assertEqual(
+            [(s.flow_id, s.state) for s in states], [("F1", "waiting"), ("F2", "pending")]
+        )
 
     def test_lane_order_and_settlement(self) -> None:
         """Deliveries come back in lane order; recorded outcomes are stored with the reply."""

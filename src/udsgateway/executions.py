@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from attrs import frozen
+from attrs import evolve, frozen
 from sqlalchemy import Connection, bindparam, select, update
 
-from udsgateway import outbox, schema
+from udsgateway import outbox, schema, store
 from udsgateway.db import Prepared
 from udsgateway.outbox import DELIVERED, HELD, NewDelivery, Settlement
-from udsgateway.store import Origin, insert_logs, origins
+from udsgateway.store import CommitResult, InboundRecord, Origin, insert_logs, origins
 
 PENDING = "pending"
 WAITING = "waiting"
@@ -139,6 +139,32 @@ def _pending_statement() -> Any:
 
 
 _PENDING = Prepared(_pending_statement)
+
+
+def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
+    """The inbound group commit, with the first actions rendered before it enqueued in it.
+
+    ``store.commit_inbound`` stores the messages and their executions; those it
+    stored waiting on their first action (the fold: see ``Executor.first_actions``)
+    get that delivery here, in the same transaction, in creation order. Each
+    result's ``enqueued`` lists them for the dispatcher.
+    """
+    results = store.commit_inbound(connection, records)
+    deliveries = [
+        evolve(delivery, execution_id=execution_id)
+        for result in results
+        for execution_id, delivery in result.folded
+    ]
+    if not deliveries:
+        return results
+    ids = iter(outbox.enqueue(connection, deliveries, max(r.received_at for r in records)))
+    made = iter(deliveries)
+    return [
+        evolve(result, enqueued=tuple((next(ids), next(made)) for _ in result.folded))
+        if result.folded
+        else result
+        for result in results
+    ]
 
 
 def apply(

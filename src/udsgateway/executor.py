@@ -27,11 +27,11 @@ from udsgateway.clock import Wall, wall_of
 from udsgateway.db import Database
 from udsgateway.delivery import Dispatcher
 from udsgateway.executions import Advanced, Finished, PendingWork, Transition
-from udsgateway.flows import Action, App, Flow
+from udsgateway.flows import App, Flow
 from udsgateway.header import HeaderProblem, parse_header
-from udsgateway.message import MessageParseError, PathSyntaxError, parse_message
+from udsgateway.message import Message, MessageParseError, PathSyntaxError, parse_message
 from udsgateway.outbox import NewDelivery, Settlement
-from udsgateway.store import Origin
+from udsgateway.store import CommitResult, Origin
 from udsgateway.templating import (
     ActionResponse,
     RenderError,
@@ -87,6 +87,10 @@ class Executor:
     after_enqueue: Callable[[], None] | None = None
     rendered: int = 0
     failed: int = 0
+    #: The last look at pending executions filled a whole batch: the executor is
+    #: behind, and new messages' first actions are not rendered before their commit
+    #: (the store could not fold them). True until the first look, at start.
+    _behind: bool = True
     #: Wall clock for timestamps (log lines, a template's ``now``); None: ``clock``'s.
     wall: Wall | None = None
 
@@ -123,6 +127,55 @@ class Executor:
         for item in advanced.finished + advanced.held:
             self._finished(item)
         if advanced.pending:
+            self.wake()
+
+    # -- the fold: a new message's first actions, rendered before its commit
+
+    def first_actions(
+        self, tenant: str, flow_ids: Sequence[str], raw: bytes
+    ) -> tuple[NewDelivery | None, ...]:
+        """Render the first action of each flow for a message about to be committed.
+
+        The inbound commit then stores each execution already waiting on its
+        action and enqueues that action in the same transaction
+        (``executions.commit_inbound``), which saves the executor a read, a
+        transaction and a parse of the message. Whether an execution is folded is
+        decided in that transaction: not while older executions of its flow are
+        pending at step 0, whose actions must reach the lane first (G2); then this
+        render is simply not used. None for a flow whose action did not render (the
+        executor takes that execution, and reports why, as for any other); nothing
+        at all while the executor is behind.
+        """
+        if self._behind:
+            return ()
+        try:
+            trigger = self._trigger(tenant, raw)
+        except RenderError:
+            return ()
+        return tuple(self._first_action(tenant, flow_id, trigger) for flow_id in flow_ids)
+
+    def _first_action(self, tenant: str, flow_id: str, trigger: Message) -> NewDelivery | None:
+        plan = self._plans.get(flow_id)
+        if plan is None or not plan.flow.actions:
+            return None
+        template = plan.templates[0]
+        if isinstance(template, TemplateError):
+            return None
+        try:
+            return self._delivery(plan, 0, template, tenant, trigger, (), None)
+        except Exception:
+            # A render error, or a bug: the executor meets it again, and reports it.
+            return None
+
+    def stored(self, result: CommitResult) -> None:
+        """A message and its executions are committed: the folded ones' deliveries go
+        to the dispatcher, and the executor runs the ones stored pending."""
+        for _delivery_id, delivery in result.enqueued:
+            self.rendered += 1
+            if self.after_enqueue is not None:
+                self.after_enqueue()
+            self.dispatcher.enqueued(delivery.lane, delivery.destination, delivery.protocol)
+        if result.pending:
             self.wake()
 
     # -- watchers: the "after actions" ACK timing
@@ -164,6 +217,7 @@ class Executor:
             while True:
                 self._dirty = False
                 work = await self.database.transaction(executions.pending, self.batch_size)
+                self._behind = len(work) >= self.batch_size
                 if not work:
                     if self._dirty:
                         continue
@@ -213,7 +267,10 @@ class Executor:
         if isinstance(template, TemplateError):
             return Transition(work.execution_id, error=f"template: {template.problem}")
         try:
-            body, key_value = self._render(plan, action, template, work)
+            trigger = self._trigger(work.tenant, work.raw)
+            delivery = self._delivery(
+                plan, work.step, template, work.tenant, trigger, work.responses, work.execution_id
+            )
         except RenderError as error:
             log.info(
                 "action {step} of flow {flow_id} failed to render: {reason}",
@@ -223,55 +280,62 @@ class Executor:
                 control_id=work.control_id,
             )
             return Transition(work.execution_id, error=f"action {action.name}: {error}")
-        header = parse_header(body, default_charset="utf-8")
-        control_id = header.control_id if not isinstance(header, HeaderProblem) else ""
         self.rendered += 1
-        endpoint, policy = plan.targets[work.step]
-        return Transition(
-            work.execution_id,
-            NewDelivery(
-                lane=lane_name(work.flow_id, work.step, key_value),
-                destination=endpoint,
-                protocol=action.protocol,
-                control_id=control_id,
-                payload=body,
-                policy=policy,
-                execution_id=work.execution_id,
-                step=work.step,
-            ),
-        )
+        return Transition(work.execution_id, delivery)
 
-    def _render(
-        self, plan: _FlowPlan, action: Action, template: Template, work: PendingWork
-    ) -> tuple[bytes, str | None]:
-        charset = self.charsets.get(work.tenant, "latin-1")
+    def _trigger(self, tenant: str, raw: bytes) -> Message:
+        """The trigger message, parsed whole (templates read any of its fields)."""
         try:
-            trigger = parse_message(work.raw, default_charset=charset)
+            return parse_message(raw, default_charset=self.charsets.get(tenant, "latin-1"))
         except MessageParseError as error:
             raise RenderError(f"trigger message unreadable: {error.reason}") from None
-        responses = []
-        for step, response in enumerate(work.responses):
-            parsed = None
+
+    def _delivery(
+        self,
+        plan: _FlowPlan,
+        step: int,
+        template: Template,
+        tenant: str,
+        trigger: Message,
+        responses: Sequence[bytes | None],
+        execution_id: int | None,
+    ) -> NewDelivery:
+        """Action ``step`` of the flow, rendered for ``trigger``; RenderError if it cannot be."""
+        action = plan.flow.actions[step]
+        parsed = []
+        for index, response in enumerate(responses):
+            reply = None
             if response:
                 try:
-                    parsed = parse_message(response, default_charset="latin-1")
+                    reply = parse_message(response, default_charset="latin-1")
                 except MessageParseError:
-                    parsed = None
-            responses.append(ActionResponse(plan.flow.actions[step].name, parsed))
-        data = TemplateData(trigger, tuple(responses), dict(plan.app.variables))
+                    reply = None
+            parsed.append(ActionResponse(plan.flow.actions[index].name, reply))
+        data = TemplateData(trigger, tuple(parsed), dict(plan.app.variables))
         body = render_body(
             template,
             data,
             message_type=action.message_type,
             now=self._now,
             new_control_id=self.control_ids.next,
-            default_charset=charset,
+            default_charset=self.charsets.get(tenant, "latin-1"),
         )
         try:
             key_value = trigger.get(action.ordering_key) if action.ordering_key else None
         except PathSyntaxError:
             raise RenderError("ordering_key is not an HL7 path") from None
-        return body, key_value
+        header = parse_header(body, default_charset="utf-8")
+        endpoint, policy = plan.targets[step]
+        return NewDelivery(
+            lane=lane_name(plan.flow.flow_id, step, key_value),
+            destination=endpoint,
+            protocol=action.protocol,
+            control_id=header.control_id if not isinstance(header, HeaderProblem) else "",
+            payload=body,
+            policy=policy,
+            execution_id=execution_id,
+            step=step,
+        )
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self._wall(), tz=UTC)

@@ -67,6 +67,9 @@ class Ingest:
     routes: RoutingTable = EMPTY
     #: Called with each stored message's CommitResult (the executor listens here).
     on_stored: Callable[[CommitResult], None] | None = None
+    #: Renders the first action of each of a message's flows before its commit (the
+    #: executor's fold: ``Executor.first_actions``), or nothing.
+    first_actions: Callable[[str, tuple[str, ...], bytes], tuple[object, ...]] | None = None
     #: Called after a commit, before its answer is written (fault injection in tests).
     after_commit: Callable[[], None] | None = None
     #: Backpressure: True when a destination's queue is at its cap (NAK 207).
@@ -121,6 +124,19 @@ class Ingest:
             outcome, flows, error, reason = Outcome.ACCEPT, routed.flows, None, ""
         code, ack = self._ack(header, outcome, error, now)
         flow_ids = tuple(route.flow_id for route in flows)
+        run_flows = (
+            flow_ids
+            if all(route.destinations for route in flows)
+            else tuple(route.flow_id for route in flows if route.destinations)
+        )
+        # Backpressure: a new message for a full destination is refused, but
+        # a resend of one already stored still gets its stored ACK (G3).
+        refuse_new = self._full_destination(flows)
+        first = (
+            self.first_actions(self.tenant.name, run_flows, payload)
+            if self.first_actions is not None and run_flows and not refuse_new
+            else ()
+        )
         record = InboundRecord(
             tenant=self.tenant.name,
             sender=_sender(header),
@@ -136,17 +152,12 @@ class Ingest:
             reason=reason,
             ack_code=code,
             ack=ack,
-            run_flows=(
-                flow_ids
-                if all(route.destinations for route in flows)
-                else tuple(route.flow_id for route in flows if route.destinations)
-            ),
-            # Backpressure: a new message for a full destination is refused, but
-            # a resend of one already stored still gets its stored ACK (G3).
-            refuse_new=self._full_destination(flows),
+            run_flows=run_flows,
+            refuse_new=refuse_new,
             # Its ACK will reflect the actions: until then a resend must not be
             # given the provisional one (see _replay_pending).
             ack_pending=(error is None and self.watch is not None and bool(_waiting_flows(flows))),
+            first=first,
         )
         committing = self._committer.submit(record)
         return committing.addCallbacks(

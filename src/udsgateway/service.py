@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTi
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from udsgateway import store
+from udsgateway import executions, store
 from udsgateway.ack import ControlIdSource
 from udsgateway.clock import Wall, wall_of
 from udsgateway.config import GatewayConfig, TenantConfig
@@ -58,7 +58,7 @@ class GatewayService(MultiService):
         # threads do not survive a fork.
         self._threads = threads
         self.committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
-            database, store.commit_inbound, config.commit_max_batch, clock=reactor
+            database, executions.commit_inbound, config.commit_max_batch, clock=reactor
         )
         self._timings: dict[str, Timing] = {}
         self.dispatcher = Dispatcher(
@@ -91,7 +91,8 @@ class GatewayService(MultiService):
                 self.committer,
                 reactor,
                 control_ids,
-                on_stored=lambda _result: self.executor.wake(),
+                on_stored=self.executor.stored,
+                first_actions=self.executor.first_actions,
                 is_full=self.dispatcher.is_full,
                 watch=self.executor.watch,
                 save_ack=self._save_ack,

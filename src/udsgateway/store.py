@@ -54,6 +54,11 @@ class InboundRecord:
     #: Its ACK waits for the actions ("after actions"): stored with an empty ACK
     #: code until ``update_ack`` stores the one finally sent.
     ack_pending: bool = False
+    #: The first action of each run flow, rendered before the commit (the executor's
+    #: fold), aligned with ``run_flows``; None where it was not rendered. Opaque here:
+    #: an execution whose first action is given is stored waiting on it, unless its
+    #: flow has older executions still pending at that step (see ``commit_inbound``).
+    first: tuple[Any, ...] = ()
 
 
 @frozen
@@ -66,6 +71,13 @@ class CommitResult:
     execution_ids: tuple[int, ...] = ()
     #: REPLAY of a message whose "after actions" ACK is not decided yet.
     ack_pending: bool = False
+    #: STORED: executions stored waiting on their first action, with that action as
+    #: given in ``InboundRecord.first``, in creation order: the caller enqueues them.
+    folded: tuple[tuple[int, Any], ...] = ()
+    #: STORED: some execution was stored pending (the executor has work).
+    pending: bool = False
+    #: STORED: the folded executions' deliveries as enqueued, (delivery id, delivery).
+    enqueued: tuple[tuple[int, Any], ...] = ()
 
 
 @frozen
@@ -187,11 +199,17 @@ def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list
 
     if to_insert:
         ids = _insert_messages(connection, to_insert)
-        executions = _insert_executions(connection, to_insert, ids)
+        made = _insert_executions(connection, to_insert, ids)
         _insert_receipt_logs(connection, to_insert, ids)
         for position, record, message_id in zip(positions, to_insert, ids, strict=True):
+            execution_ids, folded, pending = made.get(message_id, ((), (), False))
             results[position] = CommitResult(
-                CommitOutcome.STORED, message_id, record.ack, executions.get(message_id, ())
+                CommitOutcome.STORED,
+                message_id,
+                record.ack,
+                execution_ids,
+                folded=folded,
+                pending=pending,
             )
         for position, first, record in resent:
             original = to_insert[first]
@@ -235,28 +253,67 @@ def _insert_messages(connection: Connection, records: list[InboundRecord]) -> li
 
 def _insert_executions(
     connection: Connection, records: list[InboundRecord], ids: list[int]
-) -> dict[int, tuple[int, ...]]:
-    rows: list[dict[str, Any]] = [
-        {
-            "message_id": message_id,
-            "flow_id": flow_id,
-            "state": "pending",
-            "step": 0,
-            "created_at": record.received_at,
-            "updated_at": record.received_at,
-            "error": "",
-        }
-        for record, message_id in zip(records, ids, strict=True)
-        if record.accepted
-        for flow_id in record.run_flows
-    ]
+) -> dict[int, tuple[tuple[int, ...], tuple[tuple[int, Any], ...], bool]]:
+    """Each accepted message's executions: by message id, their ids, the folded ones
+    with their first action, and whether any was stored pending.
+
+    An execution whose first action was rendered before the commit is stored
+    waiting on it, so the caller can enqueue that action in this transaction,
+    unless an older execution of its flow is still pending at step 0: the
+    executor enqueues those in creation order, and a newer message's action must
+    not overtake them in the lane (G2). Within the group, the first execution of
+    a flow stored pending makes the flow's later ones pending too.
+    """
+    rows: list[dict[str, Any]] = []
+    firsts: list[Any] = []
+    for record, message_id in zip(records, ids, strict=True):
+        if not record.accepted:
+            continue
+        for index, flow_id in enumerate(record.run_flows):
+            rows.append(
+                {
+                    "message_id": message_id,
+                    "flow_id": flow_id,
+                    "state": "pending",
+                    "step": 0,
+                    "created_at": record.received_at,
+                    "updated_at": record.received_at,
+                    "error": "",
+                }
+            )
+            firsts.append(record.first[index] if index < len(record.first) else None)
     if not rows:
         return {}
-    ids = insert_with_ids(connection, schema.executions, _INSERT_EXECUTION, rows)
-    made: dict[int, list[int]] = {}
-    for execution_id, row in zip(ids, rows, strict=True):
-        made.setdefault(row["message_id"], []).append(execution_id)
-    return {k: tuple(v) for k, v in made.items()}
+    if any(first is not None for first in firsts):
+        blocked = {flow_id for (flow_id,) in _PENDING_FIRST.execute(connection, [{}])}
+        for row, first in zip(rows, firsts, strict=True):
+            if first is not None and row["flow_id"] not in blocked:
+                row["state"] = "waiting"
+            else:
+                blocked.add(row["flow_id"])
+    execution_ids = insert_with_ids(connection, schema.executions, _INSERT_EXECUTION, rows)
+    made: dict[int, tuple[list[int], list[tuple[int, Any]], list[bool]]] = {}
+    for execution_id, row, first in zip(execution_ids, rows, firsts, strict=True):
+        mine = made.setdefault(row["message_id"], ([], [], [False]))
+        mine[0].append(execution_id)
+        if row["state"] == "waiting":
+            mine[1].append((execution_id, first))
+        else:
+            mine[2][0] = True
+    return {k: (tuple(e), tuple(f), p[0]) for k, (e, f, p) in made.items()}
+
+
+def _pending_first_statement() -> Any:
+    e = schema.executions
+    return (
+        select(e.c.flow_id)
+        .where(e.c.state == bindparam("pending", "pending"), e.c.step == bindparam("step", 0))
+        .distinct()
+    )
+
+
+#: Flows with executions pending at step 0 (few: the executor drains them).
+_PENDING_FIRST = Prepared(_pending_first_statement)
 
 
 def insert_logs(connection: Connection, rows: list[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from udsgateway import schema, store
+from udsgateway import executions, schema, store
 from udsgateway.ack import ControlIdSource
 from udsgateway.config import TenantConfig
 from udsgateway.db import Database, GroupCommitter, InlineRunner, ensure_schema, make_engine
@@ -31,6 +31,7 @@ from udsgateway.executor import Executor
 from udsgateway.flows import Action, App, Flow, Trigger
 from udsgateway.ingest import Ingest
 from udsgateway.listener import ListenerFactory
+from udsgateway.outbox import NewDelivery
 from udsgateway.routing import RoutingTable
 from udsgateway.testing import (
     Connection,
@@ -118,6 +119,9 @@ class FlowGateway:
     clock: Clock = field(factory=Clock)
     #: False: stored messages do not wake the executor (a test calls ``executor.wake``).
     autorun: bool = True
+    #: Render a new message's first actions before its commit, as the service does
+    #: (``Executor.first_actions``); never while ``autorun`` is False.
+    fold: bool = True
     database: Database = field(init=False)
     outbound: Outbound = field(init=False)
     executor: Executor = field(init=False)
@@ -159,7 +163,7 @@ class FlowGateway:
         self.executor.load(loaded)
 
         committer: GroupCommitter[store.InboundRecord, store.CommitResult] = GroupCommitter(
-            self.database, store.commit_inbound
+            self.database, executions.commit_inbound
         )
         self.ingest = Ingest(
             self.tenant,
@@ -172,6 +176,7 @@ class FlowGateway:
                 self.tenant.flow_id_field,
             ),
             on_stored=self._stored,
+            first_actions=self._first_actions,
             is_full=dispatcher.is_full,
             watch=self.executor.watch,
             save_ack=self._save_ack,
@@ -181,9 +186,16 @@ class FlowGateway:
         self.outbound.start()
         self.executor.wake()
 
-    def _stored(self, _result: store.CommitResult) -> None:
+    def _first_actions(
+        self, tenant: str, flow_ids: tuple[str, ...], raw: bytes
+    ) -> tuple[NewDelivery | None, ...]:
+        if not (self.fold and self.autorun):
+            return ()
+        return self.executor.first_actions(tenant, flow_ids, raw)
+
+    def _stored(self, result: store.CommitResult) -> None:
         if self.autorun:
-            self.executor.wake()
+            self.executor.stored(result)
 
     def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
         return self.database.transaction(store.update_ack, message_id, code, ack)
