@@ -613,8 +613,10 @@ class FoldTests(SynchronousTestCase):
         assert rendered is not None
         self.assertEqual(trigger_ids([rendered.payload]), ["MSG1"])
         self.assertEqual(rendered.lane, lane_name("FLWONE", 0))
-        # A flow whose action cannot render is left to the executor.
+        # A flow that is not loaded, or a trigger that does not parse, is left to the
+        # executor, which reports it as for any other execution.
         self.assertEqual(fresh.first_actions("test", ("FLWNONE",), adt("MSG1")), (None,))
+        self.assertEqual(fresh.first_actions("test", ("FLWONE",), b"not HL7 at all"), ())
 
 
 class AfterActionsAckTests(SynchronousTestCase):

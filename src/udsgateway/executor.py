@@ -150,7 +150,8 @@ class Executor:
             return ()
         try:
             trigger = self._trigger(tenant, raw)
-        except RenderError:
+        except Exception:
+            # Unreadable, or a bug: the executor meets it again, and reports it.
             return ()
         return tuple(self._first_action(tenant, flow_id, trigger) for flow_id in flow_ids)
 
@@ -170,13 +171,17 @@ class Executor:
     def stored(self, result: CommitResult) -> None:
         """A message and its executions are committed: the folded ones' deliveries go
         to the dispatcher, and the executor runs the ones stored pending."""
-        for _delivery_id, delivery in result.enqueued:
-            self.rendered += 1
+        self.rendered += len(result.enqueued)
+        self._hand_over(result.enqueued)
+        if result.pending:
+            self.wake()
+
+    def _hand_over(self, enqueued: Sequence[tuple[int, NewDelivery]]) -> None:
+        """Committed deliveries: the dispatcher runs their lanes."""
+        for _delivery_id, delivery in enqueued:
             if self.after_enqueue is not None:
                 self.after_enqueue()
             self.dispatcher.enqueued(delivery.lane, delivery.destination, delivery.protocol)
-        if result.pending:
-            self.wake()
 
     # -- watchers: the "after actions" ACK timing
 
@@ -226,12 +231,7 @@ class Executor:
                 enqueued = await self.database.transaction(
                     executions.apply, transitions, self._wall()
                 )
-                for _delivery_id, delivery in enqueued:
-                    if self.after_enqueue is not None:
-                        self.after_enqueue()
-                    self.dispatcher.enqueued(
-                        delivery.lane, delivery.destination, delivery.protocol
-                    )
+                self._hand_over(enqueued)
                 for transition in transitions:
                     if transition.delivery is None:
                         self.failed += 1
