@@ -23,6 +23,7 @@ from udsgateway.config import Limits, TenantConfig
 from udsgateway.flows import App, Flow, Trigger
 from udsgateway.header import read_delimiters
 from udsgateway.testing import Connection, Gateway, ManualRunner, mllp
+from udsgateway.testing_flows import action, app, flow
 
 SENT_AT = "20240101123000"
 
@@ -508,6 +509,54 @@ class StoreThenAckTests(GatewayTestCase):
         self.assertEqual(one_reply(second).error_code, 207)
         self.assertEqual(one_reply(third).error_code, 207)
         self.assertEqual([m.control_id for m in gateway.messages()], ["GRP1"])
+
+
+class FoldPolicyTests(GatewayTestCase):
+    """When the first actions are rendered before the commit (the executor's fold)."""
+
+    def gateway_with_an_action(self, **options: object) -> tuple[Gateway, list[bytes]]:
+        """A gateway whose ADT^A04 flow has one action; the first actions it asks for are
+        recorded (by trigger) and left unrendered."""
+        with_action = app(flow("relay", "ADT^A04", [action("send", 2601, "ADT^A04", "MSH")]))
+        gateway = Gateway(apps=(with_action,), **options)  # type: ignore[arg-type]
+        asked: list[bytes] = []
+
+        def first_actions(_tenant: str, flows: tuple[str, ...], raw: bytes) -> tuple[None, ...]:
+            asked.append(raw)
+            return tuple(None for _ in flows)
+
+        gateway.ingest.first_actions = first_actions
+        return gateway, asked
+
+    def test_only_while_a_commit_is_running(self) -> None:
+        """An idle gateway commits and answers at once (the executor renders after the
+        ACK); a message that arrives while a commit runs has its first actions rendered
+        while it waits for the next one. Flows without actions never ask."""
+        runner = ManualRunner()
+        gateway, asked = self.gateway_with_an_action(runner=runner)
+        first, second, third = gateway.connect(), gateway.connect(), gateway.connect()
+        first.send(mllp(hl7("IDLE1")))
+        self.assertEqual(asked, [])
+        second.send(mllp(hl7("BUSY1")))
+        third.send(mllp(hl7("BUSY2", "ADT^A08")))  # routed to a flow without actions
+        self.assertEqual(asked, [hl7("BUSY1")])
+        runner.run_next()
+        self.assertEqual(one_reply(first).control_id, "IDLE1")
+        runner.run_next()
+        self.assertEqual(one_reply(second).control_id, "BUSY1")
+        self.assertEqual(one_reply(third).control_id, "BUSY2")
+        fourth = gateway.connect()
+        fourth.send(mllp(hl7("IDLE2")))
+        self.assertEqual(asked, [hl7("BUSY1")])
+        runner.run_next()
+        self.assertEqual(one_reply(fourth).code, "AA")
+
+    def test_always_when_asked_to(self) -> None:
+        """``fold_while_idle`` (an inline database, in tests): before every commit."""
+        gateway, asked = self.gateway_with_an_action()
+        gateway.ingest.fold_while_idle = True
+        self.assertEqual(self.send_one(gateway, hl7("IDLE1")).code, "AA")
+        self.assertEqual(asked, [hl7("IDLE1")])
 
 
 class DuplicateTests(GatewayTestCase):

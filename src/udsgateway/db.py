@@ -340,6 +340,11 @@ class GroupCommitter(Generic[Item, Result]):
         """Items waiting for the next group."""
         return len(self._pending)
 
+    @property
+    def busy(self) -> bool:
+        """A group is committing or due: an item submitted now waits for it to end."""
+        return self._running
+
     def _next(self) -> None:
         if not self._pending:
             self._running = False

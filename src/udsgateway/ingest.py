@@ -68,8 +68,13 @@ class Ingest:
     #: Called with each stored message's CommitResult (the executor listens here).
     on_stored: Callable[[CommitResult], None] | None = None
     #: Renders the first action of each of a message's flows before its commit (the
-    #: executor's fold: ``Executor.first_actions``), or nothing.
+    #: executor's fold: ``Executor.first_actions``), or nothing. Used only while a
+    #: commit is running, when the message waits for the next one anyway: an idle
+    #: gateway commits and answers at once, and the executor renders after the ACK.
     first_actions: Callable[[str, tuple[str, ...], bytes], tuple[object, ...]] | None = None
+    #: Use ``first_actions`` for every message, also when no commit is running (tests
+    #: on an inline database, whose commits never overlap a frame).
+    fold_while_idle: bool = False
     #: Called after a commit, before its answer is written (fault injection in tests).
     after_commit: Callable[[], None] | None = None
     #: Backpressure: True when a destination's queue is at its cap (NAK 207).
@@ -134,7 +139,10 @@ class Ingest:
         refuse_new = self._full_destination(flows)
         first = (
             self.first_actions(self.tenant.name, run_flows, payload)
-            if self.first_actions is not None and run_flows and not refuse_new
+            if self.first_actions is not None
+            and run_flows
+            and not refuse_new
+            and (self.fold_while_idle or self._committer.busy)
             else ()
         )
         record = InboundRecord(

@@ -119,8 +119,9 @@ class FlowGateway:
     clock: Clock = field(factory=Clock)
     #: False: stored messages do not wake the executor (a test calls ``executor.wake``).
     autorun: bool = True
-    #: Render a new message's first actions before its commit, as the service does
-    #: (``Executor.first_actions``); never while ``autorun`` is False.
+    #: Render a new message's first actions before its commit (``Executor.first_actions``),
+    #: as the service does while a commit is running, which on this inline database is
+    #: never: so here before every commit. Never while ``autorun`` is False.
     fold: bool = True
     database: Database = field(init=False)
     outbound: Outbound = field(init=False)
@@ -177,6 +178,7 @@ class FlowGateway:
             ),
             on_stored=self._stored,
             first_actions=self._first_actions,
+            fold_while_idle=True,
             is_full=dispatcher.is_full,
             watch=self.executor.watch,
             save_ack=self._save_ack,
