@@ -202,14 +202,14 @@ def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list
         made = _insert_executions(connection, to_insert, ids)
         _insert_receipt_logs(connection, to_insert, ids)
         for position, record, message_id in zip(positions, to_insert, ids, strict=True):
-            execution_ids, folded, pending = made.get(message_id, ((), (), False))
+            execution_ids, folded = made.get(message_id, ((), ()))
             results[position] = CommitResult(
                 CommitOutcome.STORED,
                 message_id,
                 record.ack,
                 execution_ids,
                 folded=folded,
-                pending=pending,
+                pending=len(folded) < len(execution_ids),
             )
         for position, first, record in resent:
             original = to_insert[first]
@@ -253,9 +253,9 @@ def _insert_messages(connection: Connection, records: list[InboundRecord]) -> li
 
 def _insert_executions(
     connection: Connection, records: list[InboundRecord], ids: list[int]
-) -> dict[int, tuple[tuple[int, ...], tuple[tuple[int, Any], ...], bool]]:
-    """Each accepted message's executions: by message id, their ids, the folded ones
-    with their first action, and whether any was stored pending.
+) -> dict[int, tuple[tuple[int, ...], tuple[tuple[int, Any], ...]]]:
+    """Each accepted message's executions: by message id, their ids and the folded
+    ones with their first action (the others are stored pending).
 
     An execution whose first action was rendered before the commit is stored
     waiting on it, so the caller can enqueue that action in this transaction,
@@ -292,15 +292,13 @@ def _insert_executions(
             else:
                 blocked.add(row["flow_id"])
     execution_ids = insert_with_ids(connection, schema.executions, _INSERT_EXECUTION, rows)
-    made: dict[int, tuple[list[int], list[tuple[int, Any]], list[bool]]] = {}
+    made: dict[int, tuple[list[int], list[tuple[int, Any]]]] = {}
     for execution_id, row, first in zip(execution_ids, rows, firsts, strict=True):
-        mine = made.setdefault(row["message_id"], ([], [], [False]))
-        mine[0].append(execution_id)
+        ids_of_message, folded = made.setdefault(row["message_id"], ([], []))
+        ids_of_message.append(execution_id)
         if row["state"] == "waiting":
-            mine[1].append((execution_id, first))
-        else:
-            mine[2][0] = True
-    return {k: (tuple(e), tuple(f), p[0]) for k, (e, f, p) in made.items()}
+            folded.append((execution_id, first))
+    return {k: (tuple(e), tuple(f)) for k, (e, f) in made.items()}
 
 
 def _pending_first_statement() -> Any:
