@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from attrs import evolve
 from sqlalchemy import insert
 from twisted.internet.defer import fail
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
@@ -29,7 +30,13 @@ from udsgateway import cli, outbox, schema, store
 from udsgateway.ack import ControlIdSource, parse_reply
 from udsgateway.executor import Executor, lane_name
 from udsgateway.flows import App
-from udsgateway.testing import Connection, PeerConnection, control_id_of, destination_ack
+from udsgateway.testing import (
+    Connection,
+    PeerConnection,
+    control_id_of,
+    destination_ack,
+    inbound_record,
+)
 from udsgateway.testing_flows import (
     START,
     FlowGateway,
@@ -455,28 +462,6 @@ def statements(running: FlowGateway) -> list[str]:
     return seen
 
 
-def inbound(control_id: str, flow_ids: tuple[str, ...], first: tuple[Any, ...]) -> Any:
-    """An accepted InboundRecord running ``flow_ids``, with those first actions."""
-    return store.InboundRecord(
-        tenant="test",
-        sender="HIS|Hospital",
-        control_id=control_id,
-        message_type="ADT^A04",
-        peer="127.0.0.1",
-        connection="mllp",
-        received_at=START,
-        raw=adt(control_id),
-        digest=control_id,
-        accepted=True,
-        flows=flow_ids,
-        reason="",
-        ack_code="AA",
-        ack=b"ACK",
-        run_flows=flow_ids,
-        first=first,
-    )
-
-
 class FoldTests(SynchronousTestCase):
     """The fold: a new message's first action is rendered before its commit and
     enqueued in it, unless older executions of its flow still wait for theirs."""
@@ -559,20 +544,20 @@ class FoldTests(SynchronousTestCase):
         def commit(*records: Any) -> list[store.CommitResult]:
             return database.transaction_now(store.commit_inbound, list(records))
 
-        (alone,) = commit(inbound("R1", ("F",), ("d1",)))
+        (alone,) = commit(evolve(inbound_record("R1", flows=("F",)), first=("d1",)))
         self.assertEqual((alone.folded[0][1], alone.pending), ("d1", False))
         self.assertEqual(alone.folded[0][0], alone.execution_ids[0])
 
         unrendered, after, other = commit(
-            inbound("R2", ("F",), (None,)),
-            inbound("R3", ("F",), ("d3",)),
-            inbound("R4", ("G",), ("d4",)),
+            evolve(inbound_record("R2", flows=("F",)), first=(None,)),
+            evolve(inbound_record("R3", flows=("F",)), first=("d3",)),
+            evolve(inbound_record("R4", flows=("G",)), first=("d4",)),
         )
         self.assertEqual((unrendered.folded, unrendered.pending), ((), True))
         self.assertEqual((after.folded, after.pending), ((), True))
         self.assertEqual(([d for _e, d in other.folded], other.pending), (["d4"], False))
 
-        (blocked,) = commit(inbound("R5", ("F",), ("d5",)))
+        (blocked,) = commit(evolve(inbound_record("R5", flows=("F",)), first=("d5",)))
         self.assertEqual((blocked.folded, blocked.pending), ((), True))
 
         database.transaction_now(
@@ -582,10 +567,10 @@ class FoldTests(SynchronousTestCase):
                 .values(step=1)
             )
         )
-        (later_step,) = commit(inbound("R6", ("F",), ("d6",)))
+        (later_step,) = commit(evolve(inbound_record("R6", flows=("F",)), first=("d6",)))
         self.assertEqual([d for _e, d in later_step.folded], ["d6"])
 
-        (again,) = commit(inbound("R1", ("F",), ("d1",)))
+        (again,) = commit(evolve(inbound_record("R1", flows=("F",)), first=("d1",)))
         self.assertEqual((again.outcome, again.folded), (store.CommitOutcome.REPLAY, ()))
         self.assertEqual(
             [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)],

@@ -8,7 +8,6 @@ schema of its own that it drops afterwards.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -19,33 +18,12 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from udsgateway import executions, outbox, store
 from udsgateway.db import Database, InlineRunner, ensure_schema, is_locked, make_engine
-from udsgateway.store import CommitOutcome, InboundRecord
-from udsgateway.testing import demo_app
+from udsgateway.store import CommitOutcome
+from udsgateway.testing import demo_app, inbound_record
 
 POSTGRES_URL = os.environ.get(
     "UDSGATEWAY_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-
-
-def _record(control_id: str, body: bytes = b"PID|1", flows: tuple[str, ...] = ()) -> InboundRecord:
-    raw = b"MSH|^~\\&|HIS|H|LSQ|L|20240101||ADT^A04|" + control_id.encode() + b"|P|2.3\r" + body
-    return InboundRecord(
-        tenant="t",
-        sender="HIS|H",
-        control_id=control_id,
-        message_type="ADT^A04",
-        peer="127.0.0.1",
-        connection="mllp",
-        received_at=1000.0,
-        raw=raw,
-        digest=hashlib.sha256(raw).hexdigest(),
-        accepted=True,
-        flows=flows,
-        reason="",
-        ack_code="AA",
-        ack=b"ACK " + control_id.encode(),
-        run_flows=flows,
-    )
 
 
 if TYPE_CHECKING:
@@ -73,12 +51,12 @@ class StoreContract(_Base):
         """A function that fails after its inserts leaves nothing behind; the next one works."""
 
         def store_then_fail(connection: Any) -> None:
-            store.commit_inbound(connection, [_record("R1", flows=("F1",))])
+            store.commit_inbound(connection, [inbound_record("R1", flows=("F1",))])
             raise RuntimeError("after the insert")
 
         self.assertRaises(RuntimeError, self.transaction, store_then_fail)
         self.assertEqual(self.transaction(store.find_messages, "t", None), [])
-        [result] = self.transaction(store.commit_inbound, [_record("R1")])
+        [result] = self.transaction(store.commit_inbound, [inbound_record("R1")])
         self.assertEqual(result.outcome, CommitOutcome.STORED)
 
     def test_core_statements_join_the_transaction(self) -> None:
@@ -87,7 +65,7 @@ class StoreContract(_Base):
 
         def both(connection: Any, fail: bool) -> None:
             store.save_app(connection, app, 1.0)  # SQLAlchemy Core
-            store.commit_inbound(connection, [_record("J1")])  # driver statements
+            store.commit_inbound(connection, [inbound_record("J1")])  # driver statements
             if fail:
                 raise RuntimeError("roll both back")
 
@@ -100,7 +78,7 @@ class StoreContract(_Base):
 
     def test_group_larger_than_one_statement(self) -> None:
         """A group of more rows than one multi-row statement holds keeps ids and order."""
-        records = [_record(f"B{i:03d}", flows=("F1",)) for i in range(150)]
+        records = [inbound_record(f"B{i:03d}", flows=("F1",)) for i in range(150)]
         results = self.transaction(store.commit_inbound, records)
         ids = [r.message_id for r in results]
         self.assertEqual(ids, list(range(ids[0], ids[0] + 150)))
@@ -110,10 +88,10 @@ class StoreContract(_Base):
 
     def test_commit_then_duplicate_replays(self) -> None:
         """A stored message's resend replays its ACK; other bytes under its MSH-10 conflict."""
-        [first] = self.transaction(store.commit_inbound, [_record("A1")])
+        [first] = self.transaction(store.commit_inbound, [inbound_record("A1")])
         self.assertEqual(first.outcome, CommitOutcome.STORED)
         again, other = self.transaction(
-            store.commit_inbound, [_record("A1"), _record("A1", b"PID|2")]
+            store.commit_inbound, [inbound_record("A1"), inbound_record("A1", b"PID|2")]
         )
         self.assertEqual((again.outcome, again.ack), (CommitOutcome.REPLAY, b"ACK A1"))
         self.assertEqual(other.outcome, CommitOutcome.CONFLICT)
@@ -122,7 +100,7 @@ class StoreContract(_Base):
     def test_group_keeps_order_and_makes_executions(self) -> None:
         """A group stores its messages in order with one execution per flow with actions."""
         results = self.transaction(
-            store.commit_inbound, [_record(f"G{i}", flows=("F1", "F2")) for i in range(5)]
+            store.commit_inbound, [inbound_record(f"G{i}", flows=("F1", "F2")) for i in range(5)]
         )
         ids = [r.message_id for r in results]
         self.assertEqual(ids, sorted(ids))
@@ -132,7 +110,7 @@ class StoreContract(_Base):
 
     def test_origins_of_many_executions(self) -> None:
         """Each execution's flow, message and step come back, across query chunks."""
-        records = [_record(f"O{i:03d}", flows=("F1",)) for i in range(70)]
+        records = [inbound_record(f"O{i:03d}", flows=("F1",)) for i in range(70)]
         results = self.transaction(store.commit_inbound, records)
         wanted = {
             r.execution_ids[0]: (r.message_id, rec.control_id)
@@ -152,7 +130,7 @@ class StoreContract(_Base):
         until update_ack stores the one finally sent; its executions can be read."""
         from attrs import evolve
 
-        pending = evolve(_record("W1", flows=("F1", "F2")), ack_pending=True)
+        pending = evolve(inbound_record("W1", flows=("F1", "F2")), ack_pending=True)
         [stored] = self.transaction(store.commit_inbound, [pending])
         [again] = self.transaction(store.commit_inbound, [pending])
         self.assertEqual(
@@ -177,11 +155,16 @@ class StoreContract(_Base):
         def action(control_id: str) -> outbox.NewDelivery:
             return outbox.NewDelivery("F1/0", "tcp:host=h:port=1", "mllp", control_id, b"M", {})
 
-        [pending] = self.transaction(executions.commit_inbound, [_record("P1", flows=("F2",))])
+        [pending] = self.transaction(
+            executions.commit_inbound, [inbound_record("P1", flows=("F2",))]
+        )
         results = self.transaction(
             executions.commit_inbound,
             [
-                evolve(_record(f"D{i}", flows=("F1", "F2")), first=(action(f"O{i}"), action("X")))
+                evolve(
+                    inbound_record(f"D{i}", flows=("F1", "F2")),
+                    first=(action(f"O{i}"), action("X")),
+                )
                 for i in range(3)
             ],
         )
@@ -222,7 +205,9 @@ class StoreContract(_Base):
 
     def test_prune_keeps_unfinished_work(self) -> None:
         """Retention deletes old finished messages only."""
-        self.transaction(store.commit_inbound, [_record("P1"), _record("P2", flows=("F",))])
+        self.transaction(
+            store.commit_inbound, [inbound_record("P1"), inbound_record("P2", flows=("F",))]
+        )
         deleted = self.transaction(store.prune, 2000.0, 100)
         self.assertEqual(deleted, 1)
         left = [m.control_id for m in self.transaction(store.find_messages, "t", None)]
@@ -249,10 +234,10 @@ class SQLiteStoreTests(StoreContract, SynchronousTestCase):
         self.addCleanup(other.close)
         other.execute("BEGIN IMMEDIATE")
         with self.assertRaises(OperationalError) as raised:
-            self.transaction(store.commit_inbound, [_record("L1")])
+            self.transaction(store.commit_inbound, [inbound_record("L1")])
         self.assertTrue(is_locked(raised.exception))
         other.execute("ROLLBACK")
-        [result] = self.transaction(store.commit_inbound, [_record("L1")])
+        [result] = self.transaction(store.commit_inbound, [inbound_record("L1")])
         self.assertEqual(result.outcome, CommitOutcome.STORED)
 
 

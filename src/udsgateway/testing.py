@@ -13,6 +13,7 @@ scripted ``DestinationPeer``s on the same clock.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -51,6 +52,31 @@ MLLP_END = b"\x1c\x0d"
 def mllp(payload: bytes) -> bytes:
     """Wrap a message in an MLLP frame."""
     return MLLP_START + payload + MLLP_END
+
+
+def inbound_record(
+    control_id: str, body: bytes = b"PID|1", flows: tuple[str, ...] = ()
+) -> store.InboundRecord:
+    """An accepted ADT^A04 from sender ``HIS|H`` of tenant ``t``, ready for
+    ``store.commit_inbound``, running ``flows``; its ACK is ``ACK <control_id>``."""
+    raw = b"MSH|^~\\&|HIS|H|LSQ|L|20240101||ADT^A04|" + control_id.encode() + b"|P|2.3\r" + body
+    return store.InboundRecord(
+        tenant="t",
+        sender="HIS|H",
+        control_id=control_id,
+        message_type="ADT^A04",
+        peer="127.0.0.1",
+        connection="mllp",
+        received_at=1000.0,
+        raw=raw,
+        digest=hashlib.sha256(raw).hexdigest(),
+        accepted=True,
+        flows=flows,
+        reason="",
+        ack_code="AA",
+        ack=b"ACK " + control_id.encode(),
+        run_flows=flows,
+    )
 
 
 @implementer(IDatabaseRunner)
