@@ -245,8 +245,8 @@ def _median(values: list[Any]) -> Any:
 
 def _fill_deliveries(database_url: str, count: int, port: int) -> None:
     """Put ``count`` queued deliveries in one lane, as a long outage would leave them."""
-    from udsgateway import outbox
-    from udsgateway.db import Database, InlineRunner, ensure_schema, make_engine
+    from udsgateway.store import outbox
+    from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
 
     database = Database(make_engine(database_url), InlineRunner())
     database.transaction_now(ensure_schema)
@@ -340,8 +340,8 @@ def _fill_messages(database_url: str, count: int) -> None:
     """Store ``count`` accepted messages, as months of traffic would."""
     import hashlib
 
-    from udsgateway import store
-    from udsgateway.db import Database, InlineRunner, ensure_schema, make_engine
+    from udsgateway.store import messages as store
+    from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
 
     database = Database(make_engine(database_url), InlineRunner())
     database.transaction_now(ensure_schema)

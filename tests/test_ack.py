@@ -1,4 +1,4 @@
-"""Tests for udsgateway.ack: the ACKs we send and the ACKs we read."""
+"""Tests for udsgateway.hl7.ack: the ACKs we send and the ACKs we read."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.ack import (
+from udsgateway.hl7.ack import (
     TABLE_0357,
     AckError,
     ControlIdSource,
@@ -19,7 +19,7 @@ from udsgateway.ack import (
     parse_reply,
     wants_accept_ack,
 )
-from udsgateway.header import Delimiters, Header, HeaderProblem, parse_header
+from udsgateway.hl7.header import Delimiters, Header, HeaderProblem, parse_header
 
 # Synthetic people and systems only.
 ADT_A04 = (

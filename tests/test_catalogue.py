@@ -1,4 +1,4 @@
-"""Tests for udsgateway.catalogue: the variable catalogue of a trigger's sample."""
+"""Tests for udsgateway.mapping.catalogue: the variable catalogue of a trigger's sample."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.catalogue import Variable, path_name, variable_catalogue
-from udsgateway.message import MessageParseError, PathSyntaxError, parse_message
-from udsgateway.templating import TemplateData, compile_template, render_body
+from udsgateway.hl7.message import MessageParseError, PathSyntaxError, parse_message
+from udsgateway.mapping.catalogue import Variable, path_name, variable_catalogue
+from udsgateway.mapping.templating import TemplateData, compile_template, render_body
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REQUIRED_SEGMENTS: tuple[str, ...] = ("MSH", "EVN", "PID", "PD1", "PV1", "PV2", "NK1", "AL1")

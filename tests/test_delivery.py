@@ -1,4 +1,4 @@
-"""Tests for udsgateway.delivery: destinations, lanes and the dispatcher.
+"""Tests for udsgateway.outbound.delivery: destinations, lanes and the dispatcher.
 
 The real dispatcher, lanes, destination protocol and ``ClientService`` run on
 an in-memory SQLite store, a synchronous database runner and a ``task.Clock``;
@@ -30,16 +30,15 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from udsgateway import outbox, schema
-from udsgateway.db import IDatabaseRunner
-from udsgateway.delivery import (
+from udsgateway.outbound.delivery import (
     DEFAULT_POLICY,
     Dispatcher,
     Timing,
     _DestinationFactory,
 )
-from udsgateway.framing import IFramer, MLLPFramer
-from udsgateway.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery
+from udsgateway.store import outbox, schema
+from udsgateway.store.engine import IDatabaseRunner
+from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery
 from udsgateway.testing import (
     DestinationPeer,
     Outbound,
@@ -50,6 +49,7 @@ from udsgateway.testing import (
     mllp,
     outbound_message,
 )
+from udsgateway.wire.framing import IFramer, MLLPFramer
 
 DEST = "tcp:lab.example:2575"
 OTHER = "tcp:billing.example:2575"

@@ -3,7 +3,7 @@ execution logs, no PHI in logs, and retention.
 
 Every test drives the real objects the service wires (listener factory, ingest,
 group commit, SQLite store, executor, dispatcher, destination protocol) through
-``udsgateway.testing_flows.FlowGateway``: an in-memory database on a synchronous
+``udsgateway.testing.flows.FlowGateway``: an in-memory database on a synchronous
 runner, a ``task.Clock``, and scripted in-memory destinations. Assertions are on
 bytes (what each destination received, what the sender was answered), rows in
 the store and log events.
@@ -26,10 +26,12 @@ from twisted.internet.defer import fail
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway import cli, outbox, schema, store
-from udsgateway.ack import ControlIdSource, parse_reply
-from udsgateway.executor import Executor, lane_name
+from udsgateway.cli import main as cli
 from udsgateway.flows import App
+from udsgateway.hl7.ack import ControlIdSource, parse_reply
+from udsgateway.outbound.executor import Executor, lane_name
+from udsgateway.store import messages as store
+from udsgateway.store import outbox, schema
 from udsgateway.testing import (
     Connection,
     PeerConnection,
@@ -37,7 +39,7 @@ from udsgateway.testing import (
     destination_ack,
     inbound_record,
 )
-from udsgateway.testing_flows import (
+from udsgateway.testing.flows import (
     START,
     FlowGateway,
     action,

@@ -1,4 +1,4 @@
-"""Tests for udsgateway.framed: the framed server connection under the listener and receiver.
+"""Tests for udsgateway.wire.framed: the framed server connection under the listener and receiver.
 
 A minimal subclass answers each frame with its size, so these tests pin the base's
 contract (detection, bounded waits, order, half-close) apart from what the listener
@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.framed import ConnectionLimits, FramedServerProtocol
-from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
+from udsgateway.wire.framed import ConnectionLimits, FramedServerProtocol
+from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 
 LIMITS = ConnectionLimits(idle_timeout=600.0, frame_timeout=60.0, idle_gap=0.2, detect_limit=64)
 MSH = b"MSH|^~\\&|A|B|C|D|20240101||ADT^A04|"

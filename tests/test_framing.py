@@ -1,4 +1,4 @@
-"""Tests for udsgateway.framing: MLLP and plain TCP framers, bytes in, events out."""
+"""Tests for udsgateway.wire.framing: MLLP and plain TCP framers, bytes in, events out."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from udsgateway.framing import (
+from udsgateway.wire.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     HEAD_SIZE,
     Frame,

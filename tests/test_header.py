@@ -1,4 +1,4 @@
-"""Tests for udsgateway.header: reading MSH straight from the bytes."""
+"""Tests for udsgateway.hl7.header: reading MSH straight from the bytes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.ack import AckError, build_ack, parse_reply
-from udsgateway.header import (
+from udsgateway.hl7.ack import AckError, build_ack, parse_reply
+from udsgateway.hl7.header import (
     Delimiters,
     Header,
     HeaderProblem,

@@ -1,4 +1,4 @@
-"""Tests for udsgateway.ingest through the real listener: what each frame is answered.
+"""Tests for udsgateway.inbound.ingest through the real listener: what each frame is answered.
 
 Every test drives the real inbound path of one tenant (``udsgateway.testing.Gateway``:
 listener, ingest, routing, group commit, SQLite store) over ``StringTransport``
@@ -18,12 +18,12 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.ack import parse_reply
 from udsgateway.config import Limits, TenantConfig
 from udsgateway.flows import App, Flow, Trigger
-from udsgateway.header import read_delimiters
+from udsgateway.hl7.ack import parse_reply
+from udsgateway.hl7.header import read_delimiters
 from udsgateway.testing import Connection, Gateway, ManualRunner, mllp
-from udsgateway.testing_flows import action, app, flow
+from udsgateway.testing.flows import action, app, flow
 
 SENT_AT = "20240101123000"
 

@@ -1,4 +1,4 @@
-"""Tests for udsgateway.listener: framing detection, timers, limits, caps, order.
+"""Tests for udsgateway.inbound.listener: framing detection, timers, limits, caps, order.
 
 The real protocol and factory of one tenant (``udsgateway.testing.Gateway``)
 on ``StringTransport`` and ``task.Clock``: no sockets, no sleeps. The rows of

@@ -13,8 +13,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.config import ConfigError, parse_config
+from udsgateway.inbound.routing import RoutingTable
 from udsgateway.manhole import manhole_service, namespace
-from udsgateway.routing import RoutingTable
 from udsgateway.testing import Gateway, demo_app
 
 

@@ -1,4 +1,4 @@
-"""Tests for udsgateway.message: the full parse and HL7 path access of the mapping layer."""
+"""Tests for udsgateway.hl7.message: the full parse and HL7 path access of the mapping layer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.message import (
+from udsgateway.hl7.message import (
     ALL,
     Delimiters,
     MessageParseError,

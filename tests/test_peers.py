@@ -1,4 +1,4 @@
-"""Tests for udsgateway.peers: the ``send`` and ``receive`` tools, all in memory."""
+"""Tests for udsgateway.peers.commands: the ``send`` and ``receive`` tools, all in memory."""
 
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ from twisted.python.filepath import FilePath
 from twisted.test.iosim import ConnectionCompleter, IOPump
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.ack import ControlIdSource, Reply, parse_reply
-from udsgateway.cli import main
-from udsgateway.framing import Frame, MLLPFramer
-from udsgateway.peers import (
+from udsgateway.cli.main import main
+from udsgateway.hl7.ack import ControlIdSource, Reply, parse_reply
+from udsgateway.peers.commands import (
     GARBAGE,
     Framing,
     ReceivedMessage,
@@ -39,6 +38,7 @@ from udsgateway.peers import (
     run_send,
     split_messages,
 )
+from udsgateway.wire.framing import Frame, MLLPFramer
 
 PORT = 2575
 # twisted's own test certificate and key, in one PEM file.

@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy import inspect, select, update
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway import schema
-from udsgateway.db import SchemaError, ThreadRunner, ensure_schema, make_engine
+from udsgateway.store import schema
+from udsgateway.store.engine import SchemaError, ThreadRunner, ensure_schema, make_engine
 
 
 class SchemaTests(SynchronousTestCase):
@@ -62,7 +62,7 @@ class SchemaTests(SynchronousTestCase):
 
     def test_duplicate_check_uses_the_unique_index(self) -> None:
         """The duplicate check's lookup is an index search, not a scan of the messages."""
-        from udsgateway.store import _LOOKUPS
+        from udsgateway.store.messages import _LOOKUPS
 
         engine = make_engine("sqlite:///:memory:")
         with engine.begin() as connection:

@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, create_engine, text
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from udsgateway import executions, outbox, store
-from udsgateway.db import Database, InlineRunner, ensure_schema, is_locked, make_engine
-from udsgateway.store import CommitOutcome
+from udsgateway.store import executions, outbox
+from udsgateway.store import messages as store
+from udsgateway.store.engine import Database, InlineRunner, ensure_schema, is_locked, make_engine
+from udsgateway.store.messages import CommitOutcome
 from udsgateway.testing import demo_app, inbound_record
 
 POSTGRES_URL = os.environ.get(

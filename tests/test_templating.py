@@ -1,4 +1,4 @@
-"""Tests for udsgateway.templating: Liquid request bodies with HL7 autoescaping."""
+"""Tests for udsgateway.mapping.templating: Liquid request bodies with HL7 autoescaping."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 from attrs import evolve
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.message import Delimiters, Message, parse_message
-from udsgateway.templating import (
+from udsgateway.hl7.message import Delimiters, Message, parse_message
+from udsgateway.mapping.templating import (
     MAX_BODY_CHARS,
     ActionResponse,
     RenderError,
@@ -318,7 +318,7 @@ class ViewTests(SynchronousTestCase):
 
     def test_mapping_protocol(self) -> None:
         """Views list their keys: segment IDs, field numbers, component numbers."""
-        from udsgateway.templating import MessageView
+        from udsgateway.mapping.templating import MessageView
 
         view = MessageView(ADT, Delimiters.DEFAULT)
         self.assertEqual(list(view), ["MSH", "EVN", "PID", "PV1", "NK1"])
@@ -339,7 +339,7 @@ class ViewTests(SynchronousTestCase):
 
     def test_no_message(self) -> None:
         """A view of a missing response has no keys and only empty values."""
-        from udsgateway.templating import MessageView
+        from udsgateway.mapping.templating import MessageView
 
         view = MessageView(None, Delimiters.DEFAULT)
         self.assertEqual((list(view), len(view), view.__hl7__()), ([], 0, ""))
@@ -916,7 +916,7 @@ class LookupRenderTests(SynchronousTestCase):
 
     def test_rendered_without_liquid(self) -> None:
         """The direct lookups really are used: a Liquid render context is never built."""
-        import udsgateway.templating as templating
+        import udsgateway.mapping.templating as templating
 
         built = []
         original = templating._Hl7RenderContext.__init__

@@ -1,6 +1,6 @@
 """Generate ``src/udsgateway/data/segments.json`` from the tables shipped with hl7apy.
 
-The variable catalogue (``udsgateway.catalogue``) names every field path of a sample
+The variable catalogue (``udsgateway.mapping.catalogue``) names every field path of a sample
 message (``PID-5.1`` is "Patient Name / Family Name"). The names come from the HL7 v2
 tables that hl7apy (MIT licence, https://github.com/crs4/hl7apy) ships as Python
 modules. hl7apy is a build-time source only, never a runtime dependency: this script

@@ -4,6 +4,6 @@ from __future__ import annotations
 
 import sys
 
-from udsgateway.cli import main
+from udsgateway.cli.main import main
 
 sys.exit(main())

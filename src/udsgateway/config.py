@@ -14,7 +14,7 @@ from typing import Any
 
 from attrs import field, frozen
 
-from udsgateway.header import codec_for
+from udsgateway.hl7.header import codec_for
 from udsgateway.tomlreader import TableReader
 
 MIB = 1024 * 1024

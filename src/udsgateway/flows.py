@@ -16,8 +16,8 @@ from typing import Any
 
 from attrs import evolve, field, frozen
 
-from udsgateway.message import PathSyntaxError, parse_path
-from udsgateway.templating import check_template
+from udsgateway.hl7.message import PathSyntaxError, parse_path
+from udsgateway.mapping.templating import check_template
 from udsgateway.tomlreader import TableReader
 from udsgateway.tomlwriter import dumps
 

@@ -17,20 +17,21 @@ from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTi
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from udsgateway import executions, store
-from udsgateway.ack import ControlIdSource
 from udsgateway.clock import Wall, wall_of
 from udsgateway.config import GatewayConfig, TenantConfig
-from udsgateway.db import Database, GroupCommitter, ThreadRunner, ensure_schema
-from udsgateway.delivery import Dispatcher, Timing
-from udsgateway.executor import Executor
 from udsgateway.flows import FlowFileError, read_app_file, template_problems
-from udsgateway.header import codec_for
-from udsgateway.ingest import Ingest
-from udsgateway.listener import ListenerFactory
-from udsgateway.routing import RoutingTable
-from udsgateway.store import CommitResult, InboundRecord
-from udsgateway.tls import TLSListenerFactory, server_options
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.header import codec_for
+from udsgateway.inbound.ingest import Ingest
+from udsgateway.inbound.listener import ListenerFactory
+from udsgateway.inbound.routing import RoutingTable
+from udsgateway.outbound.delivery import Dispatcher, Timing
+from udsgateway.outbound.executor import Executor
+from udsgateway.store import executions
+from udsgateway.store import messages as store
+from udsgateway.store.engine import Database, GroupCommitter, ThreadRunner, ensure_schema
+from udsgateway.store.messages import CommitResult, InboundRecord
+from udsgateway.wire.tls import TLSListenerFactory, server_options
 
 log = Logger()
 

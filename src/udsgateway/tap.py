@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 from twisted.application.service import IService
 from twisted.python import usage
 
-from udsgateway.ack import ControlIdSource
 from udsgateway.clock import monotonic_timers
 from udsgateway.config import ConfigError, load_config
-from udsgateway.db import Database, ThreadRunner, make_engine
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.store.engine import Database, ThreadRunner, make_engine
 
 if TYPE_CHECKING:
     from udsgateway.service import GatewayService

@@ -41,7 +41,7 @@ from tests.integration.helpers import (
     udsgateway,
     write_config,
 )
-from udsgateway.peers import split_messages
+from udsgateway.peers.commands import split_messages
 
 TENANT = "e2e"
 APP_ID = "APPE2E0000001"

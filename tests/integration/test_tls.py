@@ -20,10 +20,10 @@ from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from udsgateway.ack import parse_reply
 from udsgateway.config import Limits, ListenerTLS, TenantConfig
+from udsgateway.hl7.ack import parse_reply
 from udsgateway.testing import Gateway, mllp
-from udsgateway.tls import TLSListenerFactory, server_options
+from udsgateway.wire.tls import TLSListenerFactory, server_options
 
 PORT = 26950
 MESSAGE = (

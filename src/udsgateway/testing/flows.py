@@ -22,17 +22,24 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
-from udsgateway import executions, schema, store
-from udsgateway.ack import ControlIdSource
 from udsgateway.config import TenantConfig
-from udsgateway.db import Database, GroupCommitter, InlineRunner, ensure_schema, make_engine
-from udsgateway.delivery import Timing
-from udsgateway.executor import Executor
 from udsgateway.flows import Action, App, Flow, Trigger
-from udsgateway.ingest import Ingest
-from udsgateway.listener import ListenerFactory
-from udsgateway.outbox import NewDelivery
-from udsgateway.routing import RoutingTable
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.inbound.ingest import Ingest
+from udsgateway.inbound.listener import ListenerFactory
+from udsgateway.inbound.routing import RoutingTable
+from udsgateway.outbound.delivery import Timing
+from udsgateway.outbound.executor import Executor
+from udsgateway.store import executions, schema
+from udsgateway.store import messages as store
+from udsgateway.store.engine import (
+    Database,
+    GroupCommitter,
+    InlineRunner,
+    ensure_schema,
+    make_engine,
+)
+from udsgateway.store.outbox import NewDelivery
 from udsgateway.testing import (
     Connection,
     DestinationPeer,
@@ -253,7 +260,7 @@ class FlowGateway:
     # -- the store
 
     def rows(self, table: Any) -> list[dict[str, Any]]:
-        """Every row of a table (``udsgateway.schema``), in id order, as dicts."""
+        """Every row of a table (``udsgateway.store.schema``), in id order, as dicts."""
         order = table.c.id if "id" in table.c else next(iter(table.c))
 
         def read(connection: Any) -> list[dict[str, Any]]:

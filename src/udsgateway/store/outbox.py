@@ -17,10 +17,10 @@ from typing import Any
 from attrs import frozen
 from sqlalchemy import Connection, bindparam, func, select, update
 
-from udsgateway import schema
-from udsgateway.db import Prepared, insert_with_ids, prepared_insert
-from udsgateway.header import HeaderProblem, parse_header
-from udsgateway.store import Origin, insert_logs, origins
+from udsgateway.hl7.header import HeaderProblem, parse_header
+from udsgateway.store import schema
+from udsgateway.store.engine import Prepared, insert_with_ids, prepared_insert
+from udsgateway.store.messages import Origin, insert_logs, origins
 
 QUEUED = "queued"
 HELD = "held"

@@ -19,9 +19,9 @@ from collections.abc import Iterable
 
 from attrs import frozen
 
-from udsgateway.ack import AckError
 from udsgateway.flows import App
-from udsgateway.header import Header
+from udsgateway.hl7.ack import AckError
+from udsgateway.hl7.header import Header
 
 
 @frozen

@@ -19,7 +19,7 @@ from random import Random, SystemRandom
 
 from attrs import Attribute, define, field, frozen
 
-from udsgateway.header import (
+from udsgateway.hl7.header import (
     SUPPORTED_CODECS,
     Delimiters,
     Header,

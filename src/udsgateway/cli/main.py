@@ -17,11 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from udsgateway import store
-from udsgateway.ack import ControlIdSource
-from udsgateway.catalogue import variable_catalogue
+from udsgateway.cli.operate import add_operator_commands
 from udsgateway.config import ConfigError, GatewayConfig, load_config
-from udsgateway.db import Database, InlineRunner, SchemaError, ensure_schema, make_engine
 from udsgateway.flows import (
     App,
     Flow,
@@ -30,10 +27,10 @@ from udsgateway.flows import (
     template_problems,
     write_app,
 )
-from udsgateway.message import MessageParseError, parse_message
-from udsgateway.operate import add_operator_commands
-from udsgateway.peers import add_peer_commands
-from udsgateway.templating import (
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.message import MessageParseError, parse_message
+from udsgateway.mapping.catalogue import variable_catalogue
+from udsgateway.mapping.templating import (
     ActionResponse,
     RenderError,
     TemplateData,
@@ -41,6 +38,9 @@ from udsgateway.templating import (
     compile_template,
     render_body,
 )
+from udsgateway.peers.commands import add_peer_commands
+from udsgateway.store import messages as store
+from udsgateway.store.engine import Database, InlineRunner, SchemaError, ensure_schema, make_engine
 
 DEFAULT_CONFIG = "etc/udsgateway.toml"
 

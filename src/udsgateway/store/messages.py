@@ -15,9 +15,9 @@ from typing import Any
 from attrs import evolve, frozen
 from sqlalchemy import Connection, and_, bindparam, delete, select, update
 
-from udsgateway import schema
-from udsgateway.db import Prepared, insert_with_ids, prepared_insert
 from udsgateway.flows import App, Flow, Trigger, action_from_document, actions_json
+from udsgateway.store import schema
+from udsgateway.store.engine import Prepared, insert_with_ids, prepared_insert
 
 
 class CommitOutcome(enum.Enum):

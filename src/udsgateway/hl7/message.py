@@ -35,7 +35,7 @@ from typing import Final, Literal
 
 from attrs import field, frozen
 
-from udsgateway.header import Delimiters, codec_for
+from udsgateway.hl7.header import Delimiters, codec_for
 
 ALL: Final = "*"
 """The ``[*]`` selector of a path: every occurrence instead of one."""

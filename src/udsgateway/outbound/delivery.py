@@ -35,13 +35,13 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from udsgateway import outbox
-from udsgateway.ack import parse_reply
 from udsgateway.clock import Wall, wall_of
-from udsgateway.db import Database, GroupCommitter
-from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
-from udsgateway.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
-from udsgateway.store import Origin
+from udsgateway.hl7.ack import parse_reply
+from udsgateway.store import outbox
+from udsgateway.store.engine import Database, GroupCommitter
+from udsgateway.store.messages import Origin
+from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
+from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 
 log = Logger()
 

@@ -33,17 +33,24 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from udsgateway import outbox, store
-from udsgateway.ack import ControlIdSource
 from udsgateway.config import TenantConfig
-from udsgateway.db import Database, GroupCommitter, IDatabaseRunner, InlineRunner, ensure_schema
-from udsgateway.db import make_engine as _make_engine
-from udsgateway.delivery import Dispatcher, Timing
 from udsgateway.flows import App, Flow, Trigger
-from udsgateway.framing import Frame, IFramer, MLLPFramer
-from udsgateway.ingest import Ingest
-from udsgateway.listener import InboundProtocol, ListenerFactory
-from udsgateway.routing import RoutingTable
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.inbound.ingest import Ingest
+from udsgateway.inbound.listener import InboundProtocol, ListenerFactory
+from udsgateway.inbound.routing import RoutingTable
+from udsgateway.outbound.delivery import Dispatcher, Timing
+from udsgateway.store import messages as store
+from udsgateway.store import outbox
+from udsgateway.store.engine import (
+    Database,
+    GroupCommitter,
+    IDatabaseRunner,
+    InlineRunner,
+    ensure_schema,
+)
+from udsgateway.store.engine import make_engine as _make_engine
+from udsgateway.wire.framing import Frame, IFramer, MLLPFramer
 
 MLLP_START = b"\x0b"
 MLLP_END = b"\x1c\x0d"

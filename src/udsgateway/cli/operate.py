@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from sqlalchemy import Connection, select
 
-from udsgateway import outbox, schema
+from udsgateway.store import outbox, schema
 
 if TYPE_CHECKING:
     from udsgateway.config import GatewayConfig
@@ -56,7 +56,7 @@ def delivery_row(delivery: outbox.Delivery) -> dict[str, Any]:
 
 
 def cmd_deliveries_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli import open_database, write_rows
+    from udsgateway.cli.main import open_database, write_rows
 
     states = tuple(args.state or ())
     rows = open_database(config).transaction_now(
@@ -68,7 +68,7 @@ def cmd_deliveries_list(args: argparse.Namespace, config: GatewayConfig, out: Te
 
 
 def cmd_deliveries_act(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli import CommandError, open_database
+    from udsgateway.cli.main import CommandError, open_database
 
     payload = None
     if args.command_action == "replay" and args.payload:
@@ -134,7 +134,7 @@ def _log_rows(
 
 
 def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli import open_database, write_rows
+    from udsgateway.cli.main import open_database, write_rows
 
     database = open_database(config)
     since = time.time() - args.since if args.since else None

@@ -7,7 +7,7 @@ destination: a small server that ACKs every message, with deterministic
 faults (NAKs, delays, drops, wrong MSA-2, garbage, silence) for testing the
 gateway's outbound side.
 
-Framing and ACKs come from `udsgateway.framing` and `udsgateway.ack`; this
+Framing and ACKs come from `udsgateway.wire.framing` and `udsgateway.hl7.ack`; this
 module only moves bytes and decides what to answer. Neither tool prints a
 message body (PHI) unless ``receive --show-body`` asks for it.
 
@@ -63,7 +63,8 @@ from twisted.internet.ssl import (
 from twisted.internet.task import react
 from twisted.python.failure import Failure
 
-from udsgateway.ack import (
+from udsgateway.clock import Wall, monotonic_timers, wall_of
+from udsgateway.hl7.ack import (
     AckError,
     ControlIdSource,
     Outcome,
@@ -74,9 +75,9 @@ from udsgateway.ack import (
     parse_reply,
     wants_accept_ack,
 )
-from udsgateway.clock import Wall, monotonic_timers, wall_of
-from udsgateway.framed import ConnectionLimits, FramedServerProtocol
-from udsgateway.framing import (
+from udsgateway.hl7.header import Header, HeaderProblem, parse_header, segments
+from udsgateway.wire.framed import ConnectionLimits, FramedServerProtocol
+from udsgateway.wire.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     Frame,
     FrameEvent,
@@ -85,7 +86,6 @@ from udsgateway.framing import (
     OversizedFrame,
     PlainTCPFramer,
 )
-from udsgateway.header import Header, HeaderProblem, parse_header, segments
 
 __all__ = [
     "GARBAGE",

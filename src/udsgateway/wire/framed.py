@@ -20,7 +20,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from udsgateway.framing import Frame, FrameEvent, FrameOverflow, IFramer, OversizedFrame
+from udsgateway.wire.framing import Frame, FrameEvent, FrameOverflow, IFramer, OversizedFrame
 
 START_BYTE = b"\x0b"
 

@@ -19,10 +19,11 @@ from typing import Any
 from attrs import evolve, frozen
 from sqlalchemy import Connection, bindparam, select, update
 
-from udsgateway import outbox, schema, store
-from udsgateway.db import Prepared
-from udsgateway.outbox import DELIVERED, HELD, NewDelivery, Settlement
-from udsgateway.store import CommitResult, InboundRecord, Origin, insert_logs, origins
+from udsgateway.store import messages as store
+from udsgateway.store import outbox, schema
+from udsgateway.store.engine import Prepared
+from udsgateway.store.messages import CommitResult, InboundRecord, Origin, insert_logs, origins
+from udsgateway.store.outbox import DELIVERED, HELD, NewDelivery, Settlement
 
 PENDING = "pending"
 WAITING = "waiting"

@@ -3,7 +3,7 @@
 A TCP action's body is a Liquid template. ``docs/templates.md`` is the user's guide; in
 short, a template sees::
 
-    msg["PID-5.1"]                 the trigger message, by HL7 path (``udsgateway.message``)
+    msg["PID-5.1"]                 the trigger message, by HL7 path (``udsgateway.hl7.message``)
     msg.NK1 / msg["NK1[*]"]        every NK1 segment, as a list of segment mappings
     seg["2.1"], seg[2]             a field path relative to one segment
     msg["PID-3[*]"]                every repetition of PID-3, as a list of mappings
@@ -61,8 +61,8 @@ from liquid.filter import with_context
 from liquid.limits import to_int
 from liquid.undefined import is_undefined
 
-from udsgateway.header import Delimiters, hl7_escape
-from udsgateway.message import (
+from udsgateway.hl7.header import Delimiters, hl7_escape
+from udsgateway.hl7.message import (
     ALL,
     Message,
     MessageParseError,

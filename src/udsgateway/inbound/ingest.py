@@ -18,15 +18,22 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from udsgateway.ack import AckError, ControlIdSource, Outcome, ack_code, build_ack, hl7_timestamp
-from udsgateway.ack import wants_accept_ack as _wants_accept_ack
 from udsgateway.clock import Wall, wall_of
 from udsgateway.config import TenantConfig
-from udsgateway.db import GroupCommitter, is_locked
-from udsgateway.executions import Finished
-from udsgateway.header import Header, HeaderProblem, codec_for, parse_header
-from udsgateway.routing import EMPTY, FlowRoute, Rejected, RoutingTable
-from udsgateway.store import CommitOutcome, CommitResult, ExecutionState, InboundRecord
+from udsgateway.hl7.ack import (
+    AckError,
+    ControlIdSource,
+    Outcome,
+    ack_code,
+    build_ack,
+    hl7_timestamp,
+)
+from udsgateway.hl7.ack import wants_accept_ack as _wants_accept_ack
+from udsgateway.hl7.header import Header, HeaderProblem, codec_for, parse_header
+from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
+from udsgateway.store.engine import GroupCommitter, is_locked
+from udsgateway.store.executions import Finished
+from udsgateway.store.messages import CommitOutcome, CommitResult, ExecutionState, InboundRecord
 
 log = Logger()
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from attrs import frozen
 
-from udsgateway.message import Message, Segment, parse_message, parse_path, split
+from udsgateway.hl7.message import Message, Segment, parse_message, parse_path, split
 
 __all__ = ["Variable", "path_name", "variable_catalogue"]
 
@@ -53,7 +53,7 @@ def variable_catalogue(sample: str | bytes, version: str | None = None) -> list[
 
     ``version`` picks the HL7 tables for the names (default: the sample's MSH-12).
     The sample may use ``\\r``, ``\\n`` or ``\\r\\n`` between segments. Raises
-    ``udsgateway.message.MessageParseError`` when the sample is not an HL7 message.
+    ``udsgateway.hl7.message.MessageParseError`` when the sample is not an HL7 message.
     """
     message = parse_message(sample)
     tables = _Tables(_definitions(), version or message.get("MSH-12.1"))

@@ -21,18 +21,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from udsgateway import executions
-from udsgateway.ack import ControlIdSource
 from udsgateway.clock import Wall, wall_of
-from udsgateway.db import Database
-from udsgateway.delivery import Dispatcher
-from udsgateway.executions import Advanced, Finished, PendingWork, Transition
 from udsgateway.flows import App, Flow
-from udsgateway.header import HeaderProblem, parse_header
-from udsgateway.message import Message, MessageParseError, PathSyntaxError, parse_message
-from udsgateway.outbox import NewDelivery, Settlement
-from udsgateway.store import CommitResult, Origin
-from udsgateway.templating import (
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.header import HeaderProblem, parse_header
+from udsgateway.hl7.message import Message, MessageParseError, PathSyntaxError, parse_message
+from udsgateway.mapping.templating import (
     ActionResponse,
     RenderError,
     Template,
@@ -41,6 +35,12 @@ from udsgateway.templating import (
     compile_template,
     render_body,
 )
+from udsgateway.outbound.delivery import Dispatcher
+from udsgateway.store import executions
+from udsgateway.store.engine import Database
+from udsgateway.store.executions import Advanced, Finished, PendingWork, Transition
+from udsgateway.store.messages import CommitResult, Origin
+from udsgateway.store.outbox import NewDelivery, Settlement
 
 log = Logger()
 

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from udsgateway import schema
+from udsgateway.store import schema
 
 P = ParamSpec("P")
 R = TypeVar("R")

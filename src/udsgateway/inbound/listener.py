@@ -25,9 +25,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from udsgateway.config import TenantConfig
-from udsgateway.framed import ConnectionLimits, FramedServerProtocol
-from udsgateway.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
-from udsgateway.ingest import Answer, Ingest
+from udsgateway.inbound.ingest import Answer, Ingest
+from udsgateway.wire.framed import ConnectionLimits, FramedServerProtocol
+from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
 
 log = Logger()
 

@@ -1,0 +1,1 @@
+"""inbound: see docs/architecture.md."""

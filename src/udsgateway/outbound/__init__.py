@@ -1,0 +1,1 @@
+"""outbound: see docs/architecture.md."""
