@@ -16,8 +16,7 @@ from typing import Any
 
 from attrs import evolve, field, frozen
 
-from udsgateway.hl7.message import PathSyntaxError, parse_path
-from udsgateway.mapping.templating import check_template
+from udsgateway.hl7.paths import PathSyntaxError, parse_path
 from udsgateway.tomlreader import TableReader
 from udsgateway.tomlwriter import dumps
 
@@ -412,30 +411,3 @@ def write_app(app: App) -> str:
 def actions_json(flow: Flow) -> str:
     """A flow's actions as stored in the database."""
     return json.dumps([action_document(action) for action in flow.actions], sort_keys=True)
-
-
-def template_problems(path: str, app: App) -> list[str]:
-    """Every template checked against its trigger's sample: flow, action and line."""
-    problems = []
-    for index, flow in enumerate(app.flows):
-        if flow.actions and not flow.trigger.sample.strip():
-            problems.append(
-                f"{path}: flows[{index}] ({flow.name}): trigger.sample: required to check "
-                "the action templates"
-            )
-            continue
-        names: list[str] = []
-        for step, action in enumerate(flow.actions):
-            for problem in check_template(
-                action.template,
-                flow.trigger.sample,
-                action.message_type,
-                app=app.variables,
-                action_names=names,
-            ):
-                problems.append(
-                    f"{path}: flows[{index}] ({flow.name}): actions[{step}] ({action.name}): "
-                    f"template line {problem.line}: {problem.message}"
-                )
-            names.append(action.name)
-    return problems

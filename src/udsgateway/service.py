@@ -19,12 +19,13 @@ from twisted.logger import Logger
 
 from udsgateway.clock import Wall, wall_of
 from udsgateway.config import GatewayConfig, TenantConfig
-from udsgateway.flows import FlowFileError, read_app_file, template_problems
+from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
+from udsgateway.mapping.checks import template_problems
 from udsgateway.outbound.delivery import Dispatcher, Timing
 from udsgateway.outbound.executor import Executor
 from udsgateway.store import executions

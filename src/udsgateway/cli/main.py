@@ -24,12 +24,12 @@ from udsgateway.flows import (
     Flow,
     FlowFileError,
     read_app_file,
-    template_problems,
     write_app,
 )
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.message import MessageParseError, parse_message
 from udsgateway.mapping.catalogue import variable_catalogue
+from udsgateway.mapping.checks import template_problems
 from udsgateway.mapping.templating import (
     ActionResponse,
     RenderError,

@@ -31,27 +31,14 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import Final, Literal
 
 from attrs import field, frozen
 
 from udsgateway.hl7.header import Delimiters, codec_for
-
-ALL: Final = "*"
-"""The ``[*]`` selector of a path: every occurrence instead of one."""
-
-Selector = int | Literal["*"]
+from udsgateway.hl7.paths import ALL, Path, PathSyntaxError, parse_path
 
 _SEGMENT_BREAK = re.compile(r"\r\n|\r|\n")
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
-_PATH = re.compile(
-    r"(?P<segment>[A-Z][A-Z0-9]{2})"
-    r"(?:\[(?P<occurrence>[0-9]+|\*)\])?"
-    r"(?:-(?P<field>[0-9]+)"
-    r"(?:\[(?P<repetition>[0-9]+|\*)\])?"
-    r"(?:\.(?P<component>[0-9]+)"
-    r"(?:\.(?P<subcomponent>[0-9]+))?)?)?"
-)
 
 
 class MessageParseError(ValueError):
@@ -60,10 +47,6 @@ class MessageParseError(ValueError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class PathSyntaxError(ValueError):
-    """A string that is not an HL7 path (``PID-5.1``, ``NK1[2]-2``, ``PID-3[2].1``)."""
 
 
 def delimiters_from_header(line: str) -> Delimiters:
@@ -103,83 +86,6 @@ def python_codec(charset: str) -> str | None:
     the templates always agree on what a message's bytes mean.
     """
     return codec_for(charset, "") if charset.strip() else None
-
-
-@frozen
-class Path:
-    """A parsed HL7 path; ``str(path)`` gives its canonical spelling.
-
-    ``field`` None selects the whole segment. ``repetition`` None means "not given": the
-    whole field when no component is given, otherwise the first repetition.
-    """
-
-    segment: str
-    occurrence: Selector = 1
-    field: int | None = None
-    repetition: Selector | None = None
-    component: int | None = None
-    subcomponent: int | None = None
-
-    @property
-    def has_wildcard(self) -> bool:
-        """True when the path selects several segments or repetitions (``[*]``)."""
-        return self.occurrence == ALL or self.repetition == ALL
-
-    def __str__(self) -> str:
-        text = self.segment
-        if self.occurrence != 1:
-            text += f"[{self.occurrence}]"
-        if self.field is None:
-            return text
-        text += f"-{self.field}"
-        if self.repetition is not None:
-            text += f"[{self.repetition}]"
-        if self.component is not None:
-            text += f".{self.component}"
-            if self.subcomponent is not None:
-                text += f".{self.subcomponent}"
-        return text
-
-
-@lru_cache(maxsize=1024)
-def parse_path(text: str) -> Path:
-    """Parse ``SEG[n]-F[r].C.S``: every part after SEG optional, indexes 1-based.
-
-    ``[*]`` may replace a segment index when no field follows, or a repetition index
-    when no component follows. Raises ``PathSyntaxError`` otherwise. Templates name
-    the same few paths for every message: each spelling is parsed once.
-    """
-    match = _PATH.fullmatch(text)
-    if match is None:
-        raise PathSyntaxError(f"not an HL7 path: {text!r} (expected e.g. PID-5.1 or NK1[2]-3)")
-    occurrence = _selector(match["occurrence"], text)
-    repetition = _selector(match["repetition"], text) if match["repetition"] else None
-    numbers = [_index(match[name], text) for name in ("field", "component", "subcomponent")]
-    field_number, component, subcomponent = numbers
-    if occurrence == ALL and field_number is not None:
-        raise PathSyntaxError(f"{text!r}: [*] on a segment selects segments, not fields")
-    if repetition == ALL and component is not None:
-        raise PathSyntaxError(f"{text!r}: [*] on a field selects repetitions, not components")
-    return Path(match["segment"], occurrence, field_number, repetition, component, subcomponent)
-
-
-def _selector(group: str | None, text: str) -> Selector:
-    if group is None:
-        return 1
-    if group == ALL:
-        return ALL
-    index = _index(group, text)
-    assert index is not None
-    return index
-
-
-def _index(group: str | None, text: str) -> int | None:
-    if group is None:
-        return None
-    value = int(group)
-    if value < 1:
-        raise PathSyntaxError(f"{text!r}: indexes start at 1")
-    return value
 
 
 def split(value: str, delimiter: str) -> list[str]:

@@ -9,16 +9,27 @@ TLS here, so the allowlist and connection caps still act before any byte
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import ssl
 from twisted.internet.interfaces import IAddress
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
-from udsgateway.config import ListenerTLS
+
+class TLSFiles(Protocol):
+    """Where a listener's PEM files are (the configuration's ``[tenants.tls]`` has these)."""
+
+    @property
+    def certificate(self) -> str: ...
+
+    @property
+    def private_key(self) -> str: ...
+
+    @property
+    def client_ca(self) -> str | None: ...
 
 
-def server_options(config: ListenerTLS) -> ssl.CertificateOptions:
+def server_options(config: TLSFiles) -> ssl.CertificateOptions:
     """Certificate options of a listener: our certificate, and the client CAs for mTLS."""
     certificate = ssl.PrivateCertificate.loadPEM(
         Path(config.certificate).read_text() + Path(config.private_key).read_text()
