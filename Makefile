@@ -7,7 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 CONFIG ?= etc/udsgateway.toml
 
-.PHONY: run test install trial lint typecheck bench bench-smoke clean
+# Node peers for the integration tests (git-ignored): @medplum/hl7's client.
+NODE_PEERS := tests/peers/node
+NODE_STAMP := $(NODE_PEERS)/.installed-stamp
+MEDPLUM_HL7 ?= @medplum/hl7@5.0.10
+
+.PHONY: run test install trial lint typecheck bench bench-smoke clean node-peers
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,11 +23,23 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
+# Installs node and npm with apt-get when absent, then the pinned npm packages.
+$(NODE_STAMP): Makefile
+	@command -v npm >/dev/null 2>&1 || { \
+		echo "node-peers: installing nodejs and npm with apt-get"; \
+		apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; }
+	@npm install --prefix $(NODE_PEERS) --save-exact --no-audit --no-fund \
+		--loglevel=error $(MEDPLUM_HL7) >/dev/null
+	@touch $@
+
+node-peers: $(NODE_STAMP)
+
 run: $(STAMP)
 	mkdir -p var
 	$(BIN)/twistd --nodaemon --pidfile= udsgateway --config $(CONFIG)
 
-trial: $(STAMP)
+trial: $(STAMP) $(NODE_STAMP)
 	rm -f .coverage .coverage.*
 	$(BIN)/coverage run -m twisted.trial --temp-directory=_trial_temp tests
 	$(BIN)/coverage combine --quiet || true
@@ -41,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 clean:
-	rm -rf $(VENV) _trial_temp* .coverage .coverage.* build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(NODE_PEERS) _trial_temp* .coverage .coverage.* build *.egg-info src/*.egg-info

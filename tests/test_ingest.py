@@ -805,9 +805,10 @@ class EnhancedModeTests(GatewayTestCase):
         self.assertEqual(len(self.gateway.messages()), 1)
 
     def test_msh16_alone_means_enhanced(self) -> None:
-        """MSH-15 empty and MSH-16 present: enhanced mode, CA."""
-        [reply] = self.answers(hl7("E8", application_ack="AL"))
-        self.assertEqual((reply.code, reply.control_id), ("CA", "E8"))
+        """MSH-15 empty and MSH-16 AL: enhanced mode, CA, then the application ACK AA."""
+        accept, application = self.answers(hl7("E8", application_ack="AL"))
+        self.assertEqual((accept.code, accept.control_id), ("CA", "E8"))
+        self.assertEqual((application.code, application.control_id), ("AA", "E8"))
 
     def test_ne_resend_not_answered_not_stored_twice(self) -> None:
         """A resend of an NE message is not answered and not stored again."""

@@ -22,6 +22,8 @@ from udsgateway.tomlwriter import dumps
 
 CONNECTIONS = ("mllp", "tcp")
 ACK_TIMINGS = ("on_commit", "after_actions")
+#: When an enhanced-mode sender's application ACK (MSH-16) is sent.
+APPLICATION_ACK_TIMINGS = ("after_actions", "on_commit")
 _ID_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
@@ -47,6 +49,8 @@ class Trigger:
     sample: str = ""
     ack: str = "on_commit"
     ack_timeout: float = 30.0
+    #: Enhanced mode (MSH-16): the application ACK once the actions settle, or at commit.
+    application_ack: str = "after_actions"
 
 
 RESPONSE_DECISIONS = ("success", "retry", "hold")
@@ -152,7 +156,9 @@ def _event_type(value: str) -> str | None:
 
 
 def _read_trigger(reader: TableReader, table: dict[str, Any]) -> Trigger:
-    reader.unknown(table, {"connection", "message_type", "sample", "ack", "ack_timeout"})
+    reader.unknown(
+        table, {"connection", "message_type", "sample", "ack", "ack_timeout", "application_ack"}
+    )
 
     def one_of(choices: tuple[str, ...]) -> Any:
         return lambda value: None if value in choices else "expected " + " or ".join(choices)
@@ -169,6 +175,9 @@ def _read_trigger(reader: TableReader, table: dict[str, Any]) -> Trigger:
         sample=reader.get(table, "sample", str, ""),
         ack=reader.get(table, "ack", str, "on_commit", one_of(ACK_TIMINGS)),
         ack_timeout=float(timeout),
+        application_ack=reader.get(
+            table, "application_ack", str, "after_actions", one_of(APPLICATION_ACK_TIMINGS)
+        ),
     )
 
 
@@ -394,6 +403,7 @@ def app_document(app: App) -> dict[str, Any]:
                 "message_type": flow.trigger.message_type,
                 "ack": flow.trigger.ack,
                 "ack_timeout": flow.trigger.ack_timeout,
+                "application_ack": flow.trigger.application_ack,
                 "sample": flow.trigger.sample,
             },
             "actions": [action_document(action) for action in flow.actions],

@@ -99,6 +99,7 @@ class GatewayService(MultiService):
                 watch=self.executor.watch,
                 save_ack=self._save_ack,
                 execution_states=self._execution_states,
+                record_logs=self._record_logs,
                 wall=wall,
             )
             for tenant in config.tenants
@@ -244,6 +245,9 @@ class GatewayService(MultiService):
 
     def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
         return self.database.transaction(store.update_ack, message_id, code, ack)
+
+    def _record_logs(self, rows: list[dict[str, Any]]) -> Deferred[None]:
+        return self.database.transaction(store.insert_logs, rows)
 
     def _execution_states(self, message_id: int) -> Deferred[list[store.ExecutionState]]:
         return self.database.transaction(store.execution_states, message_id)

@@ -38,11 +38,13 @@ __all__ = [
     "Outcome",
     "Reply",
     "ack_code",
+    "application_ack_requested",
     "build_ack",
     "hl7_timestamp",
     "is_enhanced",
     "parse_reply",
     "wants_accept_ack",
+    "wants_application_ack",
 ]
 
 TABLE_0357: dict[int, str] = {
@@ -114,6 +116,33 @@ def wants_accept_ack(header: Header, outcome: Outcome) -> bool:
     condition = header.accept_ack_type.strip().upper()
     if condition == "NE":
         return False
+    if condition == "ER":
+        return outcome is not Outcome.ACCEPT
+    if condition == "SU":
+        return outcome is Outcome.ACCEPT
+    return True
+
+
+def application_ack_requested(header: Header) -> bool:
+    """True when the sender may wait for an application ACK (MSH-16 set and not NE).
+
+    An empty MSH-16 in enhanced mode (MSH-15 alone) asks for none: such a
+    sender expects only the accept ACK.
+    """
+    condition = header.application_ack_type.strip().upper()
+    return condition not in ("", "NE")
+
+
+def wants_application_ack(header: Header, outcome: Outcome) -> bool:
+    """Whether the sender wants an application ACK (AA/AE/AR) for `outcome`.
+
+    By MSH-16: empty or NE never, ER only on error or reject, SU only on
+    success, AL or any other value always (as for MSH-15, an unknown value
+    is answered rather than leaving the sender waiting).
+    """
+    if not application_ack_requested(header):
+        return False
+    condition = header.application_ack_type.strip().upper()
     if condition == "ER":
         return outcome is not Outcome.ACCEPT
     if condition == "SU":

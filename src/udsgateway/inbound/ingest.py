@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
 from attrs import define, field, frozen
 from twisted.internet.defer import Deferred, succeed
@@ -28,7 +29,9 @@ from udsgateway.hl7.ack import (
     build_ack,
     hl7_timestamp,
 )
+from udsgateway.hl7.ack import application_ack_requested as _application_ack_requested
 from udsgateway.hl7.ack import wants_accept_ack as _wants_accept_ack
+from udsgateway.hl7.ack import wants_application_ack as _wants_application_ack
 from udsgateway.hl7.header import Header, HeaderProblem, codec_for, parse_header
 from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.store.engine import GroupCommitter, is_locked
@@ -39,11 +42,30 @@ log = Logger()
 
 
 @frozen
+class ApplicationAck:
+    """An enhanced-mode application ACK (AA/AE), decided after the accept ACK.
+
+    ``data`` is empty when the sender's MSH-16 asks for none for this outcome.
+    """
+
+    data: bytes
+    code: str
+    #: The acknowledged message's MSH-10 (MSA-2) and its row in the store.
+    control_id: str
+    message_id: int | None
+
+
+@frozen
 class Answer:
-    """What to do on the connection after a frame: write bytes, close, or both."""
+    """What to do on the connection after a frame: write bytes, close, or both.
+
+    ``then``, in enhanced mode, fires with the application ACK: it is written
+    after ``data`` and before any answer to the connection's next frame.
+    """
 
     data: bytes | None = None
     close: bool = False
+    then: Deferred[ApplicationAck] | None = field(default=None, eq=False)
 
 
 NO_ANSWER = Answer()
@@ -61,6 +83,8 @@ class IngestStats:
     errors: Counter[int] = field(factory=Counter)
     unreadable: int = 0
     inbound_acks: int = 0
+    #: Application ACKs ready after their connection had closed (not sent).
+    application_acks_lost: int = 0
 
 
 @define
@@ -93,6 +117,9 @@ class Ingest:
     #: The executions of a stored message (a resend while its "after actions" ACK
     #: is not decided yet waits for them).
     execution_states: Callable[[int], Deferred[list[ExecutionState]]] | None = None
+    #: Appends rows to the store's log (``store.insert_logs``): an application ACK
+    #: whose connection had closed is recorded there, where operators look.
+    record_logs: Callable[[list[dict[str, Any]]], Deferred[None]] | None = None
     stats: IngestStats = field(factory=IngestStats)
     #: Wall clock for timestamps (received_at, ACK MSH-7); None: the timer clock's.
     wall: Wall | None = None
@@ -171,7 +198,13 @@ class Ingest:
             refuse_new=refuse_new,
             # Its ACK will reflect the actions: until then a resend must not be
             # given the provisional one (see _replay_pending).
-            ack_pending=(error is None and self.watch is not None and bool(_waiting_flows(flows))),
+            # In enhanced mode with an application ACK the accept ACK is final at commit.
+            ack_pending=(
+                error is None
+                and self.watch is not None
+                and bool(_waiting_flows(flows))
+                and not _application_ack_requested(header)
+            ),
             first=first,
         )
         committing = self._committer.submit(record)
@@ -247,10 +280,11 @@ class Ingest:
                     message_type=header.event_type,
                     tenant=self.tenant.name,
                 )
+            application = error is None and _application_ack_requested(header)
             watches: list[Deferred[Finished]] = []
             timeout = 0.0
-            if self.watch is not None and any(r.ack == "after_actions" for r in flows):
-                waiting = _waiting_flows(flows)
+            waiting = _application_waiting(flows) if application else _waiting_flows(flows)
+            if self.watch is not None and waiting:
                 timeout = _ack_timeout(waiting)
                 # Only the flows that asked for it; watch before the executor hears
                 # of the message, since it may finish at once.
@@ -263,6 +297,12 @@ class Ingest:
                 ]
             if self.on_stored is not None and result.execution_ids:
                 self.on_stored(result)
+            if application:
+                accept = self._answer(record.ack_code, record.ack)
+                then = Deferred.fromCoroutine(
+                    self._application_ack(header, result.message_id, watches, timeout)
+                )
+                return Answer(accept.data, then=then)
             if watches:
                 return Deferred.fromCoroutine(
                     self._after_actions(header, result.message_id, watches, timeout)
@@ -285,7 +325,15 @@ class Ingest:
                     self._replay_pending(header, result.message_id, flows)
                 )
             log.info("duplicate: stored ACK replayed", control_id=header.control_id)
-            return self._answer("replay", result.ack)
+            replayed = self._answer("replay", result.ack)
+            if error is None and _application_ack_requested(header):
+                # The sender may resend because its application ACK never came:
+                # decide it again from the executions (the message runs once).
+                then = Deferred.fromCoroutine(
+                    self._replay_application_ack(header, result.message_id, flows)
+                )
+                return Answer(replayed.data, then=then)
+            return replayed
         log.warn("same MSH-10 with different content", control_id=header.control_id)
         return self._nak(
             header, Outcome.REJECT, AckError(205, "MSH^1^10", "control id already used")
@@ -341,20 +389,7 @@ class Ingest:
         ``error``, when given, is already decided: the watches are dropped.
         """
         assert message_id is not None
-        for watching in watches if error is None else ():
-            try:
-                finished = await watching
-            except Exception:
-                error = AckError(207, "", f"actions did not finish within {timeout:g}s")
-                break
-            if finished.state != "done":
-                error = AckError(207, "", f"actions {finished.state}: {finished.reason}"[:200])
-                break
-        for other in watches:
-            # The answer is decided: stop the other waits, and consume their failures
-            # (a timeout or the cancellation) so none is logged as unhandled.
-            other.addErrback(lambda _failure: None)
-            other.cancel()
+        error = await _settle(watches, timeout, error)
         outcome = Outcome.ACCEPT if error is None else Outcome.ERROR
         code, ack = self._ack(header, outcome, error, self._now())
         if self.save_ack is not None:
@@ -365,6 +400,93 @@ class Ingest:
         if error is not None:
             self.stats.errors[error.code] += 1
         return self._answer(code, ack)
+
+    async def _application_ack(
+        self,
+        header: Header,
+        message_id: int | None,
+        watches: list[Deferred[Finished]],
+        timeout: float,
+        error: AckError | None = None,
+    ) -> ApplicationAck:
+        """Enhanced mode: the application ACK, once the waited-for actions settle.
+
+        AA when they are done (or nothing is waited for), AE 207 when one failed,
+        was held or did not finish within ``timeout``; none when MSH-16 says so.
+        ``error``, when given, is already decided: the watches are dropped.
+        """
+        error = await _settle(watches, timeout, error)
+        outcome = Outcome.ACCEPT if error is None else Outcome.ERROR
+        code = "AA" if error is None else "AE"
+        if error is not None:
+            self.stats.errors[error.code] += 1
+        if not _wants_application_ack(header, outcome):
+            return ApplicationAck(b"", code, header.control_id, message_id)
+        ack = build_ack(
+            header,
+            code,
+            control_id=self._control_ids.next(),
+            timestamp=hl7_timestamp(self._now()),
+            error=error,
+        )
+        self.stats.acks[code] += 1
+        return ApplicationAck(ack, code, header.control_id, message_id)
+
+    async def _replay_application_ack(
+        self, header: Header, message_id: int | None, flows: tuple[FlowRoute, ...]
+    ) -> ApplicationAck:
+        """A resend's application ACK, from its executions' states (see _replay_pending)."""
+        waiting = _application_waiting(flows)
+        timeout = _ack_timeout(waiting)
+        error: AckError | None = None
+        watches: list[Deferred[Finished]] = []
+        try:
+            states = (
+                await self.execution_states(message_id)
+                if self.execution_states is not None and message_id is not None and waiting
+                else []
+            )
+        except Exception:
+            log.failure("could not read the executions of a resent message")
+            states = []
+            error = AckError(207, "", "actions' outcome could not be read")
+        for state in states:
+            if state.flow_id not in waiting or state.state == "done":
+                continue
+            if state.state == "failed":
+                error = AckError(207, "", f"actions failed: {state.error}"[:200])
+                break
+            if self.watch is not None:
+                watches.append(self.watch(state.id, timeout))
+        return await self._application_ack(header, message_id, watches, timeout, error)
+
+    def application_ack_lost(self, ack: ApplicationAck, peer: str) -> None:
+        """An application ACK was ready after its connection had closed: log and record it."""
+        self.stats.application_acks_lost += 1
+        log.warn(
+            "application ACK {ack_code} not sent: connection closed",
+            ack_code=ack.code,
+            control_id=ack.control_id,
+            peer=peer,
+            tenant=self.tenant.name,
+        )
+        if self.record_logs is not None:
+            row = {
+                "at": self._now(),
+                "tenant": self.tenant.name,
+                "message_id": ack.message_id,
+                "control_id": ack.control_id,
+                "event": "application ack lost",
+                "outcome": "not sent",
+                "ack_code": ack.code,
+                "reason": "connection closed before the application ACK",
+            }
+            recording = self.record_logs([row])
+            recording.addErrback(
+                lambda failure: log.failure(
+                    "could not record a lost application ACK", failure, control_id=ack.control_id
+                )
+            )
 
     def _inbound_ack(self, header: Header) -> Answer:
         # An ACK is never acknowledged, not even a malformed one: that way
@@ -404,7 +526,11 @@ class Ingest:
         MSH-15 asks for none), with a fresh control ID and MSH-7 from ``now``."""
         code = ack_code(header, outcome)
         if not _wants_accept_ack(header, outcome):
-            return code, b""
+            if outcome is Outcome.ACCEPT or not _wants_application_ack(header, outcome):
+                return code, b""
+            # No accept ACK for a refusal (MSH-15 NE or SU), but the sender waits for
+            # an application ACK that no later step will send: the refusal is it.
+            code = "AE" if outcome is Outcome.ERROR else "AR"
         ack = build_ack(
             header,
             code,
@@ -413,6 +539,35 @@ class Ingest:
             error=error,
         )
         return code, ack
+
+
+async def _settle(
+    watches: list[Deferred[Finished]], timeout: float, error: AckError | None = None
+) -> AckError | None:
+    """The error of the first watched execution not done (None: all done).
+
+    ``error``, when given, is already decided: the watches are dropped.
+    """
+    for watching in watches if error is None else ():
+        try:
+            finished = await watching
+        except Exception:
+            error = AckError(207, "", f"actions did not finish within {timeout:g}s")
+            break
+        if finished.state != "done":
+            error = AckError(207, "", f"actions {finished.state}: {finished.reason}"[:200])
+            break
+    for other in watches:
+        # The answer is decided: stop the other waits, and consume their failures
+        # (a timeout or the cancellation) so none is logged as unhandled.
+        other.addErrback(lambda _failure: None)
+        other.cancel()
+    return error
+
+
+def _application_waiting(flows: tuple[FlowRoute, ...]) -> dict[str, FlowRoute]:
+    """The routed flows whose enhanced-mode application ACK waits for their actions."""
+    return {r.flow_id: r for r in flows if r.application_ack == "after_actions" and r.destinations}
 
 
 def _waiting_flows(flows: tuple[FlowRoute, ...]) -> dict[str, FlowRoute]:

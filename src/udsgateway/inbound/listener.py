@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from udsgateway.config import TenantConfig
-from udsgateway.inbound.ingest import Answer, Ingest
+from udsgateway.inbound.ingest import Answer, ApplicationAck, Ingest
 from udsgateway.wire.framed import ConnectionLimits, FramedServerProtocol
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
 
@@ -203,8 +203,23 @@ class InboundProtocol(FramedServerProtocol):
             self._transport.loseConnection()
 
     def _answered(self, answer: Answer) -> None:
-        self._busy = False
         self._answer(answer)
+        if answer.then is not None:
+            # Enhanced mode: the application ACK follows before the next frame's
+            # answers (G5), so the connection stays busy until it is decided.
+            answer.then.addCallbacks(self._application_answered, self._failed)
+            return
+        self._busy = False
+        self._pump()
+
+    def _application_answered(self, ack: ApplicationAck) -> None:
+        self._busy = False
+        if not ack.data:
+            pass  # the sender's MSH-16 asks for none for this outcome
+        elif self._closing or self._framer is None or self.transport is None:
+            self._factory.ingest.application_ack_lost(ack, self._peer)
+        else:
+            self.transport.write(self._framer.encode(ack.data))
         self._pump()
 
     def _failed(self, failure: Failure) -> None:

@@ -37,6 +37,8 @@ class FlowRoute:
     ack_timeout: float
     #: Endpoints of its actions (empty: the flow only records messages).
     destinations: tuple[str, ...] = ()
+    #: When an enhanced-mode application ACK is sent: "after_actions" or "on_commit".
+    application_ack: str = "after_actions"
 
 
 @frozen
@@ -79,6 +81,7 @@ class RoutingTable:
                 ack=flow.trigger.ack,
                 ack_timeout=flow.trigger.ack_timeout,
                 destinations=tuple(action.endpoint for action in flow.actions),
+                application_ack=flow.trigger.application_ack,
             )
             for app in apps
             for flow in app.flows

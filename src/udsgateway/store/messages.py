@@ -493,7 +493,10 @@ def save_app(connection: Connection, app: App, now: float) -> App:
             "ack_timeout": flow.trigger.ack_timeout,
             "sample": flow.trigger.sample,
             "actions": actions_json(flow),
-            "extra": json.dumps({"description": flow.description}),
+            # application_ack in ``extra``: a trigger key without a column of its own.
+            "extra": json.dumps(
+                {"description": flow.description, "application_ack": flow.trigger.application_ack}
+            ),
         }
         owner = connection.execute(select(f.c.app_id).where(f.c.flow_id == flow.flow_id)).first()
         if owner is None:
@@ -533,6 +536,7 @@ def load_apps(connection: Connection, tenant: str | None = None) -> list[App]:
                     sample=row.sample,
                     ack=row.ack,
                     ack_timeout=row.ack_timeout,
+                    application_ack=extra.get("application_ack", "after_actions"),
                 ),
                 actions=tuple(action_from_document(a) for a in json.loads(row.actions)),
             )

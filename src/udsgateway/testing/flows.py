@@ -77,6 +77,7 @@ def flow(
     ack: str = "on_commit",
     ack_timeout: float = 30.0,
     connection: str = "mllp",
+    application_ack: str = "after_actions",
 ) -> Flow:
     """A flow with a stable Flow ID made from its name (at most 20 characters)."""
     flow_id = "FLW" + "".join(ch for ch in name.upper() if ch.isalnum())[:17]
@@ -84,7 +85,11 @@ def flow(
         name=name,
         flow_id=flow_id,
         trigger=Trigger(
-            connection=connection, message_type=message_type, ack=ack, ack_timeout=ack_timeout
+            connection=connection,
+            message_type=message_type,
+            ack=ack,
+            ack_timeout=ack_timeout,
+            application_ack=application_ack,
         ),
         actions=tuple(actions),
     )
@@ -190,6 +195,7 @@ class FlowGateway:
             watch=self.executor.watch,
             save_ack=self._save_ack,
             execution_states=self._execution_states,
+            record_logs=self._record_logs,
         )
         self.factory = ListenerFactory(self.tenant, self.ingest, self.clock)
         self.outbound.start()
@@ -211,6 +217,9 @@ class FlowGateway:
 
     def _execution_states(self, message_id: int) -> Deferred[list[store.ExecutionState]]:
         return self.database.transaction(store.execution_states, message_id)
+
+    def _record_logs(self, rows: list[dict[str, Any]]) -> Deferred[None]:
+        return self.database.transaction(store.insert_logs, rows)
 
     # -- the sender's side
 
