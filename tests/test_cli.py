@@ -158,6 +158,13 @@ class LogsCommandTests(CommandTestCase):
         self.assertEqual(out, "")
         self.assertIn("unknown status 'acepted'", err)
 
+    def test_status_from_the_store(self) -> None:
+        """An outcome this version does not list but the logs hold is accepted."""
+        self.add_logs(log_line(1, outcome="quarantined"), log_line(2))
+        status, out, err = self.run_command("logs", "--json", "--status", "quarantined")
+        self.assertEqual(status, 0, err)
+        self.assertEqual([json.loads(x)["control_id"] for x in out.splitlines()], ["CTL00001"])
+
     def test_status_words(self) -> None:
         """ok selects delivered lines; an outcome selects itself."""
         self.add_logs(

@@ -155,18 +155,25 @@ LOG_OUTCOMES = (
     "release",
     "skip",
     "replay",
+    "not sent",
 )
 
 
-def parse_status(text: str) -> str:
-    """A ``logs --status`` value as the outcome it selects; an error for any other word."""
+def _known_outcomes(connection: Connection) -> set[str]:
+    """LOG_OUTCOMES and every outcome the logs hold (a newer gateway may write others)."""
+    found = connection.execute(select(schema.logs.c.outcome).distinct()).scalars()
+    return {*LOG_OUTCOMES, *(outcome for outcome in found if outcome)}
+
+
+def check_status(text: str, known: set[str]) -> str:
+    """A ``logs --status`` value as the outcome it selects; ValueError for any other word."""
     value = text.strip().lower()
     if value in STATUS_ALIASES:
         return STATUS_ALIASES[value]
-    if value in LOG_OUTCOMES:
+    if value in known:
         return value
-    known = ", ".join(sorted({*STATUS_ALIASES, *LOG_OUTCOMES}))
-    raise argparse.ArgumentTypeError(f"unknown status {text!r} (one of: {known})")
+    words = ", ".join(sorted({*STATUS_ALIASES, *known}))
+    raise ValueError(f"--status: unknown status {text!r} (one of: {words})")
 
 
 def _log_rows(
@@ -216,13 +223,19 @@ def _log_rows(
 def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
     """Newest first, like a log viewer; ``--tail N`` (and ``--follow``): the newest N in
     the order they happened, then (``--follow``) new lines as they come."""
-    from udsgateway.cli import open_database, write_rows
+    from udsgateway.cli import CommandError, open_database, write_rows
 
     database = open_database(config)
+    status = None
+    if args.status is not None:
+        try:
+            status = check_status(args.status, database.transaction_now(_known_outcomes))
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     since = time.time() - args.since if args.since else None
     tail = args.tail if args.tail is not None else (10 if args.follow else None)
     count = tail if tail is not None else args.limit
-    rows = database.transaction_now(_log_rows, args.flow, args.status, since, 0, count, True)
+    rows = database.transaction_now(_log_rows, args.flow, status, since, 0, count, True)
     if tail is not None:
         rows.reverse()
     write_rows(rows, out, args.json, LOG_COLUMNS)
@@ -233,7 +246,7 @@ def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> in
     sleep: Callable[[float], None] = time.sleep
     while True:
         sleep(args.poll)
-        rows = database.transaction_now(_log_rows, args.flow, args.status, since, after, 1000)
+        rows = database.transaction_now(_log_rows, args.flow, status, since, after, 1000)
         if rows:
             after = rows[-1]["id"]
             write_rows(rows, out, args.json)
@@ -272,7 +285,6 @@ def add_operator_commands(commands: Any) -> None:
     p.add_argument("--flow", default=None, metavar="FLOW_ID")
     p.add_argument(
         "--status",
-        type=parse_status,
         default=None,
         help="failed, held, ok (= delivered), or any outcome (accepted, rejected, retry, ...)",
     )
