@@ -145,10 +145,8 @@ class GatewayService(MultiService):
             try:
                 port = await endpoint.listen(factory)
             except CannotListenError as error:
-                reason = error.socketError or error
-                raise StartError(
-                    f"tenant {tenant.name}: cannot listen on {tenant.listen}: {reason}"
-                ) from None
+                # "Couldn't listen on 127.0.0.1:2575: [Errno 98] Address already in use."
+                raise StartError(f"tenant {tenant.name}: {error}") from None
             self.ports[tenant.name] = port
             log.info(
                 "tenant {tenant} listening on {address}",
