@@ -424,7 +424,8 @@ class Lane:
                 )
                 if settlement.state == HELD:
                     log.warn(
-                        "delivery held: {reason}",
+                        "delivery held: {reason}"
+                        " (lane {lane}, delivery {delivery}, control ID {control_id})",
                         reason=settlement.last_error,
                         lane=self.name,
                         delivery=head.id,
@@ -470,7 +471,8 @@ class Lane:
             reason = str(failure)
             self.destination.last_error = reason
             log.info(
-                "delivery attempt failed: {reason}",
+                "delivery attempt failed: {reason}"
+                " (lane {lane}, delivery {delivery}, control ID {control_id})",
                 reason=reason,
                 lane=self.name,
                 delivery=head.id,
