@@ -597,7 +597,7 @@ class SenderTests(SynchronousTestCase):
 
 
 class ToolClockTests(SynchronousTestCase):
-    """RELIABILITY.md "the wall clock jumps": the tools time out on the monotonic clock."""
+    """docs/guarantees.md "the wall clock jumps": the tools time out on the monotonic clock."""
 
     def test_timers_on_the_monotonic_clock(self) -> None:
         """The tools' reactor schedules on time.monotonic before their main runs."""

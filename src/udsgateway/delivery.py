@@ -69,7 +69,7 @@ class DeliveryError(Exception):
 
 @frozen
 class Timing:
-    """Timeouts and backoff of a destination (RELIABILITY.md "Default limits")."""
+    """Timeouts and backoff of a destination (docs/guarantees.md "Default limits")."""
 
     connect_timeout: float = 10.0
     response_timeout: float = 30.0

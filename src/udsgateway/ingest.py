@@ -203,7 +203,7 @@ class Ingest:
         if parsed.header.message_code == "ACK":
             return self._inbound_ack(parsed.header)
         problem = AckError(parsed.code, parsed.location, parsed.diagnostic)
-        # RELIABILITY.md: AR for a header problem, AE for a content error
+        # docs/guarantees.md: AR for a header problem, AE for a content error
         # (control bytes or undecodable bytes in the body, located by offset).
         header_problem = parsed.location.startswith("MSH")
         outcome = Outcome.REJECT if header_problem else Outcome.ERROR

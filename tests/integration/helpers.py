@@ -48,7 +48,7 @@ _POLL = 0.05
 MLLP_START = b"\x0b"
 MLLP_END = b"\x1c\r"
 
-#: The spec's sample message (DESIGN.md, demo flows), segments separated by CR.
+#: The spec's sample message (etc/flows/demo.toml), segments separated by CR.
 SAMPLE_SEGMENTS = (
     "MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|202401011230||ADT^A04|{control_id}|P|2.3",
     "EVN|A04|202401011230",

@@ -1,7 +1,7 @@
 """The gateway as operators run it: ``twistd -n udsgateway``, real sockets, the SQLite file.
 
 Covers the spec sample over MLLP and plain TCP, the two crash rows of
-RELIABILITY.md's "Faults" table (kill -9 before and after the commit, through
+docs/guarantees.md's "Faults" table (kill -9 before and after the commit, through
 ``UDSGATEWAY_TEST_CRASH_AT``) and a clean SIGTERM shutdown.
 """
 
@@ -118,7 +118,7 @@ class SampleMessageTests(SynchronousTestCase):
 
 
 class CrashTests(SynchronousTestCase):
-    """RELIABILITY.md "Faults", rows 1 and 2: kill -9 around the commit."""
+    """docs/guarantees.md "Faults", rows 1 and 2: kill -9 around the commit."""
 
     def test_killed_before_commit(self) -> None:
         """Killed after reading a frame and before committing it: the sender gets no
