@@ -1,4 +1,4 @@
-"""The timer clock and the wall clock (RELIABILITY.md: "the wall clock jumps")."""
+"""The timer clock and the wall clock (docs/guarantees.md: "the wall clock jumps")."""
 
 from __future__ import annotations
 

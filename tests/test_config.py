@@ -28,7 +28,7 @@ class ConfigTests(SynchronousTestCase):
         self.assertFalse(config.manhole.enabled)
 
     def test_defaults_follow_reliability_limits(self) -> None:
-        """Unset limits take the defaults of RELIABILITY.md's table."""
+        """Unset limits take the defaults of docs/guarantees.md's table."""
         config = parse_config('[[tenants]]\nname = "a"\nlisten = "tcp:1"\n', "/etc/gw.toml")
         limits = config.tenants[0].limits
         self.assertEqual(limits.max_frame_size, 10 * 1024 * 1024)

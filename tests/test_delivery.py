@@ -4,7 +4,7 @@ The real dispatcher, lanes, destination protocol and ``ClientService`` run on
 an in-memory SQLite store, a synchronous database runner and a ``task.Clock``;
 endpoints are in-memory ``DestinationPeer``s scripted per test
 (``udsgateway.testing.Outbound``). No sockets, no threads, no sleeps. Each
-outbound row of RELIABILITY.md "Faults" has a test here, as has "a destination
+outbound row of docs/guarantees.md "Faults" has a test here, as has "a destination
 stalled while others keep flowing".
 """
 
@@ -207,7 +207,7 @@ class HappyPathTests(DeliveryTestCase):
 
 
 class WallClockJumpTests(DeliveryTestCase):
-    """RELIABILITY.md: the wall clock jumps; timeouts and backoff use the timer
+    """docs/guarantees.md: the wall clock jumps; timeouts and backoff use the timer
     (monotonic) clock. Stored times (next_attempt_at) are wall-clock times."""
 
     WALL = 1_800_000_000.0
@@ -262,7 +262,7 @@ class WallClockJumpTests(DeliveryTestCase):
 
 
 class ConnectionRefusedTests(DeliveryTestCase):
-    """RELIABILITY.md: a destination refuses connections for an hour, then returns."""
+    """docs/guarantees.md: a destination refuses connections for an hour, then returns."""
 
     def test_refused_for_an_hour_backs_off_capped_then_drains_in_order(self) -> None:
         """While refused, nothing is sent and every delivery stays queued; the
@@ -336,7 +336,7 @@ class ConnectionRefusedTests(DeliveryTestCase):
 
 
 class NoReplyTests(DeliveryTestCase):
-    """RELIABILITY.md: a destination accepts but never ACKs."""
+    """docs/guarantees.md: a destination accepts but never ACKs."""
 
     def test_response_timeout_closes_and_resends_the_same_message(self) -> None:
         """At the response timeout the connection is closed; after a reconnect
@@ -420,7 +420,7 @@ class NoReplyTests(DeliveryTestCase):
 
 
 class BadReplyTests(DeliveryTestCase):
-    """RELIABILITY.md: a destination ACK with the wrong MSA-2, garbage, or no MSA."""
+    """docs/guarantees.md: a destination ACK with the wrong MSA-2, garbage, or no MSA."""
 
     def bad_then_good(self, bad: bytes, reason: str) -> None:
         """The first reply is ``bad``: not success, connection closed, retried."""
@@ -492,7 +492,7 @@ class BadReplyTests(DeliveryTestCase):
 
 
 class NegativeAckTests(DeliveryTestCase):
-    """RELIABILITY.md: a destination answers AE / AR / CE / CR; operators act on holds."""
+    """docs/guarantees.md: a destination answers AE / AR / CE / CR; operators act on holds."""
 
     def held_after(self, code: str, sends: int) -> tuple[Outbound, DestinationPeer]:
         """``code`` to everything: the head is held after ``sends`` sends; nothing
@@ -663,7 +663,7 @@ class NegativeAckTests(DeliveryTestCase):
 
 
 class RecoveryTests(DeliveryTestCase):
-    """RELIABILITY.md: kill -9 with outbound messages not ACKed; restart with 100,000."""
+    """docs/guarantees.md: kill -9 with outbound messages not ACKed; restart with 100,000."""
 
     def test_left_queued_sent_first_in_order(self) -> None:
         """Rows left queued by a killed process, the one in flight included, are

@@ -4,7 +4,7 @@ Every test drives the real inbound path of one tenant (``udsgateway.testing.Gate
 listener, ingest, routing, group commit, SQLite store) over ``StringTransport``
 on a ``task.Clock``, and asserts the answer on the wire (MSA-1, MSA-2, ERR-2,
 ERR-3, ERR-7), the rows in the store and the log events. The rows of
-RELIABILITY.md "Bad input on a listener" about a frame's content are here;
+docs/guarantees.md "Bad input on a listener" about a frame's content are here;
 those about framing, timers and connections are in ``test_listener``.
 """
 
@@ -190,7 +190,7 @@ class GatewayTestCase(SynchronousTestCase):
 
 
 class AcknowledgmentTests(GatewayTestCase):
-    """The shape of a positive ACK (RELIABILITY.md "Wire facts")."""
+    """The shape of a positive ACK (docs/guarantees.md "Wire facts")."""
 
     def test_ack_swaps_applications_and_echoes_control_id(self) -> None:
         """AA: MSH-3/4 swapped with MSH-5/6, a fresh MSH-10, MSA-2 = the message's MSH-10."""
@@ -660,7 +660,7 @@ def routing_apps() -> tuple[App, ...]:
 
 
 class RoutingTests(GatewayTestCase):
-    """DESIGN.md "Routing an inbound message to flows", seen from the sender."""
+    """docs/protocol.md "Routing", seen from the sender."""
 
     def setUp(self) -> None:
         super().setUp()
@@ -918,7 +918,7 @@ class NoPhiInLogsTests(GatewayTestCase):
 
 class WallClockTests(SynchronousTestCase):
     """Timestamps come from the wall clock, apart from the clock timers run on
-    (monotonic in the service: RELIABILITY.md "the wall clock jumps")."""
+    (monotonic in the service: docs/guarantees.md "the wall clock jumps")."""
 
     def test_received_at_and_ack_time_read_the_wall_clock(self) -> None:
         wall = Clock()

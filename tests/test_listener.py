@@ -2,7 +2,7 @@
 
 The real protocol and factory of one tenant (``udsgateway.testing.Gateway``)
 on ``StringTransport`` and ``task.Clock``: no sockets, no sleeps. The rows of
-RELIABILITY.md "Bad input on a listener" about framing, timers and
+docs/guarantees.md "Bad input on a listener" about framing, timers and
 connections are here; those about a frame's content are in ``test_ingest``.
 """
 

@@ -37,6 +37,7 @@ from udsgateway.peers.commands import (
     run_receive,
     run_send,
     split_messages,
+    with_control_id,
 )
 from udsgateway.wire.framing import Frame, MLLPFramer
 
@@ -596,7 +597,7 @@ class SenderTests(SynchronousTestCase):
 
 
 class ToolClockTests(SynchronousTestCase):
-    """RELIABILITY.md "the wall clock jumps": the tools time out on the monotonic clock."""
+    """docs/guarantees.md "the wall clock jumps": the tools time out on the monotonic clock."""
 
     def test_timers_on_the_monotonic_clock(self) -> None:
         """The tools' reactor schedules on time.monotonic before their main runs."""
@@ -654,6 +655,27 @@ class ReceiveCommandTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(sent), 0)
         self.assertEqual([r.control_id for r in records], ["M1", "M2"])
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class NewControlIdTests(SynchronousTestCase):
+    """``send --new-control-id`` rewrites MSH-10 and nothing else."""
+
+    def test_rewrites_msh_10_only(self) -> None:
+        """MSH-10 gets the new value; every other byte of the message is kept."""
+        original = hl7("M1")
+        rewritten = with_control_id(original, "NEW42")
+        self.assertEqual(rewritten, hl7("NEW42"))
+
+    def test_own_separator_and_short_msh(self) -> None:
+        """The message's own field separator is used; a short MSH gets MSH-10 added."""
+        self.assertEqual(
+            with_control_id(b"MSH#^~\\&#A#B\rPID#1\r", "X1"),
+            b"MSH#^~\\&#A#B######X1\rPID#1\r",
+        )
+
+    def test_not_a_message(self) -> None:
+        """Something that does not start with MSH is a ValueError."""
+        self.assertRaises(ValueError, with_control_id, b"PID|1\r", "X1")
 
 
 class CommandLineTests(SynchronousTestCase):

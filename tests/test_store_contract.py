@@ -1,6 +1,6 @@
 """One contract for the store, run against SQLite and against a real PostgreSQL.
 
-The SQL is dialect-neutral (DESIGN.md section 7): the same functions must
+The SQL is dialect-neutral (docs/operations.md "PostgreSQL"): the same functions must
 behave the same on both. The PostgreSQL run uses the server of the machine
 (127.0.0.1:5432, database ``test``, or ``UDSGATEWAY_TEST_POSTGRES``) in a
 schema of its own that it drops afterwards.

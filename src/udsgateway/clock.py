@@ -1,6 +1,6 @@
 """Two clocks: the reactor's, for timers, and the wall clock, for timestamps.
 
-RELIABILITY.md: when the wall clock jumps (NTP stepping it, an operator, a
+docs/guarantees.md: when the wall clock jumps (NTP stepping it, an operator, a
 virtual machine resumed), timeouts and backoff must not fire early or late.
 Twisted's reactor schedules ``callLater`` on ``time.time()``;
 ``monotonic_timers`` makes it schedule on ``time.monotonic()`` instead, so

@@ -47,7 +47,7 @@ class ConfigError(Exception):
 
 @frozen
 class Limits:
-    """Per-listener limits of RELIABILITY.md "Default limits"."""
+    """Per-listener limits of docs/guarantees.md "Default limits"."""
 
     max_frame_size: int = 10 * MIB
     frame_timeout: float = 60.0

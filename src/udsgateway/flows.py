@@ -170,7 +170,10 @@ def _read_trigger(reader: TableReader, table: dict[str, Any]) -> Trigger:
         table, "ack_timeout", (int, float), 30.0, lambda v: None if v > 0 else "must be > 0"
     )
     return Trigger(
-        connection=reader.get(table, "connection", str, "mllp", one_of(CONNECTIONS)),
+        # Case-insensitive: `flows list` prints MLLP and TCP, and either spelling is read back.
+        connection=reader.get(
+            table, "connection", str, "mllp", lambda v: one_of(CONNECTIONS)(v.lower())
+        ).lower(),
         message_type=message_type,
         sample=reader.get(table, "sample", str, ""),
         ack=reader.get(table, "ack", str, "on_commit", one_of(ACK_TIMINGS)),
@@ -256,8 +259,8 @@ def _read_action(reader: TableReader, table: dict[str, Any]) -> Action:
             "protocol",
             str,
             "mllp",
-            lambda v: None if v in CONNECTIONS else "expected mllp or tcp",
-        ),
+            lambda v: None if v.lower() in CONNECTIONS else "expected mllp or tcp",
+        ).lower(),
         ordering_key=reader.get(table, "ordering_key", str, "", _hl7_path),
         tls=tls,
         policy=policy,

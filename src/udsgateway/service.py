@@ -13,6 +13,7 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -30,11 +31,22 @@ from udsgateway.outbound.delivery import Dispatcher, Timing
 from udsgateway.outbound.executor import Executor
 from udsgateway.store import executions
 from udsgateway.store import messages as store
-from udsgateway.store.engine import Database, GroupCommitter, ThreadRunner, ensure_schema
+from udsgateway.store.engine import (
+    Database,
+    GroupCommitter,
+    SchemaError,
+    ThreadRunner,
+    ensure_schema,
+)
 from udsgateway.store.messages import CommitResult, InboundRecord
 from udsgateway.wire.tls import TLSListenerFactory, server_options
 
 log = Logger()
+
+
+class StartError(Exception):
+    """The gateway cannot start for a reason the operator can fix (a flow file, a
+    port in use): logged as one line, without a traceback."""
 
 
 class GatewayService(MultiService):
@@ -139,7 +151,11 @@ class GatewayService(MultiService):
             factory: Any = self.factories[tenant.name]
             if tenant.tls.enabled:
                 factory = TLSListenerFactory(server_options(tenant.tls), False, factory)
-            port = await endpoint.listen(factory)
+            try:
+                port = await endpoint.listen(factory)
+            except CannotListenError as error:
+                # "Couldn't listen on 127.0.0.1:2575: [Errno 98] Address already in use."
+                raise StartError(f"tenant {tenant.name}: {error}") from None
             self.ports[tenant.name] = port
             log.info(
                 "tenant {tenant} listening on {address}",
@@ -155,7 +171,11 @@ class GatewayService(MultiService):
         self.ready.callback(None)
 
     def _start_failed(self, failure: Any) -> None:
-        log.failure("udsgateway could not start", failure)
+        if failure.check(StartError, SchemaError):
+            # An operator's mistake (a flow file, a port in use): one clear line.
+            log.error("udsgateway could not start: {reason}", reason=failure.getErrorMessage())
+        else:
+            log.failure("udsgateway could not start", failure)
         self.ready.errback(failure)
         if IReactorCore.providedBy(self._reactor) and self._reactor.running:
             self._reactor.stop()
@@ -163,14 +183,18 @@ class GatewayService(MultiService):
     async def _import_flow_files(self, tenant: TenantConfig) -> None:
         now = self._wall()
         for path in tenant.flow_files:
-            app = read_app_file(path)
+            try:
+                app = read_app_file(path)
+            except FlowFileError as error:
+                raise StartError(f"tenant {tenant.name}: " + "; ".join(error.problems)) from None
             if app.tenant != tenant.name:
-                raise ValueError(f"{path}: tenant {app.tenant!r} is not {tenant.name!r}")
+                raise StartError(f"{path}: tenant {app.tenant!r} is not {tenant.name!r}")
             problems = template_problems(path, app)
             if problems:
                 # The same checks as `udsgateway flows import`: a broken template
-                # stops the start, it is not found later on live traffic.
-                raise FlowFileError(problems)
+                # stops the whole start (every tenant), it is not found later on
+                # live traffic.
+                raise StartError(f"tenant {tenant.name}: " + "; ".join(problems))
             saved = await self.database.transaction(store.save_app, app, now)
             log.info(
                 "flow file {path} imported: App ID {app_id}, {count} flows",

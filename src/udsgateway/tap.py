@@ -55,7 +55,7 @@ def makeService(options: Options) -> IService:
     # group commit; with CPython's default 5 ms GIL switch interval a waiting
     # thread can sit idle for that long. 0.5 ms keeps the hand-offs prompt.
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-    # Timeouts, backoff and periodic jobs on the monotonic clock (RELIABILITY.md:
+    # Timeouts, backoff and periodic jobs on the monotonic clock (docs/guarantees.md:
     # the wall clock jumps); timestamps on the wall clock, passed as `wall`.
     monotonic_timers(reactor)
     runner = ThreadRunner(reactor)  # type: ignore[arg-type]
@@ -94,7 +94,7 @@ def _exit_status_after_failed_start(_failure: object, reactor: Any) -> None:
 
 #: Environment variable naming a point where the process kills itself with
 #: SIGKILL. For the crash tests (tests/integration) only: it lets them prove
-#: G1 and G3 at the exact moments of RELIABILITY.md's "Faults" table.
+#: G1 and G3 at the exact moments of docs/guarantees.md's "Faults" table.
 #: ``POINT`` crashes the first time the point is reached, ``POINT:N`` the Nth:
 #:
 #: * ``before_commit``: a group of inbound messages is about to be committed;

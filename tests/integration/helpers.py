@@ -48,12 +48,12 @@ _POLL = 0.05
 MLLP_START = b"\x0b"
 MLLP_END = b"\x1c\r"
 
-#: The spec's sample message (DESIGN.md, demo flows), segments separated by CR.
+#: The spec's sample message (etc/flows/demo.toml), segments separated by CR.
 SAMPLE_SEGMENTS = (
     "MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|202401011230||ADT^A04|{control_id}|P|2.3",
     "EVN|A04|202401011230",
     "PID|1||12345^^^Hospital||Doe^John||19800101|M|||123 Main St^^City^State^12345||9876543210",
-    "NK1|1|Doe^Jane|SPOUSE|9876543211",
+    "NK1|1|Doe^Jane|SPOUSE||9876543211",
 )
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import tomllib
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,12 @@ from tests.integration.helpers import (
     DEMO_FLOWS,
     DEMO_TENANT,
     HOST,
+    REPO,
+    count,
+    database_path,
     new_directory,
+    query,
+    start_gateway,
     udsgateway,
     write_config,
 )
@@ -258,3 +265,55 @@ ack = "later"
         only_lab = self.list_json(config, "--tenant", "lab")
         self.assertEqual([r for r in listed if r["tenant"] == "lab"], only_lab)
         self.assertEqual(len(only_lab), 2)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it)."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class SendNewControlIdTests(SynchronousTestCase):
+    """``udsgateway send --new-control-id`` against a running gateway."""
+
+    def test_resend_as_new_messages(self) -> None:
+        """Sending a file again resends duplicates (the stored ACK is replayed and
+        nothing new is stored); with --new-control-id every message gets a fresh
+        MSH-10, is ACKed with it and stored as a new message, and the file is
+        left as it was."""
+        directory = new_directory(self)
+        # The demo flows, delivering to a port nothing listens on: deliveries queue.
+        flows = directory / "demo.toml"
+        flows.write_text(
+            DEMO_FLOWS.read_text("utf-8").replace("port = 2576", f"port = {free_port()}"),
+            encoding="utf-8",
+        )
+        port = free_port()
+        config = write_config(directory, {DEMO_TENANT: port}, {DEMO_TENANT: [flows]})
+        start_gateway(self, config, port)
+        example = REPO / "examples" / "adt_a04.hl7"
+        before = example.read_bytes()
+        to = f"{HOST}:{port}"
+
+        def send(*options: str) -> list[list[str]]:
+            result = udsgateway(config, "send", *options, example, "--to", to)
+            self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+            return [line.split() for line in result.stdout.splitlines()]
+
+        self.assertEqual(send(), [["1", "MSG00001", "AA", "MSG00001"]])
+        self.assertEqual(send(), [["1", "MSG00001", "AA", "MSG00001"]], "a replayed ACK")
+        database = database_path(directory)
+        self.assertEqual(count(database, "SELECT count(*) FROM messages"), 1)
+
+        fresh = [send("--new-control-id")[0], send("--new-control-id")[0]]
+        for number, control_id, code, msa2 in fresh:
+            self.assertEqual((number, code, msa2), ("1", "AA", control_id))
+            self.assertNotEqual(control_id, "MSG00001")
+        self.assertNotEqual(fresh[0][1], fresh[1][1])
+        stored = query(database, "SELECT control_id FROM messages ORDER BY id")
+        self.assertEqual(
+            [row["control_id"] for row in stored], ["MSG00001", fresh[0][1], fresh[1][1]]
+        )
+        self.assertEqual(example.read_bytes(), before)

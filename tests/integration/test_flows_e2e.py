@@ -8,7 +8,7 @@ destinations, over real sockets, with the SQLite file.
   commit, after an action's delivery was enqueued, after a destination answered but
   before that was recorded. After the restart nothing is lost, every destination
   gets every message in arrival order, and nothing twice, but for the one message
-  in flight at an ``after_send`` crash (at-least-once, RELIABILITY.md "Faults").
+  in flight at an ``after_send`` crash (at-least-once, docs/guarantees.md "Faults").
 * ``udsgateway flows import`` of a file with template errors reports every one.
 
 Ports 26700-26799 only.

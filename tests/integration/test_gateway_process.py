@@ -1,7 +1,7 @@
 """The gateway as operators run it: ``twistd -n udsgateway``, real sockets, the SQLite file.
 
 Covers the spec sample over MLLP and plain TCP, the two crash rows of
-RELIABILITY.md's "Faults" table (kill -9 before and after the commit, through
+docs/guarantees.md's "Faults" table (kill -9 before and after the commit, through
 ``UDSGATEWAY_TEST_CRASH_AT``) and a clean SIGTERM shutdown.
 """
 
@@ -118,7 +118,7 @@ class SampleMessageTests(SynchronousTestCase):
 
 
 class CrashTests(SynchronousTestCase):
-    """RELIABILITY.md "Faults", rows 1 and 2: kill -9 around the commit."""
+    """docs/guarantees.md "Faults", rows 1 and 2: kill -9 around the commit."""
 
     def test_killed_before_commit(self) -> None:
         """Killed after reading a frame and before committing it: the sender gets no
@@ -268,3 +268,49 @@ class FailedStartTests(SynchronousTestCase):
         self.assertEqual(status, 2, log)
         self.assertIn(f"{config}: gateway.colour: unknown key", log)
         self.assertIn(f"{config}: tenants[0].listen: required", log)
+
+
+class StartErrorTests(SynchronousTestCase):
+    """Start-up errors an operator can fix are one clear log line, not a traceback."""
+
+    def failed_start(self, config: Path, port: int) -> str:
+        gateway = GatewayProcess(config, port, config.parent / "twistd.log")
+        self.addCleanup(gateway.stop)
+        gateway.start()
+        status = gateway.wait_exit()
+        log = gateway.log_text()
+        self.assertEqual(status, 1, log)
+        self.assertNotIn("Traceback", log)
+        return log
+
+    def test_port_in_use_one_line(self) -> None:
+        """A port in use: one line naming the tenant, the address and the error."""
+        port = 26570
+        directory = new_directory(self)
+        config = demo_gateway_config(directory, port)
+        assert_port_free(port)
+        taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.addCleanup(taken.close)
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind((HOST, port))
+        taken.listen()
+        log = self.failed_start(config, port)
+        self.assertIn(
+            f"udsgateway could not start: tenant {DEMO_TENANT}: Couldn't listen on {HOST}:{port}",
+            log,
+        )
+
+    def test_missing_flow_file(self) -> None:
+        """A flow file that cannot be read stops the gateway (every tenant) with one
+        line naming the tenant and the file."""
+        port = 26580
+        directory = new_directory(self)
+        missing = directory / "missing.toml"
+        config = write_config(directory, {DEMO_TENANT: port}, {DEMO_TENANT: [missing]})
+        log = self.failed_start(config, port)
+        self.assertIn(
+            f"udsgateway could not start: tenant {DEMO_TENANT}: {missing}: cannot read: "
+            "No such file or directory",
+            log,
+        )
+        self.assertFalse(accepts_connections(port))

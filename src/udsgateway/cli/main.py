@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from udsgateway import __version__
 from udsgateway.cli.operate import add_operator_commands
 from udsgateway.config import ConfigError, GatewayConfig, load_config
 from udsgateway.flows import (
@@ -27,6 +28,7 @@ from udsgateway.flows import (
     write_app,
 )
 from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.header import HeaderProblem, codec_for, parse_header
 from udsgateway.hl7.message import MessageParseError, parse_message
 from udsgateway.mapping.catalogue import variable_catalogue
 from udsgateway.mapping.checks import template_problems
@@ -96,26 +98,36 @@ def flow_table(config: GatewayConfig, apps: Sequence[App]) -> list[dict[str, str
     return rows
 
 
-def write_rows(rows: Sequence[dict[str, Any]], out: TextIO, as_json: bool) -> None:
-    """Rows as JSON lines (``--json``), else as a text table."""
+def write_rows(
+    rows: Sequence[dict[str, Any]],
+    out: TextIO,
+    as_json: bool,
+    columns: Sequence[str] = (),
+) -> None:
+    """Rows as JSON lines (``--json``), else as a text table (see `print_table`)."""
     if as_json:
         for row in rows:
             out.write(json.dumps(row) + "\n")
     else:
-        print_table(rows, out)
+        print_table(rows, out, columns)
 
 
-def print_table(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
-    """Rows as an aligned text table with upper-case headings."""
+def print_table(rows: Sequence[dict[str, Any]], out: TextIO, columns: Sequence[str] = ()) -> None:
+    """Rows as an aligned text table with upper-case headings; None shows as "".
+
+    Without rows it prints the headings of ``columns`` (when given) and "(none)".
+    """
+    columns = list(rows[0]) if rows else list(columns)
+    if columns:
+        cells = [{c: "" if r[c] is None else str(r[c]) for c in columns} for r in rows]
+        widths = {c: max([len(c), *(len(r[c]) for r in cells)]) for c in columns}
+        heading = "  ".join(c.upper().replace("_", " ").ljust(widths[c]) for c in columns)
+        out.write(heading.rstrip() + "\n")
     if not rows:
         out.write("(none)\n")
         return
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    out.write("  ".join(c.upper().replace("_", " ").ljust(widths[c]) for c in columns).rstrip())
-    out.write("\n")
-    for row in rows:
-        out.write("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip() + "\n")
+    for row in cells:
+        out.write("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
 
 
 def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
@@ -164,6 +176,29 @@ def cmd_flows_variables(args: argparse.Namespace, config: GatewayConfig, out: Te
     return 0
 
 
+def read_responses(specs: Sequence[str], flow: Flow, step: int) -> dict[str, bytes]:
+    """``NAME=FILE`` pairs as the fake responses of earlier actions, by action name."""
+    earlier = [a.name for a in flow.actions[:step]]
+    responses: dict[str, bytes] = {}
+    for spec in specs:
+        name, equals, path = spec.partition("=")
+        if not equals or not name or not path:
+            raise CommandError(f"--response {spec!r}: expected NAME=FILE")
+        if name not in earlier:
+            names = ", ".join(earlier) or "none"
+            raise CommandError(
+                f"--response {name}: not an earlier action of this one (earlier: {names})"
+            )
+        try:
+            data = Path(path).read_bytes()
+        except OSError as error:
+            raise CommandError(f"cannot read {path}: {error.strerror or error}") from None
+        # A file written by hand ends segments with LF; the gateway stores CR.
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        responses[name] = b"".join(line + b"\r" for line in lines if line.strip())
+    return responses
+
+
 def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
     app, flow = find_flow(config, args.flow_id)
     chosen = [
@@ -175,23 +210,49 @@ def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextI
         names = ", ".join(a.name for a in flow.actions) or "none"
         raise CommandError(f"flow {args.flow_id} has no action {args.action!r} (actions: {names})")
     step, action = chosen[0]
-    message = Path(args.message).read_bytes() if args.message else flow.trigger.sample.encode()
+    fakes = read_responses(args.response or (), flow, step)
+    tenant = next((t for t in config.tenants if t.name == app.tenant), None)
+    # The tenant's codec for messages without MSH-18, as the running gateway uses.
+    charset = codec_for(tenant.default_charset, "latin-1") if tenant else None
+    charset = charset or "latin-1"
     try:
+        # The sample is text already (TOML); a message file is bytes, decoded as the
+        # gateway decodes what a sender sends: MSH-18, else the tenant's charset.
+        message: str | bytes = (
+            Path(args.message).read_bytes() if args.message else flow.trigger.sample
+        )
+    except OSError as error:
+        raise CommandError(f"cannot read {args.message}: {error.strerror or error}") from None
+    try:
+        responses = tuple(
+            ActionResponse(
+                earlier.name,
+                parse_message(fakes[earlier.name], default_charset="latin-1")
+                if earlier.name in fakes
+                else None,
+            )
+            for earlier in flow.actions[:step]
+        )
         template = compile_template(action.template)
         body = render_body(
             template,
             TemplateData(
-                parse_message(message),
-                tuple(ActionResponse(a.name, None) for a in flow.actions[:step]),
+                parse_message(message, default_charset=charset),
+                responses,
                 dict(app.variables),
             ),
             message_type=action.message_type,
             now=lambda: datetime.now(UTC),
             new_control_id=ControlIdSource.for_boot(time.time()).next,
+            default_charset=charset,
         )
     except (TemplateError, RenderError, MessageParseError) as error:
         raise CommandError(f"action {action.name}: {error}") from None
-    out.write(body.decode("latin-1").replace("\r", "\n"))
+    parsed = parse_header(body, default_charset=charset)
+    header = parsed.header if isinstance(parsed, HeaderProblem) else parsed
+    body_charset = codec_for(header.charset, charset) if header is not None else None
+    text = body.decode(body_charset or charset, "backslashreplace")
+    out.write(text.replace("\r", "\n"))
     return 0
 
 
@@ -222,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--config", default=DEFAULT_CONFIG, help=f"configuration file (default {DEFAULT_CONFIG})"
     )
+    parser.add_argument("--version", action="version", version=f"udsgateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     flows = commands.add_parser("flows", help="import, export and list apps and flows")
@@ -247,10 +309,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("flow_id", metavar="FLOW_ID")
     p.add_argument("action", metavar="ACTION", help="action name or position (0, 1, ...)")
     p.add_argument("--message", metavar="FILE", help="HL7 message to render from")
+    p.add_argument(
+        "--response",
+        action="append",
+        metavar="NAME=FILE",
+        help="fake response of the earlier action NAME, read from FILE (repeatable)",
+    )
     p.set_defaults(handler=cmd_flows_render)
     add_operator_commands(commands)
     add_peer_commands(commands)
+    _accept_config_anywhere(parser)
     return parser
+
+
+def _accept_config_anywhere(parser: argparse.ArgumentParser) -> None:
+    """Let ``--config`` come after the subcommand too (``udsgateway logs --config F``).
+
+    Each command's parser gets the option without a default, so a value given
+    before the subcommand is kept when none comes after it.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                if not any(isinstance(a, argparse._SubParsersAction) for a in subparser._actions):
+                    subparser.add_argument(
+                        "--config",
+                        default=argparse.SUPPRESS,
+                        help=f"configuration file (default {DEFAULT_CONFIG})",
+                    )
+                _accept_config_anywhere(subparser)
 
 
 Handler = Callable[[argparse.Namespace, GatewayConfig, TextIO], int]

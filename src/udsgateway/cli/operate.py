@@ -40,13 +40,45 @@ def _time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+_ENDPOINT_PART = re.compile(r"(?:[^:\\]|\\.)+")
+
+
+def destination_address(endpoint: str, protocol: str) -> str:
+    """``mllp://host:port`` or ``tcp://host:port`` (``mllp+tls://`` with TLS) of a
+    destination's Twisted endpoint string, as an operator writes it."""
+    parts = [p.replace("\\:", ":") for p in _ENDPOINT_PART.findall(endpoint)]
+    if not parts:
+        return endpoint
+    fields = dict(p.partition("=")[::2] for p in parts[1:] if "=" in p)
+    host, port = fields.get("host"), fields.get("port")
+    if host is None or port is None:
+        return endpoint
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = protocol + ("+tls" if parts[0] == "tls" else "")
+    return f"{scheme}://{host}:{port}"
+
+
+DELIVERY_COLUMNS = (
+    "id",
+    "state",
+    "lane",
+    "destination",
+    "control_id",
+    "attempts",
+    "ack",
+    "updated",
+    "last_error",
+)
+
+
 def delivery_row(delivery: outbox.Delivery) -> dict[str, Any]:
     """What an operator sees of a delivery: never its payload."""
     return {
         "id": delivery.id,
         "state": delivery.state,
         "lane": delivery.lane,
-        "destination": delivery.destination,
+        "destination": destination_address(delivery.destination, delivery.protocol),
         "control_id": delivery.control_id,
         "attempts": delivery.attempts,
         "ack": delivery.response_code,
@@ -63,7 +95,7 @@ def cmd_deliveries_list(args: argparse.Namespace, config: GatewayConfig, out: Te
         outbox.list_deliveries, states, args.lane, args.limit
     )
     table = [delivery_row(row) for row in rows]
-    write_rows(table, out, args.json)
+    write_rows(table, out, args.json, DELIVERY_COLUMNS)
     return 0
 
 
@@ -92,6 +124,58 @@ def cmd_deliveries_act(args: argparse.Namespace, config: GatewayConfig, out: Tex
     return 0
 
 
+LOG_COLUMNS = (
+    "id",
+    "time",
+    "event",
+    "outcome",
+    "app_id",
+    "flow_id",
+    "control_id",
+    "type",
+    "action",
+    "attempt",
+    "ack",
+    "reason",
+)
+
+#: ``logs --status`` words for common questions, and the outcomes they mean.
+STATUS_ALIASES = {"failed": "failed", "held": "held", "ok": "delivered"}
+
+#: Every outcome a log line can have (received, delivery, execution, operator).
+LOG_OUTCOMES = (
+    "accepted",
+    "rejected",
+    "retry",
+    "delivered",
+    "held",
+    "skipped",
+    "done",
+    "failed",
+    "release",
+    "skip",
+    "replay",
+    "not sent",
+)
+
+
+def _known_outcomes(connection: Connection) -> set[str]:
+    """LOG_OUTCOMES and every outcome the logs hold (a newer gateway may write others)."""
+    found = connection.execute(select(schema.logs.c.outcome).distinct()).scalars()
+    return {*LOG_OUTCOMES, *(outcome for outcome in found if outcome)}
+
+
+def check_status(text: str, known: set[str]) -> str:
+    """A ``logs --status`` value as the outcome it selects; ValueError for any other word."""
+    value = text.strip().lower()
+    if value in STATUS_ALIASES:
+        return STATUS_ALIASES[value]
+    if value in known:
+        return value
+    words = ", ".join(sorted({*STATUS_ALIASES, *known}))
+    raise ValueError(f"--status: unknown status {text!r} (one of: {words})")
+
+
 def _log_rows(
     connection: Connection,
     flow_id: str | None,
@@ -99,13 +183,15 @@ def _log_rows(
     since: float | None,
     after_id: int,
     limit: int,
+    newest_first: bool = False,
 ) -> list[dict[str, Any]]:
+    """Log lines after ``after_id``: the oldest ``limit`` of them, or the newest."""
     logs, flows = schema.logs, schema.flows
     query = (
         select(logs, flows.c.app_id.label("flow_app_id"))
         .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
         .where(logs.c.id > after_id)
-        .order_by(logs.c.id)
+        .order_by(logs.c.id.desc() if newest_first else logs.c.id)
         .limit(limit)
     )
     if flow_id:
@@ -124,8 +210,9 @@ def _log_rows(
             "flow_id": row.flow_id,
             "control_id": row.control_id,
             "type": row.message_type,
-            "action": "" if row.step is None else row.step,
-            "attempt": "" if row.attempt is None else row.attempt,
+            # One type per field: a number, or null when the line has none.
+            "action": row.step,
+            "attempt": row.attempt,
             "ack": row.ack_code,
             "reason": row.reason,
         }
@@ -134,24 +221,36 @@ def _log_rows(
 
 
 def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli.main import open_database, write_rows
+    """Newest first, like a log viewer; ``--tail N`` (and ``--follow``): the newest N in
+    the order they happened, then (``--follow``) new lines as they come."""
+    from udsgateway.cli.main import CommandError, open_database, write_rows
 
     database = open_database(config)
+    status = None
+    if args.status is not None:
+        try:
+            status = check_status(args.status, database.transaction_now(_known_outcomes))
+        except ValueError as error:
+            raise CommandError(str(error)) from None
     since = time.time() - args.since if args.since else None
-    after = 0
-    status = {"failed": "failed", "held": "held", "ok": "delivered"}.get(args.status or "")
-    if args.status and status is None:
-        status = args.status
+    tail = args.tail if args.tail is not None else (10 if args.follow else None)
+    count = tail if tail is not None else args.limit
+    rows = database.transaction_now(_log_rows, args.flow, status, since, 0, count, True)
+    if tail is not None:
+        rows.reverse()
+    write_rows(rows, out, args.json, LOG_COLUMNS)
+    out.flush()
+    if not args.follow:
+        return 0
+    after = max((row["id"] for row in rows), default=0)
     sleep: Callable[[float], None] = time.sleep
     while True:
-        rows = database.transaction_now(_log_rows, args.flow, status, since, after, args.limit)
+        sleep(args.poll)
+        rows = database.transaction_now(_log_rows, args.flow, status, since, after, 1000)
         if rows:
             after = rows[-1]["id"]
             write_rows(rows, out, args.json)
             out.flush()
-        if not args.follow:
-            return 0
-        sleep(args.poll)
 
 
 def add_operator_commands(commands: Any) -> None:
@@ -182,14 +281,23 @@ def add_operator_commands(commands: Any) -> None:
             p.add_argument("--payload", metavar="FILE", help="the edited message to send")
         p.set_defaults(handler=cmd_deliveries_act, command_action=name)
 
-    p = commands.add_parser("logs", help="execution logs (no message content)")
+    p = commands.add_parser("logs", help="execution logs, newest first (no message content)")
     p.add_argument("--flow", default=None, metavar="FLOW_ID")
     p.add_argument(
-        "--status", default=None, help="failed, held, ok, or any outcome (accepted, ...)"
+        "--status",
+        default=None,
+        help="failed, held, ok (= delivered), or any outcome (accepted, rejected, retry, ...)",
     )
     p.add_argument("--since", type=parse_duration, default=None, help="e.g. 30m, 1h, 2d")
     p.add_argument("--follow", action="store_true", help="keep printing new entries")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (--follow)")
-    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--limit", type=int, default=1000, help="at most this many lines, newest first")
+    p.add_argument(
+        "--tail",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the newest N lines, oldest of them first (--follow: 10 unless given)",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(handler=cmd_logs)

@@ -1,6 +1,6 @@
 """Build the ACKs we send and read the ACKs destinations send us.
 
-`build_ack` follows RELIABILITY.md "Wire facts": the sender's delimiters and
+`build_ack` follows docs/guarantees.md "Wire facts": the sender's delimiters and
 MSH-18, MSH-3/4 swapped with MSH-5/6, a fresh MSH-10 of our own, MSA-2
 echoing the message's MSH-10, and for a NAK an ERR segment with the location,
 the table 0357 code, the severity and a diagnostic without PHI. It works from

@@ -243,7 +243,7 @@ class Ingest:
         if parsed.header.message_code == "ACK":
             return self._inbound_ack(parsed.header)
         problem = AckError(parsed.code, parsed.location, parsed.diagnostic)
-        # RELIABILITY.md: AR for a header problem, AE for a content error
+        # docs/guarantees.md: AR for a header problem, AE for a content error
         # (control bytes or undecodable bytes in the body, located by offset).
         header_problem = parsed.location.startswith("MSH")
         outcome = Outcome.REJECT if header_problem else Outcome.ERROR
@@ -252,7 +252,7 @@ class Ingest:
     def _commit_failed(self, failure: Failure, header: Header) -> Answer:
         locked = failure.value is not None and is_locked(failure.value)
         log.warn(
-            "commit failed; NAK {code} sent",
+            "commit failed; NAK {code} sent (control ID {control_id})",
             code=206 if locked else 207,
             control_id=header.control_id,
             tenant=self.tenant.name,
@@ -274,7 +274,7 @@ class Ingest:
             self.stats.stored += 1
             if error is not None:
                 log.info(
-                    "message rejected: {reason}",
+                    "message rejected: {reason} (control ID {control_id})",
                     reason=record.reason,
                     control_id=header.control_id,
                     message_type=header.event_type,
@@ -310,7 +310,7 @@ class Ingest:
             return self._answer(record.ack_code, record.ack)
         if result.outcome is CommitOutcome.REFUSED:
             log.warn(
-                "destination queue full: NAK 207",
+                "destination queue full: NAK 207 (control ID {control_id})",
                 control_id=header.control_id,
                 tenant=self.tenant.name,
             )
@@ -320,11 +320,17 @@ class Ingest:
         if result.outcome is CommitOutcome.REPLAY:
             self.stats.replayed += 1
             if result.ack_pending and result.message_id is not None:
-                log.info("duplicate: waits for the actions' ACK", control_id=header.control_id)
+                log.info(
+                    "duplicate: waits for the actions' ACK (control ID {control_id})",
+                    control_id=header.control_id,
+                )
                 return Deferred.fromCoroutine(
                     self._replay_pending(header, result.message_id, flows)
                 )
-            log.info("duplicate: stored ACK replayed", control_id=header.control_id)
+            log.info(
+                "duplicate: stored ACK replayed (control ID {control_id})",
+                control_id=header.control_id,
+            )
             replayed = self._answer("replay", result.ack)
             if error is None and _application_ack_requested(header):
                 # The sender may resend because its application ACK never came:
@@ -334,7 +340,10 @@ class Ingest:
                 )
                 return Answer(replayed.data, then=then)
             return replayed
-        log.warn("same MSH-10 with different content", control_id=header.control_id)
+        log.warn(
+            "same MSH-10 with different content (control ID {control_id})",
+            control_id=header.control_id,
+        )
         return self._nak(
             header, Outcome.REJECT, AckError(205, "MSH^1^10", "control id already used")
         )
@@ -396,7 +405,10 @@ class Ingest:
             try:
                 await self.save_ack(message_id, code, ack)
             except Exception:
-                log.failure("could not store the after-actions ACK", control_id=header.control_id)
+                log.failure(
+                    "could not store the after-actions ACK (control ID {control_id})",
+                    control_id=header.control_id,
+                )
         if error is not None:
             self.stats.errors[error.code] += 1
         return self._answer(code, ack)
@@ -464,7 +476,7 @@ class Ingest:
         """An application ACK was ready after its connection had closed: log and record it."""
         self.stats.application_acks_lost += 1
         log.warn(
-            "application ACK {ack_code} not sent: connection closed",
+            "application ACK {ack_code} not sent (control ID {control_id}): connection closed",
             ack_code=ack.code,
             control_id=ack.control_id,
             peer=peer,
@@ -484,7 +496,9 @@ class Ingest:
             recording = self.record_logs([row])
             recording.addErrback(
                 lambda failure: log.failure(
-                    "could not record a lost application ACK", failure, control_id=ack.control_id
+                    "could not record a lost application ACK (control ID {control_id})",
+                    failure,
+                    control_id=ack.control_id,
                 )
             )
 
@@ -492,13 +506,17 @@ class Ingest:
         # An ACK is never acknowledged, not even a malformed one: that way
         # lies an endless loop between two gateways.
         self.stats.inbound_acks += 1
-        log.info("inbound ACK ignored", control_id=header.control_id, tenant=self.tenant.name)
+        log.info(
+            "inbound ACK ignored (control ID {control_id})",
+            control_id=header.control_id,
+            tenant=self.tenant.name,
+        )
         return NO_ANSWER
 
     def _log_refused(self, header: Header, code: int) -> None:
         """202/203: the tenant does not take this processing ID or version (no PHI)."""
         log.info(
-            "message refused: AR {code}",
+            "message refused: AR {code} (control ID {control_id})",
             code=code,
             control_id=header.control_id,
             message_type=header.event_type,

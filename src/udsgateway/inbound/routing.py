@@ -1,4 +1,4 @@
-"""Routing an inbound message to the flows that want it (DESIGN.md section 2).
+"""Routing an inbound message to the flows that want it (docs/protocol.md "Routing").
 
 1. The tenant's App ID and Flow ID header fields (MSH-5 and MSH-6 by default)
    name an enabled flow: the message goes to that flow.

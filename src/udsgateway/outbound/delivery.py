@@ -69,7 +69,7 @@ class DeliveryError(Exception):
 
 @frozen
 class Timing:
-    """Timeouts and backoff of a destination (RELIABILITY.md "Default limits")."""
+    """Timeouts and backoff of a destination (docs/guarantees.md "Default limits")."""
 
     connect_timeout: float = 10.0
     response_timeout: float = 30.0
@@ -424,7 +424,8 @@ class Lane:
                 )
                 if settlement.state == HELD:
                     log.warn(
-                        "delivery held: {reason}",
+                        "delivery held: {reason}"
+                        " (lane {lane}, delivery {delivery}, control ID {control_id})",
                         reason=settlement.last_error,
                         lane=self.name,
                         delivery=head.id,
@@ -470,7 +471,8 @@ class Lane:
             reason = str(failure)
             self.destination.last_error = reason
             log.info(
-                "delivery attempt failed: {reason}",
+                "delivery attempt failed: {reason}"
+                " (lane {lane}, delivery {delivery}, control ID {control_id})",
                 reason=reason,
                 lane=self.name,
                 delivery=head.id,

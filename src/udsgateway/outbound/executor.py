@@ -249,7 +249,7 @@ class Executor:
         except Exception as error:
             # A bug here must fail this execution, never stop every flow's actions.
             log.failure(
-                "action {step} of flow {flow_id} failed unexpectedly",
+                "action {step} of flow {flow_id} failed unexpectedly (control ID {control_id})",
                 step=work.step,
                 flow_id=work.flow_id,
                 control_id=work.control_id,
@@ -273,7 +273,8 @@ class Executor:
             )
         except RenderError as error:
             log.info(
-                "action {step} of flow {flow_id} failed to render: {reason}",
+                "action {step} of flow {flow_id} failed to render: {reason}"
+                " (control ID {control_id})",
                 step=work.step,
                 flow_id=work.flow_id,
                 reason=error.reason,

@@ -107,6 +107,7 @@ __all__ = [
     "run_send",
     "send_messages",
     "split_messages",
+    "with_control_id",
 ]
 
 Framing = Literal["mllp", "tcp"]
@@ -177,6 +178,25 @@ def read_message_files(paths: Sequence[str]) -> list[bytes]:
             raise ValueError(f"{path}: no message (no line starts with MSH)")
         messages.extend(found)
     return messages
+
+
+def with_control_id(message: bytes, control_id: str) -> bytes:
+    """``message`` with MSH-10 replaced by ``control_id`` (added when MSH is shorter).
+
+    Only the MSH segment changes; the field separator is the message's own
+    (MSH-1). Raises ValueError when the message does not start with MSH and a
+    separator.
+    """
+    if len(message) < 4 or not message.startswith(b"MSH"):
+        raise ValueError("message does not start with MSH")
+    separator = message[3:4]
+    end = message.find(b"\r")
+    end = len(message) if end < 0 else end
+    fields = message[:end].split(separator)
+    # fields[0] is "MSH" and fields[1] MSH-2: MSH-n is fields[n - 1].
+    fields += [b""] * (10 - len(fields))
+    fields[9] = control_id.encode("ascii")
+    return separator.join(fields) + message[end:]
 
 
 # -- small formatting helpers
@@ -1020,6 +1040,10 @@ def cmd_send(args: argparse.Namespace, config: object, out: TextIO) -> int:
             raise ValueError("--key needs --cert")
         host, port = parse_address(args.to)
         messages = read_message_files(args.files)
+        if args.new_control_id:
+            # Unique per run as the gateway's own ACK IDs are (boot time + random).
+            source = ControlIdSource.for_boot(time.time())
+            messages = [with_control_id(m, source.next()) for m in messages]
         tls = client_tls_options(host, args.ca, args.cert, args.key) if args.tls else None
     except ValueError as error:
         err.write(f"udsgateway send: {error}\n")
@@ -1108,11 +1132,19 @@ def add_peer_commands(commands: Any) -> None:
         description="Send the messages in FILE(s) one at a time (stop-and-wait) and print "
         "'<n> <MSH-10> <ACK code> <MSA-2>' per message. Message bodies are never printed. "
         "Exit status: 0 all AA/CA with matching MSA-2, 1 any NAK, mismatch, timeout or "
-        "connection failure, 2 usage or file errors.",
+        "connection failure, 2 usage or file errors. A resend of a message the gateway "
+        "already stored (same MSH-10 and bytes) gets the stored ACK again, byte for byte: "
+        "send can not tell it from a first ACK (see --new-control-id).",
     )
     p.add_argument("files", nargs="+", metavar="FILE", help="message files (one or many each)")
     p.add_argument("--to", required=True, metavar="HOST:PORT", help="where to send")
     p.add_argument("--tcp", action="store_true", help="plain TCP instead of MLLP")
+    p.add_argument(
+        "--new-control-id",
+        action="store_true",
+        help="replace each message's MSH-10 with a fresh unique value before sending, so a "
+        "gateway takes a resent file as new messages instead of duplicates",
+    )
     p.add_argument("--tls", action="store_true", help="connect with TLS")
     p.add_argument("--ca", metavar="FILE", help="CA certificate(s), PEM file or directory")
     p.add_argument("--cert", metavar="FILE", help="client certificate (PEM) for mutual TLS")

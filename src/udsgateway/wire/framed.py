@@ -27,7 +27,7 @@ START_BYTE = b"\x0b"
 
 @frozen
 class ConnectionLimits:
-    """The waits and the detection bound of one connection (RELIABILITY.md "Default limits")."""
+    """The waits and detection bound of one connection (docs/guarantees.md "Default limits")."""
 
     idle_timeout: float
     frame_timeout: float

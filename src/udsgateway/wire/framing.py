@@ -6,7 +6,7 @@ fatal overflow. It does no I/O and knows nothing about Twisted, so the MLLP
 and plain TCP listeners differ only in the framer they inject, and the
 framers are tested on bytes alone.
 
-Wire rules (RELIABILITY.md, "Wire facts"):
+Wire rules (docs/guarantees.md, "Wire facts"):
 
 * MLLP: a frame is ``0x0B`` + message + ``0x1C 0x0D``. Only the pair FS CR
   ends a frame (a bare FS ends it too when ``lenient_fs`` is on); a bare CR
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_FRAME_SIZE = 10 * 1024 * 1024
-"""Default largest accepted message, in bytes (RELIABILITY.md "Default limits")."""
+"""Default largest accepted message, in bytes (docs/guarantees.md "Default limits")."""
 
 HEAD_SIZE = 64 * 1024
 """How many leading bytes of an oversized frame are kept, enough to read MSH."""
