@@ -22,11 +22,13 @@ import enum
 import re
 import string
 import time
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from random import Random, SystemRandom
 
 from attrs import Attribute, define, field, frozen
 
+from udsgateway.batch import BatchFile, BatchHeader
 from udsgateway.header import (
     SUPPORTED_CODECS,
     Delimiters,
@@ -49,6 +51,7 @@ __all__ = [
     "ack_code",
     "ack_layout",
     "build_ack",
+    "build_batch_ack",
     "hl7_timestamp",
     "is_enhanced",
     "parse_reply",
@@ -330,6 +333,70 @@ def build_ack(
         return message.encode(codec)
     except UnicodeEncodeError:
         return message.encode(codec, "replace")
+
+
+def _batch_segment(
+    name: str, source: BatchHeader, control_id: str, timestamp: str, reference: str
+) -> str:
+    """Our FHS or BHS answering ``source``: addresses swapped, BHS-12/FHS-12 = its control ID."""
+    delimiters = source.delimiters
+    safe = _wire_safe_table(delimiters)
+
+    def echo(value: str) -> str:
+        return value.translate(safe)
+
+    fields = [
+        name,
+        delimiters.encoding_characters(),
+        echo(source.field(5)),
+        echo(source.field(6)),
+        echo(source.field(3)),
+        echo(source.field(4)),
+        echo(timestamp),
+        "",
+        "",
+        "",
+        echo(control_id),
+        echo(reference),
+    ]
+    return delimiters.field.join(fields).rstrip(delimiters.field)
+
+
+def build_batch_ack(
+    batch_file: BatchFile,
+    acks: Sequence[Sequence[bytes]],
+    *,
+    next_id: Callable[[], str],
+    timestamp: str,
+) -> bytes:
+    """One batch acknowledgment: ``[FHS] {BHS {ACK} BTS} [FTS]``, one BHS per input batch.
+
+    ``acks[i]`` are the encoded ACKs of batch ``i``, in order (a message whose
+    sender asked for no ACK, or an inbound ACK, has none). FHS/FTS are written
+    when the input had an FHS. Our FHS-11/BHS-11 are fresh control IDs from
+    ``next_id``; FHS-12/BHS-12 name the sender's FHS-11/BHS-11; BTS-1 counts
+    the ACK messages of the batch, FTS-1 the batches. The batch segments echo
+    the sender's bytes (latin-1 keeps them as they are); each ACK keeps the
+    encoding of the message it answers.
+    """
+    file_header = batch_file.file_header
+    parts: list[bytes] = []
+    if file_header is not None:
+        fhs = _batch_segment("FHS", file_header, next_id(), timestamp, file_header.control_id)
+        parts.append(fhs.encode("latin-1") + b"\r")
+    fallback = batch_file.first_header
+    assert fallback is not None, "a batch file has an FHS or a BHS"
+    for batch, batch_acks in zip(batch_file.batches, acks, strict=True):
+        source = batch.header or fallback
+        reference = batch.header.control_id if batch.header is not None else ""
+        bhs = _batch_segment("BHS", source, next_id(), timestamp, reference)
+        parts.append(bhs.encode("latin-1") + b"\r")
+        parts.extend(batch_acks)
+        parts.append(f"BTS{source.delimiters.field}{len(batch_acks)}\r".encode("latin-1"))
+    if file_header is not None:
+        separator = file_header.delimiters.field
+        parts.append(f"FTS{separator}{len(batch_file.batches)}\r".encode("latin-1"))
+    return b"".join(parts)
 
 
 _ID_ALPHABET = string.digits + string.ascii_uppercase
