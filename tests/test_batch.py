@@ -15,7 +15,7 @@ from tests.strict_ack import strictly_valid
 from tests.test_ingest import GatewayTestCase, Reply, hl7, read_reply
 from udsgateway.batch import BatchFile, BatchProblem, split_batch
 from udsgateway.config import Limits, TenantConfig
-from udsgateway.testing import Connection, Gateway, ManualRunner, mllp
+from udsgateway.testing import Connection, Gateway, ManualRunner, demo_app, mllp
 
 FHS = b"FHS|^~\\&|HIS|Hospital|LSQ|LeadSquared|20240101123000||||FILE01\r"
 BHS = b"BHS|^~\\&|HIS|Hospital|LSQ|LeadSquared|20240101123000||||BATCH01\r"
@@ -233,6 +233,45 @@ class BatchOverMLLPTests(BatchTestCase):
         self.assertEqual(connection.received(), b"")
         self.assertFalse(connection.closed)
         self.assertEqual(gateway.messages(), [])
+
+
+class BatchOverPlainTCPTests(BatchTestCase):
+    """Over plain TCP a batch is one frame too (framing.py): the same batch answer."""
+
+    def send_plain(self, gateway: Gateway, stream: bytes) -> bytes:
+        """Send ``stream`` without MLLP, end it with a half-close; return what came back."""
+        connection = gateway.connect()
+        connection.send(stream)
+        connection.protocol.readConnectionLost()
+        return connection.received()
+
+    def test_three_messages_one_answer_nothing_glued(self) -> None:
+        """3 messages stored byte for byte (no BTS/FTS glued to the last), one batch answer."""
+        gateway = Gateway(apps=(demo_app(connection="tcp"),))
+        messages = [hl7("P1"), hl7("P2"), hl7("P3")]
+        raw = self.send_plain(gateway, batch(*messages))
+        answer = BatchAnswer(b"\x0b" + raw + b"\x1c\r")
+        self.assertEqual(answer.codes, [("AA", "P1"), ("AA", "P2"), ("AA", "P3")])
+        self.assertEqual(answer.envelope[-2:], ["BTS|3", "FTS|1"])
+        self.assertEqual([m.raw for m in gateway.messages()], messages)
+        self.assertEqual({m.connection for m in gateway.messages()}, {"tcp"})
+
+    def test_empty_batch_is_answered(self) -> None:
+        """An empty batch (no MSH at all) is detected as plain TCP and answered."""
+        gateway = Gateway()
+        raw = self.send_plain(gateway, batch(fhs=False))
+        self.assertEqual(BatchAnswer(b"\x0b" + raw + b"\x1c\r").envelope[1:], ["BTS|0"])
+
+    def test_message_then_batch_then_message(self) -> None:
+        """A message, a batch and a message on one connection: three answers, in order."""
+        gateway = Gateway(apps=(demo_app(connection="tcp"),))
+        raw = self.send_plain(gateway, hl7("Q1") + batch(hl7("Q2"), fhs=False) + hl7("Q3"))
+        first, rest = raw.split(b"\rBHS|", 1)
+        self.assertEqual(read_reply(first + b"\r").control_id, "Q1")
+        middle, last = (b"BHS|" + rest).split(b"BTS|1\r")
+        self.assertEqual(BatchAnswer(b"\x0b" + middle + b"BTS|1\r\x1c\r").codes, [("AA", "Q2")])
+        self.assertEqual(read_reply(last).control_id, "Q3")
+        self.assertEqual([m.control_id for m in gateway.messages()], ["Q1", "Q2", "Q3"])
 
 
 class SplitBatchTests(SynchronousTestCase):

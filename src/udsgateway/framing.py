@@ -17,6 +17,9 @@ Wire rules (RELIABILITY.md, "Wire facts"):
 * Plain TCP: a message starts at ``MSH`` (or after the configured start
   bytes) and ends at the next ``MSH`` at a segment start, at the configured
   end bytes, or when the caller calls ``flush`` (end of stream or idle gap).
+  Without start bytes a batch (``FHS`` or ``BHS`` ... ``BTS`` or ``FTS``) is
+  one frame: ``FHS`` and ``BHS`` start a frame as ``MSH`` does, and inside a
+  batch ``MSH`` does not split until its ``BTS`` (``FTS`` after an ``FHS``).
 
 Limits: a frame larger than ``max_frame_size`` is not buffered; only its
 first bytes (the head, enough to read MSH and answer NAK 104) are kept while
@@ -71,6 +74,10 @@ _CR = 0x0D
 _FS_BYTES = b"\x1c"
 _COMMIT_BLOCKS = (b"\x06", b"\x15")
 _MSH = b"MSH"
+_FHS = b"FHS"
+_BHS = b"BHS"
+# What can start a plain TCP frame without start bytes, in priority order.
+_STARTS = (_MSH, _FHS, _BHS)
 
 
 @frozen
@@ -256,6 +263,16 @@ def _tail_prefix_start(
     return best
 
 
+def _first_of(window: bytes, pos: int, markers: tuple[bytes, ...]) -> tuple[int, bytes]:
+    """The earliest of ``markers`` in ``window`` from ``pos``: (offset, marker), or (-1, b"")."""
+    best, found = -1, b""
+    for marker in markers:
+        at = window.find(marker, pos)
+        if at >= 0 and (best < 0 or at < best):
+            best, found = at, marker
+    return best, found
+
+
 def _resync(
     frame: _FrameBuffer,
     stats: FramerStats,
@@ -415,6 +432,11 @@ class MLLPFramer:
 _END = 0  # end bytes: the message ends before them
 _SPLIT = 1  # CR/LF + MSH: the message ends after the separator, the next starts at MSH
 _RESTART = 2  # start bytes: a new message starts after them
+_TRAILER = 3  # CR/LF + BTS or FTS: may close the open batch, does not split
+
+# The batch state of an open plain TCP frame (no start bytes).
+_MESSAGE = ""  # a single message (or a batch already closed by its BTS/FTS)
+_BATCH_SPLITS = frozenset({b"\r" + _FHS, b"\n" + _FHS, b"\r" + _BHS, b"\n" + _BHS})
 
 
 @implementer(IFramer)
@@ -424,11 +446,15 @@ class PlainTCPFramer:
 
     With no ``start_bytes`` a message starts at ``MSH`` and ends at the next
     ``MSH`` at a segment start (right after a CR or LF), at ``end_bytes`` if
-    configured, or at ``flush``. With ``start_bytes`` a message starts after
-    them, and ``MSH`` does not split messages; start bytes inside an open
-    message end it when there are no ``end_bytes``, and discard it (a resync,
-    as in MLLP) when there are. Start and end bytes are not part of the
-    payload; everything else is kept exactly as received.
+    configured, or at ``flush``. A batch starts at ``FHS`` or ``BHS`` and is
+    one frame: ``MSH`` (and ``BHS`` after an ``FHS``) does not split it before
+    its ``BTS`` (its ``FTS`` after an ``FHS``); the frame then ends at the
+    next ``MSH``, ``FHS`` or ``BHS`` at a segment start, like a message.
+    With ``start_bytes`` a message starts after them, and ``MSH`` does not
+    split messages; start bytes inside an open message end it when there are
+    no ``end_bytes``, and discard it (a resync, as in MLLP) when there are.
+    Start and end bytes are not part of the payload; everything else is kept
+    exactly as received.
     """
 
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
@@ -442,6 +468,8 @@ class PlainTCPFramer:
     # judged together with the next chunk.
     _held: bytes = field(default=b"", init=False)
     _stopped: bool = field(default=False, init=False)
+    # "FHS" or "BHS" while the open frame is a batch not yet closed, else "".
+    _batch: str = field(default=_MESSAGE, init=False)
     _patterns: tuple[bytes, ...] = field(init=False)
     _kinds: tuple[int, ...] = field(init=False)
     _longest: int = field(init=False)
@@ -460,6 +488,10 @@ class PlainTCPFramer:
             found.append((self.start_bytes, _RESTART))
         else:
             found += [(b"\r" + _MSH, _SPLIT), (b"\n" + _MSH, _SPLIT)]
+            found += [(pattern, _SPLIT) for pattern in sorted(_BATCH_SPLITS)]
+            found += [
+                (sep + name, _TRAILER) for name in (b"BTS", b"FTS") for sep in (b"\r", b"\n")
+            ]
         self._patterns = tuple(pattern for pattern, _ in found)
         self._kinds = tuple(kind for _, kind in found)
         self._longest = max(len(pattern) for pattern in self._patterns)
@@ -501,6 +533,7 @@ class PlainTCPFramer:
         self.stats.dropped_bytes += self._frame.clear() + len(self._held)
         self._held = b""
         self._open = False
+        self._batch = _MESSAGE
 
     def encode(self, payload: bytes) -> bytes:
         """Wrap an outgoing message in the configured start and end bytes (often none)."""
@@ -513,22 +546,23 @@ class PlainTCPFramer:
         n = len(window)
         pos = 0
         patterns = self._patterns
-        marker = self.start_bytes or _MSH
+        markers = (self.start_bytes,) if self.start_bytes else _STARTS
         include_marker = not self.start_bytes
         # Next offset of each delimiter at or after pos (-1: none left, -2: not
         # searched yet), so many messages in one chunk cost one pass each.
         upcoming = [-2] * len(patterns)
         while pos < n:
             if not self._open:
-                start = window.find(marker, pos)
+                start, marker = _first_of(window, pos, markers)
                 if start < 0:
-                    partial = None if final else _tail_prefix_start(window, pos, (marker,))
+                    partial = None if final else _tail_prefix_start(window, pos, markers)
                     cut = partial[0] if partial else n
                     self.stats.dropped_bytes += cut - pos
                     self._held = window[cut:]
                     break
                 self.stats.dropped_bytes += start - pos
                 self._open = True
+                self._batch = marker.decode("ascii") if marker in (_FHS, _BHS) else _MESSAGE
                 pos = start if include_marker else start + len(marker)
                 continue
             best = -1
@@ -577,15 +611,33 @@ class PlainTCPFramer:
             self._open = False
             self._record(self._frame.finish(view[pos:at]), events)
             return after
+        if kind == _TRAILER or (kind == _SPLIT and not self._splits(self._patterns[index])):
+            # Inside the frame: a batch's own message, or its BTS/FTS, which may close it.
+            name = self._patterns[index][1:]
+            if (self._batch, name) in (("BHS", b"BTS"), ("FHS", b"FTS")):
+                self._batch = _MESSAGE
+            overflow = self._frame.add(view[pos:after])
+            if overflow is not None:
+                self._record(overflow, events)
+            return after
         if kind == _SPLIT:
-            # The separator belongs to this message; the next one starts at MSH.
+            # The separator belongs to this message; the next one starts at MSH (FHS, BHS).
             self._record(self._frame.finish(view[pos : at + 1]), events)
+            name = self._patterns[index][1:]
+            self._batch = name.decode("ascii") if name != _MSH else _MESSAGE
             return at + 1
         if self.end_bytes:
             _resync(self._frame, self.stats, view[pos:at], events, self._record)
         else:
             self._record(self._frame.finish(view[pos:at]), events)
         return after
+
+    def _splits(self, pattern: bytes) -> bool:
+        """Whether CR/LF + MSH (FHS, BHS) ends the open frame: not inside an open batch."""
+        if self._batch == _MESSAGE:
+            return True
+        # An FHS file holds several batches; a BHS batch ends early at the next FHS or BHS.
+        return pattern in _BATCH_SPLITS and not (self._batch == "FHS" and pattern[1:] == _BHS)
 
     def _record(self, event: FrameEvent, events: list[FrameEvent]) -> None:
         if isinstance(event, Frame):
