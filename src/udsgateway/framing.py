@@ -264,13 +264,35 @@ def _tail_prefix_start(
 
 
 def _first_of(window: bytes, pos: int, markers: tuple[bytes, ...]) -> tuple[int, bytes]:
-    """The earliest of ``markers`` in ``window`` from ``pos``: (offset, marker), or (-1, b"")."""
+    """The earliest of ``markers`` in ``window`` from ``pos``: (offset, marker), or (-1, b"").
+
+    Once one is found, the others are searched only before it, so the window
+    is scanned about once.
+    """
     best, found = -1, b""
     for marker in markers:
-        at = window.find(marker, pos)
-        if at >= 0 and (best < 0 or at < best):
+        end = best + len(marker) - 1 if best >= 0 else len(window)
+        at = window.find(marker, pos, end)
+        if at >= 0:
             best, found = at, marker
     return best, found
+
+
+def _earliest(
+    window: bytes, pos: int, patterns: tuple[bytes, ...], upcoming: list[int], first: int
+) -> tuple[int, int]:
+    """The earliest of ``patterns[first:]`` at or after ``pos``: (offset, index), or (-1, 0).
+
+    ``upcoming`` caches each pattern's next offset as in ``PlainTCPFramer._scan``.
+    """
+    best, which = -1, 0
+    for index in range(first, len(patterns)):
+        at = upcoming[index]
+        if at == -2 or 0 <= at < pos:
+            at = upcoming[index] = window.find(patterns[index], pos)
+        if at >= 0 and (best < 0 or at < best):
+            best, which = at, index
+    return best, which
 
 
 def _resync(
@@ -437,6 +459,7 @@ _TRAILER = 3  # CR/LF + BTS or FTS: may close the open batch, does not split
 # The batch state of an open plain TCP frame (no start bytes).
 _MESSAGE = ""  # a single message (or a batch already closed by its BTS/FTS)
 _BATCH_SPLITS = frozenset({b"\r" + _FHS, b"\n" + _FHS, b"\r" + _BHS, b"\n" + _BHS})
+_BATCH_NAMES = frozenset({_FHS, _BHS, b"BTS", b"FTS"})
 
 
 @implementer(IFramer)
@@ -472,6 +495,9 @@ class PlainTCPFramer:
     _batch: str = field(default=_MESSAGE, init=False)
     _patterns: tuple[bytes, ...] = field(init=False)
     _kinds: tuple[int, ...] = field(init=False)
+    # Patterns from this index on are the batch delimiters (see _scan).
+    _base: int = field(init=False)
+    _opens: tuple[str, ...] = field(init=False)
     _longest: int = field(init=False)
     # Bytes that can occur in a delimiter before its last byte: a chunk that
     # ends with any other byte cannot end with the start of a delimiter.
@@ -488,12 +514,19 @@ class PlainTCPFramer:
             found.append((self.start_bytes, _RESTART))
         else:
             found += [(b"\r" + _MSH, _SPLIT), (b"\n" + _MSH, _SPLIT)]
+        self._base = len(found)
+        if not self.start_bytes:
             found += [(pattern, _SPLIT) for pattern in sorted(_BATCH_SPLITS)]
             found += [
                 (sep + name, _TRAILER) for name in (b"BTS", b"FTS") for sep in (b"\r", b"\n")
             ]
         self._patterns = tuple(pattern for pattern, _ in found)
         self._kinds = tuple(kind for _, kind in found)
+        # The segment each CR/LF + name pattern announces ("" for MSH and the rest).
+        self._opens = tuple(
+            pattern[1:].decode("ascii") if pattern[1:] in _BATCH_NAMES else _MESSAGE
+            for pattern in self._patterns
+        )
         self._longest = max(len(pattern) for pattern in self._patterns)
         self._prefix_bytes = frozenset(b"".join(pattern[:-1] for pattern in self._patterns))
 
@@ -551,6 +584,8 @@ class PlainTCPFramer:
         # Next offset of each delimiter at or after pos (-1: none left, -2: not
         # searched yet), so many messages in one chunk cost one pass each.
         upcoming = [-2] * len(patterns)
+        base = self._base
+        rare = (-2, 0)
         while pos < n:
             if not self._open:
                 start, marker = _first_of(window, pos, markers)
@@ -567,12 +602,19 @@ class PlainTCPFramer:
                 continue
             best = -1
             which = 0
-            for index, pattern in enumerate(patterns):
+            for index in range(base):
                 at = upcoming[index]
                 if at == -2 or 0 <= at < pos:
-                    at = upcoming[index] = window.find(pattern, pos)
+                    at = upcoming[index] = window.find(patterns[index], pos)
                 if at >= 0 and (best < 0 or at < best):
                     best, which = at, index
+            if base < len(patterns):
+                # The batch delimiters are rare: their earliest is kept apart, so a
+                # stream of single messages does not pay a loop over them per message.
+                if rare[0] == -2 or 0 <= rare[0] < pos:
+                    rare = _earliest(window, pos, patterns, upcoming, base)
+                if rare[0] >= 0 and (best < 0 or rare[0] < best):
+                    best, which = rare
             partial = None
             if (
                 not final
@@ -611,33 +653,33 @@ class PlainTCPFramer:
             self._open = False
             self._record(self._frame.finish(view[pos:at]), events)
             return after
-        if kind == _TRAILER or (kind == _SPLIT and not self._splits(self._patterns[index])):
+        if kind == _SPLIT and (not self._batch or self._splits(index)):
+            # The separator belongs to this message; the next one starts at MSH (FHS, BHS).
+            self._record(self._frame.finish(view[pos : at + 1]), events)
+            self._batch = self._opens[index]
+            return at + 1
+        if kind in (_SPLIT, _TRAILER):
             # Inside the frame: a batch's own message, or its BTS/FTS, which may close it.
-            name = self._patterns[index][1:]
-            if (self._batch, name) in (("BHS", b"BTS"), ("FHS", b"FTS")):
+            if (self._batch, self._opens[index]) in (("BHS", "BTS"), ("FHS", "FTS")):
                 self._batch = _MESSAGE
             overflow = self._frame.add(view[pos:after])
             if overflow is not None:
                 self._record(overflow, events)
             return after
-        if kind == _SPLIT:
-            # The separator belongs to this message; the next one starts at MSH (FHS, BHS).
-            self._record(self._frame.finish(view[pos : at + 1]), events)
-            name = self._patterns[index][1:]
-            self._batch = name.decode("ascii") if name != _MSH else _MESSAGE
-            return at + 1
         if self.end_bytes:
             _resync(self._frame, self.stats, view[pos:at], events, self._record)
         else:
             self._record(self._frame.finish(view[pos:at]), events)
         return after
 
-    def _splits(self, pattern: bytes) -> bool:
-        """Whether CR/LF + MSH (FHS, BHS) ends the open frame: not inside an open batch."""
-        if self._batch == _MESSAGE:
-            return True
-        # An FHS file holds several batches; a BHS batch ends early at the next FHS or BHS.
-        return pattern in _BATCH_SPLITS and not (self._batch == "FHS" and pattern[1:] == _BHS)
+    def _splits(self, index: int) -> bool:
+        """Whether CR/LF + FHS or BHS (pattern ``index``) ends the open batch.
+
+        MSH never does; an FHS file holds several batches, so BHS does not end
+        it; a BHS batch without its BTS ends at the next FHS or BHS.
+        """
+        name = self._opens[index]
+        return name == "FHS" or (name == "BHS" and self._batch == "BHS")
 
     def _record(self, event: FrameEvent, events: list[FrameEvent]) -> None:
         if isinstance(event, Frame):
