@@ -6,6 +6,7 @@ import random
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.strict_ack import NOT_STRICT_VERSIONS, STRICT_VERSIONS, strictly_valid
 from udsgateway.hl7.ack import (
     TABLE_0357,
     AckError,
@@ -13,6 +14,7 @@ from udsgateway.hl7.ack import (
     Outcome,
     Reply,
     ack_code,
+    ack_layout,
     build_ack,
     hl7_timestamp,
     is_enhanced,
@@ -184,7 +186,7 @@ class BuildAckTests(SynchronousTestCase):
 
     def test_non_default_delimiters(self) -> None:
         """The ACK of a MSH#$%@! message is written with #$%@!, ERR-2 and ERR-3 included."""
-        frame = b"MSH#$%@!#SND#SF#RCV#RF#2024##SIU$S12$SIU_S12#ID7#T#2.3\rSCH#1\r"
+        frame = b"MSH#$%@!#SND#SF#RCV#RF#2024##SIU$S12$SIU_S12#ID7#T#2.5\rSCH#1\r"
         ack = build_ack(
             _header(frame),
             "AE",
@@ -194,7 +196,7 @@ class BuildAckTests(SynchronousTestCase):
         )
         self.assertEqual(
             ack,
-            b"MSH#$%@!#RCV#RF#SND#SF#20240607080910##ACK$S12$ACK#GW3#T#2.3\r"
+            b"MSH#$%@!#RCV#RF#SND#SF#20240607080910##ACK$S12$ACK#GW3#T#2.5\r"
             b"MSA#AE#ID7\r"
             b"ERR##SCH$1$25#103$Table value not found$HL70357#E###x@F@y\r",
         )
@@ -438,3 +440,144 @@ class ParseReplyTests(SynchronousTestCase):
         """An MSA without MSA-2 keeps the code but is flagged: it can not be matched."""
         for msa in (b"MSA|AA", b"MSA|AA|"):
             self.assertEqual(_reply(MSH, msa), Reply("AA", "", "", None, "reply MSA-2 empty"))
+
+
+#: The versions issue 11 names.
+VERSIONS: tuple[str, ...] = ("2.1", "2.2", "2.3", "2.3.1", "2.4", "2.5", "2.5.1")
+VERSIONS += ("2.6", "2.7", "2.7.1", "2.8", "2.8.1")
+#: MSH-1 + MSH-2 of the delimiter sets senders use: the standard one, VA VistA's
+#: (`^` as field separator), an all-odd one, and 2.7's five characters.
+DELIMITER_SETS = ("|^~\\&", "^~|\\&", "#!@%*", "|^~\\&#")
+
+
+def _sender_frame(version: str, msh12: str) -> bytes:
+    """A synthetic ADT^A04 of this version written with the delimiters ``msh12``."""
+    fs, component = msh12[0], msh12[1]
+    fields = ["MSH" + msh12, "SND", "SF", "RCV", "RF", "20240101000000", ""]
+    fields += [f"ADT{component}A04", "ID7", "P", version]
+    return (fs.join(fields) + f"\rPID{fs}1{fs}{fs}12345\r").encode("ascii")
+
+
+#: What a NAK may carry: a header location, no location, and a diagnostic with
+#: every delimiter in it (each must come out escaped).
+ERRORS = (
+    None,
+    AckError(204, "MSH^1^6", "unknown or disabled Flow ID"),
+    AckError(207, "", "a|b^c~d\\e&f#g!h@i%j*k"),
+)
+
+
+class VersionLayoutTests(SynchronousTestCase):
+    """The ACK follows the sender's HL7 version (MSH-12), checked by hl7apy where it can."""
+
+    def test_every_version_and_delimiter_set_strictly_valid(self) -> None:
+        """ACKs and NAKs for 2.1 to 2.8.1 and four delimiter sets pass hl7apy's strict check."""
+        self.assertEqual(set(STRICT_VERSIONS) | set(NOT_STRICT_VERSIONS), set(VERSIONS))
+        checked = 0
+        for version in VERSIONS:
+            for msh12 in DELIMITER_SETS:
+                if len(msh12) == 6 and version < "2.7":
+                    continue  # the truncation character exists from 2.7 on
+                header = _header(_sender_frame(version, msh12))
+                for error in ERRORS:
+                    ack = build_ack(
+                        header,
+                        "AA" if error is None else "AR",
+                        control_id="GW1",
+                        timestamp=NOW,
+                        error=error,
+                        text="checked" if error is None else "",
+                    )
+                    reply = parse_reply(ack)
+                    self.assertEqual((reply.problem, reply.control_id), ("", "ID7"), ack)
+                    self.assertEqual(reply.error_code, None if error is None else error.code)
+                    if version in STRICT_VERSIONS:
+                        self.assertEqual(strictly_valid(ack), version, ack)
+                        checked += 1
+        self.assertEqual(checked, 10 * 3 * 3 + 3 * 3)
+
+    def test_msh9_two_components_before_2_3_1(self) -> None:
+        """MSH-9 is ACK^event for 2.1 to 2.3 and ACK^event^ACK from 2.3.1 on."""
+        for version, expected in (
+            ("2.1", b"|ACK^A04|"),
+            ("2.2", b"|ACK^A04|"),
+            ("2.3", b"|ACK^A04|"),
+            ("2.3.1", b"|ACK^A04^ACK|"),
+            ("2.8.1", b"|ACK^A04^ACK|"),
+        ):
+            header = _header(_sender_frame(version, "|^~\\&"))
+            ack = build_ack(header, "AA", control_id="GW1", timestamp=NOW)
+            self.assertIn(b"||" + expected[1:] + b"GW1|P|" + version.encode(), ack)
+
+    def test_nak_before_2_5_has_err1_and_msa3(self) -> None:
+        """2.1 to 2.4: ERR-1 holds segment^sequence^field^code&text&table; MSA-3 the reason."""
+        header = _header(_sender_frame("2.4", "|^~\\&"))
+        nak = build_ack(
+            header,
+            "AR",
+            control_id="GW1",
+            timestamp=NOW,
+            error=AckError(204, "MSH^1^6", "unknown or disabled Flow ID"),
+        )
+        self.assertTrue(
+            nak.endswith(
+                b"\rMSA|AR|ID7|unknown or disabled Flow ID\r"
+                b"ERR|MSH^1^6^204&Unknown key identifier&HL70357\r"
+            ),
+            nak,
+        )
+        self.assertEqual(strictly_valid(nak), "2.4")
+
+    def test_nak_from_2_5_has_err2_to_err7(self) -> None:
+        """2.5 on: ERR-2 location, ERR-3 code, ERR-4 severity, ERR-7 diagnostic; no MSA-3."""
+        header = _header(_sender_frame("2.5", "|^~\\&"))
+        nak = build_ack(
+            header,
+            "AR",
+            control_id="GW1",
+            timestamp=NOW,
+            error=AckError(204, "MSH^1^6", "unknown or disabled Flow ID"),
+        )
+        self.assertTrue(
+            nak.endswith(
+                b"\rMSA|AR|ID7\r"
+                b"ERR||MSH^1^6|204^Unknown key identifier^HL70357|E|||"
+                b"unknown or disabled Flow ID\r"
+            ),
+            nak,
+        )
+        self.assertEqual(strictly_valid(nak), "2.5")
+
+    def test_no_msa3_from_2_7(self) -> None:
+        """MSA-3 is withdrawn in 2.7: the text is dropped there, written before."""
+        for version, has_text in (("2.6", True), ("2.7", False), ("2.7.1", False), ("2.8", False)):
+            header = _header(_sender_frame(version, "|^~\\&"))
+            ack = build_ack(header, "AA", control_id="GW1", timestamp=NOW, text="received")
+            self.assertEqual(ack.endswith(b"\rMSA|AA|ID7|received\r"), has_text, ack)
+            self.assertTrue(ack.endswith(b"\rMSA|AA|ID7\r") != has_text, ack)
+
+    def test_err2_with_caret_field_separator(self) -> None:
+        """A sender whose field separator is ^ gets ERR-2 with its component separator ~."""
+        header = _header(_sender_frame("2.5", "^~|\\&"))
+        nak = build_ack(
+            header, "AR", control_id="GW1", timestamp=NOW, error=AckError(204, "MSH^1^6", "x")
+        )
+        self.assertIn(b"\rERR^^MSH~1~6^204~Unknown key identifier~HL70357^E^^^x\r", nak)
+        self.assertEqual(strictly_valid(nak), "2.5")
+
+    def test_err1_with_caret_field_separator(self) -> None:
+        """Before 2.5, the same sender gets ERR-1 written with ~ and &."""
+        header = _header(_sender_frame("2.3", "^~|\\&"))
+        nak = build_ack(
+            header, "AR", control_id="GW1", timestamp=NOW, error=AckError(204, "MSH^1^6", "x")
+        )
+        self.assertTrue(
+            nak.endswith(b"\rMSA^AR^ID7^x\rERR^MSH~1~6~204&Unknown key identifier&HL70357\r"),
+            nak,
+        )
+        self.assertEqual(strictly_valid(nak), "2.3")
+
+    def test_unreadable_version_gets_the_2_5_layout(self) -> None:
+        """An MSH-12 that is not a version number gets the 2.5 layout."""
+        for version in ("", "X", "2", "2.5.1.1"):
+            self.assertEqual(ack_layout(version), ack_layout("2.5"), version)

@@ -442,6 +442,43 @@ class PlainTCPFramerTests(SplitChecks):
             [Frame(ADT_A04), Frame(ADT_A08_LF), Frame(ADT_A01_CRLF), Frame(ORU_MSH_IN_FIELDS)],
         )
 
+    def test_every_split_batches(self) -> None:
+        """A message, an FHS file of two batches, a BHS batch (LF) and a message: four
+        frames, each batch whole, cut at any offset or fed one byte at a time."""
+        fhs_file = (
+            b"FHS|^~\\&|A|B\rBHS|^~\\&|A|B\r"
+            + ADT_A04
+            + ORU_R01
+            + b"BTS|2\rBHS|^~\\&\r"
+            + ADT_A04
+            + b"BTS|1\rFTS|2\r"
+        )
+        bhs_batch = b"BHS|^~\\&|A|B\n" + ADT_A08_LF + ADT_A08_LF + b"BTS|2\n"
+        self.assertSplitInvariant(
+            PlainTCPFramer,
+            ORU_R01 + fhs_file + bhs_batch + ADT_A04,
+            [Frame(ORU_R01), Frame(fhs_file), Frame(bhs_batch), Frame(ADT_A04)],
+        )
+
+    def test_batch_starts_the_stream(self) -> None:
+        """A stream that starts with BHS: the batch is one frame, nothing is dropped."""
+        batch = b"BHS|^~\\&\r" + ADT_A04 + ORU_R01 + b"BTS|2\r"
+        framer = PlainTCPFramer()
+        self.assertEqual(run(framer, [batch]), [Frame(batch)])
+        self.assertEqual(framer.stats, FramerStats(frames=1))
+
+    def test_bhs_batch_without_bts_ends_at_the_next_bhs(self) -> None:
+        """A BHS batch without BTS ends at the next BHS, an empty batch is a frame too."""
+        first = b"BHS|^~\\&\r" + ADT_A04
+        empty = b"BHS|^~\\&\rBTS|0\r"
+        self.assertEqual(run(PlainTCPFramer(), [first + empty]), [Frame(first), Frame(empty)])
+
+    def test_start_bytes_frame_holds_a_batch(self) -> None:
+        """With start and end bytes the batch is what they enclose: BHS does not split."""
+        batch = b"BHS|^~\\&\r" + ADT_A04 + b"BTS|1\r"
+        framer = PlainTCPFramer(start_bytes=b"\x0b", end_bytes=b"\x1c\r")
+        self.assertEqual(run(framer, [b"\x0b" + batch + b"\x1c\r"]), [Frame(batch)])
+
     def test_lf_and_crlf_separators(self) -> None:
         """LF and CR LF separated messages are split at MSH and kept byte-exact."""
         framer = PlainTCPFramer()

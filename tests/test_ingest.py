@@ -11,6 +11,7 @@ those about framing, timers and connections are in ``test_listener``.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from attrs import frozen
 from sqlalchemy.exc import OperationalError
@@ -18,14 +19,16 @@ from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.strict_ack import STRICT_VERSIONS, strictly_valid
 from udsgateway.config import Limits, TenantConfig
-from udsgateway.flows import App, Flow, Trigger
+from udsgateway.flows import App, Flow, Trigger, read_app_file
 from udsgateway.hl7.ack import parse_reply
 from udsgateway.hl7.header import read_delimiters
 from udsgateway.testing import Connection, Gateway, ManualRunner, mllp
 from udsgateway.testing.flows import action, app, flow
 
 SENT_AT = "20240101123000"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def hl7(
@@ -81,6 +84,7 @@ class Reply:
     msa: tuple[str, ...]
     err: tuple[str, ...]
     component: str
+    subcomponent: str
 
     @property
     def code(self) -> str:
@@ -93,15 +97,24 @@ class Reply:
         return self.msa[2] if len(self.msa) > 2 else ""
 
     @property
+    def legacy(self) -> bool:
+        """True for the ERR-1 layout of versions 2.1 to 2.4 (no ERR-2 to ERR-7)."""
+        return len(self.err) == 2 and self.err[1].count(self.component) == 3
+
+    @property
     def error_code(self) -> int | None:
-        """ERR-3.1 (HL7 table 0357), or None without an ERR segment."""
+        """ERR-3.1 (HL7 table 0357), ERR-1.4.1 before 2.5, or None without an ERR segment."""
+        if self.legacy:
+            return int(self.err[1].split(self.component)[3].split(self.subcomponent)[0])
         if len(self.err) <= 3:
             return None
         return int(self.err[3].split(self.component)[0])
 
     @property
     def error_location(self) -> str:
-        """ERR-2."""
+        """ERR-2 (ERR-1.1 to ERR-1.3 before 2.5), written with ``^``."""
+        if self.legacy:
+            return "^".join(self.err[1].split(self.component)[:3])
         return self.err[2] if len(self.err) > 2 else ""
 
     @property
@@ -130,7 +143,11 @@ def read_reply(raw: bytes) -> Reply:
             err = tuple(line.split(separator))
     assert msa, f"no MSA in {raw!r}"
     assert parsed.ack_code == msa[1]
-    return Reply(raw, msh, msa, err, delimiters.component)
+    if msh[12] in STRICT_VERSIONS and len(msa) > 2 and msa[2]:
+        # Every answer of these tests is checked by hl7apy for its version, but
+        # the NAK to a message without MSH-10, whose MSA-2 (required) is empty.
+        strictly_valid(raw)
+    return Reply(raw, msh, msa, err, delimiters.component, delimiters.subcomponent)
 
 
 def mllp_replies(data: bytes) -> list[Reply]:
@@ -721,6 +738,72 @@ class RoutingTests(GatewayTestCase):
         reply = self.send_one(self.gateway, message)
         self.assertEqual((reply.code, reply.error_code), ("AR", 204))
         self.assertFalse(self.gateway.messages()[0].accepted)
+
+    def test_mistyped_flow_id_of_known_app_never_falls_back(self) -> None:
+        """A known App ID with a mistyped Flow ID: AR 204, even though flows take the type."""
+        message = hl7("R4B", receiving="APPCRM|FLWCRMA0X")
+        reply = self.send_one(self.gateway, message)
+        self.assertEqual((reply.code, reply.control_id, reply.error_code), ("AR", "R4B", 204))
+        self.assertEqual(reply.error_location, "MSH^1^6")
+        [stored] = self.gateway.messages()
+        self.assertEqual((stored.accepted, stored.flows), (False, ()))
+
+    def test_disabled_flow_of_known_app_never_falls_back(self) -> None:
+        """A known App ID naming its disabled flow: AR 204, not the type's other flows."""
+        message = hl7("R4C", receiving="APPLAB|FLWLABOFF")  # ADT^A04: two flows take it
+        reply = self.send_one(self.gateway, message)
+        self.assertEqual((reply.code, reply.error_code), ("AR", 204))
+        [stored] = self.gateway.messages()
+        self.assertEqual((stored.accepted, stored.flows), (False, ()))
+
+    def test_app_with_only_disabled_flows_is_still_an_app_id(self) -> None:
+        """An App ID whose flows are all disabled still addresses it: AR 204, no fallback."""
+        apps = (
+            *routing_apps(),
+            App(
+                name="Off",
+                tenant="test",
+                app_id="APPOFF",
+                flows=(
+                    Flow(
+                        name="off a04",
+                        flow_id="FLWOFFA04",
+                        enabled=False,
+                        trigger=Trigger("mllp", "ADT^A04"),
+                    ),
+                ),
+            ),
+        )
+        gateway = Gateway(apps=apps)
+        reply = self.send_one(gateway, hl7("R4D", receiving="APPOFF|FLWOFFA04"))
+        self.assertEqual((reply.code, reply.error_code), ("AR", 204))
+        self.assertEqual([m.flows for m in gateway.messages()], [()])
+
+    def test_unknown_app_id_falls_back_to_message_type(self) -> None:
+        """MSH-5 that is no App ID of the tenant: routed by message type to every flow."""
+        reply = self.send_one(self.gateway, hl7("R4E", receiving="NOTANAPP|FLWCRMA04"))
+        self.assertEqual(reply.code, "AA")
+        [stored] = self.gateway.messages()
+        self.assertEqual(sorted(stored.flows), ["FLWCRMA04", "FLWLABA04"])
+
+    def test_demo_config_routes_the_examples(self) -> None:
+        """etc/flows/demo.toml routes every examples/ message (MSH-5 is no App ID: by type)."""
+        demo = read_app_file(str(REPO / "etc" / "flows" / "demo.toml"))
+        gateway = Gateway(tenant=TenantConfig(name="demo", listen="tcp:0"), apps=(demo,))
+        flows = {flow.flow_id: flow.trigger for flow in demo.flows}
+        examples = sorted((REPO / "examples").glob("*.hl7"))
+        self.assertEqual(len(examples), 5)
+        for path in examples:
+            connection = gateway.connect()
+            connection.send(mllp(path.read_bytes()))
+            reply = one_reply(connection)
+            self.assertEqual(reply.code, "AA", path.name)
+            stored = gateway.messages()[-1]
+            self.assertEqual(
+                [(flows[f].message_type, flows[f].connection) for f in stored.flows],
+                [(stored.message_type, "mllp")],
+                path.name,
+            )
 
     def test_plain_tcp_message_for_mllp_only_flow_rejected_and_recorded(self) -> None:
         """Over plain TCP, a type only MLLP flows take: AR 200, recorded with a reason."""

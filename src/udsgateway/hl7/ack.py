@@ -1,11 +1,19 @@
 """Build the ACKs we send and read the ACKs destinations send us.
 
-`build_ack` follows docs/guarantees.md "Wire facts": the sender's delimiters and
-MSH-18, MSH-3/4 swapped with MSH-5/6, a fresh MSH-10 of our own, MSA-2
-echoing the message's MSH-10, and for a NAK an ERR segment with the location,
-the table 0357 code, the severity and a diagnostic without PHI. It works from
-the partial header of a `HeaderProblem` too. Nothing here reads the clock:
-callers pass timestamps in.
+`build_ack` writes the sender's delimiters and MSH-18, MSH-3/4 swapped with
+MSH-5/6, a fresh MSH-10 of our own, MSA-2 echoing the message's MSH-10, and
+for a NAK an ERR segment with the location, the table 0357 code, the
+severity and a diagnostic without PHI. The layout follows the sender's
+version (MSH-12), so that a strict parser of that version reads it:
+
+- MSH-9 is ``ACK^event`` for 2.1 to 2.3, ``ACK^event^ACK`` from 2.3.1 on;
+- ERR is ERR-1 alone (``segment^sequence^field^code&text&table``) for 2.1 to
+  2.4, with the diagnostic in MSA-3, since those versions have no ERR-7;
+  from 2.5 on ERR-2 location, ERR-3 code, ERR-4 severity and ERR-7;
+- MSA-3 (withdrawn in 2.7) is written only before 2.7.
+
+It works from the partial header of a `HeaderProblem` too. Nothing here reads
+the clock: callers pass timestamps in.
 """
 
 from __future__ import annotations
@@ -14,11 +22,13 @@ import enum
 import re
 import string
 import time
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from random import Random, SystemRandom
 
 from attrs import Attribute, define, field, frozen
 
+from udsgateway.hl7.batch import BatchFile, BatchHeader
 from udsgateway.hl7.header import (
     SUPPORTED_CODECS,
     Delimiters,
@@ -34,12 +44,15 @@ __all__ = [
     "ACK_CODES",
     "TABLE_0357",
     "AckError",
+    "AckLayout",
     "ControlIdSource",
     "Outcome",
     "Reply",
     "ack_code",
+    "ack_layout",
     "application_ack_requested",
     "build_ack",
+    "build_batch_ack",
     "hl7_timestamp",
     "is_enhanced",
     "parse_reply",
@@ -87,6 +100,36 @@ class Outcome(enum.Enum):
     ACCEPT = "accept"
     ERROR = "error"
     REJECT = "reject"
+
+
+@frozen
+class AckLayout:
+    """Which fields the ACK of one HL7 version has (see the module docstring)."""
+
+    #: MSH-9 has the message structure as its third component (2.3.1 on).
+    message_structure: bool
+    #: ERR-1 holds location and code; no ERR-2 to ERR-7 (2.1 to 2.4).
+    legacy_err: bool
+    #: MSA-3 text message exists (before 2.7).
+    text_message: bool
+
+
+def _version_key(version: str) -> tuple[int, ...] | None:
+    parts = version.strip().split(".")
+    if not 2 <= len(parts) <= 3 or not all(part.isdigit() for part in parts):
+        return None
+    return tuple(int(part) for part in parts)
+
+
+@lru_cache(maxsize=32)
+def ack_layout(version: str) -> AckLayout:
+    """The ACK layout for a sender's MSH-12; an unreadable version gets the 2.5 one."""
+    key = _version_key(version) or (2, 5)
+    return AckLayout(
+        message_structure=key >= (2, 3, 1),
+        legacy_err=key < (2, 5),
+        text_message=key < (2, 7),
+    )
 
 
 _ORIGINAL = {Outcome.ACCEPT: "AA", Outcome.ERROR: "AE", Outcome.REJECT: "AR"}
@@ -209,7 +252,12 @@ def _msh_frame(
     def echo(value: str) -> str:
         return value.translate(safe)
 
-    message_type = f"ACK{component}{echo(event)}{component}ACK" if event else "ACK"
+    if not event:
+        message_type = "ACK"
+    elif ack_layout(version).message_structure:
+        message_type = f"ACK{component}{echo(event)}{component}ACK"
+    else:
+        message_type = f"ACK{component}{echo(event)}"
     head = [
         "MSH",
         delimiters.encoding_characters(),
@@ -245,10 +293,12 @@ def build_ack(
     """Encode the ACK (or NAK, with `error`) of the message whose header is `header`.
 
     `code` is MSA-1, `control_id` our fresh MSH-10, `timestamp` MSH-7 and
-    `text` MSA-3. MSH-11 and MSH-12 echo the sender's ("P" and "2.5" when
-    unreadable). MSH-18 is echoed when it names a charset we support; the
-    ACK is encoded with the message's codec. Characters the codec can not
-    encode (only possible in `text` or the diagnostic) become "?".
+    `text` MSA-3 (dropped from 2.7 on, where MSA-3 is withdrawn; a NAK to a
+    2.1 to 2.4 sender carries the diagnostic there). MSH-11 and MSH-12 echo
+    the sender's ("P" and "2.5" when unreadable); the layout follows MSH-12.
+    MSH-18 is echoed when it names a charset we support; the ACK is encoded
+    with the message's codec. Characters the codec can not encode (only
+    possible in `text` or the diagnostic) become "?".
     """
     delimiters = header.delimiters
     field_separator = delimiters.field
@@ -271,29 +321,38 @@ def build_ack(
         header.encoding,
     )
     msh = head + echo(timestamp) + middle + echo(control_id) + tail
+    layout = ack_layout(header.version)
+    if error is not None and layout.legacy_err and not text:
+        # No ERR-7 before 2.5: the diagnostic goes where those senders read text.
+        text = error.diagnostic
 
     msa = ["MSA", echo(code), echo(header.control_id)]
-    if text:
+    if text and layout.text_message:
         msa.append(hl7_escape(text, delimiters))
     lines = [msh, field_separator.join(msa)]
 
     if error is not None:
-        err = [
-            "ERR",
-            "",
-            echo(error.location).replace("^", component),
-            component.join(
-                (
-                    str(error.code),
-                    hl7_escape(TABLE_0357.get(error.code, ""), delimiters),
-                    "HL70357",
-                )
-            ),
-            hl7_escape(error.severity, delimiters),
-            "",
-            "",
-            hl7_escape(error.diagnostic, delimiters),
-        ]
+        # The location is written with `^` in AckError; each part is echoed on
+        # its own, so that a sender whose field separator is `^` gets its own
+        # component separator here, not an escaped field separator.
+        location = [echo(part) for part in error.location.split("^")] if error.location else []
+        code_text = hl7_escape(TABLE_0357.get(error.code, ""), delimiters)
+        if layout.legacy_err:
+            # ERR-1 (CM_ELD): segment^sequence^field^code&text&table.
+            location = [*location, "", "", ""][:3]
+            identifier = delimiters.subcomponent.join((str(error.code), code_text, "HL70357"))
+            err = ["ERR", component.join((*location, identifier))]
+        else:
+            err = [
+                "ERR",
+                "",
+                component.join(location),
+                component.join((str(error.code), code_text, "HL70357")),
+                hl7_escape(error.severity, delimiters),
+                "",
+                "",
+                hl7_escape(error.diagnostic, delimiters),
+            ]
         while err[-1] == "":
             err.pop()
         lines.append(field_separator.join(err))
@@ -303,6 +362,70 @@ def build_ack(
         return message.encode(codec)
     except UnicodeEncodeError:
         return message.encode(codec, "replace")
+
+
+def _batch_segment(
+    name: str, source: BatchHeader, control_id: str, timestamp: str, reference: str
+) -> str:
+    """Our FHS or BHS answering ``source``: addresses swapped, BHS-12/FHS-12 = its control ID."""
+    delimiters = source.delimiters
+    safe = _wire_safe_table(delimiters)
+
+    def echo(value: str) -> str:
+        return value.translate(safe)
+
+    fields = [
+        name,
+        delimiters.encoding_characters(),
+        echo(source.field(5)),
+        echo(source.field(6)),
+        echo(source.field(3)),
+        echo(source.field(4)),
+        echo(timestamp),
+        "",
+        "",
+        "",
+        echo(control_id),
+        echo(reference),
+    ]
+    return delimiters.field.join(fields).rstrip(delimiters.field)
+
+
+def build_batch_ack(
+    batch_file: BatchFile,
+    acks: Sequence[Sequence[bytes]],
+    *,
+    next_id: Callable[[], str],
+    timestamp: str,
+) -> bytes:
+    """One batch acknowledgment: ``[FHS] {BHS {ACK} BTS} [FTS]``, one BHS per input batch.
+
+    ``acks[i]`` are the encoded ACKs of batch ``i``, in order (a message whose
+    sender asked for no ACK, or an inbound ACK, has none). FHS/FTS are written
+    when the input had an FHS. Our FHS-11/BHS-11 are fresh control IDs from
+    ``next_id``; FHS-12/BHS-12 name the sender's FHS-11/BHS-11; BTS-1 counts
+    the ACK messages of the batch, FTS-1 the batches. The batch segments echo
+    the sender's bytes (latin-1 keeps them as they are); each ACK keeps the
+    encoding of the message it answers.
+    """
+    file_header = batch_file.file_header
+    parts: list[bytes] = []
+    if file_header is not None:
+        fhs = _batch_segment("FHS", file_header, next_id(), timestamp, file_header.control_id)
+        parts.append(fhs.encode("latin-1") + b"\r")
+    fallback = batch_file.first_header
+    assert fallback is not None, "a batch file has an FHS or a BHS"
+    for batch, batch_acks in zip(batch_file.batches, acks, strict=True):
+        source = batch.header or fallback
+        reference = batch.header.control_id if batch.header is not None else ""
+        bhs = _batch_segment("BHS", source, next_id(), timestamp, reference)
+        parts.append(bhs.encode("latin-1") + b"\r")
+        parts.extend(batch_acks)
+        parts.append(f"BTS{source.delimiters.field}{len(batch_acks)}\r".encode("latin-1"))
+    if file_header is not None:
+        separator = file_header.delimiters.field
+        parts.append(f"FTS{separator}{len(batch_file.batches)}\r".encode("latin-1"))
+    return b"".join(parts)
 
 
 _ID_ALPHABET = string.digits + string.ascii_uppercase

@@ -13,8 +13,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from attrs import define, field, frozen
-from twisted.internet.defer import Deferred, succeed
+from attrs import define, evolve, field, frozen
+from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,12 +27,22 @@ from udsgateway.hl7.ack import (
     Outcome,
     ack_code,
     build_ack,
+    build_batch_ack,
     hl7_timestamp,
 )
 from udsgateway.hl7.ack import application_ack_requested as _application_ack_requested
 from udsgateway.hl7.ack import wants_accept_ack as _wants_accept_ack
 from udsgateway.hl7.ack import wants_application_ack as _wants_application_ack
-from udsgateway.hl7.header import Header, HeaderProblem, codec_for, parse_header
+from udsgateway.hl7.batch import (
+    BatchFile,
+    BatchHeader,
+    BatchProblem,
+    first_version,
+    is_batch,
+    read_batch_header,
+    split_batch,
+)
+from udsgateway.hl7.header import Delimiters, Header, HeaderProblem, codec_for, parse_header
 from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.store.engine import GroupCommitter, is_locked
 from udsgateway.store.executions import Finished
@@ -136,6 +146,8 @@ class Ingest:
         The hot path is plain callbacks, not a coroutine: one frame per call,
         and a coroutine's set-up cost as much as routing the frame.
         """
+        if is_batch(payload):
+            return Deferred.fromCoroutine(self._batch(payload, peer, connection))
         self.stats.frames += 1
         parsed = parse_header(payload, default_charset=self._codec)
         if isinstance(parsed, HeaderProblem):
@@ -218,6 +230,10 @@ class Ingest:
     def oversized(self, head: bytes, size: int) -> Answer:
         """A complete frame over the size limit: NAK 104 when its header is readable."""
         self.stats.frames += 1
+        if is_batch(head):
+            first = read_batch_header(head.split(b"\r", 1)[0].split(b"\n", 1)[0])
+            problem = f"batch frame of {size} bytes is over the limit"
+            return self._batch_reject(BatchProblem(problem, first), head, 104)
         parsed = parse_header(head, default_charset=self._codec)
         header = parsed.header if isinstance(parsed, HeaderProblem) else parsed
         log.warn("frame over the size limit", size=size, tenant=self.tenant.name)
@@ -228,6 +244,67 @@ class Ingest:
             return self._inbound_ack(header)
         error = AckError(104, "", f"frame of {size} bytes is over the limit")
         return self._nak(header, Outcome.ERROR, error)
+
+    async def _batch(self, payload: bytes, peer: str, connection: str) -> Answer:
+        """A batch frame: each message through ``handle``, then one batch acknowledgment.
+
+        All messages are submitted before any is awaited, so they share group
+        commits; the answer is written only once every one of them is committed
+        (or answered otherwise), like a single message's.
+        """
+        parsed = split_batch(payload)
+        if isinstance(parsed, BatchProblem):
+            return self._batch_reject(parsed, payload, 100)
+        answers = await gatherResults(
+            [self.handle(message, peer, connection) for message in parsed.messages],
+            consumeErrors=True,
+        )
+        acks: list[list[bytes]] = []
+        position = 0
+        for batch in parsed.batches:
+            batch_acks: list[bytes] = []
+            for answer in answers[position : position + len(batch.messages)]:
+                if answer.data is not None:
+                    batch_acks.append(answer.data)
+                elif answer.close:
+                    batch_acks.append(self._unreadable_in_batch(parsed, payload))
+            position += len(batch.messages)
+            acks.append(batch_acks)
+        log.info(
+            "batch of {messages} messages: {acks} ACKs",
+            messages=len(answers),
+            acks=sum(len(batch_acks) for batch_acks in acks),
+            batches=len(parsed.batches),
+            tenant=self.tenant.name,
+        )
+        if answers and not any(acks):
+            return NO_ANSWER  # inbound ACKs only, or senders that asked for no ACK
+        now = hl7_timestamp(self._now())
+        return Answer(build_batch_ack(parsed, acks, next_id=self._control_ids.next, timestamp=now))
+
+    def _batch_reject(self, problem: BatchProblem, payload: bytes, code: int) -> Answer:
+        """One AR for a whole batch that is not split: MSA-2 names the batch control ID."""
+        self.stats.frames += 1
+        log.info(
+            "batch refused: AR {code}: {reason}",
+            code=code,
+            reason=problem.diagnostic,
+            size=len(payload),
+            tenant=self.tenant.name,
+        )
+        # A garbled FHS-1/FHS-2 (BHS-1/BHS-2): still answered, with `|^~\&`.
+        batch_header = problem.header or BatchHeader("BHS", Delimiters.DEFAULT, ("|",))
+        header = batch_header.as_header(first_version(payload) or "2.5")
+        return self._nak(header, Outcome.REJECT, AckError(code, "", problem.diagnostic))
+
+    def _unreadable_in_batch(self, parsed: BatchFile, payload: bytes) -> bytes:
+        """The NAK for a message of a batch whose MSH-1 can not be read (MSA-2 empty)."""
+        first = parsed.first_header
+        assert first is not None
+        header = first.as_header(first_version(payload) or "2.5")
+        header = evolve(header, control_id="")
+        error = AckError(102, "MSH^1^1", "MSH-1 field separator missing or invalid")
+        return self._ack(header, Outcome.REJECT, error, self._now())[1]
 
     def _header_problem(self, parsed: HeaderProblem, size: int) -> Answer:
         log.info(
@@ -476,7 +553,7 @@ class Ingest:
         """An application ACK was ready after its connection had closed: log and record it."""
         self.stats.application_acks_lost += 1
         log.warn(
-            "application ACK {ack_code} not sent (control ID {control_id}): connection closed",
+            "application ACK {ack_code} not sent: connection closed (control ID {control_id})",
             ack_code=ack.code,
             control_id=ack.control_id,
             peer=peer,

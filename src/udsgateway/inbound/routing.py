@@ -1,12 +1,15 @@
 """Routing an inbound message to the flows that want it (docs/protocol.md "Routing").
 
-1. The tenant's App ID and Flow ID header fields (MSH-5 and MSH-6 by default)
-   name an enabled flow: the message goes to that flow.
-2. Otherwise every enabled flow whose trigger message type equals MSH-9
-   (type^event) runs for it.
+1. The tenant's App ID header field (MSH-5 by default) names one of its
+   apps: the message goes only to the flow its Flow ID field (MSH-6 by
+   default) names, when that flow is enabled. A mistyped, unknown or
+   disabled Flow ID is rejected with AR 204; it never falls back to the
+   flows of the message type, which would send the message to destinations
+   nobody chose.
+2. Otherwise (the App ID field names no app of the tenant) every enabled
+   flow whose trigger message type equals MSH-9 (type^event) runs for it.
 3. Otherwise it is rejected: AR with ERR-3 200 (no flow takes the message
-   type), 201 (the type, but not the event) or 204 (the App ID names an app
-   but the Flow ID no enabled flow of it).
+   type) or 201 (the type, but not the event).
 
 A flow also checks what its trigger promised: a message over plain TCP for
 an MLLP trigger (or the reverse), or with another event, is rejected with a
@@ -61,6 +64,7 @@ class RoutingTable:
 
     by_id: dict[tuple[str, str], FlowRoute]
     by_type: dict[str, tuple[FlowRoute, ...]]
+    #: Every App ID of the tenant, also of apps whose flows are all disabled.
     app_ids: frozenset[str]
     message_codes: frozenset[str]
     app_id_field: int = 5
@@ -71,6 +75,7 @@ class RoutingTable:
         cls, apps: Iterable[App], app_id_field: int = 5, flow_id_field: int = 6
     ) -> RoutingTable:
         """Index the enabled flows of these apps."""
+        apps = tuple(apps)
         routes = [
             FlowRoute(
                 flow_id=flow.flow_id,
@@ -93,7 +98,7 @@ class RoutingTable:
         return cls(
             by_id={(r.app_id, r.flow_id): r for r in routes},
             by_type={k: tuple(v) for k, v in by_type.items()},
-            app_ids=frozenset(r.app_id for r in routes),
+            app_ids=frozenset(app.app_id for app in apps if app.app_id),
             message_codes=frozenset(r.message_type.split("^")[0] for r in routes),
             app_id_field=app_id_field,
             flow_id_field=flow_id_field,
@@ -119,6 +124,9 @@ class RoutingTable:
                     200, self.flow_id_field, f"flow {named.flow_id} takes {named.connection}"
                 )
             return Routed((named,))
+        if app_id in self.app_ids:
+            # Explicit addressing never falls back to routing by message type.
+            return _reject(204, self.flow_id_field, "unknown or disabled Flow ID")
 
         candidates = self.by_type.get(event_type, ())
         if candidates:
@@ -128,8 +136,6 @@ class RoutingTable:
             return _reject(
                 200, 9, f"no flow takes {event_type} over {connection}, only over the other"
             )
-        if app_id in self.app_ids:
-            return _reject(204, self.flow_id_field, "unknown or disabled Flow ID")
         if header.message_code in self.message_codes:
             return _reject(201, 9, "no flow takes this event")
         return _reject(200, 9, "no flow takes this message type")

@@ -2,7 +2,8 @@
 
 Shared by the tenants' listener (listener.py) and the test receiver
 (peers.py). The framing is detected per connection from the first meaningful
-byte: a start byte (0x0B) means MLLP, ``MSH`` means plain TCP. Every wait has
+byte: a start byte (0x0B) means MLLP, ``MSH`` (or a batch's ``FHS`` or
+``BHS``) means plain TCP. Every wait has
 a timeout: the connection's idle time, a frame from its first byte to its
 last, and on plain TCP the idle gap that ends a message. Complete frames
 queue in arrival order; the subclass answers them one at a time in
@@ -146,7 +147,9 @@ class FramedServerProtocol(Protocol):
         if self._refuse(buffered):
             self._close()
             return b""
-        start, msh = buffered.find(START_BYTE), buffered.find(b"MSH")
+        start = buffered.find(START_BYTE)
+        found = [at for at in map(buffered.find, (b"MSH", b"FHS", b"BHS")) if at >= 0]
+        msh = min(found, default=-1)
         if start == -1 and msh == -1:
             if len(buffered) > self._limits.detect_limit:
                 self._close()

@@ -17,6 +17,9 @@ Wire rules (docs/guarantees.md, "Wire facts"):
 * Plain TCP: a message starts at ``MSH`` (or after the configured start
   bytes) and ends at the next ``MSH`` at a segment start, at the configured
   end bytes, or when the caller calls ``flush`` (end of stream or idle gap).
+  Without start bytes a batch (``FHS`` or ``BHS`` ... ``BTS`` or ``FTS``) is
+  one frame: ``FHS`` and ``BHS`` start a frame as ``MSH`` does, and inside a
+  batch ``MSH`` does not split until its ``BTS`` (``FTS`` after an ``FHS``).
 
 Limits: a frame larger than ``max_frame_size`` is not buffered; only its
 first bytes (the head, enough to read MSH and answer NAK 104) are kept while
@@ -71,6 +74,10 @@ _CR = 0x0D
 _FS_BYTES = b"\x1c"
 _COMMIT_BLOCKS = (b"\x06", b"\x15")
 _MSH = b"MSH"
+_FHS = b"FHS"
+_BHS = b"BHS"
+# What can start a plain TCP frame without start bytes, in priority order.
+_STARTS = (_MSH, _FHS, _BHS)
 
 
 @frozen
@@ -256,6 +263,38 @@ def _tail_prefix_start(
     return best
 
 
+def _first_of(window: bytes, pos: int, markers: tuple[bytes, ...]) -> tuple[int, bytes]:
+    """The earliest of ``markers`` in ``window`` from ``pos``: (offset, marker), or (-1, b"").
+
+    Once one is found, the others are searched only before it, so the window
+    is scanned about once.
+    """
+    best, found = -1, b""
+    for marker in markers:
+        end = best + len(marker) - 1 if best >= 0 else len(window)
+        at = window.find(marker, pos, end)
+        if at >= 0:
+            best, found = at, marker
+    return best, found
+
+
+def _earliest(
+    window: bytes, pos: int, patterns: tuple[bytes, ...], upcoming: list[int], first: int
+) -> tuple[int, int]:
+    """The earliest of ``patterns[first:]`` at or after ``pos``: (offset, index), or (-1, 0).
+
+    ``upcoming`` caches each pattern's next offset as in ``PlainTCPFramer._scan``.
+    """
+    best, which = -1, 0
+    for index in range(first, len(patterns)):
+        at = upcoming[index]
+        if at == -2 or 0 <= at < pos:
+            at = upcoming[index] = window.find(patterns[index], pos)
+        if at >= 0 and (best < 0 or at < best):
+            best, which = at, index
+    return best, which
+
+
 def _resync(
     frame: _FrameBuffer,
     stats: FramerStats,
@@ -415,6 +454,12 @@ class MLLPFramer:
 _END = 0  # end bytes: the message ends before them
 _SPLIT = 1  # CR/LF + MSH: the message ends after the separator, the next starts at MSH
 _RESTART = 2  # start bytes: a new message starts after them
+_TRAILER = 3  # CR/LF + BTS or FTS: may close the open batch, does not split
+
+# The batch state of an open plain TCP frame (no start bytes).
+_MESSAGE = ""  # a single message (or a batch already closed by its BTS/FTS)
+_BATCH_SPLITS = frozenset({b"\r" + _FHS, b"\n" + _FHS, b"\r" + _BHS, b"\n" + _BHS})
+_BATCH_NAMES = frozenset({_FHS, _BHS, b"BTS", b"FTS"})
 
 
 @implementer(IFramer)
@@ -424,11 +469,15 @@ class PlainTCPFramer:
 
     With no ``start_bytes`` a message starts at ``MSH`` and ends at the next
     ``MSH`` at a segment start (right after a CR or LF), at ``end_bytes`` if
-    configured, or at ``flush``. With ``start_bytes`` a message starts after
-    them, and ``MSH`` does not split messages; start bytes inside an open
-    message end it when there are no ``end_bytes``, and discard it (a resync,
-    as in MLLP) when there are. Start and end bytes are not part of the
-    payload; everything else is kept exactly as received.
+    configured, or at ``flush``. A batch starts at ``FHS`` or ``BHS`` and is
+    one frame: ``MSH`` (and ``BHS`` after an ``FHS``) does not split it before
+    its ``BTS`` (its ``FTS`` after an ``FHS``); the frame then ends at the
+    next ``MSH``, ``FHS`` or ``BHS`` at a segment start, like a message.
+    With ``start_bytes`` a message starts after them, and ``MSH`` does not
+    split messages; start bytes inside an open message end it when there are
+    no ``end_bytes``, and discard it (a resync, as in MLLP) when there are.
+    Start and end bytes are not part of the payload; everything else is kept
+    exactly as received.
     """
 
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
@@ -442,8 +491,13 @@ class PlainTCPFramer:
     # judged together with the next chunk.
     _held: bytes = field(default=b"", init=False)
     _stopped: bool = field(default=False, init=False)
+    # "FHS" or "BHS" while the open frame is a batch not yet closed, else "".
+    _batch: str = field(default=_MESSAGE, init=False)
     _patterns: tuple[bytes, ...] = field(init=False)
     _kinds: tuple[int, ...] = field(init=False)
+    # Patterns from this index on are the batch delimiters (see _scan).
+    _base: int = field(init=False)
+    _opens: tuple[str, ...] = field(init=False)
     _longest: int = field(init=False)
     # Bytes that can occur in a delimiter before its last byte: a chunk that
     # ends with any other byte cannot end with the start of a delimiter.
@@ -460,8 +514,19 @@ class PlainTCPFramer:
             found.append((self.start_bytes, _RESTART))
         else:
             found += [(b"\r" + _MSH, _SPLIT), (b"\n" + _MSH, _SPLIT)]
+        self._base = len(found)
+        if not self.start_bytes:
+            found += [(pattern, _SPLIT) for pattern in sorted(_BATCH_SPLITS)]
+            found += [
+                (sep + name, _TRAILER) for name in (b"BTS", b"FTS") for sep in (b"\r", b"\n")
+            ]
         self._patterns = tuple(pattern for pattern, _ in found)
         self._kinds = tuple(kind for _, kind in found)
+        # The segment each CR/LF + name pattern announces ("" for MSH and the rest).
+        self._opens = tuple(
+            pattern[1:].decode("ascii") if pattern[1:] in _BATCH_NAMES else _MESSAGE
+            for pattern in self._patterns
+        )
         self._longest = max(len(pattern) for pattern in self._patterns)
         self._prefix_bytes = frozenset(b"".join(pattern[:-1] for pattern in self._patterns))
 
@@ -501,6 +566,7 @@ class PlainTCPFramer:
         self.stats.dropped_bytes += self._frame.clear() + len(self._held)
         self._held = b""
         self._open = False
+        self._batch = _MESSAGE
 
     def encode(self, payload: bytes) -> bytes:
         """Wrap an outgoing message in the configured start and end bytes (often none)."""
@@ -513,32 +579,42 @@ class PlainTCPFramer:
         n = len(window)
         pos = 0
         patterns = self._patterns
-        marker = self.start_bytes or _MSH
+        markers = (self.start_bytes,) if self.start_bytes else _STARTS
         include_marker = not self.start_bytes
         # Next offset of each delimiter at or after pos (-1: none left, -2: not
         # searched yet), so many messages in one chunk cost one pass each.
         upcoming = [-2] * len(patterns)
+        base = self._base
+        rare = (-2, 0)
         while pos < n:
             if not self._open:
-                start = window.find(marker, pos)
+                start, marker = _first_of(window, pos, markers)
                 if start < 0:
-                    partial = None if final else _tail_prefix_start(window, pos, (marker,))
+                    partial = None if final else _tail_prefix_start(window, pos, markers)
                     cut = partial[0] if partial else n
                     self.stats.dropped_bytes += cut - pos
                     self._held = window[cut:]
                     break
                 self.stats.dropped_bytes += start - pos
                 self._open = True
+                self._batch = marker.decode("ascii") if marker in (_FHS, _BHS) else _MESSAGE
                 pos = start if include_marker else start + len(marker)
                 continue
             best = -1
             which = 0
-            for index, pattern in enumerate(patterns):
+            for index in range(base):
                 at = upcoming[index]
                 if at == -2 or 0 <= at < pos:
-                    at = upcoming[index] = window.find(pattern, pos)
+                    at = upcoming[index] = window.find(patterns[index], pos)
                 if at >= 0 and (best < 0 or at < best):
                     best, which = at, index
+            if base < len(patterns):
+                # The batch delimiters are rare: their earliest is kept apart, so a
+                # stream of single messages does not pay a loop over them per message.
+                if rare[0] == -2 or 0 <= rare[0] < pos:
+                    rare = _earliest(window, pos, patterns, upcoming, base)
+                if rare[0] >= 0 and (best < 0 or rare[0] < best):
+                    best, which = rare
             partial = None
             if (
                 not final
@@ -577,15 +653,33 @@ class PlainTCPFramer:
             self._open = False
             self._record(self._frame.finish(view[pos:at]), events)
             return after
-        if kind == _SPLIT:
-            # The separator belongs to this message; the next one starts at MSH.
+        if kind == _SPLIT and (not self._batch or self._splits(index)):
+            # The separator belongs to this message; the next one starts at MSH (FHS, BHS).
             self._record(self._frame.finish(view[pos : at + 1]), events)
+            self._batch = self._opens[index]
             return at + 1
+        if kind in (_SPLIT, _TRAILER):
+            # Inside the frame: a batch's own message, or its BTS/FTS, which may close it.
+            if (self._batch, self._opens[index]) in (("BHS", "BTS"), ("FHS", "FTS")):
+                self._batch = _MESSAGE
+            overflow = self._frame.add(view[pos:after])
+            if overflow is not None:
+                self._record(overflow, events)
+            return after
         if self.end_bytes:
             _resync(self._frame, self.stats, view[pos:at], events, self._record)
         else:
             self._record(self._frame.finish(view[pos:at]), events)
         return after
+
+    def _splits(self, index: int) -> bool:
+        """Whether CR/LF + FHS or BHS (pattern ``index``) ends the open batch.
+
+        MSH never does; an FHS file holds several batches, so BHS does not end
+        it; a BHS batch without its BTS ends at the next FHS or BHS.
+        """
+        name = self._opens[index]
+        return name == "FHS" or (name == "BHS" and self._batch == "BHS")
 
     def _record(self, event: FrameEvent, events: list[FrameEvent]) -> None:
         if isinstance(event, Frame):
