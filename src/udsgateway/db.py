@@ -803,8 +803,14 @@ def quick_check(connection: Connection) -> list[str]:
     """``PRAGMA quick_check``: an empty list when the database file is consistent."""
     if connection.dialect.name != "sqlite":
         return []
-    rows = [str(row[0]) for row in connection.exec_driver_sql("PRAGMA quick_check").fetchall()]
-    return [] if rows == ["ok"] else [f"PRAGMA quick_check: {row}" for row in rows[:20]]
+    result = connection.exec_driver_sql("PRAGMA quick_check").fetchall()
+    lines = [line for row in result for line in str(row[0]).splitlines() if line.strip()]
+    if lines == ["ok"]:
+        return []
+    shown = [f"PRAGMA quick_check: {line}" for line in lines[:10]]
+    if len(lines) > 10:
+        shown.append(f"PRAGMA quick_check: ... and {len(lines) - 10} more")
+    return shown
 
 
 @define
@@ -842,16 +848,15 @@ class FileIdentity:
         if self.damage is not None or self._fd is None:
             return self.damage
         problem: str | None = None
-        if os.fstat(self._fd).st_nlink == 0:
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
             problem = f"database file {self.path} was deleted while the gateway ran"
         else:
-            try:
-                status = os.stat(self.path)
-            except FileNotFoundError:
-                problem = f"database file {self.path} was removed while the gateway ran"
-            else:
-                if (status.st_dev, status.st_ino) != self._identity:
-                    problem = f"database file {self.path} was replaced while the gateway ran"
+            if (status.st_dev, status.st_ino) != self._identity:
+                problem = f"database file {self.path} was replaced while the gateway ran"
+            elif os.fstat(self._fd).st_nlink == 0:  # the path is a stale cache entry
+                problem = f"database file {self.path} was deleted while the gateway ran"
         if problem is not None:
             self.damage = problem
             if self.on_damage is not None:
