@@ -97,6 +97,14 @@ def write_config(
     return config
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now: bound on port 0 and read back, then closed."""
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 def database_path(directory: Path) -> Path:
     """The SQLite file of the configuration written by ``write_config`` in ``directory``."""
     return directory / "gateway.db"
@@ -194,6 +202,8 @@ class GatewayProcess:
     port: int
     log_path: Path
     crash_at: str = ""
+    #: More ``udsgateway`` options, after ``--config FILE``.
+    options: tuple[str, ...] = ()
     _child: LoggedProcess = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -211,6 +221,7 @@ class GatewayProcess:
         if self.crash_at:
             env[CRASH_AT_VARIABLE] = self.crash_at
         argv = [str(TWISTD), "-n", "--pidfile=", "udsgateway", "--config", str(self.config)]
+        argv += self.options
         self._child.spawn(argv, self.config.parent, env)
 
     @property
@@ -263,12 +274,17 @@ def start_gateway(
     port: int,
     crash_at: str = "",
     wait: bool = True,
+    options: tuple[str, ...] = (),
 ) -> GatewayProcess:
     """Start a gateway for ``testcase``, killed in its cleanup whatever happens."""
     assert_port_free(port)
     count = len(list(config.parent.glob("twistd-*.log")))
     gateway = GatewayProcess(
-        config, port, config.parent / f"twistd-{count + 1}.log", crash_at=crash_at
+        config,
+        port,
+        config.parent / f"twistd-{count + 1}.log",
+        crash_at=crash_at,
+        options=options,
     )
     testcase.addCleanup(gateway.stop)
     gateway.start()
