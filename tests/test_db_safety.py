@@ -7,21 +7,23 @@ replaced under a running gateway) on a task.Clock timer and in the commit path.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
 import socket
 import sqlite3
+import sys
 from contextlib import closing
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.test_store_contract import POSTGRES_URL
-from udsgateway import executions
+from udsgateway import cli, executions
 from udsgateway.ack import ControlIdSource
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.db import (
@@ -33,6 +35,7 @@ from udsgateway.db import (
     FileLock,
     GroupCommitter,
     InlineRunner,
+    damage_before_command,
     damage_before_open,
     ensure_schema,
     make_engine,
@@ -297,8 +300,9 @@ class ServiceIdentityTests(SynchronousTestCase):
             identity=FileIdentity(str(self.path)),
         )
         self.events: list[LogEvent] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        observer: ILogObserver = self.events.append  # type: ignore[assignment]
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.service.startService()
         self.successResultOf(self.service.ready)
         self.addCleanup(self.service.stopService)
@@ -338,3 +342,36 @@ class ServiceIdentityTests(SynchronousTestCase):
         self.assertFalse(self.service.accepting)
         self.assertEqual(len(self._critical()), 1)
         self.assertEqual(ingest.stats.stored, 0)
+
+
+class CommandCheckTests(SynchronousTestCase):
+    """``udsgateway`` commands leave a damaged WAL alone."""
+
+    def test_damaged_wal_refused_unless_a_gateway_holds_it(self) -> None:
+        """With no gateway running, a command on a database with a damaged WAL is
+        refused (exit 2) and the WAL stays as it was; while a gateway holds the
+        lock, its live WAL is not read (the gateway checked it at its start)."""
+        directory = _directory(self)
+        database = _wal_snapshot(directory, 20)
+        wal = Path(str(database) + "-wal")
+        _flip(wal, 32 + 24 + 10)
+        damaged = wal.read_bytes()
+        config = directory / "gateway.toml"
+        config.write_text(
+            f'[gateway]\ndatabase = "sqlite:///{database}"\n\n'
+            '[[tenants]]\nname = "demo"\nlisten = "tcp:0"\n',
+            encoding="utf-8",
+        )
+        errors = io.StringIO()
+        self.patch(sys, "stderr", errors)
+        status = cli.main(["--config", str(config), "flows", "list"], io.StringIO())
+        self.assertEqual(status, 2)
+        self.assertIn("the database cannot be trusted", errors.getvalue())
+        self.assertIn("fails its checksum", errors.getvalue())
+        self.assertEqual(wal.read_bytes(), damaged)
+
+        url = f"sqlite:///{database}"
+        self.assertTrue(damage_before_command(url, 0.0))
+        held = FileLock.acquire(str(database), 0.0)
+        self.addCleanup(held.release)
+        self.assertEqual(damage_before_command(url, 0.0), [])

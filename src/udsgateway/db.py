@@ -799,6 +799,27 @@ def damage_before_open(url: str) -> list[str]:
     ]
 
 
+def damage_before_command(url: str, now: float) -> list[str]:
+    """``damage_before_open`` for a ``udsgateway`` command, when no gateway runs.
+
+    A running gateway holds the lock and checked the WAL at its start; its
+    live WAL is not read (a frame being written would look damaged). When no
+    gateway runs, the lock is taken for the check only, and released before
+    the command opens the database.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        return []
+    try:
+        lock = FileLock.acquire(path, now)
+    except DatabaseInUseError:
+        return []
+    try:
+        return damage_before_open(url)
+    finally:
+        lock.release()
+
+
 def quick_check(connection: Connection) -> list[str]:
     """``PRAGMA quick_check``: an empty list when the database file is consistent."""
     if connection.dialect.name != "sqlite":
