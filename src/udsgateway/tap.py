@@ -84,7 +84,7 @@ def makeService(options: Options) -> IService:
     except DatabaseInUseError as error:
         sys.stderr.write(f"udsgateway: not started: {error}\n")
         raise SystemExit(2) from None
-    _check_integrity(config.database, engine, bool(options["accept-damaged-database"]))
+    _check_integrity(config.database, engine, bool(options.get("accept-damaged-database")))
     path = sqlite_path(config.database)
     runner = ThreadRunner(reactor)  # type: ignore[arg-type]
     database = Database(engine, runner)

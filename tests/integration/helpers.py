@@ -97,14 +97,6 @@ def write_config(
     return config
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on now: bound on port 0 and read back, then closed."""
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def database_path(directory: Path) -> Path:
     """The SQLite file of the configuration written by ``write_config`` in ``directory``."""
     return directory / "gateway.db"
