@@ -154,13 +154,15 @@ class WalTests(SynchronousTestCase):
         report = read_wal(str(database) + "-wal")
         assert report is not None
         self.assertGreater(report.frames, 20)
-        self.assertEqual((report.applied, report.bad_frame, report.lost), (report.frames, None, 0))
+        self.assertEqual(
+            (report.applied, report.bad_frame, report.damaged), (report.frames, None, False)
+        )
         self.assertEqual(damage_before_open(f"sqlite:///{database}"), [])
         self.assertEqual(_rows(database), 20)
 
     def test_flipped_frame(self) -> None:
-        """A byte flipped in a frame's page: that frame and every later one are
-        reported, and SQLite indeed drops the committed rows in them."""
+        """A byte flipped in a frame's page: the committed transactions after it are
+        reported, and SQLite indeed drops (at least) those rows."""
         database = _wal_snapshot(_directory(self), 20)
         wal = Path(str(database) + "-wal")
         page_size = int.from_bytes(wal.read_bytes()[8:12], "big")
@@ -169,12 +171,27 @@ class WalTests(SynchronousTestCase):
         report = read_wal(str(wal))
         assert report is not None
         self.assertEqual(report.bad_frame, frame)
-        self.assertEqual(report.lost, report.frames - frame + 1)
+        self.assertLess(report.applied, frame)
+        self.assertTrue(report.damaged)
+        self.assertGreater(report.commits_lost, 10)
         [problem] = damage_before_open(f"sqlite:///{database}")
         self.assertIn(f"frame {frame} of {report.frames} fails its checksum", problem)
+        self.assertIn(f"with {report.commits_lost} committed transactions", problem)
         self.assertIn("would be lost", problem)
         # What SQLite makes of it: the transactions from the bad frame on are gone.
-        self.assertLess(_rows(database), 20)
+        self.assertLessEqual(_rows(database), 20 - report.commits_lost)
+
+    def test_torn_last_frame(self) -> None:
+        """The last frame failing its checksum, no commit after it (a crash or power
+        loss while a transaction was written, never acknowledged): not damage."""
+        database = _wal_snapshot(_directory(self), 5)
+        wal = Path(str(database) + "-wal")
+        _flip(wal, wal.stat().st_size - 10)
+        report = read_wal(str(wal))
+        assert report is not None
+        self.assertEqual(report.bad_frame, report.frames)
+        self.assertFalse(report.damaged)
+        self.assertEqual(damage_before_open(f"sqlite:///{database}"), [])
 
     def test_flipped_header(self) -> None:
         """A byte flipped in the WAL header: SQLite ignores the whole WAL; reported."""

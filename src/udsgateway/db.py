@@ -705,14 +705,16 @@ class WalReport:
     applied: int  #: frames up to the last valid commit frame (what SQLite replays)
     bad_frame: int | None  #: the first frame failing its checksum (1-based), or None
     header_ok: bool
+    #: Commit frames after the bad frame: committed transactions SQLite would drop.
+    commits_lost: int = 0
 
     @property
-    def lost(self) -> int:
-        """Frames of the current generation that SQLite would silently ignore, committed
-        ones among them, because a frame before them fails its checksum."""
+    def damaged(self) -> bool:
+        """Committed transactions would be lost (an uncommitted tail is not damage: a
+        crash or power loss while a transaction was written, never acknowledged)."""
         if not self.header_ok:
-            return self.frames
-        return 0 if self.bad_frame is None else self.frames - self.bad_frame + 1
+            return self.frames > 0
+        return self.commits_lost > 0
 
 
 def read_wal(path: str) -> WalReport | None:
@@ -721,56 +723,54 @@ def read_wal(path: str) -> WalReport | None:
     SQLite replays frames up to the last commit frame before the first frame
     whose salt or checksum does not match, and ignores the rest without a
     word. Frames with other salts are left over from an earlier generation
-    (the file is reused after a checkpoint) and are normal; frames with this
-    generation's salts after a bad one are transactions that would be lost.
+    (the file is reused after a checkpoint) and are normal; commit frames with
+    this generation's salts after a bad one are transactions that would be
+    lost. The file is read one frame at a time (a WAL can be large).
     """
     try:
-        with open(path, "rb") as wal:
-            data = wal.read()
+        wal = open(path, "rb")  # noqa: SIM115 - closed below
     except FileNotFoundError:
         return None
-    if len(data) < _WAL_HEADER:
-        return None if not data else WalReport(0, 0, None, header_ok=len(data) == 0)
-    magic, _version, page_size, _seq, salt1, salt2, sum1, sum2 = struct.unpack(
-        ">8I", data[:_WAL_HEADER]
-    )
-    valid_size = page_size >= 512 and page_size <= 65536 and page_size & (page_size - 1) == 0
-    frame_size = _WAL_FRAME_HEADER + (page_size if valid_size else 0)
-    big_endian = magic == _WAL_MAGIC[1]
-    header_ok = (
-        magic in _WAL_MAGIC
-        and valid_size
-        and _wal_checksum(data[:24], big_endian, 0, 0) == (sum1, sum2)
-    )
-    if not header_ok:
-        # SQLite ignores the whole WAL; count the frames it held, as far as readable.
-        frames = (len(data) - _WAL_HEADER) // frame_size if valid_size else 0
-        return WalReport(frames, 0, None, header_ok=False)
-    s0, s1 = sum1, sum2
-    frames = applied = 0
-    bad: int | None = None
-    offset = _WAL_HEADER
-    while offset + frame_size <= len(data):
-        page, commit_size, fsalt1, fsalt2, fsum1, fsum2 = struct.unpack(
-            ">6I", data[offset : offset + _WAL_FRAME_HEADER]
+    with wal:
+        header = wal.read(_WAL_HEADER)
+        if len(header) < _WAL_HEADER:
+            return None  # empty or torn at creation: SQLite ignores it, nothing was in it
+        magic, _version, page_size, _seq, salt1, salt2, sum1, sum2 = struct.unpack(">8I", header)
+        valid_size = 512 <= page_size <= 65536 and page_size & (page_size - 1) == 0
+        big_endian = magic == _WAL_MAGIC[1]
+        header_ok = (
+            magic in _WAL_MAGIC
+            and valid_size
+            and _wal_checksum(header[:24], big_endian, 0, 0) == (sum1, sum2)
         )
-        if (fsalt1, fsalt2) != (salt1, salt2):
-            if bad is None:
-                break  # an earlier generation's frames: the end of this WAL
-            offset += frame_size
-            continue  # after a bad frame: keep counting this generation's frames
-        frames += 1
-        if bad is None:
-            s0, s1 = _wal_checksum(data[offset : offset + 8], big_endian, s0, s1)
-            s0, s1 = _wal_checksum(
-                data[offset + _WAL_FRAME_HEADER : offset + frame_size], big_endian, s0, s1
+        if not header_ok:
+            # SQLite ignores the whole WAL; count the frames it held, as far as readable.
+            size = os.fstat(wal.fileno()).st_size
+            frames = (size - _WAL_HEADER) // (_WAL_FRAME_HEADER + page_size) if valid_size else 0
+            return WalReport(frames, 0, None, header_ok=False)
+        frame_size = _WAL_FRAME_HEADER + page_size
+        s0, s1 = sum1, sum2
+        frames = applied = commits_lost = 0
+        bad: int | None = None
+        while len(frame := wal.read(frame_size)) == frame_size:
+            page, commit_size, fsalt1, fsalt2, fsum1, fsum2 = struct.unpack(
+                ">6I", frame[:_WAL_FRAME_HEADER]
             )
+            if (fsalt1, fsalt2) != (salt1, salt2):
+                if bad is None:
+                    break  # an earlier generation's frames: the end of this WAL
+                continue  # after a bad frame: keep counting this generation's frames
+            frames += 1
+            if bad is not None:
+                commits_lost += 1 if commit_size else 0
+                continue
+            s0, s1 = _wal_checksum(frame[:8], big_endian, s0, s1)
+            s0, s1 = _wal_checksum(frame[_WAL_FRAME_HEADER:], big_endian, s0, s1)
             if page == 0 or (s0, s1) != (fsum1, fsum2):
                 bad = frames
             elif commit_size:
                 applied = frames
-        offset += frame_size
-    return WalReport(frames, applied, bad, header_ok=True)
+    return WalReport(frames, applied, bad, header_ok=True, commits_lost=commits_lost)
 
 
 def damage_before_open(url: str) -> list[str]:
@@ -784,7 +784,7 @@ def damage_before_open(url: str) -> list[str]:
     if path is None:
         return []
     report = read_wal(path + "-wal")
-    if report is None or report.lost == 0:
+    if report is None or not report.damaged:
         return []
     if not report.header_ok:
         return [
@@ -792,10 +792,12 @@ def damage_before_open(url: str) -> list[str]:
             f"{report.frames} frames in it: every transaction committed since the last "
             "checkpoint (acknowledged messages, delivery outcomes) would be lost"
         ]
+    assert report.bad_frame is not None
     return [
         f"{path}-wal: frame {report.bad_frame} of {report.frames} fails its checksum; "
-        f"SQLite would silently ignore it and the {report.lost - 1} after it: the "
-        "transactions in them (acknowledged messages, delivery outcomes) would be lost"
+        f"SQLite would silently ignore it and the {report.frames - report.bad_frame} frames "
+        f"after it, with {report.commits_lost} committed transactions (acknowledged "
+        "messages, delivery outcomes): they would be lost"
     ]
 
 
