@@ -11,7 +11,9 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from udsgateway.ack import ControlIdSource
@@ -31,6 +33,8 @@ from udsgateway.db import (
 
 if TYPE_CHECKING:
     from udsgateway.service import GatewayService
+
+log = Logger()
 
 
 #: Seconds between GIL hand-offs (CPython's default is 0.005).
@@ -112,10 +116,6 @@ def _check_integrity(url: str, engine: Any, accept_damage: bool) -> None:
     The WAL is read before SQLite opens the database: opening it replays only
     the frames before a bad checksum, and the next checkpoint erases the rest.
     """
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from udsgateway.db import log as db_log
-
     if sqlite_path(url) is None:
         return
     problems = damage_before_open(url)
@@ -131,7 +131,7 @@ def _check_integrity(url: str, engine: Any, accept_damage: bool) -> None:
         return
     if accept_damage:
         for problem in problems:
-            db_log.critical(
+            log.critical(
                 "started on a damaged database (--accept-damaged-database): {problem}",
                 problem=problem,
             )
