@@ -15,6 +15,7 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.integration.helpers import (
+    DEMO_FLOWS,
     HOST,
     accepts_connections,
     count,
@@ -25,6 +26,7 @@ from tests.integration.helpers import (
     segment,
     send_mllp,
     start_gateway,
+    udsgateway,
 )
 from tests.integration.test_gateway_process import demo_gateway_config
 
@@ -88,6 +90,28 @@ class SecondGatewayTests(SynchronousTestCase):
         third = start_gateway(self, second_config, other_port)
         _assert_acked(self, other_port, "LOCK00002")
         third.stop()
+
+
+class CommandsBesideGatewayTests(SynchronousTestCase):
+    """The ``udsgateway`` commands share the database with a running gateway."""
+
+    def test_flows_import_while_running(self) -> None:
+        """``flows import`` while a gateway runs succeeds (it does not need the
+        gateway's lock, and leaves it held), and the gateway keeps acknowledging."""
+        port, other_port = _two_ports()
+        directory = new_directory(self)
+        config = demo_gateway_config(directory, port)
+        gateway = start_gateway(self, config, port)
+        _assert_acked(self, port, "CLI00001")
+
+        result = udsgateway(config, "flows", "import", DEMO_FLOWS)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        _assert_acked(self, port, "CLI00002")
+        self.assertTrue(gateway.running)
+
+        second_config = _config_on_port(config, port, other_port, "second.toml")
+        second = start_gateway(self, second_config, other_port, wait=False)
+        self.assertEqual(second.wait_exit(), 2, second.log_text())
 
 
 class DamageTests(SynchronousTestCase):
