@@ -1,4 +1,4 @@
-"""One gateway per database, and the damage it can notice (RELIABILITY.md "Faults").
+"""One gateway per database, and the damage it can notice (docs/operations.md).
 
 The lock file and its holder, the PostgreSQL advisory lock, the WAL checksum
 reader, ``PRAGMA quick_check``, the database file's identity (deleted or

@@ -536,7 +536,7 @@ def insert_with_ids(
     return [row[0] for row in result]
 
 
-# -- exclusivity and damage detection (RELIABILITY.md "Faults", the last rows)
+# -- exclusivity and damage detection (docs/operations.md, "One gateway per database")
 
 
 def sqlite_path(url: str) -> str | None:

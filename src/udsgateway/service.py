@@ -124,7 +124,7 @@ class GatewayService(MultiService):
         self.pruned = 0
         self.ready: Deferred[None] = Deferred()
         # The database file's identity, checked on a timer and before each group
-        # commit (RELIABILITY.md: deleted or replaced while running).
+        # commit (a database file deleted or replaced while running).
         self._identity = identity
         self._lock = lock
         if identity is not None:

@@ -1,6 +1,6 @@
 """One gateway per database, and damage it notices: real ``twistd`` processes.
 
-RELIABILITY.md "Faults": a second gateway on the same SQLite database, the
+The faults of docs/operations.md: a second gateway on the same SQLite database, the
 database file deleted under a running gateway, and a restart on a WAL whose
 bytes were flipped after acknowledged commits.
 """
