@@ -137,6 +137,8 @@ class GatewayConfig:
     node_name: str = "node1"
     commit_max_batch: int = 512
     flow_reload_interval: float = 5.0
+    #: Seconds between checks that the SQLite file is still the one opened at start.
+    database_check_interval: float = 2.0
     tenants: tuple[TenantConfig, ...] = ()
     manhole: ManholeConfig = field(factory=ManholeConfig)
     delivery: DeliveryConfig = field(factory=DeliveryConfig)
@@ -324,13 +326,23 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
     with reader.section("gateway"):
         gateway = reader.get(document, "gateway", dict, {})
         reader.unknown(
-            gateway, {"database", "node_name", "commit_max_batch", "flow_reload_interval"}
+            gateway,
+            {
+                "database",
+                "node_name",
+                "commit_max_batch",
+                "flow_reload_interval",
+                "database_check_interval",
+            },
         )
         database = reader.get(gateway, "database", str, "sqlite:///var/udsgateway.db")
         database = _resolve_sqlite(database, base_dir)
         node_name = reader.get(gateway, "node_name", str, "node1")
         commit_max_batch = reader.get(gateway, "commit_max_batch", int, 512, _positive)
         reload_interval = reader.get(gateway, "flow_reload_interval", (int, float), 5.0, _positive)
+        check_interval = reader.get(
+            gateway, "database_check_interval", (int, float), 2.0, _positive
+        )
 
     tenants = []
     raw_tenants = reader.get(document, "tenants", list, [])
@@ -387,6 +399,7 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
         node_name=node_name,
         commit_max_batch=commit_max_batch,
         flow_reload_interval=float(reload_interval),
+        database_check_interval=float(check_interval),
         tenants=tuple(tenants),
         manhole=manhole,
     )

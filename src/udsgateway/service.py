@@ -32,7 +32,10 @@ from udsgateway.outbound.executor import Executor
 from udsgateway.store import executions
 from udsgateway.store import messages as store
 from udsgateway.store.engine import (
+    AdvisoryLock,
     Database,
+    FileIdentity,
+    FileLock,
     GroupCommitter,
     SchemaError,
     ThreadRunner,
@@ -60,6 +63,8 @@ class GatewayService(MultiService):
         control_ids: ControlIdSource,
         threads: ThreadRunner | None = None,
         wall: Wall | None = None,
+        identity: FileIdentity | None = None,
+        lock: FileLock | AdvisoryLock | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -128,6 +133,19 @@ class GatewayService(MultiService):
         self._retention.clock = reactor
         self.pruned = 0
         self.ready: Deferred[None] = Deferred()
+        # The database file's identity, checked on a timer and before each group
+        # commit (a database file deleted or replaced while running).
+        self._identity = identity
+        self._lock = lock
+        if identity is not None:
+            self.committer.guard = identity.ensure
+            self.committer.on_damaged = self._database_damaged
+        self._identity_check = LoopingCall(self._check_database)
+        self._identity_check.clock = reactor
+        #: Why the database cannot be trusted any more (None: it can). Once set, every
+        #: new message gets a NAK 207 until the gateway is restarted.
+        self.database_damage: str | None = None
+        self._listening = False
 
     def startService(self) -> None:
         if self._threads is not None:
@@ -139,6 +157,12 @@ class GatewayService(MultiService):
     async def _start(self) -> None:
         version = await self.database.transaction(ensure_schema)
         log.info("database ready, schema {version}", version=version)
+        if isinstance(self._lock, FileLock):
+            # After twistd's fork the holder is this process, not the one that took it.
+            await self.database.runner.run(self._lock.rewrite, self._wall())
+        if self._identity is not None:
+            await self.database.runner.run(self._identity.watch)
+            self._identity_check.start(self.config.database_check_interval, now=False)
         for tenant in self.config.tenants:
             await self._import_flow_files(tenant)
         await self._reload_flows()
@@ -168,7 +192,38 @@ class GatewayService(MultiService):
         self._retention.start(self.config.retention.interval, now=False).addErrback(
             lambda f: log.failure("retention loop stopped", f)
         )
+        self._listening = True
         self.ready.callback(None)
+
+    @property
+    def accepting(self) -> bool:
+        """Readiness: listening, and the database is still the one opened at start."""
+        return self._listening and self.database_damage is None
+
+    async def _check_database(self) -> None:
+        """The identity timer: notice a database file deleted or replaced while running."""
+        if self._identity is None or self.database_damage is not None:
+            return
+        try:
+            problem = await self.database.runner.run(self._identity.check)
+        except Exception:
+            log.failure("could not check the database file; checked again at the next interval")
+            return
+        if problem is not None:
+            self._database_damaged(problem)
+
+    def _database_damaged(self, problem: str) -> None:
+        """Stop accepting: log once, loudly; readiness false; NAK from now on."""
+        if self.database_damage is not None:
+            return
+        self.database_damage = problem
+        log.critical(
+            "database damaged: {problem}; every new message gets a NAK 207 until the "
+            "gateway is restarted on a database it can trust",
+            problem=problem,
+        )
+        if self._identity_check.running:
+            self._identity_check.stop()
 
     def _start_failed(self, failure: Any) -> None:
         if failure.check(StartError, SchemaError):
@@ -256,7 +311,7 @@ class GatewayService(MultiService):
             log.failure("retention pass failed; it runs again at the next interval")
 
     async def _stop(self) -> None:
-        for loop in (self._reload, self._retention):
+        for loop in (self._reload, self._retention, self._identity_check):
             if loop.running:
                 loop.stop()
         for port in self.ports.values():
@@ -266,6 +321,8 @@ class GatewayService(MultiService):
         await _maybe(super().stopService())
         if self._threads is not None:
             self._threads.stop()
+        if self._identity is not None:
+            self._identity.close()
 
     def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
         return self.database.transaction(store.update_ack, message_id, code, ack)

@@ -11,16 +11,30 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.application.service import IService
+from twisted.logger import Logger
 from twisted.python import usage
 
 from udsgateway.clock import monotonic_timers
 from udsgateway.config import ConfigError, load_config
 from udsgateway.hl7.ack import ControlIdSource
-from udsgateway.store.engine import Database, ThreadRunner, make_engine
+from udsgateway.store.engine import (
+    Database,
+    DatabaseInUseError,
+    FileIdentity,
+    ThreadRunner,
+    damage_before_open,
+    lock_database,
+    make_engine,
+    quick_check,
+    sqlite_path,
+)
 
 if TYPE_CHECKING:
     from udsgateway.service import GatewayService
+
+log = Logger()
 
 
 #: Seconds between GIL hand-offs (CPython's default is 0.005).
@@ -33,6 +47,14 @@ class Options(usage.Options):
     synopsis = "[--config FILE]"
     optParameters = [
         ["config", "c", "etc/udsgateway.toml", "The gateway's TOML configuration file."],
+    ]
+    optFlags = [
+        [
+            "accept-damaged-database",
+            None,
+            "Start on a database that fails the integrity checks at start, "
+            "accepting the loss they report.",
+        ],
     ]
 
 
@@ -58,17 +80,70 @@ def makeService(options: Options) -> IService:
     # Timeouts, backoff and periodic jobs on the monotonic clock (docs/guarantees.md:
     # the wall clock jumps); timestamps on the wall clock, passed as `wall`.
     monotonic_timers(reactor)
+    engine = make_engine(config.database)
+    # Before anything reads the database: the lock (one gateway per database),
+    # then the integrity checks, all before twistd forks and before the reactor runs.
+    try:
+        lock = lock_database(config.database, engine, time.time())
+    except DatabaseInUseError as error:
+        sys.stderr.write(f"udsgateway: not started: {error}\n")
+        raise SystemExit(2) from None
+    _check_integrity(config.database, engine, bool(options.get("accept-damaged-database")))
+    path = sqlite_path(config.database)
     runner = ThreadRunner(reactor)  # type: ignore[arg-type]
-    database = Database(make_engine(config.database), runner)
+    database = Database(engine, runner)
     control_ids = ControlIdSource.for_boot(time.time())
     service = GatewayService(
-        config, reactor, database, control_ids, threads=runner, wall=time.time
+        config,
+        reactor,
+        database,
+        control_ids,
+        threads=runner,
+        wall=time.time,
+        identity=FileIdentity(path) if path is not None else None,
+        lock=lock,
     )
     service.ready.addErrback(_exit_status_after_failed_start, reactor)
     _install_crash_points(service)
     if config.manhole.enabled:
         manhole_service(config.manhole, service, reactor).setServiceParent(service)
     return service
+
+
+def _check_integrity(url: str, engine: Any, accept_damage: bool) -> None:
+    """Refuse to start (exit 2) on a SQLite database that fails its integrity checks.
+
+    The WAL is read before SQLite opens the database: opening it replays only
+    the frames before a bad checksum, and the next checkpoint erases the rest.
+    """
+    if sqlite_path(url) is None:
+        return
+    problems = damage_before_open(url)
+    if not problems or accept_damage:
+        try:
+            with engine.connect() as connection:
+                problems += quick_check(connection)
+        except SQLAlchemyError as error:
+            problems.append(f"the database cannot be read: {getattr(error, 'orig', error)}")
+        finally:
+            engine.dispose()  # no connection crosses twistd's fork
+    if not problems:
+        return
+    if accept_damage:
+        for problem in problems:
+            log.critical(
+                "started on a damaged database (--accept-damaged-database): {problem}",
+                problem=problem,
+            )
+        return
+    sys.stderr.write("udsgateway: not started: the database cannot be trusted:\n")
+    for problem in problems:
+        sys.stderr.write(f"  {problem}\n")
+    sys.stderr.write(
+        "  Restore it from a backup, or start with --accept-damaged-database to run on "
+        "what SQLite can read (what is listed above is then lost for good).\n"
+    )
+    raise SystemExit(2)
 
 
 #: twistd's exit status when the gateway could not start (the reason is logged).

@@ -194,6 +194,8 @@ class GatewayProcess:
     port: int
     log_path: Path
     crash_at: str = ""
+    #: More ``udsgateway`` options, after ``--config FILE``.
+    options: tuple[str, ...] = ()
     _child: LoggedProcess = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -211,6 +213,7 @@ class GatewayProcess:
         if self.crash_at:
             env[CRASH_AT_VARIABLE] = self.crash_at
         argv = [str(TWISTD), "-n", "--pidfile=", "udsgateway", "--config", str(self.config)]
+        argv += self.options
         self._child.spawn(argv, self.config.parent, env)
 
     @property
@@ -263,12 +266,17 @@ def start_gateway(
     port: int,
     crash_at: str = "",
     wait: bool = True,
+    options: tuple[str, ...] = (),
 ) -> GatewayProcess:
     """Start a gateway for ``testcase``, killed in its cleanup whatever happens."""
     assert_port_free(port)
     count = len(list(config.parent.glob("twistd-*.log")))
     gateway = GatewayProcess(
-        config, port, config.parent / f"twistd-{count + 1}.log", crash_at=crash_at
+        config,
+        port,
+        config.parent / f"twistd-{count + 1}.log",
+        crash_at=crash_at,
+        options=options,
     )
     testcase.addCleanup(gateway.stop)
     gateway.start()

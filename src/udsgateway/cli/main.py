@@ -42,7 +42,14 @@ from udsgateway.mapping.templating import (
 )
 from udsgateway.peers.commands import add_peer_commands
 from udsgateway.store import messages as store
-from udsgateway.store.engine import Database, InlineRunner, SchemaError, ensure_schema, make_engine
+from udsgateway.store.engine import (
+    Database,
+    InlineRunner,
+    SchemaError,
+    damage_before_command,
+    ensure_schema,
+    make_engine,
+)
 
 DEFAULT_CONFIG = "etc/udsgateway.toml"
 
@@ -66,7 +73,19 @@ def listen_address(endpoint: str) -> tuple[str, str]:
 
 
 def open_database(config: GatewayConfig) -> Database:
-    """The store, in this thread, schema checked."""
+    """The store, in this thread, schema checked; refused when its WAL is damaged.
+
+    Opening a database replays only the WAL frames before a bad checksum and
+    erases the rest at the next checkpoint: the evidence is kept for the
+    gateway's start, which reports it (``--accept-damaged-database``).
+    """
+    problems = damage_before_command(config.database, time.time())
+    if problems:
+        raise CommandError(
+            "the database cannot be trusted: "
+            + "; ".join(problems)
+            + " (see the gateway's --accept-damaged-database)"
+        )
     database = Database(make_engine(config.database), InlineRunner())
     try:
         database.transaction_now(ensure_schema)

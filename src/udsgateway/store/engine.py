@@ -7,13 +7,17 @@ that returned is on disk before any ACK is written (G4).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import queue
+import socket
+import struct
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from attrs import define, field
+from attrs import define, field, frozen
 from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
@@ -39,6 +43,14 @@ SQLITE_BUSY_TIMEOUT_MS = 2000
 
 class SchemaError(Exception):
     """The database holds a schema this version cannot use."""
+
+
+class DatabaseInUseError(Exception):
+    """Another gateway holds this database (its lock names the holder)."""
+
+
+class DatabaseDamagedError(Exception):
+    """The database cannot be trusted: replaced, removed, or failing an integrity check."""
 
 
 def is_locked(error: BaseException) -> bool:
@@ -318,6 +330,11 @@ class GroupCommitter(Generic[Item, Result]):
     clock: IReactorTime | None = None
     #: Called in the database thread before each group (fault injection in tests).
     before_batch: Callable[[], None] | None = None
+    #: Called in the database thread after each group's SQL, before its commit: raises
+    #: (DatabaseDamagedError) to roll the group back and NAK it (FileIdentity.ensure).
+    guard: Callable[[], None] | None = None
+    #: Called (on the reactor) with the reason when ``guard`` refused a group.
+    on_damaged: Callable[[str], None] | None = None
     _pending: list[_Pending[Item, Result]] = field(factory=list)
     _running: bool = False
     groups: int = 0
@@ -361,7 +378,10 @@ class GroupCommitter(Generic[Item, Result]):
     def _run_batch(self, connection: Connection, items: list[Item]) -> list[Result]:
         if self.before_batch is not None:
             self.before_batch()
-        return self._batch(connection, items)
+        results = self._batch(connection, items)
+        if self.guard is not None:
+            self.guard()
+        return results
 
     def _committed(self, results: list[Result], group: list[_Pending[Item, Result]]) -> None:
         self.committed += len(group)
@@ -370,7 +390,11 @@ class GroupCommitter(Generic[Item, Result]):
         self._next()
 
     def _failed(self, failure: Any, group: list[_Pending[Item, Result]]) -> None:
-        if not failure.check(SQLAlchemyError):
+        if failure.check(DatabaseDamagedError):
+            log.warn("group commit refused: the database is damaged", size=len(group))
+            if self.on_damaged is not None:
+                self.on_damaged(str(failure.value))
+        elif not failure.check(SQLAlchemyError):
             log.failure("group commit failed unexpectedly", failure, size=len(group))
         else:
             log.warn(
@@ -510,3 +534,360 @@ def insert_with_ids(
         table.insert().returning(table.c.id, sort_by_parameter_order=True), list(rows)
     )
     return [row[0] for row in result]
+
+
+# -- exclusivity and damage detection (docs/operations.md, "One gateway per database")
+
+
+def sqlite_path(url: str) -> str | None:
+    """The absolute path of a SQLite database file, or None (in memory, not SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return None
+    database = parsed.database or ""
+    if not database or database == ":memory:":
+        return None
+    return os.path.abspath(database)
+
+
+def holder_text(pid: int, host: str, since: float) -> str:
+    """How a lock's holder is named in the lock file and in messages."""
+    started = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"pid {pid} on host {host}, since {started}"
+
+
+@define
+class FileLock:
+    """An exclusive ``flock`` on ``<database>.lock``, held for the life of the process.
+
+    The kernel releases it when the process ends, however it ends (kill -9
+    included), so a stale lock file never blocks a restart. The file holds
+    the holder's pid, host and start time, for the message a second gateway
+    prints. The descriptor survives twistd's fork into the background (a
+    flock belongs to the open file, shared with the child): ``rewrite`` then
+    records the child's pid.
+    """
+
+    path: str
+    _fd: int | None = None
+
+    @classmethod
+    def acquire(cls, database_path: str, now: float) -> FileLock:
+        """Take the lock, or raise DatabaseInUseError naming the holder."""
+        path = database_path + ".lock"
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+            os.close(fd)
+            raise DatabaseInUseError(
+                f"database {database_path} is in use by another gateway: "
+                f"{holder or 'holder unknown'} (lock file {path})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        lock = cls(path, fd)
+        lock.rewrite(now)
+        return lock
+
+    def rewrite(self, since: float) -> None:
+        """Record this process (its pid now: after a fork, the child's) as the holder."""
+        if self._fd is None:
+            return
+        text = holder_text(os.getpid(), socket.gethostname(), since) + "\n"
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, text.encode("utf-8"), 0)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the last descriptor releases the flock
+
+
+#: The key of the PostgreSQL advisory lock a gateway holds on its database.
+PG_LOCK_KEY = 0x75647367  # "udsg"
+
+
+@define
+class AdvisoryLock:
+    """A session-level ``pg_try_advisory_lock`` on a connection kept open for the process.
+
+    A stand-in until the cluster work replaces it with leases: for now one
+    gateway per PostgreSQL database. The connection's ``application_name``
+    names the holder, so a second gateway can say who holds the lock.
+    """
+
+    connection: Connection | None
+
+    @classmethod
+    def acquire(cls, engine: Engine, now: float, key: int = PG_LOCK_KEY) -> AdvisoryLock:
+        """Take the lock (``key`` below 2**31), or raise DatabaseInUseError naming the holder."""
+        connection = engine.connect()
+        try:
+            name = "udsgateway " + holder_text(os.getpid(), socket.gethostname(), now)
+            connection.exec_driver_sql(
+                "SELECT set_config('application_name', %(name)s, false)", {"name": name[:63]}
+            )
+            got = connection.exec_driver_sql(
+                "SELECT pg_try_advisory_lock(CAST(%(key)s AS bigint))", {"key": key}
+            ).scalar()
+            if not got:
+                holder = connection.exec_driver_sql(
+                    "SELECT a.application_name, a.client_addr::text, a.pid"
+                    " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                    " WHERE l.locktype = 'advisory' AND l.granted"
+                    " AND l.classid = 0 AND l.objid::bigint = %(key)s"
+                    " AND l.database = (SELECT oid FROM pg_database"
+                    " WHERE datname = current_database())",
+                    {"key": key},
+                ).first()
+                connection.commit()
+                _end_session(connection)
+                who = "holder unknown"
+                if holder is not None:
+                    name, client, backend = holder
+                    who = f"{name or 'unnamed'} (client {client or 'local'}, backend {backend})"
+                raise DatabaseInUseError(f"database is in use by another gateway: {who}")
+            connection.commit()  # the lock is session-level: it outlives the transaction
+        except DatabaseInUseError:
+            raise
+        except BaseException:
+            _end_session(connection)
+            raise
+        return cls(connection)
+
+    def release(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            _end_session(connection)  # ending the session releases the lock
+
+
+def _end_session(connection: Connection) -> None:
+    """Close the driver connection itself: back in the pool, its session (the lock, the
+    application name) would live on."""
+    connection.invalidate()
+    connection.close()
+
+
+def lock_database(url: str, engine: Engine, now: float) -> FileLock | AdvisoryLock | None:
+    """Hold the database exclusively for this process (DatabaseInUseError if another has it)."""
+    path = sqlite_path(url)
+    if path is not None:
+        return FileLock.acquire(path, now)
+    if engine.dialect.name == "postgresql":
+        return AdvisoryLock.acquire(engine, now)
+    return None
+
+
+# The WAL format: https://www.sqlite.org/fileformat2.html#walformat
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksums on little / big-endian words
+_WAL_HEADER = 32
+_WAL_FRAME_HEADER = 24
+
+
+def _wal_checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> tuple[int, int]:
+    """SQLite's WAL checksum over ``data`` (a multiple of 8 bytes), from (s0, s1)."""
+    words = struct.iter_unpack(">II" if big_endian else "<II", data)
+    for x0, x1 in words:
+        s0 = (s0 + x0 + s1) & 0xFFFFFFFF
+        s1 = (s1 + x1 + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+@frozen
+class WalReport:
+    """What SQLite would make of a WAL file when it opens the database."""
+
+    frames: int  #: complete frames of the current WAL generation in the file
+    applied: int  #: frames up to the last valid commit frame (what SQLite replays)
+    bad_frame: int | None  #: the first frame failing its checksum (1-based), or None
+    header_ok: bool
+    #: Commit frames after the bad frame: committed transactions SQLite would drop.
+    commits_lost: int = 0
+
+    @property
+    def damaged(self) -> bool:
+        """Committed transactions would be lost (an uncommitted tail is not damage: a
+        crash or power loss while a transaction was written, never acknowledged)."""
+        if not self.header_ok:
+            return self.frames > 0
+        return self.commits_lost > 0
+
+
+def read_wal(path: str) -> WalReport | None:
+    """Check a WAL file's header and frame checksums; None when there is no WAL.
+
+    SQLite replays frames up to the last commit frame before the first frame
+    whose salt or checksum does not match, and ignores the rest without a
+    word. Frames with other salts are left over from an earlier generation
+    (the file is reused after a checkpoint) and are normal; commit frames with
+    this generation's salts after a bad one are transactions that would be
+    lost. The file is read one frame at a time (a WAL can be large).
+    """
+    try:
+        wal = open(path, "rb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        return None
+    with wal:
+        header = wal.read(_WAL_HEADER)
+        if len(header) < _WAL_HEADER:
+            return None  # empty or torn at creation: SQLite ignores it, nothing was in it
+        magic, _version, page_size, _seq, salt1, salt2, sum1, sum2 = struct.unpack(">8I", header)
+        valid_size = 512 <= page_size <= 65536 and page_size & (page_size - 1) == 0
+        big_endian = magic == _WAL_MAGIC[1]
+        header_ok = (
+            magic in _WAL_MAGIC
+            and valid_size
+            and _wal_checksum(header[:24], big_endian, 0, 0) == (sum1, sum2)
+        )
+        if not header_ok:
+            # SQLite ignores the whole WAL; count the frames it held, as far as readable.
+            size = os.fstat(wal.fileno()).st_size
+            frames = (size - _WAL_HEADER) // (_WAL_FRAME_HEADER + page_size) if valid_size else 0
+            return WalReport(frames, 0, None, header_ok=False)
+        frame_size = _WAL_FRAME_HEADER + page_size
+        s0, s1 = sum1, sum2
+        frames = applied = commits_lost = 0
+        bad: int | None = None
+        while len(frame := wal.read(frame_size)) == frame_size:
+            page, commit_size, fsalt1, fsalt2, fsum1, fsum2 = struct.unpack(
+                ">6I", frame[:_WAL_FRAME_HEADER]
+            )
+            if (fsalt1, fsalt2) != (salt1, salt2):
+                if bad is None:
+                    break  # an earlier generation's frames: the end of this WAL
+                continue  # after a bad frame: keep counting this generation's frames
+            frames += 1
+            if bad is not None:
+                commits_lost += 1 if commit_size else 0
+                continue
+            s0, s1 = _wal_checksum(frame[:8], big_endian, s0, s1)
+            s0, s1 = _wal_checksum(frame[_WAL_FRAME_HEADER:], big_endian, s0, s1)
+            if page == 0 or (s0, s1) != (fsum1, fsum2):
+                bad = frames
+            elif commit_size:
+                applied = frames
+    return WalReport(frames, applied, bad, header_ok=True, commits_lost=commits_lost)
+
+
+def damage_before_open(url: str) -> list[str]:
+    """Problems with a SQLite database's WAL, found before SQLite opens (and recovers) it.
+
+    Must run before any connection: SQLite replays the valid part of a WAL,
+    checkpoints it into the database on the last close and deletes the WAL,
+    and with it the evidence of what was dropped.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        return []
+    report = read_wal(path + "-wal")
+    if report is None or not report.damaged:
+        return []
+    if not report.header_ok:
+        return [
+            f"{path}-wal: the WAL header fails its checksum; SQLite would ignore all "
+            f"{report.frames} frames in it: every transaction committed since the last "
+            "checkpoint (acknowledged messages, delivery outcomes) would be lost"
+        ]
+    assert report.bad_frame is not None
+    return [
+        f"{path}-wal: frame {report.bad_frame} of {report.frames} fails its checksum; "
+        f"SQLite would silently ignore it and the {report.frames - report.bad_frame} frames "
+        f"after it, with {report.commits_lost} committed transactions (acknowledged "
+        "messages, delivery outcomes): they would be lost"
+    ]
+
+
+def damage_before_command(url: str, now: float) -> list[str]:
+    """``damage_before_open`` for a ``udsgateway`` command, when no gateway runs.
+
+    A running gateway holds the lock and checked the WAL at its start; its
+    live WAL is not read (a frame being written would look damaged). When no
+    gateway runs, the lock is taken for the check only, and released before
+    the command opens the database.
+    """
+    path = sqlite_path(url)
+    if path is None:
+        return []
+    try:
+        lock = FileLock.acquire(path, now)
+    except DatabaseInUseError:
+        return []
+    try:
+        return damage_before_open(url)
+    finally:
+        lock.release()
+
+
+def quick_check(connection: Connection) -> list[str]:
+    """``PRAGMA quick_check``: an empty list when the database file is consistent."""
+    if connection.dialect.name != "sqlite":
+        return []
+    result = connection.exec_driver_sql("PRAGMA quick_check").fetchall()
+    lines = [line for row in result for line in str(row[0]).splitlines() if line.strip()]
+    if lines == ["ok"]:
+        return []
+    shown = [f"PRAGMA quick_check: {line}" for line in lines[:10]]
+    if len(lines) > 10:
+        shown.append(f"PRAGMA quick_check: ... and {len(lines) - 10} more")
+    return shown
+
+
+@define
+class FileIdentity:
+    """Watches that the database file the gateway writes is still the one at its path.
+
+    A database file deleted or replaced under a running gateway leaves it
+    writing (and acknowledging) into a file nobody will read again. ``check``
+    compares the path's device and inode with those of the file opened at
+    start, and that the file still has a link; it runs in the database thread
+    (it is file I/O), on a timer and before each group commit. Once it found
+    a problem, the gateway stays damaged until it is restarted.
+    """
+
+    path: str
+    _fd: int | None = None
+    _identity: tuple[int, int] | None = None
+    damage: str | None = None
+    #: Called once, in the thread that found it, with the first problem found.
+    on_damage: Callable[[str], None] | None = None
+
+    def watch(self) -> None:
+        """Record the identity of the file at the path now (the database thread, at start)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        status = os.fstat(fd)
+        self._fd, self._identity = fd, (status.st_dev, status.st_ino)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def check(self) -> str | None:
+        """The problem with the database file, or None; remembered once found."""
+        if self.damage is not None or self._fd is None:
+            return self.damage
+        problem: str | None = None
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            problem = f"database file {self.path} was deleted while the gateway ran"
+        else:
+            if (status.st_dev, status.st_ino) != self._identity:
+                problem = f"database file {self.path} was replaced while the gateway ran"
+            elif os.fstat(self._fd).st_nlink == 0:  # the path is a stale cache entry
+                problem = f"database file {self.path} was deleted while the gateway ran"
+        if problem is not None:
+            self.damage = problem
+            if self.on_damage is not None:
+                self.on_damage(problem)
+        return problem
+
+    def ensure(self) -> None:
+        """Raise DatabaseDamagedError when ``check`` finds a problem (the commit path)."""
+        problem = self.check()
+        if problem is not None:
+            raise DatabaseDamagedError(problem)

@@ -1,0 +1,395 @@
+"""One gateway per database, and the damage it can notice (docs/operations.md).
+
+The lock file and its holder, the PostgreSQL advisory lock, the WAL checksum
+reader, ``PRAGMA quick_check``, the database file's identity (deleted or
+replaced under a running gateway) on a task.Clock timer and in the commit path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import shutil
+import socket
+import sqlite3
+import sys
+from contextlib import closing
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from tests.test_store_contract import POSTGRES_URL
+from udsgateway.cli import main as cli
+from udsgateway.config import GatewayConfig, TenantConfig
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.service import GatewayService
+from udsgateway.store import executions
+from udsgateway.store.engine import (
+    AdvisoryLock,
+    Database,
+    DatabaseDamagedError,
+    DatabaseInUseError,
+    FileIdentity,
+    FileLock,
+    GroupCommitter,
+    InlineRunner,
+    damage_before_command,
+    damage_before_open,
+    ensure_schema,
+    make_engine,
+    quick_check,
+    read_wal,
+)
+from udsgateway.testing import inbound_record
+
+#: An HL7 message of a synthetic person, for the service tests.
+MESSAGE = (
+    b"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|202401011230||ADT^A04|{id}|P|2.3\r"
+    b"PID|1||12345^^^Hospital||Testperson^Alex||19800101|M\r"
+)
+
+
+def _directory(testcase: SynchronousTestCase) -> Path:
+    directory = Path(testcase.mktemp()).resolve()
+    directory.mkdir(parents=True)
+    return directory
+
+
+class FileLockTests(SynchronousTestCase):
+    """The ``<database>.lock`` flock: one holder, named to whoever else tries."""
+
+    def test_second_holder_refused_with_the_first_named(self) -> None:
+        """A second lock on the same database fails, naming the first holder's pid,
+        host and start time; once the first releases it, it can be taken again."""
+        database = str(_directory(self) / "gateway.db")
+        first = FileLock.acquire(database, 1_700_000_000.0)
+        self.addCleanup(first.release)
+        with self.assertRaises(DatabaseInUseError) as refused:
+            FileLock.acquire(database, 1_700_000_100.0)
+        message = str(refused.exception)
+        self.assertIn(f"pid {os.getpid()} on host {socket.gethostname()}", message)
+        self.assertIn("since 2023-11-14T22:13:20Z", message)
+        self.assertIn(database + ".lock", message)
+        self.assertNotIn("\n", message)
+
+        first.release()
+        again = FileLock.acquire(database, 1_700_000_200.0)
+        self.addCleanup(again.release)
+        holder = Path(database + ".lock").read_text(encoding="utf-8")
+        self.assertIn("since 2023-11-14T22:16:40Z", holder)
+        self.assertEqual(os.stat(database + ".lock").st_mode & 0o777, 0o600)
+
+
+class AdvisoryLockTests(SynchronousTestCase):
+    """PostgreSQL: a session-level advisory lock, one holder per database."""
+
+    def setUp(self) -> None:
+        self.engines = [create_engine(POSTGRES_URL) for _ in range(2)]
+        for engine in self.engines:
+            self.addCleanup(engine.dispose)
+        try:
+            with self.engines[0].connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception as error:
+            if os.environ.get("CI"):
+                raise
+            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
+        # A key of this test's own: other tests (and gateways) on the server keep theirs.
+        self.key = random.randrange(1 << 20, 1 << 30)
+
+    def test_second_holder_refused_with_the_first_named(self) -> None:
+        """A second gateway's advisory lock on the same database fails and names the
+        first (pid and host through its application_name); released, it is free."""
+        first = AdvisoryLock.acquire(self.engines[0], 1_700_000_000.0, key=self.key)
+        self.addCleanup(first.release)
+        with self.assertRaises(DatabaseInUseError) as refused:
+            AdvisoryLock.acquire(self.engines[1], 1_700_000_000.0, key=self.key)
+        self.assertIn(f"pid {os.getpid()} on host", str(refused.exception))
+        first.release()
+        again = AdvisoryLock.acquire(self.engines[1], 1_700_000_000.0, key=self.key)
+        again.release()
+
+
+def _wal_snapshot(directory: Path, rows: int) -> Path:
+    """A database whose last ``rows`` commits are only in its WAL, as a kill -9 leaves it.
+
+    The files are copied while the writing connection is still open (its close
+    would checkpoint the WAL into the database and delete it).
+    """
+    live = directory / "live.db"
+    with closing(sqlite3.connect(live, isolation_level=None)) as connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA wal_autocheckpoint=0")
+        connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
+        for index in range(rows):
+            connection.execute("INSERT INTO t (body) VALUES (?)", (bytes([index]) * 3000,))
+        copy = directory / "copy.db"
+        shutil.copyfile(live, copy)
+        shutil.copyfile(str(live) + "-wal", str(copy) + "-wal")
+    return copy
+
+
+def _rows(database: Path) -> int:
+    with closing(sqlite3.connect(database)) as connection:
+        return int(connection.execute("SELECT count(*) FROM t").fetchone()[0])
+
+
+def _flip(path: Path, offset: int) -> None:
+    with path.open("r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
+class WalTests(SynchronousTestCase):
+    """The WAL reader finds the frames SQLite would silently drop."""
+
+    def test_intact_wal(self) -> None:
+        """An intact WAL: every frame is replayed, nothing is reported."""
+        database = _wal_snapshot(_directory(self), 20)
+        report = read_wal(str(database) + "-wal")
+        assert report is not None
+        self.assertGreater(report.frames, 20)
+        self.assertEqual(
+            (report.applied, report.bad_frame, report.damaged), (report.frames, None, False)
+        )
+        self.assertEqual(damage_before_open(f"sqlite:///{database}"), [])
+        self.assertEqual(_rows(database), 20)
+
+    def test_flipped_frame(self) -> None:
+        """A byte flipped in a frame's page: the committed transactions after it are
+        reported, and SQLite indeed drops (at least) those rows."""
+        database = _wal_snapshot(_directory(self), 20)
+        wal = Path(str(database) + "-wal")
+        page_size = int.from_bytes(wal.read_bytes()[8:12], "big")
+        frame = 5
+        _flip(wal, 32 + (frame - 1) * (24 + page_size) + 24 + 100)
+        report = read_wal(str(wal))
+        assert report is not None
+        self.assertEqual(report.bad_frame, frame)
+        self.assertLess(report.applied, frame)
+        self.assertTrue(report.damaged)
+        self.assertGreater(report.commits_lost, 10)
+        [problem] = damage_before_open(f"sqlite:///{database}")
+        self.assertIn(f"frame {frame} of {report.frames} fails its checksum", problem)
+        self.assertIn(f"with {report.commits_lost} committed transactions", problem)
+        self.assertIn("would be lost", problem)
+        # What SQLite makes of it: the transactions from the bad frame on are gone.
+        self.assertLessEqual(_rows(database), 20 - report.commits_lost)
+
+    def test_torn_last_frame(self) -> None:
+        """The last frame failing its checksum, no commit after it (a crash or power
+        loss while a transaction was written, never acknowledged): not damage."""
+        database = _wal_snapshot(_directory(self), 5)
+        wal = Path(str(database) + "-wal")
+        _flip(wal, wal.stat().st_size - 10)
+        report = read_wal(str(wal))
+        assert report is not None
+        self.assertEqual(report.bad_frame, report.frames)
+        self.assertFalse(report.damaged)
+        self.assertEqual(damage_before_open(f"sqlite:///{database}"), [])
+
+    def test_flipped_header(self) -> None:
+        """A byte flipped in the WAL header: SQLite ignores the whole WAL; reported."""
+        database = _wal_snapshot(_directory(self), 5)
+        _flip(Path(str(database) + "-wal"), 20)
+        [problem] = damage_before_open(f"sqlite:///{database}")
+        self.assertIn("WAL header fails its checksum", problem)
+
+    def test_no_wal(self) -> None:
+        """No WAL file (a clean stop): nothing to report."""
+        self.assertIsNone(read_wal(str(_directory(self) / "none.db-wal")))
+        self.assertEqual(damage_before_open("sqlite:///:memory:"), [])
+
+
+class QuickCheckTests(SynchronousTestCase):
+    """``PRAGMA quick_check`` at start."""
+
+    def test_consistent_and_corrupt(self) -> None:
+        """A consistent database passes; one with a b-tree page overwritten fails."""
+        directory = _directory(self)
+        path = directory / "q.db"
+        with closing(sqlite3.connect(path, isolation_level=None)) as connection:
+            connection.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body TEXT)")
+            connection.execute("CREATE INDEX t_body ON t (body)")
+            for index in range(300):
+                connection.execute("INSERT INTO t (body) VALUES (?)", (f"row {index}" * 20,))
+        engine = make_engine(f"sqlite:///{path}")
+        self.addCleanup(engine.dispose)
+        with engine.connect() as connection:
+            self.assertEqual(quick_check(connection), [])
+        engine.dispose()
+        # Overwrite the b-tree page header of page 3 (a page of the table or index).
+        with path.open("r+b") as file:
+            file.seek(2 * 4096)
+            file.write(b"\x0d" + b"\xff" * 7)
+        with engine.connect() as connection:
+            problems = quick_check(connection)
+        self.assertTrue(problems)
+        self.assertTrue(all(p.startswith("PRAGMA quick_check: ") for p in problems))
+
+
+class FileIdentityTests(SynchronousTestCase):
+    """The database file is still the one opened at start."""
+
+    def setUp(self) -> None:
+        self.path = _directory(self) / "gateway.db"
+        self.path.write_bytes(b"")
+        self.reasons: list[str] = []
+        self.identity = FileIdentity(str(self.path), on_damage=self.reasons.append)
+        self.identity.watch()
+        self.addCleanup(self.identity.close)
+
+    def test_unchanged(self) -> None:
+        """The same file at the path: no problem, ``ensure`` passes."""
+        self.assertIsNone(self.identity.check())
+        self.identity.ensure()
+        self.assertEqual(self.reasons, [])
+
+    def test_deleted(self) -> None:
+        """The file deleted: reported once, and remembered after it comes back."""
+        self.path.unlink()
+        self.assertIn("was deleted", self.identity.check() or "")
+        self.path.write_bytes(b"")  # a new, empty file at the path does not heal it
+        self.assertIn("was deleted", self.identity.check() or "")
+        self.assertRaises(DatabaseDamagedError, self.identity.ensure)
+        self.assertEqual(len(self.reasons), 1)
+
+    def test_replaced(self) -> None:
+        """Another file renamed over the path: reported as replaced."""
+        other = self.path.with_name("other.db")
+        other.write_bytes(b"")
+        other.rename(self.path)
+        self.assertIn("was replaced", self.identity.check() or "")
+
+
+class GuardedCommitTests(SynchronousTestCase):
+    """The group commit's guard: a refused group is rolled back and fails."""
+
+    def test_guard_rolls_back(self) -> None:
+        """When the guard raises, the group's messages are not stored, each of them
+        gets the failure (a NAK, never an AA), and on_damaged hears the reason."""
+        database = Database(make_engine("sqlite:///:memory:"), InlineRunner())
+        database.transaction_now(ensure_schema)
+        damaged: list[str] = []
+
+        def guard() -> None:
+            raise DatabaseDamagedError("database file x was deleted while the gateway ran")
+
+        committer = GroupCommitter(
+            database, executions.commit_inbound, guard=guard, on_damaged=damaged.append
+        )
+        failure = self.failureResultOf(committer.submit(inbound_record("G1")))
+        failure.trap(DatabaseDamagedError)
+        self.assertEqual(damaged, ["database file x was deleted while the gateway ran"])
+        stored = database.transaction_now(
+            lambda connection: connection.execute(text("SELECT count(*) FROM messages")).scalar()
+        )
+        self.assertEqual(stored, 0)
+
+
+class ServiceIdentityTests(SynchronousTestCase):
+    """GatewayService: the identity timer on the reactor's clock, and the NAKs after."""
+
+    def setUp(self) -> None:
+        self.path = _directory(self) / "gateway.db"
+        url = f"sqlite:///{self.path}"
+        self.reactor = MemoryReactorClock()
+        database = Database(make_engine(url), InlineRunner())
+        self.addCleanup(database.engine.dispose)
+        self.addCleanup(database.close)
+        config = GatewayConfig(
+            path="test.toml",
+            database=url,
+            database_check_interval=2.0,
+            tenants=(TenantConfig(name="demo", listen="tcp:0"),),
+        )
+        self.service = GatewayService(
+            config,
+            self.reactor,
+            database,
+            ControlIdSource(prefix="T"),
+            wall=lambda: 1_700_000_000.0,
+            identity=FileIdentity(str(self.path)),
+        )
+        self.events: list[LogEvent] = []
+        observer: ILogObserver = self.events.append  # type: ignore[assignment]
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.service.startService()
+        self.successResultOf(self.service.ready)
+        self.addCleanup(self.service.stopService)
+
+    def _critical(self) -> list[LogEvent]:
+        return [e for e in self.events if e["log_level"].name == "critical"]
+
+    def test_timer_notices_a_deleted_file(self) -> None:
+        """The database file deleted: within one check interval readiness goes false
+        and one critical log line names the reason (no message content)."""
+        self.assertTrue(self.service.accepting)
+        self.reactor.advance(2.0)
+        self.assertTrue(self.service.accepting)
+        os.unlink(self.path)
+        self.reactor.advance(1.9)
+        self.assertTrue(self.service.accepting)
+        self.reactor.advance(0.1)
+        self.assertFalse(self.service.accepting)
+        self.assertIn("was deleted", self.service.database_damage or "")
+        self.reactor.advance(10.0)
+        [event] = self._critical()
+        self.assertIn("was deleted", event["problem"])
+
+    def test_commit_path_naks_before_the_timer(self) -> None:
+        """A message right after the file was deleted, before the timer runs: NAK
+        (AR, ERR 207) and not stored; readiness false; the next message too."""
+        ingest = self.service.ingests["demo"]
+        os.unlink(self.path)
+        for control_id in ("DEL1", "DEL2"):
+            answering = ingest.handle(MESSAGE.replace(b"{id}", control_id.encode()), "peer", "tcp")
+            self.reactor.advance(0)  # the group commit starts at the end of the turn
+            answer = self.successResultOf(answering)
+            assert answer.data is not None
+            self.assertIn(b"MSA|AR|" + control_id.encode(), answer.data)
+            self.assertIn(b"ERR|", answer.data)
+            self.assertIn(b"207", answer.data.split(b"ERR|", 1)[1])
+        self.assertFalse(self.service.accepting)
+        self.assertEqual(len(self._critical()), 1)
+        self.assertEqual(ingest.stats.stored, 0)
+
+
+class CommandCheckTests(SynchronousTestCase):
+    """``udsgateway`` commands leave a damaged WAL alone."""
+
+    def test_damaged_wal_refused_unless_a_gateway_holds_it(self) -> None:
+        """With no gateway running, a command on a database with a damaged WAL is
+        refused (exit 2) and the WAL stays as it was; while a gateway holds the
+        lock, its live WAL is not read (the gateway checked it at its start)."""
+        directory = _directory(self)
+        database = _wal_snapshot(directory, 20)
+        wal = Path(str(database) + "-wal")
+        _flip(wal, 32 + 24 + 10)
+        damaged = wal.read_bytes()
+        config = directory / "gateway.toml"
+        config.write_text(
+            f'[gateway]\ndatabase = "sqlite:///{database}"\n\n'
+            '[[tenants]]\nname = "demo"\nlisten = "tcp:0"\n',
+            encoding="utf-8",
+        )
+        errors = io.StringIO()
+        self.patch(sys, "stderr", errors)
+        status = cli.main(["--config", str(config), "flows", "list"], io.StringIO())
+        self.assertEqual(status, 2)
+        self.assertIn("the database cannot be trusted", errors.getvalue())
+        self.assertIn("fails its checksum", errors.getvalue())
+        self.assertEqual(wal.read_bytes(), damaged)
+
+        url = f"sqlite:///{database}"
+        self.assertTrue(damage_before_command(url, 0.0))
+        held = FileLock.acquire(str(database), 0.0)
+        self.addCleanup(held.release)
+        self.assertEqual(damage_before_command(url, 0.0), [])
