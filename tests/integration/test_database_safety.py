@@ -119,7 +119,7 @@ class DamageTests(SynchronousTestCase):
 
     def test_deleted_database_gets_nak(self) -> None:
         """With the database files deleted under a running gateway, the next message
-        gets AR with ERR-3 207 (not AA), and a critical line says why."""
+        gets AR with code 207 (not AA), and a critical line says why."""
         (port, _) = _two_ports()
         directory = new_directory(self)
         database = database_path(directory)
@@ -132,7 +132,8 @@ class DamageTests(SynchronousTestCase):
             ack = send_mllp(port, sample_message(control_id))
             assert ack is not None, gateway.log_text()
             self.assertEqual(msa(ack), ("AR", control_id))
-            self.assertEqual(segment(ack, "ERR")[3].split("^")[0], "207")
+            # The sample is HL7 2.3: the code is in ERR-1 (segment^sequence^field^code&text).
+            self.assertEqual(segment(ack, "ERR")[1].split("^")[3].split("&")[0], "207")
         log = gateway.log_text()
         self.assertEqual(log.count("database damaged: database file"), 1, log)
         self.assertIn("was deleted while the gateway ran", log)
