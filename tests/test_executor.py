@@ -237,9 +237,10 @@ class ExecutionStateTests(SynchronousTestCase):
             [(0, "delivered"), (1, "delivered")],
         )
 
-    def test_template_errors_fail_their_execution_only(self) -> None:
-        """A template that fails to render, or does not compile, fails that flow's
-        execution with the reason (logged); the other flow of the message is delivered."""
+    def test_template_errors_hold_their_execution_only(self) -> None:
+        """A template that fails to render, or does not compile, holds that flow's
+        execution with the reason (logged, for an operator); the other flow of the
+        message is delivered."""
         running = gateway(
             self,
             app(
@@ -275,20 +276,20 @@ class ExecutionStateTests(SynchronousTestCase):
                 ("FLWGOOD", "done", 0, ""),
                 (
                     "FLWJOINS",
-                    "failed",
+                    "held",
                     0,
                     "action send: join expected an array, found WireText (template line 2)",
                 ),
-                ("FLWSYNTAX", "failed", 0, "template: line 2: missing expression"),
+                ("FLWSYNTAX", "held", 0, "template: line 2: missing expression"),
             ],
         )
         self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
         self.assertEqual(running.peer(2602).received + running.peer(2603).received, [])
-        self.assertEqual(running.executor.failed, 2)
+        self.assertEqual((running.executor.failed, running.executor.held), (0, 2))
         failed_logs = [
             (row["flow_id"], row["control_id"], row["reason"])
             for row in running.rows(schema.logs)
-            if row["event"] == "execution" and row["outcome"] == "failed"
+            if row["event"] == "execution" and row["outcome"] == "held"
         ]
         self.assertEqual(
             failed_logs,
@@ -303,9 +304,9 @@ class ExecutionStateTests(SynchronousTestCase):
         )
 
     def test_a_message_that_breaks_its_template_every_time(self) -> None:
-        """RELIABILITY.md: a message that breaks its template every time fails its
-        execution with the reason, once; the lane goes on with the next message, and
-        the other flow of the same message type is unaffected."""
+        """A message that breaks its template every time holds its execution with the
+        reason, once; the lane goes on with the next message, and the other flow of the
+        same message type is unaffected."""
         dated = header("A") + TRIGGER_ID + 'ZDT|{{ msg["PID-7"] | hl7_date: "%Y%m%d" }}\n'
         running = gateway(
             self,
@@ -327,12 +328,12 @@ class ExecutionStateTests(SynchronousTestCase):
             [
                 ("FLWDATED", "done", ""),
                 ("FLWPLAIN", "done", ""),
-                ("FLWDATED", "failed", reason),
+                ("FLWDATED", "held", reason),
                 ("FLWPLAIN", "done", ""),
                 ("FLWDATED", "done", ""),
                 ("FLWPLAIN", "done", ""),
                 # The resent MSG2 was a duplicate: its stored ACK replayed, no new execution.
-                ("FLWDATED", "failed", reason),
+                ("FLWDATED", "held", reason),
                 ("FLWPLAIN", "done", ""),
             ],
         )
@@ -681,7 +682,7 @@ class AfterActionsAckTests(SynchronousTestCase):
                 "code": "AE",
                 "control_id": "MSG1",
                 "error": 207,
-                "diagnostic": "actions failed: action second: join expected an array, "
+                "diagnostic": "actions held: action second: join expected an array, "
                 "found WireText (template line 2)",
             },
         )
@@ -788,7 +789,7 @@ class AfterActionsAckTests(SynchronousTestCase):
             (
                 header("B") + 'PID|{{ msg["PID-3"] | join: "," }}\n',
                 "AE",
-                "actions failed: action second: join expected an array, "
+                "actions held: action second: join expected an array, "
                 "found WireText (template line 2)",
             ),
         ):
@@ -866,7 +867,7 @@ class AfterActionsAckTests(SynchronousTestCase):
                 "code": "AE",
                 "control_id": "MSG1",
                 "error": 207,
-                "diagnostic": "actions failed: template: line 2: missing expression",
+                "diagnostic": "actions held: template: line 2: missing expression",
             },
         )
         running.clock.advance(10.0)
@@ -1010,7 +1011,7 @@ class LogTests(SynchronousTestCase):
                     **common,
                     "time": when,
                     "event": "execution",
-                    "outcome": "failed",
+                    "outcome": "held",
                     "flow_id": "FLWBROKEN",
                     "control_id": "MSG1",
                     "action": 0,
@@ -1051,7 +1052,7 @@ class LogTests(SynchronousTestCase):
                     "flow_id": "FLWCHAIN",
                     # OUT2 and OUT3 went to the broken flow's header before its
                     # template failed: once rendered before the commit (the fold),
-                    # once by the executor, which records the failure.
+                    # once by the executor, which holds the execution.
                     "control_id": "OUT4",
                     "action": 1,
                     "attempt": 1,
@@ -1074,7 +1075,7 @@ class LogTests(SynchronousTestCase):
         )
 
         out = io.StringIO()
-        cli.main(["--config", str(config), "logs", "--json", "--status", "failed"], out=out)
+        cli.main(["--config", str(config), "logs", "--json", "--status", "held"], out=out)
         self.assertEqual(
             [json.loads(line)["flow_id"] for line in out.getvalue().splitlines()], ["FLWBROKEN"]
         )
@@ -1198,8 +1199,8 @@ class NoPHITests(SynchronousTestCase):
             [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)][:4],
             [
                 ("FLWCHAIN", "done"),
-                ("FLWTYPEFROMPATIENT", "failed"),
-                ("FLWLIQUIDERROR", "failed"),
+                ("FLWTYPEFROMPATIENT", "held"),
+                ("FLWLIQUIDERROR", "held"),
                 ("FLWNAKS", "waiting"),
             ],
         )
@@ -1296,9 +1297,10 @@ class RetentionTests(SynchronousTestCase):
         }
 
     def test_old_finished_messages_go_with_their_records(self) -> None:
-        """Done, failed and rejected messages older than the retention go, with their
+        """Done and rejected messages older than the retention go, with their
         executions, deliveries and logs; unfinished ones (pending, waiting on a slow
-        destination, held) and recent ones stay whole."""
+        destination, held delivery, held because their template broke) and recent
+        ones stay whole."""
         running = self.running
         self.send("DONE1")
         self.send("FAILED1", "ADT^A08")
@@ -1318,7 +1320,7 @@ class RetentionTests(SynchronousTestCase):
             [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)],
             [
                 ("FLWOK", "done"),
-                ("FLWBROKEN", "failed"),
+                ("FLWBROKEN", "held"),
                 ("FLWSLOW", "waiting"),
                 ("FLWHELD", "waiting"),
                 ("FLWLATER", "pending"),
@@ -1326,9 +1328,9 @@ class RetentionTests(SynchronousTestCase):
         )
         ids = {row["control_id"]: row["id"] for row in running.rows(schema.messages)}
 
-        self.assertEqual(self.prune(), 3)
+        self.assertEqual(self.prune(), 2)
 
-        kept = ["SLOW1", "HELD1", "PENDING1", "RECENT1"]
+        kept = ["FAILED1", "SLOW1", "HELD1", "PENDING1", "RECENT1"]
         self.assertEqual(self.control_ids(), kept)
         kept_ids = {ids[control_id] for control_id in kept}
         self.assertEqual(self.message_ids_in(schema.logs), kept_ids)
@@ -1377,3 +1379,65 @@ class RetentionTests(SynchronousTestCase):
         self.assertEqual(self.prune(limit=2), 0)
         self.assertEqual(self.control_ids(), ["OLD2"])
         self.assertEqual([row["state"] for row in running.rows(schema.deliveries)], ["queued"])
+
+
+def accented(control_id: str, msh18: str, encoding: str) -> bytes:
+    """An ADT^A04 naming Müller^Anna, encoded in ``encoding`` with MSH-18 ``msh18``."""
+    return (
+        f"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|{SENT_AT}||ADT^A04|{control_id}|P|2.5"
+        f"||||||{msh18}\rEVN|A04|{SENT_AT}\rPID|1||P1^^^H^MR||Müller^Anna\r"
+    ).encode(encoding)
+
+
+class OutboundCharsetTests(SynchronousTestCase):
+    """The control ID an outbound delivery waits for is read from the bytes sent, in the
+    charset they are sent in (issue 17 item 0): a non-ASCII name copied from the trigger
+    never leaves a delivery unmatched, resent forever, with an empty control ID."""
+
+    #: (trigger MSH-18, trigger encoding, template's MSH-18, bytes the PID-5 is sent as)
+    CASES = (
+        ("", "latin-1", "", "Müller".encode("latin-1")),
+        ("8859/1", "latin-1", "", "Müller".encode("latin-1")),
+        ("UNICODE UTF-8", "utf-8", "", "Müller".encode("latin-1")),
+        ("UNICODE UTF-8", "utf-8", '{{ msg["MSH-18"] }}', "Müller".encode("utf-8")),
+    )
+
+    def check(self, msh18: str, encoding: str, template_msh18: str, sent_name: bytes) -> None:
+        template = (
+            header("A").rstrip("\n")
+            + f"||||||{template_msh18}\n"
+            + 'PID|1||{{ msg["PID-3"] }}||{{ msg["PID-5"] }}\n'
+            + TRIGGER_ID
+        )
+        running = gateway(self, app(flow("names", "ADT^A04", [action("send", 2601, "ADT^A04", template)])))
+        destination = running.peer(2601)
+        for control_id in ("MSG1", "MSG2"):
+            ack = running.send(accented(control_id, msh18, encoding))
+            self.assertEqual(ack_fields(ack)["code"], "AA")
+        running.settle()
+
+        self.assertEqual(trigger_ids(destination.received), ["MSG1", "MSG2"])
+        self.assertIn(b"||" + sent_name + b"^Anna\r", destination.received[0])
+        self.assertEqual(
+            [(row["control_id"], row["state"], row["attempts"]) for row in running.rows(schema.deliveries)],
+            [("OUT1", "delivered", 1), ("OUT2", "delivered", 1)],
+        )
+
+    def test_latin1_without_msh18(self) -> None:
+        """0xFC with MSH-18 empty (the tenant's default charset, 8859/1): delivered once;
+        the next message of the lane too."""
+        self.check(*self.CASES[0])
+
+    def test_latin1_declared(self) -> None:
+        """0xFC with MSH-18 8859/1: delivered once; the next message of the lane too."""
+        self.check(*self.CASES[1])
+
+    def test_utf8_trigger_sent_in_the_tenant_charset(self) -> None:
+        """UTF-8 with MSH-18 UNICODE UTF-8, copied into a template without MSH-18: sent
+        in the tenant's charset, its control ID read in that charset; delivered once."""
+        self.check(*self.CASES[2])
+
+    def test_utf8_trigger_sent_in_utf8(self) -> None:
+        """UTF-8 with MSH-18 UNICODE UTF-8, copied into a template that copies MSH-18:
+        sent in UTF-8, its control ID read in UTF-8; delivered once."""
+        self.check(*self.CASES[3])
