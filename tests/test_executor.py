@@ -26,7 +26,7 @@ from twisted.internet.defer import fail
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway import cli, outbox, schema, store
+from udsgateway import cli, executions, outbox, schema, store
 from udsgateway.ack import ControlIdSource, parse_reply
 from udsgateway.executor import Executor, lane_name
 from udsgateway.flows import App
@@ -1399,7 +1399,7 @@ class OutboundCharsetTests(SynchronousTestCase):
         ("", "latin-1", "", "Müller".encode("latin-1")),
         ("8859/1", "latin-1", "", "Müller".encode("latin-1")),
         ("UNICODE UTF-8", "utf-8", "", "Müller".encode("latin-1")),
-        ("UNICODE UTF-8", "utf-8", '{{ msg["MSH-18"] }}', "Müller".encode("utf-8")),
+        ("UNICODE UTF-8", "utf-8", '{{ msg["MSH-18"] }}', "Müller".encode()),
     )
 
     def check(self, msh18: str, encoding: str, template_msh18: str, sent_name: bytes) -> None:
@@ -1409,7 +1409,9 @@ class OutboundCharsetTests(SynchronousTestCase):
             + 'PID|1||{{ msg["PID-3"] }}||{{ msg["PID-5"] }}\n'
             + TRIGGER_ID
         )
-        running = gateway(self, app(flow("names", "ADT^A04", [action("send", 2601, "ADT^A04", template)])))
+        running = gateway(
+            self, app(flow("names", "ADT^A04", [action("send", 2601, "ADT^A04", template)]))
+        )
         destination = running.peer(2601)
         for control_id in ("MSG1", "MSG2"):
             ack = running.send(accented(control_id, msh18, encoding))
@@ -1419,7 +1421,10 @@ class OutboundCharsetTests(SynchronousTestCase):
         self.assertEqual(trigger_ids(destination.received), ["MSG1", "MSG2"])
         self.assertIn(b"||" + sent_name + b"^Anna\r", destination.received[0])
         self.assertEqual(
-            [(row["control_id"], row["state"], row["attempts"]) for row in running.rows(schema.deliveries)],
+            [
+                (row["control_id"], row["state"], row["attempts"])
+                for row in running.rows(schema.deliveries)
+            ],
             [("OUT1", "delivered", 1), ("OUT2", "delivered", 1)],
         )
 
@@ -1441,3 +1446,94 @@ class OutboundCharsetTests(SynchronousTestCase):
         """UTF-8 with MSH-18 UNICODE UTF-8, copied into a template that copies MSH-18:
         sent in UTF-8, its control ID read in UTF-8; delivered once."""
         self.check(*self.CASES[3])
+
+
+class HeldExecutionTests(SynchronousTestCase):
+    """An execution whose action cannot be rendered after its message was ACKed is held
+    where an operator sees it, and released (rendered again) once the flow is fixed
+    (issue 11 item 1)."""
+
+    def test_held_listed_then_released_after_the_flow_is_fixed(self) -> None:
+        """A broken template holds the execution: ``executions list --state held`` shows
+        it with the reason; the lane's next message is unaffected; after the flow is
+        fixed, ``executions release`` makes the gateway render and deliver it (found by
+        the executor's poll), audited."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        url = f"sqlite:///{directory / 'gateway.db'}"
+        config = directory / "gateway.toml"
+        config.write_text(
+            f'[gateway]\ndatabase = "{url}"\n\n[[tenants]]\nname = "test"\n'
+            'listen = "tcp:port=0:interface=127.0.0.1"\n',
+            encoding="utf-8",
+        )
+        broken = header("A") + TRIGGER_ID + 'PID|{{ msg["PID-3"] | join: "," }}\n'
+        running = gateway(
+            self,
+            app(flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", broken)])),
+            database_url=url,
+        )
+        running.executor.poll(5.0)
+        self.addCleanup(running.executor.stop_polling)
+        self.assertEqual(ack_fields(running.send(adt("MSG1")))["code"], "AA")
+        running.settle()
+        reason = "action send: join expected an array, found WireText (template line 3)"
+        self.assertEqual(states(running), [("FLWONE", "held", 0, reason)])
+        self.assertEqual(running.peer(2601).received, [])
+
+        out = io.StringIO()
+        cli.main(
+            ["--config", str(config), "executions", "list", "--state", "held", "--json"], out=out
+        )
+        (listed,) = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(
+            (listed["state"], listed["flow_id"], listed["control_id"], listed["reason"]),
+            ("held", "FLWONE", "MSG1", reason),
+        )
+
+        fixed = app(
+            flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
+        )
+        running.database.transaction_now(store.save_app, fixed, running.clock.seconds())
+        running.executor.load(running.database.transaction_now(store.load_apps, None))
+        out = io.StringIO()
+        code = cli.main(
+            [
+                "--config",
+                str(config),
+                "executions",
+                "release",
+                str(listed["id"]),
+                "--reason",
+                "template fixed",
+                "--who",
+                "ops",
+            ],
+            out=out,
+        )
+        self.assertEqual(code, 0)
+        self.assertIn("released", out.getvalue())
+        running.run_until(lambda: len(running.peer(2601).received) == 1, limit=10.0)
+        running.settle()
+        self.assertEqual(states(running), [("FLWONE", "done", 0, "")])
+        self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
+        self.assertEqual(
+            [(row["who"], row["action"], row["reason"]) for row in running.rows(schema.audit)],
+            [("ops", "execution.release", "template fixed")],
+        )
+
+    def test_release_refuses_what_is_not_held(self) -> None:
+        """Only a held execution can be released; a missing one is named."""
+        running = gateway(
+            self,
+            app(
+                flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
+            ),
+        )
+        running.send(adt("MSG1"))
+        running.settle()
+        with self.assertRaises(ValueError) as raised:
+            running.database.transaction_now(executions.release, 1, "ops", "why", 0.0)
+        self.assertEqual(str(raised.exception), "execution 1 is done, not held")
+        with self.assertRaises(LookupError):
+            running.database.transaction_now(executions.release, 99, "ops", "why", 0.0)

@@ -28,8 +28,8 @@ from udsgateway.config import TenantConfig
 from udsgateway.db import Database, GroupCommitter, InlineRunner, ensure_schema, make_engine
 from udsgateway.delivery import Timing
 from udsgateway.executor import Executor
-from udsgateway.header import codec_for
 from udsgateway.flows import Action, App, Flow, Trigger
+from udsgateway.header import codec_for
 from udsgateway.ingest import Ingest
 from udsgateway.listener import ListenerFactory
 from udsgateway.outbox import NewDelivery
@@ -165,7 +165,9 @@ class FlowGateway:
             self.clock,
             ControlIdSource("OUT"),
             # The tenant's codec for messages without MSH-18, as the service wires it.
-            charsets={self.tenant.name: codec_for(self.tenant.default_charset, "latin-1") or "latin-1"},
+            charsets={
+                self.tenant.name: codec_for(self.tenant.default_charset, "latin-1") or "latin-1"
+            },
         )
         dispatcher.after_record = self.executor.after_record
         dispatcher.on_recorded = self.executor.on_recorded
