@@ -159,9 +159,11 @@ class Executor:
         except Exception:
             # Unreadable, or a bug: the executor meets it again, and reports it.
             return ()
-        return tuple(self._first_action(tenant, flow_id, trigger) for flow_id in flow_ids)
+        return tuple(self._first_action(tenant, flow_id, trigger, raw) for flow_id in flow_ids)
 
-    def _first_action(self, tenant: str, flow_id: str, trigger: Message) -> NewDelivery | None:
+    def _first_action(
+        self, tenant: str, flow_id: str, trigger: Message, raw: bytes
+    ) -> NewDelivery | None:
         plan = self._plans.get(flow_id)
         if plan is None or not plan.flow.actions:
             return None
@@ -169,7 +171,7 @@ class Executor:
         if isinstance(template, TemplateError):
             return None
         try:
-            return self._delivery(plan, 0, template, tenant, trigger, (), None)
+            return self._delivery(plan, 0, template, tenant, trigger, (), None, raw)
         except Exception:
             # A render error, or a bug: the executor meets it again, and reports it.
             return None
@@ -297,7 +299,14 @@ class Executor:
         try:
             trigger = self._trigger(work.tenant, work.raw)
             delivery = self._delivery(
-                plan, work.step, template, work.tenant, trigger, work.responses, work.execution_id
+                plan,
+                work.step,
+                template,
+                work.tenant,
+                trigger,
+                work.responses,
+                work.execution_id,
+                work.raw,
             )
         except RenderError as error:
             log.warn(
@@ -327,6 +336,7 @@ class Executor:
         trigger: Message,
         responses: Sequence[bytes | None],
         execution_id: int | None,
+        raw: bytes,
     ) -> NewDelivery:
         """Action ``step`` of the flow, rendered for ``trigger``; RenderError if it cannot be."""
         action = plan.flow.actions[step]
@@ -347,6 +357,7 @@ class Executor:
             now=self._now,
             new_control_id=self.control_ids.next,
             default_charset=self.charsets.get(tenant, "latin-1"),
+            raw=raw,
         )
         try:
             key_value = trigger.get(action.ordering_key) if action.ordering_key else None
