@@ -30,6 +30,7 @@ from udsgateway import cli, executions, outbox, schema, store
 from udsgateway.ack import ControlIdSource, parse_reply
 from udsgateway.executor import Executor, lane_name
 from udsgateway.flows import App
+from udsgateway.header import HeaderProblem, parse_header
 from udsgateway.testing import (
     Connection,
     PeerConnection,
@@ -1537,3 +1538,138 @@ class HeldExecutionTests(SynchronousTestCase):
         self.assertEqual(str(raised.exception), "execution 1 is done, not held")
         with self.assertRaises(LookupError):
             running.database.transaction_now(executions.release, 99, "ops", "why", 0.0)
+
+
+#: (field separator, encoding characters) of the delimiter sets senders use.
+DELIMITER_SETS = (("|", "^~\\&"), ("^", "~|\\&"), ("#", "!@%*"))
+VERSIONS = (
+    "2.1",
+    "2.2",
+    "2.3",
+    "2.3.1",
+    "2.4",
+    "2.5",
+    "2.5.1",
+    "2.6",
+    "2.7",
+    "2.7.1",
+    "2.8",
+    "2.8.1",
+)
+#: (segment separator, what follows the last segment)
+ENDINGS = (("\r", "\r"), ("\n", "\n"), ("\r\n", "\r\n"), ("\r", ""), ("\r", "\r\r"))
+
+
+def shaped(
+    control_id: str,
+    delimiters: tuple[str, str],
+    version: str,
+    ending: tuple[str, str],
+    charset: tuple[str, str] = ("", "ascii"),
+) -> bytes:
+    """A synthetic ADT^A04 with the given delimiters, version, segment endings and
+    charset (MSH-18 and the encoding; a non-ASCII name when the encoding allows)."""
+    fs, encoding = delimiters
+    cs = encoding[0]
+    msh18, codec = charset
+    name = "Müller" if codec != "ascii" else "Muller"
+    segments = [
+        f"MSH{fs}{encoding}{fs}HIS{fs}Hospital{fs}LSQ{fs}LeadSquared{fs}{SENT_AT}{fs}{fs}"
+        f"ADT{cs}A04{fs}{control_id}{fs}P{fs}{version}"
+        + (f"{fs}{fs}{fs}{fs}{fs}{fs}{msh18}" if msh18 else ""),
+        f"EVN{fs}A04{fs}{SENT_AT}",
+        f"PID{fs}1{fs}{fs}P1{cs}{cs}{cs}H{cs}MR{fs}{fs}{name}{cs}Anna",
+    ]
+    separator, last = ending
+    return (separator.join(segments) + last).encode(codec)
+
+
+def answer_any_delimiters(connection: PeerConnection, payload: bytes) -> None:
+    """AA echoing the MSH-10 of a message with any delimiters and charset."""
+    parsed = parse_header(payload, default_charset="latin-1")
+    assert not isinstance(parsed, HeaderProblem), parsed
+    connection.reply(destination_ack(parsed.control_id))
+
+
+class PassThroughTests(SynchronousTestCase):
+    """``{{ msg }}`` alone forwards the trigger exactly as stored, whatever its
+    delimiters, version, segment endings or charset (issue 11 items 1 and 4)."""
+
+    def passthrough(self) -> FlowGateway:
+        running = gateway(
+            self, app(flow("relay", "ADT^A04", [action("send", 2601, "ADT^A04", "{{ msg }}\n")]))
+        )
+        running.peer(2601).script = answer_any_delimiters
+        return running
+
+    def assert_forwarded(self, running: FlowGateway, messages: list[bytes]) -> None:
+        for message in messages:
+            self.assertEqual(ack_fields(running.send(message))["code"], "AA", message)
+            running.settle()
+        self.assertEqual(running.peer(2601).received, messages)
+        self.assertEqual({row["state"] for row in running.rows(schema.executions)}, {"done"})
+        self.assertEqual(
+            [row["attempts"] for row in running.rows(schema.deliveries)], [1] * len(messages)
+        )
+
+    def test_every_delimiter_set_and_version(self) -> None:
+        """Each delimiter set (|^~\\&, VistA's ^~|\\&, #!@%*) with each version 2.1 to
+        2.8.1: the destination receives the stored bytes, once each."""
+        running = self.passthrough()
+        numbers = itertools.count(1)
+        messages = [
+            shaped(f"M{next(numbers)}", delimiters, version, ("\r", "\r"))
+            for delimiters in DELIMITER_SETS
+            for version in VERSIONS
+        ]
+        self.assert_forwarded(running, messages)
+
+    def test_every_segment_ending(self) -> None:
+        """LF, CRLF, no trailing CR and a blank line at the end, with each delimiter set:
+        forwarded byte-exact (never normalised to CR)."""
+        running = self.passthrough()
+        numbers = itertools.count(1)
+        messages = [
+            shaped(f"M{next(numbers)}", delimiters, "2.5", ending)
+            for delimiters in DELIMITER_SETS
+            for ending in ENDINGS
+        ]
+        self.assert_forwarded(running, messages)
+
+    def test_non_ascii_with_each_charset(self) -> None:
+        """A non-ASCII name with MSH-18 empty (the tenant's 8859/1), 8859/1 and
+        UNICODE UTF-8, with each delimiter set: forwarded byte-exact, and the
+        delivery's control ID is the MSH-10 sent."""
+        running = self.passthrough()
+        numbers = itertools.count(1)
+        messages = [
+            shaped(f"M{next(numbers)}", delimiters, "2.5", ("\r", "\r"), charset)
+            for delimiters in DELIMITER_SETS
+            for charset in (("", "latin-1"), ("8859/1", "latin-1"), ("UNICODE UTF-8", "utf-8"))
+        ]
+        self.assert_forwarded(running, messages)
+        self.assertEqual(
+            [row["control_id"] for row in running.rows(schema.deliveries)],
+            [f"M{n}" for n in range(1, len(messages) + 1)],
+        )
+
+    def test_other_type_than_the_action_is_held(self) -> None:
+        """A pass-through of a trigger whose MSH-9 is not the action's type is held with
+        the reason, never sent."""
+        running = gateway(
+            self, app(flow("relay", "ADT^A04", [action("send", 2601, "ADT^A08", "{{ msg }}")]))
+        )
+        running.send(adt("MSG1"))
+        running.settle()
+        self.assertEqual(
+            states(running),
+            [
+                (
+                    "FLWRELAY",
+                    "held",
+                    0,
+                    "action send: MSH-9 is not ADT^A08, the action's message type",
+                )
+            ],
+        )
+        self.assertEqual(running.peer(2601).received, [])
