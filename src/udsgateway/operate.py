@@ -211,9 +211,9 @@ def add_operator_commands(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(handler=cmd_deliveries_list)
     for name, text in (
-        ("release", "send a held delivery again"),
-        ("skip", "give up on a held delivery (its lane moves on)"),
-        ("replay", "send a delivery again, optionally with an edited payload"),
+        ("release", "send a held or queued (retrying) delivery again now"),
+        ("skip", "give up on a held or queued delivery (its lane moves on)"),
+        ("replay", "send a delivery again before what is queued after it, optionally edited"),
     ):
         p = actions.add_parser(name, help=text)
         p.add_argument("delivery_id", type=int, metavar="ID")
