@@ -1429,6 +1429,35 @@ class OutboundCharsetTests(SynchronousTestCase):
             [("OUT1", "delivered", 1), ("OUT2", "delivered", 1)],
         )
 
+    def test_never_queued_without_a_control_id(self) -> None:
+        """When the control ID cannot be read back from the rendered bytes, nothing is
+        queued: the execution is held with the reason, visibly."""
+        from udsgateway import executor as executor_module
+
+        self.patch(
+            executor_module,
+            "parse_header",
+            lambda _body, default_charset: HeaderProblem(102, "MSH^1^10", "bytes invalid", None),
+        )
+        template = header("A") + TRIGGER_ID
+        running = gateway(
+            self, app(flow("names", "ADT^A04", [action("send", 2601, "ADT^A04", template)]))
+        )
+        self.assertEqual(ack_fields(running.send(adt("MSG1")))["code"], "AA")
+        running.settle()
+        self.assertEqual(running.rows(schema.deliveries), [])
+        self.assertEqual(
+            states(running),
+            [
+                (
+                    "FLWNAMES",
+                    "held",
+                    0,
+                    "action send: the rendered message's control ID is unreadable: bytes invalid",
+                )
+            ],
+        )
+
     def test_latin1_without_msh18(self) -> None:
         """0xFC with MSH-18 empty (the tenant's default charset, 8859/1): delivered once;
         the next message of the lane too."""
