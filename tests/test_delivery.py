@@ -662,6 +662,141 @@ class NegativeAckTests(DeliveryTestCase):
         self.assertEqual(set(other.received_ids()), {"S00000"})
 
 
+class StuckDeliveryTests(DeliveryTestCase):
+    """An operator can act on any stuck delivery, held or queued (issue 17 item 0), and a
+    replayed delivery goes before everything queued after it (issue 17 item 2)."""
+
+    def wrong_ids_forever(self) -> tuple[Outbound, DestinationPeer]:
+        """A head whose every reply has the wrong MSA-2: queued, resent forever."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+
+        def wrong_for_w1(connection: PeerConnection, payload: bytes) -> None:
+            control_id = control_id_of(payload)
+            connection.reply(
+                destination_ack(control_id + "X" if control_id == "W1" else control_id)
+            )
+
+        peer.script = wrong_for_w1
+        rig.start()
+        rig.enqueue("lane-w", DEST, ["W1", "W2", "W3"])
+        rig.run_until(lambda: len(peer.received) >= 4)
+        self.assertEqual(set(peer.received_ids()), {"W1"})
+        self.assertEqual(states(rig)[0], ("W1", QUEUED))
+        return rig, peer
+
+    def test_skip_a_queued_head_from_the_store(self) -> None:
+        """A queued head that keeps failing is skipped from the store alone (the CLI):
+        the running lane sees it at the next held poll, never sends it again, moves
+        on; the reason is recorded with the state it was in."""
+        rig, peer = self.wrong_ids_forever()
+        head = rig.deliveries()[0]
+        skipped = rig.database.transaction_now(
+            outbox.operator_action, head.id, "skip", "bob", "receiver mismatch", 700.0
+        )
+        self.assertEqual(skipped.state, SKIPPED)
+        sent = len(peer.received)
+        rig.run_until(lambda: states(rig)[-1][1] == DELIVERED, limit=60)
+        self.assertEqual(peer.received_ids()[sent:], ["W2", "W3"])
+        self.assertEqual(states(rig), [("W1", SKIPPED), ("W2", DELIVERED), ("W3", DELIVERED)])
+        reasons = rig.database.transaction_now(
+            lambda connection: (
+                connection.execute(
+                    select(schema.logs.c.reason).where(schema.logs.c.event == "operator")
+                )
+                .scalars()
+                .all()
+            )
+        )
+        self.assertEqual(reasons, ["skip of a queued delivery by bob: receiver mismatch"])
+
+    def test_skip_while_an_attempt_is_out_stands(self) -> None:
+        """An attempt's outcome recorded after an operator skipped its delivery does
+        not make it queued again."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        peer.script = silent
+        rig.start()
+        rig.enqueue("lane-s", DEST, ["S1", "S2"])
+        rig.run_until(lambda: len(peer.received) == 1)
+        head = rig.deliveries()[0]
+        rig.database.transaction_now(outbox.operator_action, head.id, "skip", "bob", "x", 1.0)
+        peer.script = answer("AA")
+        rig.run_until(lambda: states(rig)[-1][1] == DELIVERED, limit=600)
+        self.assertEqual(states(rig), [("S1", SKIPPED), ("S2", DELIVERED)])
+
+    def test_release_a_queued_head_without_control_id(self) -> None:
+        """A delivery queued with an empty control ID (by an older version) is released:
+        its control ID is read from its payload, and it is delivered once."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        rig.enqueue("lane-e", DEST, ["E1", "E2"])
+        rig.database.transaction_now(
+            lambda connection: connection.execute(
+                schema.deliveries.update()
+                .where(schema.deliveries.c.control_id == "E1")
+                .values(control_id="")
+            )
+        )
+        rig.start()
+        rig.run_until(lambda: len(peer.received) >= 3)
+        self.assertEqual(states(rig)[0], ("", QUEUED))
+        head = rig.deliveries()[0]
+        released = rig.database.transaction_now(
+            outbox.operator_action, head.id, "release", "alice", "empty id", 700.0
+        )
+        self.assertEqual((released.control_id, released.state), ("E1", QUEUED))
+        rig.run_until(all_delivered(rig), limit=600)
+        self.assertEqual(states(rig), [("E1", DELIVERED), ("E2", DELIVERED)])
+
+    def backlog(self) -> tuple[Outbound, DestinationPeer, Delivery]:
+        """A lane whose first delivery R0 was delivered, then 300 queued after it that
+        the destination takes one a second."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        rig.start()
+        rig.enqueue("lane-r", DEST, ["R0"])
+        rig.run_until(all_delivered(rig))
+        peer.latency = 1.0
+        rig.enqueue("lane-r", DEST, ids("B", 300))
+        rig.run_until(lambda: len(peer.received) == 11)
+        first = rig.deliveries()[0]
+        self.assertEqual((first.control_id, first.state), ("R0", DELIVERED))
+        return rig, peer, first
+
+    def test_replay_from_the_store_goes_before_the_backlog(self) -> None:
+        """A replay done in the store alone (the CLI) while 290 messages are queued
+        after it: the running lane sends it next after the held poll finds it, long
+        before the backlog drains; then the backlog continues in order."""
+        rig, peer, first = self.backlog()
+        rig.database.transaction_now(
+            outbox.operator_action, first.id, "replay", "carol", "partner lost it", 700.0
+        )
+        sent = len(peer.received)
+        rig.run_until(all_delivered(rig), limit=3600)
+        after = peer.received_ids()[sent:]
+        # At most what goes out before the next sweep (held_poll at one a second) and
+        # the message in flight then.
+        self.assertLessEqual(after.index("R0"), int(rig.held_poll) + 1)
+        self.assertEqual([c for c in after if c != "R0"], ids("B", 300)[sent - 1 :])
+        self.assertEqual(after.count("R0"), 1)
+
+    def test_replay_told_to_the_dispatcher_goes_next(self) -> None:
+        """A replay the dispatcher is told of (in-process): the replayed delivery is the
+        next message sent after the one in flight."""
+        rig, peer, first = self.backlog()
+        rig.database.transaction_now(
+            outbox.operator_action, first.id, "replay", "carol", "partner lost it", 700.0
+        )
+        rig.dispatcher.operator_acted("lane-r")
+        sent = len(peer.received)
+        rig.run_until(all_delivered(rig), limit=3600)
+        after = peer.received_ids()[sent:]
+        # B00009 was in flight (answered a second after it was sent).
+        self.assertEqual(after[0], "R0")
+        self.assertEqual(after[1:], ids("B", 300)[10:])
+
+
 class RecoveryTests(DeliveryTestCase):
     """docs/guarantees.md: kill -9 with outbound messages not ACKed; restart with 100,000."""
 

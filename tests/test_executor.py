@@ -29,9 +29,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from udsgateway.cli import main as cli
 from udsgateway.flows import App
 from udsgateway.hl7.ack import ControlIdSource, parse_reply
+from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.outbound.executor import Executor, lane_name
+from udsgateway.store import executions, outbox, schema
 from udsgateway.store import messages as store
-from udsgateway.store import outbox, schema
 from udsgateway.testing import (
     Connection,
     PeerConnection,
@@ -239,9 +240,10 @@ class ExecutionStateTests(SynchronousTestCase):
             [(0, "delivered"), (1, "delivered")],
         )
 
-    def test_template_errors_fail_their_execution_only(self) -> None:
-        """A template that fails to render, or does not compile, fails that flow's
-        execution with the reason (logged); the other flow of the message is delivered."""
+    def test_template_errors_hold_their_execution_only(self) -> None:
+        """A template that fails to render, or does not compile, holds that flow's
+        execution with the reason (logged, for an operator); the other flow of the
+        message is delivered."""
         running = gateway(
             self,
             app(
@@ -277,20 +279,20 @@ class ExecutionStateTests(SynchronousTestCase):
                 ("FLWGOOD", "done", 0, ""),
                 (
                     "FLWJOINS",
-                    "failed",
+                    "held",
                     0,
                     "action send: join expected an array, found WireText (template line 2)",
                 ),
-                ("FLWSYNTAX", "failed", 0, "template: line 2: missing expression"),
+                ("FLWSYNTAX", "held", 0, "template: line 2: missing expression"),
             ],
         )
         self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
         self.assertEqual(running.peer(2602).received + running.peer(2603).received, [])
-        self.assertEqual(running.executor.failed, 2)
+        self.assertEqual((running.executor.failed, running.executor.held), (0, 2))
         failed_logs = [
             (row["flow_id"], row["control_id"], row["reason"])
             for row in running.rows(schema.logs)
-            if row["event"] == "execution" and row["outcome"] == "failed"
+            if row["event"] == "execution" and row["outcome"] == "held"
         ]
         self.assertEqual(
             failed_logs,
@@ -305,9 +307,9 @@ class ExecutionStateTests(SynchronousTestCase):
         )
 
     def test_a_message_that_breaks_its_template_every_time(self) -> None:
-        """docs/guarantees.md: a message that breaks its template every time fails its
-        execution with the reason, once; the lane goes on with the next message, and
-        the other flow of the same message type is unaffected."""
+        """A message that breaks its template every time holds its execution with the
+        reason, once; the lane goes on with the next message, and the other flow of the
+        same message type is unaffected."""
         dated = header("A") + TRIGGER_ID + 'ZDT|{{ msg["PID-7"] | hl7_date: "%Y%m%d" }}\n'
         running = gateway(
             self,
@@ -329,12 +331,12 @@ class ExecutionStateTests(SynchronousTestCase):
             [
                 ("FLWDATED", "done", ""),
                 ("FLWPLAIN", "done", ""),
-                ("FLWDATED", "failed", reason),
+                ("FLWDATED", "held", reason),
                 ("FLWPLAIN", "done", ""),
                 ("FLWDATED", "done", ""),
                 ("FLWPLAIN", "done", ""),
                 # The resent MSG2 was a duplicate: its stored ACK replayed, no new execution.
-                ("FLWDATED", "failed", reason),
+                ("FLWDATED", "held", reason),
                 ("FLWPLAIN", "done", ""),
             ],
         )
@@ -683,7 +685,7 @@ class AfterActionsAckTests(SynchronousTestCase):
                 "code": "AE",
                 "control_id": "MSG1",
                 "error": 207,
-                "diagnostic": "actions failed: action second: join expected an array, "
+                "diagnostic": "actions held: action second: join expected an array, "
                 "found WireText (template line 2)",
             },
         )
@@ -790,7 +792,7 @@ class AfterActionsAckTests(SynchronousTestCase):
             (
                 header("B") + 'PID|{{ msg["PID-3"] | join: "," }}\n',
                 "AE",
-                "actions failed: action second: join expected an array, "
+                "actions held: action second: join expected an array, "
                 "found WireText (template line 2)",
             ),
         ):
@@ -868,7 +870,7 @@ class AfterActionsAckTests(SynchronousTestCase):
                 "code": "AE",
                 "control_id": "MSG1",
                 "error": 207,
-                "diagnostic": "actions failed: template: line 2: missing expression",
+                "diagnostic": "actions held: template: line 2: missing expression",
             },
         )
         running.clock.advance(10.0)
@@ -1014,7 +1016,7 @@ class LogTests(SynchronousTestCase):
                     **common,
                     "time": when,
                     "event": "execution",
-                    "outcome": "failed",
+                    "outcome": "held",
                     "flow_id": "FLWBROKEN",
                     "control_id": "MSG1",
                     "action": 0,
@@ -1055,7 +1057,7 @@ class LogTests(SynchronousTestCase):
                     "flow_id": "FLWCHAIN",
                     # OUT2 and OUT3 went to the broken flow's header before its
                     # template failed: once rendered before the commit (the fold),
-                    # once by the executor, which records the failure.
+                    # once by the executor, which holds the execution.
                     "control_id": "OUT4",
                     "action": 1,
                     "attempt": 1,
@@ -1078,7 +1080,7 @@ class LogTests(SynchronousTestCase):
         )
 
         out = io.StringIO()
-        cli.main(["--config", str(config), "logs", "--json", "--status", "failed"], out=out)
+        cli.main(["--config", str(config), "logs", "--json", "--status", "held"], out=out)
         self.assertEqual(
             [json.loads(line)["flow_id"] for line in out.getvalue().splitlines()], ["FLWBROKEN"]
         )
@@ -1202,8 +1204,8 @@ class NoPHITests(SynchronousTestCase):
             [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)][:4],
             [
                 ("FLWCHAIN", "done"),
-                ("FLWTYPEFROMPATIENT", "failed"),
-                ("FLWLIQUIDERROR", "failed"),
+                ("FLWTYPEFROMPATIENT", "held"),
+                ("FLWLIQUIDERROR", "held"),
                 ("FLWNAKS", "waiting"),
             ],
         )
@@ -1300,9 +1302,10 @@ class RetentionTests(SynchronousTestCase):
         }
 
     def test_old_finished_messages_go_with_their_records(self) -> None:
-        """Done, failed and rejected messages older than the retention go, with their
+        """Done and rejected messages older than the retention go, with their
         executions, deliveries and logs; unfinished ones (pending, waiting on a slow
-        destination, held) and recent ones stay whole."""
+        destination, held delivery, held because their template broke) and recent
+        ones stay whole."""
         running = self.running
         self.send("DONE1")
         self.send("FAILED1", "ADT^A08")
@@ -1322,7 +1325,7 @@ class RetentionTests(SynchronousTestCase):
             [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)],
             [
                 ("FLWOK", "done"),
-                ("FLWBROKEN", "failed"),
+                ("FLWBROKEN", "held"),
                 ("FLWSLOW", "waiting"),
                 ("FLWHELD", "waiting"),
                 ("FLWLATER", "pending"),
@@ -1330,9 +1333,9 @@ class RetentionTests(SynchronousTestCase):
         )
         ids = {row["control_id"]: row["id"] for row in running.rows(schema.messages)}
 
-        self.assertEqual(self.prune(), 3)
+        self.assertEqual(self.prune(), 2)
 
-        kept = ["SLOW1", "HELD1", "PENDING1", "RECENT1"]
+        kept = ["FAILED1", "SLOW1", "HELD1", "PENDING1", "RECENT1"]
         self.assertEqual(self.control_ids(), kept)
         kept_ids = {ids[control_id] for control_id in kept}
         self.assertEqual(self.message_ids_in(schema.logs), kept_ids)
@@ -1381,3 +1384,325 @@ class RetentionTests(SynchronousTestCase):
         self.assertEqual(self.prune(limit=2), 0)
         self.assertEqual(self.control_ids(), ["OLD2"])
         self.assertEqual([row["state"] for row in running.rows(schema.deliveries)], ["queued"])
+
+
+def accented(control_id: str, msh18: str, encoding: str) -> bytes:
+    """An ADT^A04 naming Müller^Anna, encoded in ``encoding`` with MSH-18 ``msh18``."""
+    return (
+        f"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|{SENT_AT}||ADT^A04|{control_id}|P|2.5"
+        f"||||||{msh18}\rEVN|A04|{SENT_AT}\rPID|1||P1^^^H^MR||Müller^Anna\r"
+    ).encode(encoding)
+
+
+class OutboundCharsetTests(SynchronousTestCase):
+    """The control ID an outbound delivery waits for is read from the bytes sent, in the
+    charset they are sent in (issue 17 item 0): a non-ASCII name copied from the trigger
+    never leaves a delivery unmatched, resent forever, with an empty control ID."""
+
+    #: (trigger MSH-18, trigger encoding, template's MSH-18, bytes the PID-5 is sent as)
+    CASES = (
+        ("", "latin-1", "", "Müller".encode("latin-1")),
+        ("8859/1", "latin-1", "", "Müller".encode("latin-1")),
+        ("UNICODE UTF-8", "utf-8", "", "Müller".encode("latin-1")),
+        ("UNICODE UTF-8", "utf-8", '{{ msg["MSH-18"] }}', "Müller".encode()),
+    )
+
+    def check(self, msh18: str, encoding: str, template_msh18: str, sent_name: bytes) -> None:
+        template = (
+            header("A").rstrip("\n")
+            + f"||||||{template_msh18}\n"
+            + 'PID|1||{{ msg["PID-3"] }}||{{ msg["PID-5"] }}\n'
+            + TRIGGER_ID
+        )
+        running = gateway(
+            self, app(flow("names", "ADT^A04", [action("send", 2601, "ADT^A04", template)]))
+        )
+        destination = running.peer(2601)
+        for control_id in ("MSG1", "MSG2"):
+            ack = running.send(accented(control_id, msh18, encoding))
+            self.assertEqual(ack_fields(ack)["code"], "AA")
+        running.settle()
+
+        self.assertEqual(trigger_ids(destination.received), ["MSG1", "MSG2"])
+        self.assertIn(b"||" + sent_name + b"^Anna\r", destination.received[0])
+        self.assertEqual(
+            [
+                (row["control_id"], row["state"], row["attempts"])
+                for row in running.rows(schema.deliveries)
+            ],
+            [("OUT1", "delivered", 1), ("OUT2", "delivered", 1)],
+        )
+
+    def test_never_queued_without_a_control_id(self) -> None:
+        """When the control ID cannot be read back from the rendered bytes, nothing is
+        queued: the execution is held with the reason, visibly."""
+        from udsgateway.outbound import executor as executor_module
+
+        self.patch(
+            executor_module,
+            "parse_header",
+            lambda _body, default_charset: HeaderProblem(102, "MSH^1^10", "bytes invalid", None),
+        )
+        template = header("A") + TRIGGER_ID
+        running = gateway(
+            self, app(flow("names", "ADT^A04", [action("send", 2601, "ADT^A04", template)]))
+        )
+        self.assertEqual(ack_fields(running.send(adt("MSG1")))["code"], "AA")
+        running.settle()
+        self.assertEqual(running.rows(schema.deliveries), [])
+        self.assertEqual(
+            states(running),
+            [
+                (
+                    "FLWNAMES",
+                    "held",
+                    0,
+                    "action send: the rendered message's control ID is unreadable: bytes invalid",
+                )
+            ],
+        )
+
+    def test_latin1_without_msh18(self) -> None:
+        """0xFC with MSH-18 empty (the tenant's default charset, 8859/1): delivered once;
+        the next message of the lane too."""
+        self.check(*self.CASES[0])
+
+    def test_latin1_declared(self) -> None:
+        """0xFC with MSH-18 8859/1: delivered once; the next message of the lane too."""
+        self.check(*self.CASES[1])
+
+    def test_utf8_trigger_sent_in_the_tenant_charset(self) -> None:
+        """UTF-8 with MSH-18 UNICODE UTF-8, copied into a template without MSH-18: sent
+        in the tenant's charset, its control ID read in that charset; delivered once."""
+        self.check(*self.CASES[2])
+
+    def test_utf8_trigger_sent_in_utf8(self) -> None:
+        """UTF-8 with MSH-18 UNICODE UTF-8, copied into a template that copies MSH-18:
+        sent in UTF-8, its control ID read in UTF-8; delivered once."""
+        self.check(*self.CASES[3])
+
+
+class HeldExecutionTests(SynchronousTestCase):
+    """An execution whose action cannot be rendered after its message was ACKed is held
+    where an operator sees it, and released (rendered again) once the flow is fixed
+    (issue 11 item 1)."""
+
+    def test_held_listed_then_released_after_the_flow_is_fixed(self) -> None:
+        """A broken template holds the execution: ``executions list --state held`` shows
+        it with the reason; the lane's next message is unaffected; after the flow is
+        fixed, ``executions release`` makes the gateway render and deliver it (found by
+        the executor's poll), audited."""
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        url = f"sqlite:///{directory / 'gateway.db'}"
+        config = directory / "gateway.toml"
+        config.write_text(
+            f'[gateway]\ndatabase = "{url}"\n\n[[tenants]]\nname = "test"\n'
+            'listen = "tcp:port=0:interface=127.0.0.1"\n',
+            encoding="utf-8",
+        )
+        broken = header("A") + TRIGGER_ID + 'PID|{{ msg["PID-3"] | join: "," }}\n'
+        running = gateway(
+            self,
+            app(flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", broken)])),
+            database_url=url,
+        )
+        running.executor.poll(5.0)
+        self.addCleanup(running.executor.stop_polling)
+        self.assertEqual(ack_fields(running.send(adt("MSG1")))["code"], "AA")
+        running.settle()
+        reason = "action send: join expected an array, found WireText (template line 3)"
+        self.assertEqual(states(running), [("FLWONE", "held", 0, reason)])
+        self.assertEqual(running.peer(2601).received, [])
+
+        out = io.StringIO()
+        cli.main(
+            ["--config", str(config), "executions", "list", "--state", "held", "--json"], out=out
+        )
+        (listed,) = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual(
+            (listed["state"], listed["flow_id"], listed["control_id"], listed["reason"]),
+            ("held", "FLWONE", "MSG1", reason),
+        )
+
+        fixed = app(
+            flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
+        )
+        running.database.transaction_now(store.save_app, fixed, running.clock.seconds())
+        running.executor.load(running.database.transaction_now(store.load_apps, None))
+        out = io.StringIO()
+        code = cli.main(
+            [
+                "--config",
+                str(config),
+                "executions",
+                "release",
+                str(listed["id"]),
+                "--reason",
+                "template fixed",
+                "--who",
+                "ops",
+            ],
+            out=out,
+        )
+        self.assertEqual(code, 0)
+        self.assertIn("released", out.getvalue())
+        running.run_until(lambda: len(running.peer(2601).received) == 1, limit=10.0)
+        running.settle()
+        self.assertEqual(states(running), [("FLWONE", "done", 0, "")])
+        self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
+        self.assertEqual(
+            [(row["who"], row["action"], row["reason"]) for row in running.rows(schema.audit)],
+            [("ops", "execution.release", "template fixed")],
+        )
+
+    def test_release_refuses_what_is_not_held(self) -> None:
+        """Only a held execution can be released; a missing one is named."""
+        running = gateway(
+            self,
+            app(
+                flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
+            ),
+        )
+        running.send(adt("MSG1"))
+        running.settle()
+        with self.assertRaises(ValueError) as raised:
+            running.database.transaction_now(executions.release, 1, "ops", "why", 0.0)
+        self.assertEqual(str(raised.exception), "execution 1 is done, not held")
+        with self.assertRaises(LookupError):
+            running.database.transaction_now(executions.release, 99, "ops", "why", 0.0)
+
+
+#: (field separator, encoding characters) of the delimiter sets senders use.
+DELIMITER_SETS = (("|", "^~\\&"), ("^", "~|\\&"), ("#", "!@%*"))
+VERSIONS = (
+    "2.1",
+    "2.2",
+    "2.3",
+    "2.3.1",
+    "2.4",
+    "2.5",
+    "2.5.1",
+    "2.6",
+    "2.7",
+    "2.7.1",
+    "2.8",
+    "2.8.1",
+)
+#: (segment separator, what follows the last segment)
+ENDINGS = (("\r", "\r"), ("\n", "\n"), ("\r\n", "\r\n"), ("\r", ""), ("\r", "\r\r"))
+
+
+def shaped(
+    control_id: str,
+    delimiters: tuple[str, str],
+    version: str,
+    ending: tuple[str, str],
+    charset: tuple[str, str] = ("", "ascii"),
+) -> bytes:
+    """A synthetic ADT^A04 with the given delimiters, version, segment endings and
+    charset (MSH-18 and the encoding; a non-ASCII name when the encoding allows)."""
+    fs, encoding = delimiters
+    cs = encoding[0]
+    msh18, codec = charset
+    name = "Müller" if codec != "ascii" else "Muller"
+    segments = [
+        f"MSH{fs}{encoding}{fs}HIS{fs}Hospital{fs}LSQ{fs}LeadSquared{fs}{SENT_AT}{fs}{fs}"
+        f"ADT{cs}A04{fs}{control_id}{fs}P{fs}{version}"
+        + (f"{fs}{fs}{fs}{fs}{fs}{fs}{msh18}" if msh18 else ""),
+        f"EVN{fs}A04{fs}{SENT_AT}",
+        f"PID{fs}1{fs}{fs}P1{cs}{cs}{cs}H{cs}MR{fs}{fs}{name}{cs}Anna",
+    ]
+    separator, last = ending
+    return (separator.join(segments) + last).encode(codec)
+
+
+def answer_any_delimiters(connection: PeerConnection, payload: bytes) -> None:
+    """AA echoing the MSH-10 of a message with any delimiters and charset."""
+    parsed = parse_header(payload, default_charset="latin-1")
+    assert not isinstance(parsed, HeaderProblem), parsed
+    connection.reply(destination_ack(parsed.control_id))
+
+
+class PassThroughTests(SynchronousTestCase):
+    """``{{ msg }}`` alone forwards the trigger exactly as stored, whatever its
+    delimiters, version, segment endings or charset (issue 11 items 1 and 4)."""
+
+    def passthrough(self) -> FlowGateway:
+        running = gateway(
+            self, app(flow("relay", "ADT^A04", [action("send", 2601, "ADT^A04", "{{ msg }}\n")]))
+        )
+        running.peer(2601).script = answer_any_delimiters
+        return running
+
+    def assert_forwarded(self, running: FlowGateway, messages: list[bytes]) -> None:
+        for message in messages:
+            self.assertEqual(ack_fields(running.send(message))["code"], "AA", message)
+            running.settle()
+        self.assertEqual(running.peer(2601).received, messages)
+        self.assertEqual({row["state"] for row in running.rows(schema.executions)}, {"done"})
+        self.assertEqual(
+            [row["attempts"] for row in running.rows(schema.deliveries)], [1] * len(messages)
+        )
+
+    def test_every_delimiter_set_and_version(self) -> None:
+        """Each delimiter set (|^~\\&, VistA's ^~|\\&, #!@%*) with each version 2.1 to
+        2.8.1: the destination receives the stored bytes, once each."""
+        running = self.passthrough()
+        numbers = itertools.count(1)
+        messages = [
+            shaped(f"M{next(numbers)}", delimiters, version, ("\r", "\r"))
+            for delimiters in DELIMITER_SETS
+            for version in VERSIONS
+        ]
+        self.assert_forwarded(running, messages)
+
+    def test_every_segment_ending(self) -> None:
+        """LF, CRLF, no trailing CR and a blank line at the end, with each delimiter set:
+        forwarded byte-exact (never normalised to CR)."""
+        running = self.passthrough()
+        numbers = itertools.count(1)
+        messages = [
+            shaped(f"M{next(numbers)}", delimiters, "2.5", ending)
+            for delimiters in DELIMITER_SETS
+            for ending in ENDINGS
+        ]
+        self.assert_forwarded(running, messages)
+
+    def test_non_ascii_with_each_charset(self) -> None:
+        """A non-ASCII name with MSH-18 empty (the tenant's 8859/1), 8859/1 and
+        UNICODE UTF-8, with each delimiter set: forwarded byte-exact, and the
+        delivery's control ID is the MSH-10 sent."""
+        running = self.passthrough()
+        numbers = itertools.count(1)
+        messages = [
+            shaped(f"M{next(numbers)}", delimiters, "2.5", ("\r", "\r"), charset)
+            for delimiters in DELIMITER_SETS
+            for charset in (("", "latin-1"), ("8859/1", "latin-1"), ("UNICODE UTF-8", "utf-8"))
+        ]
+        self.assert_forwarded(running, messages)
+        self.assertEqual(
+            [row["control_id"] for row in running.rows(schema.deliveries)],
+            [f"M{n}" for n in range(1, len(messages) + 1)],
+        )
+
+    def test_other_type_than_the_action_is_held(self) -> None:
+        """A pass-through of a trigger whose MSH-9 is not the action's type is held with
+        the reason, never sent."""
+        running = gateway(
+            self, app(flow("relay", "ADT^A04", [action("send", 2601, "ADT^A08", "{{ msg }}")]))
+        )
+        running.send(adt("MSG1"))
+        running.settle()
+        self.assertEqual(
+            states(running),
+            [
+                (
+                    "FLWRELAY",
+                    "held",
+                    0,
+                    "action send: MSH-9 is not ADT^A08, the action's message type",
+                )
+            ],
+        )
+        self.assertEqual(running.peer(2601).received, [])

@@ -928,3 +928,47 @@ class LookupRenderTests(SynchronousTestCase):
         self.patch(templating._Hl7RenderContext, "__init__", spy)
         self.both(HEADER + 'NTE|1||{{ msg["PID-3.1"] }}')
         self.assertEqual(len(built), 1)  # the Liquid half of both() only
+
+
+class TriggerDelimiterTests(SynchronousTestCase):
+    """A template without a literal MSH line renders with the trigger's delimiters, so
+    forwarding a trigger works whatever delimiters it uses (issue 11 item 1)."""
+
+    VISTA = b"MSH^~|\\&^VISTA^500^LSQ^FAC^20240101^^ADT~A04^V1^P^2.4\rPID^1^^P1~~~H~MR^^Doe~Ann\n"
+
+    def render(self, source: str, raw: bytes | None = None) -> bytes:
+        return render_body(
+            compile_template(source),
+            TemplateData(parse_message(self.VISTA)),
+            message_type="ADT^A04",
+            now=lambda: datetime(2024, 1, 1),
+            new_control_id=lambda: "OUT1",
+            default_charset="latin-1",
+            raw=raw,
+        )
+
+    def test_msg_alone_without_the_stored_bytes_is_normalised(self) -> None:
+        """``{{ msg }}`` rendered (no stored bytes given, as ``flows render`` does): the
+        VistA delimiters kept, segments ended by CR."""
+        self.assertEqual(self.render("{{ msg }}"), self.VISTA.replace(b"\n", b"\r"))
+
+    def test_msg_alone_with_the_stored_bytes_is_exact(self) -> None:
+        """``{{ msg }}`` given the stored bytes returns them unchanged (the LF kept)."""
+        self.assertEqual(self.render("{{ msg }}\n", raw=self.VISTA), self.VISTA)
+
+    def test_header_less_template_adds_segments_in_the_trigger_delimiters(self) -> None:
+        """``{{ msg.MSH }}`` then a segment written with the trigger's delimiters."""
+        self.assertEqual(
+            self.render('{{ msg.MSH }}\nZPN^{{ msg["PID-5.1"] }}~{{ msg["PID-5.2"] }}\n'),
+            b"MSH^~|\\&^VISTA^500^LSQ^FAC^20240101^^ADT~A04^V1^P^2.4\rZPN^Doe~Ann\r",
+        )
+
+    def test_a_literal_header_still_declares_the_destination_delimiters(self) -> None:
+        """A template with its own MSH line converts the VistA values to its delimiters."""
+        self.assertEqual(
+            self.render(
+                "MSH|^~\\&|GW|F|R|F|20240101||ADT^A04|{{ control_id }}|P|2.5\n"
+                'PID|1||{{ msg["PID-3"] }}||{{ msg["PID-5"] }}\n'
+            ),
+            b"MSH|^~\\&|GW|F|R|F|20240101||ADT^A04|OUT1|P|2.5\rPID|1||P1^^^H^MR||Doe^Ann\r",
+        )

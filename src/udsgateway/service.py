@@ -170,6 +170,7 @@ class GatewayService(MultiService):
         # deliveries resume, in their original order, ahead of new traffic.
         await self.dispatcher.recover()
         self.executor.wake()
+        self.executor.poll(self.config.delivery.held_poll)
         for tenant in self.config.tenants:
             endpoint = serverFromString(self._reactor, tenant.listen)
             factory: Any = self.factories[tenant.name]
@@ -317,6 +318,7 @@ class GatewayService(MultiService):
         for port in self.ports.values():
             await _maybe(port.stopListening())
         self.ports.clear()
+        self.executor.stop_polling()
         await self.dispatcher.stopService()
         await _maybe(super().stopService())
         if self._threads is not None:

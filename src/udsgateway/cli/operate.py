@@ -1,4 +1,5 @@
-"""Operator commands: the delivery queue (``deliveries``) and the execution logs (``logs``).
+"""Operator commands: the delivery queue (``deliveries``), executions held because
+their action could not be rendered (``executions``) and the execution logs (``logs``).
 
 They work on the store directly, beside a running gateway: a released,
 skipped or replayed delivery is picked up by the gateway within its
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from sqlalchemy import Connection, select
 
-from udsgateway.store import outbox, schema
+from udsgateway.store import executions, outbox, schema
 
 if TYPE_CHECKING:
     from udsgateway.config import GatewayConfig
@@ -176,6 +177,46 @@ def check_status(text: str, known: set[str]) -> str:
     raise ValueError(f"--status: unknown status {text!r} (one of: {words})")
 
 
+def execution_row(row: executions.ExecutionRow) -> dict[str, Any]:
+    """What an operator sees of an execution: never its message's content."""
+    return {
+        "id": row.id,
+        "state": row.state,
+        "flow_id": row.flow_id,
+        "action": row.step,
+        "control_id": row.control_id,
+        "updated": _time(row.updated_at),
+        "reason": row.error,
+    }
+
+
+def cmd_executions_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    from udsgateway.cli.main import open_database, write_rows
+
+    rows = open_database(config).transaction_now(
+        executions.list_executions, tuple(args.state or ()), args.limit
+    )
+    write_rows([execution_row(row) for row in rows], out, args.json)
+    return 0
+
+
+def cmd_executions_release(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    from udsgateway.cli.main import CommandError, open_database
+
+    try:
+        row = open_database(config).transaction_now(
+            executions.release,
+            args.execution_id,
+            args.who or getpass.getuser(),
+            args.reason,
+            time.time(),
+        )
+    except (LookupError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    out.write(f"execution {row.id}: released, now {row.state} (rendered again)\n")
+    return 0
+
+
 def _log_rows(
     connection: Connection,
     flow_id: str | None,
@@ -269,9 +310,9 @@ def add_operator_commands(commands: Any) -> None:
     p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     p.set_defaults(handler=cmd_deliveries_list)
     for name, text in (
-        ("release", "send a held delivery again"),
-        ("skip", "give up on a held delivery (its lane moves on)"),
-        ("replay", "send a delivery again, optionally with an edited payload"),
+        ("release", "send a held or queued (retrying) delivery again now"),
+        ("skip", "give up on a held or queued delivery (its lane moves on)"),
+        ("replay", "send a delivery again before what is queued after it, optionally edited"),
     ):
         p = actions.add_parser(name, help=text)
         p.add_argument("delivery_id", type=int, metavar="ID")
@@ -280,6 +321,32 @@ def add_operator_commands(commands: Any) -> None:
         if name == "replay":
             p.add_argument("--payload", metavar="FILE", help="the edited message to send")
         p.set_defaults(handler=cmd_deliveries_act, command_action=name)
+
+    held = commands.add_parser("executions", help="list executions, release held ones")
+    actions = held.add_subparsers(dest="executions_command", required=True, metavar="ACTION")
+    p = actions.add_parser("list", help="executions, oldest first (never their content)")
+    p.add_argument(
+        "--state",
+        action="append",
+        choices=[
+            executions.PENDING,
+            executions.WAITING,
+            executions.HELD_EXECUTION,
+            executions.DONE,
+            executions.FAILED,
+        ],
+        help="only these states (repeatable)",
+    )
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.set_defaults(handler=cmd_executions_list)
+    p = actions.add_parser(
+        "release", help="render a held execution's action again (after fixing its flow)"
+    )
+    p.add_argument("execution_id", type=int, metavar="ID")
+    p.add_argument("--reason", required=True, help="why (recorded in the audit log)")
+    p.add_argument("--who", default=None, help="operator name (default: your login)")
+    p.set_defaults(handler=cmd_executions_release)
 
     p = commands.add_parser("logs", help="execution logs, newest first (no message content)")
     p.add_argument("--flow", default=None, metavar="FLOW_ID")

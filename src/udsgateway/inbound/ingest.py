@@ -455,8 +455,9 @@ class Ingest:
         for state in states:
             if state.flow_id not in waiting or state.state == "done":
                 continue
-            if state.state == "failed":
-                error = AckError(207, "", f"actions failed: {state.error}"[:200])
+            if state.state in ("failed", "held"):
+                # Held: its action could not be rendered; an operator must act.
+                error = AckError(207, "", f"actions {state.state}: {state.error}"[:200])
                 break
             if self.watch is not None:
                 watches.append(self.watch(state.id, timeout))

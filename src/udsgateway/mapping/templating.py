@@ -61,7 +61,7 @@ from liquid.filter import with_context
 from liquid.limits import to_int
 from liquid.undefined import is_undefined
 
-from udsgateway.hl7.header import Delimiters, hl7_escape
+from udsgateway.hl7.header import Delimiters, HeaderProblem, hl7_escape, parse_header
 from udsgateway.hl7.message import (
     ALL,
     Message,
@@ -777,7 +777,8 @@ class Template:
     """A compiled request-body template.
 
     ``delimiters`` are those its literal MSH line declares (``MSH|^~\\&|``), or the HL7
-    defaults when the template does not start with a literal header.
+    defaults when the template does not start with a literal header; such a template
+    (``{{ msg }}``, say) is rendered with the trigger's own delimiters.
     """
 
     source: str
@@ -785,6 +786,11 @@ class Template:
     _bound: BoundTemplate = field(repr=False, eq=False)
     #: The template as text and lookups, when it is nothing more (see ``_lookups``).
     _lookups: _Lookups | None = field(default=None, repr=False, eq=False)
+    #: The template starts with a literal MSH line of its own.
+    declares_header: bool = True
+    #: The template is ``{{ msg }}`` alone: the trigger's stored bytes are forwarded
+    #: exactly as received (see ``render_body``).
+    passthrough: bool = False
 
 
 @frozen
@@ -810,7 +816,19 @@ def compile_template(source: str) -> Template:
         bound = _ENVIRONMENT.from_string(source)
     except LiquidError as err:
         raise TemplateError(_problem(err, source, detailed=True)) from None
-    return Template(source, _declared_delimiters(source), bound, _lookups(bound))
+    declared = _declared_delimiters(source)
+    return Template(
+        source,
+        declared if declared is not None else Delimiters.DEFAULT,
+        bound,
+        _lookups(bound),
+        declares_header=declared is not None,
+        passthrough=_PASSTHROUGH.fullmatch(source) is not None,
+    )
+
+
+#: ``{{ msg }}`` alone (blank space around it allowed): forward the trigger byte-exact.
+_PASSTHROUGH: Final = re.compile(r"\s*\{\{-?\s*msg\s*-?\}\}\s*")
 
 
 def render_body(
@@ -822,17 +840,32 @@ def render_body(
     new_control_id: Callable[[], str],
     delimiters: DelimiterSet | None = None,
     default_charset: str = "utf-8",
+    raw: bytes | None = None,
 ) -> bytes:
     """Render an outbound message and check it; returns the encoded bytes.
 
-    Lines are joined with CR (template text from TOML uses LF), blank lines dropped and
-    leading spaces/tabs removed (templates may be indented). The result must start with
-    an MSH declaring ``delimiters`` (default: the template's own), carry MSH-9 type^event
-    equal to ``message_type`` (``ADT^A04``) and a non-empty MSH-10. It is encoded by its
-    MSH-18 (``default_charset`` when empty). ``now`` and ``new_control_id`` are called
-    at most once each, and only if the template uses them. Raises ``RenderError``.
+    A pass-through template (``{{ msg }}`` alone) given the trigger's stored bytes
+    ``raw`` returns them unchanged: same delimiters, segment separators (CR, LF or
+    CRLF), blank lines, trailing bytes and charset as received. Its MSH-9 must still
+    be ``message_type`` and its MSH-10 non-empty.
+
+    Any other template: lines are joined with CR (template text from TOML uses LF),
+    blank lines dropped and leading spaces/tabs removed (templates may be indented),
+    and a CR ends the last segment. The result must start with an MSH declaring
+    ``delimiters`` (default: the template's own; the trigger's when the template has
+    no literal MSH line), carry MSH-9 type^event equal to ``message_type``
+    (``ADT^A04``) and a non-empty MSH-10. It is encoded by its MSH-18
+    (``default_charset`` when empty). ``now`` and ``new_control_id`` are called at most
+    once each, and only if the template uses them. Raises ``RenderError``.
     """
-    target = delimiters if delimiters is not None else template.delimiters
+    if template.passthrough and raw is not None:
+        return _passthrough(raw, message_type, default_charset)
+    if delimiters is not None:
+        target = delimiters
+    elif template.declares_header:
+        target = template.delimiters
+    else:
+        target = data.trigger.delimiters
     text = _render(template, data, target, now, new_control_id, detailed=False)
     segments, charset = _body_segments(text, message_type, target, detailed=False)
     return _encode(segments, python_codec(charset) if charset else default_charset)
@@ -869,16 +902,17 @@ def check_template(
         tuple(ActionResponse(name, None) for name in action_names or ()),
         app if app is not None else {},
     )
+    target = template.delimiters if template.declares_header else trigger.delimiters
     try:
         text = _render(
             template,
             data,
-            template.delimiters,
+            target,
             lambda: _CHECK_TIME,
             lambda: _CHECK_CONTROL_ID,
             detailed=True,
         )
-        segments, charset = _body_segments(text, message_type, template.delimiters, detailed=True)
+        segments, charset = _body_segments(text, message_type, target, detailed=True)
         _encode(segments, python_codec(charset) if charset else "utf-8")
     except RenderError as err:
         line = err.line if err.line is not None else _header_line(source)
@@ -1048,7 +1082,8 @@ def _is_render_time(err: LiquidError) -> bool:
     return not isinstance(err, (LiquidSyntaxError, ResourceLimitError, UnknownFilterError))
 
 
-def _declared_delimiters(source: str) -> Delimiters:
+def _declared_delimiters(source: str) -> Delimiters | None:
+    """The delimiters of the template's literal MSH line; None when it has none."""
     for line in _LINE_BREAK.split(source):
         stripped = line.lstrip(" \t")
         if not stripped:
@@ -1057,9 +1092,24 @@ def _declared_delimiters(source: str) -> Delimiters:
             try:
                 return delimiters_from_header(stripped)
             except MessageParseError:
-                pass
+                return Delimiters.DEFAULT
         break
-    return Delimiters.DEFAULT
+    return None
+
+
+def _passthrough(raw: bytes, message_type: str, default_charset: str) -> bytes:
+    """The trigger's stored bytes, checked as any rendered body is, and unchanged."""
+    header = parse_header(raw, default_charset=default_charset)
+    if isinstance(header, HeaderProblem):
+        raise RenderError(f"the trigger's header is unreadable: {header.diagnostic}")
+    expected = message_type.split("^")[:2]
+    # A v2.1-style MSH-9 without an event still forwards as the action's type.
+    event = expected[1] if len(expected) > 1 else ""
+    if header.message_code != expected[0] or header.trigger_event not in (event, ""):
+        raise RenderError(f"MSH-9 is not {'^'.join(expected)}, the action's message type")
+    if not header.control_id:
+        raise RenderError("MSH-10 (message control ID) is empty")
+    return raw
 
 
 def _header_line(source: str) -> int:

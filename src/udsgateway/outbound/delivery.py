@@ -346,6 +346,9 @@ class Lane:
     #: The head's next attempt on the timer clock, when this lane chose it; a
     #: stored next_attempt_at (wall clock) is only a hint after a restart.
     _retry: tuple[int, float] | None = None
+    #: An operator acted on this lane in the store: read it again from its first
+    #: open delivery before sending anything else (a replay goes first).
+    _rewind: bool = False
     state: str = "idle"
     running: Deferred[None] | None = None
 
@@ -356,6 +359,28 @@ class Lane:
             sleeping, self._sleeping = self._sleeping, None
             sleeping.cancel()
 
+    def rewind(self) -> None:
+        """An operator released, skipped or replayed a delivery of this lane: read the
+        lane again from the store before the next send, and stop any wait now."""
+        self._rewind = True
+        self._dirty = True
+        if self._sleeping is not None:
+            sleeping, self._sleeping = self._sleeping, None
+            sleeping.cancel()
+
+    def saw_first_open(self, first_id: int) -> None:
+        """The store's first open delivery of this lane is ``first_id`` (a sweep): if
+        that is not the head this lane is working on, an operator acted behind it."""
+        head = self._page[0].id if self._page else self._loaded_up_to + 1
+        if first_id < head or (self._page and first_id != head):
+            self.rewind()
+
+    def retrying_head(self) -> Delivery | None:
+        """The head this lane has tried and will try again, if any."""
+        if self._page and self._page[0].state == QUEUED and self._page[0].attempts > 0:
+            return self._page[0]
+        return None
+
     def stop(self) -> None:
         self._stopped = True
         if self._sleeping is not None:
@@ -365,6 +390,10 @@ class Lane:
     async def run(self) -> None:
         dispatcher = self._dispatcher
         while not self._stopped:
+            if self._rewind:
+                self._rewind = False
+                await self._reload_from(1)
+                self._retry = None
             if not self._page:
                 if self._complete and not self._dirty:
                     # The last page held every open delivery and nothing was
@@ -588,7 +617,9 @@ class Dispatcher(Service):
         """
         try:
             self.queued = await self.database.transaction(outbox.queued_per_destination)
-            self._rescan = True
+            # A scan even when every lane slot is taken: running lanes learn of
+            # operators' actions behind them (a replay, a skipped head).
+            await self._scan()
             await self._fill()
         except Exception:
             log.failure("delivery sweep failed; it runs again")
@@ -636,7 +667,7 @@ class Dispatcher(Service):
         """An operator released, skipped or replayed a delivery of this lane."""
         running = self.lanes.get(lane)
         if running is not None:
-            running.wake()
+            running.rewind()
         else:
             self._rescan = True
             Deferred.fromCoroutine(self._fill())
@@ -664,15 +695,33 @@ class Dispatcher(Service):
     async def _scan(self) -> None:
         self._rescan = False
         found = await self.database.transaction(outbox.lanes_with_work)
-        room = self.max_waiting_lanes
+        room = self.max_waiting_lanes - len(self._waiting)
         for work in found:
-            if work.lane in self.lanes or work.lane in self._waiting:
+            running = self.lanes.get(work.lane)
+            if running is not None:
+                running.saw_first_open(work.first_id)
+                continue
+            if work.lane in self._waiting:
                 continue
             if room <= 0:
                 self._rescan = True
                 break
             self._waiting[work.lane] = (work.destination, work.protocol)
             room -= 1
+        # A retrying head released or replayed in the store (its attempts reset) is
+        # read again by its lane now, not after its backoff.
+        heads = {
+            lane.name: head
+            for lane in self.lanes.values()
+            if (head := lane.retrying_head()) is not None
+        }
+        if heads:
+            stored = await self.database.transaction(
+                outbox.attempts_of, [head.id for head in heads.values()]
+            )
+            for name, head in heads.items():
+                if stored.get(head.id, head.attempts) < head.attempts and name in self.lanes:
+                    self.lanes[name].rewind()
 
     def timing_for(self, endpoint: str, policy: Mapping[str, Any]) -> Timing:
         """The timing of a delivery: its action's values, stored in its policy."""

@@ -4,8 +4,10 @@ Pending executions are taken in arrival order; for each, the next action's
 body is rendered from the trigger message (parsed here, once, only because a
 flow needs its fields), the earlier actions' responses and the app's
 variables, then enqueued to the delivery engine in the same commit that
-moves the execution on. A template error fails that execution with the
-reason; other executions and flows go on.
+moves the execution on. An action that cannot be rendered holds that
+execution with the reason (its message was acknowledged: an operator sees it,
+fixes the flow and releases it, which renders it again); other executions and
+flows go on.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from attrs import define, field
 from sqlalchemy import Connection
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from udsgateway.clock import Wall, wall_of
@@ -87,6 +90,9 @@ class Executor:
     after_enqueue: Callable[[], None] | None = None
     rendered: int = 0
     failed: int = 0
+    #: Executions held because their action could not be rendered.
+    held: int = 0
+    _poller: LoopingCall | None = None
     #: The last look at pending executions filled a whole batch: the executor is
     #: behind, and new messages' first actions are not rendered before their commit
     #: (the store could not fold them). True until the first look, at start.
@@ -153,9 +159,11 @@ class Executor:
         except Exception:
             # Unreadable, or a bug: the executor meets it again, and reports it.
             return ()
-        return tuple(self._first_action(tenant, flow_id, trigger) for flow_id in flow_ids)
+        return tuple(self._first_action(tenant, flow_id, trigger, raw) for flow_id in flow_ids)
 
-    def _first_action(self, tenant: str, flow_id: str, trigger: Message) -> NewDelivery | None:
+    def _first_action(
+        self, tenant: str, flow_id: str, trigger: Message, raw: bytes
+    ) -> NewDelivery | None:
         plan = self._plans.get(flow_id)
         if plan is None or not plan.flow.actions:
             return None
@@ -163,7 +171,7 @@ class Executor:
         if isinstance(template, TemplateError):
             return None
         try:
-            return self._delivery(plan, 0, template, tenant, trigger, (), None)
+            return self._delivery(plan, 0, template, tenant, trigger, (), None, raw)
         except Exception:
             # A render error, or a bug: the executor meets it again, and reports it.
             return None
@@ -208,6 +216,23 @@ class Executor:
 
     # -- running
 
+    def poll(self, interval: float) -> None:
+        """Look for pending executions every ``interval`` seconds too: an operator's
+        ``executions release`` from the command line is picked up by this."""
+        if self._poller is not None:
+            return
+        self._poller = LoopingCall(self.wake)
+        self._poller.clock = self.clock
+        self._poller.start(interval, now=False).addErrback(
+            lambda failure: log.failure("executor poll stopped", failure)
+        )
+
+    def stop_polling(self) -> None:
+        """Stop ``poll`` (the service stopping)."""
+        poller, self._poller = self._poller, None
+        if poller is not None and poller.running:
+            poller.stop()
+
     def wake(self) -> None:
         """There may be pending executions: run them (at most one loop at a time)."""
         if self._running:
@@ -234,9 +259,12 @@ class Executor:
                 self._hand_over(enqueued)
                 for transition in transitions:
                     if transition.delivery is None:
-                        self.failed += 1
+                        if transition.hold:
+                            self.held += 1
+                        else:
+                            self.failed += 1
                         self._finished(
-                            Finished(transition.execution_id, executions.FAILED, transition.error)
+                            Finished(transition.execution_id, transition.state, transition.error)
                         )
                 if len(work) < self.batch_size and not self._dirty:
                     return
@@ -254,7 +282,9 @@ class Executor:
                 flow_id=work.flow_id,
                 control_id=work.control_id,
             )
-            return Transition(work.execution_id, error=f"internal error ({type(error).__name__})")
+            return Transition(
+                work.execution_id, error=f"internal error ({type(error).__name__})", hold=True
+            )
 
     def _plan_transition(self, work: PendingWork) -> Transition:
         plan = self._plans.get(work.flow_id)
@@ -265,22 +295,29 @@ class Executor:
         action = plan.flow.actions[work.step]
         template = plan.templates[work.step]
         if isinstance(template, TemplateError):
-            return Transition(work.execution_id, error=f"template: {template.problem}")
+            return Transition(work.execution_id, error=f"template: {template.problem}", hold=True)
         try:
             trigger = self._trigger(work.tenant, work.raw)
             delivery = self._delivery(
-                plan, work.step, template, work.tenant, trigger, work.responses, work.execution_id
+                plan,
+                work.step,
+                template,
+                work.tenant,
+                trigger,
+                work.responses,
+                work.execution_id,
+                work.raw,
             )
         except RenderError as error:
-            log.info(
-                "action {step} of flow {flow_id} failed to render: {reason}"
+            log.warn(
+                "action {step} of flow {flow_id} cannot be rendered, execution held: {reason}"
                 " (control ID {control_id})",
                 step=work.step,
                 flow_id=work.flow_id,
                 reason=error.reason,
                 control_id=work.control_id,
             )
-            return Transition(work.execution_id, error=f"action {action.name}: {error}")
+            return Transition(work.execution_id, error=f"action {action.name}: {error}", hold=True)
         self.rendered += 1
         return Transition(work.execution_id, delivery)
 
@@ -300,6 +337,7 @@ class Executor:
         trigger: Message,
         responses: Sequence[bytes | None],
         execution_id: int | None,
+        raw: bytes,
     ) -> NewDelivery:
         """Action ``step`` of the flow, rendered for ``trigger``; RenderError if it cannot be."""
         action = plan.flow.actions[step]
@@ -320,18 +358,25 @@ class Executor:
             now=self._now,
             new_control_id=self.control_ids.next,
             default_charset=self.charsets.get(tenant, "latin-1"),
+            raw=raw,
         )
         try:
             key_value = trigger.get(action.ordering_key) if action.ordering_key else None
         except PathSyntaxError:
             raise RenderError("ordering_key is not an HL7 path") from None
-        header = parse_header(body, default_charset="utf-8")
+        # The destination's ACK echoes the MSH-10 of the bytes it gets: read it from
+        # those bytes, decoded as they were encoded (their MSH-18, else the tenant's
+        # charset), never from the template's text or with another default.
+        header = parse_header(body, default_charset=self.charsets.get(tenant, "latin-1"))
+        if isinstance(header, HeaderProblem) or not header.control_id:
+            problem = header.diagnostic if isinstance(header, HeaderProblem) else "MSH-10 empty"
+            raise RenderError(f"the rendered message's control ID is unreadable: {problem}")
         endpoint, policy = plan.targets[step]
         return NewDelivery(
             lane=lane_name(plan.flow.flow_id, step, key_value),
             destination=endpoint,
             protocol=action.protocol,
-            control_id=header.control_id if not isinstance(header, HeaderProblem) else "",
+            control_id=header.control_id,
             payload=body,
             policy=policy,
             execution_id=execution_id,

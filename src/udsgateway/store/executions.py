@@ -3,8 +3,16 @@
 An execution is a durable state machine::
 
     pending(step n) --render, enqueue--> waiting(step n) --delivered--> pending(n+1) | done
-         |                                     |
-         +--template error--> failed           +--held--> (stays waiting: the lane is blocked)
+         |       ^                             |
+         |       +--operator release--+        +--held--> (stays waiting: the lane is blocked)
+         |                            |
+         +--cannot render-----------> held (the reason recorded; nothing enqueued)
+         +--the flow is gone--> failed
+
+An execution whose action cannot be rendered (a template error, a trigger the
+template cannot handle) is held, never failed quietly: its message was
+acknowledged, so an operator sees it (``executions list``), fixes the flow and
+releases it (``executions release``), which renders it again.
 
 Every transition commits in one transaction with what caused it: the
 enqueue of the delivery, or the recording of the delivery's outcome. So a
@@ -29,6 +37,8 @@ PENDING = "pending"
 WAITING = "waiting"
 DONE = "done"
 FAILED = "failed"
+#: Cannot render its action: waits for an operator (the same word as a held delivery).
+HELD_EXECUTION = HELD
 FINISHED = (DONE, FAILED)
 
 
@@ -54,7 +64,15 @@ class Transition:
 
     execution_id: int
     delivery: NewDelivery | None = None  # enqueue this and wait for it
-    error: str = ""  # or fail with this reason (no PHI)
+    error: str = ""  # or fail (or hold) with this reason (no PHI)
+    hold: bool = False  # hold for an operator instead of failing
+
+    @property
+    def state(self) -> str:
+        """The execution's new state."""
+        if self.delivery is not None:
+            return WAITING
+        return HELD_EXECUTION if self.hold else FAILED
 
 
 @frozen
@@ -179,7 +197,7 @@ def apply(
         [
             {
                 "id": t.execution_id,
-                "new_state": WAITING if t.delivery is not None else FAILED,
+                "new_state": t.state,
                 "error": "" if t.delivery is not None else t.error[:255],
                 "now": now,
             }
@@ -188,7 +206,7 @@ def apply(
     )
     failed = [t for t in transitions if t.delivery is None]
     if failed:
-        _log(connection, [(t.execution_id, "failed", t.error) for t in failed], now)
+        _log(connection, [(t.execution_id, t.state, t.error) for t in failed], now)
     return list(zip(ids, deliveries, strict=True))
 
 
@@ -294,3 +312,79 @@ def _set_state_statement() -> Any:
 
 
 _SET_STATE = Prepared(_set_state_statement)
+
+
+@frozen
+class ExecutionRow:
+    """What an operator sees of an execution: never its message's content."""
+
+    id: int
+    message_id: int
+    flow_id: str
+    step: int
+    state: str
+    error: str
+    control_id: str
+    updated_at: float
+
+
+def list_executions(
+    connection: Connection,
+    states: Sequence[str] = (),
+    limit: int = 100,
+    execution_id: int | None = None,
+) -> list[ExecutionRow]:
+    """Executions for operators, oldest first (or the one ``execution_id``)."""
+    e, m = schema.executions, schema.messages
+    query = (
+        select(
+            e.c.id,
+            e.c.message_id,
+            e.c.flow_id,
+            e.c.step,
+            e.c.state,
+            e.c.error,
+            m.c.control_id,
+            e.c.updated_at,
+        )
+        .join(m, m.c.id == e.c.message_id)
+        .order_by(e.c.id)
+        .limit(limit)
+    )
+    if states:
+        query = query.where(e.c.state.in_(states))
+    if execution_id is not None:
+        query = query.where(e.c.id == execution_id)
+    return [ExecutionRow(*row) for row in connection.execute(query)]
+
+
+def release(
+    connection: Connection, execution_id: int, who: str, reason: str, now: float
+) -> ExecutionRow:
+    """Make a held execution pending again: the executor renders its action anew
+    (with the flow as it is now). Audited with who and why, never content."""
+    e = schema.executions
+    found = connection.execute(
+        select(e.c.state).where(e.c.id == execution_id)
+    ).scalar_one_or_none()
+    if found is None:
+        raise LookupError(f"no execution {execution_id}")
+    if found != HELD_EXECUTION:
+        raise ValueError(f"execution {execution_id} is {found}, not held")
+    connection.execute(
+        update(e)
+        .where(e.c.id == execution_id, e.c.state == HELD_EXECUTION)
+        .values(state=PENDING, error="", updated_at=now)
+    )
+    _log(connection, [(execution_id, "release", f"release by {who}: {reason}")], now)
+    connection.execute(
+        schema.audit.insert().values(
+            at=now,
+            who=who[:128],
+            action="execution.release",
+            target=f"execution {execution_id}"[:255],
+            reason=reason[:255],
+        )
+    )
+    (row,) = list_executions(connection, execution_id=execution_id)
+    return row

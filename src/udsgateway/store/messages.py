@@ -610,7 +610,9 @@ def prune(connection: Connection, before: float, limit: int) -> int:
     """
     m, e, d, logs = schema.messages, schema.executions, schema.deliveries, schema.logs
     unfinished = (
-        select(e.c.message_id).where(e.c.state.in_(("pending", "waiting"))).scalar_subquery()
+        select(e.c.message_id)
+        .where(e.c.state.in_(("pending", "waiting", "held")))
+        .scalar_subquery()
     )
     # A finished execution may have an open delivery again (an operator replayed it):
     # its message stays until that is delivered, and does not hold back the others.

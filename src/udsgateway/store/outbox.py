@@ -241,6 +241,23 @@ class _Row:
         self.__dict__.update(values)
 
 
+def attempts_of(connection: Connection, delivery_ids: Sequence[int]) -> dict[int, int]:
+    """The stored attempt counts of open deliveries (a lane's retrying heads).
+
+    An operator's release or replay resets the count to 0: a running lane whose head
+    shows fewer attempts in the store than it made reads its lane again.
+    """
+    if not delivery_ids:
+        return {}
+    d = schema.deliveries
+    rows = connection.execute(
+        select(d.c.id, d.c.attempts).where(
+            d.c.id.in_(list(delivery_ids)), d.c.state.in_(OPEN_STATES)
+        )
+    )
+    return {delivery_id: attempts for delivery_id, attempts in rows}
+
+
 def get_delivery(connection: Connection, delivery_id: int) -> Delivery | None:
     """One delivery by id."""
     row = connection.execute(
@@ -273,6 +290,8 @@ def record(
                 "response": item.response,
                 "response_code": item.response_code,
                 "updated_at": now,
+                "skipped": SKIPPED,
+                "previous_attempts": item.attempts - 1,
             }
             for item in settlements
         ],
@@ -286,11 +305,30 @@ def record(
     return after(connection, settled, found) if after is not None else None
 
 
+def _control_id(delivery_id: int, payload: bytes) -> str:
+    """MSH-10 of a payload to send, read as it is encoded (MSH-18, else 8859/1)."""
+    header = parse_header(payload, default_charset="latin-1")
+    if isinstance(header, HeaderProblem):
+        raise ValueError(
+            f"the message of delivery {delivery_id} is not valid HL7: {header.diagnostic}"
+        )
+    if not header.control_id:
+        raise ValueError(f"the message of delivery {delivery_id} has no MSH-10")
+    return header.control_id
+
+
 def _record_statement() -> Any:
     d = schema.deliveries
     return (
         update(d)
-        .where(d.c.id == bindparam("delivery_id"))
+        # An operator's skip, release or replay while an attempt was out stands (the
+        # skip sets its state, the others reset its attempts): that outcome is dropped,
+        # and the lane, finding the head changed, reads its lane again.
+        .where(
+            d.c.id == bindparam("delivery_id"),
+            d.c.state != bindparam("skipped"),
+            d.c.attempts == bindparam("previous_attempts"),
+        )
         .values(
             state=bindparam("new_state"),
             attempts=bindparam("attempts"),
@@ -368,31 +406,31 @@ def operator_action(
     now: float,
     payload: bytes | None = None,
 ) -> Delivery:
-    """Release (send again), skip, or replay (with an edited payload) a held delivery.
+    """Release (send again now), skip, or replay (optionally with an edited payload)
+    a delivery that is stuck: held, or queued and retrying (its head keeps failing).
 
-    Recorded in the audit log with who and why, never the content.
+    Release and skip work on held and queued deliveries; replay on any (a delivered
+    or skipped one goes back to its place in its lane: before everything queued
+    after it). A delivery is never left queued without a control ID: one stored
+    empty (by an older version) is read again from the payload, and an edited
+    payload must carry one. Recorded in the execution log (with the state it was
+    in) and the audit log with who and why, never the content.
     """
     d = schema.deliveries
     current = get_delivery(connection, delivery_id)
     if current is None:
         raise LookupError(f"no delivery {delivery_id}")
-    if action in ("release", "skip") and current.state != HELD:
-        raise ValueError(f"delivery {delivery_id} is {current.state}, not held")
-    if action == "replay" and current.state not in (HELD, DELIVERED, SKIPPED):
-        raise ValueError(f"delivery {delivery_id} is {current.state}: it is still queued")
+    if action in ("release", "skip") and current.state not in OPEN_STATES:
+        raise ValueError(f"delivery {delivery_id} is {current.state}, not held or queued")
     values: dict[str, Any] = {"updated_at": now, "last_error": ""}
-    if action == "release":
+    if action in ("release", "replay"):
         values.update(state=QUEUED, attempts=0, next_attempt_at=0.0)
+        sent = payload if payload is not None else current.payload
+        if payload is not None or not current.control_id:
+            # The destination's ACK must echo the MSH-10 that is actually sent.
+            values.update(payload=sent, control_id=_control_id(delivery_id, sent))
     elif action == "skip":
         values.update(state=SKIPPED, last_error=f"skipped by {who}"[:255])
-    elif action == "replay":
-        values.update(state=QUEUED, attempts=0, next_attempt_at=0.0)
-        if payload is not None:
-            header = parse_header(payload, default_charset="latin-1")
-            if isinstance(header, HeaderProblem):
-                raise ValueError(f"the edited message is not valid HL7: {header.diagnostic}")
-            # The destination's ACK must echo the MSH-10 that is actually sent.
-            values.update(payload=payload, control_id=header.control_id)
     else:
         raise ValueError(f"unknown action {action!r}")
     connection.execute(update(d).where(d.c.id == delivery_id).values(**values))
@@ -414,7 +452,7 @@ def operator_action(
             step=current.step,
             event="operator",
             outcome=action,
-            reason=f"{action} by {who}: {reason}"[:255],
+            reason=f"{action} of a {current.state} delivery by {who}: {reason}"[:255],
         )
     )
     connection.execute(

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from udsgateway.config import TenantConfig
 from udsgateway.flows import Action, App, Flow, Trigger
 from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
@@ -170,7 +171,16 @@ class FlowGateway:
                 for step in one.actions:
                     self.outbound.peer(step.endpoint, step.protocol)
 
-        self.executor = Executor(self.database, dispatcher, self.clock, ControlIdSource("OUT"))
+        self.executor = Executor(
+            self.database,
+            dispatcher,
+            self.clock,
+            ControlIdSource("OUT"),
+            # The tenant's codec for messages without MSH-18, as the service wires it.
+            charsets={
+                self.tenant.name: codec_for(self.tenant.default_charset, "latin-1") or "latin-1"
+            },
+        )
         dispatcher.after_record = self.executor.after_record
         dispatcher.on_recorded = self.executor.on_recorded
         self.executor.load(loaded)
