@@ -523,6 +523,24 @@ class TimeoutTests(GatewayTestCase):
         self.assertTrue(connection.closed)
         self.assertEqual(gateway.factory.stats.idle_timeouts, 1)
 
+    def test_slowloris_between_frames_frees_the_slot(self) -> None:
+        """A byte now and then between frames does not hold a connection slot past the idle timeout."""
+        gateway = Gateway(
+            tenant=tenant(limits=Limits(idle_timeout=30, max_connections_per_peer=1))
+        )
+        connection = gateway.connect(host="10.0.0.7", port=1)
+        connection.send(mllp(hl7("SLOW")))
+        self.assertEqual(one_reply(connection).code, "AA")
+        for _ in range(5):
+            gateway.clock.advance(5)
+            connection.send(b"\r")
+        self.assertTrue(refused(gateway, "10.0.0.7", 2))
+        gateway.clock.advance(5 + TICK)
+        self.assertTrue(connection.closed)
+        self.assertEqual(gateway.factory.stats.idle_timeouts, 1)
+        hang_up(connection)
+        self.assertFalse(refused(gateway, "10.0.0.7", 3))
+
     def test_idle_timeout_without_any_byte(self) -> None:
         """A connection that never sends a byte is closed at the idle timeout."""
         gateway = Gateway(tenant=tenant(limits=Limits(idle_timeout=30)))

@@ -109,13 +109,29 @@ class FramedServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self._limits.idle_timeout)
         if self._framer is None:
             data = self._detect_framing(data)
             if self._framer is None:
-                return
-        self._feed(self._framer.feed(data))
+                return  # no frame start yet: not activity (the idle timeout is absolute)
+        was_open = self._framer.frame_open
+        commit_acks = self._framer.stats.commit_acks  # frames the framer swallows
+        events = self._framer.feed(data)
+        if (
+            was_open
+            or events
+            or self._framer.frame_open
+            or self._framer.stats.commit_acks != commit_acks
+        ):
+            # Only bytes of a frame are activity; a frame's own time is bounded
+            # by the absolute frame timeout. Junk between frames (a byte now and
+            # then, slowloris) does not keep the connection open.
+            self._touch()
+        self._feed(events)
+
+    def _touch(self) -> None:
+        """A frame started, continued or ended: restart the idle timeout."""
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._limits.idle_timeout)
 
     def readConnectionLost(self) -> None:
         """The sender half-closed: a plain TCP message ends at end of stream.
