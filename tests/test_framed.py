@@ -164,7 +164,7 @@ class FramedServerTests(SynchronousTestCase):
         self.assertEqual(protocol.events, ["idle timeout"])
 
     def test_bytes_before_detection_are_not_activity(self) -> None:
-        """Slowloris before any frame: bytes that start no frame do not restart the idle timeout."""
+        """Slowloris before any frame: bytes that start no frame do not restart the idle wait."""
         protocol, transport, clock = self.connect()
         for _ in range(9):
             clock.advance(LIMITS.idle_timeout / 10)

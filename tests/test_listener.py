@@ -524,7 +524,7 @@ class TimeoutTests(GatewayTestCase):
         self.assertEqual(gateway.factory.stats.idle_timeouts, 1)
 
     def test_slowloris_between_frames_frees_the_slot(self) -> None:
-        """A byte now and then between frames does not hold a connection slot past the idle timeout."""
+        """A byte now and then between frames does not hold a slot past the idle timeout."""
         gateway = Gateway(
             tenant=tenant(limits=Limits(idle_timeout=30, max_connections_per_peer=1))
         )
