@@ -58,6 +58,13 @@ class Limits:
     max_connections_per_peer: int = 8
     max_pending_frames: int = 32
     detect_limit: int = 4096
+    #: Bytes per second one peer address may send that are not (yet) part of a
+    #: complete frame: junk, partial frames, drained oversized frames. Past it
+    #: the address's connections stop being read until the budget refills.
+    peer_bytes_per_second: int = 1 * MIB
+    #: Frames one connection gets answered in one reactor turn before it
+    #: yields to the others.
+    frames_per_turn: int = 16
 
 
 @frozen
