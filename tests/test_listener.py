@@ -899,3 +899,13 @@ class PeerLimitTests(GatewayTestCase):
         self.assertEqual(replies[-1].control_id, f"R{count - 1}")
         self.assertFalse(connection.closed)
         self.assertEqual([e for e in self.events if e.get("log_failure")], [])
+
+    def test_budgets_kept_are_bounded(self) -> None:
+        """Many addresses that each spent their budget and left: the budgets kept stay bounded."""
+        limits = Limits(peer_bytes_per_second=100, max_frame_size=100, max_connections=4)
+        gateway = Gateway(tenant=tenant(limits=limits))
+        for n in range(200):
+            connection = gateway.connect(host=f"10.1.{n // 250}.{n % 250}")
+            connection.send(b"\x00" * 150)
+            hang_up(connection)
+        self.assertLessEqual(len(gateway.factory._budgets), 2 * limits.max_connections)

@@ -355,10 +355,16 @@ class ListenerFactory(Factory):
         """
         budget = self._budgets.get(peer)
         if budget is None:
-            if len(self._budgets) >= 2 * self.tenant.limits.max_connections:
-                for other in [p for p, b in self._budgets.items() if p not in self._per_peer]:
+            bound = 2 * self.tenant.limits.max_connections
+            if len(self._budgets) >= bound:
+                idle = [p for p in self._budgets if p not in self._per_peer]
+                for other in idle:
                     if self._budgets[other].full:
                         del self._budgets[other]
+                for other in idle:  # still too many: forget the oldest unconnected ones
+                    if len(self._budgets) < bound:
+                        break
+                    self._budgets.pop(other, None)
             limits = self.tenant.limits
             budget = ByteBudget(
                 self.clock,
