@@ -137,3 +137,49 @@ class FramedServerTests(SynchronousTestCase):
         self.assertEqual(len(clock.getDelayedCalls()), 3)
         protocol.connectionLost()
         self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_junk_between_frames_does_not_extend_the_idle_timeout(self) -> None:
+        """Slowloris between frames: a byte now and then outside a frame is not activity."""
+        protocol, transport, clock = self.connect()
+        protocol.dataReceived(b"\x0b" + MSH + b"1\x1c\r")
+        for _ in range(9):
+            clock.advance(LIMITS.idle_timeout / 10)
+            protocol.dataReceived(b"x")
+        self.assertFalse(transport.disconnecting)
+        clock.advance(LIMITS.idle_timeout / 10)
+        self.assertEqual(protocol.events, ["idle timeout"])
+        self.assertTrue(transport.disconnecting)
+
+    def test_plain_tcp_junk_between_messages_is_not_activity(self) -> None:
+        """Plain TCP: after a message ended, bytes that are not ``MSH`` do not restart the wait."""
+        protocol, transport, clock = self.connect()
+        protocol.dataReceived(MSH + b"1\r")
+        clock.advance(LIMITS.idle_gap)
+        self.assertEqual(transport.value(), b"%d;" % (len(MSH) + 2))
+        for junk in (b"M", b"S", b"\r\n", b"x", b"MS", b"\x00"):
+            clock.advance(LIMITS.idle_timeout / 7)
+            protocol.dataReceived(junk)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(LIMITS.idle_timeout / 7)
+        self.assertEqual(protocol.events, ["idle timeout"])
+
+    def test_bytes_before_detection_are_not_activity(self) -> None:
+        """Slowloris before any frame: bytes that start no frame do not restart the idle wait."""
+        protocol, transport, clock = self.connect()
+        for _ in range(9):
+            clock.advance(LIMITS.idle_timeout / 10)
+            protocol.dataReceived(b"\r")
+        self.assertFalse(transport.disconnecting)
+        clock.advance(LIMITS.idle_timeout / 10)
+        self.assertEqual(protocol.events, ["idle timeout"])
+
+    def test_a_frame_start_is_activity(self) -> None:
+        """A frame that starts after junk restarts the idle timeout, as before."""
+        protocol, transport, clock = self.connect()
+        clock.advance(LIMITS.idle_timeout - 1)
+        protocol.dataReceived(b"junk\x0b" + MSH)
+        clock.advance(LIMITS.frame_timeout / 2)
+        protocol.dataReceived(b"1\x1c\r")
+        clock.advance(LIMITS.idle_timeout - 1)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.value(), b"%d;" % (len(MSH) + 1))

@@ -523,6 +523,24 @@ class TimeoutTests(GatewayTestCase):
         self.assertTrue(connection.closed)
         self.assertEqual(gateway.factory.stats.idle_timeouts, 1)
 
+    def test_slowloris_between_frames_frees_the_slot(self) -> None:
+        """A byte now and then between frames does not hold a slot past the idle timeout."""
+        gateway = Gateway(
+            tenant=tenant(limits=Limits(idle_timeout=30, max_connections_per_peer=1))
+        )
+        connection = gateway.connect(host="10.0.0.7", port=1)
+        connection.send(mllp(hl7("SLOW")))
+        self.assertEqual(one_reply(connection).code, "AA")
+        for _ in range(5):
+            gateway.clock.advance(5)
+            connection.send(b"\r")
+        self.assertTrue(refused(gateway, "10.0.0.7", 2))
+        gateway.clock.advance(5 + TICK)
+        self.assertTrue(connection.closed)
+        self.assertEqual(gateway.factory.stats.idle_timeouts, 1)
+        hang_up(connection)
+        self.assertFalse(refused(gateway, "10.0.0.7", 3))
+
     def test_idle_timeout_without_any_byte(self) -> None:
         """A connection that never sends a byte is closed at the idle timeout."""
         gateway = Gateway(tenant=tenant(limits=Limits(idle_timeout=30)))
@@ -784,3 +802,110 @@ class NotHL7Tests(GatewayTestCase):
         # The same peer can still open its full share of connections.
         for port in range(gateway.tenant.limits.max_connections_per_peer):
             gateway.connect(port=port)
+
+
+class PeerLimitTests(GatewayTestCase):
+    """What one peer address can take: connections, bytes outside frames, frames per turn."""
+
+    def test_default_eight_connections_per_address(self) -> None:
+        """By default an address gets 8 connections; a ninth is refused, others are not."""
+        gateway = Gateway()
+        self.assertEqual(gateway.tenant.limits.max_connections_per_peer, 8)
+        for port in range(8):
+            gateway.connect(host="10.0.0.1", port=port)
+        self.assertTrue(refused(gateway, "10.0.0.1", 99))
+        self.assertFalse(refused(gateway, "10.0.0.2", 99))
+
+    def test_dual_stack_spelling_is_the_same_address(self) -> None:
+        """An IPv4 peer seen as ``::ffff:a.b.c.d`` on a dual-stack socket shares its cap."""
+        gateway = Gateway(tenant=tenant(limits=Limits(max_connections_per_peer=2)))
+        gateway.connect(host="10.0.0.1", port=1)
+        mapped = gateway.factory.buildProtocol(IPv6Address("TCP", "::ffff:10.0.0.1", 2))
+        self.assertIsNotNone(mapped)
+        self.assertTrue(refused(gateway, "10.0.0.1", 3))
+
+    def test_junk_past_the_byte_budget_pauses_the_address(self) -> None:
+        """Past the address's budget, bytes that make no frame stop the reading of each of its
+        connections that reads, until the budget refills; another address is not affected."""
+        limits = Limits(peer_bytes_per_second=1000, max_frame_size=1000)
+        gateway = Gateway(tenant=tenant(limits=limits))
+        first = gateway.connect(host="10.0.0.1", port=1)
+        second = gateway.connect(host="10.0.0.1", port=2)
+        other = gateway.connect(host="10.0.0.2", port=1)
+        first.send(b"\x0b" + b"x" * 900)  # a partial frame: charged
+        self.assertEqual(first.transport.producerState, "producing")
+        second.send(b"\x00" * 300)  # junk before detection, same address: over budget
+        self.assertEqual(second.transport.producerState, "paused")
+        self.assertEqual(gateway.factory.stats.budget_pauses, 1)
+        other.send(b"\x00" * 300)
+        self.assertEqual(other.transport.producerState, "producing")
+        first.send(b"x")
+        self.assertEqual(first.transport.producerState, "paused")
+        gateway.clock.advance(0.25)  # 202 bytes overdrawn at 1000 bytes/s
+        self.assertEqual(first.transport.producerState, "producing")
+        self.assertEqual(second.transport.producerState, "producing")
+
+    def test_complete_frames_are_not_limited(self) -> None:
+        """The bytes of complete frames are given back: a fast sender of frames never pauses."""
+        message = mllp(hl7("FAST"))
+        limits = Limits(peer_bytes_per_second=len(message), max_frame_size=len(message))
+        gateway = Gateway(tenant=tenant(limits=limits))
+        connection = gateway.connect(host="10.0.0.1")
+        for _ in range(20):
+            connection.send(message)
+            self.assertEqual(one_reply(connection).code, "AA")
+        self.assertEqual(connection.transport.producerState, "producing")
+        self.assertEqual(gateway.factory.stats.budget_pauses, 0)
+
+    def test_reconnecting_does_not_refill_the_budget(self) -> None:
+        """An address that spent its budget and reconnects is still over it."""
+        limits = Limits(peer_bytes_per_second=1000, max_frame_size=1000)
+        gateway = Gateway(tenant=tenant(limits=limits))
+        connection = gateway.connect(host="10.0.0.1", port=1)
+        connection.send(b"\x0b" + b"x" * 1500)
+        self.assertEqual(connection.transport.producerState, "paused")
+        hang_up(connection)
+        again = gateway.connect(host="10.0.0.1", port=2)
+        again.send(b"\x00")
+        self.assertEqual(again.transport.producerState, "paused")
+
+    def test_frames_per_turn_yields_to_the_reactor(self) -> None:
+        """Frames answered at once are answered ``frames_per_turn`` at a time, one turn
+        each, in order; the rest follow on the next turns."""
+        gateway = Gateway(tenant=tenant(limits=Limits(frames_per_turn=4)))
+        connection = gateway.connect()
+        # MSH-12 not accepted: answered AR at once, with no database work.
+        frames = b"".join(mllp(hl7(f"V{n:02}", version="9.9")) for n in range(10))
+        connection.send(frames)
+        self.assertEqual(
+            [r.control_id for r in mllp_replies(connection.received())],
+            ["V00", "V01", "V02", "V03"],
+        )
+        gateway.clock.advance(0)
+        gateway.clock.advance(0)
+        replies = mllp_replies(connection.received())
+        self.assertEqual([r.control_id for r in replies], [f"V{n:02}" for n in range(4, 10)])
+        self.assertEqual({r.code for r in replies}, {"AR"})
+        self.assertEqual(gateway.factory.stats.turn_yields, 2)
+
+    def test_many_frames_answered_at_once_do_not_nest(self) -> None:
+        """Thousands of frames answered at once in one chunk: no recursion, every one answered."""
+        gateway = Gateway(tenant=tenant(limits=Limits(frames_per_turn=100_000)))
+        connection = gateway.connect()
+        count = 3000
+        connection.send(b"".join(mllp(hl7(f"R{n}", version="9.9")) for n in range(count)))
+        replies = mllp_replies(connection.received())
+        self.assertEqual(len(replies), count)
+        self.assertEqual(replies[-1].control_id, f"R{count - 1}")
+        self.assertFalse(connection.closed)
+        self.assertEqual([e for e in self.events if e.get("log_failure")], [])
+
+    def test_budgets_kept_are_bounded(self) -> None:
+        """Many addresses that each spent their budget and left: the budgets kept stay bounded."""
+        limits = Limits(peer_bytes_per_second=100, max_frame_size=100, max_connections=4)
+        gateway = Gateway(tenant=tenant(limits=limits))
+        for n in range(200):
+            connection = gateway.connect(host=f"10.1.{n // 250}.{n % 250}")
+            connection.send(b"\x00" * 150)
+            hang_up(connection)
+        self.assertLessEqual(len(gateway.factory._budgets), 2 * limits.max_connections)

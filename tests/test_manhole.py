@@ -9,10 +9,11 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.conch.ssh import keys
 from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import endpoints
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from udsgateway.config import ConfigError, parse_config
+from udsgateway.config import ConfigError, loopback_endpoint_problem, parse_config
 from udsgateway.inbound.routing import RoutingTable
 from udsgateway.manhole import manhole_service, namespace
 from udsgateway.testing import Gateway, demo_app
@@ -123,3 +124,90 @@ telnet = "tcp:port=2223:interface=127.0.0.1"
             sorted(row[4] for row in flows),
             ["ADT^A04", "ADT^A08", "SIU^S12", "SIU^S14", "SIU^S15"],
         )
+
+
+class LoopbackEndpointTests(SynchronousTestCase):
+    """The manhole's bind check reads an endpoint string as Twisted does."""
+
+    def assert_refused(self, endpoint: str) -> None:
+        self.assertNotEqual(loopback_endpoint_problem(endpoint), "", endpoint)
+
+    def test_loopback_forms_are_accepted(self) -> None:
+        """Loopback binds in every spelling Twisted accepts, and unix sockets, pass."""
+        for endpoint in [
+            "tcp:port=2222:interface=127.0.0.1",
+            "tcp:2222:interface=127.0.0.1",
+            "tcp:2222:127.0.0.1",
+            "tcp:interface=127.0.0.5:port=2222",
+            "tcp:port=2222:interface=0.0.0.0:interface=127.0.0.1",
+            r"tcp6:port=2222:interface=\:\:1",
+            r"tcp6:2222:interface=\:\:1",
+            "ssl:port=2222:privateKey=k.pem:interface=127.0.0.1",
+            "unix:/run/udsgateway/manhole.sock",
+            "unix:address=/run/manhole.sock:mode=600",
+        ]:
+            self.assertEqual(loopback_endpoint_problem(endpoint), "", endpoint)
+
+    def test_bypass_shapes_are_refused(self) -> None:
+        """Every string that would bind beyond loopback, or that Twisted would not parse, fails."""
+        for endpoint in [
+            # the last repeated key wins in Twisted
+            "tcp:port=2222:interface=127.0.0.1:interface=0.0.0.0",
+            "tcp:port=2222:interface=127.0.0.1:interface=",
+            # a positional interface
+            "tcp:2222:0.0.0.0",
+            "tcp:2222:interface=0.0.0.0",
+            # no interface: all interfaces
+            "tcp:port=2222",
+            "tcp:2222",
+            "2222",
+            "tcp6:port=2222",
+            r"tcp6:port=2222:interface=\:\:",
+            "tcp6:port=2222:interface=::1",  # unescaped: the value is "" (all interfaces)
+            r"tcp6:port=2222:interface=\:\:ffff\:0.0.0.0",
+            # escapes that hide the key or the value
+            r"tcp:port=2222:interface\=127.0.0.1",
+            r"tcp:port=2222:interface=127.0.0.1\:0.0.0.0",
+            r"tcp:port=2222:interface=127.0.0.1\\",
+            "tcp:port=2222:interface=127.0.0.1\\",
+            # names and lookalikes the resolver or inet_aton would widen
+            "tcp:port=2222:interface=localhost",
+            "tcp:port=2222:interface=127.1",
+            "tcp:port=2222:interface= 127.0.0.1",
+            "tcp:port=2222:interface=10.0.0.1",
+            # ssl: keyword and positional
+            "ssl:port=2222:privateKey=k.pem:interface=0.0.0.0",
+            "ssl:port=2222:privateKey=k.pem",
+            "ssl:2222:k.pem:c.pem:SSLv23_METHOD:0.0.0.0",
+            # types we cannot check
+            "TCP:port=2222:interface=127.0.0.1",
+            "systemd:domain=INET:index=0",
+            "tor:port=2222",
+            "",
+            # what Twisted itself refuses
+            "tcp:port=2222:interface=127.0.0.1:bogus=1",
+            "tcp:2222:port=2222:interface=127.0.0.1",
+        ]:
+            self.assert_refused(endpoint)
+
+    def test_repeated_interface_is_refused_by_config(self) -> None:
+        """The configuration applies the same check: a later interface=0.0.0.0 is refused."""
+        text = """
+[manhole]
+enabled = true
+ssh = "tcp:port=2222:interface=127.0.0.1:interface=0.0.0.0"
+authorized_keys = "keys"
+"""
+        with self.assertRaises(ConfigError) as raised:
+            parse_config(text, "/tmp/gateway.toml")
+        self.assertIn("'0.0.0.0'", str(raised.exception))
+
+    def test_check_agrees_with_twisted(self) -> None:
+        """The interface the check reads is the one Twisted's own parser would bind."""
+        for endpoint, expected in [
+            ("tcp:port=2222:interface=127.0.0.1:interface=0.0.0.0", "0.0.0.0"),
+            ("tcp:2222:127.0.0.1", "127.0.0.1"),
+        ]:
+            parsed: Any = endpoints._parseServer(endpoint, None)
+            self.assertEqual(parsed[2]["interface"], expected)
+            self.assertEqual(loopback_endpoint_problem(endpoint) == "", expected == "127.0.0.1")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,13 @@ class Limits:
     max_connections_per_peer: int = 8
     max_pending_frames: int = 32
     detect_limit: int = 4096
+    #: Bytes per second one peer address may send that are not (yet) part of a
+    #: complete frame: junk, partial frames, drained oversized frames. Past it
+    #: the address's connections stop being read until the budget refills.
+    peer_bytes_per_second: int = 1 * MIB
+    #: Frames one connection gets answered in one reactor turn before it
+    #: yields to the others.
+    frames_per_turn: int = 16
 
 
 @frozen
@@ -298,19 +306,84 @@ def _read_manhole(reader: TableReader, table: dict[str, Any], base_dir: Path) ->
         reader.problem("telnet_passwd", "required when the telnet manhole is enabled")
     for key in ("ssh", "telnet"):
         endpoint = getattr(config, key)
-        if config.enabled and endpoint and not _loopback_endpoint(endpoint):
-            reader.problem(key, "the manhole listens on loopback only (interface=127.0.0.1)")
+        problem = loopback_endpoint_problem(endpoint) if config.enabled and endpoint else ""
+        if problem:
+            reader.problem(
+                key, f"the manhole listens on loopback only (interface=127.0.0.1): {problem}"
+            )
     return config
 
 
-def _loopback_endpoint(endpoint: str) -> bool:
-    for part in endpoint.split(":"):
-        if part.startswith("interface="):
-            try:
-                return ipaddress.ip_address(part.split("=", 1)[1].replace("\\", "")).is_loopback
-            except ValueError:
-                return False
-    return False
+def _tcp_bind(port: str, interface: str = "", backlog: str = "50") -> str:
+    return interface
+
+
+def _tcp6_bind(port: str, backlog: str = "50", interface: str = "::") -> str:
+    return interface
+
+
+def _ssl_bind(
+    port: str,
+    privateKey: str = "",  # noqa: N803 (Twisted's parameter names: a keyword binds by name)
+    certKey: str = "",  # noqa: N803
+    sslmethod: str = "",
+    interface: str = "",
+    backlog: str = "50",
+    extraCertChain: str = "",  # noqa: N803
+    dhParameters: str = "",  # noqa: N803
+) -> str:
+    return interface
+
+
+def _unix_bind(address: str, mode: str = "666", backlog: str = "50", lockfile: str = "1") -> str:
+    return ""
+
+
+# The signatures of Twisted's own server parsers (endpoints._parseTCP, _parseSSL,
+# _parseUNIX, _TCP6ServerParser._parseServer): binding a parsed string to them
+# finds the interface exactly as Twisted does, positional or keyword.
+_BIND_PARSERS: dict[str, Callable[..., str]] = {
+    "tcp": _tcp_bind,
+    "tcp6": _tcp6_bind,
+    "ssl": _ssl_bind,
+    "unix": _unix_bind,
+}
+
+
+def loopback_endpoint_problem(endpoint: str) -> str:
+    """Why a server endpoint string would listen beyond loopback; "" when it stays local.
+
+    The string is split by Twisted's own tokenizer (backslash escapes, the
+    last of a repeated key wins, as ``serverFromString`` does), then bound to
+    the signature of the endpoint type's parser, so a positional interface
+    (``tcp:2222:0.0.0.0``) is read too. Accepted: ``tcp``, ``tcp6`` and ``ssl``
+    on a loopback address, and ``unix`` sockets (not reachable from the
+    network). Everything else (no interface, a host name, another endpoint
+    type, a string Twisted cannot parse) is refused.
+    """
+    from twisted.internet.endpoints import _parse
+
+    try:
+        args, kwargs = _parse(endpoint)
+    except Exception:  # a trailing backslash ends the tokenizer with RuntimeError
+        return "cannot be parsed as an endpoint string"
+    kind = args[0] if args else ""
+    parser = _BIND_PARSERS.get(kind)
+    if parser is None:
+        return f"endpoint type {kind!r} is not one of tcp, tcp6, ssl, unix"
+    try:
+        interface = parser(*args[1:], **kwargs)
+    except TypeError:
+        return "cannot be parsed as a listening endpoint"
+    if kind == "unix":
+        return ""
+    try:
+        local = ipaddress.ip_address(interface).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        return f"binds interface {interface!r}, not a loopback address"
+    return ""
 
 
 def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:

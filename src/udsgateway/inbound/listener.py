@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from udsgateway.config import TenantConfig
 from udsgateway.inbound.ingest import Answer, ApplicationAck, Ingest
-from udsgateway.wire.framed import ConnectionLimits, FramedServerProtocol
+from udsgateway.wire.framed import ByteBudget, ConnectionLimits, FramedServerProtocol, failure_site
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
 
 log = Logger()
@@ -84,6 +84,12 @@ class ListenerStats:
     handshake_timeouts: int = 0
     overflows: int = 0
     dropped_bytes: int = 0
+    #: Times a connection stopped being read because its address was over its byte budget.
+    budget_pauses: int = 0
+    #: Times a connection yielded to the others after ``frames_per_turn`` answers.
+    turn_yields: int = 0
+    #: Input that made the listener's code fail; the connection was aborted.
+    input_errors: int = 0
     mllp_connections: int = 0
     tcp_connections: int = 0
 
@@ -97,8 +103,11 @@ class InboundProtocol(FramedServerProtocol):
         self._factory = factory
         self._tenant = factory.tenant
         self._peer = peer
-        self._paused = False
         self._handshake_timer: IDelayedCall | None = None
+        self._budget = factory.budget(peer)
+        #: ``_pump`` is running (an answer that comes at once must not nest a second one).
+        self._pumping = False
+        self._next_turn: IDelayedCall | None = None
 
     # -- Twisted callbacks
 
@@ -127,8 +136,9 @@ class InboundProtocol(FramedServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
+        for timer in (self._handshake_timer, self._next_turn):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self._framer is not None:
             self._factory.stats.dropped_bytes += self._framer.stats.dropped_bytes
         self._factory.connection_closed(self._peer)
@@ -172,9 +182,21 @@ class InboundProtocol(FramedServerProtocol):
         )
 
     def _on_queued(self) -> None:
-        if len(self._queue) >= self._tenant.limits.max_pending_frames and not self._paused:
-            self._paused = True
-            self._transport.pauseProducing()
+        if len(self._queue) >= self._tenant.limits.max_pending_frames:
+            self._pause_reading("backpressure")
+
+    def _on_budget_exceeded(self) -> None:
+        self._factory.stats.budget_pauses += 1
+
+    def _on_error(self, error: Exception) -> None:
+        self._factory.stats.input_errors += 1
+        log.warn(
+            "input handling failed ({error}, at {site}): connection aborted",
+            error=type(error).__name__,
+            site=failure_site(error),
+            peer=self._peer,
+            tenant=self._tenant.name,
+        )
 
     def _on_frame_timeout(self) -> None:
         self._factory.stats.frame_timeouts += 1
@@ -186,7 +208,35 @@ class InboundProtocol(FramedServerProtocol):
     # -- answering, in order
 
     def _pump(self) -> None:
-        while not self._busy and self._queue:
+        if self._pumping:
+            return  # an answer came at once, inside the loop below: it goes on from there
+        self._pumping = True
+        try:
+            self._pump_turn()
+        except Exception as error:
+            self._on_error(error)
+            self._busy = False
+            self._close(abort=True)
+        finally:
+            self._pumping = False
+        if len(self._queue) < self._tenant.limits.max_pending_frames // 2 + 1:
+            self._resume_reading("backpressure")
+        if (self._closing or self._read_closed) and not self._busy and not self._queue:
+            self._transport.loseConnection()
+
+    def _pump_turn(self) -> None:
+        """Answer queued frames in order; after ``frames_per_turn`` yield to the reactor.
+
+        Frames answered at once (a NAK needs no database) would otherwise let
+        one connection with a long queue keep the reactor from every other.
+        """
+        handled = 0
+        while not self._busy and self._queue and self._next_turn is None:
+            if handled >= self._tenant.limits.frames_per_turn:
+                self._factory.stats.turn_yields += 1
+                self._next_turn = self._clock.callLater(0, self._turn)
+                return
+            handled += 1
             event = self._queue.popleft()
             if isinstance(event, OversizedFrame):
                 self._answer(self._factory.ingest.oversized(event.head, event.size))
@@ -195,12 +245,10 @@ class InboundProtocol(FramedServerProtocol):
             self._busy = True
             done = self._factory.ingest.handle(event.payload, self._peer, self._connection_type)
             done.addCallbacks(self._answered, self._failed)
-        if self._paused and len(self._queue) < self._tenant.limits.max_pending_frames // 2 + 1:
-            self._paused = False
-            if not self._closing and not self._read_closed:
-                self._transport.resumeProducing()
-        if (self._closing or self._read_closed) and not self._busy and not self._queue:
-            self._transport.loseConnection()
+
+    def _turn(self) -> None:
+        self._next_turn = None
+        self._pump()
 
     def _answered(self, answer: Answer) -> None:
         self._answer(answer)
@@ -224,10 +272,20 @@ class InboundProtocol(FramedServerProtocol):
 
     def _failed(self, failure: Failure) -> None:
         # Ingest answers every frame itself; reaching here is a bug. Close
-        # rather than answer wrongly: the sender resends, G3 handles it.
-        log.failure("inbound pipeline failed", failure, peer=self._peer)
+        # rather than answer wrongly: the sender resends, G3 handles it. One
+        # line with the error's type and place: its message may hold content.
+        self._factory.stats.input_errors += 1
+        error = failure.value
+        log.error(
+            "inbound pipeline failed ({error}, at {site}): connection closed",
+            error=type(error).__name__,
+            site=failure_site(error) if isinstance(error, BaseException) else "?",
+            peer=self._peer,
+            tenant=self._tenant.name,
+        )
         self._busy = False
         self._close()
+        self._pump()
 
     def _answer(self, answer: Answer) -> None:
         if self._framer is None or self.transport is None:
@@ -249,6 +307,8 @@ class ListenerFactory(Factory):
     clock: IReactorTime
     stats: ListenerStats = field(factory=ListenerStats)
     _per_peer: dict[str, int] = field(factory=dict)
+    #: Byte budgets of peer addresses: kept while connected or not yet refilled.
+    _budgets: dict[str, ByteBudget] = field(factory=dict)
     not_hl7_log: RateLimit = field(init=False)
     _refusal_log: RateLimit = field(init=False)
     connection_limits: ConnectionLimits = field(init=False)
@@ -265,7 +325,7 @@ class ListenerFactory(Factory):
         )
 
     def buildProtocol(self, addr: IAddress | None) -> InboundProtocol | None:
-        peer = getattr(addr, "host", str(addr))
+        peer = peer_address(getattr(addr, "host", str(addr)))
         reason = self._refusal(peer)
         if reason:
             # Returning None closes the connection before any byte is read.
@@ -300,6 +360,45 @@ class ListenerFactory(Factory):
             self._per_peer[peer] = left
         else:
             self._per_peer.pop(peer, None)
+
+    def budget(self, peer: str) -> ByteBudget:
+        """The byte budget of one peer address, shared by all its connections.
+
+        It outlives the address's connections until it has refilled, so
+        reconnecting does not buy a fresh budget; budgets that are full and
+        unused are dropped, which bounds how many are kept.
+        """
+        budget = self._budgets.get(peer)
+        if budget is None:
+            bound = 2 * self.tenant.limits.max_connections
+            if len(self._budgets) >= bound:
+                idle = [p for p in self._budgets if p not in self._per_peer]
+                for other in idle:
+                    if self._budgets[other].full:
+                        del self._budgets[other]
+                for other in idle:  # still too many: forget the oldest unconnected ones
+                    if len(self._budgets) < bound:
+                        break
+                    self._budgets.pop(other, None)
+            limits = self.tenant.limits
+            budget = ByteBudget(
+                self.clock,
+                rate=limits.peer_bytes_per_second,
+                capacity=max(limits.peer_bytes_per_second, limits.max_frame_size),
+            )
+            self._budgets[peer] = budget
+        return budget
+
+
+def peer_address(host: str) -> str:
+    """One key per peer address: an IPv4 peer on a dual-stack socket counts as itself."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 def _allowed(peer: str, tenant: TenantConfig) -> bool:

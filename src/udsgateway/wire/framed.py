@@ -15,15 +15,76 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from attrs import frozen
+from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from udsgateway.wire.framing import Frame, FrameEvent, FrameOverflow, IFramer, OversizedFrame
 
 START_BYTE = b"\x0b"
+
+log = Logger()
+
+#: The shortest pause of a connection over its address's byte budget, in seconds.
+_MIN_BUDGET_WAIT = 0.005
+
+
+def failure_site(error: BaseException) -> str:
+    """``file:line`` where an exception was raised: enough to find a bug, never data (PHI)."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    if traceback is None:
+        return "?"
+    code = traceback.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{traceback.tb_lineno}"
+
+
+@define
+class ByteBudget:
+    """A token bucket of bytes for one peer address, shared by its connections.
+
+    Charged with every byte read and refunded with the bytes of each complete
+    frame, so what it limits is the bytes that do not (yet) make a frame:
+    junk, partial frames, drained oversized frames. A sender of complete
+    frames is never slowed by it.
+    """
+
+    _clock: IReactorTime
+    rate: float
+    capacity: float
+    _tokens: float = field(init=False)
+    _stamp: float = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._tokens = self.capacity
+        self._stamp = self._clock.seconds()
+
+    def _refill(self) -> None:
+        now = self._clock.seconds()
+        self._tokens = min(self.capacity, self._tokens + max(0.0, now - self._stamp) * self.rate)
+        self._stamp = now
+
+    def charge(self, size: int) -> None:
+        self._refill()
+        self._tokens -= size
+
+    def refund(self, size: int) -> None:
+        self._refill()
+        self._tokens = min(self.capacity, self._tokens + size)
+
+    @property
+    def full(self) -> bool:
+        self._refill()
+        return self._tokens >= self.capacity
+
+    def wait(self) -> float:
+        """Seconds until the budget is no longer overdrawn (0: read on)."""
+        self._refill()
+        return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
 @frozen
@@ -64,6 +125,11 @@ class FramedServerProtocol(Protocol):
         self._idle_timer: IDelayedCall | None = None
         self._frame_timer: IDelayedCall | None = None
         self._gap_timer: IDelayedCall | None = None
+        #: The peer address's byte budget; None: not limited.
+        self._budget: ByteBudget | None = None
+        self._budget_timer: IDelayedCall | None = None
+        #: Why reading is paused ("backpressure", "budget"); read on when empty.
+        self._pause_reasons: set[str] = set()
 
     @property
     def connection_type(self) -> str:
@@ -98,6 +164,14 @@ class FramedServerProtocol(Protocol):
     def _on_idle_timeout(self) -> None:
         """Nothing was read within the idle timeout (closed next)."""
 
+    def _on_error(self, error: Exception) -> None:
+        """Input made the connection's code fail (it is aborted next): log one line."""
+        log.warn(
+            "input handling failed ({error}, at {site}): connection aborted",
+            error=type(error).__name__,
+            site=failure_site(error),
+        )
+
     def _pump(self) -> None:
         """Answer queued frames, one at a time, in order."""
         raise NotImplementedError
@@ -110,13 +184,79 @@ class FramedServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._idle_timer is not None and self._idle_timer.active():
-            self._idle_timer.reset(self._limits.idle_timeout)
+        try:
+            self._data_received(data)
+        except Exception as error:
+            # A bug reached by some input: handled here, one line, never the bytes.
+            self._on_error(error)
+            self._close(abort=True)
+
+    def _data_received(self, data: bytes) -> None:
+        if self._budget is not None:
+            self._budget.charge(len(data))
         if self._framer is None:
             data = self._detect_framing(data)
-            if self._framer is None:
-                return
-        self._feed(self._framer.feed(data))
+        if self._framer is not None:
+            was_open = self._framer.frame_open
+            commit_acks = self._framer.stats.commit_acks  # frames the framer swallows
+            events = self._framer.feed(data)
+            if (
+                was_open
+                or events
+                or self._framer.frame_open
+                or self._framer.stats.commit_acks != commit_acks
+            ):
+                # Only bytes of a frame are activity; a frame's own time is bounded
+                # by the absolute frame timeout. Junk between frames (a byte now and
+                # then, slowloris) does not keep the connection open.
+                self._touch()
+            self._feed(events)
+        # else: no frame start yet, not activity (the idle timeout is absolute)
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        """Past the peer's byte budget: stop reading until it refills."""
+        if self._budget is None or self._closing or self._budget_timer is not None:
+            return
+        wait = self._budget.wait()
+        if wait > 0:
+            self._on_budget_exceeded()
+            self._pause_reading("budget")
+            # At least a few ms: a wait below the clock's resolution would fire
+            # at once, again and again.
+            self._budget_timer = self._clock.callLater(
+                max(wait, _MIN_BUDGET_WAIT), self._budget_refilled
+            )
+
+    def _budget_refilled(self) -> None:
+        self._budget_timer = None
+        self._resume_reading("budget")
+        self._check_budget()  # another connection of the peer may have spent it again
+
+    def _on_budget_exceeded(self) -> None:
+        """The peer address went past its byte budget (reading pauses next)."""
+
+    def _pause_reading(self, reason: str) -> None:
+        if not self._pause_reasons and not self._closing and self.transport is not None:
+            self._transport.pauseProducing()
+        self._pause_reasons.add(reason)
+
+    def _resume_reading(self, reason: str) -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if (
+            not self._pause_reasons
+            and not self._closing
+            and not self._read_closed
+            and self.transport is not None
+        ):
+            self._transport.resumeProducing()
+
+    def _touch(self) -> None:
+        """A frame started, continued or ended: restart the idle timeout."""
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self._limits.idle_timeout)
 
     def readConnectionLost(self) -> None:
         """The sender half-closed: a plain TCP message ends at end of stream.
@@ -135,7 +275,7 @@ class FramedServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closing = True
         self._queue.clear()
-        for timer in (self._idle_timer, self._frame_timer, self._gap_timer):
+        for timer in (self._idle_timer, self._frame_timer, self._gap_timer, self._budget_timer):
             if timer is not None and timer.active():
                 timer.cancel()
 
@@ -167,6 +307,8 @@ class FramedServerProtocol(Protocol):
                 self._on_overflow(event.size)
                 self._close(abort=True)
                 return
+            if self._budget is not None and isinstance(event, Frame):
+                self._budget.refund(len(event.payload))
             self._queue.append(event)
         self._watch_frame_timer(bool(events))
         if self._connection_type == "tcp":
