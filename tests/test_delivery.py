@@ -342,6 +342,96 @@ class ConnectionRefusedTests(DeliveryTestCase):
         self.assertEqual(sorted(peer.received_ids()), ["W0", "W1", "W2"])
 
 
+class ReconnectTests(DeliveryTestCase):
+    """RELIABILITY.md: the partner closes the connection after every ACK; connect on demand."""
+
+    def test_close_after_every_ack_reconnects_at_once(self) -> None:
+        """A receiver that closes the connection after each ACK is not failing:
+        the next message goes on a new connection at once (no backoff), one
+        connection per message. (The close reaches the gateway only after it
+        wrote the next message on the old connection: that copy is never
+        answered and goes again at once, see the next test.)"""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+
+        def ack_and_close(connection: PeerConnection, payload: bytes) -> None:
+            connection.reply(destination_ack(control_id_of(payload)), delay=0.0)
+            rig.clock.callLater(0, connection.hang_up)
+
+        peer.script = ack_and_close
+        log = schedule_log(rig.clock)
+        rig.start()
+        rig.enqueue("lane-close", DEST, ids("C", 20))
+        done = rig.run_until(all_delivered(rig))
+        self.assertEqual(done, 0.0, "no wait between the connections")
+        sleeps = [delay for _at, delay, what in log if what == "Deferred.callback"]
+        self.assertEqual(sleeps, [], "no lane backed off")
+        acked = [ack.split(b"\rMSA|AA|")[1].split(b"\r")[0].decode() for ack in peer.delivered]
+        self.assertEqual(acked, ids("C", 20), "one ACK per message reached the gateway")
+        self.assertEqual(len(peer.connections), 20)
+
+    def test_close_seen_only_after_the_next_message_resends_at_once(self) -> None:
+        """When the receiver's close after an ACK reaches the gateway only after
+        it wrote the next message on that connection (unread), the message is
+        sent again at once on a new connection: no backoff, nothing lost."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        firsts: list[str] = []
+
+        def ack_then_close_late(connection: PeerConnection, payload: bytes) -> None:
+            if len(connection.received) > 1:
+                return  # it stopped reading after its ACK
+            firsts.append(control_id_of(payload))
+            connection.reply(destination_ack(control_id_of(payload)), delay=0.0)
+            rig.clock.callLater(0.05, connection.hang_up)
+
+        peer.script = ack_then_close_late
+        rig.start()
+        rig.enqueue("lane-late-close", DEST, ids("L", 10))
+        done = rig.run_until(all_delivered(rig))
+        self.assertEqual(firsts, ids("L", 10))
+        self.assertLessEqual(done, 10 * 0.05 + TICK, "no backoff anywhere")
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_idle_destination_is_not_reconnected(self) -> None:
+        """After the last message, a destination that closes the connection is
+        left alone: no connect while nothing is queued, one as soon as work comes."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        rig.start()
+        rig.enqueue("lane-idle", DEST, ["I1"])
+        rig.run_until(all_delivered(rig))
+        peer.current.hang_up()
+        rig.clock.advance(0)
+        attempts = peer.attempts
+        for _ in range(10):
+            rig.clock.advance(3_600)
+        self.assertEqual(peer.attempts, attempts)
+        rig.enqueue("lane-idle", DEST, ["I2"])
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(peer.attempts, attempts + 1)
+
+    def test_partner_back_after_an_outage_drains_at_once(self) -> None:
+        """Lanes waiting for a destination that refused connections go as soon
+        as one of them connects again, not each at the end of its own backoff:
+        three lanes to a destination down for ten minutes all drain within one
+        reconnect backoff after it is back."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        peer.accepting = False
+        rig.start()
+        for n in range(3):
+            rig.enqueue(f"lane-back-{n}", DEST, [f"B{n}"])
+        rig.run_until(lambda: rig.clock.seconds() >= 600)
+        back = rig.clock.seconds()
+        peer.accepting = True
+        first = rig.run_until(lambda: len(peer.received) >= 1)
+        done = rig.run_until(all_delivered(rig))
+        self.assertEqual(done, first, "the others went with the first good connect")
+        self.assertLessEqual(first - back, rig.timing.backoff_max * 1.1)
+        self.assertEqual(sorted(peer.received_ids()), ["B0", "B1", "B2"])
+
+
 class NoReplyTests(DeliveryTestCase):
     """RELIABILITY.md: a destination accepts but never ACKs."""
 
