@@ -11,6 +11,7 @@ stalled while others keep flowing".
 from __future__ import annotations
 
 import gc
+import itertools
 import random
 import tracemalloc
 from collections.abc import Callable
@@ -307,7 +308,7 @@ class ConnectionRefusedTests(DeliveryTestCase):
         self.assertTrue(all(delay <= timing.backoff_max * 1.1 for delay in sleeps))
         # Reconnects follow the same documented policy: backoff_initial x 2^(n-1)
         # plus 0-10 %, capped (not Twisted's default of twice that plus 0-1 s).
-        gaps = [later - earlier for earlier, later in zip(connects, connects[1:])]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(connects)]
         self.assertEqual(len(connects), peer.attempts)
         for failures, gap in enumerate(gaps, start=1):
             expected = min(timing.backoff_initial * 2 ** (failures - 1), timing.backoff_max)
@@ -923,6 +924,7 @@ class RecoveryTests(DeliveryTestCase):
         self.assertEqual(peer.received_ids(), ["D1", "D2"])
         self.assertEqual(states(rig), [("D1", DELIVERED), ("D2", DELIVERED)])
         self.assertEqual(self.flushLoggedErrors(), [])
+
 
 class BackpressureTests(DeliveryTestCase):
     """is_full: the per-destination queue cap that makes ingest NAK (207)."""
