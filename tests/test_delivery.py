@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from twisted.application.service import IService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -40,8 +40,9 @@ from udsgateway.delivery import (
     Timing,
     _DestinationFactory,
 )
+from udsgateway.flows import Action
 from udsgateway.framing import IFramer, MLLPFramer
-from udsgateway.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery
+from udsgateway.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery, Settlement
 from udsgateway.testing import (
     DestinationPeer,
     Outbound,
@@ -1246,6 +1247,41 @@ class StopTests(DeliveryTestCase):
         rig = Outbound()
         rig.stop()
         self.assertEqual(rig.clock.getDelayedCalls(), [])
+
+
+class RecordTests(DeliveryTestCase):
+    """Outcomes committed in one group: each lane gets its own."""
+
+    def test_every_lane_of_a_group_gets_its_own_outcome(self) -> None:
+        """Two outcomes committed in one group: each record() fires with its own
+        settlement (before: the first got the group's result, the second None),
+        and what the commit unlocked goes to on_recorded exactly once, even when
+        the first lane stopped waiting for it."""
+        rig = self.outbound()
+        unlocked: list[Any] = []
+        rig.dispatcher.after_record = lambda _connection, settled, _found: (
+            "advanced",
+            len(settled),
+        )
+        rig.dispatcher.on_recorded = unlocked.append
+        rig.dispatcher._committer.clock = rig.clock  # group what arrives in one turn
+        first_id, second_id = rig.enqueue("lane-g1", DEST, ["G1", "G2"], notify=False)
+        first = Settlement(first_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA", control_id="G1")
+        second = Settlement(second_id, HELD, 1, 0.0, "AR", b"MSH|", "AR", control_id="G2")
+        waiting_first = rig.dispatcher.record(first)
+        waiting_second = rig.dispatcher.record(second)
+        waiting_first.cancel()  # its lane was stopped meanwhile
+        self.failureResultOf(waiting_first, CancelledError)
+        rig.clock.advance(0)
+        self.assertEqual(rig.dispatcher._committer.groups, 1)
+        self.assertEqual(self.successResultOf(waiting_second), second)
+        self.assertEqual(unlocked, [("advanced", 2)])
+        self.assertEqual(states(rig), [("G1", DELIVERED), ("G2", HELD)])
+
+    def test_one_source_of_policy_defaults(self) -> None:
+        """The policy a delivery falls back to is the one an action gets by default."""
+        action = Action("a", "lab.example", 2575, "ADT^A04", "{{ msg }}")
+        self.assertEqual(DEFAULT_POLICY, {**action.policy, "max_retries": action.max_retries})
 
 
 class TimingTests(SynchronousTestCase):

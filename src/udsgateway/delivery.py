@@ -38,6 +38,7 @@ from udsgateway import outbox
 from udsgateway.ack import parse_reply
 from udsgateway.clock import Wall, wall_of
 from udsgateway.db import Database, GroupCommitter
+from udsgateway.flows import DEFAULT_DECISIONS, DEFAULT_MAX_RETRIES
 from udsgateway.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 from udsgateway.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
 from udsgateway.store import Origin
@@ -47,15 +48,8 @@ log = Logger()
 _Judged = TypeVar("_Judged")
 
 SUCCESS, RETRY, HOLD = "success", "retry", "hold"
-DEFAULT_POLICY: dict[str, Any] = {
-    "AA": SUCCESS,
-    "CA": SUCCESS,
-    "AE": RETRY,
-    "CE": RETRY,
-    "AR": HOLD,
-    "CR": HOLD,
-    "max_retries": 3,
-}
+#: What a delivery's stored policy falls back to: the defaults of flows.py.
+DEFAULT_POLICY: dict[str, Any] = {**DEFAULT_DECISIONS, "max_retries": DEFAULT_MAX_RETRIES}
 
 
 #: Policy keys that carry an action's timing with each of its deliveries.
@@ -387,7 +381,7 @@ def judge(delivery: Delivery, reply_bytes: bytes, now: float, nak_retries: int) 
     attempts = delivery.attempts + 1
     if decision == SUCCESS:
         return Settlement(delivery.id, DELIVERED, attempts, 0.0, "", reply_bytes, reply.ack_code)
-    if decision == RETRY and nak_retries < int(policy.get("max_retries", 3)):
+    if decision == RETRY and nak_retries < int(policy["max_retries"]):
         return Settlement(
             delivery.id,
             QUEUED,
