@@ -1,6 +1,6 @@
 """Tests for udsgateway.delivery: destinations, lanes and the dispatcher.
 
-The real dispatcher, lanes, destination protocol and ``ClientService`` run on
+The real dispatcher, lanes, destinations and destination protocol run on
 an in-memory SQLite store, a synchronous database runner and a ``task.Clock``;
 endpoints are in-memory ``DestinationPeer``s scripted per test
 (``udsgateway.testing.Outbound``). No sockets, no threads, no sleeps. Each
@@ -323,9 +323,9 @@ class ConnectionRefusedTests(DeliveryTestCase):
         self.assertEqual(rig.dispatcher.lanes, {}, "the drained lane went idle")
 
     def test_refused_with_lanes_waiting_their_turn(self) -> None:
-        """Lanes to one refusing destination take turns: a failed connect wakes
-        the next lane outside the ClientService's state machine, so no lane
-        dies on a re-entrant call; each keeps backing off and retrying."""
+        """Lanes to one refusing destination take turns: a failed connect hands
+        the turn to the next lane on a later clock turn, so no lane dies on a
+        re-entrant call; each keeps backing off and retrying."""
         rig = self.outbound()
         peer = rig.peer(DEST)
         peer.accepting = False

@@ -1,8 +1,9 @@
 """The outbound delivery engine: destinations, lanes and the dispatcher.
 
 * A **destination** is one endpoint (``tcp:`` or ``tls:``) spoken to over MLLP
-  or plain TCP through a Twisted ``ClientService`` (reconnect with capped
-  exponential backoff). One message is in flight per connection; an ACK
+  or plain TCP, on a connection made on demand (when a lane has work) and
+  kept; a close after a complete exchange is no failure, a failed connect
+  starts the documented backoff. One message is in flight per connection; an ACK
   counts only when its MSA-2 equals the MSH-10 sent. On a response timeout
   or a garbled, MSA-less or mismatched reply the connection is closed, so a
   late ACK can never be matched to the next message.
@@ -13,7 +14,8 @@
 * The **dispatcher** recovers lanes from the store at start (before anything
   is sent), runs a bounded number of them at once, and records every
   outcome through a group committer, together with whatever the outcome
-  unlocks (the next action of an execution) in the same transaction.
+  unlocks (the next action of an execution) in the same transaction. A lane
+  whose outcome cannot be committed sends nothing until it is.
 """
 
 from __future__ import annotations
