@@ -266,7 +266,8 @@ def _relay_to_canned(total: int, close_after_ack: bool) -> float:
         try:
             _wait_port(GATEWAY_PORT, gateway, 30)
             started = time.monotonic()
-            result = _load(gateway, 2, total // 2, timeout=30.0)
+            # No settle time: the clock stops at the receiver's last ACK.
+            result = _load(gateway, 2, total // 2, timeout=30.0, settle=0.0)
             receiver.wait(600)
             elapsed = time.monotonic() - started
         finally:
