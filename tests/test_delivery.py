@@ -1278,6 +1278,21 @@ class RecordTests(DeliveryTestCase):
         self.assertEqual(unlocked, [("advanced", 2)])
         self.assertEqual(states(rig), [("G1", DELIVERED), ("G2", HELD)])
 
+    def test_a_failing_on_recorded_does_not_record_again(self) -> None:
+        """When handling a committed group fails (a bug in on_recorded), the error
+        is logged and the lane still gets its outcome: it never commits it again."""
+        rig = self.outbound()
+
+        def broken(_group: Any) -> None:
+            raise RuntimeError("bug")
+
+        rig.dispatcher.after_record = lambda _connection, _settled, _found: "advanced"
+        rig.dispatcher.on_recorded = broken
+        [delivery_id] = rig.enqueue("lane-g2", DEST, ["G3"], notify=False)
+        settlement = Settlement(delivery_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA")
+        self.assertEqual(self.successResultOf(rig.dispatcher.record(settlement)), settlement)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_one_source_of_policy_defaults(self) -> None:
         """The policy a delivery falls back to is the one an action gets by default."""
         action = Action("a", "lab.example", 2575, "ADT^A04", "{{ msg }}")

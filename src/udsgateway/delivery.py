@@ -235,6 +235,7 @@ class Destination:
     _turns: deque[Deferred[None]] = field(factory=deque)
     _connect_failures: int = 0
     _reconnect_at: float = 0.0
+    _connect_error: str = ""
     last_error: str = ""
     sent: int = 0
     connects: int = 0
@@ -319,7 +320,7 @@ class Destination:
             raise DeliveryError("destination stopped")
         wait = self._reconnect_at - self._clock.seconds()
         if wait > 0:
-            raise ConnectError(self.last_error)
+            raise ConnectError(self._connect_error)
         connecting = self._client.connect(
             _DestinationFactory(self.protocol, self._clock, self.timing)
         )
@@ -342,7 +343,7 @@ class Destination:
             self._connect_failures += 1
             delay = self.timing.backoff(self._connect_failures, self.rng)
             self._reconnect_at = self._clock.seconds() + delay
-            self.last_error = reason
+            self._connect_error = reason
             raise ConnectError(reason)
         assert isinstance(protocol, DestinationProtocol)
         if self._client is None:
@@ -915,7 +916,11 @@ class Dispatcher(Service):
 
     def _recorded(self, recorded: _Recorded) -> Settlement:
         if recorded.group is not None and self.on_recorded is not None:
-            self.on_recorded(recorded.group)
+            try:
+                self.on_recorded(recorded.group)
+            except Exception:
+                # The outcome is committed: the lane must not commit it again.
+                log.failure("handling a recorded group of outcomes failed")
         return recorded.settlement
 
     def _record_batch(
