@@ -231,7 +231,8 @@ class Destination:
     _current: DestinationProtocol | None = None
     _connecting: Deferred[Any] | None = None
     _busy: bool = False
-    _handing_over: IDelayedCall | None = None
+    _handing_over: bool = False
+    _again: bool = False
     _turns: deque[Deferred[None]] = field(factory=deque)
     _connect_failures: int = 0
     _reconnect_at: float = 0.0
@@ -254,9 +255,6 @@ class Destination:
         for turn in self._turns:
             turn.cancel()
         self._turns.clear()
-        if self._handing_over is not None and self._handing_over.active():
-            self._handing_over.cancel()
-        self._handing_over = None
         if self._connecting is not None:
             self._connecting.cancel()
         self.drop()
@@ -289,22 +287,29 @@ class Destination:
         return turn
 
     def _pass_turn(self) -> None:
-        # Handed over on a later turn of the clock, never from here: the next
-        # lane may fail at once (no connection) and pass the turn on in turn,
-        # and a chain of calls would grow with the number of lanes waiting.
-        if self._turns and self._client is not None:
-            self._handing_over = self._clock.callLater(0, self._hand_over)
-        else:
-            self._busy = False
+        """Give the connection to the next lane waiting, in a loop, never by recursion.
 
-    def _hand_over(self) -> None:
-        self._handing_over = None
-        while self._turns:
-            turn = self._turns.popleft()
-            if not turn.called:  # not cancelled (a stopped lane)
-                turn.callback(None)
-                return
-        self._busy = False
+        The next lane may fail at once (no connection) and pass the turn on
+        from within this call: that only tells the loop below to go on, so
+        no chain of calls grows with the number of lanes waiting.
+        """
+        if self._handing_over:
+            self._again = True
+            return
+        self._handing_over = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                while self._turns and self._client is not None:
+                    turn = self._turns.popleft()
+                    if not turn.called:  # not cancelled (a stopped lane)
+                        turn.callback(None)  # runs that lane until it waits
+                        break
+                else:
+                    self._busy = False
+        finally:
+            self._handing_over = False
 
     async def _exchange(self, payload: bytes) -> bytes:
         protocol = await self._connection()
