@@ -324,8 +324,8 @@ class ConnectionRefusedTests(DeliveryTestCase):
 
     def test_refused_with_lanes_waiting_their_turn(self) -> None:
         """Lanes to one refusing destination take turns: a failed connect hands
-        the turn to the next lane on a later clock turn, so no lane dies on a
-        re-entrant call; each keeps backing off and retrying."""
+        the turn to the next lane without re-entering anything, so no lane dies
+        on a re-entrant call; each keeps backing off and retrying."""
         rig = self.outbound()
         peer = rig.peer(DEST)
         peer.accepting = False
@@ -1086,7 +1086,7 @@ class ManyLanesTests(DeliveryTestCase):
         """400 lanes over two destinations (seeded, randomized): messages are
         enqueued at every moment while each destination switches between
         answering AA, closing after each ACK, accepting and closing at once,
-        refusing, and answering garbage. Turns pass through the clock, so no
+        refusing, and answering garbage. Turns are handed over in a loop, so no
         chain of calls grows with the number of lanes: no RecursionError, no
         error logged at all. In the end every message is delivered, in order
         per lane (repeats only back to back), and every lane goes idle."""
