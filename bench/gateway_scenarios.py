@@ -237,6 +237,73 @@ def run_relay(quick: bool) -> dict[str, object]:
     }
 
 
+CANNED_ACK = Path(__file__).resolve().parent / "refservers" / "canned_ack.py"
+
+
+def _relay_to_canned(total: int, close_after_ack: bool) -> float:
+    """Relay ``total`` messages to the canned-ACK receiver; messages/s until its last ACK."""
+    with tempfile.TemporaryDirectory(prefix="bench-closing-") as name:
+        folder = Path(name)
+        flows = folder / "flows.toml"
+        flows.write_text(relay_flows(RECEIVER_PORT))
+        log = open(folder / "receiver.log", "wb")  # noqa: SIM115 - closed with the process
+        receiver = subprocess.Popen(
+            [
+                sys.executable,
+                str(CANNED_ACK),
+                "--port",
+                str(RECEIVER_PORT),
+                "--count",
+                str(total),
+                *(("--close-after-ack",) if close_after_ack else ()),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=folder,
+        )
+        _wait_port(RECEIVER_PORT, receiver, 20)
+        gateway = _start_gateway(folder, _config(folder, flows))
+        try:
+            _wait_port(GATEWAY_PORT, gateway, 30)
+            started = time.monotonic()
+            # No settle time: the clock stops at the receiver's last ACK.
+            result = _load(gateway, 2, total // 2, timeout=30.0, settle=0.0)
+            receiver.wait(600)
+            elapsed = time.monotonic() - started
+        finally:
+            _stop(gateway)
+            _stop(receiver)
+            log.close()
+    if result.ok != total:
+        raise RuntimeError(f"only {result.ok} of {total} messages were accepted")
+    return round(total / elapsed, 1)
+
+
+def run_closing(quick: bool) -> dict[str, object]:
+    """Issue 11 item 2: relay to a receiver that closes after every ACK vs one that keeps
+    the connection (the canned-ACK server both times), in interleaved runs (A B A B A B).
+
+    1,000 messages (200 with ``quick``) over two sender connections; each rate runs from
+    the first message sent to the receiver's last ACK. ``closing_over_keeping`` is the
+    ratio of the medians (the target: at least 0.5).
+    """
+    total = 200 if quick else 1000
+    rates: dict[str, list[float]] = {"keeping": [], "closing": []}
+    for _ in range(1 if quick else 3):
+        rates["keeping"].append(_relay_to_canned(total, close_after_ack=False))
+        rates["closing"].append(_relay_to_canned(total, close_after_ack=True))
+    keeping = _median(rates["keeping"])
+    closing = _median(rates["closing"])
+    return {
+        "messages": total,
+        "relay_keeping_msgs_per_s": keeping,
+        "relay_closing_msgs_per_s": closing,
+        "closing_over_keeping": round(closing / keeping, 3) if keeping else None,
+        "keeping_runs": rates["keeping"],
+        "closing_runs": rates["closing"],
+    }
+
+
 def _median(values: list[Any]) -> Any:
     """The median of the values that were measured (None when none was)."""
     known = sorted(v for v in values if v is not None)
@@ -430,6 +497,7 @@ if __name__ == "__main__":  # pragma: no cover - manual runs
         "recovery": run_recovery,
         "backlog": run_backlog_memory,
         "store": run_store_size,
+        "closing": run_closing,
     }[which]
     print(runner(quick))
     os._exit(0)

@@ -8,6 +8,9 @@ with the same load generator on the same machine.
 Standalone (standard library only), so tests can start it as ``python path/to/canned_ack.py``:
 
     python bench/refservers/canned_ack.py --port 27101 [--host 127.0.0.1]
+
+``--close-after-ack`` makes it a receiver of the legacy kind that closes the connection after
+every ACK; ``--count N`` makes it exit after N ACKs (a relay scenario waits for that).
 """
 
 from __future__ import annotations
@@ -41,9 +44,11 @@ def control_id(message: bytes) -> bytes:
 
 
 class CannedAck(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, close_after_ack: bool = False, acked: Counter | None = None) -> None:
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
+        self.close_after_ack = close_after_ack
+        self.acked = acked
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -72,12 +77,35 @@ class CannedAck(asyncio.Protocol):
             out.append(ACK_HEAD + cid + ACK_MID + cid + ACK_TAIL)
         if out and self.transport is not None:
             self.transport.write(b"".join(out))
+            if self.close_after_ack:
+                self.transport.close()  # after the ACK is written
+            if self.acked is not None:
+                self.acked.add(len(out))
 
 
-async def serve(host: str, port: int) -> None:
+class Counter:
+    """ACKs sent over all connections; sets ``done`` once ``limit`` is reached."""
+
+    def __init__(self, limit: int | None, done: asyncio.Future[None]) -> None:
+        self.count = 0
+        self.limit = limit
+        self.done = done
+
+    def add(self, count: int) -> None:
+        self.count += count
+        if self.limit is not None and self.count >= self.limit and not self.done.done():
+            self.done.set_result(None)
+
+
+async def serve(
+    host: str, port: int, close_after_ack: bool = False, count: int | None = None
+) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(CannedAck, host, port, reuse_address=True)
     stop: asyncio.Future[None] = loop.create_future()
+    acked = Counter(count, stop)
+    server = await loop.create_server(
+        lambda: CannedAck(close_after_ack, acked), host, port, reuse_address=True
+    )
 
     def request_stop() -> None:
         if not stop.done():
@@ -94,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="canned-ACK MLLP reference server")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--close-after-ack", action="store_true")
+    parser.add_argument("--count", type=int, default=None)
     args = parser.parse_args(argv)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.port))
+        asyncio.run(serve(args.host, args.port, args.close_after_ack, args.count))
     return 0
 
 

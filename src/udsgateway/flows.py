@@ -54,8 +54,10 @@ class Trigger:
 
 
 RESPONSE_DECISIONS = ("success", "retry", "hold")
-_POLICY_DEFAULTS = {"AA": "success", "CA": "success", "AE": "retry", "CE": "retry"}
-_POLICY_DEFAULTS |= {"AR": "hold", "CR": "hold"}
+#: The response policy's defaults: the one source (delivery.DEFAULT_POLICY adds to it).
+DEFAULT_DECISIONS = {"AA": "success", "CA": "success", "AE": "retry", "CE": "retry"}
+DEFAULT_DECISIONS |= {"AR": "hold", "CR": "hold"}
+DEFAULT_MAX_RETRIES = 3
 
 
 @frozen
@@ -80,8 +82,8 @@ class Action:
     protocol: str = "mllp"
     ordering_key: str = ""  # an HL7 path of the trigger, e.g. PID-3.1: one lane per value
     tls: ActionTLS = field(factory=ActionTLS)
-    policy: dict[str, str] = field(factory=lambda: dict(_POLICY_DEFAULTS))
-    max_retries: int = 3
+    policy: dict[str, str] = field(factory=lambda: dict(DEFAULT_DECISIONS))
+    max_retries: int = DEFAULT_MAX_RETRIES
     connect_timeout: float = 10.0
     response_timeout: float = 30.0
     backoff_initial: float = 1.0
@@ -236,14 +238,14 @@ def _read_action(reader: TableReader, table: dict[str, Any]) -> Action:
             reader.problem("", "certificate and private_key go together")
     with reader.section("policy"):
         policy_table = reader.get(table, "policy", dict, {})
-        reader.unknown(policy_table, set(_POLICY_DEFAULTS))
-        policy = dict(_POLICY_DEFAULTS)
-        for code in _POLICY_DEFAULTS:
+        reader.unknown(policy_table, set(DEFAULT_DECISIONS))
+        policy = dict(DEFAULT_DECISIONS)
+        for code in DEFAULT_DECISIONS:
             policy[code] = reader.get(
                 policy_table,
                 code,
                 str,
-                _POLICY_DEFAULTS[code],
+                DEFAULT_DECISIONS[code],
                 lambda v: None if v in RESPONSE_DECISIONS else "expected success, retry or hold",
             )
     return Action(
@@ -265,7 +267,11 @@ def _read_action(reader: TableReader, table: dict[str, Any]) -> Action:
         tls=tls,
         policy=policy,
         max_retries=reader.get(
-            table, "max_retries", int, 3, lambda v: None if v >= 0 else "must be >= 0"
+            table,
+            "max_retries",
+            int,
+            DEFAULT_MAX_RETRIES,
+            lambda v: None if v >= 0 else "must be >= 0",
         ),
         connect_timeout=float(reader.get(table, "connect_timeout", (int, float), 10.0, _positive)),
         response_timeout=float(

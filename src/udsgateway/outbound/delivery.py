@@ -1,8 +1,9 @@
 """The outbound delivery engine: destinations, lanes and the dispatcher.
 
 * A **destination** is one endpoint (``tcp:`` or ``tls:``) spoken to over MLLP
-  or plain TCP through a Twisted ``ClientService`` (reconnect with capped
-  exponential backoff). One message is in flight per connection; an ACK
+  or plain TCP, on a connection made on demand (when a lane has work) and
+  kept; a close after a complete exchange is no failure, a failed connect
+  starts the documented backoff. One message is in flight per connection; an ACK
   counts only when its MSA-2 equals the MSH-10 sent. On a response timeout
   or a garbled, MSA-less or mismatched reply the connection is closed, so a
   late ACK can never be matched to the next message.
@@ -13,7 +14,8 @@
 * The **dispatcher** recovers lanes from the store at start (before anything
   is sent), runs a bounded number of them at once, and records every
   outcome through a group committer, together with whatever the outcome
-  unlocks (the next action of an execution) in the same transaction.
+  unlocks (the next action of an execution) in the same transaction. A lane
+  whose outcome cannot be committed sends nothing until it is.
 """
 
 from __future__ import annotations
@@ -25,17 +27,17 @@ from typing import Any, TypeVar
 
 from attrs import define, evolve, field, frozen
 from sqlalchemy import Connection
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from udsgateway.clock import Wall, wall_of
+from udsgateway.flows import DEFAULT_DECISIONS, DEFAULT_MAX_RETRIES
 from udsgateway.hl7.ack import parse_reply
 from udsgateway.store import outbox
 from udsgateway.store.engine import Database, GroupCommitter
@@ -48,23 +50,33 @@ log = Logger()
 _Judged = TypeVar("_Judged")
 
 SUCCESS, RETRY, HOLD = "success", "retry", "hold"
-DEFAULT_POLICY: dict[str, Any] = {
-    "AA": SUCCESS,
-    "CA": SUCCESS,
-    "AE": RETRY,
-    "CE": RETRY,
-    "AR": HOLD,
-    "CR": HOLD,
-    "max_retries": 3,
-}
+#: What a delivery's stored policy falls back to: the defaults of flows.py.
+DEFAULT_POLICY: dict[str, Any] = {**DEFAULT_DECISIONS, "max_retries": DEFAULT_MAX_RETRIES}
 
 
 #: Policy keys that carry an action's timing with each of its deliveries.
 TIMING_KEYS = ("connect_timeout", "response_timeout", "backoff_initial", "backoff_max")
 
+#: While a delivery's outcome cannot be committed, its lane retries the commit
+#: after this many seconds, doubling up to the maximum (and sends nothing).
+RECORD_RETRY_INITIAL = 1.0
+RECORD_RETRY_MAX = 30.0
+
 
 class DeliveryError(Exception):
     """An attempt that did not get a usable answer; the message is sent again later."""
+
+
+class ConnectError(DeliveryError):
+    """No connection to the destination (refused, timed out, or in its reconnect backoff)."""
+
+
+class StaleConnectionError(DeliveryError):
+    """The destination had closed a reused connection before reading the message.
+
+    Not a failure of the message or the destination (many receivers close
+    after every ACK): it is sent again at once on a new connection.
+    """
 
 
 @frozen
@@ -94,6 +106,10 @@ class DestinationProtocol(Protocol):
         self._waiting: Deferred[bytes] | None = None
         self._gap: IDelayedCall | None = None
         self.connected_ok = True
+        #: Exchanges completed on this connection, and whether the one in
+        #: flight has had any byte of reply yet.
+        self.exchanges = 0
+        self._answered = False
 
     def connectionMade(self) -> None:
         # One small message, then wait for its ACK: Nagle would only add latency.
@@ -107,6 +123,7 @@ class DestinationProtocol(Protocol):
             raise RuntimeError("one message in flight per connection")
         waiting: Deferred[bytes] = Deferred()
         self._waiting = waiting
+        self._answered = False
         waiting.addTimeout(self._timing.response_timeout, self._clock, self._timed_out)
         assert self.transport is not None
         self.transport.write(self._framer.encode(payload))
@@ -120,6 +137,7 @@ class DestinationProtocol(Protocol):
         return result
 
     def dataReceived(self, data: bytes) -> None:
+        self._answered = True
         for event in self._framer.feed(data):
             if isinstance(event, Frame):
                 self._reply(event.payload)
@@ -142,6 +160,7 @@ class DestinationProtocol(Protocol):
             # Unsolicited or late: this connection is out of step; start afresh.
             self.drop()
             return
+        self.exchanges += 1
         waiting.callback(payload)
 
     def _fail(self, error: DeliveryError) -> None:
@@ -151,7 +170,7 @@ class DestinationProtocol(Protocol):
             waiting.errback(error)
 
     def drop(self) -> None:
-        """Close this connection now; the ClientService reconnects."""
+        """Close this connection now; the next exchange connects again."""
         self.connected_ok = False
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
@@ -161,7 +180,15 @@ class DestinationProtocol(Protocol):
         if self._gap is not None and self._gap.active():
             self._gap.cancel()
         waiting, self._waiting = self._waiting, None
-        if waiting is not None:
+        if waiting is None:
+            return
+        if self.exchanges > 0 and not self._answered:
+            # A receiver that closes after each ACK closed this connection after
+            # the previous exchange, before it read this message.
+            waiting.errback(
+                StaleConnectionError("connection closed by the destination after an ACK")
+            )
+        else:
             waiting.errback(DeliveryError("connection lost before the reply"))
 
 
@@ -184,50 +211,54 @@ class _DestinationFactory(Factory):
 
 @define(eq=False)
 class Destination:
-    """One destination endpoint with its connection (a ClientService).
+    """One destination endpoint with its connection, made on demand.
 
     Lanes to the same destination take turns on the connection: one message
-    in flight at a time, as MLLP requires.
+    in flight at a time, as MLLP requires. A connection is made only when a
+    lane has a message to send (an idle gateway makes none). A close by the
+    destination after a complete exchange is no failure: the next exchange
+    connects again at once. A failed connect (refused, timed out) starts the
+    documented backoff (``Timing.backoff``): until it ends, exchanges fail at
+    once without connecting; the first good connect ends it and calls
+    ``on_up``.
     """
 
     endpoint: str
     protocol: str
     _clock: IReactorTime
     timing: Timing = field(factory=Timing)
-    _service: ClientService | None = None
+    _client: IStreamClientEndpoint | None = None
     _current: DestinationProtocol | None = None
+    _connecting: Deferred[Any] | None = None
     _busy: bool = False
+    _handing_over: bool = False
+    _again: bool = False
     _turns: deque[Deferred[None]] = field(factory=deque)
+    _connect_failures: int = 0
+    _reconnect_at: float = 0.0
+    _connect_error: str = ""
     last_error: str = ""
     sent: int = 0
+    connects: int = 0
     #: Turns the endpoint string into an endpoint (tests pass an in-memory one).
     endpoint_factory: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
     #: Reconnect jitter, drawn from the dispatcher's generator so tests can seed it.
     rng: random.Random = field(factory=random.Random)
+    #: Called when a connect succeeds after failed ones (lanes backing off may go now).
+    on_up: Callable[[Destination], None] | None = None
 
     def start(self, reactor: Any) -> None:
-        endpoint = self.endpoint_factory(reactor, self.endpoint)
-        self._service = ClientService(
-            endpoint,
-            _DestinationFactory(self.protocol, self._clock, self.timing),
-            retryPolicy=backoffPolicy(
-                self.timing.backoff_initial,
-                self.timing.backoff_max,
-                factor=2.0,
-                jitter=self.rng.random,
-            ),
-            clock=self._clock,
-        )
-        self._service.startService()
+        self._client = self.endpoint_factory(reactor, self.endpoint)
 
     def stop(self) -> Deferred[None]:
+        self._client = None
         for turn in self._turns:
             turn.cancel()
         self._turns.clear()
-        if self._service is None:
-            return Deferred.fromCoroutine(_nothing())
-        service, self._service = self._service, None
-        return service.stopService()
+        if self._connecting is not None:
+            self._connecting.cancel()
+        self.drop()
+        return Deferred.fromCoroutine(_nothing())
 
     async def exchange(self, payload: bytes, judge: Callable[[bytes], _Judged]) -> _Judged:
         """Send one message over the connection; return what ``judge`` makes of the reply.
@@ -236,11 +267,7 @@ class Destination:
         untrustworthy (DeliveryError), the connection is closed before another
         lane can write to it.
         """
-        if self._busy:
-            turn: Deferred[None] = Deferred()
-            self._turns.append(turn)
-            await turn
-        self._busy = True
+        await self._take_turn()
         try:
             reply = await self._exchange(payload)
             try:
@@ -249,43 +276,95 @@ class Destination:
                 self.drop()
                 raise
         finally:
-            self._busy = False
-            if self._turns:
-                self._turns.popleft().callback(None)
+            self._pass_turn()
+
+    def _take_turn(self) -> Deferred[None]:
+        if not self._busy:
+            self._busy = True
+            return Deferred.fromCoroutine(_nothing())
+        turn: Deferred[None] = Deferred()
+        self._turns.append(turn)
+        return turn
+
+    def _pass_turn(self) -> None:
+        """Give the connection to the next lane waiting, in a loop, never by recursion.
+
+        The next lane may fail at once (no connection) and pass the turn on
+        from within this call: that only tells the loop below to go on, so
+        no chain of calls grows with the number of lanes waiting.
+        """
+        if self._handing_over:
+            self._again = True
+            return
+        self._handing_over = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                while self._turns and self._client is not None:
+                    turn = self._turns.popleft()
+                    if not turn.called:  # not cancelled (a stopped lane)
+                        turn.callback(None)  # runs that lane until it waits
+                        break
+                else:
+                    self._busy = False
+        finally:
+            self._handing_over = False
 
     async def _exchange(self, payload: bytes) -> bytes:
-        if self._service is None:
-            raise DeliveryError("destination stopped")
+        protocol = await self._connection()
+        self.sent += 1
+        return await protocol.exchange(payload)
+
+    async def _connection(self) -> DestinationProtocol:
         current = self._current
         if current is not None and current.connected_ok:
-            # The last exchange's connection is still up: the service would hand
-            # back the same protocol, through its state machine and a timeout.
-            self.sent += 1
-            return await current.exchange(payload)
-        connecting = self._service.whenConnected(failAfterFailures=1)
+            return current
+        self._current = None
+        if self._client is None:
+            raise DeliveryError("destination stopped")
+        wait = self._reconnect_at - self._clock.seconds()
+        if wait > 0:
+            raise ConnectError(self._connect_error)
+        connecting = self._client.connect(
+            _DestinationFactory(self.protocol, self._clock, self.timing)
+        )
+        self._connecting = connecting
+        self.connects += 1
         connecting.addTimeout(self.timing.connect_timeout, self._clock)
         try:
             protocol = await connecting
         except TimeoutError:
-            raise DeliveryError(
-                f"could not connect within {self.timing.connect_timeout:g}s"
-            ) from None
+            reason = f"could not connect within {self.timing.connect_timeout:g}s"
         except CancelledError:
-            # stopService cancelled the wait: not a connection problem.
             raise DeliveryError("destination stopped") from None
         except Exception as error:
-            # A failed attempt is reported from inside the ClientService's state
-            # machine, which must not be re-entered (the next lane in line would
-            # ask it for a connection at once): carry on at the next clock turn.
-            await deferLater(self._clock, 0, lambda: None)
-            raise DeliveryError(f"connect failed: {type(error).__name__}") from None
+            reason = f"connect failed: {type(error).__name__}"
+        else:
+            reason = ""
+        finally:
+            self._connecting = None
+        if reason:
+            self._connect_failures += 1
+            delay = self.timing.backoff(self._connect_failures, self.rng)
+            self._reconnect_at = self._clock.seconds() + delay
+            self._connect_error = reason
+            raise ConnectError(reason)
         assert isinstance(protocol, DestinationProtocol)
-        if not protocol.connected_ok:
-            # Dropped a moment ago; the service has not seen the loss yet.
-            raise DeliveryError("connection closing")
+        if self._client is None:
+            protocol.drop()
+            raise DeliveryError("destination stopped")
+        was_down = self._connect_failures > 0
+        self._connect_failures = 0
+        self._reconnect_at = 0.0
         self._current = protocol
-        self.sent += 1
-        return await protocol.exchange(payload)
+        if was_down and self.on_up is not None:
+            self.on_up(self)
+        return protocol
+
+    def reconnect_in(self) -> float:
+        """Seconds until the next connect may be tried (0: now)."""
+        return max(0.0, self._reconnect_at - self._clock.seconds())
 
     def drop(self) -> None:
         """Close the current connection (after a reply that cannot be trusted)."""
@@ -310,7 +389,7 @@ def judge(delivery: Delivery, reply_bytes: bytes, now: float, nak_retries: int) 
     attempts = delivery.attempts + 1
     if decision == SUCCESS:
         return Settlement(delivery.id, DELIVERED, attempts, 0.0, "", reply_bytes, reply.ack_code)
-    if decision == RETRY and nak_retries < int(policy.get("max_retries", 3)):
+    if decision == RETRY and nak_retries < int(policy["max_retries"]):
         return Settlement(
             delivery.id,
             QUEUED,
@@ -349,6 +428,8 @@ class Lane:
     #: An operator acted on this lane in the store: read it again from its first
     #: open delivery before sending anything else (a replay goes first).
     _rewind: bool = False
+    #: The head waits for its destination's reconnect backoff (not for its own).
+    _waiting_for_connect: bool = False
     state: str = "idle"
     running: Deferred[None] | None = None
 
@@ -380,6 +461,14 @@ class Lane:
         if self._page and self._page[0].state == QUEUED and self._page[0].attempts > 0:
             return self._page[0]
         return None
+
+    def destination_up(self) -> None:
+        """Its destination accepts connections again: a head waiting for that goes now."""
+        if self._waiting_for_connect and self.state == "backoff" and self._retry is not None:
+            self._retry = (self._retry[0], self._dispatcher.clock.seconds())
+            if self._sleeping is not None:
+                sleeping, self._sleeping = self._sleeping, None
+                sleeping.cancel()
 
     def stop(self) -> None:
         self._stopped = True
@@ -436,9 +525,8 @@ class Lane:
                 step=head.step,
                 control_id=head.control_id,
             )
-            recorded = await dispatcher.record(settlement)
-            if recorded is not None and dispatcher.on_recorded is not None:
-                dispatcher.on_recorded(recorded)
+            if not await self._record(settlement):
+                return
             if settlement.state == DELIVERED:
                 dispatcher.delivered(head.destination)
                 self._page.popleft()
@@ -496,8 +584,17 @@ class Lane:
                 lambda reply: judge(head, reply, dispatcher.now(), self._nak_retries),
             )
         except DeliveryError as failure:
-            self._failures += 1
             reason = str(failure)
+            self._waiting_for_connect = isinstance(failure, ConnectError)
+            if isinstance(failure, StaleConnectionError):
+                # Closed after the previous ACK: no failure; again at once, newly connected.
+                delay = 0.0
+            elif self._waiting_for_connect:
+                # One reconnect backoff per destination, shared by its lanes.
+                delay = self.destination.reconnect_in()
+            else:
+                self._failures += 1
+                delay = self.destination.timing.backoff(self._failures, dispatcher.rng)
             self.destination.last_error = reason
             log.info(
                 "delivery attempt failed: {reason}"
@@ -507,7 +604,6 @@ class Lane:
                 delivery=head.id,
                 control_id=head.control_id,
             )
-            delay = self.destination.timing.backoff(self._failures, dispatcher.rng)
             settlement = Settlement(
                 head.id, QUEUED, head.attempts + 1, dispatcher.now() + delay, reason
             )
@@ -520,6 +616,37 @@ class Lane:
             settlement = evolve(settlement, next_attempt_at=settlement.next_attempt_at + delay)
             return settlement, delay
         return settlement, 0.0
+
+    async def _record(self, settlement: Settlement) -> bool:
+        """Commit the head's outcome, however long the store refuses it; False: stopped.
+
+        While the outcome cannot be recorded (disk full, I/O errors) the lane
+        sends nothing: the outcome is kept here and committed again after
+        ``RECORD_RETRY_INITIAL`` seconds, doubling up to ``RECORD_RETRY_MAX``,
+        so the destination never gets the head again in this run.
+        """
+        failures = 0
+        while not self._stopped:
+            try:
+                await self._dispatcher.record(settlement)
+                return True
+            except Exception as error:
+                if self._stopped:
+                    break
+                failures += 1
+                delay = min(RECORD_RETRY_INITIAL * 2 ** min(failures - 1, 60), RECORD_RETRY_MAX)
+                log.warn(
+                    "delivery {delivery} (control ID {control_id}) of lane {lane}: outcome not"
+                    " recorded ({error}); lane paused, retry in {delay:g}s",
+                    error=type(error).__name__,
+                    delay=delay,
+                    lane=self.name,
+                    delivery=settlement.delivery_id,
+                    control_id=settlement.control_id,
+                )
+                self.state = "recording"
+                await self._sleep(delay)
+        return False
 
     async def _reload_from(self, head_id: int) -> None:
         self._page.clear()
@@ -545,6 +672,14 @@ class Lane:
         finally:
             if self._sleeping is sleeping:
                 self._sleeping = None
+
+
+@frozen
+class _Recorded:
+    """One committed outcome; the first of its group carries what the commit unlocked."""
+
+    settlement: Settlement
+    group: Any = None
 
 
 @define(eq=False)
@@ -580,8 +715,10 @@ class Dispatcher(Service):
     _rescan: bool = True
     _filling: bool = False
     _started: bool = False
-    _committer: GroupCommitter[Settlement, Any] = field(init=False)
+    _committer: GroupCommitter[Settlement, _Recorded] = field(init=False)
     _sweeper: LoopingCall | None = None
+    _restarts: dict[str, tuple[str, str]] = field(factory=dict)
+    _restart_call: IDelayedCall | None = None
 
     def __attrs_post_init__(self) -> None:
         self._committer = GroupCommitter(self.database, self._record_batch, 256)
@@ -632,6 +769,10 @@ class Dispatcher(Service):
         self._started = False
         if self._sweeper is not None and self._sweeper.running:
             self._sweeper.stop()
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
+        self._restarts.clear()
         lanes = list(self.lanes.values())
         for lane in lanes:
             lane.stop()
@@ -661,7 +802,7 @@ class Dispatcher(Service):
             self._waiting[lane] = (destination, protocol)
         else:
             self._rescan = True
-        Deferred.fromCoroutine(self._fill())
+        self._fill_soon()
 
     def operator_acted(self, lane: str) -> None:
         """An operator released, skipped or replayed a delivery of this lane."""
@@ -670,9 +811,15 @@ class Dispatcher(Service):
             running.rewind()
         else:
             self._rescan = True
-            Deferred.fromCoroutine(self._fill())
+            self._fill_soon()
 
     # -- running lanes
+
+    def _fill_soon(self) -> None:
+        """Start waiting lanes now; a failure is logged, and the next sweep tries again."""
+        Deferred.fromCoroutine(self._fill()).addErrback(
+            lambda failure: log.failure("starting lanes failed; the next sweep retries", failure)
+        )
 
     async def _fill(self) -> None:
         if self._filling or not self._started:
@@ -688,9 +835,32 @@ class Dispatcher(Service):
                         break
                 lane, (destination, protocol) = self._waiting.popitem(last=False)
                 if lane not in self.lanes:
-                    self._start_lane(lane, destination, protocol)
+                    try:
+                        self._start_lane(lane, destination, protocol)
+                    except Exception:
+                        log.failure(
+                            "lane {lane} could not start; retried in {delay:g}s",
+                            lane=lane,
+                            delay=self.held_poll,
+                        )
+                        self._restart_later(lane, destination, protocol)
+                        break
         finally:
             self._filling = False
+
+    def _restart_later(self, lane: str, destination: str, protocol: str) -> None:
+        """Start ``lane`` again after held_poll seconds (never forgotten, never a tight loop)."""
+        self._restarts[lane] = (destination, protocol)
+        if self._restart_call is None or not self._restart_call.active():
+            self._restart_call = self.clock.callLater(self.held_poll, self._restart)
+
+    def _restart(self) -> None:
+        self._restart_call = None
+        restarts, self._restarts = self._restarts, {}
+        for lane, target in restarts.items():
+            if lane not in self.lanes and lane not in self._waiting:
+                self._waiting[lane] = target
+        self._fill_soon()
 
     async def _scan(self) -> None:
         self._rescan = False
@@ -750,10 +920,16 @@ class Dispatcher(Service):
                 timing,
                 endpoint_factory=self.endpoint_factory,
                 rng=self.rng,
+                on_up=self._destination_up,
             )
             destination.start(self.reactor)
             self.destinations[key] = destination
         return destination
+
+    def _destination_up(self, destination: Destination) -> None:
+        for lane in list(self.lanes.values()):
+            if lane.destination is destination:
+                lane.destination_up()
 
     def _start_lane(self, name: str, endpoint: str, protocol: str) -> None:
         lane = Lane(name, self, self.destination(endpoint, protocol))
@@ -764,25 +940,54 @@ class Dispatcher(Service):
 
     def _lane_failed(self, failure: Failure, lane: Lane) -> None:
         if not failure.check(CancelledError):
-            # Not restarted at once: an error that repeats (a failing database)
-            # would re-send the head in a tight loop. The next sweep restarts it.
-            log.failure("lane {lane} stopped on an error", failure, lane=lane.name)
+            # Not restarted at once: an error that repeats would re-send the head
+            # in a tight loop. Restarted after held_poll seconds.
+            log.failure(
+                "lane {lane} stopped on an error; restarted in {delay:g}s",
+                failure,
+                lane=lane.name,
+                delay=self.held_poll,
+            )
+            if self._started and not lane._stopped:
+                target = lane.destination
+                self._restart_later(lane.name, target.endpoint, target.protocol)
 
     def _lane_done(self, _result: Any, lane: Lane) -> None:
         if self.lanes.get(lane.name) is lane:
             del self.lanes[lane.name]
         if self._started:
-            Deferred.fromCoroutine(self._fill())
+            self._fill_soon()
 
     # -- recording outcomes
 
-    def record(self, settlement: Settlement) -> Deferred[Any]:
-        """Commit an attempt's outcome (grouped with others)."""
-        return self._committer.submit(settlement)
+    def record(self, settlement: Settlement) -> Deferred[Settlement]:
+        """Commit an attempt's outcome (grouped with others); fire with it once committed.
 
-    def _record_batch(self, connection: Connection, settlements: list[Settlement]) -> list[Any]:
-        result = outbox.record(connection, settlements, self.now(), self.after_record)
-        return [result] + [None] * (len(settlements) - 1)
+        What the group's commit unlocked (``after_record``) goes to
+        ``on_recorded`` once per group, whatever became of the lanes waiting.
+        """
+        own: Deferred[Settlement] = Deferred()
+        # A lane cancelled while waiting cancels only its own Deferred, not the commit.
+        self._committer.submit(settlement).addCallback(self._recorded).chainDeferred(own)
+        return own
+
+    def _recorded(self, recorded: _Recorded) -> Settlement:
+        if recorded.group is not None and self.on_recorded is not None:
+            try:
+                self.on_recorded(recorded.group)
+            except Exception:
+                # The outcome is committed: the lane must not commit it again.
+                log.failure("handling a recorded group of outcomes failed")
+        return recorded.settlement
+
+    def _record_batch(
+        self, connection: Connection, settlements: list[Settlement]
+    ) -> list[_Recorded]:
+        group = outbox.record(connection, settlements, self.now(), self.after_record)
+        return [
+            _Recorded(settlement, group if index == 0 else None)
+            for index, settlement in enumerate(settlements)
+        ]
 
     def delivered(self, destination: str) -> None:
         """One delivery left the destination's queue (backpressure counter)."""
