@@ -266,13 +266,14 @@ class PeerTransport(StringTransport):
 class PeerConnection:
     """One connection as the destination sees it: what arrived, and a way to answer."""
 
-    peer: DestinationPeer
-    protocol: IProtocol
-    transport: PeerTransport = field(init=False)
-    received: list[bytes] = field(factory=list)
+    # Not in the repr: the peer and what arrived grow with the test (see PeerEndpoint).
+    peer: DestinationPeer = field(repr=False)
+    protocol: IProtocol = field(repr=False)
+    transport: PeerTransport = field(init=False, repr=False)
+    received: list[bytes] = field(factory=list, repr=False)
     #: True once the gateway's protocol was told the connection is gone.
     closed: bool = False
-    _framer: IFramer | None = field(default=None, init=False)
+    _framer: IFramer | None = field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.transport = PeerTransport(self)
@@ -337,18 +338,20 @@ class DestinationPeer:
     ``latency`` seconds.
     """
 
-    clock: Clock
+    clock: Clock = field(repr=False)
     protocol: str = "mllp"
     accepting: bool = True
     refuse_next: int = 0
     latency: float = 0.0
-    script: Callable[[PeerConnection, bytes], None] = _answer_aa
-    connections: list[PeerConnection] = field(factory=list)
+    # The repr leaves out the clock, the script and what grows with the test: it
+    # lands in log lines (ClientService logs its endpoint on every retry).
+    script: Callable[[PeerConnection, bytes], None] = field(default=_answer_aa, repr=False)
+    connections: list[PeerConnection] = field(factory=list, repr=False)
     #: Every message received, over every connection, in order.
-    received: list[bytes] = field(factory=list)
+    received: list[bytes] = field(factory=list, repr=False)
     #: Replies that reached the gateway's protocol, and replies lost to a closed connection.
-    delivered: list[bytes] = field(factory=list)
-    undelivered: list[bytes] = field(factory=list)
+    delivered: list[bytes] = field(factory=list, repr=False)
+    undelivered: list[bytes] = field(factory=list, repr=False)
     attempts: int = 0
     refused: int = 0
 
@@ -401,9 +404,17 @@ class DestinationPeer:
 @implementer(IStreamClientEndpoint)
 @define(eq=False)
 class PeerEndpoint:
-    """A client endpoint whose connections reach a ``DestinationPeer``."""
+    """A client endpoint whose connections reach a ``DestinationPeer``.
+
+    Its repr is short and does not grow: ``ClientService`` logs the endpoint on
+    every connection retry, and a peer's full repr (every message received)
+    once made one test write a log of hundreds of megabytes.
+    """
 
     peer: DestinationPeer
+
+    def __repr__(self) -> str:
+        return f"<PeerEndpoint {self.peer.protocol} peer at 0x{id(self.peer):x}>"
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         return self.peer.connect(factory)
