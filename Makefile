@@ -22,9 +22,16 @@ run: $(STAMP)
 	mkdir -p var
 	$(BIN)/twistd --nodaemon --pidfile= udsgateway --config $(CONFIG)
 
+# Trial runs its tests in JOBS worker processes. Each Python process started
+# under the run (trial's workers, the gateways of the integration tests) records
+# coverage through coverage's .pth hook (COVERAGE_PROCESS_START), into one data
+# file per process here (COVERAGE_FILE, absolute: the workers run in
+# _trial_temp/N); combine merges them.
+JOBS ?= 2
 trial: $(STAMP)
 	rm -f .coverage .coverage.*
-	$(BIN)/coverage run -m twisted.trial --temp-directory=_trial_temp tests
+	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage \
+		$(BIN)/coverage run -m twisted.trial --jobs=$(JOBS) --temp-directory=_trial_temp tests
 	$(BIN)/coverage combine --quiet || true
 	$(BIN)/coverage report --fail-under=0 | tail -n 3
 
