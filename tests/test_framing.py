@@ -19,6 +19,7 @@ from udsgateway.framing import (
     OversizedFrame,
     PlainTCPFramer,
 )
+from udsgateway.testing import mllp
 
 ADT_A04 = (
     b"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|202401011230||ADT^A04|MSG00001|P|2.3\r"
@@ -50,11 +51,6 @@ ORU_MSH_IN_FIELDS = (
     b"NTE|1||MSHA result pending\r"
 )
 MSH_SEGMENT = ADT_A04.split(b"\r", 1)[0]
-
-
-def mllp(payload: bytes) -> bytes:
-    """Wrap ``payload`` in an MLLP block."""
-    return b"\x0b" + payload + b"\x1c\x0d"
 
 
 def run(framer: MLLPFramer | PlainTCPFramer, chunks: Iterable[bytes]) -> list[FrameEvent]:

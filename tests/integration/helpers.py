@@ -28,6 +28,7 @@ from attrs import define, field
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.tap import CRASH_AT_VARIABLE
+from udsgateway.testing import MLLP_END, MLLP_START, mllp, read_ack
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_FLOWS = REPO / "etc" / "flows" / "demo.toml"
@@ -45,9 +46,6 @@ IO_TIMEOUT = 10.0
 EXIT_TIMEOUT = 20.0
 COMMAND_TIMEOUT = 120.0
 _POLL = 0.05
-
-MLLP_START = b"\x0b"
-MLLP_END = b"\x1c\r"
 
 #: The spec's sample message (DESIGN.md, demo flows), segments separated by CR.
 SAMPLE_SEGMENTS = (
@@ -376,7 +374,7 @@ def send_mllp(port: int, payload: bytes, timeout: float = IO_TIMEOUT) -> bytes |
     """
     deadline = time.monotonic() + timeout
     with socket.create_connection((HOST, port), timeout=timeout) as connection:
-        connection.sendall(MLLP_START + payload + MLLP_END)
+        connection.sendall(mllp(payload))
         data, closed = _receive_until(connection, _mllp_frame_end, deadline)
     if closed and not _mllp_frame_end(data):
         return None
@@ -429,8 +427,8 @@ def segment(message: bytes, name: str) -> list[str]:
 
 def msa(ack: bytes) -> tuple[str, str]:
     """MSA-1 (the ACK code) and MSA-2 (the acknowledged MSH-10) of an ACK."""
-    fields = [*segment(ack, "MSA"), "", ""]
-    return fields[1], fields[2]
+    reply = read_ack(ack)
+    return reply.code, reply.control_id
 
 
 # -- the store

@@ -46,6 +46,7 @@ from tests.integration.helpers import (
     write_config,
 )
 from udsgateway.peers import split_messages
+from udsgateway.testing import hl7_message
 
 TENANT = "e2e"
 APP_ID = "APPE2E0000001"
@@ -69,23 +70,20 @@ TYPES = {
 def inbound(message_type: str, control_id: str, mrn: str, name: str) -> bytes:
     """A message from the hospital of ``message_type`` for patient ``mrn``."""
     kind, event = message_type.split("^")
-    lines = [
-        f"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|{SENT_AT}||{message_type}|{control_id}|P|2.5"
-    ]
     if kind == "ADT":
-        lines += [
+        lines = [
             f"EVN|{event}|{SENT_AT}",
             f"PID|1||{mrn}^^^Hospital||{name}||19800101|M|||1 Main St^^City^ST^12345",
             "NK1|1|Doe^Jane|SPOUSE",
         ]
     else:
-        lines += [
+        lines = [
             f"SCH|APT{mrn}^SCHED|APT{mrn}^SCHED|||||CHECKUP^Annual checkup|ROUTINE|30|MIN",
             f"PID|1||{mrn}^^^Hospital||{name}||19800101|M",
             "RGS|1|A",
             "AIS|1|A|CHECKUP^Annual checkup|202403101000",
         ]
-    return ("\r".join(lines) + "\r").encode("latin-1")
+    return hl7_message(control_id, message_type, sent_at=SENT_AT, segments=lines)
 
 
 def first_template(message_type: str) -> str:
