@@ -28,7 +28,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.cli import main as cli
 from udsgateway.flows import App
-from udsgateway.hl7.ack import ControlIdSource, parse_reply
+from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.outbound.executor import Executor, lane_name
 from udsgateway.store import executions, outbox, schema
@@ -38,7 +38,9 @@ from udsgateway.testing import (
     PeerConnection,
     control_id_of,
     destination_ack,
+    hl7_message,
     inbound_record,
+    read_ack,
 )
 from udsgateway.testing.flows import (
     START,
@@ -69,18 +71,17 @@ def adt(
     kin: str = "Doe^Jane",
 ) -> bytes:
     """An ADT message from the hospital, with the default delimiters."""
-    return (
-        "\r".join(
-            [
-                f"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|{SENT_AT}||ADT^{event}|{control_id}|P|2.5",
-                f"EVN|{event}|{SENT_AT}",
-                f"PID|1||{mrn}^^^Hospital||{family}^{given}||{dob}|M|||{street}^^City^ST^12345"
-                f"||{phone}",
-                f"NK1|1|{kin}|SPOUSE",
-            ]
-        )
-        + "\r"
-    ).encode("latin-1")
+    return hl7_message(
+        control_id,
+        f"ADT^{event}",
+        sent_at=SENT_AT,
+        segments=[
+            f"EVN|{event}|{SENT_AT}",
+            f"PID|1||{mrn}^^^Hospital||{family}^{given}||{dob}|M|||{street}^^City^ST^12345"
+            f"||{phone}",
+            f"NK1|1|{kin}|SPOUSE",
+        ],
+    )
 
 
 def header(receiver: str, message_type: str = "ADT^A04") -> str:
@@ -116,16 +117,13 @@ def trigger_ids(payloads: list[bytes]) -> list[str]:
 
 
 def ack_fields(ack: bytes) -> dict[str, Any]:
-    """MSA-1, MSA-2, ERR-3.1 and ERR-7 of an ACK."""
-    reply = parse_reply(ack)
-    assert reply.problem == "", f"{reply.problem}: {ack!r}"
-    err = next((line for line in ack.split(b"\r") if line.startswith(b"ERR|")), b"")
-    fields = err.decode("latin-1").split("|")
+    """MSA-1, MSA-2, ERR-3.1 and ERR-7 of an ACK (read by ``read_ack``)."""
+    reply = read_ack(ack)
     return {
-        "code": reply.ack_code,
+        "code": reply.code,
         "control_id": reply.control_id,
         "error": reply.error_code,
-        "diagnostic": fields[7] if len(fields) > 7 else "",
+        "diagnostic": reply.diagnostic,
     }
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
+from udsgateway.testing import mllp
 from udsgateway.wire.framing import (
     DEFAULT_MAX_FRAME_SIZE,
     HEAD_SIZE,
@@ -50,11 +51,6 @@ ORU_MSH_IN_FIELDS = (
     b"NTE|1||MSHA result pending\r"
 )
 MSH_SEGMENT = ADT_A04.split(b"\r", 1)[0]
-
-
-def mllp(payload: bytes) -> bytes:
-    """Wrap ``payload`` in an MLLP block."""
-    return b"\x0b" + payload + b"\x1c\x0d"
 
 
 def run(framer: MLLPFramer | PlainTCPFramer, chunks: Iterable[bytes]) -> list[FrameEvent]:

@@ -24,44 +24,15 @@ from udsgateway.config import Limits, TenantConfig
 from udsgateway.flows import App, Flow, Trigger, read_app_file
 from udsgateway.hl7.ack import parse_reply
 from udsgateway.hl7.header import read_delimiters
-from udsgateway.testing import Connection, Gateway, ManualRunner, mllp
+from udsgateway.testing import Connection, Gateway, ManualRunner, hl7_message, mllp
 from udsgateway.testing.flows import action, app, flow
 
 SENT_AT = "20240101123000"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def hl7(
-    control_id: str = "MSG00001",
-    message_type: str = "ADT^A04",
-    *,
-    sending: str = "HIS|Hospital",
-    receiving: str = "LSQ|LeadSquared",
-    processing_id: str = "P",
-    version: str = "2.5",
-    accept_ack: str = "",
-    application_ack: str = "",
-    charset: str = "",
-    patient: bytes = b"Doe^John",
-    separator: bytes = b"\r",
-) -> bytes:
-    """An HL7 v2 message with the default delimiters.
-
-    ``sending`` is MSH-3|MSH-4 and ``receiving`` MSH-5|MSH-6.
-    """
-    msh = (
-        f"MSH|^~\\&|{sending}|{receiving}|{SENT_AT}||{message_type}|{control_id}"
-        f"|{processing_id}|{version}"
-    )
-    if accept_ack or application_ack or charset:
-        # MSH-13, MSH-14 empty; MSH-15, MSH-16; MSH-17 empty; MSH-18.
-        msh += f"|||{accept_ack}|{application_ack}||{charset}"
-    lines = [
-        msh.encode("ascii"),
-        b"EVN|A04|" + SENT_AT.encode("ascii"),
-        b"PID|1||12345^^^Hospital||" + patient + b"||19800101|M",
-    ]
-    return separator.join(lines) + separator
+#: The message builder of these tests (``test_listener`` imports it from here too).
+hl7 = hl7_message
 
 
 def padded(message: bytes, size: int) -> bytes:

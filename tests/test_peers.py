@@ -39,6 +39,7 @@ from udsgateway.peers.commands import (
     split_messages,
     with_control_id,
 )
+from udsgateway.testing import hl7_message, mllp
 from udsgateway.wire.framing import Frame, MLLPFramer
 
 PORT = 2575
@@ -46,22 +47,26 @@ PORT = 2575
 SERVER_PEM = FilePath(twisted.test.__file__).sibling("server.pem").path
 
 
-def hl7(control_id: str, *, ack_types: str = "", sep: bytes = b"\r", event: str = "A04") -> bytes:
+def hl7(
+    control_id: str,
+    *,
+    accept_ack: str = "",
+    application_ack: str = "",
+    sep: bytes = b"\r",
+    event: str = "A04",
+) -> bytes:
     """A synthetic ADT message (no real person) with its segments ended by ``sep``."""
-    msh = (
-        "MSH|^~\\&|REGSYS|GENHOSP|UDSGW|DEMO|20240102030405||"
-        f"ADT^{event}|{control_id}|P|2.5{ack_types}"
+    return hl7_message(
+        control_id,
+        f"ADT^{event}",
+        sending="REGSYS|GENHOSP",
+        receiving="UDSGW|DEMO",
+        sent_at="20240102030405",
+        accept_ack=accept_ack,
+        application_ack=application_ack,
+        segments=["EVN|A04|20240102030405", "PID|1||123456^^^GENHOSP^MR||TESTPERSON^ALEX"],
+        separator=sep,
     )
-    lines = [
-        msh.encode(),
-        b"EVN|A04|20240102030405",
-        b"PID|1||123456^^^GENHOSP^MR||TESTPERSON^ALEX",
-    ]
-    return sep.join(lines) + sep
-
-
-def mllp(payload: bytes) -> bytes:
-    return MLLPFramer().encode(payload)
 
 
 def replies(data: bytes) -> list[Reply]:
@@ -194,7 +199,10 @@ class ReceiverTests(SynchronousTestCase):
     def test_enhanced_mode(self) -> None:
         """A message with MSH-15/16 gets CA; with MSH-15 NE it gets no answer at all."""
         receiver = _Receiver()
-        receiver.send(hl7("M1", ack_types="|||AL|NE"), hl7("M2", ack_types="|||NE|NE"))
+        receiver.send(
+            hl7("M1", accept_ack="AL", application_ack="NE"),
+            hl7("M2", accept_ack="NE", application_ack="NE"),
+        )
         self.assertEqual([(r.ack_code, r.control_id) for r in receiver.replies()], [("CA", "M1")])
         self.assertEqual([r.answer for r in receiver.records], ["CA", "none"])
 
@@ -465,7 +473,7 @@ class SenderTests(SynchronousTestCase):
 
     def test_enhanced_mode_accepted(self) -> None:
         """CA counts as success."""
-        link = _Link([hl7("MSG1", ack_types="|||AL|NE")])
+        link = _Link([hl7("MSG1", accept_ack="AL", application_ack="NE")])
         self.assertEqual(self.successResultOf(link.status), 0)
         self.assertEqual(link.lines(), ["1 MSG1 CA MSG1"])
 

@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import closing, suppress
 from pathlib import Path
@@ -27,6 +28,7 @@ from attrs import define, field
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.tap import CRASH_AT_VARIABLE
+from udsgateway.testing import MLLP_END, MLLP_START, mllp, read_ack
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_FLOWS = REPO / "etc" / "flows" / "demo.toml"
@@ -45,8 +47,6 @@ EXIT_TIMEOUT = 20.0
 COMMAND_TIMEOUT = 120.0
 _POLL = 0.05
 
-MLLP_START = b"\x0b"
-MLLP_END = b"\x1c\r"
 
 #: The spec's sample message (etc/flows/demo.toml), segments separated by CR.
 SAMPLE_SEGMENTS = (
@@ -74,8 +74,10 @@ def write_config(
 ) -> Path:
     """Write ``gateway.toml`` in ``directory``: a SQLite store there, one listener per tenant.
 
-    ``tenants`` maps each tenant's name to its port on 127.0.0.1;
-    ``flow_files`` names the flow files imported at start, per tenant.
+    ``tenants`` maps each tenant's name to its port on 127.0.0.1: 0 lets the
+    system choose a free one, which ``GatewayProcess.wait_ready`` reads back
+    from the gateway's log; ``flow_files`` names the flow files imported at
+    start, per tenant.
     """
     flow_files = flow_files or {}
     lines = [
@@ -118,6 +120,20 @@ def assert_port_free(port: int) -> None:
             probe.bind((HOST, port))
         except OSError as error:
             raise AssertionError(f"port {port} is already in use: {error}") from None
+
+
+def refusing_port() -> socket.socket:
+    """A socket bound to a free port of 127.0.0.1 and not listening: connections to
+    ``getsockname()[1]`` are refused until a listener takes the port over.
+
+    Made with SO_REUSEADDR, as Twisted's listeners are, so a process can listen on
+    the port while this socket still holds it (no other process can take it in
+    between); close it then. A destination that is down, on a port of its own.
+    """
+    placeholder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    placeholder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    placeholder.bind((HOST, 0))
+    return placeholder
 
 
 def accepts_connections(port: int) -> bool:
@@ -186,9 +202,24 @@ class LoggedProcess:
             self.started().wait(timeout=_POLL)
 
 
+#: The line the gateway logs for each listener it opened, with the address it bound.
+_LISTENING = re.compile(r"tenant (\S+) listening on .*?port=(\d+)")
+
+
+def tenant_names(config: Path) -> list[str]:
+    """The tenants of a configuration file, in order."""
+    document = tomllib.loads(config.read_text(encoding="utf-8"))
+    return [str(tenant["name"]) for tenant in document.get("tenants", [])]
+
+
 @define
 class GatewayProcess:
-    """One ``twistd -n --pidfile= udsgateway --config FILE`` process and its log file."""
+    """One ``twistd -n --pidfile= udsgateway --config FILE`` process and its log file.
+
+    ``port`` is the first tenant's listening port: 0 until ``wait_ready`` reads
+    the bound ports back from the log (a configuration listening on port 0), or
+    a fixed port given by the test; ``ports`` has every tenant's.
+    """
 
     config: Path
     port: int
@@ -196,6 +227,7 @@ class GatewayProcess:
     crash_at: str = ""
     #: More ``udsgateway`` options, after ``--config FILE``.
     options: tuple[str, ...] = ()
+    ports: dict[str, int] = field(factory=dict)
     _child: LoggedProcess = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -221,23 +253,34 @@ class GatewayProcess:
         return self._child.running
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
-        """Wait until the listener accepts connections; fail if the process dies first."""
+        """Wait until every listener is open (its port read back from the log, or
+        the fixed port accepting connections); fail if the process dies first."""
         process = self._child.started()
         deadline = time.monotonic() + timeout
+        tenants = tenant_names(self.config)
         while True:
             if process.poll() is not None:
                 raise AssertionError(
-                    f"gateway exited with status {process.returncode} before listening "
-                    f"on port {self.port}; log:\n{self.log_text()}"
+                    f"gateway exited with status {process.returncode} before listening; "
+                    f"log:\n{self.log_text()}"
                 )
-            if accepts_connections(self.port):
+            if self._listening(tenants):
                 return
             if time.monotonic() >= deadline:
                 raise AssertionError(
-                    f"gateway not listening on port {self.port} after {timeout} s; "
-                    f"log:\n{self.log_text()}"
+                    f"gateway not listening after {timeout} s; log:\n{self.log_text()}"
                 )
             self._child.pause()
+
+    def _listening(self, tenants: Sequence[str]) -> bool:
+        if self.port:
+            return accepts_connections(self.port)
+        bound = {name: int(port) for name, port in _LISTENING.findall(self.log_text())}
+        if not tenants or not all(name in bound for name in tenants):
+            return False
+        self.ports = {name: bound[name] for name in tenants}
+        self.port = self.ports[tenants[0]]
+        return True
 
     def wait_exit(self, timeout: float = EXIT_TIMEOUT) -> int:
         """The exit status (negative: killed by that signal); fail after ``timeout`` s."""
@@ -263,13 +306,18 @@ class GatewayProcess:
 def start_gateway(
     testcase: SynchronousTestCase,
     config: Path,
-    port: int,
+    port: int = 0,
     crash_at: str = "",
     wait: bool = True,
     options: tuple[str, ...] = (),
 ) -> GatewayProcess:
-    """Start a gateway for ``testcase``, killed in its cleanup whatever happens."""
-    assert_port_free(port)
+    """Start a gateway for ``testcase``, killed in its cleanup whatever happens.
+
+    ``port`` 0 (the configuration listens on port 0): ``wait_ready`` reads the
+    bound ports back into the returned process's ``port`` and ``ports``.
+    """
+    if port:
+        assert_port_free(port)
     count = len(list(config.parent.glob("twistd-*.log")))
     gateway = GatewayProcess(
         config,
@@ -335,7 +383,7 @@ def send_mllp(port: int, payload: bytes, timeout: float = IO_TIMEOUT) -> bytes |
     """
     deadline = time.monotonic() + timeout
     with socket.create_connection((HOST, port), timeout=timeout) as connection:
-        connection.sendall(MLLP_START + payload + MLLP_END)
+        connection.sendall(mllp(payload))
         data, closed = _receive_until(connection, _mllp_frame_end, deadline)
     if closed and not _mllp_frame_end(data):
         return None
@@ -388,8 +436,8 @@ def segment(message: bytes, name: str) -> list[str]:
 
 def msa(ack: bytes) -> tuple[str, str]:
     """MSA-1 (the ACK code) and MSA-2 (the acknowledged MSH-10) of an ACK."""
-    fields = [*segment(ack, "MSA"), "", ""]
-    return fields[1], fields[2]
+    reply = read_ack(ack)
+    return reply.code, reply.control_id
 
 
 # -- the store

@@ -1,6 +1,8 @@
 """Smoke test of the benchmark's gateway scenarios, in seconds: correctness, never speed.
 
-A real gateway (``twistd``) and a real ``udsgateway receive`` on ports 26960 and 26961:
+A real gateway (``twistd``) and a real ``udsgateway receive``, each on a port reserved for the
+test (``refusing_port``: bound on port 0 and held, so no other process takes it, while the
+scenario's processes listen on it and restart on it):
 the relay scenario must get a verified ACK for every message (MSA-1 AA, MSA-2 equal to its
 MSH-10) and every mapped message must reach the destination; the recovery scenario must
 send a stored backlog again after a kill -9 and a restart. No timing is asserted.
@@ -11,6 +13,8 @@ from __future__ import annotations
 from bench import gateway_scenarios
 from twisted.trial.unittest import TestCase
 
+from tests.integration.helpers import refusing_port
+
 
 class GatewayBenchSmokeTests(TestCase):
     """The bench's gateway scenarios work end to end on a small scale."""
@@ -18,7 +22,10 @@ class GatewayBenchSmokeTests(TestCase):
     timeout = 180
 
     def setUp(self) -> None:
-        gateway_scenarios.use_ports(26960, 26961)
+        gateway, receiver = refusing_port(), refusing_port()
+        self.addCleanup(gateway.close)
+        self.addCleanup(receiver.close)
+        gateway_scenarios.use_ports(gateway.getsockname()[1], receiver.getsockname()[1])
 
     def test_relay_acks_and_delivers_every_message(self) -> None:
         """Every message is ACKed correctly and delivered (the receiver exits at its count)."""

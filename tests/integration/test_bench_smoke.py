@@ -4,13 +4,13 @@ It proves correctness, never speed: every message gets a verified ACK (MSA-1 AA,
 to its MSH-10, in order per connection) in stop-and-wait and pipelined mode, and the verifier is
 not vacuous (a wrong MSA-2, a NAK and a refused connection are all counted as errors).
 
-The canned-ACK server runs as a subprocess on a free port in 27900-27999; the load generator
-runs through its CLI (``python -m bench.loadgen --json``) from the repository root.
+The canned-ACK server runs as a subprocess on a port reserved for it (``refusing_port``:
+bound on port 0, handed over to the server); the load generator runs through its CLI
+(``python -m bench.loadgen --json``) from the repository root.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -30,23 +30,13 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import TestCase
 
+from tests.integration.helpers import refusing_port
+
 REPO = Path(__file__).resolve().parents[2]
 CANNED_ACK = REPO / "bench" / "refservers" / "canned_ack.py"
 HOST = "127.0.0.1"
-PORT_RANGE = range(27900, 28000)
 START_TIMEOUT = 10.0
 ERROR_KINDS = ("nak", "mismatch", "timeout", "closed", "aborted")
-
-
-def _free_port() -> int:
-    for port in PORT_RANGE:
-        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-            try:
-                sock.bind((HOST, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORT_RANGE}")
 
 
 def _accepts(port: int) -> bool:
@@ -94,9 +84,17 @@ class _ScriptedAckFactory(ServerFactory):
 class BenchSmokeTests(TestCase):
     timeout = 60
 
+    def reserve_port(self) -> int:
+        """A port of 127.0.0.1 that refuses connections until a server listens on it;
+        held (no other process can take it) until the test's cleanup."""
+        placeholder = refusing_port()
+        self.addCleanup(placeholder.close)
+        port: int = placeholder.getsockname()[1]
+        return port
+
     def start_canned_ack(self) -> tuple[int, int]:
         """Start the canned-ACK server; (port, pid). Stopped by the test's cleanup."""
-        port = _free_port()
+        port = self.reserve_port()
         with open(f"canned_ack-{port}.log", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, str(CANNED_ACK), "--host", HOST, "--port", str(port)],
@@ -196,7 +194,7 @@ class BenchSmokeTests(TestCase):
         self.assertEqual(result["errors"]["nak"], 20)
 
     async def test_refused_connection_is_closed(self) -> None:
-        port = _free_port()
+        port = self.reserve_port()
         code, result = await self.loadgen("--port", str(port), "--connections", "2")
         self.assertEqual(code, 1)
         self.assertEqual(result["ok"], 0)

@@ -11,13 +11,16 @@ destinations, over real sockets, with the SQLite file.
   in flight at an ``after_send`` crash (at-least-once, docs/guarantees.md "Faults").
 * ``udsgateway flows import`` of a file with template errors reports every one.
 
-Ports 26700-26799 only.
+The gateway listens on port 0 (its port read back from its log); each receiver on a
+port reserved for it beforehand (refused until it starts), so that a destination can
+be down at first and come up later on the port the flows name.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -36,12 +39,14 @@ from tests.integration.helpers import (
     msa,
     new_directory,
     query,
+    refusing_port,
     send_mllp,
     start_gateway,
     udsgateway,
     write_config,
 )
 from udsgateway.peers.commands import split_messages
+from udsgateway.testing import hl7_message
 
 TENANT = "e2e"
 APP_ID = "APPE2E0000001"
@@ -65,23 +70,20 @@ TYPES = {
 def inbound(message_type: str, control_id: str, mrn: str, name: str) -> bytes:
     """A message from the hospital of ``message_type`` for patient ``mrn``."""
     kind, event = message_type.split("^")
-    lines = [
-        f"MSH|^~\\&|HIS|Hospital|LSQ|LeadSquared|{SENT_AT}||{message_type}|{control_id}|P|2.5"
-    ]
     if kind == "ADT":
-        lines += [
+        lines = [
             f"EVN|{event}|{SENT_AT}",
             f"PID|1||{mrn}^^^Hospital||{name}||19800101|M|||1 Main St^^City^ST^12345",
             "NK1|1|Doe^Jane|SPOUSE",
         ]
     else:
-        lines += [
+        lines = [
             f"SCH|APT{mrn}^SCHED|APT{mrn}^SCHED|||||CHECKUP^Annual checkup|ROUTINE|30|MIN",
             f"PID|1||{mrn}^^^Hospital||{name}||19800101|M",
             "RGS|1|A",
             "AIS|1|A|CHECKUP^Annual checkup|202403101000",
         ]
-    return ("\r".join(lines) + "\r").encode("latin-1")
+    return hl7_message(control_id, message_type, sent_at=SENT_AT, segments=lines)
 
 
 def first_template(message_type: str) -> str:
@@ -219,13 +221,21 @@ def wait_until(
 
 @define
 class Receiver:
-    """A ``udsgateway receive --output FILE`` process: a destination that ACKs (AA)."""
+    """A ``udsgateway receive --output FILE`` process: a destination that ACKs (AA).
 
-    port: int
+    Its port is reserved when it is made (``refusing_port``: connections are
+    refused, as by a destination that is down) and handed over to the process
+    once it listens.
+    """
+
     directory: Path
+    port: int = field(init=False)
+    _placeholder: socket.socket | None = field(init=False, repr=False)
     _child: LoggedProcess = field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self._placeholder = refusing_port()
+        self.port = self._placeholder.getsockname()[1]
         self._child = LoggedProcess(self.directory / f"receive-{self.port}.log")
 
     @property
@@ -246,6 +256,12 @@ class Receiver:
             if process.poll() is not None or time.monotonic() >= deadline:
                 raise AssertionError(f"receiver on {self.port} did not start:\n{self.log_text()}")
             self._child.pause()
+        self._release()
+
+    def _release(self) -> None:
+        if self._placeholder is not None:
+            self._placeholder.close()
+            self._placeholder = None
 
     def messages(self) -> list[bytes]:
         """Every message received so far, in order, with its CR segment separators."""
@@ -257,8 +273,9 @@ class Receiver:
         return split_messages(data[: data.rfind(b"\n") + 1])
 
     def stop(self) -> None:
-        """Stop the process (SIGTERM; always safe to call)."""
+        """Stop the process (SIGTERM) and free the port: always safe to call."""
         self._child.stop(signal.SIGTERM)
+        self._release()
 
     def log_text(self) -> str:
         return self._child.log_text()
@@ -268,15 +285,15 @@ def start_all(
     test: SynchronousTestCase,
     receivers: Sequence[Receiver],
     config: Path,
-    port: int,
     crash_at: str = "",
 ) -> GatewayProcess:
     """Start the receivers and the gateway at once (process start-up dominates these
-    tests), then wait until every one listens; all are stopped in the test's cleanup."""
+    tests), then wait until every one listens; all are stopped in the test's cleanup.
+    The gateway's ``port`` is the one it bound."""
     for receiver in receivers:
         test.addCleanup(receiver.stop)
         receiver.start()
-    gateway = start_gateway(test, config, port, crash_at=crash_at, wait=False)
+    gateway = start_gateway(test, config, crash_at=crash_at, wait=False)
     for receiver in receivers:
         receiver.wait_ready()
     gateway.wait_ready()
@@ -355,26 +372,26 @@ def send_all(port: int, messages: Mapping[str, bytes]) -> list[str]:
 class FlowsEndToEndTests(SynchronousTestCase):
     """Every first-class message type through two chained actions."""
 
-    GATEWAY, FIRST, SECOND = 26700, 26701, 26702
-
     def test_five_types_two_chained_actions(self) -> None:
         """Each receiver gets exactly the expected bytes for each type: escaped patient
         names forwarded byte for byte, the app variable escaped, and the second
         message carrying the first receiver's MSA-1 and MSA-2; MSH-7 is a timestamp
         and MSH-10 the control ID stored with the delivery."""
         directory = new_directory(self)
+        first, second = Receiver(directory), Receiver(directory)
+        self.addCleanup(first.stop)
+        self.addCleanup(second.stop)
         flows = directory / "e2e.toml"
-        flows.write_text(flow_file(self.FIRST, self.SECOND), encoding="utf-8")
-        config = write_config(directory, {TENANT: self.GATEWAY}, {TENANT: [flows]})
+        flows.write_text(flow_file(first.port, second.port), encoding="utf-8")
+        config = write_config(directory, {TENANT: 0}, {TENANT: [flows]})
         database = database_path(directory)
-        first, second = Receiver(self.FIRST, directory), Receiver(self.SECOND, directory)
-        gateway = start_all(self, [first, second], config, self.GATEWAY)
+        gateway = start_all(self, [first, second], config)
 
         sent = {}
         for number, (message_type, (_flow_id, name)) in enumerate(TYPES.items(), start=1):
             control_id, mrn = f"E2E{number:05d}", f"MRN{number}"
             sent[control_id] = (message_type, mrn, name)
-            ack = send_mllp(self.GATEWAY, inbound(message_type, control_id, mrn, name))
+            ack = send_mllp(gateway.port, inbound(message_type, control_id, mrn, name))
             assert ack is not None, gateway.log_text()
             self.assertEqual(msa(ack), ("AA", control_id))
         wait_until(
@@ -414,14 +431,17 @@ class FlowsEndToEndTests(SynchronousTestCase):
 class CrashTests(SynchronousTestCase):
     """kill -9 at each execution state, then a restart: G1 and G2 across crashes."""
 
-    def setup(self, base: int) -> tuple[Path, Path, Path]:
-        """Directory, configuration and database for a gateway on ``base`` whose
-        actions go to ``base + 1`` and ``base + 2``."""
+    def setup(self) -> tuple[Path, Path, Receiver, Receiver]:
+        """Configuration and database for a gateway on any free port whose actions
+        go to the first and the second receiver (not started yet)."""
         directory = new_directory(self)
+        first, second = Receiver(directory), Receiver(directory)
+        self.addCleanup(first.stop)
+        self.addCleanup(second.stop)
         flows = directory / "e2e.toml"
-        flows.write_text(flow_file(base + 1, base + 2), encoding="utf-8")
-        config = write_config(directory, {TENANT: base}, {TENANT: [flows]})
-        return directory, config, database_path(directory)
+        flows.write_text(flow_file(first.port, second.port), encoding="utf-8")
+        config = write_config(directory, {TENANT: 0}, {TENANT: [flows]})
+        return config, database_path(directory), first, second
 
     def registrations(self, numbers: range) -> dict[str, bytes]:
         """ADT^A04 messages for patients MRN<n>, by MSH-10."""
@@ -432,38 +452,35 @@ class CrashTests(SynchronousTestCase):
 
     def crash_and_recover(
         self,
-        base: int,
         crash_at: str,
-        up_before: Sequence[int],
+        first_up_before: bool,
         expected_first: list[str],
-        at_the_crash: Callable[[Path, list[str]], None],
+        at_the_crash: Callable[[Path, list[str], Receiver], None],
     ) -> None:
         """Run five registrations through a gateway that kills itself at ``crash_at``
-        (with only the receivers at ``up_before`` running), restart it with both
-        receivers, resend what was not acknowledged, send a sixth; then check that
-        each receiver got the messages in order, the first receiver exactly
-        ``expected_first`` (PID-3.1 values), the second each once.
+        (with the first receiver running if ``first_up_before``, the second down),
+        restart it with both receivers, resend what was not acknowledged, send a
+        sixth; then check that each receiver got the messages in order, the first
+        receiver exactly ``expected_first`` (PID-3.1 values), the second each once.
 
-        ``at_the_crash(database, unanswered)`` checks the store the crash left.
+        ``at_the_crash(database, unanswered, first)`` checks the store the crash left.
         """
-        directory, config, database = self.setup(base)
-        receivers = {port: Receiver(port, directory) for port in (base + 1, base + 2)}
+        config, database, first, second = self.setup()
         messages = self.registrations(range(1, 6))
 
-        up = [receivers[port] for port in up_before]
-        crashing = start_all(self, up, config, base, crash_at=crash_at)
-        unanswered = send_all(base, messages)
+        up = [first] if first_up_before else []
+        crashing = start_all(self, up, config, crash_at=crash_at)
+        unanswered = send_all(crashing.port, messages)
         self.assertEqual(crashing.wait_exit(), -signal.SIGKILL, crashing.log_text())
-        at_the_crash(database, unanswered)
+        at_the_crash(database, unanswered, first)
 
-        down = [receiver for port, receiver in receivers.items() if port not in up_before]
-        restarted = start_all(self, down, config, base)
+        down = [receiver for receiver in (first, second) if receiver not in up]
+        restarted = start_all(self, down, config)
         later = self.registrations(range(6, 7))
         resend = {control_id: messages[control_id] for control_id in unanswered}
-        self.assertEqual(send_all(base, {**resend, **later}), [], restarted.log_text())
+        self.assertEqual(send_all(restarted.port, {**resend, **later}), [], restarted.log_text())
 
         everyone = [f"MRN{n}" for n in range(1, 7)]
-        first, second = receivers[base + 1], receivers[base + 2]
         wait_until(
             lambda: (
                 len(first.messages()) >= len(expected_first)
@@ -498,7 +515,7 @@ class CrashTests(SynchronousTestCase):
         executor. After the restart the queue and any pending execution resume in
         arrival order; the resent 4th message is a replay; nobody gets anything twice."""
 
-        def at_the_crash(database: Path, unanswered: list[str]) -> None:
+        def at_the_crash(database: Path, unanswered: list[str], _first: Receiver) -> None:
             self.assertEqual(unanswered, ["CRASH0004", "CRASH0005"])
             found = states(database)
             # Each of the four waits on the receiver that is down (its first action
@@ -514,9 +531,8 @@ class CrashTests(SynchronousTestCase):
             )
 
         self.crash_and_recover(
-            26710,
             "after_commit:4",
-            up_before=(),
+            first_up_before=False,
             expected_first=[f"MRN{n}" for n in range(1, 7)],
             at_the_crash=at_the_crash,
         )
@@ -526,7 +542,7 @@ class CrashTests(SynchronousTestCase):
         its lane sends it (the first receiver down). After the restart every delivery
         goes out in order, each once."""
 
-        def at_the_crash(database: Path, unanswered: list[str]) -> None:
+        def at_the_crash(database: Path, unanswered: list[str], _first: Receiver) -> None:
             self.assertIn(unanswered, ([], ["CRASH0005"], ["CRASH0004", "CRASH0005"]))
             self.assertEqual(
                 states(database)[:4],
@@ -535,9 +551,8 @@ class CrashTests(SynchronousTestCase):
             self.assertEqual(open_deliveries(database)[:4], [f"CRASH{n:04d}" for n in range(1, 5)])
 
         self.crash_and_recover(
-            26720,
             "after_enqueue:4",
-            up_before=(),
+            first_up_before=False,
             expected_first=[f"MRN{n}" for n in range(1, 7)],
             at_the_crash=at_the_crash,
         )
@@ -547,10 +562,9 @@ class CrashTests(SynchronousTestCase):
         was recorded (the second receiver down). The 3rd message is the one in flight:
         after the restart it is sent again (the documented at-least-once case), first,
         and nothing else twice; the second receiver gets everything once, in order."""
-        base = 26730
 
-        def at_the_crash(database: Path, unanswered: list[str]) -> None:
-            received = Receiver(base + 1, database.parent).messages()
+        def at_the_crash(database: Path, unanswered: list[str], first: Receiver) -> None:
+            received = first.messages()
             self.assertEqual(patients(received), ["MRN1", "MRN2", "MRN3"])
             first_steps = [
                 (row["trigger"], row["state"]) for row in deliveries(database) if row["step"] == 0
@@ -561,9 +575,8 @@ class CrashTests(SynchronousTestCase):
             )
 
         self.crash_and_recover(
-            base,
             "after_send:3",
-            up_before=(base + 1,),
+            first_up_before=True,
             expected_first=["MRN1", "MRN2", "MRN3", "MRN3", "MRN4", "MRN5", "MRN6"],
             at_the_crash=at_the_crash,
         )
@@ -577,7 +590,7 @@ class FlowsImportTests(SynchronousTestCase):
         is reported with its file, flow, action and template line; exit status 2;
         nothing is imported."""
         directory = new_directory(self)
-        config = write_config(directory, {TENANT: 26740})
+        config = write_config(directory, {TENANT: 0})
         header = "MSH|^~\\&|UDSGATEWAY|E2E|FIRST|FIRSTFAC|{{ now }}||{type}|{{ control_id }}|P|2.5"
         adt_sample = inbound("ADT^A04", "SAMPLE", "MRN0", "Doe^John").decode().replace("\r", "\n")
         siu_sample = inbound("SIU^S12", "SAMPLE", "MRN0", "Doe^John").decode().replace("\r", "\n")

@@ -23,13 +23,13 @@ from tests.integration.helpers import (
     MLLP_START,
     GatewayProcess,
     accepts_connections,
-    assert_port_free,
     closed_by_peer,
     count,
     database_path,
     msa,
     new_directory,
     query,
+    refusing_port,
     sample_message,
     segment,
     send_mllp,
@@ -46,8 +46,8 @@ TCP_A04_FLOW = "FLWA04TCPDEMO1"
 SHUTDOWN_BOUND = 10.0
 
 
-def demo_gateway_config(directory: Path, port: int) -> Path:
-    """One demo tenant on ``port``, with the repository's demo flows."""
+def demo_gateway_config(directory: Path, port: int = 0) -> Path:
+    """One demo tenant on ``port`` (0: any free port), with the repository's demo flows."""
     return write_config(directory, {DEMO_TENANT: port}, {DEMO_TENANT: [DEMO_FLOWS]})
 
 
@@ -63,31 +63,29 @@ def received_count(database: Path, control_id: str) -> int:
 class SampleMessageTests(SynchronousTestCase):
     """The spec's sample message, sent to a running gateway."""
 
-    PORT = 26510
-
     def test_sample_over_mllp_and_plain_tcp(self) -> None:
         """The sample gets AA echoing its MSH-10 over MLLP and over plain TCP (ended by
         the idle gap, or by the sender's half-close), and each message is stored byte
         for byte with the ACK sent and the flow it went to."""
         directory = new_directory(self)
-        config = demo_gateway_config(directory, self.PORT)
-        start_gateway(self, config, self.PORT)
+        config = demo_gateway_config(directory)
+        port = start_gateway(self, config).port
         over_mllp, over_tcp = sample_message("MSG00001"), sample_message("MSG00002")
         half_closed = sample_message("MSG00003")
 
-        mllp_ack = send_mllp(self.PORT, over_mllp)
+        mllp_ack = send_mllp(port, over_mllp)
         assert mllp_ack is not None, "connection closed without an ACK"
         self.assertEqual(msa(mllp_ack), ("AA", "MSG00001"))
         # The demo sample is HL7 2.3: MSH-9 of its ACK has two components.
         self.assertEqual(segment(mllp_ack, "MSH")[8], "ACK^A04")
 
-        tcp_ack = send_plain(self.PORT, over_tcp)
+        tcp_ack = send_plain(port, over_tcp)
         assert tcp_ack is not None, "connection closed without an ACK"
         self.assertFalse(tcp_ack.startswith(MLLP_START), "a plain TCP ACK must be unframed")
         self.assertTrue(tcp_ack.startswith(b"MSH|"), tcp_ack)
         self.assertEqual(msa(tcp_ack), ("AA", "MSG00002"))
 
-        end_ack = send_plain(self.PORT, half_closed, half_close=True)
+        end_ack = send_plain(port, half_closed, half_close=True)
         assert end_ack is not None, "connection closed without an ACK after a half-close"
         self.assertEqual(msa(end_ack), ("AA", "MSG00003"))
 
@@ -125,14 +123,13 @@ class CrashTests(SynchronousTestCase):
         """Killed after reading a frame and before committing it: the sender gets no
         ACK, nothing of the message is stored; after a restart the resent message
         gets AA and is stored once."""
-        port = 26520
         directory = new_directory(self)
         database = database_path(directory)
-        config = demo_gateway_config(directory, port)
+        config = demo_gateway_config(directory)
         message = sample_message("CRASH00001")
 
-        crashing = start_gateway(self, config, port, crash_at="before_commit")
-        self.assertIsNone(send_mllp(port, message), "an ACK was sent without a commit")
+        crashing = start_gateway(self, config, crash_at="before_commit")
+        self.assertIsNone(send_mllp(crashing.port, message), "an ACK was sent without a commit")
         self.assertEqual(crashing.wait_exit(), -signal.SIGKILL, crashing.log_text())
 
         # The store is intact (the flows imported at start are there) and holds
@@ -145,8 +142,8 @@ class CrashTests(SynchronousTestCase):
         )
         self.assertEqual(count(database, "SELECT count(*) FROM deliveries"), 0)
 
-        restarted = start_gateway(self, config, port)
-        ack = send_mllp(port, message)
+        restarted = start_gateway(self, config)
+        ack = send_mllp(restarted.port, message)
         assert ack is not None, f"no ACK after the restart; log:\n{restarted.log_text()}"
         self.assertEqual(msa(ack), ("AA", "CRASH00001"))
         rows = query(database, "SELECT control_id, raw, ack FROM messages")
@@ -157,14 +154,13 @@ class CrashTests(SynchronousTestCase):
         """Killed after the commit and before the ACK is written: the sender gets no
         ACK but the message is stored; after a restart the resent bytes get the
         stored ACK replayed, and the message is still stored and processed once."""
-        port = 26530
         directory = new_directory(self)
         database = database_path(directory)
-        config = demo_gateway_config(directory, port)
+        config = demo_gateway_config(directory)
         message = sample_message("CRASH00002")
 
-        crashing = start_gateway(self, config, port, crash_at="after_commit")
-        self.assertIsNone(send_mllp(port, message), "an ACK was sent despite the crash")
+        crashing = start_gateway(self, config, crash_at="after_commit")
+        self.assertIsNone(send_mllp(crashing.port, message), "an ACK was sent despite the crash")
         self.assertEqual(crashing.wait_exit(), -signal.SIGKILL, crashing.log_text())
 
         (stored,) = query(database, "SELECT control_id, raw, ack_code, ack FROM messages")
@@ -174,8 +170,8 @@ class CrashTests(SynchronousTestCase):
         )
         self.assertEqual(msa(stored["ack"]), ("AA", "CRASH00002"))
 
-        restarted = start_gateway(self, config, port)
-        replayed = send_mllp(port, message)
+        restarted = start_gateway(self, config)
+        replayed = send_mllp(restarted.port, message)
         assert replayed is not None, f"no ACK after the restart; log:\n{restarted.log_text()}"
         self.assertEqual(replayed, stored["ack"])
         self.assertEqual(msa(replayed), ("AA", "CRASH00002"))
@@ -186,23 +182,22 @@ class CrashTests(SynchronousTestCase):
 class ShutdownTests(SynchronousTestCase):
     """SIGTERM: a clean, bounded shutdown."""
 
-    PORT = 26540
-
     def test_sigterm(self) -> None:
         """On SIGTERM the gateway closes its port and open connections (idle ones and
         one in the middle of a frame), shuts down cleanly and exits within the
         bound; what it acknowledged stays stored."""
         directory = new_directory(self)
-        config = demo_gateway_config(directory, self.PORT)
-        gateway = start_gateway(self, config, self.PORT)
-        ack = send_mllp(self.PORT, sample_message("TERM00001"))
+        config = demo_gateway_config(directory)
+        gateway = start_gateway(self, config)
+        port = gateway.port
+        ack = send_mllp(port, sample_message("TERM00001"))
         assert ack is not None, "no ACK"
         self.assertEqual(msa(ack), ("AA", "TERM00001"))
 
         # Pending idle and frame timeouts (minutes) must not delay the exit.
-        idle = socket.create_connection((HOST, self.PORT), timeout=IO_TIMEOUT)
+        idle = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
         self.addCleanup(idle.close)
-        partial = socket.create_connection((HOST, self.PORT), timeout=IO_TIMEOUT)
+        partial = socket.create_connection((HOST, port), timeout=IO_TIMEOUT)
         self.addCleanup(partial.close)
         partial.sendall(MLLP_START + sample_message("TERM00002")[:40])
 
@@ -221,7 +216,7 @@ class ShutdownTests(SynchronousTestCase):
             self.assertNotIn(problem, log)
         self.assertTrue(closed_by_peer(idle), "idle connection left open")
         self.assertTrue(closed_by_peer(partial), "connection with a partial frame left open")
-        self.assertFalse(accepts_connections(self.PORT))
+        self.assertFalse(accepts_connections(port))
         rows = query(database_path(directory), "SELECT control_id, ack FROM messages")
         self.assertEqual(rows, [{"control_id": "TERM00001", "ack": ack}])
 
@@ -232,15 +227,14 @@ class FailedStartTests(SynchronousTestCase):
     def test_port_in_use(self) -> None:
         """When its port is taken the gateway logs why it could not start and exits
         with a non-zero status, so a supervisor or ``make run`` sees the failure."""
-        port = 26550
-        directory = new_directory(self)
-        config = demo_gateway_config(directory, port)
-        assert_port_free(port)
         taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(taken.close)
         taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        taken.bind((HOST, port))
+        taken.bind((HOST, 0))
         taken.listen()
+        port = taken.getsockname()[1]
+        directory = new_directory(self)
+        config = demo_gateway_config(directory, port)
 
         gateway = GatewayProcess(config, port, directory / "twistd.log")
         self.addCleanup(gateway.stop)
@@ -260,7 +254,7 @@ class FailedStartTests(SynchronousTestCase):
         config.write_text(
             '[gateway]\ncolour = "blue"\n\n[[tenants]]\nname = "demo"\n', encoding="utf-8"
         )
-        gateway = GatewayProcess(config, 26560, directory / "twistd.log")
+        gateway = GatewayProcess(config, 0, directory / "twistd.log")
         self.addCleanup(gateway.stop)
         gateway.start()
         status = gateway.wait_exit()
@@ -286,15 +280,13 @@ class StartErrorTests(SynchronousTestCase):
 
     def test_port_in_use_one_line(self) -> None:
         """A port in use: one line naming the tenant, the address and the error."""
-        port = 26570
-        directory = new_directory(self)
-        config = demo_gateway_config(directory, port)
-        assert_port_free(port)
         taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.addCleanup(taken.close)
-        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        taken.bind((HOST, port))
+        taken.bind((HOST, 0))
         taken.listen()
+        port = taken.getsockname()[1]
+        directory = new_directory(self)
+        config = demo_gateway_config(directory, port)
         log = self.failed_start(config, port)
         self.assertIn(
             f"udsgateway could not start: tenant {DEMO_TENANT}: Couldn't listen on {HOST}:{port}",
@@ -304,7 +296,9 @@ class StartErrorTests(SynchronousTestCase):
     def test_missing_flow_file(self) -> None:
         """A flow file that cannot be read stops the gateway (every tenant) with one
         line naming the tenant and the file."""
-        port = 26580
+        placeholder = refusing_port()
+        self.addCleanup(placeholder.close)
+        port = placeholder.getsockname()[1]
         directory = new_directory(self)
         missing = directory / "missing.toml"
         config = write_config(directory, {DEMO_TENANT: port}, {DEMO_TENANT: [missing]})

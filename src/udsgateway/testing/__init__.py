@@ -9,6 +9,10 @@ without threads, sockets or sleeps.
 ``Outbound`` does the same for the delivery engine: the real dispatcher,
 lanes and destination protocol, talking through in-memory endpoints to
 scripted ``DestinationPeer``s on the same clock.
+
+The tests' one message builder (``hl7_message``), MLLP frame (``mllp``) and
+ACK reader (``read_ack``) live here too. Doubles that can end up in a log
+line (an endpoint, a peer) keep a short repr.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from attrs import define, field
+from attrs import define, field, frozen
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
@@ -35,7 +39,7 @@ from zope.interface import implementer
 
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, Trigger
-from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.ack import ControlIdSource, parse_reply
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import InboundProtocol, ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
@@ -59,6 +63,79 @@ MLLP_END = b"\x1c\x0d"
 def mllp(payload: bytes) -> bytes:
     """Wrap a message in an MLLP frame."""
     return MLLP_START + payload + MLLP_END
+
+
+# -- HL7 messages, MLLP frames and ACKs, as the tests write and read them
+
+#: MSH-7 of the messages ``hl7_message`` builds, unless told otherwise.
+SENT_AT = "20240101123000"
+
+
+def hl7_message(
+    control_id: str = "MSG00001",
+    message_type: str = "ADT^A04",
+    *,
+    sending: str = "HIS|Hospital",
+    receiving: str = "LSQ|LeadSquared",
+    sent_at: str = SENT_AT,
+    processing_id: str = "P",
+    version: str = "2.5",
+    accept_ack: str = "",
+    application_ack: str = "",
+    charset: str = "",
+    segments: Sequence[str | bytes] | None = None,
+    patient: bytes = b"Doe^John",
+    separator: bytes = b"\r",
+) -> bytes:
+    """A synthetic HL7 v2 message (no real person) with the default delimiters.
+
+    ``sending`` is MSH-3|MSH-4 and ``receiving`` MSH-5|MSH-6; MSH-15, MSH-16 and
+    MSH-18 are written when one of them is given. The segments after MSH are
+    ``segments`` (text encoded as Latin-1), by default an EVN and a PID naming
+    ``patient``. Every segment, the last too, ends with ``separator``.
+    """
+    msh = (
+        f"MSH|^~\\&|{sending}|{receiving}|{sent_at}||{message_type}|{control_id}"
+        f"|{processing_id}|{version}"
+    )
+    if accept_ack or application_ack or charset:
+        # MSH-13, MSH-14 empty; MSH-15, MSH-16; MSH-17 empty; MSH-18.
+        msh += f"|||{accept_ack}|{application_ack}||{charset}"
+    if segments is None:
+        segments = (f"EVN|A04|{sent_at}", b"PID|1||12345^^^Hospital||" + patient + b"||19800101|M")
+    lines = [msh.encode("latin-1")]
+    lines += [line.encode("latin-1") if isinstance(line, str) else line for line in segments]
+    return separator.join(lines) + separator
+
+
+@frozen
+class AckFields:
+    """What tests assert on in an ACK: MSA-1, MSA-2, ERR-3.1 and ERR-7."""
+
+    code: str
+    control_id: str
+    error_code: int | None
+    diagnostic: str
+
+
+def read_ack(ack: bytes) -> AckFields:
+    """Read one unframed ACK (segments ended by CR, LF or CR LF).
+
+    AssertionError when it is not a well-formed ACK (``udsgateway.hl7.ack.parse_reply``
+    names the problem); ``error_code`` is ERR-3.1 (table 0357), or None
+    without an ERR segment.
+    """
+    text = ack.replace(b"\r\n", b"\r").replace(b"\n", b"\r")
+    reply = parse_reply(text)
+    assert reply.problem == "" and reply.ack_code is not None, f"{reply.problem}: {ack!r}"
+    err = next((line for line in text.split(b"\r") if line.startswith(b"ERR|")), b"")
+    fields = err.decode("latin-1").split("|")
+    return AckFields(
+        code=reply.ack_code,
+        control_id=reply.control_id or "",
+        error_code=reply.error_code,
+        diagnostic=fields[7] if len(fields) > 7 else "",
+    )
 
 
 def inbound_record(
@@ -214,9 +291,13 @@ class Connection:
 
 def outbound_message(control_id: str, body: str = "PID|1||12345") -> bytes:
     """A small HL7 message to deliver, whose MSH-10 is ``control_id``."""
-    return (
-        f"MSH|^~\\&|GATEWAY|FAC|DEST|FAC|20240101000000||ADT^A04|{control_id}|P|2.5\r{body}\r"
-    ).encode()
+    return hl7_message(
+        control_id,
+        sending="GATEWAY|FAC",
+        receiving="DEST|FAC",
+        sent_at="20240101000000",
+        segments=[body],
+    )
 
 
 def control_id_of(message: bytes) -> str:
@@ -273,13 +354,14 @@ class PeerTransport(StringTransport):
 class PeerConnection:
     """One connection as the destination sees it: what arrived, and a way to answer."""
 
-    peer: DestinationPeer
-    protocol: IProtocol
-    transport: PeerTransport = field(init=False)
-    received: list[bytes] = field(factory=list)
+    # Not in the repr: the peer and what arrived grow with the test (see PeerEndpoint).
+    peer: DestinationPeer = field(repr=False)
+    protocol: IProtocol = field(repr=False)
+    transport: PeerTransport = field(init=False, repr=False)
+    received: list[bytes] = field(factory=list, repr=False)
     #: True once the gateway's protocol was told the connection is gone.
     closed: bool = False
-    _framer: IFramer | None = field(default=None, init=False)
+    _framer: IFramer | None = field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.transport = PeerTransport(self)
@@ -344,18 +426,20 @@ class DestinationPeer:
     ``latency`` seconds.
     """
 
-    clock: Clock
+    clock: Clock = field(repr=False)
     protocol: str = "mllp"
     accepting: bool = True
     refuse_next: int = 0
     latency: float = 0.0
-    script: Callable[[PeerConnection, bytes], None] = _answer_aa
-    connections: list[PeerConnection] = field(factory=list)
+    # The repr leaves out the clock, the script and what grows with the test: it
+    # lands in log lines (ClientService logs its endpoint on every retry).
+    script: Callable[[PeerConnection, bytes], None] = field(default=_answer_aa, repr=False)
+    connections: list[PeerConnection] = field(factory=list, repr=False)
     #: Every message received, over every connection, in order.
-    received: list[bytes] = field(factory=list)
+    received: list[bytes] = field(factory=list, repr=False)
     #: Replies that reached the gateway's protocol, and replies lost to a closed connection.
-    delivered: list[bytes] = field(factory=list)
-    undelivered: list[bytes] = field(factory=list)
+    delivered: list[bytes] = field(factory=list, repr=False)
+    undelivered: list[bytes] = field(factory=list, repr=False)
     attempts: int = 0
     refused: int = 0
 
@@ -408,9 +492,17 @@ class DestinationPeer:
 @implementer(IStreamClientEndpoint)
 @define(eq=False)
 class PeerEndpoint:
-    """A client endpoint whose connections reach a ``DestinationPeer``."""
+    """A client endpoint whose connections reach a ``DestinationPeer``.
+
+    Its repr is short and does not grow: ``ClientService`` logs the endpoint on
+    every connection retry, and a peer's full repr (every message received)
+    once made one test write a log of hundreds of megabytes.
+    """
 
     peer: DestinationPeer
+
+    def __repr__(self) -> str:
+        return f"<PeerEndpoint {self.peer.protocol} peer at 0x{id(self.peer):x}>"
 
     def connect(self, factory: IProtocolFactory) -> Deferred[IProtocol]:
         return self.peer.connect(factory)
