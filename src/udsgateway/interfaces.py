@@ -1,0 +1,48 @@
+"""The seams between the inbound pipeline, the executor and the delivery engine.
+
+A message travels ingest -> flow runner (the executor) -> delivery queue (the
+dispatcher); an outcome travels back dispatcher -> delivery outcomes (the
+executor). Each side holds the other only as one of these interfaces, checked
+with ``zope.interface.verify.verifyObject`` in the tests, so the inbound and
+outbound layers never import each other.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Interface
+
+
+class IFlowRunner(Interface):
+    """What ingest asks of the flows that run after a message is stored."""
+
+    def first_actions(tenant: str, flow_ids: tuple[str, ...], raw: bytes) -> tuple[object, ...]:
+        """Render the first action of each flow before the message's commit (the fold)."""
+
+    def stored(result: object) -> None:
+        """A message's commit finished (a ``CommitResult``): its executions may run."""
+
+    def watch(execution_id: int, timeout: float) -> object:
+        """A Deferred that fires with the execution's ``Finished`` state, within ``timeout``."""
+
+    def is_full(destination: str) -> bool:
+        """Backpressure: True when ``destination``'s queue is at its cap."""
+
+
+class IDeliveryQueue(Interface):
+    """What the executor asks of the delivery engine."""
+
+    def enqueued(lane: str, destination: str, protocol: str, count: int = 1) -> None:
+        """``count`` deliveries were committed to ``lane`` of ``destination``."""
+
+    def is_full(destination: str) -> bool:
+        """True when ``destination``'s queue is at its cap."""
+
+
+class IDeliveryOutcomes(Interface):
+    """What the delivery engine tells the executor about recorded outcomes."""
+
+    def after_record(connection: object, settled: list[object], found: object) -> object:
+        """In the database thread, inside the transaction that records outcomes."""
+
+    def on_recorded(group: object) -> None:
+        """In the reactor, after the commit, with what ``after_record`` returned."""
