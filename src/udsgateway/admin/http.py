@@ -232,6 +232,8 @@ class AdminRequest(server.Request):
     """A request that is judged by ``App.gate`` before its body is read."""
 
     refused = False
+    #: No body follows the headers (Content-Length 0 or absent, not chunked).
+    bodyless = False
     gated: Caller | None = None
     route: Route | None = None
     _received = 0
@@ -247,6 +249,7 @@ class AdminRequest(server.Request):
         method = getattr(self.channel, "_command", b"")
         target = getattr(self.channel, "_path", b"")
         path = target.split(b"?", 1)[0].decode("latin-1")
+        self.bodyless = length == 0
         try:
             self.route, self.gated = app.gate(self, method.decode("latin-1"), path, length)
         except HTTPError as error:

@@ -47,7 +47,7 @@ ERROR_CODES = (
 )
 #: Every label whose values come from a fixed list, with that list.
 LABEL_ENUMS: dict[str, tuple[str, ...]] = {
-    "outcome": ("accepted", "duplicate", "unreadable", "rendered", "failed", "held"),
+    "outcome": ("stored", "duplicate", "unreadable", "rendered", "failed", "held"),
     "code": (*ACK_CODES, *ERROR_CODES, "other"),
     "state": ("queued", "held", "pending", "waiting"),
     "framing": ("mllp", "tcp"),
@@ -111,8 +111,8 @@ class GatewayCollector(Collector):
         )
         messages = CounterMetricFamily(
             "udsgw_inbound_messages",
-            "Inbound messages by outcome (accepted: stored; duplicate: answered "
-            "from the store; unreadable: not HL7)",
+            "Inbound messages by outcome (stored: accepted or rejected, see "
+            "udsgw_rejections; duplicate: answered from the store; unreadable: not HL7)",
             labels=["listener", "outcome"],
         )
         acks = CounterMetricFamily(
@@ -127,7 +127,7 @@ class GatewayCollector(Collector):
             open_now.add_metric([name], listener.open_connections)
             connections.add_metric([name], listener.connections)
             refused.add_metric([name], listener.refused)
-            messages.add_metric([name, "accepted"], ingest.stored)
+            messages.add_metric([name, "stored"], ingest.stored)
             messages.add_metric([name, "duplicate"], ingest.replayed)
             messages.add_metric([name, "unreadable"], ingest.unreadable)
             for code, count in _bucket(ingest.acks, ACK_CODES).items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import secrets
 import sys
 import time
 from typing import TYPE_CHECKING, Any, TextIO
@@ -67,7 +68,13 @@ def cmd_users(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> i
                     out.write(f"{row['name']}\t{row['role']}\t{','.join(flags)}\n")
             return 0
         if action == "add":
-            hashed = auth.hash_password(read_password(args))
+            if args.if_missing and any(
+                row["name"] == args.name for row in database.transaction_now(users.list_users)
+            ):
+                return 0
+            generated = secrets.token_urlsafe(12) if args.generate_password else None
+            password = generated or read_password(args)
+            hashed = auth.hash_password(password)
             database.transaction_now(
                 users.add_user, args.name, hashed, args.role, args.view_content, now
             )
@@ -76,6 +83,8 @@ def cmd_users(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> i
                 audit_row, _who(args), "user.add", f"user {args.name}", now, detail, "ok"
             )
             out.write(f"user {args.name} added ({detail})\n")
+            if args.generate_password:
+                out.write(f"password of {args.name} (shown once): {password}\n")
             return 0
         values: dict[str, Any] = {}
         if action == "passwd":
@@ -162,6 +171,14 @@ def add_account_commands(commands: Any) -> None:
     p.add_argument("--role", choices=users.ROLES, default=users.VIEWER)
     p.add_argument(
         "--view-content", action="store_true", help="may view message content (audited)"
+    )
+    p.add_argument(
+        "--generate-password",
+        action="store_true",
+        help="make up a random password and print it once (the make run demo)",
+    )
+    p.add_argument(
+        "--if-missing", action="store_true", help="do nothing when the user exists already"
     )
     for name, text in (
         ("passwd", "set a user's password (asks for it)"),
