@@ -27,8 +27,9 @@ from sqlalchemy import Connection, func, select
 
 from udsgateway.store import schema
 
-#: ACK codes (MSA-1) counted; anything else is counted as "other".
-ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
+#: ACK codes (MSA-1) counted ("replay": a duplicate answered with its stored ACK);
+#: anything else is counted as "other".
+ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR", "replay")
 #: HL7 table 0357 error codes the gateway answers with.
 ERROR_CODES = (
     "0",
