@@ -43,6 +43,7 @@ from udsgateway.hl7.batch import (
     split_batch,
 )
 from udsgateway.hl7.header import Delimiters, Header, HeaderProblem, codec_for, parse_header
+from udsgateway.hl7.keys import search_keys
 from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.store.engine import GroupCommitter, is_locked
 from udsgateway.store.executions import Finished
@@ -208,6 +209,7 @@ class Ingest:
             ack=ack,
             run_flows=run_flows,
             refuse_new=refuse_new,
+            keys=search_keys(payload, header),
             # Its ACK will reflect the actions: until then a resend must not be
             # given the provisional one (see _replay_pending).
             # In enhanced mode with an application ACK the accept ACK is final at commit.
