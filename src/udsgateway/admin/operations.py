@@ -225,9 +225,10 @@ class Operations:
         for tenant, ingest in self.ingests.items():
             stats = ingest.stats
             found[f"tenant.{tenant}.received"] = stats.frames
-            found[f"tenant.{tenant}.accepted"] = stats.stored
+            rejected = sum(stats.rejected.values())
+            found[f"tenant.{tenant}.accepted"] = stats.stored - rejected
             found[f"tenant.{tenant}.duplicates"] = stats.replayed
-            found[f"tenant.{tenant}.rejected"] = sum(stats.errors.values())
+            found[f"tenant.{tenant}.rejected"] = rejected + sum(stats.errors.values())
         if self.dispatcher is not None:
             for address, count in getattr(self.dispatcher, "sent", {}).items():
                 found[f"destination.{address}.delivered"] = count
@@ -256,14 +257,15 @@ class Operations:
         for name, ingest in self.ingests.items():
             stats = ingest.stats
             listener = self.listeners.get(name)
+            rejected = stats.rejected + stats.errors
             tenants[name] = {
                 "open_connections": listener.stats.open_connections if listener else 0,
                 "connections": listener.stats.connections if listener else 0,
                 "received": stats.frames,
-                "accepted": stats.stored,
+                "accepted": stats.stored - sum(stats.rejected.values()),
                 "duplicates": stats.replayed,
-                "rejected": sum(stats.errors.values()),
-                "rejected_by_code": {str(code): n for code, n in sorted(stats.errors.items())},
+                "rejected": sum(rejected.values()),
+                "rejected_by_code": {str(code): n for code, n in sorted(rejected.items())},
                 "acks": dict(sorted(stats.acks.items())),
             }
         live: dict[str, dict[str, Any]] = {}

@@ -96,6 +96,8 @@ class IngestStats:
     inbound_acks: int = 0
     #: Application ACKs ready after their connection had closed (not sent).
     application_acks_lost: int = 0
+    #: Messages stored as rejected (routing: no such flow, wrong type...), by error code.
+    rejected: Counter[int] = field(factory=Counter)
 
 
 @define
@@ -352,6 +354,7 @@ class Ingest:
         if result.outcome is CommitOutcome.STORED:
             self.stats.stored += 1
             if error is not None:
+                self.stats.rejected[error.code] += 1
                 log.info(
                     "message rejected: {reason} (control ID {control_id})",
                     reason=record.reason,
