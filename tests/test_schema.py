@@ -146,3 +146,30 @@ class ThreadRunnerTests(SynchronousTestCase):
         runner.stop()
         runner.stop()  # a second stop is harmless
         self.failureResultOf(runner.run(int), RuntimeError)
+
+
+class AuditMigrationTests(SynchronousTestCase):
+    """Version 3's audit table gains result and via; its rows keep their values."""
+
+    def test_version_3_audit_is_migrated(self) -> None:
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            connection.exec_driver_sql(
+                "CREATE TABLE audit (id INTEGER PRIMARY KEY, at FLOAT NOT NULL,"
+                " who VARCHAR(128) NOT NULL, action VARCHAR(64) NOT NULL,"
+                " target VARCHAR(255) NOT NULL, reason VARCHAR(255) NOT NULL)"
+            )
+            connection.exec_driver_sql(
+                "INSERT INTO audit (at, who, action, target, reason)"
+                " VALUES (1.0, 'ann', 'delivery.skip', 'delivery 1', 'stuck')"
+            )
+            ensure_schema(connection)
+            connection.execute(
+                update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="3")
+            )
+        with engine.begin() as connection:
+            self.assertEqual(ensure_schema(connection), schema.SCHEMA_VERSION)
+            rows = connection.exec_driver_sql("SELECT who, action, result, via FROM audit").all()
+            names = {i["name"] for i in inspect(connection).get_indexes("audit")}
+        self.assertEqual([tuple(r) for r in rows], [("ann", "delivery.skip", "ok", "cli")])
+        self.assertIn("audit_at", names)
