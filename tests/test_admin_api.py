@@ -23,10 +23,11 @@ def audit_rows(client: AdminClient) -> list[tuple[str, str, str]]:
 
 class Fixture(TestCase):
     def setUp(self) -> None:
-        self.client = AdminClient()
+        self.client = AdminClient(with_operations=True)
         self.viewer = self.client.add_user("vera", "viewer")
         self.operator = self.client.add_user("otto", "operator")
         self.admin = self.client.add_user("ada", "admin")
+        self.reader = self.client.add_user("carla", "viewer", view_content=True)
 
     def login(self, name: str = "vera", password: str = "correct horse") -> tuple[str, str]:
         reply = self.client.request(
@@ -220,19 +221,31 @@ class RoleTests(Fixture):
         for route in self.client.api.routes():
             if route.role is None:
                 continue
-            path = route.path.replace("{name}", "vera").replace("{id}", "999")
+            path = (
+                route.path.replace("{name}", "vera")
+                .replace("{id}", "999")
+                .replace("{destination}", "127.0.0.1:9")
+            )
             body: dict[str, str] | None = {} if route.schema is not None else None
             for role in order[: order.index(route.role)]:
                 reply = self.client.request(route.method, path, body, token=tokens[role])
                 self.assertEqual(reply.status, 403, (route.method, route.path, role))
                 checked += 1
-            reply = self.client.request(route.method, path, body, token=tokens[route.role])
+            if route.content:
+                # Content needs the permission besides the role.
+                reply = self.client.request(route.method, path, body, token=tokens[route.role])
+                self.assertEqual(reply.status, 403, (route.method, route.path))
+                self.assertIn("view_content", reply.json["error"])
+                checked += 1
+            token = self.reader if route.content else tokens[route.role]
+            reply = self.client.request(route.method, path, body, token=token)
             self.assertNotIn(reply.status, (401, 403), (route.method, route.path))
         self.assertGreater(checked, 5)
 
     def test_no_credentials_means_401_everywhere_but_public_routes(self) -> None:
         for route in self.client.api.routes():
-            reply = self.client.request(route.method, route.path.replace("{name}", "x"))
+            path = route.path.replace("{name}", "x").replace("{id}", "1")
+            reply = self.client.request(route.method, path.replace("{destination}", "h:1"))
             if route.role is None:
                 self.assertNotEqual(reply.status, 401, route.path)
             else:

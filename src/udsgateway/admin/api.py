@@ -229,6 +229,10 @@ class AdminAPI:
             ),
             Route("DELETE", "/api/v1/tokens/{id}", self.revoke_token, VIEWER, "revoke a token"),
         ]
+        if self.operations is not None:
+            from udsgateway.admin.routes import operation_routes
+
+            routes += operation_routes(self.operations)
         return routes
 
     # -- health

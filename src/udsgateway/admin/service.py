@@ -24,6 +24,7 @@ from udsgateway.admin.api import AdminAPI
 from udsgateway.admin.auth import LoginThrottle
 from udsgateway.admin.http import AdminSite
 from udsgateway.admin.metrics import Metrics
+from udsgateway.admin.operations import Operations
 from udsgateway.admin.sessions import SessionStore
 from udsgateway.config import AdminConfig
 from udsgateway.wire.tls import server_options
@@ -47,6 +48,9 @@ class AdminService(Service):
 
     def startService(self) -> None:
         super().startService()
+        rates = getattr(self.api.operations, "rates", None)
+        if rates is not None:
+            rates.start()
         Deferred.fromCoroutine(self._start()).addErrback(
             lambda f: log.failure("the admin service could not start", f)
         )
@@ -75,6 +79,9 @@ class AdminService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        rates = getattr(self.api.operations, "rates", None)
+        if rates is not None:
+            rates.stop()
         if self._refresh.running:
             self._refresh.stop()
         port, self.port = self.port, None
@@ -101,6 +108,8 @@ def admin_service(config: AdminConfig, gateway: Any, reactor: Any) -> AdminServi
         return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
 
     operations = getattr(gateway, "operations", None)
+    if operations is None:
+        operations = Operations.for_service(gateway, reactor, time.time)
     api = AdminAPI(
         database=gateway.database,
         clock=reactor,
