@@ -63,7 +63,7 @@ class SearchKeysTests(SynchronousTestCase):
         header = parse_header(raw, default_charset="latin-1")
         assert not hasattr(header, "diagnostic")
         self.assertEqual(
-            search_keys(raw, header),  # type: ignore[arg-type]
+            search_keys(raw, header),
             (("sch1", "PL77"), ("sch2", "FL88"), ("pid3", "P100")),
         )
 
