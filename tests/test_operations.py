@@ -63,7 +63,7 @@ class SearchKeysTests(SynchronousTestCase):
         header = parse_header(raw, default_charset="latin-1")
         assert not hasattr(header, "diagnostic")
         self.assertEqual(
-            search_keys(raw, header),  # type: ignore[arg-type]
+            search_keys(raw, header),
             (("sch1", "PL77"), ("sch2", "FL88"), ("pid3", "P100")),
         )
 
@@ -350,3 +350,76 @@ class ValidationTests(SynchronousTestCase):
         self.failureResultOf(operations.pause("ann", "http", ADDRESS, "x"), Invalid)
         self.assertEqual(audit_rows(rig.database), [])
         self.assertIsInstance(rig.dispatcher, Dispatcher)
+
+
+class FlowTests(SynchronousTestCase):
+    """Flows: list with Host/Port/App ID/Flow ID, detail, validate, import, export,
+    enable/disable (audited), the variable catalogue."""
+
+    def setUp(self) -> None:
+        self.gateway = Gateway()
+        self.operations = Operations(
+            self.gateway.database,
+            self.gateway.clock,
+            self.gateway.clock.seconds,
+            tenants={"test": self.gateway.tenant},
+        )
+
+    def test_list_and_detail(self) -> None:
+        rows = result(self, self.operations.flows("ann", "api", "test"))
+        row = next(r for r in rows if r["flow_id"] == "FLWADTA04MLLP")
+        self.assertEqual(
+            (row["host"], row["app_id"], row["message_type"], row["enabled"]),
+            ("127.0.0.1", "APPTESTMLLP", "ADT^A04", True),
+        )
+        detail = result(self, self.operations.flow("ann", "api", "FLWADTA04MLLP"))
+        self.assertEqual(detail["trigger"]["message_type"], "ADT^A04")
+        self.failureResultOf(self.operations.flow("ann", "api", "NOPE"), NotFound)
+
+    def test_validate_import_export(self) -> None:
+        exported = result(self, self.operations.export_flows("ann", "api", "APPTESTMLLP"))
+        text = exported["text"].replace('name = "Test app mllp"', 'name = "Renamed"')
+        checked = result(self, self.operations.validate_flows("ann", "api", text))
+        self.assertEqual(checked, {"valid": True, "problems": []})
+        bad = result(self, self.operations.validate_flows("ann", "api", "[[flows]]\nname = 1\n"))
+        self.assertFalse(bad["valid"])
+        self.assertTrue(bad["problems"])
+        saved = result(self, self.operations.import_flows("ann", "api", text))
+        self.assertEqual({r["app_id"] for r in saved}, {"APPTESTMLLP"})
+        self.assertEqual({r["app"] for r in saved}, {"Renamed"})
+        self.assertEqual({r["port"] for r in saved}, {0})
+        self.failureResultOf(
+            self.operations.import_flows("ann", "api", text.replace('"test"', '"elsewhere"')),
+            Invalid,
+        )
+        self.assertEqual(
+            [(r[1], r[3][:7]) for r in audit_rows(self.gateway.database)],
+            [("flows.import", "ok"), ("flows.import", "refused")],
+        )
+
+    def test_enable_disable_audited(self) -> None:
+        row = result(
+            self,
+            self.operations.set_flow_enabled("ann", "api", "FLWADTA04MLLP", False, "partner gone"),
+        )
+        self.assertFalse(row["enabled"])
+        self.failureResultOf(
+            self.operations.set_flow_enabled("ann", "api", "FLWADTA04MLLP", False), Conflict
+        )
+        result(self, self.operations.set_flow_enabled("bob", "api", "FLWADTA04MLLP", True))
+        self.assertEqual(
+            [(r[0], r[1], r[2], r[3][:7]) for r in audit_rows(self.gateway.database)],
+            [
+                ("ann", "flow.disable", "flow FLWADTA04MLLP", "ok"),
+                ("ann", "flow.disable", "flow FLWADTA04MLLP", "refused"),
+                ("bob", "flow.enable", "flow FLWADTA04MLLP", "ok"),
+            ],
+        )
+
+    def test_variable_catalogue_of_a_pasted_sample(self) -> None:
+        sample = hl7_message("V1").decode("latin-1")
+        found = result(self, self.operations.variables("ann", "api", sample=sample))
+        paths = {v["path"]: v for v in found}
+        self.assertEqual(paths["PID-3.1"]["sample"], "12345")
+        self.failureResultOf(self.operations.variables("ann", "api", sample="nonsense"), Invalid)
+        self.failureResultOf(self.operations.variables("ann", "api"), Invalid)

@@ -19,13 +19,19 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from attrs import define, field
+from attrs import define, evolve, field
 from sqlalchemy import Connection, func, select
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 
+from udsgateway.config import TenantConfig
+from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
+from udsgateway.hl7.message import MessageParseError
+from udsgateway.mapping.catalogue import variable_catalogue
+from udsgateway.mapping.checks import template_problems
 from udsgateway.store import audit, destinations, executions, outbox, schema, search
+from udsgateway.store import messages as store
 from udsgateway.store.engine import Database
 
 T = TypeVar("T")
@@ -147,6 +153,8 @@ class Operations:
     #: tenant -> (host, port) a sender connects to, for ``flow_saved``.
     addresses: Callable[[], Mapping[str, tuple[str, int]]] = dict
     rates: Rates | None = None
+    #: The configured tenants, by name (flows are imported for these only).
+    tenants: Mapping[str, TenantConfig] = field(factory=dict)
 
     @classmethod
     def for_service(cls, service: Any, reactor: Any, wall: Callable[[], float]) -> Operations:
@@ -168,6 +176,7 @@ class Operations:
             ingests=service.ingests,
             listeners=getattr(service, "factories", {}),
             addresses=addresses,
+            tenants={tenant.name: tenant for tenant in service.config.tenants},
         )
         operations.rates = Rates(operations.counters, reactor)
         return operations
@@ -754,6 +763,190 @@ class Operations:
 
         return self._audited(actor, via, f"content.{part}", target, "", work)
 
+    # -- flows
+
+    def _address(self, tenant: str) -> tuple[str, int]:
+        live = self.addresses().get(tenant)
+        if live is not None:
+            return live
+        config = self.tenants.get(tenant)
+        return _listen_address(config.listen) if config is not None else ("", 0)
+
+    def _flow_rows(self, apps: Sequence[App]) -> list[dict[str, Any]]:
+        rows = []
+        for app in apps:
+            host, port = self._address(app.tenant)
+            for flow in app.flows:
+                rows.append(
+                    {
+                        "host": host,
+                        "port": port,
+                        "app_id": app.app_id,
+                        "flow_id": flow.flow_id,
+                        "tenant": app.tenant,
+                        "app": app.name,
+                        "name": flow.name,
+                        "message_type": flow.trigger.message_type,
+                        "connection": flow.trigger.connection,
+                        "enabled": flow.enabled,
+                        "actions": len(flow.actions),
+                    }
+                )
+        return rows
+
+    def flows(
+        self, actor: str, via: str, tenant: str | None = None
+    ) -> Deferred[list[dict[str, Any]]]:
+        """Every flow: Host, Port (where a sender connects), App ID, Flow ID, tenant, name,
+        message type, connection, enabled, number of actions."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+        done: Deferred[Any] = self._run(store.load_apps, tenant)
+        done.addCallback(self._flow_rows)
+        return done
+
+    def _find_flow(self, connection: Connection, flow_id: str) -> tuple[App, Flow]:
+        for app in store.load_apps(connection, None):
+            for flow in app.flows:
+                if flow.flow_id == flow_id:
+                    return app, flow
+        raise NotFound(f"no flow {flow_id}")
+
+    def flow(self, actor: str, via: str, flow_id: str) -> Deferred[dict[str, Any]]:
+        """One flow as its flow file has it (trigger, actions with templates), with its
+        app's ID, name and tenant, and Host and Port."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+
+        def work(connection: Connection) -> dict[str, Any]:
+            app, flow = self._find_flow(connection, flow_id)
+            [document] = [f for f in app_document(app)["flows"] if f["flow_id"] == flow.flow_id]
+            host, port = self._address(app.tenant)
+            return {
+                **document,
+                "app_id": app.app_id,
+                "app": app.name,
+                "tenant": app.tenant,
+                "host": host,
+                "port": port,
+            }
+
+        return self._run(work)
+
+    def _checked_app(self, text: str, name: str) -> tuple[App | None, list[str]]:
+        """The app of a flow document and every problem ``flows import`` would find."""
+        try:
+            app = parse_app(text, name)
+        except FlowFileError as error:
+            return None, list(error.problems)
+        if self.tenants and app.tenant not in self.tenants:
+            return app, [f"{name}: tenant: {app.tenant!r} is not configured"]
+        return app, template_problems(name, app)
+
+    def validate_flows(self, actor: str, via: str, text: str) -> Deferred[dict[str, Any]]:
+        """Check a flow document (the TOML of a flow file) as ``flows import`` does,
+        without saving: ``{"valid": bool, "problems": [...]}``."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+        _app, problems = self._checked_app(text, "<document>")
+        return Deferred.fromCoroutine(_value({"valid": not problems, "problems": problems}))
+
+    def import_flows(self, actor: str, via: str, text: str) -> Deferred[list[dict[str, Any]]]:
+        """Save a flow document (the same checks as ``flows import``; Invalid with every
+        problem). Returns what a sender needs per flow: Host, Port, App ID, Flow ID.
+        The running gateway routes by it within its flow reload interval."""
+        app, problems = self._checked_app(text, "<document>")
+        target = f"app {app.app_id or app.name}" if app is not None else "app (unreadable)"
+
+        def work(connection: Connection) -> list[App]:
+            if problems or app is None:
+                raise Invalid("; ".join(problems))
+            try:
+                return [store.save_app(connection, app, self.wall())]
+            except ValueError as error:
+                raise Conflict(str(error)) from None
+
+        done: Deferred[Any] = self._audited(actor, via, "flows.import", target, "", work)
+        done.addCallback(self._flow_rows)
+        return done
+
+    def export_flows(self, actor: str, via: str, app_id: str) -> Deferred[dict[str, Any]]:
+        """An app as the text of its flow file: ``{"app_id", "text"}``."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+
+        def work(connection: Connection) -> dict[str, Any]:
+            for app in store.load_apps(connection, None):
+                if app.app_id == app_id:
+                    return {"app_id": app_id, "text": write_app(app)}
+            raise NotFound(f"no app {app_id}")
+
+        return self._run(work)
+
+    def set_flow_enabled(
+        self, actor: str, via: str, flow_id: str, enabled: bool, reason: str = ""
+    ) -> Deferred[dict[str, Any]]:
+        """Enable or disable a flow (a disabled flow receives nothing: its messages are
+        rejected). Conflict when it is so already."""
+
+        def work(connection: Connection) -> list[App]:
+            app, flow = self._find_flow(connection, flow_id)
+            if flow.enabled == enabled:
+                state = "enabled" if enabled else "disabled"
+                raise Conflict(f"flow {flow_id} is {state} already")
+            flows = tuple(
+                evolve(f, enabled=enabled) if f.flow_id == flow_id else f for f in app.flows
+            )
+            return [store.save_app(connection, evolve(app, flows=flows), self.wall())]
+
+        action = "flow.enable" if enabled else "flow.disable"
+        done: Deferred[Any] = self._audited(actor, via, action, f"flow {flow_id}", reason, work)
+        done.addCallback(
+            lambda apps: next(r for r in self._flow_rows(apps) if r["flow_id"] == flow_id)
+        )
+        return done
+
+    def variables(
+        self, actor: str, via: str, flow_id: str | None = None, sample: str | None = None
+    ) -> Deferred[list[dict[str, Any]]]:
+        """The variable catalogue (path, name, sample value, template expression) of a
+        flow's sample, or of a pasted ``sample`` message."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+
+        def catalogue(text: str) -> list[dict[str, Any]]:
+            if not text.strip():
+                raise Invalid("the sample is empty")
+            try:
+                found = variable_catalogue(text)
+            except MessageParseError as error:
+                raise Invalid(f"the sample is not an HL7 message: {error}") from None
+            return [
+                {"path": v.path, "name": v.name, "sample": v.value, "template": v.expression}
+                for v in found
+            ]
+
+        if sample is not None:
+            try:
+                return Deferred.fromCoroutine(_value(catalogue(sample)))
+            except OperationsError:
+                return fail()
+        if flow_id is None:
+            return fail(Invalid("give a flow_id or a sample"))
+        done: Deferred[Any] = self._run(lambda c: self._find_flow(c, flow_id)[1].trigger.sample)
+        done.addCallback(catalogue)
+        return done
+
     # -- the audit trail
 
     def audit_trail(
@@ -973,3 +1166,19 @@ def _validate(query: search.Query) -> None:
             raise Invalid(f"unknown search key {name!r} (one of: {', '.join(search.KEYS)})")
         if not value:
             raise Invalid(f"{name}: empty value")
+
+
+# -- flows
+
+
+def _listen_address(endpoint: str) -> tuple[str, int]:
+    """Host and port of a server endpoint string (``tcp:port=2575:interface=...``)."""
+    host, port = "0.0.0.0", 0
+    for index, part in enumerate(endpoint.split(":")[1:], start=1):
+        if part.startswith("port=") and part[5:].isdigit():
+            port = int(part[5:])
+        elif part.startswith("interface="):
+            host = part[10:].replace("\\", "")
+        elif index == 1 and part.isdigit():
+            port = int(part)
+    return host, port
