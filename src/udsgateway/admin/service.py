@@ -61,13 +61,20 @@ class AdminService(Service):
             factory = TLSMemoryBIOFactory(server_options(self.config.tls), False, factory)
         self.port = await serverFromString(self._reactor, self.config.listen).listen(factory)
         log.info("admin API listening on {address}", address=str(self.port.getHost()))
-        gateway = self.api.gateway
-        if gateway is not None and getattr(gateway, "ready", None) is not None:
-            await gateway.ready
-        if self.running:
+        ready = getattr(self.api.gateway, "ready", None)
+        if ready is None:
+            self._start_refresh(None)
+        else:
+            # After the gateway's start (schema made, recovery done); a callback
+            # leaves its result, a failed start, to the others that wait for it.
+            ready.addCallback(self._start_refresh)
+
+    def _start_refresh(self, result: object) -> object:
+        if self.running and not self._refresh.running:
             self._refresh.start(self.config.refresh_interval, now=True).addErrback(
                 lambda f: log.failure("admin refresh loop stopped", f)
             )
+        return result
 
     async def refresh(self) -> None:
         try:
