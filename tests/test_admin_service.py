@@ -236,8 +236,9 @@ class AccountCommandTests(SynchronousTestCase):
         self.assertIn("exists already", err)
         self.run_cli("users", "passwd", "ada", "--password-stdin", stdin="second password\n")
         database = open_database(load_config(str(self.config)))
-        stored, _principal = database.transaction_now(users.login_record, "ada")
-        self.assertTrue(auth.verify_password("second password", stored))
+        record = database.transaction_now(users.login_record, "ada")
+        assert record is not None
+        self.assertTrue(auth.verify_password("second password", record[0]))
         self.run_cli("users", "disable", "ada")
         self.assertIsNone(database.transaction_now(users.login_record, "ada"))
         self.assertEqual(self.run_cli("users", "list")[1], "ada\tadmin\tdisabled\n")
@@ -251,8 +252,9 @@ class AccountCommandTests(SynchronousTestCase):
         self.assertEqual(status, 0)
         password = out.splitlines()[-1].split(": ", 1)[1]
         database = open_database(load_config(str(self.config)))
-        stored, _ = database.transaction_now(users.login_record, "demo")
-        self.assertTrue(auth.verify_password(password, stored))
+        record = database.transaction_now(users.login_record, "demo")
+        assert record is not None
+        self.assertTrue(auth.verify_password(password, record[0]))
         again = self.run_cli("users", "add", "demo", "--generate-password", "--if-missing")
         self.assertEqual(again[:2], (0, ""))
 
