@@ -274,6 +274,13 @@ class UserAndTokenTests(Fixture):
         self.assertNotIn("password_hash", nina)
         self.login("nina", "a long password")
         self.assertIn(("ada", "user.add", "user nina"), audit_rows(self.client))
+        trail = self.client.request("GET", "/api/v1/audit?action=user.", token=self.admin).json
+        [entry] = trail["entries"]
+        self.assertEqual(
+            (entry["via"], entry["result"], entry["reason"]), ("api", "ok", "role operator")
+        )
+        logins = self.client.request("GET", "/api/v1/audit?action=session.", token=self.admin)
+        self.assertEqual([e["who"] for e in logins.json["entries"]], ["nina"])
 
     def test_add_existing_user_is_409(self) -> None:
         reply = self.client.request(

@@ -34,7 +34,7 @@ from udsgateway.admin.sessions import (
     cross_site_problem,
     session_cookie,
 )
-from udsgateway.store import users
+from udsgateway.store import audit, users
 from udsgateway.store.engine import Database
 from udsgateway.store.users import ADMIN, OPERATOR, ROLES, VIEWER, Principal, UserError
 
@@ -439,19 +439,8 @@ class AdminAPI:
         self, action: str, target: str, who: str, reason: str = "", result: str = "ok"
     ) -> None:
         await self.database.transaction(
-            audit_row, who, action, target, self.wall(), reason, result
+            audit.append, who, action, target, self.wall(), reason, result, "api"
         )
-
-
-def audit_row(
-    connection: Any, who: str, action: str, target: str, now: float, reason: str, result: str
-) -> None:
-    """One audit row for a change made through the admin service (never content)."""
-    from udsgateway.store import schema
-
-    values = {"at": now, "who": who[:128], "action": action[:64], "target": target[:255]}
-    values["reason"] = (reason if result == "ok" else f"{result}: {reason}".strip(": "))[:255]
-    connection.execute(schema.audit.insert().values(**values))
 
 
 def _header(request: AdminRequest, name: bytes) -> str | None:
