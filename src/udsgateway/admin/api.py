@@ -112,6 +112,8 @@ class AdminAPI:
     tokens: dict[str, Principal] = field(factory=dict)
     #: Session id -> its user as last read from the database.
     session_users: dict[str, Principal] = field(factory=dict)
+    _refreshing: bool = False
+    _last_kick: float = float("-inf")
 
     # -- credentials
 
@@ -121,11 +123,14 @@ class AdminAPI:
         if token is not None:
             digest = auth.token_digest(token)
             principal = self.tokens.get(digest)
-            if principal is None and request.bodyless:
-                # A token made since the last refresh (the CLI's): a request
-                # without a body is let on to the database check (confirm),
-                # which decides; there is no body to hold back.
-                return Caller(UNCONFIRMED, "token", digest)
+            if principal is None:
+                # Perhaps a token made since the last refresh (by the command
+                # line): reload the list soon, so that the next request with a
+                # body passes; a request without one is let on to the database
+                # check (confirm), which decides, as there is no body to hold back.
+                self._refresh_soon()
+                if request.bodyless:
+                    return Caller(UNCONFIRMED, "token", digest)
             return None if principal is None else Caller(principal, "token", digest)
         cookie = request.received_cookies.get(COOKIE_NAME.encode())
         if cookie is not None:
@@ -178,6 +183,21 @@ class AdminAPI:
         self.sessions.expire(self.clock.seconds())
         alive = self.sessions.ids()
         self.session_users = {k: v for k, v in self.session_users.items() if k in alive}
+
+    def _refresh_soon(self) -> None:
+        """Reload the tokens now, at most once a second (unknown tokens trigger it)."""
+        now = self.clock.seconds()
+        if self._refreshing or now - self._last_kick < 1.0:
+            return
+        self._last_kick = now
+        self._refreshing = True
+
+        def done(result: object) -> None:
+            self._refreshing = False
+
+        refreshed = Deferred.fromCoroutine(self.refresh_tokens())
+        refreshed.addErrback(lambda f: log.failure("token refresh failed", f))
+        refreshed.addBoth(done)
 
     def _end_session(self, session_id: str) -> None:
         self.sessions.end(session_id)
