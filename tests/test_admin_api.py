@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import select
 from twisted.trial.unittest import TestCase
 
@@ -10,6 +12,12 @@ from udsgateway.admin.http import HTTPError, check_schema
 from udsgateway.admin.sessions import COOKIE_NAME
 from udsgateway.store import schema, users
 from udsgateway.testing.admin import AdminClient, Response
+
+
+def fill_path(path: str) -> str:
+    """A route's path with each parameter filled in."""
+    values = {"name": "vera", "destination": "127.0.0.1:9"}
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), "999"), path)
 
 
 def audit_rows(client: AdminClient) -> list[tuple[str, str, str]]:
@@ -221,11 +229,7 @@ class RoleTests(Fixture):
         for route in self.client.api.routes():
             if route.role is None:
                 continue
-            path = (
-                route.path.replace("{name}", "vera")
-                .replace("{id}", "999")
-                .replace("{destination}", "127.0.0.1:9")
-            )
+            path = fill_path(route.path)
             body: dict[str, str] | None = {} if route.schema is not None else None
             for role in order[: order.index(route.role)]:
                 reply = self.client.request(route.method, path, body, token=tokens[role])
@@ -244,8 +248,7 @@ class RoleTests(Fixture):
 
     def test_no_credentials_means_401_everywhere_but_public_routes(self) -> None:
         for route in self.client.api.routes():
-            path = route.path.replace("{name}", "x").replace("{id}", "1")
-            reply = self.client.request(route.method, path.replace("{destination}", "h:1"))
+            reply = self.client.request(route.method, fill_path(route.path))
             if route.role is None:
                 self.assertNotEqual(reply.status, 401, route.path)
             else:

@@ -74,6 +74,22 @@ REPLAY_ONE_SCHEMA = {
 }
 
 
+FLOW_TEXT_SCHEMA = {
+    "type": "object",
+    "properties": {"text": {"type": "string", "minLength": 1, "maxLength": 1_000_000}},
+    "required": ["text"],
+    "additionalProperties": False,
+}
+SAMPLE_SCHEMA = {
+    "type": "object",
+    "properties": {"sample": {"type": "string", "minLength": 1, "maxLength": 1_000_000}},
+    "required": ["sample"],
+    "additionalProperties": False,
+}
+#: Longest wait of one long poll of the log tail, in seconds.
+MAX_TAIL_WAIT = 55.0
+
+
 async def _facade(result: Any) -> Any:
     """Await a facade Deferred, mapping its errors to HTTP answers."""
     try:
@@ -192,8 +208,138 @@ def operation_routes(facade: Any) -> list[Route]:
             limit=_int(query.get("limit", "100"), "limit"),
         )
 
+    def logs(call: Call) -> Any:
+        query = call.query
+        return facade.logs(
+            call.actor,
+            "api",
+            flow_id=query.get("flow_id") or None,
+            status=query.get("status") or None,
+            since=_time(query["since"], "since") if query.get("since") else None,
+            before_id=_int(query["before_id"], "before_id") if query.get("before_id") else None,
+            limit=_int(query.get("limit", "100"), "limit"),
+        )
+
+    def tail(call: Call) -> Any:
+        query = call.query
+        try:
+            timeout = float(query.get("timeout", "25"))
+        except ValueError:
+            raise HTTPError(400, "timeout: expected seconds") from None
+        return facade.tail(
+            call.actor,
+            "api",
+            after_id=_int(query["after_id"], "after_id") if query.get("after_id") else None,
+            flow_id=query.get("flow_id") or None,
+            status=query.get("status") or None,
+            timeout=min(max(timeout, 0.0), MAX_TAIL_WAIT),
+        )
+
+    def enable(enabled: bool) -> Callable[[Call], Any]:
+        return lambda call: facade.set_flow_enabled(
+            call.actor, "api", call.params["flow_id"], enabled, call.body.get("reason", "")
+        )
+
     v1 = "/api/v1"
-    return [
+    flow_routes = [
+        Route(
+            "GET",
+            f"{v1}/flows",
+            handler(lambda call: facade.flows(call.actor, "api", call.query.get("tenant") or None)),
+            VIEWER,
+            "every flow: Host, Port, App ID, Flow ID, type, enabled (query: tenant)",
+            tag="flows",
+        ),
+        Route(
+            "GET",
+            f"{v1}/flows/{{flow_id}}",
+            handler(lambda call: facade.flow(call.actor, "api", call.params["flow_id"])),
+            VIEWER,
+            "one flow as its flow file has it",
+            tag="flows",
+        ),
+        Route(
+            "POST",
+            f"{v1}/flows/validate",
+            handler(lambda call: facade.validate_flows(call.actor, "api", call.body["text"])),
+            OPERATOR,
+            "check a flow document (TOML) as flows import does, without saving",
+            FLOW_TEXT_SCHEMA,
+            tag="flows",
+        ),
+        Route(
+            "POST",
+            f"{v1}/flows/import",
+            handler(lambda call: facade.import_flows(call.actor, "api", call.body["text"])),
+            ADMIN,
+            "save a flow document; answers Host, Port, App ID, Flow ID of each flow",
+            FLOW_TEXT_SCHEMA,
+            tag="flows",
+        ),
+        Route(
+            "GET",
+            f"{v1}/apps/{{app_id}}/export",
+            handler(lambda call: facade.export_flows(call.actor, "api", call.params["app_id"])),
+            OPERATOR,
+            "an app as the text of its flow file",
+            tag="flows",
+        ),
+        Route(
+            "POST",
+            f"{v1}/flows/{{flow_id}}/enable",
+            handler(enable(True)),
+            OPERATOR,
+            "enable a flow",
+            OPTIONAL_REASON_SCHEMA,
+            tag="flows",
+        ),
+        Route(
+            "POST",
+            f"{v1}/flows/{{flow_id}}/disable",
+            handler(enable(False)),
+            OPERATOR,
+            "disable a flow (its messages are rejected)",
+            OPTIONAL_REASON_SCHEMA,
+            tag="flows",
+        ),
+        Route(
+            "GET",
+            f"{v1}/flows/{{flow_id}}/variables",
+            handler(
+                lambda call: facade.variables(call.actor, "api", flow_id=call.params["flow_id"])
+            ),
+            VIEWER,
+            "the variable catalogue of a flow's sample",
+            tag="flows",
+        ),
+        Route(
+            "POST",
+            f"{v1}/variables",
+            handler(lambda call: facade.variables(call.actor, "api", sample=call.body["sample"])),
+            VIEWER,
+            "the variable catalogue of a pasted sample message",
+            SAMPLE_SCHEMA,
+            tag="flows",
+        ),
+        Route(
+            "GET",
+            f"{v1}/logs",
+            handler(logs),
+            VIEWER,
+            "the execution log, newest first (query: flow_id, status, since, before_id, limit)",
+            tag="logs",
+        ),
+        Route(
+            "GET",
+            f"{v1}/logs/tail",
+            handler(tail),
+            VIEWER,
+            "long poll: the log lines after after_id, oldest first, or none after timeout "
+            "seconds (query: after_id, flow_id, status, timeout)",
+            tag="logs",
+        ),
+    ]
+    return flow_routes + [
         Route(
             "GET",
             f"{v1}/destinations",
