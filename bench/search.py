@@ -149,6 +149,12 @@ def main() -> None:
             until=hour_start + 3600,
         ),
         "control ID that is not there": Query(keys=(("msh10", "NOPE"),)),
+        "message type that is not there": Query(message_type="ZZZ^Z99"),
+        "flow (every accepted message)": Query(flow_id="FLWBENCH"),
+        "rejected + type ADT^A04 + tenant": Query(
+            status="rejected", message_type="ADT^A04", tenant="tenant2"
+        ),
+        "tenant that has none of the type": Query(tenant="tenant0", message_type="ADT^A08"),
     }
     print(f"\n| search (page of 50) over {args.messages:,} messages | median ms | max ms | rows |")
     print("|---|---:|---:|---:|")

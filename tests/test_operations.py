@@ -131,7 +131,10 @@ class MessageTests(SynchronousTestCase):
         )
         start = 1_700_000_000 + 60
         self.assertEqual(self.control_ids(since=start, until=start + 120), ["A3", "A2"])
-        self.assertEqual(self.control_ids(tenant="other"), [])
+        self.assertEqual(self.control_ids(tenant="test", limit=1), ["R1"])
+        self.assertEqual(self.control_ids(flow_id="FLWSIUS12MLLP"), ["S1"])
+        self.assertEqual(self.control_ids(message_type="ADT^A31"), ["R1"])
+        self.assertEqual(self.control_ids(message_type="ORM^O01"), [])
 
     def test_bad_filters_are_invalid(self) -> None:
         self.failureResultOf(self.operations.messages("ann", "api", Query(limit=0)), Invalid)
@@ -140,6 +143,7 @@ class MessageTests(SynchronousTestCase):
         )
         self.failureResultOf(self.operations.messages("ann", "api", Query(status="lost")), Invalid)
         self.failureResultOf(self.operations.messages("ann", "web", Query()), Invalid)
+        self.failureResultOf(self.operations.messages("ann", "api", Query(tenant="x")), Invalid)
 
     def test_detail_has_no_content_and_content_is_audited(self) -> None:
         [found] = self.search(keys=(("msh10", "A1"),))["messages"]

@@ -651,6 +651,9 @@ class Operations:
         try:
             self._check(actor, via)
             _validate(query)
+            known = set(self.tenants) | set(self.ingests)
+            if query.tenant is not None and known and query.tenant not in known:
+                raise Invalid(f"tenant: no tenant {query.tenant!r}")
         except OperationsError:
             return fail()
 

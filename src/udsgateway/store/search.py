@@ -3,10 +3,12 @@
 The inbound commit writes a few HL7 keys of each stored message into
 ``message_keys`` (one multi-row insert per group): MSH-10 (``msh10``), the
 first identifier of PID-3 (``pid3``), SCH-1 and SCH-2 (``sch1``, ``sch2``),
-and ``status=rejected`` for a rejected message. A search on a key walks that
-table's primary key, newest first; other filters (tenant, message type,
-time range, status accepted) are checked on the rows as they come, newest
-first by arrival (``id``). A time range is turned into a range of ids first
+the message type (``msh9``), each flow it was routed to (``flow``), and
+``status=rejected`` for a rejected message. A search with a key or a type, flow
+or rejected filter walks that table's primary key, newest first, and looks its
+other keys up by primary key; the other filters (tenant, time range, status
+accepted) are checked on the rows as they come, newest first by arrival
+(``id``). A time range is turned into a range of ids first
 (two probes of the ``received_at`` index), so no search sorts.
 
 Results are pages of at most ``limit`` rows; the next page starts below the
@@ -28,8 +30,11 @@ from udsgateway.store.engine import prepared_insert
 
 #: Search keys written at commit, and what an operator calls them.
 KEYS = {"msh10": "MSH-10", "pid3": "PID-3", "sch1": "SCH-1", "sch2": "SCH-2"}
-#: The status key, written for rejected messages only (few: it stays small).
+#: Keys the search uses for its filters: the status (written for rejected messages
+#: only), the message type (MSH-9 as stored) and each flow a message was routed to.
 STATUS_KEY = "status"
+TYPE_KEY = "msh9"
+FLOW_KEY = "flow"
 STATUSES = ("accepted", "rejected")
 MAX_VALUE = 199
 
@@ -152,6 +157,7 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
     """Messages matching ``query``, newest first, at most ``query.limit`` of them."""
     m, k = schema.messages, schema.message_keys
     statement = select(*_SUMMARY).limit(max(1, min(query.limit, 1000)))
+    bounds: tuple[int, int] | None = None
     if query.since is not None or query.until is not None:
         bounds = id_range(connection, query.since, query.until)
         if bounds is None:
@@ -162,6 +168,10 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
         if query.until is not None:
             statement = statement.where(m.c.received_at < query.until)
     keys = list(query.keys)
+    if query.message_type is not None:
+        keys.append((TYPE_KEY, query.message_type))
+    if query.flow_id is not None:
+        keys.append((FLOW_KEY, query.flow_id))
     if query.status == "rejected":
         keys.append((STATUS_KEY, "rejected"))
     elif query.status == "accepted":
@@ -170,7 +180,7 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
         raise ValueError(f"status: expected one of {', '.join(STATUSES)}")
     order = m.c.id.desc()
     for index, (name, value) in enumerate(keys):
-        if name not in KEYS and name != STATUS_KEY:
+        if name not in KEYS and name not in (STATUS_KEY, TYPE_KEY, FLOW_KEY):
             raise ValueError(f"unknown search key {name!r} (one of: {', '.join(KEYS)})")
         alias = k.alias(f"k{index}")
         statement = statement.join(alias, alias.c.message_id == m.c.id).where(
@@ -181,15 +191,12 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
             order = alias.c.message_id.desc()
             if query.before_id is not None:
                 statement = statement.where(alias.c.message_id < query.before_id)
+            if bounds is not None:
+                statement = statement.where(alias.c.message_id.between(*bounds))
     if query.before_id is not None:
         statement = statement.where(m.c.id < query.before_id)
     if query.tenant is not None:
         statement = statement.where(m.c.tenant == query.tenant)
-    if query.message_type is not None:
-        statement = statement.where(m.c.message_type == query.message_type)
-    if query.flow_id is not None:
-        # Flow IDs are stored as a JSON list: '["FLW..."]'.
-        statement = statement.where(m.c.flows.contains(json.dumps(query.flow_id)))
     return [_summary(row) for row in connection.execute(statement.order_by(order))]
 
 
