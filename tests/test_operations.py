@@ -427,3 +427,47 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(paths["PID-3.1"]["sample"], "12345")
         self.failureResultOf(self.operations.variables("ann", "api", sample="nonsense"), Invalid)
         self.failureResultOf(self.operations.variables("ann", "api"), Invalid)
+
+
+class LogTests(SynchronousTestCase):
+    """The execution log with the filters of ``udsgateway logs``, and the long-poll tail."""
+
+    def setUp(self) -> None:
+        self.gateway = Gateway()
+        self.operations = Operations(
+            self.gateway.database, self.gateway.clock, self.gateway.clock.seconds
+        )
+        self.sender = self.gateway.connect()
+
+    def send(self, control_id: str, message_type: str = "ADT^A04") -> None:
+        self.sender.send(mllp(hl7_message(control_id, message_type, receiving=ADT)))
+
+    def test_newest_first_filtered_paged(self) -> None:
+        for number in range(3):
+            self.send(f"L{number}")
+        self.send("BAD", "ADT^A31")
+        lines = result(self, self.operations.logs("ann", "api"))["lines"]
+        self.assertEqual([line["control_id"] for line in lines], ["BAD", "L2", "L1", "L0"])
+        self.assertEqual(lines[0]["outcome"], "rejected")
+        rejected = result(self, self.operations.logs("ann", "api", status="rejected"))
+        self.assertEqual([line["control_id"] for line in rejected["lines"]], ["BAD"])
+        page = result(self, self.operations.logs("ann", "api", limit=2))
+        rest = result(self, self.operations.logs("ann", "api", before_id=page["next"]))
+        self.assertEqual([line["control_id"] for line in rest["lines"]], ["L1", "L0"])
+        self.failureResultOf(self.operations.logs("ann", "api", limit=0), Invalid)
+
+    def test_tail_waits_for_new_lines(self) -> None:
+        self.send("T0")
+        start = result(self, self.operations.tail("ann", "api"))
+        self.assertEqual(start["lines"], [])
+        waiting = self.operations.tail("ann", "api", after_id=start["last"], timeout=30)
+        self.assertNoResult(waiting)
+        self.gateway.clock.advance(1)
+        self.assertNoResult(waiting)
+        self.send("T1")
+        self.gateway.clock.advance(1)
+        found = result(self, waiting)
+        self.assertEqual([line["control_id"] for line in found["lines"]], ["T1"])
+        empty = self.operations.tail("ann", "api", after_id=found["last"], timeout=5)
+        self.gateway.clock.advance(5)
+        self.assertEqual(result(self, empty), {"lines": [], "last": found["last"]})

@@ -17,13 +17,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from attrs import define, evolve, field
 from sqlalchemy import Connection, func, select
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
@@ -950,6 +950,100 @@ class Operations:
         done.addCallback(catalogue)
         return done
 
+    # -- the execution log
+
+    #: ``logs`` status words for common questions, and the outcomes they select.
+    STATUS_ALIASES: ClassVar[dict[str, str]] = {
+        "failed": "failed",
+        "held": "held",
+        "ok": "delivered",
+    }
+
+    def logs(
+        self,
+        actor: str,
+        via: str,
+        flow_id: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> Deferred[dict[str, Any]]:
+        """The execution log, newest first, with the filters of ``udsgateway logs``:
+        flow, status (failed, held, ok = delivered, or any outcome), since (epoch
+        seconds); ``next`` pages on (``before_id``). No message content."""
+        try:
+            self._check(actor, via)
+            outcomes = self._outcomes(status)
+            if not 1 <= limit <= 1000:
+                raise Invalid("limit: between 1 and 1000")
+        except OperationsError:
+            return fail()
+        done: Deferred[Any] = self._run(
+            search.log_lines, flow_id, outcomes, since, 0, before_id, limit, True
+        )
+        done.addCallback(
+            lambda rows: {
+                "lines": [_log_view(row) for row in rows],
+                "next": rows[-1].id if len(rows) == limit else None,
+            }
+        )
+        return done
+
+    def _outcomes(self, status: str | None) -> tuple[str, ...]:
+        if status is None:
+            return ()
+        value = status.strip().lower()
+        if not value:
+            raise Invalid("status: empty")
+        return (self.STATUS_ALIASES.get(value, value),)
+
+    def tail(
+        self,
+        actor: str,
+        via: str,
+        after_id: int | None = None,
+        flow_id: str | None = None,
+        status: str | None = None,
+        timeout: float = 25.0,
+        poll: float = 1.0,
+    ) -> Deferred[dict[str, Any]]:
+        """A long poll for the live tail: the log lines after ``after_id`` (oldest first,
+        at most 500), as soon as there are any, else an empty list after ``timeout``
+        seconds. ``after_id`` None: starts from the newest line (the answer is empty,
+        with ``last`` to pass next time). The database is read every ``poll`` seconds
+        (on the reactor's clock, off its thread)."""
+        try:
+            self._check(actor, via)
+            outcomes = self._outcomes(status)
+            if not 0 <= timeout <= 120:
+                raise Invalid("timeout: between 0 and 120 seconds")
+        except OperationsError:
+            return fail()
+        if after_id is None:
+            done: Deferred[Any] = self._run(search.last_log_id)
+            done.addCallback(lambda last: {"lines": [], "last": last})
+            return done
+        return Deferred.fromCoroutine(self._tail(after_id, flow_id, outcomes, timeout, poll))
+
+    async def _tail(
+        self,
+        after_id: int,
+        flow_id: str | None,
+        outcomes: tuple[str, ...],
+        timeout: float,
+        poll: float,
+    ) -> dict[str, Any]:
+        deadline = self.clock.seconds() + timeout
+        while True:
+            rows = await self._run(
+                search.log_lines, flow_id, outcomes, None, after_id, None, 500, False
+            )
+            if rows or self.clock.seconds() >= deadline:
+                last = rows[-1].id if rows else after_id
+                return {"lines": [_log_view(row) for row in rows], "last": last}
+            await deferLater(self.clock, min(poll, deadline - self.clock.seconds()))
+
     # -- the audit trail
 
     def audit_trail(
@@ -984,6 +1078,26 @@ class Operations:
 
 async def _value(result: T) -> T:
     return result
+
+
+def _log_view(row: search.LogLine) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "at": _iso(row.at),
+        "event": row.event,
+        "outcome": row.outcome,
+        "tenant": row.tenant,
+        "app_id": row.app_id,
+        "flow_id": row.flow_id,
+        "message_id": row.message_id,
+        "execution_id": row.execution_id,
+        "control_id": row.control_id,
+        "message_type": row.message_type,
+        "action": row.step,
+        "attempt": row.attempt,
+        "ack": row.ack_code,
+        "reason": row.reason,
+    }
 
 
 def audit_view(row: audit.AuditEntry) -> dict[str, Any]:

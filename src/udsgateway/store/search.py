@@ -347,3 +347,82 @@ def delivery_content(
 def total(connection: Connection) -> int:
     """How many messages are stored."""
     return int(connection.execute(select(func.count()).select_from(schema.messages)).scalar() or 0)
+
+
+@frozen
+class LogLine:
+    """A line of the execution log, as operators read it (never content)."""
+
+    id: int
+    at: float
+    event: str
+    outcome: str
+    app_id: str
+    flow_id: str
+    tenant: str
+    message_id: int | None
+    execution_id: int | None
+    control_id: str
+    message_type: str
+    step: int | None
+    attempt: int | None
+    ack_code: str
+    reason: str
+
+
+def log_lines(
+    connection: Connection,
+    flow_id: str | None = None,
+    outcomes: Sequence[str] = (),
+    since: float | None = None,
+    after_id: int = 0,
+    before_id: int | None = None,
+    limit: int = 100,
+    newest_first: bool = True,
+    message_id: int | None = None,
+) -> list[LogLine]:
+    """Log lines, filtered as ``udsgateway logs`` filters them: newest first (or, for a
+    tail, the oldest after ``after_id``)."""
+    logs, flows = schema.logs, schema.flows
+    query = (
+        select(logs, flows.c.app_id.label("flow_app_id"))
+        .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
+        .where(logs.c.id > after_id)
+        .order_by(logs.c.id.desc() if newest_first else logs.c.id)
+        .limit(max(1, limit))
+    )
+    if before_id is not None:
+        query = query.where(logs.c.id < before_id)
+    if flow_id:
+        query = query.where(logs.c.flow_id == flow_id)
+    if outcomes:
+        query = query.where(logs.c.outcome.in_(list(outcomes)))
+    if since is not None:
+        query = query.where(logs.c.at >= since)
+    if message_id is not None:
+        query = query.where(logs.c.message_id == message_id)
+    return [
+        LogLine(
+            id=row.id,
+            at=row.at,
+            event=row.event,
+            outcome=row.outcome,
+            app_id=row.app_id or row.flow_app_id or "",
+            flow_id=row.flow_id,
+            tenant=row.tenant,
+            message_id=row.message_id,
+            execution_id=row.execution_id,
+            control_id=row.control_id,
+            message_type=row.message_type,
+            step=row.step,
+            attempt=row.attempt,
+            ack_code=row.ack_code,
+            reason=row.reason,
+        )
+        for row in connection.execute(query)
+    ]
+
+
+def last_log_id(connection: Connection) -> int:
+    """The id of the newest log line (0: none): where a tail starts."""
+    return int(connection.execute(select(func.max(schema.logs.c.id))).scalar() or 0)
