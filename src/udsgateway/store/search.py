@@ -38,22 +38,43 @@ FLOW_KEY = "flow"
 STATUSES = ("accepted", "rejected")
 MAX_VALUE = 199
 
-_INSERT_KEYS = prepared_insert(schema.message_keys, ("name", "value", "message_id"))
+_KEY_COLUMNS = ("name", "value", "message_id")
+_INSERT_KEYS = prepared_insert(schema.message_keys, _KEY_COLUMNS)
+#: Rows per multi-row INSERT of keys on SQLite (3 parameters each).
+_CHUNK = 200
 
 
 def insert_keys(
     connection: Connection, keys: Sequence[Sequence[tuple[str, str]]], ids: Sequence[int]
 ) -> None:
-    """Write the search keys of newly stored messages: ``keys[i]`` belongs to ``ids[i]``."""
-    rows = []
+    """Write the search keys of newly stored messages: ``keys[i]`` belongs to ``ids[i]``.
+
+    On the inbound commit's path: flat parameter lists, multi-row statements of up
+    to ``_CHUNK`` rows on SQLite (executemany elsewhere), no per-row dicts.
+    """
+    flat: list[Any] = []
     for message_keys, message_id in zip(keys, ids, strict=True):
-        seen = set()
-        for name, value in message_keys:
-            if value and (name, value) not in seen:
-                seen.add((name, value))
-                rows.append({"name": name, "value": value[:MAX_VALUE], "message_id": message_id})
-    if rows:
+        for name, value in dict.fromkeys(message_keys):
+            if value:
+                flat += (name, value[:MAX_VALUE], message_id)
+    if not flat:
+        return
+    if connection.dialect.name != "sqlite":
+        rows = [
+            dict(zip(_KEY_COLUMNS, flat[i : i + 3], strict=True)) for i in range(0, len(flat), 3)
+        ]
         _INSERT_KEYS.execute(connection, rows)
+        return
+    cursor = connection.connection.cursor()
+    try:
+        step = _CHUNK * 3
+        for start in range(0, len(flat), step):
+            part = flat[start : start + step]
+            sql, columns = _INSERT_KEYS._multi_sql(connection, len(part) // 3)
+            assert columns == _KEY_COLUMNS
+            cursor.execute(sql, part)
+    finally:
+        cursor.close()
 
 
 def delete_keys(connection: Connection, message_ids: Sequence[int]) -> None:
