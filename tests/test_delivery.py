@@ -1,4 +1,4 @@
-"""Tests for udsgateway.outbound.delivery: destinations, lanes and the dispatcher.
+"""Tests for udsgateway.outbound: policy, destinations, lanes and the dispatcher.
 
 The real dispatcher, lanes, destinations and destination protocol run on
 an in-memory SQLite store, a synchronous database runner and a ``task.Clock``;
@@ -30,15 +30,14 @@ from twisted.internet.interfaces import (
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from udsgateway.flows import Action
-from udsgateway.outbound.delivery import (
-    DEFAULT_POLICY,
-    Dispatcher,
-    Timing,
-    _DestinationFactory,
-)
+from udsgateway.interfaces import IDeliveryOutcomes
+from udsgateway.outbound.destination import _DestinationFactory
+from udsgateway.outbound.dispatcher import Dispatcher
+from udsgateway.outbound.policy import DEFAULT_POLICY, Timing
 from udsgateway.store import outbox, schema
 from udsgateway.store.engine import IDatabaseRunner
 from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery, Settlement
@@ -1384,49 +1383,105 @@ class StopTests(DeliveryTestCase):
         self.assertEqual(rig.clock.getDelayedCalls(), [])
 
 
+@implementer(IDeliveryOutcomes)
+class RecordedOutcomes:
+    """An ``IDeliveryOutcomes`` that records what it is told (or fails, as told)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.settled: list[list[str | None]] = []
+        self.unlocked: list[Any] = []
+        self.broken = broken
+
+    def after_record(self, connection: Any, settled: list[Any], found: Any) -> Any:
+        self.settled.append([item.control_id for item in settled])
+        return ("advanced", len(settled))
+
+    def on_recorded(self, group: Any) -> None:
+        if self.broken:
+            raise RuntimeError("bug")
+        self.unlocked.append(group)
+
+
 class RecordTests(DeliveryTestCase):
     """Outcomes committed in one group: each lane gets its own."""
 
     def test_every_lane_of_a_group_gets_its_own_outcome(self) -> None:
-        """Two outcomes committed in one group: each record() fires with its own
-        settlement (before: the first got the group's result, the second None),
-        and what the commit unlocked goes to on_recorded exactly once, even when
-        the first lane stopped waiting for it."""
+        """Three outcomes committed in one group: each record() fires with its own
+        settlement (the group's result is no longer carried by the first one
+        only), and what the commit unlocked goes to on_recorded exactly once,
+        even when the first and last lanes stopped waiting for it."""
         rig = self.outbound()
-        unlocked: list[Any] = []
-        rig.dispatcher.after_record = lambda _connection, settled, _found: (
-            "advanced",
-            len(settled),
-        )
-        rig.dispatcher.on_recorded = unlocked.append
+        outcomes = RecordedOutcomes()
+        rig.dispatcher.outcomes = outcomes
         rig.dispatcher._committer.clock = rig.clock  # group what arrives in one turn
-        first_id, second_id = rig.enqueue("lane-g1", DEST, ["G1", "G2"], notify=False)
-        first = Settlement(first_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA", control_id="G1")
-        second = Settlement(second_id, HELD, 1, 0.0, "AR", b"MSH|", "AR", control_id="G2")
-        waiting_first = rig.dispatcher.record(first)
-        waiting_second = rig.dispatcher.record(second)
-        waiting_first.cancel()  # its lane was stopped meanwhile
-        self.failureResultOf(waiting_first, CancelledError)
+        ids = rig.enqueue("lane-g1", DEST, ["G1", "G2", "G3"], notify=False)
+        settlements = [
+            Settlement(ids[0], DELIVERED, 1, 0.0, "", b"MSH|", "AA", control_id="G1"),
+            Settlement(ids[1], HELD, 1, 0.0, "AR", b"MSH|", "AR", control_id="G2"),
+            Settlement(ids[2], DELIVERED, 1, 0.0, "", b"MSH|", "CA", control_id="G3"),
+        ]
+        waiting = [rig.dispatcher.record(settlement) for settlement in settlements]
+        waiting[0].cancel()  # its lane was stopped meanwhile
+        waiting[2].cancel()
+        self.failureResultOf(waiting[0], CancelledError)
+        self.failureResultOf(waiting[2], CancelledError)
         rig.clock.advance(0)
         self.assertEqual(rig.dispatcher._committer.groups, 1)
-        self.assertEqual(self.successResultOf(waiting_second), second)
-        self.assertEqual(unlocked, [("advanced", 2)])
-        self.assertEqual(states(rig), [("G1", DELIVERED), ("G2", HELD)])
+        self.assertEqual(self.successResultOf(waiting[1]), settlements[1])
+        self.assertEqual(outcomes.settled, [["G1", "G2", "G3"]])
+        self.assertEqual(outcomes.unlocked, [("advanced", 3)])
+        self.assertEqual(states(rig), [("G1", DELIVERED), ("G2", HELD), ("G3", DELIVERED)])
+
+    def test_each_outcome_of_a_group_reaches_its_own_lane(self) -> None:
+        """Nothing cancelled: every record() of a group fires with its own
+        settlement, in any order, and on_recorded runs once for the group."""
+        rig = self.outbound()
+        outcomes = RecordedOutcomes()
+        rig.dispatcher.outcomes = outcomes
+        rig.dispatcher._committer.clock = rig.clock
+        ids = rig.enqueue("lane-g3", DEST, ["K1", "K2", "K3", "K4"], notify=False)
+        settlements = [
+            Settlement(delivery_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA", control_id=f"K{n}")
+            for n, delivery_id in enumerate(ids, 1)
+        ]
+        waiting = [rig.dispatcher.record(settlement) for settlement in settlements]
+        rig.clock.advance(0)
+        self.assertEqual(rig.dispatcher._committer.groups, 1)
+        self.assertEqual([self.successResultOf(each) for each in waiting], settlements)
+        self.assertEqual(outcomes.unlocked, [("advanced", 4)])
+
+    def test_lanes_recorded_in_one_group_all_move_on(self) -> None:
+        """Lanes to three destinations whose outcomes share group commits: every
+        lane learns its own outcome and goes on to its next message; the
+        executor-side hook hears of every settled delivery once."""
+        rig = self.outbound()
+        outcomes = RecordedOutcomes()
+        rig.dispatcher.outcomes = outcomes
+        rig.dispatcher._committer.clock = rig.clock
+        endpoints = [DEST, OTHER, "tcp:pharmacy.example:2575"]
+        rig.start()
+        for n, endpoint in enumerate(endpoints):
+            rig.enqueue(f"lane-m{n}", endpoint, [f"M{n}A", f"M{n}B", f"M{n}C"])
+        rig.run_until(all_delivered(rig))
+        committer = rig.dispatcher._committer
+        self.assertEqual(committer.committed, 9)
+        self.assertLess(committer.groups, committer.committed, "some outcomes shared a group")
+        for n, endpoint in enumerate(endpoints):
+            self.assertEqual(rig.peer(endpoint).received_ids(), [f"M{n}A", f"M{n}B", f"M{n}C"])
+        settled = sorted(c for group in outcomes.settled for c in group if c is not None)
+        self.assertEqual(settled, sorted(f"M{n}{x}" for n in range(3) for x in "ABC"))
+        self.assertEqual(len(outcomes.unlocked), committer.groups)
 
     def test_a_failing_on_recorded_does_not_record_again(self) -> None:
         """When handling a committed group fails (a bug in on_recorded), the error
         is logged and the lane still gets its outcome: it never commits it again."""
         rig = self.outbound()
-
-        def broken(_group: Any) -> None:
-            raise RuntimeError("bug")
-
-        rig.dispatcher.after_record = lambda _connection, _settled, _found: "advanced"
-        rig.dispatcher.on_recorded = broken
+        rig.dispatcher.outcomes = RecordedOutcomes(broken=True)
         [delivery_id] = rig.enqueue("lane-g2", DEST, ["G3"], notify=False)
         settlement = Settlement(delivery_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA")
         self.assertEqual(self.successResultOf(rig.dispatcher.record(settlement)), settlement)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(rig.dispatcher._committer.committed, 1)
 
     def test_one_source_of_policy_defaults(self) -> None:
         """The policy a delivery falls back to is the one an action gets by default."""
