@@ -39,10 +39,12 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from udsgateway.flows import Action
+from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue
 from udsgateway.outbound.destination import Destination, _DestinationFactory
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.errors import ConnectError, DeliveryError
+from udsgateway.outbound.executor import Executor
 from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import DEFAULT_POLICY, TIMING_KEYS, Timing
 from udsgateway.store import outbox, schema
@@ -153,6 +155,8 @@ class InterfaceTests(DeliveryTestCase):
         self.assertTrue(verifyObject(IService, rig.dispatcher))
         self.assertTrue(verifyObject(IDeliveryQueue, rig.dispatcher))
         self.assertTrue(verifyObject(IDeliveryOutcomes, RecordedOutcomes()))
+        executor = Executor(rig.database, rig.dispatcher, rig.clock, ControlIdSource("OUT"))
+        self.assertTrue(verifyObject(IDeliveryOutcomes, executor))
         factory = _DestinationFactory("mllp", rig.clock, Timing())
         self.assertTrue(verifyObject(IProtocolFactory, factory))
         protocol = factory.buildProtocol(None)
