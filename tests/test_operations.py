@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from udsgateway.admin.operations import Conflict, Invalid, NotFound, Operations, Rates
 from udsgateway.hl7.header import parse_header
 from udsgateway.hl7.keys import search_keys
-from udsgateway.outbound.delivery import Dispatcher
+from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.store import outbox, schema
 from udsgateway.store.search import Query
 from udsgateway.testing import (

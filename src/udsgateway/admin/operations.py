@@ -282,10 +282,7 @@ class Operations:
             for destination in self.dispatcher.destinations.values():
                 address = destinations.address_of(destination.endpoint)
                 entry = live.setdefault(address, {"connected": False, "last_error": ""})
-                current = getattr(destination, "_current", None)
-                entry["connected"] = entry["connected"] or bool(
-                    current is not None and current.connected_ok
-                )
+                entry["connected"] = entry["connected"] or destination.connected
                 entry["last_error"] = entry["last_error"] or destination.last_error
         sent = dict(getattr(self.dispatcher, "sent", {}) or {})
         for address, entry in stored["destinations"].items():
