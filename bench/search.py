@@ -159,7 +159,6 @@ def main() -> None:
         "rejected + type ADT^A04 + tenant": Query(
             status="rejected", message_type="ADT^A04", tenant="tenant2"
         ),
-        "tenant + type": Query(tenant="tenant0", message_type="ADT^A08"),
         "tenant that has no messages": Query(tenant="tenant9"),
     }
     print(f"\n| search (page of 50) over {args.messages:,} messages | median ms | max ms | rows |")
