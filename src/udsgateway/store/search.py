@@ -288,7 +288,8 @@ class MessageDetail:
     message: MessageSummary
     executions: tuple[ExecutionSummary, ...]
     deliveries: tuple[Attempted, ...]
-    attempts: tuple[tuple[int, int, str, str, str, float], ...]
+    #: Delivery attempts from the log: (execution, step, attempt, outcome, ack, reason, at).
+    attempts: tuple[tuple[int, int, int, str, str, str, float], ...]
 
 
 def detail(connection: Connection, message_id: int) -> MessageDetail | None:
@@ -307,7 +308,7 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
         )
     )
     sent: tuple[Attempted, ...] = ()
-    attempts: tuple[tuple[int, int, str, str, str, float], ...] = ()
+    attempts: tuple[tuple[int, int, int, str, str, str, float], ...] = ()
     if runs:
         execution_ids = [run.id for run in runs]
         sent = tuple(
@@ -330,10 +331,11 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
         )
         # Each attempt is a log line: (execution, step, attempt, outcome, ack, reason, at).
         attempts = tuple(
-            (r.execution_id, r.attempt or 0, r.outcome, r.ack_code, r.reason, r.at)
+            (r.execution_id, r.step or 0, r.attempt or 0, r.outcome, r.ack_code, r.reason, r.at)
             for r in connection.execute(
                 select(
                     logs.c.execution_id,
+                    logs.c.step,
                     logs.c.attempt,
                     logs.c.outcome,
                     logs.c.ack_code,
