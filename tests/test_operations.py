@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from udsgateway.admin.operations import Conflict, Invalid, NotFound, Operations, Rates
 from udsgateway.hl7.header import parse_header
 from udsgateway.hl7.keys import search_keys
-from udsgateway.outbound.delivery import Dispatcher
+from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.store import outbox, schema
 from udsgateway.store.search import Query
 from udsgateway.testing import (
@@ -131,7 +131,10 @@ class MessageTests(SynchronousTestCase):
         )
         start = 1_700_000_000 + 60
         self.assertEqual(self.control_ids(since=start, until=start + 120), ["A3", "A2"])
-        self.assertEqual(self.control_ids(tenant="other"), [])
+        self.assertEqual(self.control_ids(tenant="test", limit=1), ["R1"])
+        self.assertEqual(self.control_ids(flow_id="FLWSIUS12MLLP"), ["S1"])
+        self.assertEqual(self.control_ids(message_type="ADT^A31"), ["R1"])
+        self.assertEqual(self.control_ids(message_type="ORM^O01"), [])
 
     def test_bad_filters_are_invalid(self) -> None:
         self.failureResultOf(self.operations.messages("ann", "api", Query(limit=0)), Invalid)
@@ -140,6 +143,7 @@ class MessageTests(SynchronousTestCase):
         )
         self.failureResultOf(self.operations.messages("ann", "api", Query(status="lost")), Invalid)
         self.failureResultOf(self.operations.messages("ann", "web", Query()), Invalid)
+        self.failureResultOf(self.operations.messages("ann", "api", Query(tenant="x")), Invalid)
 
     def test_detail_has_no_content_and_content_is_audited(self) -> None:
         [found] = self.search(keys=(("msh10", "A1"),))["messages"]
@@ -423,3 +427,126 @@ class FlowTests(SynchronousTestCase):
         self.assertEqual(paths["PID-3.1"]["sample"], "12345")
         self.failureResultOf(self.operations.variables("ann", "api", sample="nonsense"), Invalid)
         self.failureResultOf(self.operations.variables("ann", "api"), Invalid)
+
+
+class LogTests(SynchronousTestCase):
+    """The execution log with the filters of ``udsgateway logs``, and the long-poll tail."""
+
+    def setUp(self) -> None:
+        self.gateway = Gateway()
+        self.operations = Operations(
+            self.gateway.database, self.gateway.clock, self.gateway.clock.seconds
+        )
+        self.sender = self.gateway.connect()
+
+    def send(self, control_id: str, message_type: str = "ADT^A04") -> None:
+        self.sender.send(mllp(hl7_message(control_id, message_type, receiving=ADT)))
+
+    def test_newest_first_filtered_paged(self) -> None:
+        for number in range(3):
+            self.send(f"L{number}")
+        self.send("BAD", "ADT^A31")
+        lines = result(self, self.operations.logs("ann", "api"))["lines"]
+        self.assertEqual([line["control_id"] for line in lines], ["BAD", "L2", "L1", "L0"])
+        self.assertEqual(lines[0]["outcome"], "rejected")
+        rejected = result(self, self.operations.logs("ann", "api", status="rejected"))
+        self.assertEqual([line["control_id"] for line in rejected["lines"]], ["BAD"])
+        page = result(self, self.operations.logs("ann", "api", limit=2))
+        rest = result(self, self.operations.logs("ann", "api", before_id=page["next"]))
+        self.assertEqual([line["control_id"] for line in rest["lines"]], ["L1", "L0"])
+        self.failureResultOf(self.operations.logs("ann", "api", limit=0), Invalid)
+
+    def test_tail_waits_for_new_lines(self) -> None:
+        self.send("T0")
+        start = result(self, self.operations.tail("ann", "api"))
+        self.assertEqual(start["lines"], [])
+        waiting = self.operations.tail("ann", "api", after_id=start["last"], timeout=30)
+        self.assertNoResult(waiting)
+        self.gateway.clock.advance(1)
+        self.assertNoResult(waiting)
+        self.send("T1")
+        self.gateway.clock.advance(1)
+        found = result(self, waiting)
+        self.assertEqual([line["control_id"] for line in found["lines"]], ["T1"])
+        empty = self.operations.tail("ann", "api", after_id=found["last"], timeout=5)
+        self.gateway.clock.advance(5)
+        self.assertEqual(result(self, empty), {"lines": [], "last": found["last"]})
+
+
+class EndToEndTests(SynchronousTestCase):
+    """A whole gateway in memory: a message in, delivered; the facade's status, detail
+    (executions, deliveries, attempts) and audited outbound/response content."""
+
+    def test_detail_status_and_outbound_content(self) -> None:
+        from tests.test_executor import TRIGGER_ID, adt, header
+        from udsgateway.testing.flows import FlowGateway, action, app, flow
+
+        running = FlowGateway(
+            (
+                app(
+                    flow(
+                        "one",
+                        "ADT^A04",
+                        [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)],
+                    )
+                ),
+            )
+        )
+        self.addCleanup(running.stop)
+        operations = Operations(
+            running.database,
+            running.clock,
+            running.clock.seconds,
+            dispatcher=running.outbound.dispatcher,
+            executor=running.executor,
+            ingests={"test": running.ingest},
+            listeners={"test": running.factory},
+        )
+        rates = Rates(operations.counters, running.clock)
+        operations.rates = rates
+        rates.start()
+        running.send(adt("E2E1"))
+        running.settle()
+        running.clock.advance(60)
+        [found] = result(self, operations.messages("ann", "api", Query()))["messages"]
+        detail = result(self, operations.message("ann", "api", found["id"]))
+        [execution] = detail["executions"]
+        self.assertEqual((execution["flow_id"], execution["state"]), ("FLWONE", "done"))
+        [delivery] = detail["deliveries"]
+        self.assertEqual(
+            (delivery["state"], delivery["ack"], delivery["waiting"]), ("delivered", "AA", "")
+        )
+        self.assertEqual([a["outcome"] for a in delivery["attempt_log"]], ["delivered"])
+        sent = result(
+            self, operations.content("ann", "api", part="outbound", delivery_id=delivery["id"])
+        )
+        self.assertIn("ZTR|E2E1", sent["text"])
+        self.assertEqual(sent["message_id"], found["id"])
+        reply = result(
+            self, operations.content("ann", "api", part="response", delivery_id=delivery["id"])
+        )
+        self.assertIn("MSA|AA|", reply["text"])
+        self.assertEqual(
+            [(r[1], r[2]) for r in audit_rows(running.database)],
+            [
+                ("content.outbound", f"delivery {delivery['id']}"),
+                ("content.response", f"delivery {delivery['id']}"),
+            ],
+        )
+        status = result(self, operations.status("ann", "api"))
+        [(address, destination)] = status["destinations"].items()
+        self.assertEqual(address, "127.0.0.1:2601")
+        self.assertEqual(
+            (
+                destination["delivered"],
+                destination["delivered_since_start"],
+                destination["queued"],
+            ),
+            (1, 1, 0),
+        )
+        self.assertTrue(destination["connected"])
+        self.assertEqual(status["flows"]["FLWONE"]["executions"], {"done": 1})
+        self.assertEqual(status["tenants"]["test"]["accepted"], 1)
+        self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)
+        self.assertGreater(status["rates"]["hour"][f"destination.{address}.delivered"], 0)
+        rates.stop()

@@ -17,13 +17,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from attrs import define, evolve, field
 from sqlalchemy import Connection, func, select
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
@@ -282,10 +282,7 @@ class Operations:
             for destination in self.dispatcher.destinations.values():
                 address = destinations.address_of(destination.endpoint)
                 entry = live.setdefault(address, {"connected": False, "last_error": ""})
-                current = getattr(destination, "_current", None)
-                entry["connected"] = entry["connected"] or bool(
-                    current is not None and current.connected_ok
-                )
+                entry["connected"] = entry["connected"] or destination.connected
                 entry["last_error"] = entry["last_error"] or destination.last_error
         sent = dict(getattr(self.dispatcher, "sent", {}) or {})
         for address, entry in stored["destinations"].items():
@@ -651,6 +648,9 @@ class Operations:
         try:
             self._check(actor, via)
             _validate(query)
+            known = set(self.tenants) | set(self.ingests)
+            if query.tenant is not None and known and query.tenant not in known:
+                raise Invalid(f"tenant: no tenant {query.tenant!r}")
         except OperationsError:
             return fail()
 
@@ -680,9 +680,9 @@ class Operations:
                 raise NotFound(f"no message {message_id}")
             rows = [outbox.get_delivery(connection, a.id) for a in found.deliveries]
             views = self._described(connection, [r for r in rows if r is not None])
-            attempts: dict[int, list[dict[str, Any]]] = {}
-            for execution_id, attempt, outcome, code, why, at in found.attempts:
-                attempts.setdefault(execution_id, []).append(
+            attempts: dict[tuple[int, int], list[dict[str, Any]]] = {}
+            for execution_id, step, attempt, outcome, code, why, at in found.attempts:
+                attempts.setdefault((execution_id, step), []).append(
                     {
                         "attempt": attempt,
                         "outcome": outcome,
@@ -692,11 +692,7 @@ class Operations:
                     }
                 )
             for view, item in zip(views, found.deliveries, strict=True):
-                view["attempt_log"] = [
-                    a
-                    for a in attempts.get(item.execution_id or 0, [])
-                    if True  # one execution's attempts, all steps: shown per delivery
-                ]
+                view["attempt_log"] = attempts.get((item.execution_id or 0, item.step), [])
             return {
                 **_message_view(found.message),
                 "executions": [
@@ -947,6 +943,100 @@ class Operations:
         done.addCallback(catalogue)
         return done
 
+    # -- the execution log
+
+    #: ``logs`` status words for common questions, and the outcomes they select.
+    STATUS_ALIASES: ClassVar[dict[str, str]] = {
+        "failed": "failed",
+        "held": "held",
+        "ok": "delivered",
+    }
+
+    def logs(
+        self,
+        actor: str,
+        via: str,
+        flow_id: str | None = None,
+        status: str | None = None,
+        since: float | None = None,
+        before_id: int | None = None,
+        limit: int = 100,
+    ) -> Deferred[dict[str, Any]]:
+        """The execution log, newest first, with the filters of ``udsgateway logs``:
+        flow, status (failed, held, ok = delivered, or any outcome), since (epoch
+        seconds); ``next`` pages on (``before_id``). No message content."""
+        try:
+            self._check(actor, via)
+            outcomes = self._outcomes(status)
+            if not 1 <= limit <= 1000:
+                raise Invalid("limit: between 1 and 1000")
+        except OperationsError:
+            return fail()
+        done: Deferred[Any] = self._run(
+            search.log_lines, flow_id, outcomes, since, 0, before_id, limit, True
+        )
+        done.addCallback(
+            lambda rows: {
+                "lines": [_log_view(row) for row in rows],
+                "next": rows[-1].id if len(rows) == limit else None,
+            }
+        )
+        return done
+
+    def _outcomes(self, status: str | None) -> tuple[str, ...]:
+        if status is None:
+            return ()
+        value = status.strip().lower()
+        if not value:
+            raise Invalid("status: empty")
+        return (self.STATUS_ALIASES.get(value, value),)
+
+    def tail(
+        self,
+        actor: str,
+        via: str,
+        after_id: int | None = None,
+        flow_id: str | None = None,
+        status: str | None = None,
+        timeout: float = 25.0,
+        poll: float = 1.0,
+    ) -> Deferred[dict[str, Any]]:
+        """A long poll for the live tail: the log lines after ``after_id`` (oldest first,
+        at most 500), as soon as there are any, else an empty list after ``timeout``
+        seconds. ``after_id`` None: starts from the newest line (the answer is empty,
+        with ``last`` to pass next time). The database is read every ``poll`` seconds
+        (on the reactor's clock, off its thread)."""
+        try:
+            self._check(actor, via)
+            outcomes = self._outcomes(status)
+            if not 0 <= timeout <= 120:
+                raise Invalid("timeout: between 0 and 120 seconds")
+        except OperationsError:
+            return fail()
+        if after_id is None:
+            done: Deferred[Any] = self._run(search.last_log_id)
+            done.addCallback(lambda last: {"lines": [], "last": last})
+            return done
+        return Deferred.fromCoroutine(self._tail(after_id, flow_id, outcomes, timeout, poll))
+
+    async def _tail(
+        self,
+        after_id: int,
+        flow_id: str | None,
+        outcomes: tuple[str, ...],
+        timeout: float,
+        poll: float,
+    ) -> dict[str, Any]:
+        deadline = self.clock.seconds() + timeout
+        while True:
+            rows = await self._run(
+                search.log_lines, flow_id, outcomes, None, after_id, None, 500, False
+            )
+            if rows or self.clock.seconds() >= deadline:
+                last = rows[-1].id if rows else after_id
+                return {"lines": [_log_view(row) for row in rows], "last": last}
+            await deferLater(self.clock, min(poll, deadline - self.clock.seconds()))
+
     # -- the audit trail
 
     def audit_trail(
@@ -981,6 +1071,26 @@ class Operations:
 
 async def _value(result: T) -> T:
     return result
+
+
+def _log_view(row: search.LogLine) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "at": _iso(row.at),
+        "event": row.event,
+        "outcome": row.outcome,
+        "tenant": row.tenant,
+        "app_id": row.app_id,
+        "flow_id": row.flow_id,
+        "message_id": row.message_id,
+        "execution_id": row.execution_id,
+        "control_id": row.control_id,
+        "message_type": row.message_type,
+        "action": row.step,
+        "attempt": row.attempt,
+        "ack": row.ack_code,
+        "reason": row.reason,
+    }
 
 
 def audit_view(row: audit.AuditEntry) -> dict[str, Any]:

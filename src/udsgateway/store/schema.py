@@ -7,6 +7,7 @@ SCHEMA_VERSION and add a step to MIGRATIONS for every change.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from sqlalchemy import (
@@ -24,6 +25,7 @@ from sqlalchemy import (
     Table,
     Text,
     inspect,
+    select,
 )
 
 SCHEMA_VERSION = 4
@@ -288,6 +290,25 @@ def _v3_to_v4(connection: Connection) -> None:
             f"ALTER TABLE audit ADD COLUMN {name} VARCHAR({size}) NOT NULL DEFAULT '{default}'"
         )
     index(audit, "audit_at").create(connection, checkfirst=True)
+    # The keys stored columns give (MSH-10, MSH-9, tenant, flows, rejected); PID-3, SCH
+    # need the message parsed: older messages are not found by those.
+    connection.exec_driver_sql(
+        "INSERT INTO message_keys (name, value, message_id)"
+        " SELECT DISTINCT 'msh10', control_id, id FROM messages"
+        " UNION SELECT DISTINCT 'msh9', message_type, id FROM messages"
+        " UNION SELECT DISTINCT 'tenant', tenant, id FROM messages"
+        " UNION SELECT DISTINCT 'status', 'rejected', id FROM messages WHERE NOT accepted"
+    )
+    routed = connection.execute(
+        select(messages.c.id, messages.c.flows).where(messages.c.flows != "[]")
+    ).all()
+    rows = [
+        {"name": "flow", "value": flow_id, "message_id": message_id}
+        for message_id, flows_json in routed
+        for flow_id in dict.fromkeys(json.loads(flows_json))
+    ]
+    if rows:
+        connection.execute(message_keys.insert(), rows)
 
 
 #: Steps from version N to N+1, each run in the transaction that opens the database.

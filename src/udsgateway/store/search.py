@@ -3,11 +3,14 @@
 The inbound commit writes a few HL7 keys of each stored message into
 ``message_keys`` (one multi-row insert per group): MSH-10 (``msh10``), the
 first identifier of PID-3 (``pid3``), SCH-1 and SCH-2 (``sch1``, ``sch2``),
-and ``status=rejected`` for a rejected message. A search on a key walks that
-table's primary key, newest first; other filters (tenant, message type,
-time range, status accepted) are checked on the rows as they come, newest
-first by arrival (``id``). A time range is turned into a range of ids first
-(two probes of the ``received_at`` index), so no search sorts.
+the message type (``msh9``), each flow it was routed to (``flow``), its tenant
+(``tenant``), and ``status=rejected`` for a rejected message. A search with a
+key or a type, flow, tenant or rejected filter walks that table's primary key
+for the most selective of them, newest first, and looks the others up by
+primary key; the other filters (time range, status accepted) are checked on
+the rows as they come, newest first by arrival (``id``). A time range is
+turned into a range of ids first (two probes of the ``received_at`` index),
+so no search sorts.
 
 Results are pages of at most ``limit`` rows; the next page starts below the
 last id seen (keyset pagination: the cost of a page does not grow with its
@@ -28,27 +31,52 @@ from udsgateway.store.engine import prepared_insert
 
 #: Search keys written at commit, and what an operator calls them.
 KEYS = {"msh10": "MSH-10", "pid3": "PID-3", "sch1": "SCH-1", "sch2": "SCH-2"}
-#: The status key, written for rejected messages only (few: it stays small).
+#: Keys the search uses for its filters: the status (written for rejected messages
+#: only), the message type (MSH-9 as stored) and each flow a message was routed to.
 STATUS_KEY = "status"
+TYPE_KEY = "msh9"
+FLOW_KEY = "flow"
+TENANT_KEY = "tenant"
 STATUSES = ("accepted", "rejected")
 MAX_VALUE = 199
 
-_INSERT_KEYS = prepared_insert(schema.message_keys, ("name", "value", "message_id"))
+_KEY_COLUMNS = ("name", "value", "message_id")
+_INSERT_KEYS = prepared_insert(schema.message_keys, _KEY_COLUMNS)
+#: Rows per multi-row INSERT of keys on SQLite (3 parameters each).
+_CHUNK = 200
 
 
 def insert_keys(
     connection: Connection, keys: Sequence[Sequence[tuple[str, str]]], ids: Sequence[int]
 ) -> None:
-    """Write the search keys of newly stored messages: ``keys[i]`` belongs to ``ids[i]``."""
-    rows = []
+    """Write the search keys of newly stored messages: ``keys[i]`` belongs to ``ids[i]``.
+
+    On the inbound commit's path: flat parameter lists, multi-row statements of up
+    to ``_CHUNK`` rows on SQLite (executemany elsewhere), no per-row dicts.
+    """
+    flat: list[Any] = []
     for message_keys, message_id in zip(keys, ids, strict=True):
-        seen = set()
-        for name, value in message_keys:
-            if value and (name, value) not in seen:
-                seen.add((name, value))
-                rows.append({"name": name, "value": value[:MAX_VALUE], "message_id": message_id})
-    if rows:
+        for name, value in dict.fromkeys(message_keys):
+            if value:
+                flat += (name, value[:MAX_VALUE], message_id)
+    if not flat:
+        return
+    if connection.dialect.name != "sqlite":
+        rows = [
+            dict(zip(_KEY_COLUMNS, flat[i : i + 3], strict=True)) for i in range(0, len(flat), 3)
+        ]
         _INSERT_KEYS.execute(connection, rows)
+        return
+    cursor = connection.connection.cursor()
+    try:
+        step = _CHUNK * 3
+        for start in range(0, len(flat), step):
+            part = flat[start : start + step]
+            sql, columns = _INSERT_KEYS._multi_sql(connection, len(part) // 3)
+            assert columns == _KEY_COLUMNS
+            cursor.execute(sql, part)
+    finally:
+        cursor.close()
 
 
 def delete_keys(connection: Connection, message_ids: Sequence[int]) -> None:
@@ -152,6 +180,7 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
     """Messages matching ``query``, newest first, at most ``query.limit`` of them."""
     m, k = schema.messages, schema.message_keys
     statement = select(*_SUMMARY).limit(max(1, min(query.limit, 1000)))
+    bounds: tuple[int, int] | None = None
     if query.since is not None or query.until is not None:
         bounds = id_range(connection, query.since, query.until)
         if bounds is None:
@@ -161,16 +190,24 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
             statement = statement.where(m.c.received_at >= query.since)
         if query.until is not None:
             statement = statement.where(m.c.received_at < query.until)
+    # The first key walks its index and the others are looked up: the most selective
+    # first (an HL7 key, then the rejected ones, then a flow, then a message type).
     keys = list(query.keys)
     if query.status == "rejected":
         keys.append((STATUS_KEY, "rejected"))
-    elif query.status == "accepted":
+    if query.flow_id is not None:
+        keys.append((FLOW_KEY, query.flow_id))
+    if query.message_type is not None:
+        keys.append((TYPE_KEY, query.message_type))
+    if query.tenant is not None:
+        keys.append((TENANT_KEY, query.tenant))
+    if query.status == "accepted":
         statement = statement.where(m.c.accepted.is_(True))
-    elif query.status is not None:
+    elif query.status not in (None, "rejected"):
         raise ValueError(f"status: expected one of {', '.join(STATUSES)}")
     order = m.c.id.desc()
     for index, (name, value) in enumerate(keys):
-        if name not in KEYS and name != STATUS_KEY:
+        if name not in KEYS and name not in (STATUS_KEY, TYPE_KEY, FLOW_KEY, TENANT_KEY):
             raise ValueError(f"unknown search key {name!r} (one of: {', '.join(KEYS)})")
         alias = k.alias(f"k{index}")
         statement = statement.join(alias, alias.c.message_id == m.c.id).where(
@@ -181,15 +218,10 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
             order = alias.c.message_id.desc()
             if query.before_id is not None:
                 statement = statement.where(alias.c.message_id < query.before_id)
+            if bounds is not None:
+                statement = statement.where(alias.c.message_id.between(*bounds))
     if query.before_id is not None:
         statement = statement.where(m.c.id < query.before_id)
-    if query.tenant is not None:
-        statement = statement.where(m.c.tenant == query.tenant)
-    if query.message_type is not None:
-        statement = statement.where(m.c.message_type == query.message_type)
-    if query.flow_id is not None:
-        # Flow IDs are stored as a JSON list: '["FLW..."]'.
-        statement = statement.where(m.c.flows.contains(json.dumps(query.flow_id)))
     return [_summary(row) for row in connection.execute(statement.order_by(order))]
 
 
@@ -256,7 +288,8 @@ class MessageDetail:
     message: MessageSummary
     executions: tuple[ExecutionSummary, ...]
     deliveries: tuple[Attempted, ...]
-    attempts: tuple[tuple[int, int, str, str, str, float], ...]
+    #: Delivery attempts from the log: (execution, step, attempt, outcome, ack, reason, at).
+    attempts: tuple[tuple[int, int, int, str, str, str, float], ...]
 
 
 def detail(connection: Connection, message_id: int) -> MessageDetail | None:
@@ -275,7 +308,7 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
         )
     )
     sent: tuple[Attempted, ...] = ()
-    attempts: tuple[tuple[int, int, str, str, str, float], ...] = ()
+    attempts: tuple[tuple[int, int, int, str, str, str, float], ...] = ()
     if runs:
         execution_ids = [run.id for run in runs]
         sent = tuple(
@@ -298,10 +331,11 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
         )
         # Each attempt is a log line: (execution, step, attempt, outcome, ack, reason, at).
         attempts = tuple(
-            (r.execution_id, r.attempt or 0, r.outcome, r.ack_code, r.reason, r.at)
+            (r.execution_id, r.step or 0, r.attempt or 0, r.outcome, r.ack_code, r.reason, r.at)
             for r in connection.execute(
                 select(
                     logs.c.execution_id,
+                    logs.c.step,
                     logs.c.attempt,
                     logs.c.outcome,
                     logs.c.ack_code,
@@ -340,3 +374,82 @@ def delivery_content(
 def total(connection: Connection) -> int:
     """How many messages are stored."""
     return int(connection.execute(select(func.count()).select_from(schema.messages)).scalar() or 0)
+
+
+@frozen
+class LogLine:
+    """A line of the execution log, as operators read it (never content)."""
+
+    id: int
+    at: float
+    event: str
+    outcome: str
+    app_id: str
+    flow_id: str
+    tenant: str
+    message_id: int | None
+    execution_id: int | None
+    control_id: str
+    message_type: str
+    step: int | None
+    attempt: int | None
+    ack_code: str
+    reason: str
+
+
+def log_lines(
+    connection: Connection,
+    flow_id: str | None = None,
+    outcomes: Sequence[str] = (),
+    since: float | None = None,
+    after_id: int = 0,
+    before_id: int | None = None,
+    limit: int = 100,
+    newest_first: bool = True,
+    message_id: int | None = None,
+) -> list[LogLine]:
+    """Log lines, filtered as ``udsgateway logs`` filters them: newest first (or, for a
+    tail, the oldest after ``after_id``)."""
+    logs, flows = schema.logs, schema.flows
+    query = (
+        select(logs, flows.c.app_id.label("flow_app_id"))
+        .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
+        .where(logs.c.id > after_id)
+        .order_by(logs.c.id.desc() if newest_first else logs.c.id)
+        .limit(max(1, limit))
+    )
+    if before_id is not None:
+        query = query.where(logs.c.id < before_id)
+    if flow_id:
+        query = query.where(logs.c.flow_id == flow_id)
+    if outcomes:
+        query = query.where(logs.c.outcome.in_(list(outcomes)))
+    if since is not None:
+        query = query.where(logs.c.at >= since)
+    if message_id is not None:
+        query = query.where(logs.c.message_id == message_id)
+    return [
+        LogLine(
+            id=row.id,
+            at=row.at,
+            event=row.event,
+            outcome=row.outcome,
+            app_id=row.app_id or row.flow_app_id or "",
+            flow_id=row.flow_id,
+            tenant=row.tenant,
+            message_id=row.message_id,
+            execution_id=row.execution_id,
+            control_id=row.control_id,
+            message_type=row.message_type,
+            step=row.step,
+            attempt=row.attempt,
+            ack_code=row.ack_code,
+            reason=row.reason,
+        )
+        for row in connection.execute(query)
+    ]
+
+
+def last_log_id(connection: Connection) -> int:
+    """The id of the newest log line (0: none): where a tail starts."""
+    return int(connection.execute(select(func.max(schema.logs.c.id))).scalar() or 0)
