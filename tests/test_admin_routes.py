@@ -150,3 +150,108 @@ class OperationRouteTests(TestCase):
         status = self.client.request("GET", "/api/v1/status", token=self.viewer)
         self.assertEqual(status.status, 200)
         self.assertIn("rates", status.json)
+
+
+class FlowAndLogRouteTests(TestCase):
+    def setUp(self) -> None:
+        self.gateway = Gateway()
+        self.gateway.connect().send(mllp(hl7_message("CTRL1")))
+        self.client = AdminClient(database=self.gateway.database, with_operations=True)
+        self.viewer = self.client.add_user("vera", "viewer")
+        self.operator = self.client.add_user("otto", "operator")
+        self.admin = self.client.add_user("ada", "admin")
+        flows = self.client.request("GET", "/api/v1/flows", token=self.viewer)
+        self.assertEqual(flows.status, 200, flows.body)
+        self.flows = flows.json
+
+    def test_list_and_detail(self) -> None:
+        first = self.flows[0]
+        for key in ("app_id", "flow_id"):
+            self.assertIn(key, first)
+        detail = self.client.request("GET", f"/api/v1/flows/{first['flow_id']}", token=self.viewer)
+        self.assertEqual(detail.status, 200)
+        missing = self.client.request("GET", "/api/v1/flows/NOPE", token=self.viewer)
+        self.assertEqual(missing.status, 404)
+
+    def test_export_validate_import(self) -> None:
+        app_id = self.flows[0]["app_id"]
+        exported = self.client.request("GET", f"/api/v1/apps/{app_id}/export", token=self.operator)
+        self.assertEqual(exported.status, 200)
+        text = exported.json["text"]
+        valid = self.client.request(
+            "POST", "/api/v1/flows/validate", {"text": text}, token=self.operator
+        )
+        self.assertEqual((valid.status, valid.json["valid"]), (200, True))
+        broken = self.client.request(
+            "POST", "/api/v1/flows/validate", {"text": "app_id = 3"}, token=self.operator
+        )
+        self.assertEqual((broken.status, broken.json["valid"]), (200, False))
+        self.assertTrue(broken.json["problems"])
+        refused = self.client.request(
+            "POST", "/api/v1/flows/import", {"text": text}, token=self.operator
+        )
+        self.assertEqual(refused.status, 403)
+        imported = self.client.request(
+            "POST", "/api/v1/flows/import", {"text": text}, token=self.admin
+        )
+        self.assertEqual(imported.status, 200, imported.body)
+        bad = self.client.request(
+            "POST", "/api/v1/flows/import", {"text": "app_id = 3"}, token=self.admin
+        )
+        self.assertEqual(bad.status, 400)
+
+    def test_disable_enable_conflict(self) -> None:
+        flow_id = self.flows[0]["flow_id"]
+        path = f"/api/v1/flows/{flow_id}"
+        off = self.client.request("POST", path + "/disable", {"reason": "t"}, token=self.operator)
+        self.assertEqual(off.status, 200, off.body)
+        again = self.client.request("POST", path + "/disable", {}, token=self.operator)
+        self.assertEqual(again.status, 409)
+        on = self.client.request("POST", path + "/enable", {}, token=self.operator)
+        self.assertEqual(on.status, 200)
+        trail = self.client.request(
+            "GET", "/api/v1/audit?target=flow%20" + flow_id, token=self.admin
+        )
+        self.assertEqual(
+            [(e["action"], e["result"][:7]) for e in trail.json["entries"]],
+            [("flow.enable", "ok"), ("flow.disable", "refused"), ("flow.disable", "ok")],
+        )
+
+    def test_variables(self) -> None:
+        sample = hl7_message("S1").decode("latin-1")
+        pasted = self.client.request(
+            "POST", "/api/v1/variables", {"sample": sample}, token=self.viewer
+        )
+        self.assertEqual(pasted.status, 200, pasted.body)
+        self.assertTrue(pasted.json)
+
+    def test_logs_and_tail(self) -> None:
+        logs = self.client.request("GET", "/api/v1/logs", token=self.viewer)
+        self.assertEqual(logs.status, 200)
+        start = self.client.request("GET", "/api/v1/logs/tail", token=self.viewer).json
+        self.assertEqual(start["lines"], [])
+        # A long poll: no answer until the timeout passes on the clock.
+        transport, _ = self.client.send_raw(
+            f"GET /api/v1/logs/tail?after_id={start['last']}&timeout=5 HTTP/1.1\r\n"
+            f"Host: a\r\nAuthorization: Bearer {self.viewer}\r\n\r\n".encode()
+        )
+        self.assertEqual(transport.value(), b"")
+        self.client.clock.advance(6)
+        from udsgateway.testing.admin import parse_response
+
+        reply = parse_response(transport.value(), False)
+        self.assertEqual((reply.status, reply.json["lines"]), (200, []))
+
+    def test_a_long_poll_whose_client_left_is_cancelled(self) -> None:
+        start = self.client.request("GET", "/api/v1/logs/tail", token=self.viewer).json
+        transport, channel = self.client.send_raw(
+            f"GET /api/v1/logs/tail?after_id={start['last']}&timeout=50 HTTP/1.1\r\n"
+            f"Host: a\r\nAuthorization: Bearer {self.viewer}\r\n\r\n".encode()
+        )
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.client.clock.advance(60)
+        self.assertEqual(transport.value(), b"")
+        self.assertEqual(self.flushLoggedErrors(), [])

@@ -245,7 +245,9 @@ def operation_routes(facade: Any) -> list[Route]:
         Route(
             "GET",
             f"{v1}/flows",
-            handler(lambda call: facade.flows(call.actor, "api", call.query.get("tenant") or None)),
+            handler(
+                lambda call: facade.flows(call.actor, "api", call.query.get("tenant") or None)
+            ),
             VIEWER,
             "every flow: Host, Port, App ID, Flow ID, type, enabled (query: tenant)",
             tag="flows",
@@ -339,7 +341,8 @@ def operation_routes(facade: Any) -> list[Route]:
             tag="logs",
         ),
     ]
-    return flow_routes + [
+    return [
+        *flow_routes,
         Route(
             "GET",
             f"{v1}/destinations",
