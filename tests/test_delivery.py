@@ -17,6 +17,7 @@ import tracemalloc
 from collections.abc import Callable
 from typing import Any
 
+from attrs import define, field
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from twisted.application.service import IService
@@ -30,9 +31,11 @@ from twisted.internet.interfaces import (
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from udsgateway.flows import Action
+from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue
 from udsgateway.outbound.delivery import (
     DEFAULT_POLICY,
     Dispatcher,
@@ -144,6 +147,8 @@ class InterfaceTests(DeliveryTestCase):
         self.assertTrue(verifyObject(IStreamClientEndpoint, rig.peer(DEST).endpoint()))
         self.assertTrue(verifyObject(IDatabaseRunner, rig.database.runner))
         self.assertTrue(verifyObject(IService, rig.dispatcher))
+        self.assertTrue(verifyObject(IDeliveryQueue, rig.dispatcher))
+        self.assertTrue(verifyObject(IDeliveryOutcomes, Outcomes(len)))
         factory = _DestinationFactory("mllp", rig.clock, Timing())
         self.assertTrue(verifyObject(IProtocolFactory, factory))
         protocol = factory.buildProtocol(None)
@@ -1384,6 +1389,25 @@ class StopTests(DeliveryTestCase):
         self.assertEqual(rig.clock.getDelayedCalls(), [])
 
 
+@implementer(IDeliveryOutcomes)
+@define
+class Outcomes:
+    """Told of recorded outcomes: ``after_record`` returns ``unlock(settled)``, and
+    ``on_recorded`` keeps it in ``unlocked`` (or raises, when ``broken``)."""
+
+    unlock: Callable[[list[Settlement]], Any]
+    broken: bool = False
+    unlocked: list[Any] = field(factory=list)
+
+    def after_record(self, _connection: Any, settled: list[Settlement], _found: Any) -> Any:
+        return self.unlock(settled)
+
+    def on_recorded(self, group: Any) -> None:
+        if self.broken:
+            raise RuntimeError("bug")
+        self.unlocked.append(group)
+
+
 class RecordTests(DeliveryTestCase):
     """Outcomes committed in one group: each lane gets its own."""
 
@@ -1392,13 +1416,9 @@ class RecordTests(DeliveryTestCase):
         settlement (before: the first got the group's result, the second None),
         and what the commit unlocked goes to on_recorded exactly once, even when
         the first lane stopped waiting for it."""
-        rig = self.outbound()
-        unlocked: list[Any] = []
-        rig.dispatcher.after_record = lambda _connection, settled, _found: (
-            "advanced",
-            len(settled),
-        )
-        rig.dispatcher.on_recorded = unlocked.append
+        outcomes = Outcomes(lambda settled: ("advanced", len(settled)))
+        rig = self.outbound(outcomes=outcomes)
+        unlocked = outcomes.unlocked
         rig.dispatcher._committer.clock = rig.clock  # group what arrives in one turn
         first_id, second_id = rig.enqueue("lane-g1", DEST, ["G1", "G2"], notify=False)
         first = Settlement(first_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA", control_id="G1")
@@ -1416,13 +1436,7 @@ class RecordTests(DeliveryTestCase):
     def test_a_failing_on_recorded_does_not_record_again(self) -> None:
         """When handling a committed group fails (a bug in on_recorded), the error
         is logged and the lane still gets its outcome: it never commits it again."""
-        rig = self.outbound()
-
-        def broken(_group: Any) -> None:
-            raise RuntimeError("bug")
-
-        rig.dispatcher.after_record = lambda _connection, _settled, _found: "advanced"
-        rig.dispatcher.on_recorded = broken
+        rig = self.outbound(outcomes=Outcomes(lambda _settled: "advanced", broken=True))
         [delivery_id] = rig.enqueue("lane-g2", DEST, ["G3"], notify=False)
         settlement = Settlement(delivery_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA")
         self.assertEqual(self.successResultOf(rig.dispatcher.record(settlement)), settlement)

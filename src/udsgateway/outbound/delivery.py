@@ -35,13 +35,14 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from udsgateway.clock import Wall, wall_of
 from udsgateway.flows import DEFAULT_DECISIONS, DEFAULT_MAX_RETRIES
 from udsgateway.hl7.ack import parse_reply
+from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue
 from udsgateway.store import outbox
 from udsgateway.store.engine import Database, GroupCommitter
-from udsgateway.store.messages import Origin
 from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 
@@ -682,6 +683,7 @@ class _Recorded:
     group: Any = None
 
 
+@implementer(IDeliveryQueue)
 @define(eq=False)
 class Dispatcher(Service):
     """Runs the lanes: recovery first, then a bounded number of lanes at once."""
@@ -689,10 +691,9 @@ class Dispatcher(Service):
     database: Database
     clock: IReactorTime
     reactor: Any
-    #: Runs in the same transaction as every recorded outcome (executions advance there).
-    after_record: Callable[[Connection, list[Settlement], Mapping[int, Origin]], Any] | None = None
-    #: Called in the reactor with what ``after_record`` returned, after the commit.
-    on_recorded: Callable[[Any], None] | None = None
+    #: Told of every recorded outcome: ``after_record`` in the same transaction
+    #: (executions advance there), ``on_recorded`` in the reactor after the commit.
+    outcomes: IDeliveryOutcomes | None = None
     #: Called when a destination answered an attempt, before the outcome is
     #: recorded (fault injection in tests: tap.py's crash points).
     after_send: Callable[[], None] | None = None
@@ -972,9 +973,9 @@ class Dispatcher(Service):
         return own
 
     def _recorded(self, recorded: _Recorded) -> Settlement:
-        if recorded.group is not None and self.on_recorded is not None:
+        if recorded.group is not None and self.outcomes is not None:
             try:
-                self.on_recorded(recorded.group)
+                self.outcomes.on_recorded(recorded.group)
             except Exception:
                 # The outcome is committed: the lane must not commit it again.
                 log.failure("handling a recorded group of outcomes failed")
@@ -983,7 +984,8 @@ class Dispatcher(Service):
     def _record_batch(
         self, connection: Connection, settlements: list[Settlement]
     ) -> list[_Recorded]:
-        group = outbox.record(connection, settlements, self.now(), self.after_record)
+        after = self.outcomes.after_record if self.outcomes is not None else None
+        group = outbox.record(connection, settlements, self.now(), after)
         return [
             _Recorded(settlement, group if index == 0 else None)
             for index, settlement in enumerate(settlements)
