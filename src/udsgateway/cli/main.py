@@ -217,17 +217,33 @@ def read_responses(specs: Sequence[str], flow: Flow, step: int) -> dict[str, byt
 
 
 def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    app, flow = find_flow(config, args.flow_id)
+    body, charset = render_flow_action(
+        config, args.flow_id, args.action, args.message, args.response or ()
+    )
+    out.write(rendered_text(body, charset).replace("\r", "\n"))
+    return 0
+
+
+def render_flow_action(
+    config: GatewayConfig,
+    flow_id: str,
+    action_name: str,
+    message_path: str | None,
+    response_specs: Sequence[str],
+) -> tuple[bytes, str]:
+    """What ``flows render`` renders: the action's bytes, as the gateway would send
+    them, and the tenant's charset (to print them). CommandError when it cannot."""
+    app, flow = find_flow(config, flow_id)
     chosen = [
         (step, action)
         for step, action in enumerate(flow.actions)
-        if action.name == args.action or str(step) == args.action
+        if action.name == action_name or str(step) == action_name
     ]
     if not chosen:
         names = ", ".join(a.name for a in flow.actions) or "none"
-        raise CommandError(f"flow {args.flow_id} has no action {args.action!r} (actions: {names})")
+        raise CommandError(f"flow {flow_id} has no action {action_name!r} (actions: {names})")
     step, action = chosen[0]
-    fakes = read_responses(args.response or (), flow, step)
+    fakes = read_responses(response_specs, flow, step)
     tenant = next((t for t in config.tenants if t.name == app.tenant), None)
     # The tenant's codec for messages without MSH-18, as the running gateway uses.
     charset = tenant_charset(tenant) if tenant is not None else "latin-1"
@@ -235,12 +251,12 @@ def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextI
         # A message file is the bytes a sender sends; the sample is text (TOML),
         # encoded as a sender would send it (its MSH-18, else the tenant's charset).
         # Either is then read exactly as the gateway reads what it receives.
-        if args.message:
-            raw = Path(args.message).read_bytes()
+        if message_path:
+            raw = Path(message_path).read_bytes()
         else:
             raw = sender_bytes(flow.trigger.sample, charset)
     except OSError as error:
-        raise CommandError(f"cannot read {args.message}: {error.strerror or error}") from None
+        raise CommandError(f"cannot read {message_path}: {error.strerror or error}") from None
     except RenderError as error:
         raise CommandError(f"the flow's sample: {error}") from None
     try:
@@ -258,8 +274,7 @@ def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextI
         )
     except (TemplateError, RenderError) as error:
         raise CommandError(f"action {action.name}: {error}") from None
-    out.write(rendered_text(body, charset).replace("\r", "\n"))
-    return 0
+    return body, charset
 
 
 def rendered_text(body: bytes, charset: str) -> str:
