@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from attrs import define, field
+from twisted.application.service import IService
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
@@ -152,6 +153,7 @@ class ServiceOrderTests(SynchronousTestCase):
         self.assertEqual(events[listen:], ["listen 2575", "listen 2576"])
 
         north = service.listeners["north"]
+        self.assertTrue(verifyObject(IService, north))
         self.assertIs(north.parent, service)
         self.assertEqual(self.successResultOf(north.listening).getHost(), north.address)
         self.assertEqual(north.address, IPv4Address("TCP", "127.0.0.1", 2575))
