@@ -28,7 +28,7 @@ from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.inbound.listening import ListenerService
 from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue, IFlowRunner
-from udsgateway.outbound.delivery import Timing
+from udsgateway.outbound.policy import Timing
 from udsgateway.service import GatewayService, StartError
 from udsgateway.store.engine import Database, IDatabaseRunner, InlineRunner, make_engine
 from udsgateway.testing import Gateway, memory_database

@@ -33,8 +33,9 @@ from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
 from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner
-from udsgateway.outbound.delivery import Dispatcher, Timing
+from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
+from udsgateway.outbound.policy import Timing
 from udsgateway.store import executions
 from udsgateway.store.engine import Database, GroupCommitter
 from udsgateway.store.messages import CommitResult, InboundRecord
