@@ -300,6 +300,8 @@ class QueueTests(SynchronousTestCase):
         skipped = result(self, self.operations.skip("ann", "api", first, "sent by phone"))
         self.assertEqual(skipped["state"], outbox.SKIPPED)
         self.failureResultOf(self.operations.skip("ann", "api", first, "again"), Conflict)
+        status = result(self, self.operations.status("ann", "api"))
+        self.assertEqual(status["destinations"][ADDRESS]["attempts_since_start"], {"held": 1})
         rows = audit_rows(self.rig.database)
         self.assertEqual(
             [(r[1], r[3][:7], r[4]) for r in rows],
@@ -545,6 +547,7 @@ class EndToEndTests(SynchronousTestCase):
             (1, 1, 0),
         )
         self.assertTrue(destination["connected"])
+        self.assertEqual(destination["attempts_since_start"], {"delivered": 1})
         self.assertEqual(status["flows"]["FLWONE"]["executions"], {"done": 1})
         self.assertEqual(status["tenants"]["test"]["accepted"], 1)
         self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)

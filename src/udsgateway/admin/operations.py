@@ -285,10 +285,12 @@ class Operations:
                 entry["connected"] = entry["connected"] or destination.connected
                 entry["last_error"] = entry["last_error"] or destination.last_error
         sent = dict(getattr(self.dispatcher, "sent", {}) or {})
+        tried = dict(getattr(self.dispatcher, "attempts", {}) or {})
         for address, entry in stored["destinations"].items():
             entry["connected"] = live.get(address, {}).get("connected", False)
             entry["last_error"] = live.get(address, {}).get("last_error", "")
             entry["delivered_since_start"] = sent.get(address, 0)
+            entry["attempts_since_start"] = dict(sorted(tried.get(address, {}).items()))
         rates: dict[str, Any] = {"minute": {}, "hour": {}}
         if self.rates is not None:
             rates = {"minute": self.rates.rates(60), "hour": self.rates.rates(3600)}
