@@ -27,9 +27,19 @@ from twisted.internet.task import LoopingCall, deferLater
 
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
-from udsgateway.hl7.message import MessageParseError
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.header import codec_for
+from udsgateway.hl7.message import MessageParseError, parse_message
 from udsgateway.mapping.catalogue import variable_catalogue
 from udsgateway.mapping.checks import template_problems
+from udsgateway.mapping.templating import (
+    ActionResponse,
+    RenderError,
+    TemplateData,
+    TemplateError,
+    compile_template,
+    render_body,
+)
 from udsgateway.store import audit, destinations, executions, outbox, schema, search
 from udsgateway.store import messages as store
 from udsgateway.store.engine import Database
@@ -945,6 +955,91 @@ class Operations:
         done.addCallback(catalogue)
         return done
 
+    def render(
+        self,
+        actor: str,
+        via: str,
+        flow_id: str,
+        action: str,
+        message: str | None = None,
+        responses: Mapping[str, str] | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """Render an action (by name or position) of a flow against its sample, or a
+        pasted ``message``, with fake ``responses`` of earlier actions (action name ->
+        message text), as ``udsgateway flows render`` does: ``{"text", "base64"}``.
+        Invalid with the reason when it cannot be rendered."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+
+        def work(connection: Connection) -> tuple[App, Flow]:
+            return self._find_flow(connection, flow_id)
+
+        done: Deferred[Any] = self._run(work)
+        done.addCallback(
+            lambda found: self._render(found[0], found[1], action, message, responses or {})
+        )
+        return done
+
+    def _render(
+        self,
+        app: App,
+        flow: Flow,
+        name: str,
+        message: str | None,
+        fakes: Mapping[str, str],
+    ) -> dict[str, Any]:
+        chosen = [
+            step for step, one in enumerate(flow.actions) if one.name == name or str(step) == name
+        ]
+        if not chosen:
+            names = ", ".join(a.name for a in flow.actions) or "none"
+            raise NotFound(f"flow {flow.flow_id} has no action {name!r} (actions: {names})")
+        step = chosen[0]
+        earlier = [a.name for a in flow.actions[:step]]
+        unknown = sorted(set(fakes) - set(earlier))
+        if unknown:
+            raise Invalid(
+                f"responses: {', '.join(unknown)} is not an earlier action "
+                f"(earlier: {', '.join(earlier) or 'none'})"
+            )
+        tenant = self.tenants.get(app.tenant)
+        charset = (codec_for(tenant.default_charset, "latin-1") if tenant else None) or "latin-1"
+        text = message if message is not None else flow.trigger.sample
+        if not text.strip():
+            raise Invalid("no message to render from (the flow has no sample)")
+        try:
+            replies = tuple(
+                ActionResponse(
+                    one,
+                    parse_message(_segments(fakes[one]), default_charset="latin-1")
+                    if one in fakes
+                    else None,
+                )
+                for one in earlier
+            )
+            body = render_body(
+                compile_template(flow.actions[step].template),
+                TemplateData(
+                    parse_message(_segments(text), default_charset=charset),
+                    replies,
+                    dict(app.variables),
+                ),
+                message_type=flow.actions[step].message_type,
+                now=lambda: datetime.fromtimestamp(self.wall(), UTC),
+                new_control_id=ControlIdSource.for_boot(self.wall()).next,
+                default_charset=charset,
+            )
+        except (TemplateError, RenderError, MessageParseError) as error:
+            raise Invalid(f"action {flow.actions[step].name}: {error}") from None
+        return {
+            "flow_id": flow.flow_id,
+            "action": flow.actions[step].name,
+            "text": _text(body),
+            "base64": base64.b64encode(body).decode("ascii"),
+        }
+
     # -- the execution log
 
     #: ``logs`` status words for common questions, and the outcomes they select.
@@ -1281,6 +1376,12 @@ def _validate(query: search.Query) -> None:
 
 
 # -- flows
+
+
+def _segments(text: str) -> str:
+    """A pasted message with its lines as HL7 segments (CR), blank lines dropped."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "".join(line + "\r" for line in lines if line.strip())
 
 
 def _listen_address(endpoint: str) -> tuple[str, int]:
