@@ -191,6 +191,18 @@ class Operations:
         operations.rates = Rates(operations.counters, reactor)
         return operations
 
+    @classmethod
+    def shared(
+        cls, service: Any, reactor: Any, wall: Callable[[], float] = time.time
+    ) -> Operations:
+        """The one facade of a GatewayService, made on first use and kept as
+        ``service.operations`` (the admin API and the manhole share it, and its rates)."""
+        found: Operations | None = getattr(service, "operations", None)
+        if found is None:
+            found = cls.for_service(service, reactor, wall)
+            service.operations = found
+        return found
+
     # -- plumbing
 
     def _run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
