@@ -8,6 +8,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import DBAPIError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.test_store_contract import POSTGRES_URL
@@ -113,6 +114,40 @@ class OpsContract(_Base):
             [line.outcome for line in self.tx(search.log_lines, None, ("accepted",))],
             ["accepted"],
         )
+
+    def test_a_read_does_not_hold_up_the_writer(self) -> None:
+        """While a read (read_now) is open, a commit in the database's own thread goes
+        through; the read sees its snapshot; writes inside a read are refused."""
+        import threading
+
+        from udsgateway.store.reads import read_now
+
+        self.tx(store.commit_inbound, [stored("W1", 1.0)])
+        written: list[Any] = []
+
+        def write() -> None:
+            written.append(self.tx(store.commit_inbound, [stored("W2", 2.0)]))
+
+        def read(connection: Any) -> list[str]:
+            before = [m.control_id for m in search.search(connection, Query())]
+            worker = threading.Thread(target=write)
+            worker.start()
+            worker.join(10)
+            self.assertFalse(worker.is_alive(), "the writer waited for the reader")
+            after = [m.control_id for m in search.search(connection, Query())]
+            self.assertEqual(before, after)  # one snapshot
+            return after
+
+        self.assertEqual(read_now(self.engine, read), ["W1"])
+        self.assertEqual(len(written), 1)
+        self.assertEqual(
+            [m.control_id for m in read_now(self.engine, search.search, Query())], ["W2", "W1"]
+        )
+        with self.assertRaises(DBAPIError):
+            read_now(self.engine, audit.append, "ann", "x", "y", 1.0)
+        self.assertEqual(self.tx(audit.entries), [])
+        # The connection is usable again after the refused write.
+        self.assertEqual(len(read_now(self.engine, search.search, Query())), 2)
 
 
 class SQLiteOpsTests(OpsContract, SynchronousTestCase):

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, func, select
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
 
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
@@ -43,6 +44,7 @@ from udsgateway.mapping.templating import (
 from udsgateway.store import audit, destinations, executions, outbox, schema, search
 from udsgateway.store import messages as store
 from udsgateway.store.engine import Database
+from udsgateway.store.reads import read_now
 
 T = TypeVar("T")
 
@@ -163,6 +165,9 @@ class Operations:
     #: tenant -> (host, port) a sender connects to, for ``flow_saved``.
     addresses: Callable[[], Mapping[str, tuple[str, int]]] = dict
     rates: Rates | None = None
+    #: Runs read-only work (``read_now`` calls) away from the database thread; None:
+    #: reads go through the database thread like everything else (CLI, tests).
+    reads: Callable[..., Deferred[Any]] | None = None
     #: The configured tenants, by name (flows are imported for these only).
     tenants: Mapping[str, TenantConfig] = field(factory=dict)
 
@@ -189,6 +194,20 @@ class Operations:
             tenants={tenant.name: tenant for tenant in service.config.tenants},
         )
         operations.rates = Rates(operations.counters, reactor)
+        engine = service.database.engine
+        in_memory = engine.dialect.name == "sqlite" and engine.url.database in (
+            None,
+            "",
+            ":memory:",
+        )
+        if hasattr(reactor, "getThreadPool") and not in_memory:
+
+            def reads(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                return deferToThreadPool(
+                    reactor, reactor.getThreadPool(), read_now, engine, function, *args
+                )
+
+            operations.reads = reads
         return operations
 
     @classmethod
@@ -207,6 +226,13 @@ class Operations:
 
     def _run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         return self.database.transaction(function, *args)
+
+    def _read(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Read-only work: in a thread of its own, never holding up the inbound
+        commits (store/reads.py); through the database thread without ``reads``."""
+        if self.reads is None:
+            return self.database.transaction(function, *args)
+        return self.reads(function, *args)
 
     def _check(self, actor: str, via: str) -> None:
         if not actor:
@@ -279,7 +305,7 @@ class Operations:
             self._check(actor, via)
         except OperationsError:
             return fail()
-        done = self._run(_status_rows, self.wall())
+        done = self._read(_status_rows, self.wall())
         done.addCallback(self._status)
         return done
 
@@ -403,7 +429,7 @@ class Operations:
                     raise Invalid(f"state: unknown state {state!r}")
         except OperationsError:
             return fail()
-        return self._run(self._deliveries, tuple(states), destination, lane, limit)
+        return self._read(self._deliveries, tuple(states), destination, lane, limit)
 
     def _deliveries(
         self,
@@ -458,7 +484,7 @@ class Operations:
                 raise NotFound(f"no delivery {delivery_id}")
             return self._described(connection, [row])[0]
 
-        return self._run(work)
+        return self._read(work)
 
     def release(
         self, actor: str, via: str, delivery_id: int, reason: str
@@ -540,7 +566,7 @@ class Operations:
         def acted(row: outbox.Delivery) -> Deferred[dict[str, Any]]:
             if self.dispatcher is not None:
                 self.dispatcher.operator_acted(row.lane)
-            return self._run(lambda connection: self._described(connection, [row])[0])
+            return self._read(lambda connection: self._described(connection, [row])[0])
 
         done.addCallback(acted)
         return done
@@ -599,7 +625,7 @@ class Operations:
                 self._check(actor, via)
             except OperationsError:
                 return fail()
-            counted: Deferred[Any] = self._run(self._checked_count, matching, flow_id)
+            counted: Deferred[Any] = self._read(self._checked_count, matching, flow_id)
             counted.addCallback(lambda n: {"count": n, "replayed": 0})
             return counted
 
@@ -688,7 +714,7 @@ class Operations:
                 "next": rows[-1].id if len(rows) == query.limit and rows else None,
             }
 
-        return self._run(work)
+        return self._read(work)
 
     def message(self, actor: str, via: str, message_id: int) -> Deferred[dict[str, Any]]:
         """A message's metadata, the ACK code sent, its executions, its deliveries (with
@@ -734,7 +760,7 @@ class Operations:
                 "deliveries": views,
             }
 
-        return self._run(work)
+        return self._read(work)
 
     def content(
         self,
@@ -823,7 +849,7 @@ class Operations:
             self._check(actor, via)
         except OperationsError:
             return fail()
-        done: Deferred[Any] = self._run(store.load_apps, tenant)
+        done: Deferred[Any] = self._read(store.load_apps, tenant)
         done.addCallback(self._flow_rows)
         return done
 
@@ -855,7 +881,7 @@ class Operations:
                 "port": port,
             }
 
-        return self._run(work)
+        return self._read(work)
 
     def _checked_app(self, text: str, name: str) -> tuple[App | None, list[str]]:
         """The app of a flow document and every problem ``flows import`` would find."""
@@ -909,7 +935,7 @@ class Operations:
                     return {"app_id": app_id, "text": write_app(app)}
             raise NotFound(f"no app {app_id}")
 
-        return self._run(work)
+        return self._read(work)
 
     def set_flow_enabled(
         self, actor: str, via: str, flow_id: str, enabled: bool, reason: str = ""
@@ -963,7 +989,7 @@ class Operations:
                 return fail()
         if flow_id is None:
             return fail(Invalid("give a flow_id or a sample"))
-        done: Deferred[Any] = self._run(lambda c: self._find_flow(c, flow_id)[1].trigger.sample)
+        done: Deferred[Any] = self._read(lambda c: self._find_flow(c, flow_id)[1].trigger.sample)
         done.addCallback(catalogue)
         return done
 
@@ -988,7 +1014,7 @@ class Operations:
         def work(connection: Connection) -> tuple[App, Flow]:
             return self._find_flow(connection, flow_id)
 
-        done: Deferred[Any] = self._run(work)
+        done: Deferred[Any] = self._read(work)
         done.addCallback(
             lambda found: self._render(found[0], found[1], action, message, responses or {})
         )
@@ -1081,7 +1107,7 @@ class Operations:
                 raise Invalid("limit: between 1 and 1000")
         except OperationsError:
             return fail()
-        done: Deferred[Any] = self._run(
+        done: Deferred[Any] = self._read(
             search.log_lines, flow_id, outcomes, since, 0, before_id, limit, True
         )
         done.addCallback(
@@ -1123,7 +1149,7 @@ class Operations:
         except OperationsError:
             return fail()
         if after_id is None:
-            done: Deferred[Any] = self._run(search.last_log_id)
+            done: Deferred[Any] = self._read(search.last_log_id)
             done.addCallback(lambda last: {"lines": [], "last": last})
             return done
         return Deferred.fromCoroutine(self._tail(after_id, flow_id, outcomes, timeout, poll))
@@ -1138,7 +1164,7 @@ class Operations:
     ) -> dict[str, Any]:
         deadline = self.clock.seconds() + timeout
         while True:
-            rows = await self._run(
+            rows = await self._read(
                 search.log_lines, flow_id, outcomes, None, after_id, None, 500, False
             )
             if rows or self.clock.seconds() >= deadline:
@@ -1166,7 +1192,7 @@ class Operations:
         except OperationsError:
             return fail()
         limit = max(1, min(limit, 1000))
-        done: Deferred[Any] = self._run(
+        done: Deferred[Any] = self._read(
             audit.entries, who, action, target, since, until, before_id, limit
         )
         done.addCallback(
