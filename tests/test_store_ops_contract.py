@@ -149,6 +149,34 @@ class OpsContract(_Base):
         # The connection is usable again after the refused write.
         self.assertEqual(len(read_now(self.engine, search.search, Query())), 2)
 
+    def test_deliveries_by_destination_address(self) -> None:
+        from udsgateway.store import outbox, overview
+        from udsgateway.testing import outbound_message
+
+        endpoints = [
+            "tcp:host=lab.example:port=7000:timeout=5",
+            "tcp:host=lab.example:port=70001:timeout=5",
+            "tcp:host=fe80\\:\\:1:port=7000:timeout=5",
+            "tls:host=lab.example:port=7000:timeout=9:trustRoots=/ca",
+        ]
+        self.tx(
+            outbox.enqueue,
+            [
+                outbox.NewDelivery(f"L{i}", e, "mllp", f"C{i}", outbound_message(f"C{i}"), {})
+                for i, e in enumerate(endpoints)
+            ],
+            1.0,
+        )
+        found = self.tx(overview.deliveries_page, (), "lab.example:7000")
+        self.assertEqual([d.control_id for d in found], ["C0", "C3"])
+        found = self.tx(overview.deliveries_page, ("queued",), "[fe80::1]:7000")
+        self.assertEqual([d.control_id for d in found], ["C2"])
+        self.assertEqual(self.tx(overview.lane_heads, ["L0", "L9"]), {"L0": found[0].id - 2})
+        [counts] = [c for c in self.tx(overview.destination_counts) if c.endpoint == endpoints[0]]
+        self.assertEqual(
+            (counts.state, counts.count, counts.oldest_created_at), ("queued", 1, 1.0)
+        )
+
 
 class SQLiteOpsTests(OpsContract, SynchronousTestCase):
     def setUp(self) -> None:

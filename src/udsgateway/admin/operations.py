@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import base64
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
 from attrs import define, evolve, field
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
@@ -41,7 +41,7 @@ from udsgateway.mapping.templating import (
     compile_template,
     render_body,
 )
-from udsgateway.store import audit, destinations, executions, outbox, schema, search
+from udsgateway.store import audit, destinations, executions, outbox, overview, search
 from udsgateway.store import messages as store
 from udsgateway.store.engine import Database
 from udsgateway.store.reads import read_now
@@ -439,34 +439,19 @@ class Operations:
         lane: str | None,
         limit: int,
     ) -> list[dict[str, Any]]:
-        d = schema.deliveries
-        query = select(d.c.id).order_by(d.c.id).limit(max(1, min(limit, 1000)))
-        if states:
-            query = query.where(d.c.state.in_(states))
-        if lane is not None:
-            query = query.where(d.c.lane == lane)
-        ids = [row[0] for row in connection.execute(query)]
-        rows = [outbox.get_delivery(connection, i) for i in ids]
-        found = [row for row in rows if row is not None]
-        if destination is not None:
-            found = [r for r in found if destinations.address_of(r.destination) == destination]
-        return self._described(connection, found)
+        rows = overview.deliveries_page(
+            connection, states, destination, lane, max(1, min(limit, 1000))
+        )
+        if destination is not None:  # the LIKE may match more (a host that is a prefix)
+            rows = [r for r in rows if destinations.address_of(r.destination) == destination]
+        return self._described(connection, rows)
 
     def _described(
         self, connection: Connection, rows: Sequence[outbox.Delivery]
     ) -> list[dict[str, Any]]:
-        d = schema.deliveries
-        lanes = sorted({row.lane for row in rows if row.state in outbox.OPEN_STATES})
-        heads: dict[str, int] = {}
-        for start in range(0, len(lanes), 500):
-            chunk = lanes[start : start + 500]
-            heads.update(
-                connection.execute(
-                    select(d.c.lane, func.min(d.c.id))
-                    .where(d.c.lane.in_(chunk), d.c.state.in_(outbox.OPEN_STATES))
-                    .group_by(d.c.lane)
-                ).all()
-            )
+        heads = overview.lane_heads(
+            connection, [row.lane for row in rows if row.state in outbox.OPEN_STATES]
+        )
         pauses = destinations.pauses(connection)
         now = self.wall()
         return [_delivery_view(row, heads.get(row.lane), pauses, now) for row in rows]
@@ -680,8 +665,7 @@ class Operations:
     def _known_flow(connection: Connection, flow_id: str | None) -> None:
         if flow_id is None:
             return
-        f = schema.flows
-        if connection.execute(select(f.c.flow_id).where(f.c.flow_id == flow_id)).first() is None:
+        if not overview.flow_exists(connection, flow_id):
             raise NotFound(f"no flow {flow_id}")
 
     def _woke(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -1302,38 +1286,18 @@ def _delivery_view(
 
 
 def _status_rows(connection: Connection, now: float) -> dict[str, Any]:
-    """Flow and destination counts from the database (run in the database thread)."""
-    e, d, f = schema.executions, schema.deliveries, schema.flows
-    flows: dict[str, dict[str, Any]] = {}
-    for flow_id, app_id, tenant, name, enabled in connection.execute(
-        select(f.c.flow_id, f.c.app_id, f.c.tenant, f.c.name, f.c.enabled)
-    ):
-        flows[flow_id] = {
-            "app_id": app_id,
-            "tenant": tenant,
-            "name": name,
-            "enabled": bool(enabled),
-            "routed": 0,
-            "executions": Counter(),
+    """Flow and destination counts from the database (a read, off the database thread)."""
+    flows = {
+        row.flow_id: {
+            "app_id": row.app_id,
+            "tenant": row.tenant,
+            "name": row.name,
+            "enabled": row.enabled,
+            "routed": sum(row.executions.values()),
+            "executions": dict(sorted(row.executions.items())),
         }
-    for flow_id, state, count in connection.execute(
-        select(e.c.flow_id, e.c.state, func.count()).group_by(e.c.flow_id, e.c.state)
-    ):
-        entry = flows.setdefault(
-            flow_id,
-            {
-                "app_id": "",
-                "tenant": "",
-                "name": "",
-                "enabled": False,
-                "routed": 0,
-                "executions": Counter(),
-            },
-        )
-        entry["executions"][state] += count
-        entry["routed"] += count
-    for entry in flows.values():
-        entry["executions"] = dict(entry["executions"])
+        for row in overview.flow_counts(connection)
+    }
     found: dict[str, dict[str, Any]] = {}
     pauses = destinations.pauses(connection)
 
@@ -1352,17 +1316,13 @@ def _status_rows(connection: Connection, now: float) -> dict[str, Any]:
             },
         )
 
-    for endpoint, state, count, attempts, oldest in connection.execute(
-        select(d.c.destination, d.c.state, func.count(), func.sum(d.c.attempts))
-        .add_columns(func.min(d.c.created_at))
-        .group_by(d.c.destination, d.c.state)
-    ):
-        entry = entry_of(destinations.address_of(endpoint))
-        if state in entry:
-            entry[state] += count
-        entry["attempts"] += int(attempts or 0)
-        if state in outbox.OPEN_STATES and oldest is not None:
-            age = round(max(0.0, now - oldest), 3)
+    for row in overview.destination_counts(connection):
+        entry = entry_of(destinations.address_of(row.endpoint))
+        if row.state in entry:
+            entry[row.state] += row.count
+        entry["attempts"] += row.attempts
+        if row.state in outbox.OPEN_STATES and row.oldest_created_at is not None:
+            age = round(max(0.0, now - row.oldest_created_at), 3)
             if entry["oldest_pending_age"] is None or age > entry["oldest_pending_age"]:
                 entry["oldest_pending_age"] = age
     for address in pauses:
