@@ -26,21 +26,15 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 
+from udsgateway.assembly import tenant_charset
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
 from udsgateway.hl7.ack import ControlIdSource
-from udsgateway.hl7.header import codec_for
-from udsgateway.hl7.message import MessageParseError, parse_message
+from udsgateway.hl7.message import MessageParseError
 from udsgateway.mapping.catalogue import variable_catalogue
 from udsgateway.mapping.checks import template_problems
-from udsgateway.mapping.templating import (
-    ActionResponse,
-    RenderError,
-    TemplateData,
-    TemplateError,
-    compile_template,
-    render_body,
-)
+from udsgateway.mapping.templating import RenderError, TemplateError, compile_template
+from udsgateway.outbound.render import read_trigger, render_action, sender_bytes
 from udsgateway.store import audit, destinations, executions, outbox, overview, search
 from udsgateway.store import messages as store
 from udsgateway.store.engine import Database
@@ -177,9 +171,10 @@ class Operations:
 
         def addresses() -> dict[str, tuple[str, int]]:
             found = {}
-            for name, port in getattr(service, "ports", {}).items():
-                host = port.getHost()
-                found[name] = (str(getattr(host, "host", "")), int(getattr(host, "port", 0)))
+            for name, listener in getattr(service, "listeners", {}).items():
+                host = listener.address
+                if host is not None:
+                    found[name] = (str(getattr(host, "host", "")), int(getattr(host, "port", 0)))
             return found
 
         operations = cls(
@@ -1027,33 +1022,26 @@ class Operations:
                 f"(earlier: {', '.join(earlier) or 'none'})"
             )
         tenant = self.tenants.get(app.tenant)
-        charset = (codec_for(tenant.default_charset, "latin-1") if tenant else None) or "latin-1"
-        text = message if message is not None else flow.trigger.sample
-        if not text.strip():
-            raise Invalid("no message to render from (the flow has no sample)")
+        charset = tenant_charset(tenant) if tenant is not None else "latin-1"
         try:
-            replies = tuple(
-                ActionResponse(
-                    one,
-                    parse_message(_segments(fakes[one]), default_charset="latin-1")
-                    if one in fakes
-                    else None,
-                )
-                for one in earlier
-            )
-            body = render_body(
+            # A pasted message or the sample is text: encoded as a sender would send it,
+            # then read exactly as the gateway reads what it receives (outbound/render).
+            raw = sender_bytes(message if message is not None else flow.trigger.sample, charset)
+            if not raw.strip():
+                raise Invalid("no message to render from (the flow has no sample)")
+            body = render_action(
+                app,
+                flow,
+                step,
                 compile_template(flow.actions[step].template),
-                TemplateData(
-                    parse_message(_segments(text), default_charset=charset),
-                    replies,
-                    dict(app.variables),
-                ),
-                message_type=flow.actions[step].message_type,
+                read_trigger(raw, charset),
+                raw,
+                [sender_bytes(fakes[one], "latin-1") if one in fakes else None for one in earlier],
+                charset=charset,
                 now=lambda: datetime.fromtimestamp(self.wall(), UTC),
                 new_control_id=ControlIdSource.for_boot(self.wall()).next,
-                default_charset=charset,
             )
-        except (TemplateError, RenderError, MessageParseError) as error:
+        except (TemplateError, RenderError) as error:
             raise Invalid(f"action {flow.actions[step].name}: {error}") from None
         return {
             "flow_id": flow.flow_id,
@@ -1374,12 +1362,6 @@ def _validate(query: search.Query) -> None:
 
 
 # -- flows
-
-
-def _segments(text: str) -> str:
-    """A pasted message with its lines as HL7 segments (CR), blank lines dropped."""
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    return "".join(line + "\r" for line in lines if line.strip())
 
 
 def _listen_address(endpoint: str) -> tuple[str, int]:
