@@ -177,6 +177,19 @@ class OpsContract(_Base):
             (counts.state, counts.count, counts.oldest_created_at), ("queued", 1, 1.0)
         )
 
+    def test_many_keys_in_power_of_two_chunks(self) -> None:
+        """Keys of a large group all arrive (chunks of 256, 128, ... rows)."""
+        from sqlalchemy import func, select
+
+        from udsgateway.store import schema
+
+        keys = [[("pid3", f"P{n}"), ("sch1", f"S{n}"), ("pid3", f"P{n}")] for n in range(351)]
+        self.tx(search.insert_keys, keys, list(range(1, 352)))
+        count = self.tx(
+            lambda c: c.execute(select(func.count()).select_from(schema.message_keys)).scalar()
+        )
+        self.assertEqual(count, 702)  # the repeated pid3 once
+
 
 class SQLiteOpsTests(OpsContract, SynchronousTestCase):
     def setUp(self) -> None:
