@@ -260,7 +260,6 @@ class FlowAndLogRouteTests(TestCase):
         path = "/api/v1/flows/FLWRENDER00001/render"
         first = self.client.request("POST", path, {"action": "first"}, token=self.operator)
         self.assertEqual(first.status, 200, first.body)
-        self.assertTrue(first.json["ok"])
         self.assertIn("PID|1||12345", first.json["text"])
         second = self.client.request(
             "POST",
@@ -283,8 +282,13 @@ class FlowAndLogRouteTests(TestCase):
             "POST", path, {"action": "second", "responses": {"second": "x"}}, token=self.operator
         )
         self.assertEqual(bad.status, 400)
+        not_text = self.client.request(
+            "POST", path, {"action": "second", "responses": {"first": 3}}, token=self.operator
+        )
+        self.assertEqual(not_text.status, 400)
+        self.assertIn("body.responses.first: expected a string", not_text.json["error"])
         self.assertEqual(
-            self.client.request("POST", path, {"action": "nope"}, token=self.operator).status, 400
+            self.client.request("POST", path, {"action": "nope"}, token=self.operator).status, 404
         )
         self.assertEqual(
             self.client.request("POST", path, {"action": "first"}, token=self.viewer).status, 403

@@ -300,6 +300,8 @@ class QueueTests(SynchronousTestCase):
         skipped = result(self, self.operations.skip("ann", "api", first, "sent by phone"))
         self.assertEqual(skipped["state"], outbox.SKIPPED)
         self.failureResultOf(self.operations.skip("ann", "api", first, "again"), Conflict)
+        status = result(self, self.operations.status("ann", "api"))
+        self.assertEqual(status["destinations"][ADDRESS]["attempts_since_start"], {"held": 1})
         rows = audit_rows(self.rig.database)
         self.assertEqual(
             [(r[1], r[3][:7], r[4]) for r in rows],
@@ -545,8 +547,56 @@ class EndToEndTests(SynchronousTestCase):
             (1, 1, 0),
         )
         self.assertTrue(destination["connected"])
+        self.assertEqual(destination["attempts_since_start"], {"delivered": 1})
         self.assertEqual(status["flows"]["FLWONE"]["executions"], {"done": 1})
         self.assertEqual(status["tenants"]["test"]["accepted"], 1)
         self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)
         self.assertGreater(status["rates"]["hour"][f"destination.{address}.delivered"], 0)
         rates.stop()
+
+
+class RenderTests(SynchronousTestCase):
+    """Render an action against a pasted message, with a fake earlier response."""
+
+    def test_render_chain_with_fake_response(self) -> None:
+        from tests.test_executor import TRIGGER_ID, adt, header
+        from udsgateway.store import messages as store
+        from udsgateway.testing import memory_database
+        from udsgateway.testing.flows import action, app, flow
+
+        second = header("B") + 'ZAK|{{ responses[0]["MSA-2"] }}\n'
+        database = memory_database()
+        database.transaction_now(
+            store.save_app,
+            app(
+                flow(
+                    "chain",
+                    "ADT^A04",
+                    [
+                        action("first", 2601, "ADT^A04", header("A") + TRIGGER_ID),
+                        action("second", 2602, "ADT^A04", second),
+                    ],
+                )
+            ),
+            0.0,
+        )
+        clock = Clock()
+        operations = Operations(database, clock, clock.seconds)
+        pasted = adt("R1").decode("latin-1").replace("\r", "\n")
+        first = result(self, operations.render("ann", "api", "FLWCHAIN", "first", pasted))
+        self.assertIn("ZTR|R1", first["text"])
+        fake = destination_ack("OUT77").decode("latin-1")
+        chained = result(
+            self,
+            operations.render("ann", "api", "FLWCHAIN", "1", pasted, {"first": fake}),
+        )
+        self.assertIn("ZAK|OUT77", chained["text"])
+        self.failureResultOf(
+            operations.render("ann", "api", "FLWCHAIN", "second", pasted, {"second": fake}),
+            Invalid,
+        )
+        self.failureResultOf(
+            operations.render("ann", "api", "FLWCHAIN", "third", pasted), NotFound
+        )
+        self.failureResultOf(operations.render("ann", "api", "FLWCHAIN", "first"), Invalid)
+        self.assertEqual(audit_rows(database), [])

@@ -252,16 +252,8 @@ class AdminAPI:
         if self.operations is not None:
             from udsgateway.admin.routes import operation_routes
 
-            routes += operation_routes(self.operations, self.charsets())
+            routes += operation_routes(self.operations)
         return routes
-
-    def charsets(self) -> dict[str, str]:
-        """Each tenant's codec for messages without MSH-18."""
-        from udsgateway.assembly import tenant_charset
-
-        config = getattr(self.gateway, "config", None)
-        tenants = getattr(config, "tenants", ())
-        return {tenant.name: tenant_charset(tenant) for tenant in tenants}
 
     # -- health
 

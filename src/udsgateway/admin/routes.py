@@ -11,17 +11,12 @@ ID does not belong in a URL, which proxies and browsers keep.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from udsgateway.admin import operations as ops
 from udsgateway.admin.http import Call, HTTPError, Route
-from udsgateway.hl7.ack import ControlIdSource
-from udsgateway.mapping.templating import RenderError, TemplateError, compile_template
-from udsgateway.outbound.render import read_trigger, render_action, sender_bytes
-from udsgateway.store import messages as store
 from udsgateway.store import search
 from udsgateway.store.users import ADMIN, OPERATOR, VIEWER
 
@@ -96,66 +91,13 @@ RENDER_SCHEMA = {
     "properties": {
         "action": {"type": "string", "minLength": 1, "maxLength": 255},
         "message": {"type": "string", "minLength": 1, "maxLength": 1_000_000},
-        "responses": {"type": "object"},
+        "responses": {"type": "object", "additionalProperties": {"type": "string"}},
     },
     "required": ["action"],
     "additionalProperties": False,
 }
 #: Longest wait of one long poll of the log tail, in seconds.
 MAX_TAIL_WAIT = 55.0
-
-
-def _find_flow(connection: Any, flow_id: str) -> tuple[Any, Any]:
-    for app in store.load_apps(connection, None):
-        for flow in app.flows:
-            if flow.flow_id == flow_id:
-                return app, flow
-    raise HTTPError(404, f"no flow {flow_id}")
-
-
-async def render(database: Any, charsets: dict[str, str], call: Call) -> dict[str, Any]:
-    """An action's body for the flow's sample (or a pasted ``message``), with fake
-    ``responses`` of earlier actions by name: the bytes the gateway would send."""
-    body = call.body
-    app, flow = await database.transaction(_find_flow, call.params["flow_id"])
-    chosen = [
-        (step, action)
-        for step, action in enumerate(flow.actions)
-        if body["action"] in (action.name, str(step))
-    ]
-    if not chosen:
-        names = ", ".join(a.name for a in flow.actions) or "none"
-        raise HTTPError(400, f"action: no action {body['action']!r} (actions: {names})")
-    step, action = chosen[0]
-    earlier = [a.name for a in flow.actions[:step]]
-    fakes = body.get("responses", {})
-    for name, text in fakes.items():
-        if name not in earlier or not isinstance(text, str):
-            raise HTTPError(
-                400, f"responses.{name}: not a text response of an earlier action ({earlier})"
-            )
-    charset = charsets.get(app.tenant, "latin-1")
-    try:
-        raw = sender_bytes(body.get("message", flow.trigger.sample), charset)
-        rendered = render_action(
-            app,
-            flow,
-            step,
-            compile_template(action.template),
-            read_trigger(raw, charset),
-            raw,
-            [sender_bytes(fakes[n], "latin-1") if n in fakes else None for n in earlier],
-            charset=charset,
-            now=lambda: datetime.now(UTC),
-            new_control_id=ControlIdSource.for_boot(time.time()).next,
-        )
-    except (TemplateError, RenderError) as error:
-        return {"action": action.name, "ok": False, "error": str(error)}
-    return {
-        "action": action.name,
-        "ok": True,
-        "text": rendered.decode(charset, "backslashreplace").replace("\r", "\n"),
-    }
 
 
 async def _facade(result: Any) -> Any:
@@ -208,9 +150,8 @@ def make_query(body: dict[str, Any]) -> search.Query:
     )
 
 
-def operation_routes(facade: Any, charsets: dict[str, str] | None = None) -> list[Route]:
-    """The routes over ``facade`` (an Operations); ``charsets``: each tenant's codec
-    for messages without MSH-18 (for rendering)."""
+def operation_routes(facade: Any) -> list[Route]:
+    """The routes over ``facade`` (an Operations)."""
 
     def handler(work: Callable[[Call], Any]) -> Callable[[Call], Awaitable[Any]]:
         async def run(call: Call) -> Any:
@@ -376,7 +317,16 @@ def operation_routes(facade: Any, charsets: dict[str, str] | None = None) -> lis
         Route(
             "POST",
             f"{v1}/flows/{{flow_id}}/render",
-            lambda call: render(facade.database, charsets or {}, call),
+            handler(
+                lambda call: facade.render(
+                    call.actor,
+                    "api",
+                    call.params["flow_id"],
+                    call.body["action"],
+                    call.body.get("message"),
+                    call.body.get("responses"),
+                )
+            ),
             OPERATOR,
             "render an action against the flow's sample or a pasted message, with fake "
             "responses of earlier actions",

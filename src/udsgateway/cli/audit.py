@@ -103,6 +103,9 @@ def cmd_destinations_list(args: argparse.Namespace, config: GatewayConfig, out: 
     rows = _now(_facade(config).destinations(args.who or getpass.getuser(), "cli"))
     columns = ("destination", "paused", "paused_by", "queued", "held", "delivered")
     shown = [{c: row.get(c) for c in (*columns, "oldest_pending_age")} for row in rows]
+    if not args.json:
+        for row in shown:
+            row["paused"] = "yes" if row["paused"] else "no"
     write_rows(shown, out, args.json, (*columns, "oldest_pending_age"))
     return 0
 

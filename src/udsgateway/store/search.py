@@ -42,8 +42,8 @@ MAX_VALUE = 199
 
 _KEY_COLUMNS = ("name", "value", "message_id")
 _INSERT_KEYS = prepared_insert(schema.message_keys, _KEY_COLUMNS)
-#: Rows per multi-row INSERT of keys on SQLite (3 parameters each).
-_CHUNK = 200
+#: Rows per multi-row INSERT of keys on SQLite at most (3 parameters each): a power of 2.
+_CHUNK = 256
 
 
 def insert_keys(
@@ -69,12 +69,17 @@ def insert_keys(
         return
     cursor = connection.connection.cursor()
     try:
-        step = _CHUNK * 3
-        for start in range(0, len(flat), step):
-            part = flat[start : start + step]
-            sql, columns = _INSERT_KEYS._multi_sql(connection, len(part) // 3)
+        start, left = 0, len(flat) // 3
+        while left:
+            # Chunks of a power of two rows: a handful of statements, each prepared
+            # once and kept in the driver's statement cache (a statement per size
+            # would crowd the inbound commit's own statements out of it).
+            size = min(_CHUNK, 1 << (left.bit_length() - 1))
+            sql, columns = _INSERT_KEYS._multi_sql(connection, size)
             assert columns == _KEY_COLUMNS
-            cursor.execute(sql, part)
+            cursor.execute(sql, flat[start : start + size * 3])
+            start += size * 3
+            left -= size
     finally:
         cursor.close()
 
