@@ -225,7 +225,6 @@ def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list
 def _search_keys(record: InboundRecord) -> tuple[tuple[str, str], ...]:
     """The message browser's keys of a message (see store/search.py)."""
     keys = (
-        ("msh10", record.control_id),
         ("msh9", record.message_type),
         (search.TENANT_KEY, record.tenant),
         *((search.FLOW_KEY, flow_id) for flow_id in record.flows),
