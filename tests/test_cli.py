@@ -17,8 +17,10 @@ from udsgateway.cli.main import main, open_database, print_table
 from udsgateway.cli.operate import LOG_COLUMNS, destination_address
 from udsgateway.config import load_config
 from udsgateway.flows import parse_app
+from udsgateway.flowstore import save_app
 from udsgateway.peers.commands import read_message_files
-from udsgateway.store import messages as store
+from udsgateway.store import logs
+from udsgateway.store.records import LogEntry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,9 +64,9 @@ ZRS|{{ responses.first["MSA-1"] }}|{{ responses.first["MSA-2"] }}|{{ msg["PID-5.
 """
 
 
-def log_line(number: int, **fields: Any) -> dict[str, Any]:
-    """A log row as the store writes it (no PHI: IDs and codes only)."""
-    return {
+def log_line(number: int, **fields: Any) -> LogEntry:
+    """A log line as the store writes it (no PHI: IDs and codes only)."""
+    values: dict[str, Any] = {
         "at": 1_700_000_000.0 + number,
         "control_id": f"CTL{number:05d}",
         "message_type": "ADT^A04",
@@ -73,6 +75,7 @@ def log_line(number: int, **fields: Any) -> dict[str, Any]:
         "ack_code": "AA",
         **fields,
     }
+    return LogEntry(**values)
 
 
 class CommandTestCase(SynchronousTestCase):
@@ -103,8 +106,8 @@ class CommandTestCase(SynchronousTestCase):
                 status = int(exit.code or 0)
         return status, out.getvalue(), err.getvalue()
 
-    def add_logs(self, *rows: dict[str, Any]) -> None:
-        self.database.transaction_now(store.insert_logs, list(rows))
+    def add_logs(self, *rows: LogEntry) -> None:
+        self.database.transaction_now(logs.insert_logs, list(rows))
 
 
 class LogsCommandTests(CommandTestCase):
@@ -262,7 +265,7 @@ class FlowsRenderTests(CommandTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.database.transaction_now(store.save_app, parse_app(CHAINED_FLOWS), 0.0)
+        self.database.transaction_now(save_app, parse_app(CHAINED_FLOWS), 0.0)
 
     def write(self, name: str, data: bytes) -> str:
         path = self.directory / name

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, create_engine, text
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from udsgateway.store import executions, outbox
-from udsgateway.store import messages as store
+from udsgateway import flowstore
+from udsgateway.store import executions, inbound, messages, outbox, retention
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, is_locked, make_engine
-from udsgateway.store.messages import CommitOutcome
+from udsgateway.store.records import CommitOutcome
 from udsgateway.testing import demo_app, inbound_record
 
 POSTGRES_URL = os.environ.get(
@@ -52,12 +52,12 @@ class StoreContract(_Base):
         """A function that fails after its inserts leaves nothing behind; the next one works."""
 
         def store_then_fail(connection: Any) -> None:
-            store.commit_inbound(connection, [inbound_record("R1", flows=("F1",))])
+            inbound.commit_inbound(connection, [inbound_record("R1", flows=("F1",))])
             raise RuntimeError("after the insert")
 
         self.assertRaises(RuntimeError, self.transaction, store_then_fail)
-        self.assertEqual(self.transaction(store.find_messages, "t", None), [])
-        [result] = self.transaction(store.commit_inbound, [inbound_record("R1")])
+        self.assertEqual(self.transaction(messages.find_messages, "t", None), [])
+        [result] = self.transaction(inbound.commit_inbound, [inbound_record("R1")])
         self.assertEqual(result.outcome, CommitOutcome.STORED)
 
     def test_core_statements_join_the_transaction(self) -> None:
@@ -65,59 +65,59 @@ class StoreContract(_Base):
         app = demo_app(tenant="t")
 
         def both(connection: Any, fail: bool) -> None:
-            store.save_app(connection, app, 1.0)  # SQLAlchemy Core
-            store.commit_inbound(connection, [inbound_record("J1")])  # driver statements
+            flowstore.save_app(connection, app, 1.0)  # SQLAlchemy Core
+            inbound.commit_inbound(connection, [inbound_record("J1")])  # driver statements
             if fail:
                 raise RuntimeError("roll both back")
 
         self.assertRaises(RuntimeError, self.transaction, both, True)
-        self.assertEqual(self.transaction(store.load_apps, "t"), [])
-        self.assertEqual(self.transaction(store.find_messages, "t", None), [])
+        self.assertEqual(self.transaction(flowstore.load_apps, "t"), [])
+        self.assertEqual(self.transaction(messages.find_messages, "t", None), [])
         self.transaction(both, False)
-        self.assertEqual(len(self.transaction(store.load_apps, "t")), 1)
-        self.assertEqual(len(self.transaction(store.find_messages, "t", None)), 1)
+        self.assertEqual(len(self.transaction(flowstore.load_apps, "t")), 1)
+        self.assertEqual(len(self.transaction(messages.find_messages, "t", None)), 1)
 
     def test_group_larger_than_one_statement(self) -> None:
         """A group of more rows than one multi-row statement holds keeps ids and order."""
         records = [inbound_record(f"B{i:03d}", flows=("F1",)) for i in range(150)]
-        results = self.transaction(store.commit_inbound, records)
+        results = self.transaction(inbound.commit_inbound, records)
         ids = [r.message_id for r in results]
         self.assertEqual(ids, list(range(ids[0], ids[0] + 150)))
-        stored = self.transaction(store.find_messages, "t", None, 1000)
+        stored = self.transaction(messages.find_messages, "t", None, 1000)
         self.assertEqual([m.id for m in stored], ids)
         self.assertEqual([m.control_id for m in stored], [r.control_id for r in records])
 
     def test_commit_then_duplicate_replays(self) -> None:
         """A stored message's resend replays its ACK; other bytes under its MSH-10 conflict."""
-        [first] = self.transaction(store.commit_inbound, [inbound_record("A1")])
+        [first] = self.transaction(inbound.commit_inbound, [inbound_record("A1")])
         self.assertEqual(first.outcome, CommitOutcome.STORED)
         again, other = self.transaction(
-            store.commit_inbound, [inbound_record("A1"), inbound_record("A1", b"PID|2")]
+            inbound.commit_inbound, [inbound_record("A1"), inbound_record("A1", b"PID|2")]
         )
         self.assertEqual((again.outcome, again.ack), (CommitOutcome.REPLAY, b"ACK A1"))
         self.assertEqual(other.outcome, CommitOutcome.CONFLICT)
-        self.assertEqual(len(self.transaction(store.find_messages, "t", "A1")), 1)
+        self.assertEqual(len(self.transaction(messages.find_messages, "t", "A1")), 1)
 
     def test_group_keeps_order_and_makes_executions(self) -> None:
         """A group stores its messages in order with one execution per flow with actions."""
         results = self.transaction(
-            store.commit_inbound, [inbound_record(f"G{i}", flows=("F1", "F2")) for i in range(5)]
+            inbound.commit_inbound, [inbound_record(f"G{i}", flows=("F1", "F2")) for i in range(5)]
         )
         ids = [r.message_id for r in results]
         self.assertEqual(ids, sorted(ids))
         self.assertTrue(all(len(r.execution_ids) == 2 for r in results))
-        stored = self.transaction(store.find_messages, "t", None)
+        stored = self.transaction(messages.find_messages, "t", None)
         self.assertEqual([m.control_id for m in stored], [f"G{i}" for i in range(5)])
 
     def test_origins_of_many_executions(self) -> None:
         """Each execution's flow, message and step come back, across query chunks."""
         records = [inbound_record(f"O{i:03d}", flows=("F1",)) for i in range(70)]
-        results = self.transaction(store.commit_inbound, records)
+        results = self.transaction(inbound.commit_inbound, records)
         wanted = {
             r.execution_ids[0]: (r.message_id, rec.control_id)
             for r, rec in zip(results, records, strict=True)
         }
-        found = self.transaction(store.origins, [*wanted, *wanted, 10**9])
+        found = self.transaction(messages.origins, [*wanted, *wanted, 10**9])
         self.assertEqual(set(found), set(wanted))
         for execution_id, (message_id, control_id) in wanted.items():
             origin = found[execution_id]
@@ -132,19 +132,19 @@ class StoreContract(_Base):
         from attrs import evolve
 
         pending = evolve(inbound_record("W1", flows=("F1", "F2")), ack_pending=True)
-        [stored] = self.transaction(store.commit_inbound, [pending])
-        [again] = self.transaction(store.commit_inbound, [pending])
+        [stored] = self.transaction(inbound.commit_inbound, [pending])
+        [again] = self.transaction(inbound.commit_inbound, [pending])
         self.assertEqual(
             (again.outcome, again.message_id, again.ack, again.ack_pending),
             (CommitOutcome.REPLAY, stored.message_id, b"", True),
         )
-        states = self.transaction(store.execution_states, stored.message_id)
+        states = self.transaction(executions.execution_states, stored.message_id)
         self.assertEqual(
             [(s.id, s.flow_id, s.state) for s in states],
             list(zip(stored.execution_ids, ("F1", "F2"), ("pending", "pending"), strict=True)),
         )
-        self.transaction(store.update_ack, stored.message_id, "AA", b"ACK W1 final")
-        [final] = self.transaction(store.commit_inbound, [pending])
+        self.transaction(messages.update_ack, stored.message_id, "AA", b"ACK W1 final")
+        [final] = self.transaction(inbound.commit_inbound, [pending])
         self.assertEqual((final.ack, final.ack_pending), (b"ACK W1 final", False))
 
     def test_folded_first_actions_are_enqueued_with_the_message(self) -> None:
@@ -157,10 +157,10 @@ class StoreContract(_Base):
             return outbox.NewDelivery("F1/0", "tcp:host=h:port=1", "mllp", control_id, b"M", {})
 
         [pending] = self.transaction(
-            executions.commit_inbound, [inbound_record("P1", flows=("F2",))]
+            inbound.commit_inbound, [inbound_record("P1", flows=("F2",))]
         )
         results = self.transaction(
-            executions.commit_inbound,
+            inbound.commit_inbound,
             [
                 evolve(
                     inbound_record(f"D{i}", flows=("F1", "F2")),
@@ -180,7 +180,7 @@ class StoreContract(_Base):
         self.assertEqual(ids, sorted(ids))
         page = self.transaction(outbox.lane_page, "F1/0", 0, 10)
         self.assertEqual([d.control_id for d in page], ["O0", "O1", "O2"])
-        states = self.transaction(store.execution_states, results[0].message_id)
+        states = self.transaction(executions.execution_states, results[0].message_id)
         self.assertEqual(
             [(s.flow_id, s.state) for s in states], [("F1", "waiting"), ("F2", "pending")]
         )
@@ -207,11 +207,11 @@ class StoreContract(_Base):
     def test_prune_keeps_unfinished_work(self) -> None:
         """Retention deletes old finished messages only."""
         self.transaction(
-            store.commit_inbound, [inbound_record("P1"), inbound_record("P2", flows=("F",))]
+            inbound.commit_inbound, [inbound_record("P1"), inbound_record("P2", flows=("F",))]
         )
-        deleted = self.transaction(store.prune, 2000.0, 100)
+        deleted = self.transaction(retention.prune, 2000.0, 100)
         self.assertEqual(deleted, 1)
-        left = [m.control_id for m in self.transaction(store.find_messages, "t", None)]
+        left = [m.control_id for m in self.transaction(messages.find_messages, "t", None)]
         self.assertEqual(left, ["P2"])
 
 
@@ -235,10 +235,10 @@ class SQLiteStoreTests(StoreContract, SynchronousTestCase):
         self.addCleanup(other.close)
         other.execute("BEGIN IMMEDIATE")
         with self.assertRaises(OperationalError) as raised:
-            self.transaction(store.commit_inbound, [inbound_record("L1")])
+            self.transaction(inbound.commit_inbound, [inbound_record("L1")])
         self.assertTrue(is_locked(raised.exception))
         other.execute("ROLLBACK")
-        [result] = self.transaction(store.commit_inbound, [inbound_record("L1")])
+        [result] = self.transaction(inbound.commit_inbound, [inbound_record("L1")])
         self.assertEqual(result.outcome, CommitOutcome.STORED)
 
 

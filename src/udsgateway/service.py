@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from udsgateway.clock import Wall, wall_of
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
@@ -29,8 +30,8 @@ from udsgateway.inbound.routing import RoutingTable
 from udsgateway.mapping.checks import template_problems
 from udsgateway.outbound.delivery import Dispatcher, Timing
 from udsgateway.outbound.executor import Executor
-from udsgateway.store import executions
-from udsgateway.store import messages as store
+from udsgateway.store import apps as store_apps
+from udsgateway.store import executions, inbound, logs, messages
 from udsgateway.store.engine import (
     AdvisoryLock,
     Database,
@@ -41,7 +42,8 @@ from udsgateway.store.engine import (
     ThreadRunner,
     ensure_schema,
 )
-from udsgateway.store.messages import CommitResult, InboundRecord
+from udsgateway.store.records import CommitResult, ExecutionState, InboundRecord, LogEntry
+from udsgateway.store.retention import prune
 from udsgateway.wire.tls import TLSListenerFactory, server_options
 
 log = Logger()
@@ -77,7 +79,7 @@ class GatewayService(MultiService):
         # threads do not survive a fork.
         self._threads = threads
         self.committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
-            database, executions.commit_inbound, config.commit_max_batch, clock=reactor
+            database, inbound.commit_inbound, config.commit_max_batch, clock=reactor
         )
         self._timings: dict[str, Timing] = {}
         self.dispatcher = Dispatcher(
@@ -251,7 +253,7 @@ class GatewayService(MultiService):
                 # stops the whole start (every tenant), it is not found later on
                 # live traffic.
                 raise StartError(f"tenant {tenant.name}: " + "; ".join(problems))
-            saved = await self.database.transaction(store.save_app, app, now)
+            saved = await self.database.transaction(save_app, app, now)
             log.info(
                 "flow file {path} imported: App ID {app_id}, {count} flows",
                 path=path,
@@ -267,10 +269,10 @@ class GatewayService(MultiService):
     async def _reload_flows(self) -> None:
         """Reload routing when flows changed (flows import from the CLI, another node)."""
         try:
-            generation = await self.database.transaction(store.flows_generation)
+            generation = await self.database.transaction(store_apps.flows_generation)
             if generation == self._generation:
                 return
-            apps = await self.database.transaction(store.load_apps, None)
+            apps = await self.database.transaction(load_apps, None)
         except Exception:
             log.failure("could not reload flows; routing unchanged")
             return
@@ -304,7 +306,7 @@ class GatewayService(MultiService):
         before = self._wall() - retention.days * 86400
         try:
             while self.running:
-                count = await self.database.transaction(store.prune, before, retention.batch)
+                count = await self.database.transaction(prune, before, retention.batch)
                 self.pruned += count
                 if count < retention.batch:
                     break
@@ -327,13 +329,13 @@ class GatewayService(MultiService):
             self._identity.close()
 
     def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
-        return self.database.transaction(store.update_ack, message_id, code, ack)
+        return self.database.transaction(messages.update_ack, message_id, code, ack)
 
-    def _record_logs(self, rows: list[dict[str, Any]]) -> Deferred[None]:
-        return self.database.transaction(store.insert_logs, rows)
+    def _record_logs(self, rows: list[LogEntry]) -> Deferred[None]:
+        return self.database.transaction(logs.insert_logs, rows)
 
-    def _execution_states(self, message_id: int) -> Deferred[list[store.ExecutionState]]:
-        return self.database.transaction(store.execution_states, message_id)
+    def _execution_states(self, message_id: int) -> Deferred[list[ExecutionState]]:
+        return self.database.transaction(executions.execution_states, message_id)
 
     def stats(self) -> dict[str, Any]:
         """A snapshot of every listener's counters, for the manhole and admin API."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -45,10 +44,20 @@ from udsgateway.hl7.batch import (
 from udsgateway.hl7.header import Delimiters, Header, HeaderProblem, codec_for, parse_header
 from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.store.engine import GroupCommitter, is_locked
-from udsgateway.store.executions import Finished
-from udsgateway.store.messages import CommitOutcome, CommitResult, ExecutionState, InboundRecord
+from udsgateway.store.records import (
+    CommitOutcome,
+    CommitResult,
+    ExecutionState,
+    Finished,
+    InboundRecord,
+    LogEntry,
+    NewDelivery,
+)
 
 log = Logger()
+
+#: Renders the first action of each of a message's flows (``Ingest.first_actions``).
+FirstActions = Callable[[str, tuple[str, ...], bytes], tuple[NewDelivery | None, ...]]
 
 
 @frozen
@@ -112,7 +121,7 @@ class Ingest:
     #: executor's fold: ``Executor.first_actions``), or nothing. Used only while a
     #: commit is running, when the message waits for the next one anyway: an idle
     #: gateway commits and answers at once, and the executor renders after the ACK.
-    first_actions: Callable[[str, tuple[str, ...], bytes], tuple[object, ...]] | None = None
+    first_actions: FirstActions | None = None
     #: Use ``first_actions`` for every message, also when no commit is running (tests
     #: on an inline database, whose commits never overlap a frame).
     fold_while_idle: bool = False
@@ -127,9 +136,9 @@ class Ingest:
     #: The executions of a stored message (a resend while its "after actions" ACK
     #: is not decided yet waits for them).
     execution_states: Callable[[int], Deferred[list[ExecutionState]]] | None = None
-    #: Appends rows to the store's log (``store.insert_logs``): an application ACK
-    #: whose connection had closed is recorded there, where operators look.
-    record_logs: Callable[[list[dict[str, Any]]], Deferred[None]] | None = None
+    #: Appends lines to the store's log (``store.logs.insert_logs``): an application
+    #: ACK whose connection had closed is recorded there, where operators look.
+    record_logs: Callable[[list[LogEntry]], Deferred[None]] | None = None
     stats: IngestStats = field(factory=IngestStats)
     #: Wall clock for timestamps (received_at, ACK MSH-7); None: the timer clock's.
     wall: Wall | None = None
@@ -561,16 +570,16 @@ class Ingest:
             tenant=self.tenant.name,
         )
         if self.record_logs is not None:
-            row = {
-                "at": self._now(),
-                "tenant": self.tenant.name,
-                "message_id": ack.message_id,
-                "control_id": ack.control_id,
-                "event": "application ack lost",
-                "outcome": "not sent",
-                "ack_code": ack.code,
-                "reason": "connection closed before the application ACK",
-            }
+            row = LogEntry(
+                at=self._now(),
+                tenant=self.tenant.name,
+                message_id=ack.message_id,
+                control_id=ack.control_id,
+                event="application ack lost",
+                outcome="not sent",
+                ack_code=ack.code,
+                reason="connection closed before the application ACK",
+            )
             recording = self.record_logs([row])
             recording.addErrback(
                 lambda failure: log.failure(

@@ -41,8 +41,7 @@ from udsgateway.flows import DEFAULT_DECISIONS, DEFAULT_MAX_RETRIES
 from udsgateway.hl7.ack import parse_reply
 from udsgateway.store import outbox
 from udsgateway.store.engine import Database, GroupCommitter
-from udsgateway.store.messages import Origin
-from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
+from udsgateway.store.records import DELIVERED, HELD, QUEUED, Delivery, Origin, Settlement
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 
 log = Logger()

@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from udsgateway.config import TenantConfig
 from udsgateway.flows import Action, App, Flow, Trigger
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
@@ -31,8 +32,7 @@ from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
 from udsgateway.outbound.delivery import Timing
 from udsgateway.outbound.executor import Executor
-from udsgateway.store import executions, schema
-from udsgateway.store import messages as store
+from udsgateway.store import executions, inbound, logs, messages, schema
 from udsgateway.store.engine import (
     Database,
     GroupCommitter,
@@ -40,7 +40,14 @@ from udsgateway.store.engine import (
     ensure_schema,
     make_engine,
 )
-from udsgateway.store.outbox import NewDelivery
+from udsgateway.store.records import (
+    CommitResult,
+    ExecutionState,
+    InboundRecord,
+    LogEntry,
+    NewDelivery,
+    StoredMessage,
+)
 from udsgateway.testing import (
     Connection,
     DestinationPeer,
@@ -149,8 +156,8 @@ class FlowGateway:
         self.database = Database(make_engine(self.database_url), InlineRunner())
         self.database.transaction_now(ensure_schema)
         for each in self.apps:
-            self.database.transaction_now(store.save_app, each, self.clock.seconds())
-        loaded = self.database.transaction_now(store.load_apps, None)
+            self.database.transaction_now(save_app, each, self.clock.seconds())
+        loaded = self.database.transaction_now(load_apps, None)
 
         self.outbound = Outbound(clock=self.clock, database=self.database)
         dispatcher = self.outbound.dispatcher
@@ -185,8 +192,8 @@ class FlowGateway:
         dispatcher.on_recorded = self.executor.on_recorded
         self.executor.load(loaded)
 
-        committer: GroupCommitter[store.InboundRecord, store.CommitResult] = GroupCommitter(
-            self.database, executions.commit_inbound
+        committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
+            self.database, inbound.commit_inbound
         )
         self.ingest = Ingest(
             self.tenant,
@@ -218,18 +225,18 @@ class FlowGateway:
             return ()
         return self.executor.first_actions(tenant, flow_ids, raw)
 
-    def _stored(self, result: store.CommitResult) -> None:
+    def _stored(self, result: CommitResult) -> None:
         if self.autorun:
             self.executor.stored(result)
 
     def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
-        return self.database.transaction(store.update_ack, message_id, code, ack)
+        return self.database.transaction(messages.update_ack, message_id, code, ack)
 
-    def _execution_states(self, message_id: int) -> Deferred[list[store.ExecutionState]]:
-        return self.database.transaction(store.execution_states, message_id)
+    def _execution_states(self, message_id: int) -> Deferred[list[ExecutionState]]:
+        return self.database.transaction(executions.execution_states, message_id)
 
-    def _record_logs(self, rows: list[dict[str, Any]]) -> Deferred[None]:
-        return self.database.transaction(store.insert_logs, rows)
+    def _record_logs(self, rows: list[LogEntry]) -> Deferred[None]:
+        return self.database.transaction(logs.insert_logs, rows)
 
     # -- the sender's side
 
@@ -289,9 +296,9 @@ class FlowGateway:
 
         return self.database.transaction_now(read)
 
-    def messages(self) -> list[store.StoredMessage]:
+    def messages(self) -> list[StoredMessage]:
         """Every stored inbound message, oldest first."""
-        return self.database.transaction_now(store.find_messages, None, None, 1_000_000)
+        return self.database.transaction_now(messages.find_messages, None, None, 1_000_000)
 
     def stop(self) -> None:
         """Stop the dispatcher (a test's cleanup)."""
