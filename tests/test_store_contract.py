@@ -17,14 +17,38 @@ from sqlalchemy import Engine, create_engine, text
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from udsgateway import flowstore
-from udsgateway.store import executions, inbound, messages, outbox, retention
+from udsgateway.flows import new_id
+from udsgateway.store import apps, executions, inbound, logs, messages, operator, outbox, retention
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, is_locked, make_engine
-from udsgateway.store.records import CommitOutcome
+from udsgateway.store.records import (
+    CommitOutcome,
+    LogEntry,
+    StoredApp,
+    StoredFlow,
+    Transition,
+)
 from udsgateway.testing import demo_app, inbound_record
 
 POSTGRES_URL = os.environ.get(
     "UDSGATEWAY_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
+
+
+def stored_flow(flow_id: str) -> StoredFlow:
+    """A flow as the store keeps it, with no actions."""
+    return StoredFlow(
+        flow_id,
+        "a flow",
+        True,
+        "",
+        "mllp",
+        "ADT^A04",
+        "",
+        "on_commit",
+        30.0,
+        "after_actions",
+        "[]",
+    )
 
 
 if TYPE_CHECKING:
@@ -156,9 +180,7 @@ class StoreContract(_Base):
         def action(control_id: str) -> outbox.NewDelivery:
             return outbox.NewDelivery("F1/0", "tcp:host=h:port=1", "mllp", control_id, b"M", {})
 
-        [pending] = self.transaction(
-            inbound.commit_inbound, [inbound_record("P1", flows=("F2",))]
-        )
+        [pending] = self.transaction(inbound.commit_inbound, [inbound_record("P1", flows=("F2",))])
         results = self.transaction(
             inbound.commit_inbound,
             [
@@ -213,6 +235,166 @@ class StoreContract(_Base):
         self.assertEqual(deleted, 1)
         left = [m.control_id for m in self.transaction(messages.find_messages, "t", None)]
         self.assertEqual(left, ["P2"])
+
+    # -- the log query (``udsgateway logs``)
+
+    def test_log_lines_filter_and_order(self) -> None:
+        """Lines after an id, oldest or newest first, by flow, outcome and time; a line
+        without an App ID shows its flow's as stored now."""
+        stored = self.transaction(
+            apps.save_app,
+            StoredApp("APPLOG0001", "t", "logs app", "", {}, (stored_flow("FLWLOG0001"),)),
+            1.0,
+            new_id,
+        )
+        self.assertEqual(stored.flows[0].flow_id, "FLWLOG0001")
+        entries = [
+            LogEntry(at=100.0, event="received", outcome="accepted", flow_id="FLWLOG0001"),
+            LogEntry(at=200.0, event="delivery", outcome="retry", flow_id="FLWLOG0001", attempt=1),
+            LogEntry(
+                at=300.0, event="delivery", outcome="held", flow_id="FLWGONE001", app_id="APPX"
+            ),
+            LogEntry(at=400.0, event="execution", outcome="done", flow_id="FLWLOG0001", step=0),
+            LogEntry(at=500.0, event="custom", outcome="newword", reason="r" * 300),
+        ]
+        self.transaction(logs.insert_logs, entries)
+        lines = self.transaction(logs.log_lines)
+        self.assertEqual([line.at for line in lines], [100.0, 200.0, 300.0, 400.0, 500.0])
+        ids = [line.id for line in lines]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(
+            [line.app_id for line in lines], ["APPLOG0001", "APPLOG0001", "APPX", "APPLOG0001", ""]
+        )
+        self.assertEqual((lines[1].attempt, lines[1].step), (1, None))
+        self.assertEqual((lines[3].attempt, lines[3].step), (None, 0))
+        self.assertEqual(len(lines[4].reason), 255)
+
+        newest = self.transaction(logs.log_lines, None, None, None, 0, 2, True)
+        self.assertEqual([line.at for line in newest], [500.0, 400.0])
+        after = self.transaction(logs.log_lines, None, None, None, ids[2], 10)
+        self.assertEqual([line.at for line in after], [400.0, 500.0])
+        by_flow = self.transaction(logs.log_lines, "FLWLOG0001")
+        self.assertEqual([line.at for line in by_flow], [100.0, 200.0, 400.0])
+        held = self.transaction(logs.log_lines, None, "held")
+        self.assertEqual([line.at for line in held], [300.0])
+        since = self.transaction(logs.log_lines, "FLWLOG0001", None, 200.0)
+        self.assertEqual([line.at for line in since], [200.0, 400.0])
+        known = self.transaction(logs.known_outcomes)
+        self.assertIn("newword", known)
+        self.assertTrue(set(logs.LOG_OUTCOMES) <= known)
+
+    # -- operators' actions
+
+    def held_delivery(self, control_id: str = "H1") -> tuple[int, int]:
+        """A delivery of an execution, held after one attempt: (delivery id, execution id)."""
+        from attrs import evolve
+
+        first = outbox.NewDelivery("F1/0", "tcp:host=h:port=1", "mllp", control_id, b"MSH", {})
+        [result] = self.transaction(
+            inbound.commit_inbound,
+            [evolve(inbound_record(control_id, flows=("F1",)), first=(first,))],
+        )
+        ((delivery_id, delivery),) = result.enqueued
+        assert delivery.execution_id is not None
+        held = outbox.Settlement(
+            delivery_id, outbox.HELD, 1, 0.0, "AR from the destination", None, "AR",
+            delivery.execution_id, 0, control_id,
+        )  # fmt: skip
+        self.transaction(outbox.record, [held], 10.0)
+        return delivery_id, delivery.execution_id
+
+    def test_release_and_skip_a_held_delivery(self) -> None:
+        """Release queues a held delivery again with no attempts; skip gives up on it and
+        fails its execution; both are in the execution log and the audit log."""
+        released, _ = self.held_delivery("H1")
+        skipped, execution_id = self.held_delivery("H2")
+        after = self.transaction(
+            operator.delivery_action, released, "release", "alice", "fixed", 20.0
+        )
+        self.assertEqual(
+            (after.state, after.attempts, after.last_error, after.control_id),
+            ("queued", 0, "", "H1"),
+        )
+        after = self.transaction(operator.delivery_action, skipped, "skip", "bob", "dup", 21.0)
+        self.assertEqual((after.state, after.last_error), ("skipped", "skipped by bob"))
+        [state] = [
+            s
+            for s in self.transaction(executions.list_executions, (), 100, execution_id)
+            if s.id == execution_id
+        ]
+        self.assertEqual((state.state, state.error), ("failed", "step 0 skipped by an operator"))
+        with self.assertRaises(ValueError):
+            self.transaction(operator.delivery_action, skipped, "release", "alice", "x", 22.0)
+        with self.assertRaises(LookupError):
+            self.transaction(operator.delivery_action, 10**9, "skip", "bob", "x", 22.0)
+        with self.assertRaises(ValueError):
+            self.transaction(operator.delivery_action, released, "explode", "bob", "x", 22.0)
+        audit = self.transaction(logs.audit_entries)
+        self.assertEqual(
+            [(a.who, a.action, a.target, a.reason) for a in audit],
+            [
+                ("alice", "delivery.release", f"delivery {released} lane F1/0", "fixed"),
+                ("bob", "delivery.skip", f"delivery {skipped} lane F1/0", "dup"),
+            ],
+        )
+        lines = self.transaction(logs.log_lines, None, None, None, 0, 100)
+        self.assertEqual(
+            [
+                (line.event, line.outcome, line.reason)
+                for line in lines
+                if line.event == "operator"
+            ],
+            [
+                ("operator", "release", "release of a held delivery by alice: fixed"),
+                ("operator", "skip", "skip of a held delivery by bob: dup"),
+            ],
+        )
+
+    def test_replay_takes_the_callers_control_id(self) -> None:
+        """A replay of a delivered delivery queues it again; with an edited payload it
+        needs the payload's MSH-10 from the caller, and stores both."""
+        delivery_id, _ = self.held_delivery("R1")
+        self.transaction(operator.delivery_action, delivery_id, "release", "a", "x", 20.0)
+        done = outbox.Settlement(delivery_id, outbox.DELIVERED, 1, 0.0, "", b"MSA|AA|R1", "AA")
+        self.transaction(outbox.record, [done], 21.0)
+        current = self.transaction(outbox.get_delivery, delivery_id)
+        self.assertFalse(operator.needs_control_id(current, "replay", None))
+        self.assertTrue(operator.needs_control_id(current, "replay", b"MSH|edited"))
+        with self.assertRaises(ValueError):
+            self.transaction(
+                operator.delivery_action, delivery_id, "replay", "c", "y", 22.0, b"MSH|edited"
+            )
+        self.assertEqual(self.transaction(outbox.get_delivery, delivery_id).state, "delivered")
+        replayed = self.transaction(
+            operator.delivery_action, delivery_id, "replay", "c", "y", 22.0, b"MSH|edited", "R1-B"
+        )
+        self.assertEqual(
+            (replayed.state, replayed.payload, replayed.control_id, replayed.attempts),
+            ("queued", b"MSH|edited", "R1-B", 0),
+        )
+
+    def test_release_a_held_execution(self) -> None:
+        """A held execution goes back to pending, audited; any other state is refused."""
+        [result] = self.transaction(inbound.commit_inbound, [inbound_record("E1", flows=("F",))])
+        (execution_id,) = result.execution_ids
+        with self.assertRaises(ValueError):
+            self.transaction(operator.release_execution, execution_id, "ops", "why", 5.0)
+        self.transaction(
+            executions.apply, [Transition(execution_id, error="template error", hold=True)], 6.0
+        )
+        [held] = self.transaction(executions.list_executions, ("held",))
+        self.assertEqual((held.id, held.error), (execution_id, "template error"))
+        row = self.transaction(operator.release_execution, execution_id, "ops", "fixed", 7.0)
+        self.assertEqual((row.state, row.error, row.updated_at), ("pending", "", 7.0))
+        with self.assertRaises(LookupError):
+            self.transaction(operator.release_execution, 10**9, "ops", "why", 8.0)
+        [audit] = self.transaction(logs.audit_entries)
+        self.assertEqual(
+            (audit.who, audit.action, audit.target, audit.reason),
+            ("ops", "execution.release", f"execution {execution_id}", "fixed"),
+        )
+        outcomes = [line.outcome for line in self.transaction(logs.log_lines)]
+        self.assertEqual(outcomes, ["accepted", "held", "release"])
 
 
 class SQLiteStoreTests(StoreContract, SynchronousTestCase):
