@@ -18,7 +18,17 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from udsgateway import flowstore
 from udsgateway.flows import new_id
-from udsgateway.store import apps, executions, inbound, logs, messages, operator, outbox, retention
+from udsgateway.store import (
+    apps,
+    audit,
+    executions,
+    inbound,
+    logs,
+    messages,
+    operator,
+    outbox,
+    retention,
+)
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, is_locked, make_engine
 from udsgateway.store.records import (
     CommitOutcome,
@@ -329,9 +339,9 @@ class StoreContract(_Base):
             self.transaction(operator.delivery_action, 10**9, "skip", "bob", "x", 22.0)
         with self.assertRaises(ValueError):
             self.transaction(operator.delivery_action, released, "explode", "bob", "x", 22.0)
-        audit = self.transaction(logs.audit_entries)
+        trail = self.transaction(audit.entries)
         self.assertEqual(
-            [(a.who, a.action, a.target, a.reason) for a in audit],
+            [(a.who, a.action, a.target, a.reason) for a in reversed(trail)],
             [
                 ("alice", "delivery.release", f"delivery {released} lane F1/0", "fixed"),
                 ("bob", "delivery.skip", f"delivery {skipped} lane F1/0", "dup"),
@@ -388,9 +398,9 @@ class StoreContract(_Base):
         self.assertEqual((row.state, row.error, row.updated_at), ("pending", "", 7.0))
         with self.assertRaises(LookupError):
             self.transaction(operator.release_execution, 10**9, "ops", "why", 8.0)
-        [audit] = self.transaction(logs.audit_entries)
+        [entry] = self.transaction(audit.entries)
         self.assertEqual(
-            (audit.who, audit.action, audit.target, audit.reason),
+            (entry.who, entry.action, entry.target, entry.reason),
             ("ops", "execution.release", f"execution {execution_id}", "fixed"),
         )
         outcomes = [line.outcome for line in self.transaction(logs.log_lines)]

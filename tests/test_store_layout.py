@@ -28,7 +28,7 @@ OWNERS = {
     "executions": "executions",
     "deliveries": "outbox",
     "logs": "logs",
-    "audit": "logs",
+    "audit": "audit",
     "apps": "apps",
     "flows": "apps",
     "meta": "meta",

@@ -1,6 +1,6 @@
-"""The SQL of the execution log (table ``logs``) and the audit log (table ``audit``).
+"""The SQL of the execution log (table ``logs``).
 
-Every statement on these two tables is here: the lines each transaction
+Every statement on this table is here: the lines each transaction
 appends, the query operators read them with (``udsgateway logs``), and what
 retention deletes. A line never holds message content (no PHI).
 """
@@ -14,7 +14,7 @@ from sqlalchemy import Connection, delete, select
 
 from udsgateway.store import schema
 from udsgateway.store.engine import prepared_insert
-from udsgateway.store.records import AuditEntry, LogEntry, LogLine
+from udsgateway.store.records import LogEntry, LogLine
 
 _LOG_COLUMNS = (
     "at",
@@ -74,28 +74,6 @@ def insert_logs(connection: Connection, entries: Sequence[LogEntry]) -> None:
     """Append lines to the execution log, in order."""
     if entries:
         _INSERT_LOG.execute(connection, [_row(entry) for entry in entries])
-
-
-def insert_audit(connection: Connection, entry: AuditEntry) -> None:
-    """Append a line to the audit log."""
-    connection.execute(
-        schema.audit.insert().values(
-            at=entry.at,
-            who=entry.who[:128],
-            action=entry.action[:64],
-            target=entry.target[:255],
-            reason=entry.reason[:255],
-        )
-    )
-
-
-def audit_entries(connection: Connection, limit: int = 1000) -> list[AuditEntry]:
-    """The audit log, oldest first."""
-    a = schema.audit
-    rows = connection.execute(
-        select(a.c.at, a.c.who, a.c.action, a.c.target, a.c.reason).order_by(a.c.id).limit(limit)
-    )
-    return [AuditEntry(*row) for row in rows]
 
 
 def known_outcomes(connection: Connection) -> set[str]:

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from sqlalchemy import Connection
 
-from udsgateway.store import executions, logs, outbox
+from udsgateway.store import audit, executions, logs, outbox
 from udsgateway.store.records import (
     HELD_EXECUTION,
     OPEN_STATES,
-    AuditEntry,
     Delivery,
     ExecutionRow,
     LogEntry,
@@ -88,15 +87,13 @@ def delivery_action(
             )
         ],
     )
-    logs.insert_audit(
+    audit.append(
         connection,
-        AuditEntry(
-            at=now,
-            who=who,
-            action=f"delivery.{action}",
-            target=f"delivery {delivery_id} lane {current.lane}",
-            reason=reason,
-        ),
+        who,
+        f"delivery.{action}",
+        f"delivery {delivery_id} lane {current.lane}",
+        now,
+        reason,
     )
     updated = outbox.get_delivery(connection, delivery_id)
     assert updated is not None
@@ -114,15 +111,6 @@ def release_execution(
     if found != HELD_EXECUTION:
         raise ValueError(f"execution {execution_id} is {found}, not held")
     executions.release_held(connection, execution_id, f"release by {who}: {reason}", now)
-    logs.insert_audit(
-        connection,
-        AuditEntry(
-            at=now,
-            who=who,
-            action="execution.release",
-            target=f"execution {execution_id}",
-            reason=reason,
-        ),
-    )
+    audit.append(connection, who, "execution.release", f"execution {execution_id}", now, reason)
     (row,) = executions.list_executions(connection, execution_id=execution_id)
     return row

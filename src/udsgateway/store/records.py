@@ -329,8 +329,9 @@ class LogLine:
 
 @frozen
 class AuditEntry:
-    """Who did what to what, and why (never content)."""
+    """One row of the audit trail: who did what to what, and why (never content)."""
 
+    id: int
     at: float
     who: str
     action: str
