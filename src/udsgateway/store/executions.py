@@ -22,7 +22,7 @@ kill -9 at any point resumes exactly where the store says.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from attrs import frozen
 from sqlalchemy import Connection, bindparam, delete, select, update
@@ -126,6 +126,16 @@ def _pending_statement() -> Any:
 _PENDING = Prepared(_pending_statement)
 
 
+class _NewExecution(TypedDict):
+    message_id: int
+    flow_id: str
+    state: str
+    step: int
+    created_at: float
+    updated_at: float
+    error: str
+
+
 def create(
     connection: Connection, records: Sequence[InboundRecord], ids: Sequence[int]
 ) -> dict[int, tuple[tuple[int, ...], tuple[tuple[int, NewDelivery], ...]]]:
@@ -139,7 +149,7 @@ def create(
     not overtake them in the lane (G2). Within the group, the first execution of
     a flow stored pending makes the flow's later ones pending too.
     """
-    rows: list[dict[str, Any]] = []
+    rows: list[_NewExecution] = []
     firsts: list[NewDelivery | None] = []
     for record, message_id in zip(records, ids, strict=True):
         if not record.accepted:

@@ -50,7 +50,7 @@ class NewDelivery:
     protocol: str
     control_id: str
     payload: bytes
-    policy: dict[str, Any]
+    policy: dict[str, object]
     execution_id: int | None = None
     step: int = 0
 
@@ -368,5 +368,5 @@ class StoredApp:
     tenant: str
     name: str
     description: str
-    variables: Mapping[str, Any] = field(factory=dict)
+    variables: Mapping[str, str] = field(factory=dict)
     flows: tuple[StoredFlow, ...] = ()
