@@ -28,8 +28,9 @@ from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
 from udsgateway.mapping.checks import template_problems
-from udsgateway.outbound.delivery import Dispatcher, Timing
+from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
+from udsgateway.outbound.policy import Timing
 from udsgateway.store import apps as store_apps
 from udsgateway.store import executions, inbound, logs, messages
 from udsgateway.store.engine import (
@@ -104,8 +105,7 @@ class GatewayService(MultiService):
             },
             wall=wall,
         )
-        self.dispatcher.after_record = self.executor.after_record
-        self.dispatcher.on_recorded = self.executor.on_recorded
+        self.dispatcher.outcomes = self.executor
         self.ingests: dict[str, Ingest] = {
             tenant.name: Ingest(
                 tenant,
