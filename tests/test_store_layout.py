@@ -227,8 +227,12 @@ class StoreImportTests(SynchronousTestCase):
 
     def test_the_probe_sees_what_a_module_loads(self) -> None:
         """The probe reports what a module outside the store loads (it can fail)."""
-        loaded = _imports_in_subprocess("udsgateway.store.records", "udsgateway.flows")
-        self.assertIn("udsgateway.hl7.paths", loaded)
+        loaded = _imports_in_subprocess(
+            "udsgateway.store.records", "udsgateway.mapping.templating"
+        )
+        self.assertIn("liquid", loaded)
+        self.assertIn("udsgateway.mapping.templating", loaded)
+        self.assertNotIn("udsgateway.store.records", loaded)
 
 
 class CommandLineImportTests(SynchronousTestCase):
