@@ -22,7 +22,6 @@ from typing import Any
 
 from attrs import evolve
 from sqlalchemy import insert
-from twisted.internet.defer import fail
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -33,7 +32,7 @@ from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.outbound.executor import Executor, lane_name
-from udsgateway.store import inbound, messages, operator, schema
+from udsgateway.store import executions, inbound, messages, operator, schema
 from udsgateway.store.records import CommitOutcome, CommitResult, NewDelivery
 from udsgateway.store.retention import prune
 from udsgateway.testing import (
@@ -853,7 +852,11 @@ class AfterActionsAckTests(SynchronousTestCase):
         first = running.connect(40001)
         first.send(b"\x0b" + message + b"\x1c\r")
         running.clock.advance(0)
-        running.ingest.execution_states = lambda _message_id: fail(RuntimeError("db down"))
+
+        def unreadable(_connection: object, _message_id: int) -> None:
+            raise RuntimeError("db down")
+
+        self.patch(executions, "execution_states", unreadable)
 
         fields = ack_fields(running.send(message))
         self.assertEqual(
