@@ -578,14 +578,14 @@ class RenderTests(SynchronousTestCase):
 
     def test_render_chain_with_fake_response(self) -> None:
         from tests.test_executor import TRIGGER_ID, adt, header
-        from udsgateway.store import messages as store
+        from udsgateway import flowstore
         from udsgateway.testing import memory_database
         from udsgateway.testing.flows import action, app, flow
 
         second = header("B") + 'ZAK|{{ responses[0]["MSA-2"] }}\n'
         database = memory_database()
         database.transaction_now(
-            store.save_app,
+            flowstore.save_app,
             app(
                 flow(
                     "chain",

@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.store import schema
 from udsgateway.store.engine import SchemaError, ThreadRunner, ensure_schema, make_engine
-from udsgateway.store.messages import commit_inbound
+from udsgateway.store.inbound import commit_inbound
 from udsgateway.testing import inbound_record
 
 

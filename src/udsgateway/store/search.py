@@ -31,6 +31,7 @@ from sqlalchemy import Connection, delete, func, select
 
 from udsgateway.store import schema
 from udsgateway.store.engine import prepared_insert
+from udsgateway.store.records import InboundRecord
 
 #: Search keys, and what an operator calls them. MSH-10 is not written as a key row:
 #: the duplicate check's index has it (see ``search``).
@@ -87,6 +88,17 @@ def insert_keys(
             left -= size
     finally:
         cursor.close()
+
+
+def keys_of(record: InboundRecord) -> tuple[tuple[str, str], ...]:
+    """The search keys of a message about to be stored."""
+    keys = (
+        (TYPE_KEY, record.message_type),
+        (TENANT_KEY, record.tenant),
+        *((FLOW_KEY, flow_id) for flow_id in record.flows),
+        *record.keys,
+    )
+    return keys if record.accepted else (*keys, (STATUS_KEY, "rejected"))
 
 
 def delete_keys(connection: Connection, message_ids: Sequence[int]) -> None:
@@ -488,3 +500,19 @@ def log_lines(
 def last_log_id(connection: Connection) -> int:
     """The id of the newest log line (0: none): where a tail starts."""
     return int(connection.execute(select(func.max(schema.logs.c.id))).scalar() or 0)
+
+
+def routed_flows(connection: Connection, message_ids: Sequence[int]) -> dict[int, tuple[str, ...]]:
+    """The flows each accepted message was routed to, by message id, in id order
+    (rejected messages are left out)."""
+    m = schema.messages
+    found: dict[int, tuple[str, ...]] = {}
+    wanted = sorted(set(message_ids))
+    for start in range(0, len(wanted), 500):
+        for message_id, flows in connection.execute(
+            select(m.c.id, m.c.flows)
+            .where(m.c.id.in_(wanted[start : start + 500]), m.c.accepted.is_(True))
+            .order_by(m.c.id)
+        ):
+            found[message_id] = tuple(json.loads(flows))
+    return found
