@@ -121,6 +121,9 @@ class MessageTests(SynchronousTestCase):
     def test_keys_and_filters(self) -> None:
         self.assertEqual(self.control_ids(keys=(("pid3", "P1"),)), ["A5", "A3", "A1"])
         self.assertEqual(self.control_ids(keys=(("msh10", "A2"),)), ["A2"])
+        self.assertEqual(self.control_ids(keys=(("msh10", "R1"),)), ["R1"])  # rejected
+        self.assertEqual(self.control_ids(keys=(("msh10", "R1"),), status="accepted"), [])
+        self.assertEqual(self.control_ids(keys=(("msh10", "A3"), ("pid3", "P1"))), ["A3"])
         self.assertEqual(self.control_ids(keys=(("sch1", "PL1"),)), ["S1"])
         self.assertEqual(self.control_ids(keys=(("sch2", "FL1"),)), ["S1"])
         self.assertEqual(self.control_ids(message_type="SIU^S12"), ["S1"])
@@ -135,6 +138,21 @@ class MessageTests(SynchronousTestCase):
         self.assertEqual(self.control_ids(flow_id="FLWSIUS12MLLP"), ["S1"])
         self.assertEqual(self.control_ids(message_type="ADT^A31"), ["R1"])
         self.assertEqual(self.control_ids(message_type="ORM^O01"), [])
+
+    def test_control_id_search_uses_the_duplicate_index(self) -> None:
+        """MSH-10 among accepted messages is an index search (messages_dedupe), not a
+        scan: the query plan says so."""
+        from udsgateway.store import search as store_search
+
+        def plan(connection: Any) -> str:
+            statement = store_search._statement(Query(keys=(("msh10", "A2"),), status="accepted"))
+            compiled = statement.compile(dialect=connection.dialect)
+            rows = connection.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + str(compiled), tuple(compiled.params.values())
+            ).all()
+            return " ".join(str(row[-1]) for row in rows)
+
+        self.assertIn("messages_dedupe", self.gateway.database.transaction_now(plan))
 
     def test_bad_filters_are_invalid(self) -> None:
         self.failureResultOf(self.operations.messages("ann", "api", Query(limit=0)), Invalid)
@@ -560,14 +578,14 @@ class RenderTests(SynchronousTestCase):
 
     def test_render_chain_with_fake_response(self) -> None:
         from tests.test_executor import TRIGGER_ID, adt, header
-        from udsgateway.store import messages as store
+        from udsgateway import flowstore
         from udsgateway.testing import memory_database
         from udsgateway.testing.flows import action, app, flow
 
         second = header("B") + 'ZAK|{{ responses[0]["MSA-2"] }}\n'
         database = memory_database()
         database.transaction_now(
-            store.save_app,
+            flowstore.save_app,
             app(
                 flow(
                     "chain",

@@ -12,8 +12,7 @@ from sqlalchemy.exc import DBAPIError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.test_store_contract import POSTGRES_URL
-from udsgateway.store import audit, destinations, executions, search
-from udsgateway.store import messages as store
+from udsgateway.store import audit, destinations, executions, inbound, search
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
 from udsgateway.store.search import Query
 from udsgateway.testing import inbound_record
@@ -79,7 +78,7 @@ class OpsContract(_Base):
             stored("K3", 300.0, (("pid3", "P1"),), message_type="SIU^S12"),
             stored("K4", 400.0, (("pid3", "P1"),), accepted=False, flows=()),
         ]
-        self.tx(store.commit_inbound, records)
+        self.tx(inbound.commit_inbound, records)
 
         def ids(**filters: Any) -> list[str]:
             return [m.control_id for m in self.tx(search.search, Query(**filters))]
@@ -104,8 +103,8 @@ class OpsContract(_Base):
         self.assertEqual(self.tx(search.content, first[0].id)[1], b"ACK K4")
 
     def test_replay_and_log_view(self) -> None:
-        [result] = self.tx(store.commit_inbound, [stored("R1", 100.0)])
-        made = self.tx(executions.replay_messages, [result.message_id], None, "ann", "why", 5.0)
+        [result] = self.tx(inbound.commit_inbound, [stored("R1", 100.0)])
+        made = self.tx(executions.replay, [(result.message_id, "F1")], "ann", "why", 5.0)
         self.assertEqual(len(made), 1)
         lines = self.tx(search.log_lines)
         self.assertEqual([line.outcome for line in lines], ["replay", "accepted"])
@@ -122,11 +121,11 @@ class OpsContract(_Base):
 
         from udsgateway.store.reads import read_now
 
-        self.tx(store.commit_inbound, [stored("W1", 1.0)])
+        self.tx(inbound.commit_inbound, [stored("W1", 1.0)])
         written: list[Any] = []
 
         def write() -> None:
-            written.append(self.tx(store.commit_inbound, [stored("W2", 2.0)]))
+            written.append(self.tx(inbound.commit_inbound, [stored("W2", 2.0)]))
 
         def read(connection: Any) -> list[str]:
             before = [m.control_id for m in search.search(connection, Query())]

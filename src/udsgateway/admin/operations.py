@@ -26,17 +26,18 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 
+from udsgateway import flowstore
 from udsgateway.assembly import tenant_charset
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
 from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.hl7.message import MessageParseError
 from udsgateway.mapping.catalogue import variable_catalogue
 from udsgateway.mapping.checks import template_problems
 from udsgateway.mapping.templating import RenderError, TemplateError, compile_template
 from udsgateway.outbound.render import read_trigger, render_action, sender_bytes
-from udsgateway.store import audit, destinations, executions, outbox, overview, search
-from udsgateway.store import messages as store
+from udsgateway.store import audit, destinations, executions, operator, outbox, overview, search
 from udsgateway.store.engine import Database
 from udsgateway.store.reads import read_now
 
@@ -510,9 +511,24 @@ class Operations:
                 raise NotFound(f"no delivery {delivery_id}")
             if label == "retry" and current.state != outbox.QUEUED:
                 raise Conflict(f"delivery {delivery_id} is {current.state}, not queued")
+            control_id = None
+            if operator.needs_control_id(current, action, None):
+                # Stored without an MSH-10 (an older version): read it from the payload.
+                header = parse_header(current.payload, default_charset="latin-1")
+                if isinstance(header, HeaderProblem) or not header.control_id:
+                    raise Conflict(f"the message of delivery {delivery_id} has no MSH-10")
+                control_id = header.control_id
             try:
-                return outbox.operator_action(
-                    connection, delivery_id, action, actor, reason, self.wall(), None, via
+                return operator.delivery_action(
+                    connection,
+                    delivery_id,
+                    action,
+                    actor,
+                    reason,
+                    self.wall(),
+                    None,
+                    control_id,
+                    via,
                 )
             except LookupError as error:
                 raise NotFound(str(error)) from None
@@ -560,7 +576,9 @@ class Operations:
             if not reason.strip():
                 raise Invalid("reason: required")
             try:
-                row = executions.release(connection, execution_id, actor, reason, self.wall(), via)
+                row = operator.release_execution(
+                    connection, execution_id, actor, reason, self.wall(), via
+                )
             except LookupError as error:
                 raise NotFound(str(error)) from None
             except ValueError as error:
@@ -618,7 +636,9 @@ class Operations:
             if len(ids) != confirm_count:
                 raise Conflict(f"{len(ids)} messages match now, not {confirm_count}")
             self._known_flow(connection, flow_id)
-            made = executions.replay_messages(connection, ids, flow_id, actor, reason, self.wall())
+            made = executions.replay(
+                connection, _targets(connection, ids, flow_id), actor, reason, self.wall()
+            )
             return {"count": len(ids), "replayed": len(ids), "executions": len(made)}
 
         target = f"messages {_describe(matching)}"[:255] + (f" flow {flow_id}" if flow_id else "")
@@ -640,8 +660,8 @@ class Operations:
             if not found.message.accepted:
                 raise Conflict(f"message {message_id} was rejected: nothing to replay")
             self._known_flow(connection, flow_id)
-            made = executions.replay_messages(
-                connection, [message_id], flow_id, actor, reason, self.wall()
+            made = executions.replay(
+                connection, _targets(connection, [message_id], flow_id), actor, reason, self.wall()
             )
             return {"count": 1, "replayed": 1, "executions": len(made)}
 
@@ -828,12 +848,12 @@ class Operations:
             self._check(actor, via)
         except OperationsError:
             return fail()
-        done: Deferred[Any] = self._read(store.load_apps, tenant)
+        done: Deferred[Any] = self._read(flowstore.load_apps, tenant)
         done.addCallback(self._flow_rows)
         return done
 
     def _find_flow(self, connection: Connection, flow_id: str) -> tuple[App, Flow]:
-        for app in store.load_apps(connection, None):
+        for app in flowstore.load_apps(connection, None):
             for flow in app.flows:
                 if flow.flow_id == flow_id:
                     return app, flow
@@ -893,7 +913,7 @@ class Operations:
             if problems or app is None:
                 raise Invalid("; ".join(problems))
             try:
-                return [store.save_app(connection, app, self.wall())]
+                return [flowstore.save_app(connection, app, self.wall())]
             except ValueError as error:
                 raise Conflict(str(error)) from None
 
@@ -909,7 +929,7 @@ class Operations:
             return fail()
 
         def work(connection: Connection) -> dict[str, Any]:
-            for app in store.load_apps(connection, None):
+            for app in flowstore.load_apps(connection, None):
                 if app.app_id == app_id:
                     return {"app_id": app_id, "text": write_app(app)}
             raise NotFound(f"no app {app_id}")
@@ -930,7 +950,7 @@ class Operations:
             flows = tuple(
                 evolve(f, enabled=enabled) if f.flow_id == flow_id else f for f in app.flows
             )
-            return [store.save_app(connection, evolve(app, flows=flows), self.wall())]
+            return [flowstore.save_app(connection, evolve(app, flows=flows), self.wall())]
 
         action = "flow.enable" if enabled else "flow.disable"
         done: Deferred[Any] = self._audited(actor, via, action, f"flow {flow_id}", reason, work)
@@ -1362,6 +1382,17 @@ def _validate(query: search.Query) -> None:
 
 
 # -- flows
+
+
+def _targets(
+    connection: Connection, message_ids: Sequence[int], flow_id: str | None
+) -> list[tuple[int, str]]:
+    """(message, flow) pairs a replay runs: through ``flow_id``, or each accepted
+    message through the flows it was routed to."""
+    routed = search.routed_flows(connection, message_ids)
+    if flow_id is None:
+        return [(message_id, flow) for message_id, flows in routed.items() for flow in flows]
+    return [(message_id, flow_id) for message_id in routed]
 
 
 def _listen_address(endpoint: str) -> tuple[str, int]:

@@ -32,7 +32,8 @@ from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import Timing
 from udsgateway.store import destinations, outbox
 from udsgateway.store.engine import Database, GroupCommitter
-from udsgateway.store.outbox import DELIVERED, HELD, Delivery, Settlement
+from udsgateway.store.outbox import DELIVERED, HELD
+from udsgateway.store.records import Delivery, Settlement
 
 log = Logger()
 
