@@ -218,8 +218,8 @@ class FlowAndLogRouteTests(TestCase):
         )
 
     def test_render(self) -> None:
+        from udsgateway import flowstore as store
         from udsgateway.flows import Action, App, Flow, Trigger
-        from udsgateway.store import messages as store
 
         app = App(
             name="Render test",

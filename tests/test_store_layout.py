@@ -32,6 +32,10 @@ OWNERS = {
     "apps": "apps",
     "flows": "apps",
     "meta": "meta",
+    "destination_pauses": "destinations",
+    "message_keys": "search",
+    "users": "users",
+    "api_tokens": "users",
 }
 
 #: Tables a module reads (joins, subqueries) without owning them.
@@ -39,6 +43,9 @@ READS = {
     "messages": {"executions", "deliveries"},  # origins; retention's finished messages
     "executions": {"messages"},  # pending work and the operators' list show the message
     "logs": {"flows"},  # a log line shows its flow's App ID
+    # The operators' read-only views (the facade's status and message browser).
+    "overview": {"deliveries", "executions", "flows"},
+    "search": {"deliveries", "executions", "flows", "logs", "messages"},
 }
 
 #: Modules that define tables and their DDL (no rows written).
