@@ -45,6 +45,7 @@ READS = {
     "logs": {"flows"},  # a log line shows its flow's App ID
     # The operators' read-only views (the facade's status and message browser).
     "overview": {"deliveries", "executions", "flows"},
+    "gauges": {"deliveries", "executions"},  # the metrics' open work
     "search": {"deliveries", "executions", "flows", "logs", "messages"},
 }
 

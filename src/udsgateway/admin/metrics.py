@@ -16,7 +16,6 @@ ID, a lane key, any field) never becomes a label.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -28,9 +27,8 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
-from sqlalchemy import Connection, func, select
 
-from udsgateway.store import schema
+from udsgateway.store import gauges
 from udsgateway.store.destinations import address_of
 from udsgateway.store.engine import COMMIT_BUCKETS
 
@@ -64,34 +62,6 @@ LABEL_ENUMS: dict[str, tuple[str, ...]] = {
 }
 #: Labels whose values are operator-named identifiers.
 IDENTIFIER_LABELS = ("listener", "flow", "destination")
-
-
-def database_gauges(connection: Connection) -> dict[str, Any]:
-    """Open deliveries and executions, counted in the database (the timer's query)."""
-    d = schema.deliveries.c
-    deliveries = [
-        (row[0], row[1], int(row[2]), float(row[3] or 0.0))
-        for row in connection.execute(
-            select(
-                d.destination,
-                d.state,
-                func.count().label("count"),
-                func.min(d.created_at).label("oldest"),
-            )
-            .where(d.state.in_(("queued", "held")))
-            .group_by(d.destination, d.state)
-        )
-    ]
-    e = schema.executions.c
-    executions = [
-        (row[0], row[1], int(row[2]))
-        for row in connection.execute(
-            select(e.flow_id, e.state, func.count().label("count"))
-            .where(e.state.in_(("pending", "waiting", "held")))
-            .group_by(e.flow_id, e.state)
-        )
-    ]
-    return {"deliveries": deliveries, "executions": executions, "at": time.time()}
 
 
 class GatewayCollector(Collector):
@@ -286,7 +256,7 @@ class Metrics:
 
     async def refresh(self, database: Any) -> None:
         """Take the database snapshot (in the database thread)."""
-        found = await database.transaction(database_gauges)
+        found = await database.transaction(gauges.open_work)
         self.snapshot.clear()
         self.snapshot.update(found)
 
