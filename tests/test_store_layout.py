@@ -32,6 +32,8 @@ OWNERS = {
     "apps": "apps",
     "flows": "apps",
     "meta": "meta",
+    "destination_pauses": "destinations",
+    "message_keys": "search",
 }
 
 #: Tables a module reads (joins, subqueries) without owning them.
@@ -39,6 +41,10 @@ READS = {
     "messages": {"executions", "deliveries"},  # origins; retention's finished messages
     "executions": {"messages"},  # pending work and the operators' list show the message
     "logs": {"flows"},  # a log line shows its flow's App ID
+    # The message browser: a message with its executions, deliveries and log lines.
+    "search": {"messages", "executions", "deliveries", "logs", "flows"},
+    # The operators' status: counts of executions and deliveries per flow, destination.
+    "overview": {"executions", "deliveries", "flows"},
 }
 
 #: Modules that define tables and their DDL (no rows written).
