@@ -43,10 +43,11 @@ READS = {
     "messages": {"executions", "deliveries"},  # origins; retention's finished messages
     "executions": {"messages"},  # pending work and the operators' list show the message
     "logs": {"flows"},  # a log line shows its flow's App ID
-    # The operators' read-only views (the facade's status and message browser).
-    "overview": {"deliveries", "executions", "flows"},
+    # The message browser: a message with its executions, deliveries and log lines.
+    "search": {"messages", "executions", "deliveries", "logs", "flows"},
+    # The operators' status: counts of executions and deliveries per flow, destination.
+    "overview": {"executions", "deliveries", "flows"},
     "gauges": {"deliveries", "executions"},  # the metrics' open work
-    "search": {"deliveries", "executions", "flows", "logs", "messages"},
 }
 
 #: Modules that define tables and their DDL (no rows written).

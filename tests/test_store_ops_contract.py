@@ -189,6 +189,35 @@ class OpsContract(_Base):
         )
         self.assertEqual(count, 702)  # the repeated pid3 once
 
+    def test_schema_3_is_migrated(self) -> None:
+        """A version-3 database (audit without result and via, no keys) gets them."""
+        from sqlalchemy import update
+
+        from udsgateway.store import schema
+
+        self.tx(inbound.commit_inbound, [stored("M3", 1.0, accepted=False, flows=())])
+
+        def make_it_version_3(connection: Any) -> None:
+            connection.exec_driver_sql("DROP INDEX IF EXISTS audit_at")
+            connection.exec_driver_sql("ALTER TABLE audit DROP COLUMN result")
+            connection.exec_driver_sql("ALTER TABLE audit DROP COLUMN via")
+            connection.exec_driver_sql("DELETE FROM message_keys")
+            connection.exec_driver_sql(
+                "INSERT INTO audit (at, who, action, target, reason)"
+                " VALUES (1.0, 'ann', 'delivery.skip', 'delivery 1', 'old')"
+            )
+            connection.execute(
+                update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="3")
+            )
+
+        self.tx(make_it_version_3)
+        self.assertEqual(self.tx(ensure_schema), schema.SCHEMA_VERSION)
+        [entry] = self.tx(audit.entries)
+        self.assertEqual((entry.who, entry.result, entry.via), ("ann", "ok", "cli"))
+        found = self.tx(search.search, Query(keys=(("msh10", "M3"),)))
+        self.assertEqual([m.control_id for m in found], ["M3"])
+        self.assertEqual(len(self.tx(search.search, Query(status="rejected", tenant="t"))), 1)
+
 
 class SQLiteOpsTests(OpsContract, SynchronousTestCase):
     def setUp(self) -> None:
