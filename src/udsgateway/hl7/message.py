@@ -32,8 +32,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from attrs import frozen
-
 from udsgateway.hl7.header import Delimiters, codec_for
 from udsgateway.hl7.paths import ALL, Path, PathSyntaxError, parse_path
 
@@ -93,16 +91,30 @@ def split(value: str, delimiter: str) -> list[str]:
     return value.split(delimiter) if delimiter else [value]
 
 
-@frozen
 class Segment:
     """One segment: its wire text and its fields, ``fields[n]`` being field n.
 
     ``fields[0]`` is the segment ID. For MSH, ``fields[1]`` is the field separator and
     ``fields[2]`` the encoding characters, as HL7 numbers them.
+
+    Immutable by convention, compared and hashed by its text and fields. A plain class
+    (not attrs): compiled by mypyc, its attributes are C slots.
     """
 
-    text: str
-    fields: tuple[str, ...]
+    def __init__(self, text: str, fields: tuple[str, ...]) -> None:
+        self.text = text
+        self.fields = fields
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Segment):
+            return NotImplemented
+        return self.text == other.text and self.fields == other.fields
+
+    def __hash__(self) -> int:
+        return hash((self.text, self.fields))
+
+    def __repr__(self) -> str:
+        return f"Segment(text={self.text!r}, fields={self.fields!r})"
 
     @property
     def name(self) -> str:
