@@ -27,6 +27,21 @@ GATEWAY_PORT = 27675
 RECEIVER_PORT = 27676
 
 
+def _port_free(port: int) -> bool:
+    with contextlib.closing(socket.socket()) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
 def use_ports(gateway: int, receiver: int) -> None:
     """Run the scenarios on other ports (the smoke test in make test uses its own)."""
     global GATEWAY_PORT, RECEIVER_PORT
@@ -537,6 +552,9 @@ if __name__ == "__main__":  # pragma: no cover - manual runs
     quick = "--quick" in sys.argv
     if "--pure" in sys.argv:
         use_venv(PURE_VENV_BIN)
+    if not (_port_free(GATEWAY_PORT) and _port_free(RECEIVER_PORT)):
+        # Someone else's run holds the default ports: two free ones instead.
+        use_ports(_free_port(), _free_port())
     runner = {
         "relay": run_relay,
         "relay-ab": run_relay_ab,
