@@ -26,7 +26,7 @@ PURE_TESTS ?= tests.test_compiled tests.test_framing tests.test_header tests.tes
 	tests.test_batch tests.test_message tests.test_framed tests.test_listener \
 	tests.test_application_ack tests.test_templating tests.test_catalogue \
 	tests.test_listener_fuzz tests.integration.test_gateway_process \
-	tests.integration.test_flows_e2e
+	tests.integration.test_flows_e2e.FlowsEndToEndTests
 
 # Node peers for the integration tests (git-ignored): @medplum/hl7's client.
 NODE_PEERS := tests/peers/node
