@@ -53,8 +53,9 @@ install: $(STAMP) $(EXT_STAMP)
 
 pure-tree:
 	mkdir -p $(PURE_TREE)
-	rsync -a --delete --exclude '*.so' --exclude __pycache__ --exclude '*.egg-info' \
-		--exclude compiled-sources.json --exclude dropin.cache src/ $(PURE_TREE)/src/
+	$(PYTHON) -c "import shutil; shutil.copytree('src', '$(PURE_TREE)/src', \
+		dirs_exist_ok=True, ignore=shutil.ignore_patterns('*.so', '__pycache__', \
+		'*.egg-info', 'compiled-sources.json', 'dropin.cache'))"
 	cp setup.py setup.cfg pyproject.toml README.md $(PURE_TREE)/
 
 $(PURE_STAMP): setup.py setup.cfg pyproject.toml
