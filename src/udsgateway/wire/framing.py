@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import TypeAlias
 
 from attrs import define, frozen
+from mypy_extensions import mypyc_attr
 from zope.interface import classImplements
 
 # IFramer lives in a module of its own, not compiled: mypyc cannot build a zope
@@ -300,6 +301,8 @@ def _resync(
     return False
 
 
+# Python code may subclass it (a test wraps feed), which a compiled class must allow.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MLLPFramer:
     """Frames MLLP: ``0x0B`` + message + ``0x1C 0x0D``.
 
@@ -451,6 +454,8 @@ _BATCH_SPLITS = frozenset({b"\r" + _FHS, b"\n" + _FHS, b"\r" + _BHS, b"\n" + _BH
 _BATCH_NAMES = frozenset({_FHS, _BHS, b"BTS", b"FTS"})
 
 
+# Python code may subclass it (a test wraps feed), which a compiled class must allow.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PlainTCPFramer:
     """Frames HL7 sent over TCP without MLLP.
 
