@@ -8,16 +8,22 @@ beside a running gateway; the gateway notices flow changes within its
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from udsgateway import __version__
+from udsgateway.assembly import tenant_charset
+from udsgateway.cli.common import (
+    CommandError,
+    open_database,
+    print_table,
+    write_rows,
+)
 from udsgateway.cli.operate import add_operator_commands
 from udsgateway.config import ConfigError, GatewayConfig, load_config
 from udsgateway.flows import (
@@ -27,35 +33,20 @@ from udsgateway.flows import (
     read_app_file,
     write_app,
 )
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, codec_for, parse_header
-from udsgateway.hl7.message import MessageParseError, parse_message
 from udsgateway.mapping.catalogue import variable_catalogue
 from udsgateway.mapping.checks import template_problems
 from udsgateway.mapping.templating import (
-    ActionResponse,
     RenderError,
-    TemplateData,
     TemplateError,
     compile_template,
-    render_body,
 )
+from udsgateway.outbound.render import read_trigger, render_action, sender_bytes
 from udsgateway.peers.commands import add_peer_commands
-from udsgateway.store import messages as store
-from udsgateway.store.engine import (
-    Database,
-    InlineRunner,
-    SchemaError,
-    damage_before_command,
-    ensure_schema,
-    make_engine,
-)
 
 DEFAULT_CONFIG = "etc/udsgateway.toml"
-
-
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def listen_address(endpoint: str) -> tuple[str, str]:
@@ -70,28 +61,6 @@ def listen_address(endpoint: str) -> tuple[str, str]:
         elif index == 1 and part.isdigit():
             port = part
     return host, port
-
-
-def open_database(config: GatewayConfig) -> Database:
-    """The store, in this thread, schema checked; refused when its WAL is damaged.
-
-    Opening a database replays only the WAL frames before a bad checksum and
-    erases the rest at the next checkpoint: the evidence is kept for the
-    gateway's start, which reports it (``--accept-damaged-database``).
-    """
-    problems = damage_before_command(config.database, time.time())
-    if problems:
-        raise CommandError(
-            "the database cannot be trusted: "
-            + "; ".join(problems)
-            + " (see the gateway's --accept-damaged-database)"
-        )
-    database = Database(make_engine(config.database), InlineRunner())
-    try:
-        database.transaction_now(ensure_schema)
-    except SchemaError as error:
-        raise CommandError(str(error)) from None
-    return database
 
 
 def flow_table(config: GatewayConfig, apps: Sequence[App]) -> list[dict[str, str]]:
@@ -117,38 +86,6 @@ def flow_table(config: GatewayConfig, apps: Sequence[App]) -> list[dict[str, str
     return rows
 
 
-def write_rows(
-    rows: Sequence[dict[str, Any]],
-    out: TextIO,
-    as_json: bool,
-    columns: Sequence[str] = (),
-) -> None:
-    """Rows as JSON lines (``--json``), else as a text table (see `print_table`)."""
-    if as_json:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
-    else:
-        print_table(rows, out, columns)
-
-
-def print_table(rows: Sequence[dict[str, Any]], out: TextIO, columns: Sequence[str] = ()) -> None:
-    """Rows as an aligned text table with upper-case headings; None shows as "".
-
-    Without rows it prints the headings of ``columns`` (when given) and "(none)".
-    """
-    columns = list(rows[0]) if rows else list(columns)
-    if columns:
-        cells = [{c: "" if r[c] is None else str(r[c]) for c in columns} for r in rows]
-        widths = {c: max([len(c), *(len(r[c]) for r in cells)]) for c in columns}
-        heading = "  ".join(c.upper().replace("_", " ").ljust(widths[c]) for c in columns)
-        out.write(heading.rstrip() + "\n")
-    if not rows:
-        out.write("(none)\n")
-        return
-    for row in cells:
-        out.write("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
-
-
 def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
     problems: list[str] = []
     apps = []
@@ -167,7 +104,7 @@ def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextI
         raise CommandError("\n".join(problems))
     database = open_database(config)
     try:
-        saved = [database.transaction_now(store.save_app, app, time.time()) for app in apps]
+        saved = [database.transaction_now(save_app, app, time.time()) for app in apps]
     except ValueError as error:
         raise CommandError(str(error)) from None
     print_table(flow_table(config, saved), out)
@@ -176,7 +113,7 @@ def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextI
 
 def find_flow(config: GatewayConfig, flow_id: str) -> tuple[App, Flow]:
     """The app and flow of a Flow ID, from the store."""
-    for app in open_database(config).transaction_now(store.load_apps, None):
+    for app in open_database(config).transaction_now(load_apps, None):
         for flow in app.flows:
             if flow.flow_id == flow_id:
                 return app, flow
@@ -219,71 +156,83 @@ def read_responses(specs: Sequence[str], flow: Flow, step: int) -> dict[str, byt
 
 
 def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    app, flow = find_flow(config, args.flow_id)
-    chosen = [
-        (step, action)
-        for step, action in enumerate(flow.actions)
-        if action.name == args.action or str(step) == args.action
-    ]
-    if not chosen:
-        names = ", ".join(a.name for a in flow.actions) or "none"
-        raise CommandError(f"flow {args.flow_id} has no action {args.action!r} (actions: {names})")
-    step, action = chosen[0]
-    fakes = read_responses(args.response or (), flow, step)
-    tenant = next((t for t in config.tenants if t.name == app.tenant), None)
-    # The tenant's codec for messages without MSH-18, as the running gateway uses.
-    charset = codec_for(tenant.default_charset, "latin-1") if tenant else None
-    charset = charset or "latin-1"
-    try:
-        # The sample is text already (TOML); a message file is bytes, decoded as the
-        # gateway decodes what a sender sends: MSH-18, else the tenant's charset.
-        message: str | bytes = (
-            Path(args.message).read_bytes() if args.message else flow.trigger.sample
-        )
-    except OSError as error:
-        raise CommandError(f"cannot read {args.message}: {error.strerror or error}") from None
-    try:
-        responses = tuple(
-            ActionResponse(
-                earlier.name,
-                parse_message(fakes[earlier.name], default_charset="latin-1")
-                if earlier.name in fakes
-                else None,
-            )
-            for earlier in flow.actions[:step]
-        )
-        template = compile_template(action.template)
-        body = render_body(
-            template,
-            TemplateData(
-                parse_message(message, default_charset=charset),
-                responses,
-                dict(app.variables),
-            ),
-            message_type=action.message_type,
-            now=lambda: datetime.now(UTC),
-            new_control_id=ControlIdSource.for_boot(time.time()).next,
-            default_charset=charset,
-        )
-    except (TemplateError, RenderError, MessageParseError) as error:
-        raise CommandError(f"action {action.name}: {error}") from None
-    parsed = parse_header(body, default_charset=charset)
-    header = parsed.header if isinstance(parsed, HeaderProblem) else parsed
-    body_charset = codec_for(header.charset, charset) if header is not None else None
-    text = body.decode(body_charset or charset, "backslashreplace")
-    out.write(text.replace("\r", "\n"))
+    body, charset = render_flow_action(
+        config, args.flow_id, args.action, args.message, args.response or ()
+    )
+    out.write(rendered_text(body, charset).replace("\r", "\n"))
     return 0
 
 
+def render_flow_action(
+    config: GatewayConfig,
+    flow_id: str,
+    action_name: str,
+    message_path: str | None,
+    response_specs: Sequence[str],
+) -> tuple[bytes, str]:
+    """What ``flows render`` renders: the action's bytes, as the gateway would send
+    them, and the tenant's charset (to print them). CommandError when it cannot."""
+    app, flow = find_flow(config, flow_id)
+    chosen = [
+        (step, action)
+        for step, action in enumerate(flow.actions)
+        if action.name == action_name or str(step) == action_name
+    ]
+    if not chosen:
+        names = ", ".join(a.name for a in flow.actions) or "none"
+        raise CommandError(f"flow {flow_id} has no action {action_name!r} (actions: {names})")
+    step, action = chosen[0]
+    fakes = read_responses(response_specs, flow, step)
+    tenant = next((t for t in config.tenants if t.name == app.tenant), None)
+    # The tenant's codec for messages without MSH-18, as the running gateway uses.
+    charset = tenant_charset(tenant) if tenant is not None else "latin-1"
+    try:
+        # A message file is the bytes a sender sends; the sample is text (TOML),
+        # encoded as a sender would send it (its MSH-18, else the tenant's charset).
+        # Either is then read exactly as the gateway reads what it receives.
+        if message_path:
+            raw = Path(message_path).read_bytes()
+        else:
+            raw = sender_bytes(flow.trigger.sample, charset)
+    except OSError as error:
+        raise CommandError(f"cannot read {message_path}: {error.strerror or error}") from None
+    except RenderError as error:
+        raise CommandError(f"the flow's sample: {error}") from None
+    try:
+        body = render_action(
+            app,
+            flow,
+            step,
+            compile_template(action.template),
+            read_trigger(raw, charset),
+            raw,
+            [fakes.get(earlier.name) for earlier in flow.actions[:step]],
+            charset=charset,
+            now=lambda: datetime.now(UTC),
+            new_control_id=ControlIdSource.for_boot(time.time()).next,
+        )
+    except (TemplateError, RenderError) as error:
+        raise CommandError(f"action {action.name}: {error}") from None
+    return body, charset
+
+
+def rendered_text(body: bytes, charset: str) -> str:
+    """A rendered body as text, decoded as it was encoded (its MSH-18, else ``charset``)."""
+    parsed = parse_header(body, default_charset=charset)
+    header = parsed.header if isinstance(parsed, HeaderProblem) else parsed
+    body_charset = codec_for(header.charset, charset) if header is not None else None
+    return body.decode(body_charset or charset, "backslashreplace")
+
+
 def cmd_flows_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    apps = open_database(config).transaction_now(store.load_apps, args.tenant)
+    apps = open_database(config).transaction_now(load_apps, args.tenant)
     rows = flow_table(config, apps)
     write_rows(rows, out, args.json)
     return 0
 
 
 def cmd_flows_export(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    apps = open_database(config).transaction_now(store.load_apps, None)
+    apps = open_database(config).transaction_now(load_apps, None)
     chosen = [app for app in apps if app.app_id == args.app_id]
     if not chosen:
         raise CommandError(f"no app with App ID {args.app_id!r} (see `udsgateway flows list`)")
