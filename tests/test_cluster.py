@@ -23,6 +23,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.test_store_contract import POSTGRES_URL
 from udsgateway.cluster.leases import LeaseManager, _ranges, even_share
+from udsgateway.cluster.notify import NotifyListener
 from udsgateway.store import leases as store
 from udsgateway.store.engine import Database, InlineRunner, make_engine
 
@@ -260,6 +261,13 @@ class LeaseContract(_Base):
         self.assertEqual(len(later.owned), BUCKETS)
 
 
+class Inline:
+    """``callFromThread`` that calls at once (the test's callbacks are thread-safe)."""
+
+    def callFromThread(self, function: Callable[..., Any], *args: Any) -> None:
+        function(*args)
+
+
 class Failing:
     """A database whose every transaction fails (PostgreSQL unreachable)."""
 
@@ -307,6 +315,32 @@ class PostgreSQLLeaseTests(LeaseContract, SynchronousTestCase):
         )
         self.engines.append(engine)
         return engine
+
+    def test_notify_wakes_the_other_node_at_once(self) -> None:
+        """A clean stop announces itself (NOTIFY); the other node's listener hears it
+        and its round runs at once, taking the buckets without waiting for its timer."""
+        tag = uuid.uuid4().hex[:8]
+        a, b = self.manager(f"a{tag}"), self.manager(f"b{tag}")
+        a.tick()
+        b.tick()
+        heard: list[str] = []
+        left = threading.Event()
+
+        def on_notify(payload: str) -> None:
+            heard.append(payload)
+            if payload == f"left a{tag}":
+                left.set()
+
+        listener = NotifyListener(self.new_engine(), Inline(), on_notify)  # type: ignore[arg-type]
+        listener.start()
+        self.addCleanup(listener.stop)
+        self.assertTrue(listener.listening.wait(10))
+        self.assertEqual(len(b.owned), 4)
+        a.stopService()
+        self.assertTrue(left.wait(10), heard)
+        b.poke(f"left a{tag}")  # what the service's callback does, in the reactor
+        self.clock.advance(0)  # the poke's round, well before the next renewal
+        self.assertEqual(len(b.owned), BUCKETS)
 
     def test_racing_rounds_never_share_a_bucket(self) -> None:
         """Three nodes run rounds at the same time in three threads, giving buckets
