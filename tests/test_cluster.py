@@ -10,6 +10,8 @@ go up by one per bucket and no lease began before the previous one ended.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import threading
 import uuid
@@ -22,7 +24,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.test_store_contract import POSTGRES_URL
-from udsgateway.cluster.leases import LeaseManager, _ranges, even_share
+from udsgateway.cli.main import main
+from udsgateway.cluster.leases import LeaseManager, even_share, ranges
 from udsgateway.cluster.notify import NotifyListener
 from udsgateway.store import leases as store
 from udsgateway.store.engine import Database, InlineRunner, make_engine
@@ -57,8 +60,8 @@ class PureTests(SynchronousTestCase):
         self.assertEqual(share([], "a", 64, {}), (64, 64))  # a node not yet live counts itself
 
     def test_ranges(self) -> None:
-        self.assertEqual(_ranges([0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10")
-        self.assertEqual(_ranges([]), "")
+        self.assertEqual(ranges([0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10")
+        self.assertEqual(ranges([]), "")
 
 
 if TYPE_CHECKING:
@@ -282,6 +285,45 @@ class SQLiteLeaseTests(LeaseContract, SynchronousTestCase):
         if not hasattr(self, "path"):
             self.path = f"{os.path.abspath(self.mktemp())}.db"
         return make_engine(f"sqlite:///{self.path}")
+
+    def status(self, *options: str) -> str:
+        config = os.path.abspath(self.mktemp()) + ".toml"
+        with open(config, "w", encoding="utf-8") as file:
+            file.write(f'[gateway]\ndatabase = "sqlite:///{self.path}"\n')
+        out = io.StringIO()
+        self.assertEqual(main(["--config", config, "cluster", "status", *options], out), 0)
+        return out.getvalue()
+
+    def test_status_command(self) -> None:
+        """``udsgateway cluster status``: live and stopped nodes, buckets per node as
+        ranges, heartbeat ages; ``--buckets`` each lease's owner, epoch and expiry."""
+        a, b = self.manager("a"), self.manager("b")
+        a.tick()
+        b.tick()
+        c = self.manager("c")
+        c.stopService()
+        text = self.status()
+        lines = text.splitlines()
+        self.assertRegex(lines[0], r"^2 of 3 nodes live, 8 buckets, 0 without a valid lease;")
+        self.assertEqual(
+            lines[2].split(), ["NODE", "STATE", "BUCKETS", "HELD", "HEARTBEAT", "JOINED"]
+        )
+        self.assertEqual(lines[3].split()[:4], ["a", "live", "4", "0-3"])
+        self.assertEqual(lines[4].split()[:4], ["b", "live", "4", "4-7"])
+        self.assertEqual(lines[5].split()[:3], ["c", "stopped", "0"])
+        rows = [json.loads(line) for line in self.status("--buckets", "--json").splitlines()]
+        self.assertEqual([row["owner"] for row in rows], ["a"] * 4 + ["b"] * 4)
+        self.assertEqual([row["epoch"] for row in rows], [1] * 4 + [2] * 4)
+        self.assertTrue(all(5.0 < float(row["expires_in"][:-1]) <= 15.0 for row in rows))
+        b.stopService()
+        self.assertIn("1 of 3 nodes live, 8 buckets, 4 without a valid lease (4-7)", self.status())
+
+    def test_status_of_a_single_gateway_database(self) -> None:
+        """A database no node ever ran on in cluster mode says so."""
+        self.path = f"{os.path.abspath(self.mktemp())}.db"
+        self.assertEqual(
+            self.status(), "not a cluster database: no node ever ran in cluster mode on it\n"
+        )
 
 
 class PostgreSQLLeaseTests(LeaseContract, SynchronousTestCase):

@@ -226,7 +226,7 @@ class LeaseManager(Service):
             log.info(
                 "buckets taken: {count} ({buckets}), {held} held",
                 count=len(gained),
-                buckets=_ranges(sorted(gained)),
+                buckets=ranges(sorted(gained)),
                 held=len(self.owned),
             )
             self.on_gained(gained)
@@ -260,7 +260,7 @@ class LeaseManager(Service):
             self.on_lost(sorted(gone))
 
 
-def _ranges(numbers: Sequence[int]) -> str:
+def ranges(numbers: Sequence[int]) -> str:
     """``0-3,7,9-10``: a short text for a set of bucket numbers."""
     parts: list[str] = []
     start = previous = None

@@ -63,6 +63,7 @@ nodes = Table(
     Column("started_at", Float, nullable=False, comment="database time it joined, epoch s"),
     Column("seen_at", Float, nullable=False, comment="database time of its last heartbeat"),
     Column("stopped", Boolean, nullable=False, default=False, comment="left cleanly"),
+    Column("lease_time", Float, nullable=False, default=0.0, comment="its lease time, s"),
 )
 
 buckets = Table(
@@ -209,7 +210,12 @@ def _heartbeat(connection: Connection, node: str, instance: str, now: float, lea
     if row is None:
         connection.execute(
             nodes.insert().values(
-                name=node, instance=instance, started_at=now, seen_at=now, stopped=False
+                name=node,
+                instance=instance,
+                started_at=now,
+                seen_at=now,
+                stopped=False,
+                lease_time=lease,
             )
         )
         return True
@@ -219,7 +225,7 @@ def _heartbeat(connection: Connection, node: str, instance: str, now: float, lea
             f"node name {node!r} is in use by another running gateway "
             f"(last heartbeat {now - seen_at:.1f} s ago)"
         )
-    values: dict[str, object] = {"seen_at": now}
+    values: dict[str, object] = {"seen_at": now, "lease_time": lease}
     if other != instance or stopped:
         values.update(instance=instance, started_at=now, stopped=False)
     connection.execute(nodes.update().where(nodes.c.name == node).values(**values))
@@ -348,6 +354,13 @@ class NodeStatus:
     seen_at: float
     stopped: bool
     buckets: int
+    lease_time: float
+
+    def state(self, now: float) -> str:
+        """live (heartbeat within its lease time), stopped (left cleanly), or silent."""
+        if self.stopped:
+            return "stopped"
+        return "live" if self.seen_at > now - self.lease_time else "silent"
 
 
 @frozen
@@ -392,11 +405,17 @@ def cluster_status(connection: Connection) -> ClusterStatus | None:
         if lease.owner is not None and lease.expires_at > now:
             counts[lease.owner] = counts.get(lease.owner, 0) + 1
     members = tuple(
-        NodeStatus(name, float(started), float(seen), bool(stopped), counts.get(name, 0))
-        for name, started, seen, stopped in connection.execute(
-            select(nodes.c.name, nodes.c.started_at, nodes.c.seen_at, nodes.c.stopped).order_by(
-                nodes.c.name
-            )
+        NodeStatus(
+            name, float(started), float(seen), bool(stopped), counts.get(name, 0), float(lease)
+        )
+        for name, started, seen, stopped, lease in connection.execute(
+            select(
+                nodes.c.name,
+                nodes.c.started_at,
+                nodes.c.seen_at,
+                nodes.c.stopped,
+                nodes.c.lease_time,
+            ).order_by(nodes.c.name)
         )
     )
     return ClusterStatus(now, members, leases)
