@@ -5,9 +5,11 @@ number of buckets (``bucket_of``); each bucket is leased to at most one node at
 a time. A lease row holds its owner, an epoch (the fencing token, bumped by
 every takeover) and an expiry on the **database's** clock, so that the nodes'
 own clocks never decide who owns what. Every function here runs inside one
-transaction (``Database.transaction``), reads the database's time once at its
-start (PostgreSQL's ``now()`` is the transaction's start time) and uses that
-time for every comparison and every expiry it writes.
+transaction (``Database.transaction``) and reads the database's time
+(PostgreSQL's ``clock_timestamp()``, not ``now()``, which is the transaction's
+start) at its start; a takeover reads it again once it holds the rows it takes,
+so that a bucket released by a transaction that committed meanwhile is taken
+at a time after its release.
 
 Takeovers are serialised by the database: ``take`` locks the free rows it
 picks (``FOR UPDATE SKIP LOCKED`` on PostgreSQL) and its UPDATE re-checks that
@@ -117,10 +119,10 @@ def ensure_cluster_schema(connection: Connection, count: int = DEFAULT_BUCKETS) 
 
 
 def database_now(connection: Connection) -> float:
-    """The database's clock, in epoch seconds (PostgreSQL: the transaction's start)."""
+    """The database's clock now, in epoch seconds (not the transaction's start)."""
     if connection.dialect.name == "postgresql":
         value = connection.exec_driver_sql(
-            "SELECT CAST(extract(epoch FROM now()) AS double precision)"
+            "SELECT CAST(extract(epoch FROM clock_timestamp()) AS double precision)"
         ).scalar_one()
     else:
         value = connection.exec_driver_sql(
@@ -266,6 +268,10 @@ def _take(
     candidates = list(connection.execute(query).scalars())
     if not candidates:
         return {}
+    # Now that the rows are locked: a release that committed while this transaction
+    # ran must not look as if it ended after this takeover began.
+    now = database_now(connection)
+    free = or_(buckets.c.owner.is_(None), buckets.c.expires_at <= now)
     rows = connection.execute(
         buckets.update()
         .where(buckets.c.bucket.in_(candidates), free)
