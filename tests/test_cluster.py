@@ -25,6 +25,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.test_store_contract import POSTGRES_URL
 from udsgateway.cli.main import main
+from udsgateway.cluster.fence import BucketFence, FencedError, Token
 from udsgateway.cluster.leases import LeaseManager, even_share, ranges
 from udsgateway.cluster.notify import NotifyListener
 from udsgateway.store import leases as store
@@ -250,6 +251,34 @@ class LeaseContract(_Base):
         a.tick()
         self.assertEqual(gained, [dict.fromkeys(range(BUCKETS), 1)])
 
+    def test_fence_tokens(self) -> None:
+        """A lane's token is its bucket and the epoch held; after a takeover the old
+        token fails the check inside a transaction (rolled back, counted), and the old
+        owner's own clock had already made it stop sending."""
+        a = self.manager("a")
+        fence = BucketFence(a)
+        lane = "lab:127.0.0.1:7001"
+        bucket = store.bucket_of(lane, BUCKETS)
+        token = fence.token(lane)
+        self.assertEqual(token, Token(bucket, 1))
+        self.assertTrue(fence.may_send(token))
+        self.run_sql(fence.check, token)  # passes: no exception
+        lanes = [f"lane{n}" for n in range(40)]
+        inside = fence.lanes_in([bucket], lanes)
+        self.assertTrue(inside)
+        self.assertEqual(inside, [x for x in lanes if store.bucket_of(x, BUCKETS) == bucket])
+        a._loop.stop()  # a stalls
+        self.age("a", LEASE)
+        b = self.manager("b")
+        self.assertEqual(b.owned[bucket].epoch, 2)
+        with self.assertRaises(FencedError):
+            self.run_sql(fence.check, token)
+        self.assertEqual(fence.rejected, 1)
+        self.clock.advance(LEASE - a.margin)
+        self.assertFalse(fence.may_send(token))
+        self.assertIsNone(fence.token(lane))
+        self.assertEqual(BucketFence(b).token(lane), Token(bucket, 2))
+
     def test_node_name_in_use(self) -> None:
         """A second process under the name of a live node is refused; after a clean stop
         of the first the name is free again."""
@@ -383,6 +412,33 @@ class PostgreSQLLeaseTests(LeaseContract, SynchronousTestCase):
         b.poke(f"left a{tag}")  # what the service's callback does, in the reactor
         self.clock.advance(0)  # the poke's round, well before the next renewal
         self.assertEqual(len(b.owned), BUCKETS)
+
+    def test_fenced_transaction_holds_off_a_takeover(self) -> None:
+        """While a fenced transaction (a claim, an outcome) is in flight, its lease row
+        is share-locked: the takeover's UPDATE cannot run until it ends."""
+        from sqlalchemy.exc import OperationalError
+
+        a = self.manager("a")
+        fence = BucketFence(a)
+        token = fence.token("lane")
+        assert isinstance(token, Token)
+        engine = self.new_engine()
+        with engine.connect() as in_flight:
+            fence.check(in_flight, token)  # the transaction stays open
+            with engine.connect() as other, self.assertRaises(OperationalError) as raised:
+                other.execute(text("SET LOCAL lock_timeout = '200ms'"))
+                other.execute(
+                    text("UPDATE cluster_buckets SET epoch = epoch + 1 WHERE bucket = :b"),
+                    {"b": token.bucket},
+                )
+            self.assertIn("lock timeout", str(raised.exception))
+            in_flight.rollback()
+        with engine.begin() as other:  # once it ended, the row can be taken
+            other.execute(text("SET LOCAL lock_timeout = '200ms'"))
+            other.execute(
+                text("UPDATE cluster_buckets SET owner = NULL WHERE bucket = :b"),
+                {"b": token.bucket},
+            )
 
     def test_racing_rounds_never_share_a_bucket(self) -> None:
         """Three nodes run rounds at the same time in three threads, giving buckets
