@@ -91,6 +91,9 @@ history = Table(
     Index("cluster_lease_history_bucket_epoch", "bucket", "epoch", unique=True),
 )
 
+#: The advisory lock under which the cluster tables are created ("udsc").
+SCHEMA_LOCK_KEY = 0x75647363
+
 #: Buckets a new cluster database gets (``[cluster].buckets``); fixed afterwards.
 DEFAULT_BUCKETS = 64
 
@@ -107,7 +110,13 @@ def bucket_of(lane: str, count: int) -> int:
 
 def ensure_cluster_schema(connection: Connection, count: int = DEFAULT_BUCKETS) -> int:
     """Create the cluster tables and ``count`` buckets on first use; return the number
-    of buckets the database has (the first node's ``count`` wins, for good)."""
+    of buckets the database has (the first node's ``count`` wins, for good).
+
+    Nodes starting together would race to create the tables: on PostgreSQL a
+    transaction-level advisory lock makes them take turns.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
     cluster_metadata.create_all(connection)
     existing = connection.execute(select(func.count()).select_from(buckets)).scalar_one()
     if existing:
