@@ -25,9 +25,10 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.test_store_contract import POSTGRES_URL
 from udsgateway.cli.main import main
-from udsgateway.cluster.fence import BucketFence, FencedError, Token
+from udsgateway.cluster.fence import BucketFence, Token
 from udsgateway.cluster.leases import LeaseManager, even_share, ranges
 from udsgateway.cluster.notify import NotifyListener
+from udsgateway.interfaces import FencedError
 from udsgateway.store import leases as store
 from udsgateway.store.engine import Database, InlineRunner, make_engine
 

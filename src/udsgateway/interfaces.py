@@ -55,6 +55,11 @@ class IDeliveryOutcomes(Interface):
         """In the reactor, after the commit, with what ``after_record`` returned."""
 
 
+class FencedError(Exception):
+    """This node no longer holds a lane's bucket at the token's epoch: nothing is sent
+    or recorded for the lane here any more (another node has it, or will)."""
+
+
 class ILaneFence(Interface):
     """What the delivery engine asks before sending for a lane, when several nodes share
     the database (``udsgateway.cluster.fence``); a single gateway's fence always allows."""

@@ -8,8 +8,8 @@ and ``check(connection, token)`` runs inside the claim's and the outcome's
 transactions: the lease row is read ``FOR SHARE`` (``store.leases.holds``), so
 a takeover waits for (skips) the bucket while such a transaction is in
 flight, and a transaction that runs after a takeover sees the new epoch and
-is rolled back (``FencedError``): a node that lost a bucket can neither claim nor
-record for its lanes.
+is refused (``udsgateway.interfaces.FencedError``): a node that lost a bucket
+can neither claim nor record for its lanes.
 
 ``SingleNode`` is the fence of a gateway alone on its database (SQLite, or
 PostgreSQL without cluster mode): every lane is its own, always.
@@ -24,12 +24,8 @@ from sqlalchemy import Connection
 from zope.interface import implementer
 
 from udsgateway.cluster.leases import LeaseManager
-from udsgateway.interfaces import ILaneFence
+from udsgateway.interfaces import FencedError, ILaneFence
 from udsgateway.store.leases import bucket_of, holds
-
-
-class FencedError(Exception):
-    """This node no longer holds the lane's bucket at the token's epoch: roll back."""
 
 
 @frozen
