@@ -11,6 +11,7 @@ import argparse
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
+from udsgateway.cli.common import open_database, write_rows
 from udsgateway.cluster.leases import ranges
 from udsgateway.store import leases
 
@@ -70,8 +71,6 @@ def bucket_rows(status: leases.ClusterStatus) -> list[dict[str, Any]]:
 
 
 def cmd_cluster_status(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli.main import open_database, write_rows
-
     status = open_database(config).transaction_now(leases.cluster_status)
     if status is None:
         out.write("not a cluster database: no node ever ran in cluster mode on it\n")

@@ -32,7 +32,7 @@ from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import Timing
 from udsgateway.store import outbox
 from udsgateway.store.engine import Database, GroupCommitter
-from udsgateway.store.outbox import Delivery, Settlement
+from udsgateway.store.records import Delivery, Settlement
 
 log = Logger()
 

@@ -24,7 +24,7 @@ from udsgateway.interfaces import FencedError
 from udsgateway.outbound.destination import Destination
 from udsgateway.outbound.errors import ConnectError, DeliveryError, StaleConnectionError
 from udsgateway.outbound.policy import Timing, judge
-from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
+from udsgateway.store.records import DELIVERED, HELD, QUEUED, Delivery, Settlement
 
 log = Logger()
 

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from attrs import define, field, frozen
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from udsgateway.store import schema
+from udsgateway.store import meta, schema
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -113,15 +113,10 @@ def make_engine(url: str) -> Engine:
 def ensure_schema(connection: Connection) -> int:
     """Create the tables on an empty database, or migrate an older one; return the version."""
     schema.metadata.create_all(connection)
-    row = connection.execute(
-        select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
-    ).first()
-    if row is None:
-        connection.execute(
-            schema.meta.insert().values(key="schema_version", value=str(schema.SCHEMA_VERSION))
-        )
+    version = meta.schema_version(connection)
+    if version is None:
+        meta.set_schema_version(connection, schema.SCHEMA_VERSION)
         return schema.SCHEMA_VERSION
-    version = int(row[0])
     if version > schema.SCHEMA_VERSION:
         raise SchemaError(
             f"database schema {version} is newer than this udsgateway ({schema.SCHEMA_VERSION})"
@@ -129,11 +124,7 @@ def ensure_schema(connection: Connection) -> int:
     while version < schema.SCHEMA_VERSION:
         schema.MIGRATIONS[version](connection)
         version += 1
-        connection.execute(
-            schema.meta.update()
-            .where(schema.meta.c.key == "schema_version")
-            .values(value=str(version))
-        )
+        meta.set_schema_version(connection, version)
     return version
 
 
