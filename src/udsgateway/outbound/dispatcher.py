@@ -150,6 +150,8 @@ class Dispatcher(Service):
         """
         try:
             self.queued = await self.database.transaction(outbox.queued_per_destination)
+            if not self._started:
+                return  # stopped meanwhile: the database thread may be gone already
             # A scan even when every lane slot is taken: running lanes learn of
             # operators' actions behind them (a replay, a skipped head).
             await self._scan()
