@@ -18,6 +18,7 @@ from typing import TextIO
 
 from udsgateway import __version__
 from udsgateway.assembly import tenant_charset
+from udsgateway.cli.cluster import add_cluster_commands
 from udsgateway.cli.common import (
     CommandError,
     open_database,
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_flows_render)
     add_operator_commands(commands)
+    add_cluster_commands(commands)
     add_peer_commands(commands)
     _accept_config_anywhere(parser)
     return parser
