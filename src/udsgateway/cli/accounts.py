@@ -24,13 +24,13 @@ if TYPE_CHECKING:
 
 
 def _open(config: GatewayConfig) -> Any:
-    from udsgateway.cli.main import open_database
+    from udsgateway.cli.common import open_database
 
     return open_database(config)
 
 
 def _error(message: str) -> Exception:
-    from udsgateway.cli.main import CommandError
+    from udsgateway.cli.common import CommandError
 
     return CommandError(message)
 
