@@ -37,6 +37,9 @@ node-peers: $(NODE_STAMP)
 
 run: $(STAMP)
 	mkdir -p var
+	@# First run: a demo admin user for the admin API, its password printed once.
+	$(BIN)/udsgateway --config $(CONFIG) users add demo --role admin --view-content \
+		--generate-password --if-missing --who "make run"
 	$(BIN)/twistd --nodaemon --pidfile= udsgateway --config $(CONFIG)
 
 # Trial runs its tests in JOBS worker processes. Each Python process started

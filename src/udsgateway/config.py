@@ -118,6 +118,26 @@ class ManholeConfig:
 
 
 @frozen
+class AdminConfig:
+    """The admin HTTP service (docs/api.md); off by default."""
+
+    enabled: bool = False
+    listen: str = "tcp:port=8080:interface=127.0.0.1"
+    tls: ListenerTLS = field(factory=ListenerTLS)
+    #: Largest request body read, in bytes (413 past it).
+    max_body_size: int = 1 * MIB
+    #: Seconds a console session lives without a request.
+    session_timeout: float = 1800.0
+    #: Failed logins of one user name, or from one address, before a lockout.
+    lockout_failures: int = 5
+    #: Seconds a locked-out user name or address waits.
+    lockout_seconds: float = 900.0
+    #: Seconds between refreshes of the database-derived metrics and of the
+    #: token list used to refuse unknown callers before their body is read.
+    refresh_interval: float = 5.0
+
+
+@frozen
 class DeliveryConfig:
     """The outbound delivery engine (docs/delivery.md)."""
 
@@ -149,6 +169,7 @@ class GatewayConfig:
     database_check_interval: float = 2.0
     tenants: tuple[TenantConfig, ...] = ()
     manhole: ManholeConfig = field(factory=ManholeConfig)
+    admin: AdminConfig = field(factory=AdminConfig)
     delivery: DeliveryConfig = field(factory=DeliveryConfig)
     retention: RetentionConfig = field(factory=RetentionConfig)
 
@@ -314,6 +335,45 @@ def _read_manhole(reader: TableReader, table: dict[str, Any], base_dir: Path) ->
     return config
 
 
+_ADMIN_KEYS = {a.name for a in AdminConfig.__attrs_attrs__}
+
+
+def _read_admin(reader: TableReader, table: dict[str, Any], base_dir: Path) -> AdminConfig:
+    reader.unknown(table, _ADMIN_KEYS)
+    base = AdminConfig()
+    with reader.section("tls"):
+        tls = _read_tls(reader, reader.get(table, "tls", dict, {}), base_dir)
+        if tls.client_ca:
+            reader.problem("client_ca", "not used by the admin service (users log in)")
+    config = AdminConfig(
+        enabled=reader.get(table, "enabled", bool, False),
+        listen=reader.get(table, "listen", str, base.listen),
+        tls=tls,
+        max_body_size=reader.get(table, "max_body_size", int, base.max_body_size, _positive),
+        session_timeout=float(
+            reader.get(table, "session_timeout", (int, float), base.session_timeout, _positive)
+        ),
+        lockout_failures=reader.get(
+            table, "lockout_failures", int, base.lockout_failures, _positive
+        ),
+        lockout_seconds=float(
+            reader.get(table, "lockout_seconds", (int, float), base.lockout_seconds, _positive)
+        ),
+        refresh_interval=float(
+            reader.get(table, "refresh_interval", (int, float), base.refresh_interval, _positive)
+        ),
+    )
+    if config.enabled and not config.tls.enabled:
+        problem = loopback_endpoint_problem(config.listen)
+        if problem:
+            reader.problem(
+                "listen",
+                "the admin service listens beyond loopback only with TLS "
+                f"([admin.tls] enabled): {problem}",
+            )
+    return config
+
+
 def _tcp_bind(port: str, interface: str = "", backlog: str = "50") -> str:
     return interface
 
@@ -394,7 +454,7 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
         raise ConfigError([f"{filename}: not valid TOML: {error}"]) from None
     reader = TableReader(filename)
     base_dir = Path(filename).resolve().parent
-    reader.unknown(document, {"gateway", "tenants", "manhole", "delivery", "retention"})
+    reader.unknown(document, {"gateway", "tenants", "manhole", "admin", "delivery", "retention"})
 
     with reader.section("gateway"):
         gateway = reader.get(document, "gateway", dict, {})
@@ -431,6 +491,9 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
 
     with reader.section("manhole"):
         manhole = _read_manhole(reader, reader.get(document, "manhole", dict, {}), base_dir)
+
+    with reader.section("admin"):
+        admin = _read_admin(reader, reader.get(document, "admin", dict, {}), base_dir)
 
     with reader.section("delivery"):
         delivery_table = reader.get(document, "delivery", dict, {})
@@ -475,6 +538,7 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
         database_check_interval=float(check_interval),
         tenants=tuple(tenants),
         manhole=manhole,
+        admin=admin,
     )
 
 

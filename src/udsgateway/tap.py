@@ -107,6 +107,10 @@ def makeService(options: Options) -> IService:
     _install_crash_points(service)
     if config.manhole.enabled:
         manhole_service(config.manhole, service, reactor).setServiceParent(service)
+    if config.admin.enabled:
+        from udsgateway.admin.service import admin_service
+
+        admin_service(config.admin, service, reactor).setServiceParent(service)
     return service
 
 

@@ -186,6 +186,33 @@ audit = Table(
     Column("reason", String(255), nullable=False, default="", comment="why they said"),
 )
 
+# The admin service's users and API tokens. New tables need no migration step:
+# ensure_schema's create_all makes them on an older database too.
+users = Table(
+    "users",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="creation order"),
+    Column("name", String(64), nullable=False, unique=True, comment="login name"),
+    Column("password_hash", String(255), nullable=False, comment="scrypt, never the password"),
+    Column("role", String(16), nullable=False, comment="viewer, operator or admin"),
+    Column("view_content", Boolean, nullable=False, comment="may view message content"),
+    Column("disabled", Boolean, nullable=False, comment="disabled users cannot log in"),
+    Column("created_at", Float, nullable=False, comment="epoch seconds"),
+    Column("updated_at", Float, nullable=False, comment="epoch seconds"),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True, comment="creation order"),
+    Column("user_id", Id, ForeignKey("users.id"), nullable=False, comment="whose token"),
+    Column("label", String(64), nullable=False, default="", comment="what it is for"),
+    Column("digest", String(64), nullable=False, unique=True, comment="SHA-256 of the token"),
+    Column("prefix", String(16), nullable=False, comment="its first characters, to tell apart"),
+    Column("created_at", Float, nullable=False, comment="epoch seconds"),
+    Column("revoked_at", Float, nullable=True, comment="epoch seconds; NULL while usable"),
+)
+
 
 def index(table: Table, name: str) -> Index:
     """One of a table's indexes, by name."""

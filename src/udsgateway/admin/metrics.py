@@ -1,0 +1,232 @@
+"""``/metrics``: the gateway's counters in the Prometheus text format (``udsgw_*``).
+
+The collector reads the counters the gateway keeps anyway (each listener's
+``ListenerStats`` and ``IngestStats``, the executor's and the dispatcher's)
+at scrape time: nothing is added to the path of a message. Gauges that need
+the database (open deliveries per destination and state, the oldest pending
+age, open executions per flow) come from a snapshot that the admin service's
+timer takes in the database thread (``Metrics.refresh``); a scrape never
+queries the database.
+
+Label values are only operator-named identifiers (listener = tenant name,
+flow = Flow ID, destination = the destination's endpoint as configured in a
+flow) and fixed enums (``LABEL_ENUMS``); a value from a message (a control
+ID, a lane key, any field) never becomes a label.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import Connection, func, select
+
+from udsgateway.store import schema
+
+#: ACK codes (MSA-1) counted; anything else is counted as "other".
+ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
+#: HL7 table 0357 error codes the gateway answers with.
+ERROR_CODES = (
+    "0",
+    "100",
+    "101",
+    "102",
+    "103",
+    "200",
+    "201",
+    "202",
+    "203",
+    "204",
+    "205",
+    "206",
+    "207",
+)
+#: Every label whose values come from a fixed list, with that list.
+LABEL_ENUMS: dict[str, tuple[str, ...]] = {
+    "outcome": ("stored", "duplicate", "unreadable", "rendered", "failed", "held"),
+    "code": (*ACK_CODES, *ERROR_CODES, "other"),
+    "state": ("queued", "held", "pending", "waiting"),
+    "framing": ("mllp", "tcp"),
+}
+#: Labels whose values are operator-named identifiers.
+IDENTIFIER_LABELS = ("listener", "flow", "destination")
+
+
+def database_gauges(connection: Connection) -> dict[str, Any]:
+    """Open deliveries and executions, counted in the database (the timer's query)."""
+    d = schema.deliveries.c
+    deliveries = [
+        (row[0], row[1], int(row[2]), float(row[3] or 0.0))
+        for row in connection.execute(
+            select(
+                d.destination,
+                d.state,
+                func.count().label("count"),
+                func.min(d.created_at).label("oldest"),
+            )
+            .where(d.state.in_(("queued", "held")))
+            .group_by(d.destination, d.state)
+        )
+    ]
+    e = schema.executions.c
+    executions = [
+        (row[0], row[1], int(row[2]))
+        for row in connection.execute(
+            select(e.flow_id, e.state, func.count().label("count"))
+            .where(e.state.in_(("pending", "waiting", "held")))
+            .group_by(e.flow_id, e.state)
+        )
+    ]
+    return {"deliveries": deliveries, "executions": executions, "at": time.time()}
+
+
+class GatewayCollector(Collector):
+    """Reads the live counters of one GatewayService at each scrape."""
+
+    def __init__(self, gateway: Any, snapshot: dict[str, Any]) -> None:
+        self._gateway = gateway
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        gateway = self._gateway
+        yield from self._inbound(gateway)
+        yield from self._outbound(gateway)
+        yield from self._database(self._snapshot)
+
+    def _inbound(self, gateway: Any) -> Iterable[Any]:
+        open_now = GaugeMetricFamily(
+            "udsgw_inbound_connections", "Open inbound connections", labels=["listener"]
+        )
+        connections = CounterMetricFamily(
+            "udsgw_inbound_connections", "Inbound connections accepted", labels=["listener"]
+        )
+        refused = CounterMetricFamily(
+            "udsgw_inbound_refused_connections",
+            "Inbound connections refused (allowlist, limits)",
+            labels=["listener"],
+        )
+        messages = CounterMetricFamily(
+            "udsgw_inbound_messages",
+            "Inbound messages by outcome (stored: accepted or rejected, see "
+            "udsgw_rejections; duplicate: answered from the store; unreadable: not HL7)",
+            labels=["listener", "outcome"],
+        )
+        acks = CounterMetricFamily(
+            "udsgw_acks", "ACKs sent by MSA-1 code", labels=["listener", "code"]
+        )
+        rejects = CounterMetricFamily(
+            "udsgw_rejections", "Messages rejected, by HL7 error code", labels=["listener", "code"]
+        )
+        for name, factory in gateway.factories.items():
+            listener = factory.stats
+            ingest = gateway.ingests[name].stats
+            open_now.add_metric([name], listener.open_connections)
+            connections.add_metric([name], listener.connections)
+            refused.add_metric([name], listener.refused)
+            messages.add_metric([name, "stored"], ingest.stored)
+            messages.add_metric([name, "duplicate"], ingest.replayed)
+            messages.add_metric([name, "unreadable"], ingest.unreadable)
+            for code, count in _bucket(ingest.acks, ACK_CODES).items():
+                acks.add_metric([name, code], count)
+            for code, count in _bucket(ingest.errors, ERROR_CODES).items():
+                rejects.add_metric([name, code], count)
+        yield from (open_now, connections, refused, messages, acks, rejects)
+
+    def _outbound(self, gateway: Any) -> Iterable[Any]:
+        executor = gateway.executor
+        executions = CounterMetricFamily(
+            "udsgw_actions",
+            "Flow actions by outcome since start (rendered and handed to delivery, "
+            "failed, held for an operator)",
+            labels=["outcome"],
+        )
+        executions.add_metric(["rendered"], executor.rendered)
+        executions.add_metric(["failed"], executor.failed)
+        executions.add_metric(["held"], executor.held)
+        dispatcher = gateway.dispatcher
+        depth = GaugeMetricFamily(
+            "udsgw_queue_depth",
+            "Open (queued or held) deliveries per destination, as the dispatcher counts them",
+            labels=["destination"],
+        )
+        for destination, count in sorted(dispatcher.queued.items()):
+            depth.add_metric([destination], count)
+        sent = CounterMetricFamily(
+            "udsgw_outbound_sends", "Messages sent to a destination", labels=["destination"]
+        )
+        connects = CounterMetricFamily(
+            "udsgw_outbound_connects", "Connections made to a destination", labels=["destination"]
+        )
+        up = GaugeMetricFamily(
+            "udsgw_destination_up",
+            "1 while a connection to the destination is open",
+            labels=["destination"],
+        )
+        for endpoint, destination in sorted(dispatcher.destinations.items()):
+            sent.add_metric([endpoint], destination.sent)
+            connects.add_metric([endpoint], destination.connects)
+            up.add_metric([endpoint], 1 if getattr(destination, "_current", None) else 0)
+        yield from (executions, depth, sent, connects, up)
+
+    def _database(self, snapshot: dict[str, Any]) -> Iterable[Any]:
+        deliveries = GaugeMetricFamily(
+            "udsgw_deliveries",
+            "Open deliveries per destination and state (database, refreshed on a timer)",
+            labels=["destination", "state"],
+        )
+        oldest = GaugeMetricFamily(
+            "udsgw_oldest_pending_seconds",
+            "Age of the oldest open delivery per destination (database, refreshed on a timer)",
+            labels=["destination"],
+        )
+        at = snapshot.get("at", 0.0)
+        ages: dict[str, float] = {}
+        for destination, state, count, first in snapshot.get("deliveries", ()):
+            deliveries.add_metric([destination, state], count)
+            if first:
+                ages[destination] = max(ages.get(destination, 0.0), at - first)
+        for destination, age in sorted(ages.items()):
+            oldest.add_metric([destination], max(age, 0.0))
+        executions = GaugeMetricFamily(
+            "udsgw_open_executions",
+            "Unfinished executions per flow and state (database, refreshed on a timer)",
+            labels=["flow", "state"],
+        )
+        for flow, state, count in snapshot.get("executions", ()):
+            executions.add_metric([flow, state], count)
+        refreshed = GaugeMetricFamily(
+            "udsgw_metrics_refreshed_timestamp_seconds",
+            "When the database-derived gauges were last read",
+        )
+        refreshed.add_metric([], at)
+        yield from (deliveries, oldest, executions, refreshed)
+
+
+def _bucket(counts: Any, known: tuple[str, ...]) -> dict[str, int]:
+    result: dict[str, int] = {}
+    for key, count in counts.items():
+        label = str(key) if str(key) in known else "other"
+        result[label] = result.get(label, 0) + count
+    return result
+
+
+class Metrics:
+    """The registry behind ``/metrics`` for one gateway."""
+
+    def __init__(self, gateway: Any) -> None:
+        self.snapshot: dict[str, Any] = {}
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(GatewayCollector(gateway, self.snapshot))
+
+    async def refresh(self, database: Any) -> None:
+        """Take the database snapshot (in the database thread)."""
+        found = await database.transaction(database_gauges)
+        self.snapshot.clear()
+        self.snapshot.update(found)
+
+    def exposition(self) -> tuple[bytes, bytes]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST.encode()

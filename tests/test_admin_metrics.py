@@ -1,0 +1,209 @@
+"""/metrics: the udsgw_* names, and label values that never come from a message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+
+from udsgateway.admin.metrics import IDENTIFIER_LABELS, LABEL_ENUMS, Metrics
+from udsgateway.store import schema
+from udsgateway.testing import Gateway, hl7_message, mllp
+from udsgateway.testing.admin import AdminClient
+
+DESTINATION = "tcp:host=127.0.0.1:port=9999"
+
+
+class _Destination:
+    sent = 3
+    connects = 1
+    _current = object()
+
+
+class _Executor:
+    rendered = 7
+    failed = 1
+    held = 2
+
+
+class _Dispatcher:
+    queued = {DESTINATION: 4}
+    destinations = {DESTINATION: _Destination()}
+
+
+class _Service:
+    """The parts of GatewayService the collector reads, over an in-memory tenant."""
+
+    def __init__(self) -> None:
+        self.gateway = Gateway()
+        self.database = self.gateway.database
+        self.factories = {"test": self.gateway.factory}
+        self.ingests = {"test": self.gateway.ingest}
+        self.executor = _Executor()
+        self.dispatcher = _Dispatcher()
+        self.accepting = True
+
+
+#: Text that appears only inside the messages sent: it must not reach the scrape.
+SECRETS = ("CTRLSECRET", "PIDSECRET", "NAMESECRET", "SENDERSECRET")
+
+
+def samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    return [
+        (sample.name, sample.labels, sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ]
+
+
+class MetricsTests(TestCase):
+    def setUp(self) -> None:
+        self.service = _Service()
+        connection = self.service.gateway.connect()
+        sent = [
+            mllp(
+                hl7_message(
+                    f"CTRLSECRET{index}",
+                    sending="SENDERSECRET|Hospital",
+                    segments=["PID|1||PIDSECRET^^^H||NAMESECRET^John"],
+                )
+            )
+            for index in range(3)
+        ]
+        for frame in [*sent, sent[0]]:  # the last one again: a duplicate
+            connection.send(frame)
+        connection.send(mllp(b"MSH|^~\\&|bad"))  # rejected
+        connection.send(mllp(hl7_message("CTRLSECRET9", message_type="ZZZ^Z99")))
+        self.metrics = Metrics(self.service)
+
+    def scrape(self) -> str:
+        body, content_type = self.metrics.exposition()
+        self.assertTrue(content_type.startswith(b"text/plain"))
+        return body.decode()
+
+    def test_names_are_udsgw(self) -> None:
+        names = {family.name for family in text_string_to_metric_families(self.scrape())}
+        self.assertTrue(names)
+        for name in names:
+            self.assertTrue(name.startswith("udsgw_"), name)
+        for expected in (
+            "udsgw_inbound_connections",
+            "udsgw_inbound_messages",
+            "udsgw_acks",
+            "udsgw_queue_depth",
+            "udsgw_destination_up",
+            "udsgw_deliveries",
+            "udsgw_oldest_pending_seconds",
+        ):
+            self.assertIn(expected, names)
+
+    def test_counts(self) -> None:
+        found = samples(self.scrape())
+        accepted = [
+            v
+            for n, labels, v in found
+            if n == "udsgw_inbound_messages_total"
+            and labels == {"listener": "test", "outcome": "stored"}
+        ]
+        self.assertEqual(accepted, [4.0])
+        duplicate = [
+            v
+            for n, labels, v in found
+            if n == "udsgw_inbound_messages_total" and labels["outcome"] == "duplicate"
+        ]
+        self.assertEqual(duplicate, [1.0])
+        aa = [v for n, labels, v in found if n == "udsgw_acks_total" and labels["code"] == "AA"]
+        self.assertEqual(aa, [4.0])
+        self.assertIn(("udsgw_queue_depth", {"destination": DESTINATION}, 4.0), found)
+        self.assertIn(("udsgw_destination_up", {"destination": DESTINATION}, 1.0), found)
+
+    def test_no_label_value_from_a_message(self) -> None:
+        """Every label is a known identifier or a fixed enum; no message text anywhere."""
+        self.insert_delivery()
+        self.metrics.snapshot.clear()
+        self.successResultOf(ensureDeferred(self.metrics.refresh(self.service.database)))
+        text = self.scrape()
+        for secret in SECRETS:
+            self.assertNotIn(secret, text)
+        identifiers = {"listener": {"test"}, "destination": {DESTINATION}, "flow": {"FLOWA"}}
+        seen = 0
+        for name, labels, _value in samples(text):
+            for label, value in labels.items():
+                seen += 1
+                if label in IDENTIFIER_LABELS:
+                    self.assertIn(value, identifiers[label], (name, label))
+                else:
+                    self.assertIn(label, LABEL_ENUMS, name)
+                    self.assertIn(value, LABEL_ENUMS[label], (name, label))
+        self.assertGreater(seen, 10)
+
+    def test_the_label_check_can_fail(self) -> None:
+        """A collector that put a control ID in a label would be caught."""
+        self.service.dispatcher.queued = {"CTRLSECRET1": 1}
+        text = self.scrape()
+        self.assertIn("CTRLSECRET1", text)
+        bad = [labels for n, labels, _ in samples(text) if n == "udsgw_queue_depth"]
+        self.assertNotIn(bad[0]["destination"], {DESTINATION})
+
+    def insert_delivery(self) -> None:
+        def insert(connection: Any) -> None:
+            connection.execute(
+                schema.deliveries.insert().values(
+                    lane=DESTINATION + "+CTRLSECRET",
+                    destination=DESTINATION,
+                    protocol="mllp",
+                    control_id="CTRLSECRET5",
+                    payload=b"PIDSECRET",
+                    state="queued",
+                    created_at=1_700_000_000.0,
+                    updated_at=1_700_000_000.0,
+                )
+            )
+            connection.execute(
+                schema.executions.insert().values(
+                    message_id=1,
+                    flow_id="FLOWA",
+                    state="waiting",
+                    created_at=1.0,
+                    updated_at=1.0,
+                )
+            )
+
+        self.service.database.transaction_now(insert)
+
+    def test_database_gauges_come_from_the_refresh_only(self) -> None:
+        self.insert_delivery()
+        before = samples(self.scrape())
+        self.assertFalse([s for s in before if s[0] == "udsgw_deliveries"])
+        self.successResultOf(ensureDeferred(self.metrics.refresh(self.service.database)))
+        after = samples(self.scrape())
+        self.assertIn(
+            ("udsgw_deliveries", {"destination": DESTINATION, "state": "queued"}, 1.0), after
+        )
+        self.assertIn(("udsgw_open_executions", {"flow": "FLOWA", "state": "waiting"}, 1.0), after)
+
+    def test_metrics_endpoint_needs_a_viewer(self) -> None:
+        client = AdminClient(gateway=self.service, metrics=self.metrics)
+        token = client.add_user("prom", "viewer")
+        self.assertEqual(client.request("GET", "/metrics").status, 401)
+        reply = client.request("GET", "/metrics", token=token)
+        self.assertEqual(reply.status, 200)
+        self.assertIn(b"udsgw_inbound_messages_total", reply.body)
+        self.assertTrue((reply.header("content-type") or "").startswith("text/plain"))
+
+    def test_status_endpoint(self) -> None:
+        self.service.stats = lambda: {  # type: ignore[attr-defined]
+            "test": {
+                "listener": self.service.gateway.factory.stats,
+                "ingest": self.service.gateway.ingest.stats,
+                "port": "IPv4Address(...)",
+            }
+        }
+        client = AdminClient(gateway=self.service)
+        token = client.add_user("vera", "viewer")
+        status = client.request("GET", "/api/v1/status", token=token).json
+        self.assertTrue(status["ready"])
+        self.assertEqual(status["tenants"]["test"]["ingest"]["stored"], 4)
+        self.assertEqual(status["destinations"], {DESTINATION: {"open": 4}})
