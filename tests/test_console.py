@@ -96,7 +96,7 @@ class LoginTests(ConsoleTestCase):
         response = self.client.login("viewer", "nope")
         self.assertEqual(response.status, 401)
         self.assertIn("Wrong user name or password", response.body)
-        self.assertNotIn("udsgw_console", self.client.cookies)
+        self.assertNotIn("udsgw_session", self.client.cookies)
 
     def test_lockout_after_failures(self) -> None:
         for _ in range(5):
@@ -430,3 +430,62 @@ class RenderingTests(SynchronousTestCase):
         self.assertTrue(svg.startswith("<svg"))
         self.assertNotIn("script", svg)
         self.assertIn("3 executions", svg)
+
+
+class MountTests(SynchronousTestCase):
+    """The console beside the JSON API in the admin service's site."""
+
+    def setUp(self) -> None:
+        from types import SimpleNamespace
+
+        from udsgateway.admin.console.mount import ConsoleSite, console_for
+        from udsgateway.config import GatewayConfig, TenantConfig
+        from udsgateway.testing.admin import AdminClient
+
+        config = GatewayConfig(
+            path="<memory>",
+            database="sqlite:///:memory:",
+            tenants=(TenantConfig(name="test", listen="tcp:port=2575"),),
+        )
+        self.admin = AdminClient()
+        gateway = SimpleNamespace(config=config, dispatcher=None, ports={})
+        self.admin.site = ConsoleSite(
+            self.admin.api.app(), console_for(self.admin.api, gateway), reactor=self.admin.clock
+        )
+        self.admin.add_user("ops", "operator", password="ops password")
+
+    def form_post(self, path: str, form: str, cookie: str = "") -> object:
+        headers = {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Origin": "http://admin.test",
+        }
+        if cookie:
+            headers["Cookie"] = cookie
+        return self.admin.request("POST", path, raw_body=form.encode(), headers=headers)
+
+    def test_console_login_with_a_database_user_and_the_api_session(self) -> None:
+        page = self.admin.request("GET", "/console/login")
+        self.assertEqual(page.status, 200)
+        self.assertIn(b"<form", page.body)
+        wrong = self.form_post("/console/login", "name=ops&password=nope")
+        self.assertEqual(wrong.status, 401)  # type: ignore[attr-defined]
+        done = self.form_post("/console/login", "name=ops&password=ops+password")
+        self.assertEqual(done.status, 303)  # type: ignore[attr-defined]
+        cookie = done.header("set-cookie").split(";")[0]  # type: ignore[attr-defined]
+        dashboard = self.admin.request("GET", "/console/", headers={"Cookie": cookie})
+        self.assertEqual(dashboard.status, 200)
+        self.assertIn(b"ops (operator)", dashboard.body)
+        # The same session works for the JSON API.
+        me = self.admin.request("GET", "/api/v1/me", headers={"Cookie": cookie})
+        self.assertEqual(me.status, 200)
+
+    def test_api_still_gated(self) -> None:
+        refused = self.admin.request("GET", "/api/v1/status")
+        self.assertEqual(refused.status, 401)
+        too_big = self.admin.request(
+            "POST",
+            "/console/login",
+            raw_body=b"x" * (1024 * 1024 + 1),
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        self.assertEqual(too_big.status, 413)

@@ -530,8 +530,11 @@ class ConsoleBackend:
         *,
         wall: Callable[[], float] = time.time,
         dispatcher: Any = None,
+        gateway: Any = None,
     ) -> None:
         self.database = database
+        #: The GatewayService, for the ports its listeners actually opened.
+        self.gateway = gateway
         self.config = config
         self.wall = wall
         self.dispatcher = dispatcher
@@ -627,7 +630,7 @@ class ConsoleBackend:
         flow_actions: dict[str, tuple[Action, ...]] = {}
         for app in apps:
             host, port = listeners.get(app.tenant, ("?", "?"))
-            port = self.listening_ports.get(app.tenant, port)
+            port = self._listening_port(app.tenant) or port
             for flow in app.flows:
                 flow_actions[flow.flow_id] = flow.actions
                 rows.append(
@@ -647,6 +650,14 @@ class ConsoleBackend:
                 )
         self._flow_actions = flow_actions
         return rows
+
+    def _listening_port(self, tenant: str) -> str:
+        """The port a tenant's listener opened (a configured port 0: the one chosen)."""
+        ports = getattr(self.gateway, "ports", None) or {}
+        listening = ports.get(tenant)
+        if listening is None:
+            return self.listening_ports.get(tenant, "")
+        return str(getattr(listening.getHost(), "port", ""))
 
     async def flow(self, flow_id: str) -> tuple[App, Flow] | None:
         for app in await self.apps():

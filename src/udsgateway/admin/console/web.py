@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from udsgateway.admin.auth import LoginThrottle
 from udsgateway.admin.console.backend import (
     FIRST_CLASS_TYPES,
     ConsoleBackend,
@@ -33,17 +34,14 @@ from udsgateway.admin.console.backend import (
     SearchQuery,
     new_flow,
 )
-from udsgateway.admin.console.security import (
-    ADMIN,
+from udsgateway.admin.console.security import ADMIN, OPERATOR, VIEWER, Accounts
+from udsgateway.admin.sessions import (
     COOKIE_NAME,
     CSRF_FIELD,
-    OPERATOR,
-    VIEWER,
-    Accounts,
-    LoginThrottle,
     Session,
-    Sessions,
+    SessionStore,
     cross_site_problem,
+    same_origin,
     session_cookie,
 )
 from udsgateway.flows import Action, App, Flow, Trigger
@@ -231,15 +229,20 @@ class Console(Resource):
         *,
         secure: bool = False,
         clock: Callable[[], float] = time.time,
-        session_timeout: float = 1800.0,
+        sessions: SessionStore | None = None,
+        throttle: LoginThrottle | None = None,
+        on_login: Callable[[Session, Any], None] | None = None,
         refresh_seconds: int = 5,
     ) -> None:
         super().__init__()
         self.backend = backend
         self.accounts = accounts
         self.secure = secure
-        self.sessions = Sessions(clock, session_timeout)
-        self.throttle = LoginThrottle(clock)
+        self.clock = clock
+        #: Shared with the admin API: one login serves both.
+        self.sessions = sessions if sessions is not None else SessionStore()
+        self.throttle = throttle if throttle is not None else LoginThrottle()
+        self.on_login = on_login
         self.env = _environment()
         self.env.globals["refresh_seconds"] = refresh_seconds
         self.env.globals["first_class_types"] = FIRST_CLASS_TYPES
@@ -358,21 +361,14 @@ class Console(Resource):
         request = page.request
         cookie = request.getCookie(COOKIE_NAME.encode())
         if cookie:
-            page.session = self.sessions.get(cookie.decode("ascii", "replace"))
+            page.session = self.sessions.get(cookie.decode("ascii", "replace"), self.clock())
         if page.session is not None:
             page.user = await self.accounts.current(page.session.user)
             if page.user is None:
                 self.sessions.end(page.session.id)
                 page.session = None
         if page.method not in ("GET", "HEAD"):
-            problem = cross_site_problem(
-                page.header("origin"),
-                page.header("referer"),
-                page.header("host") or "",
-                self.secure,
-                page.field(CSRF_FIELD) or page.header("x-csrf-token"),
-                page.session,
-            )
+            problem = self._cross_site(page)
             if problem is not None:
                 request.setResponseCode(403)
                 request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -399,6 +395,26 @@ class Console(Resource):
             request.setResponseCode(refused.status)
             return page.render("error.html", title="RefusedError", message=str(refused))
 
+    def _cross_site(self, page: Page) -> str | None:
+        """Why a state-changing request is refused as cross-site, or None."""
+        host = page.header("host") or ""
+        if page.session is None:
+            # Logging in: no session yet, so no form token; the Origin must be ours.
+            origin = page.header("origin")
+            source = origin if origin is not None else page.header("referer")
+            if source is None or not same_origin(source, host, self.secure):
+                return "cross-site request refused: Origin is not this service"
+            return None
+        return cross_site_problem(
+            page.request.method,
+            page.header("origin"),
+            page.header("referer"),
+            host,
+            self.secure,
+            page.session,
+            page.field(CSRF_FIELD) or page.header("x-csrf-token"),
+        )
+
     # -- login
 
     async def login_form(self, page: Page, _: re.Match[str]) -> bytes:
@@ -408,20 +424,23 @@ class Console(Resource):
         name = page.field("name").strip()
         password = page.field("password")
         address = str(getattr(page.request.getClientAddress(), "host", ""))
-        if self.throttle.locked("name:" + name, "address:" + address):
+        if self.throttle.locked(name, address, self.clock()):
             page.request.setResponseCode(429)
             return page.render(
                 "login.html", title="Log in", error="Too many failed logins: try again later."
             )
         user = await self.accounts.authenticate(name, password) if name and password else None
         if user is None:
-            self.throttle.failed("name:" + name, "address:" + address)
+            self.throttle.failed(name, address, self.clock())
+            await self.backend.record(name, "console.login", f"user {name}", "refused")
             page.request.setResponseCode(401)
             return page.render("login.html", title="Log in", error="Wrong user name or password.")
-        self.throttle.succeeded("name:" + name)
+        self.throttle.succeeded(name, address)
         if page.session is not None:
             self.sessions.end(page.session.id)
-        session = self.sessions.create(user.name)
+        session = self.sessions.create(user.name, self.clock())
+        if self.on_login is not None:
+            self.on_login(session, user)
         page.request.setHeader(b"set-cookie", session_cookie(session.id, self.secure))
         await self.backend.record(user.name, "console.login", f"user {user.name}")
         return page.redirect(f"{PREFIX}/")
