@@ -113,6 +113,16 @@ class LoginTests(ConsoleTestCase):
         self.assertIn("HttpOnly", cookie)
         self.assertIn("SameSite=Strict", cookie)
 
+    def test_static_files(self) -> None:
+        htmx = self.client.get("/console/static/htmx.min.js")
+        self.assertEqual(htmx.status, 200)
+        self.assertEqual(htmx.header("content-type"), "text/javascript; charset=utf-8")
+        self.assertIn("htmx", htmx.body)
+        self.assertEqual(self.client.get("/console/static/console.css").status, 200)
+        self.assertIn("Zero-Clause BSD", self.client.get("/console/static/htmx-license.txt").body)
+        self.assertEqual(self.client.get("/console/static/../web.py").status, 404)
+        self.assertEqual(self.client.get("/console/static/missing.js").status, 404)
+
     def test_security_headers(self) -> None:
         response = self.client.get("/console/login")
         self.assertEqual(response.header("content-security-policy"), CSP)

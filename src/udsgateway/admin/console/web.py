@@ -327,7 +327,7 @@ class Console(Resource):
     def _static(self, request: Request, name: str) -> bytes:
         if not re.fullmatch(r"[a-z][a-z0-9.-]*\.(js|css|txt)", name):
             return self._plain(request, 404, "not found")
-        resource = resources.files("udsgateway.admin.console").joinpath("static", name)
+        resource = resources.files("udsgateway.admin.console").joinpath("static").joinpath(name)
         if not resource.is_file():
             return self._plain(request, 404, "not found")
         request.setHeader(b"content-type", _STATIC_TYPES[name[name.rindex(".") :]].encode())
@@ -418,7 +418,7 @@ class Console(Resource):
     # -- login
 
     async def login_form(self, page: Page, _: re.Match[str]) -> bytes:
-        return page.render("login.html", title="Log in", error="")
+        return page.render("login.html", title="Log in", error="", name="")
 
     async def login(self, page: Page, _: re.Match[str]) -> bytes:
         name = page.field("name").strip()
@@ -427,14 +427,19 @@ class Console(Resource):
         if self.throttle.locked(name, address, self.clock()):
             page.request.setResponseCode(429)
             return page.render(
-                "login.html", title="Log in", error="Too many failed logins: try again later."
+                "login.html",
+                title="Log in",
+                error="Too many failed logins: try again later.",
+                name=name,
             )
         user = await self.accounts.authenticate(name, password) if name and password else None
         if user is None:
             self.throttle.failed(name, address, self.clock())
             await self.backend.record(name, "console.login", f"user {name}", "refused")
             page.request.setResponseCode(401)
-            return page.render("login.html", title="Log in", error="Wrong user name or password.")
+            return page.render(
+                "login.html", title="Log in", error="Wrong user name or password.", name=name
+            )
         self.throttle.succeeded(name, address)
         if page.session is not None:
             self.sessions.end(page.session.id)
