@@ -292,10 +292,7 @@ class ConnectionRefusedTests(DeliveryTestCase):
         self.assertEqual({d.state for d in rows}, {QUEUED})
         self.assertGreater(rows[0].attempts, 10)
         self.assertEqual([d.attempts for d in rows[1:]], [0, 0, 0, 0], "only the head is tried")
-        self.assertIn(
-            rows[0].last_error,
-            ("connect failed: ConnectionRefusedError", "could not connect within 10s"),
-        )
+        self.assertEqual(rows[0].last_error, "connect failed: ConnectionRefusedError")
 
         # The lane's backoff sleeps (Deferred.callback), and the connect
         # attempts (the peer's _connect, one clock turn after each connect).

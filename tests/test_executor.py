@@ -345,6 +345,37 @@ class ExecutionStateTests(SynchronousTestCase):
         self.assertEqual(running.rows(schema.deliveries)[0]["payload"].count(b"ZDT|19800101\r"), 1)
 
 
+class BackpressureTests(SynchronousTestCase):
+    """docs/guarantees.md: a destination that refuses connections keeps its messages
+    queued; inbound messages are ACKed until its queue cap, then NAKed 207."""
+
+    def test_nak_207_at_the_queue_cap_then_aa_after_draining(self) -> None:
+        running = gateway(
+            self,
+            app(
+                flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
+            ),
+        )
+        running.outbound.dispatcher.max_queued_per_destination = 2
+        destination = running.peer(2601)
+        destination.accepting = False
+
+        codes = []
+        for number in range(1, 5):
+            reply = ack_fields(running.send(adt(f"MSG{number}")))
+            codes.append((reply["code"], reply["error"]))
+            running.clock.advance(1)
+        self.assertEqual(codes, [("AA", None), ("AA", None), ("AR", 207), ("AR", 207)])
+        self.assertEqual(len(running.rows(schema.deliveries)), 2, "NAKed messages not stored")
+
+        destination.accepting = True
+        running.settle()
+        self.assertEqual(trigger_ids(destination.received), ["MSG1", "MSG2"])
+        self.assertEqual(ack_fields(running.send(adt("MSG5")))["code"], "AA")
+        running.run_until(lambda: len(destination.received) == 3)
+        self.assertEqual(trigger_ids(destination.received), ["MSG1", "MSG2", "MSG5"])
+
+
 class OrderingTests(SynchronousTestCase):
     """G2: each action's destination gets the messages in arrival order."""
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
+from twisted.conch.interfaces import ISession
 from twisted.conch.ssh import keys
 from twisted.cred.credentials import ISSHPrivateKey, SSHPrivateKey
 from twisted.cred.error import UnauthorizedLogin
@@ -13,10 +14,11 @@ from twisted.internet import endpoints
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from udsgateway.admin.operations import Operations
 from udsgateway.config import ConfigError, loopback_endpoint_problem, parse_config
 from udsgateway.inbound.routing import RoutingTable
-from udsgateway.manhole import manhole_service, namespace
-from udsgateway.testing import Gateway, demo_app
+from udsgateway.manhole import _OperatorRealm, manhole_service, namespace
+from udsgateway.testing import Gateway, demo_app, hl7_message, mllp
 
 
 def _key() -> keys.Key:
@@ -123,6 +125,32 @@ telnet = "tcp:port=2223:interface=127.0.0.1"
         self.assertEqual(
             sorted(row[4] for row in flows),
             ["ADT^A04", "ADT^A08", "SIU^S12", "SIU^S14", "SIU^S15"],
+        )
+
+    def test_operator_helpers_are_audited_as_the_ssh_user(self) -> None:
+        """Each SSH session's helpers act as the user who logged in, via manhole."""
+        service = _Service()
+        gateway = service.gateway
+        sender = gateway.connect()
+        sender.send(mllp(hl7_message("M1", receiving="APPTESTMLLP|FLWADTA04MLLP")))
+        operations = Operations(gateway.database, gateway.clock, gateway.clock.seconds)
+        realm = _OperatorRealm(service, operations)
+        user = realm._getAvatar(b"carol")
+        session = user.original.getComponent(ISession)
+        names = session.chainedProtocolFactory.namespace
+        self.assertEqual(names["operator"], "carol")
+        found = self.successResultOf(names["messages"](msh10="M1"))
+        [row] = found["messages"]
+        shown = self.successResultOf(names["content"](row["id"]))
+        self.assertIn("MSH|", shown["text"])
+        self.successResultOf(names["pause"]("partner.example:6661", "maintenance"))
+        trail = self.successResultOf(names["audit"]())
+        self.assertEqual(
+            [(e["who"], e["action"], e["via"]) for e in trail["entries"]],
+            [
+                ("carol", "destination.pause", "manhole"),
+                ("carol", "content.inbound", "manhole"),
+            ],
         )
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import twisted.test
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.filepath import FilePath
@@ -459,6 +460,119 @@ class _Link:
 
     def lines(self) -> list[str]:
         return self.out.getvalue().splitlines()
+
+
+def _ack(code: str, control_id: str) -> bytes:
+    msh = f"MSH|^~\\&|B|B|A|A|20240101||ACK^A04^ACK|X{control_id}|P|2.5"
+    return mllp(f"{msh}\rMSA|{code}|{control_id}\r".encode())
+
+
+class _ScriptedReceiver(Protocol):
+    """Answers each message with the replies scripted for its MSH-10, after their delays."""
+
+    def __init__(self, reactor: MemoryReactorClock, script: dict[str, list[tuple[float, bytes]]]):
+        self.reactor = reactor
+        self.script = script
+        self.framer = MLLPFramer()
+
+    def dataReceived(self, data: bytes) -> None:
+        for event in self.framer.feed(data):
+            assert isinstance(event, Frame)
+            control_id = event.payload.split(b"\r")[0].split(b"|")[9].decode()
+            for delay, reply in self.script.pop(control_id, []):
+                assert self.transport is not None
+                self.reactor.callLater(delay, self.transport.write, reply)
+
+
+class _ScriptedLink(_Link):
+    """run_send against a receiver that answers as scripted (application ACKs)."""
+
+    def __init__(
+        self, messages: Sequence[bytes], script: dict[str, list[tuple[float, bytes]]]
+    ) -> None:
+        self.reactor = MemoryReactorClock()
+        self.records = []
+        factory = Factory.forProtocol(lambda: _ScriptedReceiver(self.reactor, script))
+        self.reactor.listenTCP(PORT, factory)
+        endpoint = client_endpoint(self.reactor, "127.0.0.1", PORT, 10.0)
+        self.out, self.err = io.StringIO(), io.StringIO()
+        self.status = Deferred.fromCoroutine(
+            run_send(self.reactor, endpoint, messages, "mllp", 30.0, 10.0, self.out, self.err)
+        )
+        self.pump = ConnectionCompleter(self.reactor).succeedOnce()
+        assert self.pump is not None
+        self.pump.flush()
+
+
+class ApplicationAckSenderTests(SynchronousTestCase):
+    """``send`` in enhanced mode: an application ACK after the accept ACK is expected."""
+
+    def test_application_ack_waited_for_with_al(self) -> None:
+        """MSH-16 = AL: the sender waits for the AA after the CA, then sends the next."""
+        messages = [hl7(f"MSG{n}", accept_ack="AL", application_ack="AL") for n in (1, 2)]
+        link = _ScriptedLink(
+            messages,
+            {
+                "MSG1": [(0, _ack("CA", "MSG1")), (5, _ack("AA", "MSG1"))],
+                "MSG2": [(0, _ack("CA", "MSG2") + _ack("AA", "MSG2"))],
+            },
+        )
+        link.advance(4)
+        self.assertNoResult(link.status)
+        link.advance(2)
+        self.assertEqual(self.successResultOf(link.status), 0)
+        self.assertEqual(link.lines(), ["1 MSG1 CA MSG1 app=AA", "2 MSG2 CA MSG2 app=AA"])
+        self.assertEqual(link.err.getvalue(), "")
+
+    def test_application_error_fails_the_run(self) -> None:
+        """An AE application ACK after the CA is a failure (exit status 1)."""
+        messages = [hl7("MSG1", accept_ack="AL", application_ack="AL")]
+        script: dict[str, list[tuple[float, bytes]]] = {
+            "MSG1": [(0, _ack("CA", "MSG1")), (1, _ack("AE", "MSG1"))]
+        }
+        link = _ScriptedLink(messages, script)
+        link.advance(2)
+        self.assertEqual(self.successResultOf(link.status), 1)
+        self.assertEqual(link.lines(), ["1 MSG1 CA MSG1 app=AE"])
+
+    def test_missing_application_ack_times_out(self) -> None:
+        """AL and no application ACK within the timeout: the run ends, status 1."""
+        messages = [hl7(f"MSG{n}", accept_ack="AL", application_ack="AL") for n in (1, 2)]
+        link = _ScriptedLink(messages, {"MSG1": [(0, _ack("CA", "MSG1"))]})
+        link.advance(31)
+        self.assertEqual(self.successResultOf(link.status), 1)
+        self.assertEqual(
+            link.lines(),
+            ['1 MSG1 CA MSG1 app=- problem="no application ACK: no reply within 30s"'],
+        )
+
+    def test_late_application_ack_with_er_is_reported(self) -> None:
+        """MSH-16 = ER: the next message is sent after the CA; an AE that comes
+        later is reported with its message instead of ending the connection."""
+        messages = [hl7(f"MSG{n}", accept_ack="AL", application_ack="ER") for n in (1, 2)]
+        link = _ScriptedLink(
+            messages,
+            {
+                "MSG1": [(0, _ack("CA", "MSG1"))],
+                "MSG2": [(0, _ack("AE", "MSG1")), (1, _ack("CA", "MSG2"))],
+            },
+        )
+        link.advance(2)
+        self.assertEqual(self.successResultOf(link.status), 1)
+        self.assertEqual(
+            link.lines(), ["1 MSG1 CA MSG1", "1 MSG1 CA MSG1 app=AE", "2 MSG2 CA MSG2"]
+        )
+
+    def test_extra_reply_in_original_mode_still_ends_the_connection(self) -> None:
+        """Original mode: a second reply nobody asked for is a stream out of step."""
+        link = _ScriptedLink(
+            [hl7("MSG1"), hl7("MSG2")],
+            {"MSG1": [(0, _ack("AA", "MSG1") + _ack("AA", "MSG1"))]},
+        )
+        link.advance(1)
+        self.assertEqual(self.successResultOf(link.status), 1)
+        self.assertEqual(link.lines()[0], "1 MSG1 AA MSG1")
+        self.assertIn("unexpected extra reply", link.lines()[1])
 
 
 class SenderTests(SynchronousTestCase):

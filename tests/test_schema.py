@@ -10,6 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.store import schema
 from udsgateway.store.engine import SchemaError, ThreadRunner, ensure_schema, make_engine
+from udsgateway.store.messages import commit_inbound
+from udsgateway.testing import inbound_record
 
 
 class SchemaTests(SynchronousTestCase):
@@ -146,3 +148,39 @@ class ThreadRunnerTests(SynchronousTestCase):
         runner.stop()
         runner.stop()  # a second stop is harmless
         self.failureResultOf(runner.run(int), RuntimeError)
+
+
+class AuditMigrationTests(SynchronousTestCase):
+    """Version 3's audit table gains result and via; its rows keep their values."""
+
+    def test_version_3_audit_is_migrated(self) -> None:
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            connection.exec_driver_sql(
+                "CREATE TABLE audit (id INTEGER PRIMARY KEY, at FLOAT NOT NULL,"
+                " who VARCHAR(128) NOT NULL, action VARCHAR(64) NOT NULL,"
+                " target VARCHAR(255) NOT NULL, reason VARCHAR(255) NOT NULL)"
+            )
+            connection.exec_driver_sql(
+                "INSERT INTO audit (at, who, action, target, reason)"
+                " VALUES (1.0, 'ann', 'delivery.skip', 'delivery 1', 'stuck')"
+            )
+            ensure_schema(connection)
+            # A message stored by version 3: no search keys yet.
+            commit_inbound(connection, [inbound_record("OLD1", flows=("F1",))])
+            connection.exec_driver_sql("DELETE FROM message_keys")
+            connection.execute(
+                update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="3")
+            )
+        with engine.begin() as connection:
+            self.assertEqual(ensure_schema(connection), schema.SCHEMA_VERSION)
+            rows = connection.exec_driver_sql("SELECT who, action, result, via FROM audit").all()
+            names = {i["name"] for i in inspect(connection).get_indexes("audit")}
+            keys = connection.exec_driver_sql(
+                "SELECT name, value FROM message_keys ORDER BY name"
+            ).all()
+        self.assertEqual([tuple(r) for r in rows], [("ann", "delivery.skip", "ok", "cli")])
+        self.assertIn("audit_at", names)
+        self.assertEqual(
+            [tuple(k) for k in keys], [("flow", "F1"), ("msh10", "OLD1"), ("msh9", "ADT^A04")]
+        )

@@ -9,6 +9,7 @@ documented in ``docs/operations.md``.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from twisted.application import strports
@@ -16,6 +17,7 @@ from twisted.application.service import IService, MultiService
 from twisted.conch import manhole, manhole_ssh
 from twisted.conch.checkers import IAuthorizedKeysDB, SSHPublicKeyChecker
 from twisted.conch.insults import insults
+from twisted.conch.interfaces import ISession
 from twisted.conch.manhole_tap import _StupidRealm, chainedProtocolFactory, makeTelnetProtocol
 from twisted.conch.ssh import keys
 from twisted.conch.telnet import TelnetBootstrapProtocol
@@ -24,7 +26,9 @@ from twisted.internet import protocol
 from twisted.python import filepath
 from zope.interface import implementer
 
+from udsgateway.admin.operations import Operations
 from udsgateway.config import ManholeConfig
+from udsgateway.store import search
 
 
 @implementer(IAuthorizedKeysDB)
@@ -51,8 +55,27 @@ class _KeysFile:
         return iter(parsed)
 
 
-def namespace(service: Any) -> dict[str, Any]:
-    """What an operator finds in the console."""
+def operations_of(service: Any, reactor: Any = None) -> Operations:
+    """The service's operations facade (made once, its rates sampled from then on)."""
+    found: Operations | None = getattr(service, "operations", None)
+    if found is None:
+        wall = getattr(service, "_wall", None) or time.time
+        found = Operations.for_service(service, reactor or service._reactor, wall)
+        if found.rates is not None and reactor is not None:
+            found.rates.start()
+        service.operations = found
+    return found
+
+
+def namespace(
+    service: Any, operator: str = "manhole", operations: Operations | None = None
+) -> dict[str, Any]:
+    """What an operator finds in the console: the service, and helpers that call the
+    operations facade as ``operator`` (the SSH user), audited with via ``manhole``.
+
+    Each helper returns a Deferred; the console prints its result when it fires.
+    """
+    via = "manhole"
 
     def stats() -> dict[str, Any]:
         """Counters of every listener and its inbound pipeline."""
@@ -67,16 +90,125 @@ def namespace(service: Any) -> dict[str, Any]:
                 rows.append((tenant, app_id, flow_id, route.name, route.message_type))
         return rows
 
-    return {"service": service, "stats": stats, "flows": flows, "config": service.config}
+    names: dict[str, Any] = {
+        "service": service,
+        "stats": stats,
+        "flows": flows,
+        "config": service.config,
+    }
+    if operations is None:
+        return names
+    ops = operations
+
+    def status() -> Any:
+        """Per tenant, flow and destination counts, and rates (minute, hour)."""
+        return ops.status(operator, via)
+
+    def messages(**filters: Any) -> Any:
+        """Search messages, newest first: tenant=, message_type=, status=, since=, until=,
+        flow_id=, pid3=, msh10=, sch1=, sch2=, before_id=, limit=."""
+        keys = tuple((name, filters.pop(name)) for name in search.KEYS if name in filters)
+        return ops.messages(operator, via, search.Query(keys=keys, **filters))
+
+    def message(message_id: int) -> Any:
+        """A message's metadata, executions and deliveries (no content)."""
+        return ops.message(operator, via, message_id)
+
+    def content(
+        message_id: int | None = None, part: str = "inbound", delivery_id: int | None = None
+    ) -> Any:
+        """Message content (audited): inbound, ack (of message_id); outbound, response
+        (of delivery_id)."""
+        return ops.content(operator, via, message_id, part, delivery_id)
+
+    def deliveries(state: str | None = None, destination: str | None = None) -> Any:
+        """Deliveries oldest first, each with why it waits."""
+        return ops.deliveries(operator, via, (state,) if state else (), destination)
+
+    def pause(destination: str, reason: str) -> Any:
+        """Pause a destination (host:port): it queues, nothing is sent."""
+        return ops.pause(operator, via, destination, reason)
+
+    def resume(destination: str, reason: str = "") -> Any:
+        """Resume a paused destination."""
+        return ops.resume(operator, via, destination, reason)
+
+    def release(delivery_id: int, reason: str) -> Any:
+        """Send a held delivery again now."""
+        return ops.release(operator, via, delivery_id, reason)
+
+    def skip(delivery_id: int, reason: str) -> Any:
+        """Give up on a held delivery; its lane moves on."""
+        return ops.skip(operator, via, delivery_id, reason)
+
+    def retry(delivery_id: int, reason: str = "retry now") -> Any:
+        """Send a queued delivery waiting for its backoff now."""
+        return ops.retry_now(operator, via, delivery_id, reason)
+
+    def replay(message_id: int, reason: str, flow_id: str | None = None) -> Any:
+        """Run a message through its flows (or flow_id) again."""
+        return ops.replay_message(operator, via, message_id, reason, flow_id)
+
+    def replay_search(
+        reason: str, confirm_count: int | None = None, flow_id: str | None = None, **filters: Any
+    ) -> Any:
+        """Replay the messages a search finds: first without confirm_count (the count),
+        then with confirm_count= that count."""
+        keys = tuple((name, filters.pop(name)) for name in search.KEYS if name in filters)
+        query = search.Query(keys=keys, **filters)
+        return ops.replay_messages(operator, via, query, reason, flow_id, confirm_count)
+
+    def audit(**filters: Any) -> Any:
+        """The audit trail, newest first: who=, action=, target=, since=, until=, limit=."""
+        return ops.audit_trail(operator, via, **filters)
+
+    names.update(
+        {
+            "operations": ops,
+            "operator": operator,
+            "status": status,
+            "messages": messages,
+            "message": message,
+            "content": content,
+            "deliveries": deliveries,
+            "pause": pause,
+            "resume": resume,
+            "release": release,
+            "skip": skip,
+            "retry": retry,
+            "replay": replay,
+            "replay_search": replay_search,
+            "audit": audit,
+        }
+    )
+    return names
+
+
+class _OperatorRealm(manhole_ssh.TerminalRealm):
+    """Each SSH session gets a namespace whose helpers act as the user who logged in."""
+
+    def __init__(self, service: Any, operations: Operations | None) -> None:
+        super().__init__()
+        self._service = service
+        self._operations = operations
+
+    def _getAvatar(self, avatarId: bytes) -> Any:  # noqa: N803 - Twisted's names
+        user = super()._getAvatar(avatarId)
+        operator = avatarId.decode("utf-8", "replace")
+        session = user.original.getComponent(ISession)
+        session.chainedProtocolFactory = chainedProtocolFactory(
+            namespace(self._service, operator, self._operations)
+        )
+        return user
 
 
 def manhole_service(config: ManholeConfig, service: Any, reactor: Any) -> IService:
     """The manhole listeners for this configuration (SSH, and telnet if asked for)."""
     parent = MultiService()
-    names = namespace(service)
+    operations = operations_of(service, reactor) if hasattr(service, "database") else None
+    names = namespace(service, "telnet", operations)
     if config.ssh:
-        realm: Any = manhole_ssh.TerminalRealm()
-        realm.chainedProtocolFactory = chainedProtocolFactory(names)
+        realm: Any = _OperatorRealm(service, operations)
         keys_db: Any = _KeysFile(config.authorized_keys)
         checker = SSHPublicKeyChecker(keys_db)
         factory = manhole_ssh.ConchFactory(portal.Portal(realm, [checker]))

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 from udsgateway import __version__
 from udsgateway.cli.accounts import add_account_commands
+from udsgateway.cli.audit import add_audit_command, add_destination_commands
 from udsgateway.cli.operate import add_operator_commands
 from udsgateway.config import ConfigError, GatewayConfig, load_config
 from udsgateway.flows import (
@@ -338,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_flows_render)
     add_operator_commands(commands)
     add_account_commands(commands)
+    add_audit_command(commands)
+    add_destination_commands(commands)
     add_peer_commands(commands)
     _accept_config_anywhere(parser)
     return parser

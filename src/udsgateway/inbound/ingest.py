@@ -43,6 +43,7 @@ from udsgateway.hl7.batch import (
     split_batch,
 )
 from udsgateway.hl7.header import Delimiters, Header, HeaderProblem, codec_for, parse_header
+from udsgateway.hl7.keys import search_keys
 from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.store.engine import GroupCommitter, is_locked
 from udsgateway.store.executions import Finished
@@ -95,6 +96,8 @@ class IngestStats:
     inbound_acks: int = 0
     #: Application ACKs ready after their connection had closed (not sent).
     application_acks_lost: int = 0
+    #: Messages stored as rejected (routing: no such flow, wrong type...), by error code.
+    rejected: Counter[int] = field(factory=Counter)
 
 
 @define
@@ -208,6 +211,7 @@ class Ingest:
             ack=ack,
             run_flows=run_flows,
             refuse_new=refuse_new,
+            keys=search_keys(payload, header),
             # Its ACK will reflect the actions: until then a resend must not be
             # given the provisional one (see _replay_pending).
             # In enhanced mode with an application ACK the accept ACK is final at commit.
@@ -350,6 +354,7 @@ class Ingest:
         if result.outcome is CommitOutcome.STORED:
             self.stats.stored += 1
             if error is not None:
+                self.stats.rejected[error.code] += 1
                 log.info(
                     "message rejected: {reason} (control ID {control_id})",
                     reason=record.reason,

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from udsgateway.clock import Wall, wall_of
 from udsgateway.flows import DEFAULT_DECISIONS, DEFAULT_MAX_RETRIES
 from udsgateway.hl7.ack import parse_reply
-from udsgateway.store import outbox
+from udsgateway.store import destinations, outbox
 from udsgateway.store.engine import Database, GroupCommitter
 from udsgateway.store.messages import Origin
 from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
@@ -507,6 +507,11 @@ class Lane:
                 await self._sleep(dispatcher.held_poll)
                 await self._reload_from(head.id)
                 continue
+            if dispatcher.paused_by(head.destination) is not None:
+                # Paused by an operator: it keeps queueing, nothing is sent.
+                self.state = "paused"
+                await self._sleep(dispatcher.held_poll)
+                continue
             wait = self._wait(head)
             if wait > 0:
                 self.state = "backoff"
@@ -719,9 +724,33 @@ class Dispatcher(Service):
     _sweeper: LoopingCall | None = None
     _restarts: dict[str, tuple[str, str]] = field(factory=dict)
     _restart_call: IDelayedCall | None = None
+    #: Paused destinations (by address, host:port) and who paused them, as stored.
+    paused: dict[str, str] = field(factory=dict)
+    #: Deliveries delivered since start, by destination address (host:port).
+    sent: dict[str, int] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._committer = GroupCommitter(self.database, self._record_batch, 256)
+
+    def paused_by(self, endpoint: str) -> str | None:
+        """Who paused the destination of ``endpoint``; None when it is not paused."""
+        if not self.paused:
+            return None
+        return self.paused.get(destinations.address_of(endpoint))
+
+    def set_pauses(self, found: Mapping[str, str]) -> None:
+        """The paused destinations as the store has them now (address -> who): lanes
+        of a destination resumed are woken."""
+        resumed = set(self.paused) - set(found)
+        self.paused = dict(found)
+        if resumed:
+            for lane in list(self.lanes.values()):
+                if destinations.address_of(lane.destination.endpoint) in resumed:
+                    lane.rewind()
+
+    async def _load_pauses(self) -> None:
+        found = await self.database.transaction(destinations.pauses)
+        self.set_pauses({address: pause.paused_by for address, pause in found.items()})
 
     def now(self) -> float:
         """The wall-clock time, for what is stored or logged."""
@@ -732,6 +761,7 @@ class Dispatcher(Service):
     async def recover(self) -> None:
         """Load the backpressure counters and the lanes with work, before anything is sent."""
         self.queued = await self.database.transaction(outbox.queued_per_destination)
+        await self._load_pauses()
         self._rescan = True
         self._started = True
         log.info(
@@ -754,6 +784,7 @@ class Dispatcher(Service):
         """
         try:
             self.queued = await self.database.transaction(outbox.queued_per_destination)
+            await self._load_pauses()  # paused or resumed from the command line
             # A scan even when every lane slot is taken: running lanes learn of
             # operators' actions behind them (a replay, a skipped head).
             await self._scan()
@@ -991,4 +1022,6 @@ class Dispatcher(Service):
 
     def delivered(self, destination: str) -> None:
         """One delivery left the destination's queue (backpressure counter)."""
+        address = destinations.address_of(destination)
+        self.sent[address] = self.sent.get(address, 0) + 1
         self.queued[destination] = max(0, self.queued.get(destination, 0) - 1)

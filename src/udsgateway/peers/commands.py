@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -36,7 +37,9 @@ from twisted.internet.defer import (
     Deferred,
     DeferredList,
     TimeoutError,
+    fail,
     maybeDeferred,
+    succeed,
 )
 from twisted.internet.endpoints import (
     clientFromString,
@@ -70,8 +73,10 @@ from udsgateway.hl7.ack import (
     Outcome,
     Reply,
     ack_code,
+    application_ack_requested,
     build_ack,
     hl7_timestamp,
+    is_enhanced,
     parse_reply,
     wants_accept_ack,
 )
@@ -237,7 +242,9 @@ class SendResult:
     MSA-1, MSA-2, MSA-3 and ERR-3 of the reply (None or "" when absent).
     ``problem`` is "" when the reply is a well-formed ACK of this message,
     else why it is not (no reply, garbage, MSA-2 mismatch). ``replied`` is
-    False when no reply came at all, which ends the run.
+    False when no reply came at all, which ends the run. ``application``
+    is MSA-1 of the application ACK that followed an accept ACK (enhanced
+    mode, MSH-16 = AL), or None when none was waited for.
     """
 
     number: int
@@ -248,10 +255,14 @@ class SendResult:
     text: str
     problem: str
     replied: bool = True
+    application: str | None = None
 
     @property
     def ok(self) -> bool:
-        """AA or CA, with MSA-2 equal to the MSH-10 sent."""
+        """AA or CA (and then AA when an application ACK was waited for), with
+        MSA-2 equal to the MSH-10 sent."""
+        if self.application is not None and self.application != "AA":
+            return False
         return self.ack_code in _SUCCESS and not self.problem
 
     def line(self) -> str:
@@ -262,6 +273,8 @@ class SendResult:
             _token(self.ack_code),
             _token(self.ack_control_id),
         ]
+        if self.application is not None:
+            words.append(f"app={_token(self.application)}")
         if self.error_code is not None:
             words.append(f"err={self.error_code}")
         if self.text:
@@ -309,12 +322,30 @@ class _SenderProtocol(Protocol):
         self._closed = False
         self._close_waiters: list[Deferred[None]] = []
         self.unusable = ""
+        #: Replies that came while none was waited for, kept while allowed.
+        self._early: deque[bytes] = deque()
+        #: True while an application ACK may come unasked (enhanced mode): such
+        #: a reply is kept for ``next_reply`` instead of ending the connection.
+        self.late_replies_allowed = False
 
     def exchange(self, payload: bytes, timeout: float) -> Deferred[bytes]:
-        """Send one message; fire with the reply's bytes or fail with _NoReplyError."""
+        """Send one message; fire with the next reply's bytes or fail with _NoReplyError.
+
+        The next reply is one that came early (see ``late_replies_allowed``),
+        if any, else the first one to come within ``timeout`` seconds.
+        """
+        if self._closed or self.unusable or self.transport is None:
+            return fail(_NoReplyError(self.unusable or "connection closed before sending"))
+        self.transport.write(self._framer.encode(payload))
+        return self.next_reply(timeout)
+
+    def next_reply(self, timeout: float) -> Deferred[bytes]:
+        """Fire with the next reply (an early one first), within ``timeout`` seconds."""
+        if self._early:
+            return succeed(self._early.popleft())
         waiting: Deferred[bytes] = Deferred()
         if self._closed or self.unusable or self.transport is None:
-            waiting.errback(_NoReplyError(self.unusable or "connection closed before sending"))
+            waiting.errback(_NoReplyError(self.unusable or "connection closed before the reply"))
             return waiting
         self._waiting = waiting
         self._dropped_mark = self._framer.stats.dropped_bytes
@@ -327,7 +358,6 @@ class _SenderProtocol(Protocol):
             return result
 
         waiting.addTimeout(timeout, self._clock, timed_out)
-        self.transport.write(self._framer.encode(payload))
         return waiting
 
     def dataReceived(self, data: bytes) -> None:
@@ -355,10 +385,17 @@ class _SenderProtocol(Protocol):
         if not replies:
             return
         waiting, self._waiting = self._waiting, None
-        if waiting is None or len(replies) > 1:
-            # A reply no message waits for: the stream is out of step, and a
-            # later reply could be taken for the next message's. Stop here.
-            self.abort("connection dropped after an unexpected extra reply")
+        unasked = replies[1:] if waiting is not None else replies
+        for reply in unasked:
+            if self.late_replies_allowed and len(self._early) < _MAX_PENDING:
+                # An application ACK may follow an accept ACK (enhanced mode):
+                # kept, in order, for the sender to read.
+                self._early.append(reply)
+            else:
+                # A reply no message waits for: the stream is out of step, and a
+                # later reply could be taken for the next message's. Stop here.
+                self.abort("connection dropped after an unexpected extra reply")
+                break
         if waiting is not None:
             waiting.callback(replies[0])
 
@@ -455,23 +492,90 @@ async def send_messages(
         raise ConnectError(f"could not connect: {error}") from None
     assert isinstance(protocol, _SenderProtocol)
     results: list[SendResult] = []
+    # Accepted (CA) messages whose MSH-16 is ER or SU: an application ACK may
+    # still come for them, unasked, while later messages are exchanged.
+    maybe_later: dict[str, SendResult] = {}
+
+    def report(result: SendResult) -> None:
+        if on_result is not None:
+            on_result(result)
+
+    async def reply_for(control_id: str, getting: Deferred[bytes]) -> Reply:
+        """The reply to ``control_id``; late application ACKs of earlier messages
+        that come first are recorded with their message and reported again."""
+        while True:
+            parsed = parse_reply(await getting)
+            earlier = maybe_later.pop(parsed.control_id or "", None)
+            if earlier is None or parsed.control_id == control_id:
+                return parsed
+            late = evolve(earlier, application=parsed.ack_code)
+            results[late.number - 1] = late
+            report(late)
+            getting = protocol.next_reply(timeout)
+
     try:
         for number, message in enumerate(messages, start=1):
             control_id = _control_id(message)
+            condition = _application_ack_condition(message)
+            protocol.late_replies_allowed = bool(maybe_later) or condition == "AL"
             try:
-                reply = await protocol.exchange(message, timeout)
+                reply = await reply_for(control_id, protocol.exchange(message, timeout))
             except _NoReplyError as error:
                 result = SendResult(number, control_id, None, None, None, "", str(error), False)
             else:
-                result = SendResult.from_reply(number, control_id, parse_reply(reply))
+                result = SendResult.from_reply(number, control_id, reply)
+                if result.ok and result.ack_code == "CA" and condition == "AL":
+                    result = await _application_ack(result, reply_for, protocol, timeout)
+                elif result.ok and result.ack_code == "CA" and condition:
+                    maybe_later[control_id] = result
             results.append(result)
-            if on_result is not None:
-                on_result(result)
+            report(result)
             if not result.replied:
                 break
     finally:
         await protocol.close(CLOSE_GRACE)
     return results
+
+
+async def _application_ack(
+    accepted: SendResult,
+    reply_for: Callable[[str, Deferred[bytes]], Any],
+    protocol: _SenderProtocol,
+    timeout: float,
+) -> SendResult:
+    """Wait for the application ACK that follows ``accepted``'s CA (MSH-16 = AL)."""
+    control_id = accepted.control_id
+    try:
+        reply = await reply_for(control_id, protocol.next_reply(timeout))
+    except _NoReplyError as error:
+        return evolve(
+            accepted, application="", problem=f"no application ACK: {error}", replied=False
+        )
+    problem = reply.problem
+    if not problem and reply.control_id != control_id:
+        problem = "application ACK MSA-2 does not match MSH-10"
+    return evolve(
+        accepted,
+        application=reply.ack_code or "",
+        error_code=reply.error_code if reply.error_code is not None else accepted.error_code,
+        text=reply.text or accepted.text,
+        problem=problem,
+    )
+
+
+def _application_ack_condition(message: bytes) -> str:
+    """What application ACK a message asks for in enhanced mode (MSH-16).
+
+    "" none (original mode, MSH-16 empty or NE); "ER" or "SU" one that may
+    come; "AL" (also for an unknown value, as the receiver answers it) one
+    that must come.
+    """
+    parsed = parse_header(message, default_charset="latin-1")
+    header = parsed.header if isinstance(parsed, HeaderProblem) else parsed
+    if header is None or not is_enhanced(header) or not application_ack_requested(header):
+        return ""
+    condition = header.application_ack_type.strip().upper()
+    return condition if condition in ("ER", "SU") else "AL"
 
 
 def exit_status(results: Sequence[SendResult], count: int) -> int:

@@ -21,14 +21,15 @@ kill -9 at any point resumes exactly where the store says.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from attrs import evolve, frozen
 from sqlalchemy import Connection, bindparam, select, update
 
+from udsgateway.store import audit, outbox, schema
 from udsgateway.store import messages as store
-from udsgateway.store import outbox, schema
 from udsgateway.store.engine import Prepared
 from udsgateway.store.messages import CommitResult, InboundRecord, Origin, insert_logs, origins
 from udsgateway.store.outbox import DELIVERED, HELD, NewDelivery, Settlement
@@ -359,7 +360,12 @@ def list_executions(
 
 
 def release(
-    connection: Connection, execution_id: int, who: str, reason: str, now: float
+    connection: Connection,
+    execution_id: int,
+    who: str,
+    reason: str,
+    now: float,
+    via: str = "cli",
 ) -> ExecutionRow:
     """Make a held execution pending again: the executor renders its action anew
     (with the flow as it is now). Audited with who and why, never content."""
@@ -377,14 +383,47 @@ def release(
         .values(state=PENDING, error="", updated_at=now)
     )
     _log(connection, [(execution_id, "release", f"release by {who}: {reason}")], now)
-    connection.execute(
-        schema.audit.insert().values(
-            at=now,
-            who=who[:128],
-            action="execution.release",
-            target=f"execution {execution_id}"[:255],
-            reason=reason[:255],
-        )
+    audit.append(
+        connection, who, "execution.release", f"execution {execution_id}", now, reason, via=via
     )
     (row,) = list_executions(connection, execution_id=execution_id)
     return row
+
+
+def replay_messages(
+    connection: Connection,
+    message_ids: Sequence[int],
+    flow_id: str | None,
+    who: str,
+    reason: str,
+    now: float,
+) -> list[int]:
+    """Run stored messages through a flow again: one new pending execution per message,
+    through ``flow_id`` or, when None, through every flow each was routed to. Rejected
+    messages are not replayed. Returns the new executions' ids; logged (no content)."""
+    m, e = schema.messages, schema.executions
+    rows = []
+    for message_id, routed in connection.execute(
+        select(m.c.id, m.c.flows)
+        .where(m.c.id.in_(list(message_ids)), m.c.accepted.is_(True))
+        .order_by(m.c.id)
+    ):
+        for flow in [flow_id] if flow_id is not None else json.loads(routed):
+            rows.append(
+                {
+                    "message_id": message_id,
+                    "flow_id": flow,
+                    "state": PENDING,
+                    "step": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                    "error": "",
+                }
+            )
+    ids = []
+    for row in rows:
+        key = connection.execute(e.insert().values(**row)).inserted_primary_key
+        assert key is not None
+        ids.append(int(key[0]))
+    _log(connection, [(i, "replay", f"replay by {who}: {reason}") for i in ids], now)
+    return ids

@@ -16,7 +16,7 @@ from attrs import evolve, frozen
 from sqlalchemy import Connection, and_, bindparam, delete, select, update
 
 from udsgateway.flows import App, Flow, Trigger, action_from_document, actions_json
-from udsgateway.store import schema
+from udsgateway.store import schema, search
 from udsgateway.store.engine import Prepared, insert_with_ids, prepared_insert
 
 
@@ -59,6 +59,8 @@ class InboundRecord:
     #: an execution whose first action is given is stored waiting on it, unless its
     #: flow has older executions still pending at that step (see ``commit_inbound``).
     first: tuple[Any, ...] = ()
+    #: HL7 keys for the message search, (name, value): pid3, sch1, sch2 (store/search.py).
+    keys: tuple[tuple[str, str], ...] = ()
 
 
 @frozen
@@ -201,6 +203,7 @@ def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list
         ids = _insert_messages(connection, to_insert)
         made = _insert_executions(connection, to_insert, ids)
         _insert_receipt_logs(connection, to_insert, ids)
+        search.insert_keys(connection, [_search_keys(r) for r in to_insert], ids)
         for position, record, message_id in zip(positions, to_insert, ids, strict=True):
             execution_ids, folded = made.get(message_id, ((), ()))
             results[position] = CommitResult(
@@ -217,6 +220,17 @@ def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list
                 record, original.digest, original.ack, ids[first], original.ack_pending
             )
     return [r for r in results if r is not None]
+
+
+def _search_keys(record: InboundRecord) -> tuple[tuple[str, str], ...]:
+    """The message browser's keys of a message (see store/search.py)."""
+    keys = (
+        ("msh10", record.control_id),
+        ("msh9", record.message_type),
+        *((search.FLOW_KEY, flow_id) for flow_id in record.flows),
+        *record.keys,
+    )
+    return keys if record.accepted else (*keys, (search.STATUS_KEY, "rejected"))
 
 
 def _duplicate(
@@ -646,5 +660,6 @@ def prune(connection: Connection, before: float, limit: int) -> int:
         connection.execute(delete(e).where(e.c.id.in_(execution_ids)))
     connection.execute(delete(logs).where(logs.c.message_id.in_(candidates)))
     connection.execute(delete(logs).where(logs.c.at < before, logs.c.message_id.is_(None)))
+    search.delete_keys(connection, candidates)
     connection.execute(delete(m).where(m.c.id.in_(candidates)))
     return len(candidates)

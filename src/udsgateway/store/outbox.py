@@ -18,7 +18,7 @@ from attrs import frozen
 from sqlalchemy import Connection, bindparam, func, select, update
 
 from udsgateway.hl7.header import HeaderProblem, parse_header
-from udsgateway.store import schema
+from udsgateway.store import audit, schema
 from udsgateway.store.engine import Prepared, insert_with_ids, prepared_insert
 from udsgateway.store.messages import Origin, insert_logs, origins
 
@@ -405,6 +405,7 @@ def operator_action(
     reason: str,
     now: float,
     payload: bytes | None = None,
+    via: str = "cli",
 ) -> Delivery:
     """Release (send again now), skip, or replay (optionally with an edited payload)
     a delivery that is stuck: held, or queued and retrying (its head keeps failing).
@@ -455,14 +456,14 @@ def operator_action(
             reason=f"{action} of a {current.state} delivery by {who}: {reason}"[:255],
         )
     )
-    connection.execute(
-        schema.audit.insert().values(
-            at=now,
-            who=who[:128],
-            action=f"delivery.{action}",
-            target=f"delivery {delivery_id} lane {current.lane}"[:255],
-            reason=reason[:255],
-        )
+    audit.append(
+        connection,
+        who,
+        f"delivery.{action}",
+        f"delivery {delivery_id} lane {current.lane}",
+        now,
+        reason,
+        via=via,
     )
     updated = get_delivery(connection, delivery_id)
     assert updated is not None

@@ -7,6 +7,7 @@ SCHEMA_VERSION and add a step to MIGRATIONS for every change.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from sqlalchemy import (
@@ -23,9 +24,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    inspect,
+    select,
 )
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = MetaData()
 
@@ -184,6 +187,44 @@ audit = Table(
     Column("action", String(64), nullable=False, comment="what they did"),
     Column("target", String(255), nullable=False, comment="what it was done to; no content"),
     Column("reason", String(255), nullable=False, default="", comment="why they said"),
+    Column(
+        "result",
+        String(255),
+        nullable=False,
+        default="ok",
+        server_default="ok",
+        comment="ok, or why it was refused (no content)",
+    ),
+    Column(
+        "via",
+        String(16),
+        nullable=False,
+        default="cli",
+        server_default="cli",
+        comment="where it was done: api, cli or manhole",
+    ),
+    Index("audit_at", "at"),
+)
+
+destination_pauses = Table(
+    "destination_pauses",
+    metadata,
+    Column("destination", String(255), primary_key=True, comment="host:port paused"),
+    Column("paused_by", String(128), nullable=False, comment="operator who paused it"),
+    Column("paused_at", Float, nullable=False, comment="epoch seconds"),
+    Column("reason", String(255), nullable=False, default="", comment="why they said"),
+)
+
+# HL7 keys of stored messages, for the message search: one row per key and
+# message (MSH-10, PID-3's first identifier, SCH-1, SCH-2; "status" for rejected
+# ones), written in the inbound commit. The primary key is the search index.
+message_keys = Table(
+    "message_keys",
+    metadata,
+    Column("name", String(16), primary_key=True, comment="msh10, pid3, sch1, sch2, status"),
+    Column("value", String(199), primary_key=True, comment="the key's value"),
+    Column("message_id", Id, primary_key=True, comment="messages.id"),
+    sqlite_with_rowid=False,
 )
 
 # The admin service's users and API tokens. New tables need no migration step:
@@ -237,5 +278,41 @@ def _v2_to_v3(connection: Connection) -> None:
     connection.exec_driver_sql("DROP INDEX IF EXISTS messages_lookup")
 
 
+def _v3_to_v4(connection: Connection) -> None:
+    """The audit trail records the result and where an action was done (api, cli,
+    manhole); ``destination_pauses`` and ``message_keys`` are new tables (made by
+    ``create_all``). Messages stored before have no search keys."""
+    present = {column["name"] for column in inspect(connection).get_columns("audit")}
+    for name, size, default in (("result", 255, "ok"), ("via", 16, "cli")):
+        if name in present:
+            continue
+        connection.exec_driver_sql(
+            f"ALTER TABLE audit ADD COLUMN {name} VARCHAR({size}) NOT NULL DEFAULT '{default}'"
+        )
+    index(audit, "audit_at").create(connection, checkfirst=True)
+    # The keys stored columns give (MSH-10, MSH-9, flows, rejected); PID-3 and SCH
+    # need the message parsed: older messages are not found by those.
+    connection.exec_driver_sql(
+        "INSERT INTO message_keys (name, value, message_id)"
+        " SELECT DISTINCT 'msh10', control_id, id FROM messages"
+        " UNION SELECT DISTINCT 'msh9', message_type, id FROM messages"
+        " UNION SELECT DISTINCT 'status', 'rejected', id FROM messages WHERE NOT accepted"
+    )
+    routed = connection.execute(
+        select(messages.c.id, messages.c.flows).where(messages.c.flows != "[]")
+    ).all()
+    rows = [
+        {"name": "flow", "value": flow_id, "message_id": message_id}
+        for message_id, flows_json in routed
+        for flow_id in dict.fromkeys(json.loads(flows_json))
+    ]
+    if rows:
+        connection.execute(message_keys.insert(), rows)
+
+
 #: Steps from version N to N+1, each run in the transaction that opens the database.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+    3: _v3_to_v4,
+}

@@ -1,0 +1,449 @@
+"""The SQL of the message browser: search keys written at commit, the search, the detail.
+
+The inbound commit writes a few HL7 keys of each stored message into
+``message_keys`` (one multi-row insert per group): MSH-10 (``msh10``), the
+first identifier of PID-3 (``pid3``), SCH-1 and SCH-2 (``sch1``, ``sch2``),
+the message type (``msh9``), each flow it was routed to (``flow``), and
+``status=rejected`` for a rejected message. A search with a key or a type, flow
+or rejected filter walks that table's primary key, newest first, and looks its
+other keys up by primary key; the other filters (tenant, time range, status
+accepted) are checked on the rows as they come, newest first by arrival
+(``id``). A time range is turned into a range of ids first
+(two probes of the ``received_at`` index), so no search sorts.
+
+Results are pages of at most ``limit`` rows; the next page starts below the
+last id seen (keyset pagination: the cost of a page does not grow with its
+depth).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from attrs import evolve, frozen
+from sqlalchemy import Connection, delete, func, select
+
+from udsgateway.store import schema
+from udsgateway.store.engine import prepared_insert
+
+#: Search keys written at commit, and what an operator calls them.
+KEYS = {"msh10": "MSH-10", "pid3": "PID-3", "sch1": "SCH-1", "sch2": "SCH-2"}
+#: Keys the search uses for its filters: the status (written for rejected messages
+#: only), the message type (MSH-9 as stored) and each flow a message was routed to.
+STATUS_KEY = "status"
+TYPE_KEY = "msh9"
+FLOW_KEY = "flow"
+STATUSES = ("accepted", "rejected")
+MAX_VALUE = 199
+
+_KEY_COLUMNS = ("name", "value", "message_id")
+_INSERT_KEYS = prepared_insert(schema.message_keys, _KEY_COLUMNS)
+#: Rows per multi-row INSERT of keys on SQLite (3 parameters each).
+_CHUNK = 200
+
+
+def insert_keys(
+    connection: Connection, keys: Sequence[Sequence[tuple[str, str]]], ids: Sequence[int]
+) -> None:
+    """Write the search keys of newly stored messages: ``keys[i]`` belongs to ``ids[i]``.
+
+    On the inbound commit's path: flat parameter lists, multi-row statements of up
+    to ``_CHUNK`` rows on SQLite (executemany elsewhere), no per-row dicts.
+    """
+    flat: list[Any] = []
+    for message_keys, message_id in zip(keys, ids, strict=True):
+        for name, value in dict.fromkeys(message_keys):
+            if value:
+                flat += (name, value[:MAX_VALUE], message_id)
+    if not flat:
+        return
+    if connection.dialect.name != "sqlite":
+        rows = [
+            dict(zip(_KEY_COLUMNS, flat[i : i + 3], strict=True)) for i in range(0, len(flat), 3)
+        ]
+        _INSERT_KEYS.execute(connection, rows)
+        return
+    cursor = connection.connection.cursor()
+    try:
+        step = _CHUNK * 3
+        for start in range(0, len(flat), step):
+            part = flat[start : start + step]
+            sql, columns = _INSERT_KEYS._multi_sql(connection, len(part) // 3)
+            assert columns == _KEY_COLUMNS
+            cursor.execute(sql, part)
+    finally:
+        cursor.close()
+
+
+def delete_keys(connection: Connection, message_ids: Sequence[int]) -> None:
+    """Forget the keys of messages retention deletes."""
+    if message_ids:
+        k = schema.message_keys
+        connection.execute(delete(k).where(k.c.message_id.in_(list(message_ids))))
+
+
+@frozen
+class MessageSummary:
+    """A row of the message browser: metadata, never content."""
+
+    id: int
+    tenant: str
+    sender: str
+    control_id: str
+    message_type: str
+    peer: str
+    connection: str
+    received_at: float
+    size: int
+    accepted: bool
+    flows: tuple[str, ...]
+    reason: str
+    ack_code: str
+
+
+@frozen
+class Query:
+    """A message search; every filter is optional, all given ones must match."""
+
+    tenant: str | None = None
+    message_type: str | None = None
+    status: str | None = None  # accepted or rejected
+    since: float | None = None  # received at or after (epoch seconds)
+    until: float | None = None  # received before
+    flow_id: str | None = None
+    #: HL7 keys: name (a KEYS key) -> value, exact.
+    keys: tuple[tuple[str, str], ...] = ()
+    before_id: int | None = None  # keyset: messages older than this one
+    limit: int = 50
+
+
+_SUMMARY = (
+    schema.messages.c.id,
+    schema.messages.c.tenant,
+    schema.messages.c.sender,
+    schema.messages.c.control_id,
+    schema.messages.c.message_type,
+    schema.messages.c.peer,
+    schema.messages.c.connection,
+    schema.messages.c.received_at,
+    schema.messages.c.size,
+    schema.messages.c.accepted,
+    schema.messages.c.flows,
+    schema.messages.c.reason,
+    schema.messages.c.ack_code,
+)
+
+
+def _summary(row: Any) -> MessageSummary:
+    return MessageSummary(
+        id=row.id,
+        tenant=row.tenant,
+        sender=row.sender,
+        control_id=row.control_id,
+        message_type=row.message_type,
+        peer=row.peer,
+        connection=row.connection,
+        received_at=row.received_at,
+        size=row.size,
+        accepted=bool(row.accepted),
+        flows=tuple(json.loads(row.flows)),
+        reason=row.reason,
+        ack_code=row.ack_code,
+    )
+
+
+def id_range(
+    connection: Connection, since: float | None, until: float | None
+) -> tuple[int, int] | None:
+    """The ids of the first and last message received in [since, until); None: none."""
+    m = schema.messages
+    low_query = select(m.c.id).order_by(m.c.received_at, m.c.id).limit(1)
+    high_query = select(m.c.id).order_by(m.c.received_at.desc(), m.c.id.desc()).limit(1)
+    if since is not None:
+        low_query = low_query.where(m.c.received_at >= since)
+        high_query = high_query.where(m.c.received_at >= since)
+    if until is not None:
+        low_query = low_query.where(m.c.received_at < until)
+        high_query = high_query.where(m.c.received_at < until)
+    low = connection.execute(low_query).scalar()
+    high = connection.execute(high_query).scalar()
+    if low is None or high is None:
+        return None
+    return (min(low, high), max(low, high))
+
+
+def search(connection: Connection, query: Query) -> list[MessageSummary]:
+    """Messages matching ``query``, newest first, at most ``query.limit`` of them."""
+    m, k = schema.messages, schema.message_keys
+    statement = select(*_SUMMARY).limit(max(1, min(query.limit, 1000)))
+    bounds: tuple[int, int] | None = None
+    if query.since is not None or query.until is not None:
+        bounds = id_range(connection, query.since, query.until)
+        if bounds is None:
+            return []
+        statement = statement.where(m.c.id.between(*bounds))
+        if query.since is not None:
+            statement = statement.where(m.c.received_at >= query.since)
+        if query.until is not None:
+            statement = statement.where(m.c.received_at < query.until)
+    keys = list(query.keys)
+    if query.message_type is not None:
+        keys.append((TYPE_KEY, query.message_type))
+    if query.flow_id is not None:
+        keys.append((FLOW_KEY, query.flow_id))
+    if query.status == "rejected":
+        keys.append((STATUS_KEY, "rejected"))
+    elif query.status == "accepted":
+        statement = statement.where(m.c.accepted.is_(True))
+    elif query.status is not None:
+        raise ValueError(f"status: expected one of {', '.join(STATUSES)}")
+    order = m.c.id.desc()
+    for index, (name, value) in enumerate(keys):
+        if name not in KEYS and name not in (STATUS_KEY, TYPE_KEY, FLOW_KEY):
+            raise ValueError(f"unknown search key {name!r} (one of: {', '.join(KEYS)})")
+        alias = k.alias(f"k{index}")
+        statement = statement.join(alias, alias.c.message_id == m.c.id).where(
+            alias.c.name == name, alias.c.value == value[:MAX_VALUE]
+        )
+        if index == 0:
+            # The first key's index walks newest first: no sort.
+            order = alias.c.message_id.desc()
+            if query.before_id is not None:
+                statement = statement.where(alias.c.message_id < query.before_id)
+            if bounds is not None:
+                statement = statement.where(alias.c.message_id.between(*bounds))
+    if query.before_id is not None:
+        statement = statement.where(m.c.id < query.before_id)
+    if query.tenant is not None:
+        statement = statement.where(m.c.tenant == query.tenant)
+    return [_summary(row) for row in connection.execute(statement.order_by(order))]
+
+
+def count(connection: Connection, query: Query) -> int:
+    """How many messages match ``query`` (paging ignored): what a replay would touch."""
+    ids = matching_ids(connection, query, None)
+    return len(ids)
+
+
+def matching_ids(connection: Connection, query: Query, limit: int | None) -> list[int]:
+    """The ids of every message matching ``query`` (from ``before_id`` down), oldest
+    first; at most the newest ``limit`` of them."""
+    found: list[int] = []
+    page = evolve(query, limit=1000)
+    while True:
+        rows = search(connection, page)
+        found.extend(row.id for row in rows)
+        if len(rows) < 1000 or (limit is not None and len(found) >= limit):
+            break
+        page = evolve(page, before_id=rows[-1].id)
+    if limit is not None:
+        found = found[:limit]
+    found.reverse()
+    return found
+
+
+@frozen
+class Attempted:
+    """A delivery of a message, for its detail view (no payload, no response)."""
+
+    id: int
+    execution_id: int | None
+    step: int
+    lane: str
+    destination: str
+    protocol: str
+    control_id: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    response_code: str
+    created_at: float
+    updated_at: float
+
+
+@frozen
+class ExecutionSummary:
+    """An execution of a message, for its detail view."""
+
+    id: int
+    flow_id: str
+    state: str
+    step: int
+    created_at: float
+    updated_at: float
+    error: str
+
+
+@frozen
+class MessageDetail:
+    """A message's metadata, the ACK sent (code only), executions, deliveries, log lines."""
+
+    message: MessageSummary
+    executions: tuple[ExecutionSummary, ...]
+    deliveries: tuple[Attempted, ...]
+    attempts: tuple[tuple[int, int, str, str, str, float], ...]
+
+
+def detail(connection: Connection, message_id: int) -> MessageDetail | None:
+    """Everything about one message except its content; None when there is none."""
+    m, e, d, logs = schema.messages, schema.executions, schema.deliveries, schema.logs
+    row = connection.execute(select(*_SUMMARY).where(m.c.id == message_id)).first()
+    if row is None:
+        return None
+    runs = tuple(
+        ExecutionSummary(*r)
+        for r in connection.execute(
+            select(e.c.id, e.c.flow_id, e.c.state, e.c.step, e.c.created_at)
+            .add_columns(e.c.updated_at, e.c.error)
+            .where(e.c.message_id == message_id)
+            .order_by(e.c.id)
+        )
+    )
+    sent: tuple[Attempted, ...] = ()
+    attempts: tuple[tuple[int, int, str, str, str, float], ...] = ()
+    if runs:
+        execution_ids = [run.id for run in runs]
+        sent = tuple(
+            Attempted(*r)
+            for r in connection.execute(
+                select(
+                    d.c.id,
+                    d.c.execution_id,
+                    d.c.step,
+                    d.c.lane,
+                    d.c.destination,
+                    d.c.protocol,
+                    d.c.control_id,
+                )
+                .add_columns(d.c.state, d.c.attempts, d.c.next_attempt_at, d.c.last_error)
+                .add_columns(d.c.response_code, d.c.created_at, d.c.updated_at)
+                .where(d.c.execution_id.in_(execution_ids))
+                .order_by(d.c.id)
+            )
+        )
+        # Each attempt is a log line: (execution, step, attempt, outcome, ack, reason, at).
+        attempts = tuple(
+            (r.execution_id, r.attempt or 0, r.outcome, r.ack_code, r.reason, r.at)
+            for r in connection.execute(
+                select(
+                    logs.c.execution_id,
+                    logs.c.attempt,
+                    logs.c.outcome,
+                    logs.c.ack_code,
+                    logs.c.reason,
+                    logs.c.at,
+                )
+                .where(logs.c.message_id == message_id, logs.c.event == "delivery")
+                .order_by(logs.c.id)
+            )
+        )
+    return MessageDetail(_summary(row), runs, sent, attempts)
+
+
+def content(connection: Connection, message_id: int) -> tuple[bytes, bytes] | None:
+    """A message's raw bytes and the ACK sent for it; None when there is none."""
+    m = schema.messages
+    row = connection.execute(select(m.c.raw, m.c.ack).where(m.c.id == message_id)).first()
+    return (bytes(row[0]), bytes(row[1])) if row is not None else None
+
+
+def delivery_content(
+    connection: Connection, delivery_id: int
+) -> tuple[int | None, bytes, bytes | None] | None:
+    """A delivery's message id, rendered payload and the destination's response."""
+    d, e = schema.deliveries, schema.executions
+    row = connection.execute(
+        select(e.c.message_id, d.c.payload, d.c.response)
+        .select_from(d.outerjoin(e, e.c.id == d.c.execution_id))
+        .where(d.c.id == delivery_id)
+    ).first()
+    if row is None:
+        return None
+    return (row[0], bytes(row[1]), bytes(row[2]) if row[2] is not None else None)
+
+
+def total(connection: Connection) -> int:
+    """How many messages are stored."""
+    return int(connection.execute(select(func.count()).select_from(schema.messages)).scalar() or 0)
+
+
+@frozen
+class LogLine:
+    """A line of the execution log, as operators read it (never content)."""
+
+    id: int
+    at: float
+    event: str
+    outcome: str
+    app_id: str
+    flow_id: str
+    tenant: str
+    message_id: int | None
+    execution_id: int | None
+    control_id: str
+    message_type: str
+    step: int | None
+    attempt: int | None
+    ack_code: str
+    reason: str
+
+
+def log_lines(
+    connection: Connection,
+    flow_id: str | None = None,
+    outcomes: Sequence[str] = (),
+    since: float | None = None,
+    after_id: int = 0,
+    before_id: int | None = None,
+    limit: int = 100,
+    newest_first: bool = True,
+    message_id: int | None = None,
+) -> list[LogLine]:
+    """Log lines, filtered as ``udsgateway logs`` filters them: newest first (or, for a
+    tail, the oldest after ``after_id``)."""
+    logs, flows = schema.logs, schema.flows
+    query = (
+        select(logs, flows.c.app_id.label("flow_app_id"))
+        .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
+        .where(logs.c.id > after_id)
+        .order_by(logs.c.id.desc() if newest_first else logs.c.id)
+        .limit(max(1, limit))
+    )
+    if before_id is not None:
+        query = query.where(logs.c.id < before_id)
+    if flow_id:
+        query = query.where(logs.c.flow_id == flow_id)
+    if outcomes:
+        query = query.where(logs.c.outcome.in_(list(outcomes)))
+    if since is not None:
+        query = query.where(logs.c.at >= since)
+    if message_id is not None:
+        query = query.where(logs.c.message_id == message_id)
+    return [
+        LogLine(
+            id=row.id,
+            at=row.at,
+            event=row.event,
+            outcome=row.outcome,
+            app_id=row.app_id or row.flow_app_id or "",
+            flow_id=row.flow_id,
+            tenant=row.tenant,
+            message_id=row.message_id,
+            execution_id=row.execution_id,
+            control_id=row.control_id,
+            message_type=row.message_type,
+            step=row.step,
+            attempt=row.attempt,
+            ack_code=row.ack_code,
+            reason=row.reason,
+        )
+        for row in connection.execute(query)
+    ]
+
+
+def last_log_id(connection: Connection) -> int:
+    """The id of the newest log line (0: none): where a tail starts."""
+    return int(connection.execute(select(func.max(schema.logs.c.id))).scalar() or 0)

@@ -1,0 +1,146 @@
+"""The operations' store parts (audit trail, destination pauses, search keys, the
+message search, the log view, replays) behave the same on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, create_engine, text
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from tests.test_store_contract import POSTGRES_URL
+from udsgateway.store import audit, destinations, executions, search
+from udsgateway.store import messages as store
+from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
+from udsgateway.store.search import Query
+from udsgateway.testing import inbound_record
+
+if TYPE_CHECKING:
+    _Base = SynchronousTestCase
+else:
+    _Base = object
+
+
+def stored(
+    control_id: str, at: float, keys: tuple[tuple[str, str], ...] = (), **changes: Any
+) -> Any:
+    from attrs import evolve
+
+    record = inbound_record(control_id, flows=("F1",))
+    return evolve(record, received_at=at, keys=keys, **changes)
+
+
+class OpsContract(_Base):
+    engine: Engine
+    database: Database
+
+    def open_database(self) -> None:
+        self.database = Database(self.engine, InlineRunner())
+        self.addCleanup(self.database.close)
+        self.tx(ensure_schema)
+
+    def tx(self, function: Any, *args: Any) -> Any:
+        return self.database.transaction_now(function, *args)
+
+    def test_audit_append_and_filters(self) -> None:
+        self.tx(audit.append, "ann", "delivery.skip", "delivery 1", 10.0, "why", "ok", "api")
+        self.tx(audit.append, "bob", "destination.pause", "destination h:1", 20.0, "", "ok", "cli")
+        self.tx(
+            audit.append, "ann", "content.inbound", "message 3", 30.0, "", "refused: x", "manhole"
+        )
+        rows = self.tx(audit.entries)
+        self.assertEqual([r.who for r in rows], ["ann", "bob", "ann"])
+        self.assertEqual(rows[0].result, "refused: x")
+        self.assertEqual([r.action for r in self.tx(audit.entries, "ann")][1], "delivery.skip")
+        self.assertEqual(len(self.tx(audit.entries, None, "delivery.")), 1)
+        self.assertEqual(len(self.tx(audit.entries, None, None, None, 15.0)), 2)
+        self.assertEqual(
+            [r.via for r in self.tx(audit.entries, None, None, None, None, None, rows[0].id)],
+            ["cli", "api"],
+        )
+        vias = self.tx(audit.entries, None, None, None, None, None, None, 100, ("cli",))
+        self.assertEqual([r.who for r in vias], ["bob"])
+
+    def test_pauses(self) -> None:
+        self.assertTrue(self.tx(destinations.pause, "h:1", "ann", "upgrade", 5.0))
+        self.assertFalse(self.tx(destinations.pause, "h:1", "bob", "again", 6.0))
+        self.assertEqual(self.tx(destinations.pauses)["h:1"].paused_by, "ann")
+        self.assertTrue(self.tx(destinations.resume, "h:1"))
+        self.assertFalse(self.tx(destinations.resume, "h:1"))
+        self.assertEqual(self.tx(destinations.pauses), {})
+
+    def test_search_by_keys_filters_and_pages(self) -> None:
+        records = [
+            stored("K1", 100.0, (("pid3", "P1"),)),
+            stored("K2", 200.0, (("pid3", "P2"),)),
+            stored("K3", 300.0, (("pid3", "P1"),), message_type="SIU^S12"),
+            stored("K4", 400.0, (("pid3", "P1"),), accepted=False, flows=()),
+        ]
+        self.tx(store.commit_inbound, records)
+
+        def ids(**filters: Any) -> list[str]:
+            return [m.control_id for m in self.tx(search.search, Query(**filters))]
+
+        self.assertEqual(ids(), ["K4", "K3", "K2", "K1"])
+        self.assertEqual(ids(keys=(("pid3", "P1"),)), ["K4", "K3", "K1"])
+        self.assertEqual(ids(keys=(("pid3", "P1"),), status="accepted"), ["K3", "K1"])
+        self.assertEqual(ids(status="rejected"), ["K4"])
+        self.assertEqual(ids(message_type="SIU^S12"), ["K3"])
+        self.assertEqual(ids(flow_id="F1"), ["K3", "K2", "K1"])
+        self.assertEqual(ids(keys=(("msh10", "K2"),)), ["K2"])
+        self.assertEqual(ids(since=150.0, until=350.0), ["K3", "K2"])
+        self.assertEqual(ids(keys=(("pid3", "P1"),), since=150.0), ["K4", "K3"])
+        first = self.tx(search.search, Query(limit=2))
+        self.assertEqual(ids(limit=2, before_id=first[-1].id), ["K2", "K1"])
+        self.assertEqual(
+            self.tx(search.matching_ids, Query(keys=(("pid3", "P1"),)), None),
+            [first[1].id - 2, first[1].id, first[0].id],
+        )
+        detail = self.tx(search.detail, first[0].id)
+        self.assertFalse(detail.message.accepted)
+        self.assertEqual(self.tx(search.content, first[0].id)[1], b"ACK K4")
+
+    def test_replay_and_log_view(self) -> None:
+        [result] = self.tx(store.commit_inbound, [stored("R1", 100.0)])
+        made = self.tx(executions.replay_messages, [result.message_id], None, "ann", "why", 5.0)
+        self.assertEqual(len(made), 1)
+        lines = self.tx(search.log_lines)
+        self.assertEqual([line.outcome for line in lines], ["replay", "accepted"])
+        self.assertEqual(self.tx(search.last_log_id), lines[0].id)
+        self.assertEqual(
+            [line.outcome for line in self.tx(search.log_lines, None, ("accepted",))],
+            ["accepted"],
+        )
+
+
+class SQLiteOpsTests(OpsContract, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.engine = make_engine(f"sqlite:///{os.path.abspath(self.mktemp())}.db")
+        self.open_database()
+
+
+class PostgreSQLOpsTests(OpsContract, SynchronousTestCase):
+    def setUp(self) -> None:
+        schema = f"udsgw_{uuid.uuid4().hex[:12]}"
+        admin = create_engine(POSTGRES_URL)
+        try:
+            with admin.begin() as connection:
+                connection.execute(text(f"CREATE SCHEMA {schema}"))
+        except Exception as error:
+            if os.environ.get("CI"):
+                raise
+            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
+
+        def drop() -> None:
+            self.engine.dispose()
+            with admin.begin() as connection:
+                connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+            admin.dispose()
+
+        self.addCleanup(drop)
+        self.engine = create_engine(
+            POSTGRES_URL, connect_args={"options": f"-c search_path={schema}"}
+        )
+        self.open_database()
