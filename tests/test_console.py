@@ -215,6 +215,14 @@ class MessageTests(ConsoleTestCase):
         self.assertIn("received", timeline)
         self.assertIn("delivered", timeline)
 
+    def test_search_by_appointment(self) -> None:
+        self.send("C1")
+        self.client.login("viewer")
+        found = self.client.post("/console/messages", {"sch1": "APT1001"})
+        self.assertEqual(re.findall(r"<td>(C\d)</td>", found.body), ["C1"])
+        none = self.client.post("/console/messages", {"sch1": "APT9999"})
+        self.assertIn("No messages match", none.body)
+
     def test_search_by_control_id_newest_first(self) -> None:
         for control_id in ("A1", "A2", "A3"):
             self.send(control_id)
@@ -274,6 +282,30 @@ class QueueTests(ConsoleTestCase):
             (audit["who"], audit["action"], audit["reason"]),
             ("operator", "delivery.release", "fixed"),
         )
+
+    def test_pause_keeps_queueing_then_resume_sends(self) -> None:
+        self.client.login("operator")
+        refused = self.client.post("/console/queues/pause", {"address": "127.0.0.1:2700"})
+        self.assertEqual(refused.status, 400)  # a pause needs a reason
+        done = self.client.post(
+            "/console/queues/pause", {"address": "127.0.0.1:2700", "reason": "partner upgrade"}
+        )
+        self.assertEqual(done.status, 303)
+        self.running.send(message_to(self.flow_id, "P1"))
+        self.running.clock.advance(60)
+        (delivery,) = self.running.rows(schema.deliveries)
+        self.assertEqual(delivery["state"], "queued")
+        self.assertEqual(self.running.peer(2700).received, [])
+        page = self.client.get("/console/queues")
+        self.assertIn("paused by operator", page.body)
+        panel = self.client.get("/console/dashboard/panel")
+        self.assertIn('data-col="paused">paused by operator<', panel.body)
+        self.client.post("/console/queues/resume", {"address": "127.0.0.1:2700", "reason": ""})
+        self.running.settle()
+        self.assertEqual(self.running.rows(schema.deliveries)[0]["state"], "delivered")
+        actions = [(r["action"], r["via"]) for r in self.running.rows(schema.audit)]
+        self.assertIn(("destination.pause", "api"), actions)
+        self.assertIn(("destination.resume", "api"), actions)
 
     def test_release_needs_a_reason(self) -> None:
         delivery_id = self.hold_one()

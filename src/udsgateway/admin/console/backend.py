@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from attrs import evolve, frozen
-from sqlalchemy import Connection, and_, func, or_, select
+from sqlalchemy import Connection, func, or_, select
 from twisted.internet.defer import Deferred
 
 from udsgateway.config import GatewayConfig
@@ -33,8 +33,8 @@ from udsgateway.mapping.templating import (
     compile_template,
     render_body,
 )
+from udsgateway.store import audit, destinations, outbox, schema, search
 from udsgateway.store import messages as store
-from udsgateway.store import outbox, schema
 from udsgateway.store.engine import Database
 
 #: The trigger types offered first in the flow editor (any other may be typed).
@@ -95,6 +95,8 @@ class SearchQuery:
     message_type: str = ""
     control_id: str = ""
     pid3: str = ""  # PID-3 first identifier: PHI, only ever sent in a POST body
+    sch1: str = ""  # SCH-1 placer appointment ID
+    sch2: str = ""  # SCH-2 filler appointment ID
     before_id: int | None = None
 
 
@@ -144,81 +146,53 @@ def _status(connection: Connection, now: float) -> dict[str, Any]:
         buckets = series.setdefault(flow_id, [0] * 60)
         index = min(59, max(0, int((created - (now - 3600.0)) // 60)))
         buckets[index] += 1
-    destinations: dict[str, dict[str, Any]] = {}
+    found: dict[str, dict[str, Any]] = {}
     for destination, state, count in connection.execute(
         select(d.c.destination, d.c.state, func.count()).group_by(d.c.destination, d.c.state)
     ):
-        destinations.setdefault(destination, {})[state] = int(count)
+        found.setdefault(destination, {})[state] = int(count)
     for destination, oldest in connection.execute(
         select(d.c.destination, func.min(d.c.created_at))
         .where(d.c.state.in_(outbox.OPEN_STATES))
         .group_by(d.c.destination)
     ):
-        destinations.setdefault(destination, {})["oldest"] = float(oldest)
+        found.setdefault(destination, {})["oldest"] = float(oldest)
     for label, window in (("per_minute", 60.0), ("per_hour", 3600.0)):
         for destination, count in connection.execute(
             select(d.c.destination, func.count())
             .where(d.c.state == outbox.DELIVERED, d.c.updated_at >= now - window)
             .group_by(d.c.destination)
         ):
-            destinations.setdefault(destination, {})[label] = int(count)
-    return {"flows": flows, "series": series, "destinations": destinations}
+            found.setdefault(destination, {})[label] = int(count)
+    paused = {a: p.paused_by for a, p in destinations.pauses(connection).items()}
+    return {"flows": flows, "series": series, "destinations": found, "paused": paused}
 
 
 def _search(connection: Connection, query: SearchQuery) -> list[dict[str, Any]]:
-    m = schema.messages
-    statement = select(
-        m.c.id,
-        m.c.tenant,
-        m.c.control_id,
-        m.c.message_type,
-        m.c.received_at,
-        m.c.accepted,
-        m.c.flows,
-        m.c.reason,
-        m.c.ack_code,
-        m.c.size,
-    ).order_by(m.c.id.desc())
-    conditions = []
-    if query.since is not None:
-        conditions.append(m.c.received_at >= query.since)
-    if query.until is not None:
-        conditions.append(m.c.received_at < query.until)
-    if query.status == "accepted":
-        conditions.append(m.c.accepted.is_(True))
-    elif query.status == "rejected":
-        conditions.append(m.c.accepted.is_(False))
-    if query.flow_id:
-        conditions.append(m.c.flows.contains(json.dumps(query.flow_id)))
-    if query.message_type:
-        conditions.append(m.c.message_type == query.message_type)
-    if query.control_id:
-        conditions.append(m.c.control_id == query.control_id)
-    if query.before_id is not None:
-        conditions.append(m.c.id < query.before_id)
-    if conditions:
-        statement = statement.where(and_(*conditions))
-    if not query.pid3:
-        rows = connection.execute(statement.limit(PAGE)).all()
-    else:
-        # PID-3: the first identifier of each candidate, read from the stored bytes
-        # (newest first, a bounded scan), never from a URL.
-        rows = []
-        wanted = query.pid3.strip()
-        for chunk_start in range(0, 20_000, 500):
-            chunk = connection.execute(
-                statement.add_columns(m.c.raw).limit(500).offset(chunk_start)
-            ).all()
-            for row in chunk:
-                try:
-                    value = parse_message(row.raw, default_charset="latin-1").get("PID-3.1")
-                except (MessageParseError, ValueError, KeyError):
-                    continue
-                if value == wanted:
-                    rows.append(row)
-            if len(rows) >= PAGE or len(chunk) < 500:
-                break
-        rows = rows[:PAGE]
+    """The search of the message browser, on the HL7 keys indexed at commit."""
+    keys = [
+        (name, value.strip())
+        for name, value in (
+            ("msh10", query.control_id),
+            ("pid3", query.pid3),
+            ("sch1", query.sch1),
+            ("sch2", query.sch2),
+        )
+        if value.strip()
+    ]
+    found = search.search(
+        connection,
+        search.Query(
+            message_type=query.message_type or None,
+            status=query.status or None,
+            since=query.since,
+            until=query.until,
+            flow_id=query.flow_id or None,
+            keys=tuple(keys),
+            before_id=query.before_id,
+            limit=PAGE,
+        ),
+    )
     return [
         {
             "id": row.id,
@@ -227,12 +201,12 @@ def _search(connection: Connection, query: SearchQuery) -> list[dict[str, Any]]:
             "message_type": row.message_type,
             "received": _time(row.received_at),
             "status": "accepted" if row.accepted else "rejected",
-            "flows": _json_list(row.flows),
+            "flows": list(row.flows),
             "reason": row.reason,
             "ack_code": row.ack_code,
             "size": row.size,
         }
-        for row in rows
+        for row in found
     ]
 
 
@@ -340,14 +314,28 @@ def _message(connection: Connection, message_id: int) -> dict[str, Any] | None:
     }
 
 
+#: The console is part of the admin service: its actions are audited as ``api``.
+VIA = "api"
+
+
 def _audit(
     connection: Connection, who: str, action: str, target: str, reason: str, now: float
 ) -> None:
-    connection.execute(
-        schema.audit.insert().values(
-            at=now, who=who[:128], action=action[:64], target=target[:255], reason=reason[:255]
-        )
-    )
+    audit.append(connection, who, action, target, now, reason, "ok", VIA)
+
+
+def _pause(connection: Connection, address: str, who: str, reason: str, now: float) -> bool:
+    done = destinations.pause(connection, address, who, reason, now)
+    if done:
+        _audit(connection, who, "destination.pause", f"destination {address}", reason, now)
+    return done
+
+
+def _resume(connection: Connection, address: str, who: str, reason: str, now: float) -> bool:
+    done = destinations.resume(connection, address)
+    if done:
+        _audit(connection, who, "destination.resume", f"destination {address}", reason, now)
+    return done
 
 
 def _message_content(
@@ -372,6 +360,7 @@ def _message_content(
 
 def _queues(connection: Connection, now: float) -> list[dict[str, Any]]:
     d = schema.deliveries
+    paused = destinations.pauses(connection)
     rows = connection.execute(
         select(
             d.c.id,
@@ -399,6 +388,8 @@ def _queues(connection: Connection, now: float) -> list[dict[str, Any]]:
                 why += f" ({row.last_error})"
         elif row.id != head:
             why = f"waiting for the head of its lane (delivery {head})"
+        elif destinations.address_of(row.destination) in paused:
+            why = f"paused by {paused[destinations.address_of(row.destination)].paused_by}"
         elif row.next_attempt_at > now:
             why = f"backoff until {_time(row.next_attempt_at)}"
             if row.last_error:
@@ -576,8 +567,10 @@ class ConsoleBackend:
         names = {
             a.endpoint: f"{a.host}:{a.port}" for f in flows.values() for a in self._actions(f)
         }
+        paused = found["paused"]
         for endpoint in sorted(set(found["destinations"]) | set(names)):
             counts = found["destinations"].get(endpoint, {})
+            address = destinations.address_of(endpoint)
             oldest = counts.get("oldest")
             age = int(now - oldest) if oldest else None
             connection = self._connection_state(endpoint)
@@ -593,10 +586,14 @@ class ConsoleBackend:
                 "per_hour": counts.get("per_hour", 0),
                 "oldest_age": age,
                 "connection": connection,
-                "paused": False,
+                "address": address,
+                "paused": paused.get(address),
             }
             row["problem"] = bool(
-                row["held"] or connection == "down" or (age is not None and age > 300)
+                row["held"]
+                or row["paused"]
+                or connection == "down"
+                or (age is not None and age > 300)
             )
             destination_rows.append(row)
         flow_rows.sort(key=lambda r: (not r["problem"], r["name"]))
@@ -788,6 +785,22 @@ class ConsoleBackend:
         for delivery in updated:
             self._wake(delivery.lane)
         return len(updated)
+
+    async def pause(self, address: str, who: str, reason: str) -> bool:
+        """Pause a destination (``host:port``): it keeps queueing, nothing is sent."""
+        done = await self.database.transaction(_pause, address, who, reason, self.wall())
+        await self._pauses_changed()
+        return done
+
+    async def resume(self, address: str, who: str, reason: str) -> bool:
+        done = await self.database.transaction(_resume, address, who, reason, self.wall())
+        await self._pauses_changed()
+        return done
+
+    async def _pauses_changed(self) -> None:
+        if self.dispatcher is not None and hasattr(self.dispatcher, "set_pauses"):
+            found = await self.database.transaction(destinations.pauses)
+            self.dispatcher.set_pauses({a: p.paused_by for a, p in found.items()})
 
     def _wake(self, lane: str) -> None:
         if self.dispatcher is not None:

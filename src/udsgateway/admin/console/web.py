@@ -265,6 +265,7 @@ class Console(Resource):
                 OPERATOR,
             ),
             ("POST", r"/queues/replay", self.queue_replay, OPERATOR),
+            ("POST", r"/queues/(?P<verb>pause|resume)", self.queue_pause, OPERATOR),
             ("GET", r"/flows", self.flows, VIEWER),
             ("GET", r"/flows/new", self.flow_new, ADMIN),
             ("GET", r"/flows/(?P<flow_id>[A-Z0-9]+)", self.flow_edit, VIEWER),
@@ -477,11 +478,14 @@ class Console(Resource):
             flow_id=source("flow_id").strip(),
             message_type=source("message_type").strip().upper(),
             control_id=source("control_id").strip(),
-            # PID-3 only from a POST body: never in a URL.
+            # Patient and appointment keys only from a POST body: never in a URL.
             pid3=page.field("pid3").strip() if page.method == "POST" else "",
+            sch1=page.field("sch1").strip() if page.method == "POST" else "",
+            sch2=page.field("sch2").strip() if page.method == "POST" else "",
             before_id=int(source("before")) if source("before").isdigit() else None,
         )
         results = await self.backend.search(query)
+        keyed = bool(query.pid3 or query.sch1 or query.sch2)
         flows = await self.backend.flows()
         values = {
             "since": source("since"),
@@ -491,10 +495,14 @@ class Console(Resource):
             "message_type": query.message_type,
             "control_id": query.control_id,
             "pid3": query.pid3,
+            "sch1": query.sch1,
+            "sch2": query.sch2,
         }
         # A shareable link for the filters that are not PHI (PID-3 is left out).
         share = "&".join(
-            f"{k}={quote(v, safe='')}" for k, v in values.items() if v and k != "pid3"
+            f"{k}={quote(v, safe='')}"
+            for k, v in values.items()
+            if v and k not in ("pid3", "sch1", "sch2")
         )
         return page.render(
             "messages.html",
@@ -503,7 +511,7 @@ class Console(Resource):
             flows=flows,
             values=values,
             share=share,
-            older=results[-1]["id"] if len(results) >= 50 and not query.pid3 else None,
+            older=results[-1]["id"] if len(results) >= 50 and not keyed else None,
         )
 
     async def message(self, page: Page, match: re.Match[str]) -> bytes:
@@ -553,6 +561,23 @@ class Console(Resource):
         except ValueError as error:
             raise RefusedError(409, str(error)) from error
         return page.redirect(f"{PREFIX}/queues?done={action}+{updated.id}")
+
+    async def queue_pause(self, page: Page, match: re.Match[str]) -> bytes:
+        address = page.field("address").strip()
+        reason = page.field("reason").strip()
+        if not address:
+            raise RefusedError(400, "Which destination?")
+        if match["verb"] == "pause":
+            if not reason:
+                raise RefusedError(400, "A pause needs a reason.")
+            done = await self.backend.pause(address, page.user.name, reason)
+        else:
+            done = await self.backend.resume(address, page.user.name, reason)
+        if not done:
+            raise RefusedError(
+                409, f"{address} is {'already' if match['verb'] == 'pause' else 'not'} paused."
+            )
+        return page.redirect(f"{PREFIX}/queues?done={match['verb']}+{quote(address)}")
 
     async def queue_replay(self, page: Page, _: re.Match[str]) -> bytes:
         destination = page.field("destination")
