@@ -422,6 +422,25 @@ class FlowEditorTests(ConsoleTestCase):
         self.assertIn(f'flow_id = "{found["flow_id"]}"', export.body)
         self.assertIn("SCH|APT1001", export.body)
 
+    def test_operator_disables_and_enables_a_flow(self) -> None:
+        self.client.login("operator")
+        page = self.client.get("/console/flows")
+        self.assertIn("Disable Appointments", page.body)
+        self.assertNotIn("New flow", page.body)  # creating flows is for admins
+        done = self.client.post(f"/console/flows/{self.flow_id}/disable", {"reason": "moving"})
+        self.assertEqual(done.status, 303)
+        self.assertIn("Enable Appointments", self.client.get("/console/flows").body)
+        again = self.client.post(f"/console/flows/{self.flow_id}/disable")
+        self.assertEqual(again.status, 409)
+        self.client.post(f"/console/flows/{self.flow_id}/enable")
+        actions = [r["action"] for r in self.running.rows(schema.audit)]
+        self.assertEqual(actions[-2:], ["flow.disable", "flow.enable"])
+        viewer = self.fresh_client()
+        viewer.login("viewer")
+        self.assertNotIn("Disable Appointments", viewer.get("/console/flows").body)
+        refused = viewer.post(f"/console/flows/{self.flow_id}/disable")
+        self.assertEqual(refused.status, 403)
+
     def test_viewer_cannot_save(self) -> None:
         self.client.login("viewer")
         refused = self.client.post("/console/flows/editor", self.editor_form(intent="save"))

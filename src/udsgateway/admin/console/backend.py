@@ -479,6 +479,8 @@ def _audit_rows(connection: Connection, limit: int) -> list[dict[str, Any]]:
             "action": x.action,
             "target": x.target,
             "reason": x.reason,
+            "result": x.result,
+            "via": x.via,
         }
         for x in connection.execute(select(a).order_by(a.c.id.desc()).limit(limit))
     ]
@@ -506,6 +508,24 @@ def _save_flow(
     )
     _audit(connection, who, "flow.save", f"flow {saved_flow.flow_id} app {saved.app_id}", "", now)
     return saved, saved_flow
+
+
+def _set_enabled(
+    connection: Connection, flow_id: str, enabled: bool, who: str, reason: str, now: float
+) -> bool:
+    """Enable or disable a flow (a disabled flow receives nothing); False: so already."""
+    for app in store.load_apps(connection, None):
+        for flow in app.flows:
+            if flow.flow_id != flow_id:
+                continue
+            if flow.enabled == enabled:
+                return False
+            flows = tuple(evolve(f, enabled=enabled) if f is flow else f for f in app.flows)
+            store.save_app(connection, evolve(app, flows=flows), now)
+            action = "flow.enable" if enabled else "flow.disable"
+            _audit(connection, who, action, f"flow {flow_id}", reason, now)
+            return True
+    raise LookupError(f"no flow {flow_id}")
 
 
 # -- the facade the web layer uses ----------------------------------------------------
@@ -744,6 +764,11 @@ class ConsoleBackend:
 
     async def save_flow(self, app: App, flow: Flow, who: str) -> tuple[App, Flow]:
         return await self.database.transaction(_save_flow, app, flow, who, self.wall())
+
+    async def set_enabled(self, flow_id: str, enabled: bool, who: str, reason: str) -> bool:
+        return await self.database.transaction(
+            _set_enabled, flow_id, enabled, who, reason, self.wall()
+        )
 
     async def export(self, app_id: str) -> tuple[str, str] | None:
         for app in await self.apps():

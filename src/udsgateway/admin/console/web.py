@@ -273,6 +273,12 @@ class Console(Resource):
             ("POST", r"/flows/catalogue", self.flow_catalogue, ADMIN),
             ("POST", r"/flows/preview", self.flow_preview, ADMIN),
             ("GET", r"/flows/export/(?P<app_id>[A-Z0-9]+)", self.flow_export, ADMIN),
+            (
+                "POST",
+                r"/flows/(?P<flow_id>[A-Z0-9]+)/(?P<verb>enable|disable)",
+                self.flow_enable,
+                OPERATOR,
+            ),
             ("GET", r"/logs", self.logs, VIEWER),
             ("GET", r"/logs/tail", self.logs_tail, VIEWER),
             ("GET", r"/audit", self.audit, ADMIN),
@@ -746,6 +752,18 @@ class Console(Resource):
         }
         rendered, problem = self.backend.preview(dict(app.variables), flow, step, responses)
         return page.render("preview.html", rendered=rendered, problem=problem, step=step)
+
+    async def flow_enable(self, page: Page, match: re.Match[str]) -> bytes:
+        enabled = match["verb"] == "enable"
+        try:
+            changed = await self.backend.set_enabled(
+                match["flow_id"], enabled, page.user.name, page.field("reason").strip()
+            )
+        except LookupError as error:
+            raise NotFoundError() from error
+        if not changed:
+            raise RefusedError(409, f"The flow is {match['verb']}d already.")
+        return page.redirect(f"{PREFIX}/flows")
 
     async def flow_export(self, page: Page, match: re.Match[str]) -> bytes:
         found = await self.backend.export(match["app_id"])
