@@ -1,4 +1,4 @@
-"""Tests for udsgateway.outbound.delivery: destinations, lanes and the dispatcher.
+"""Tests for udsgateway.outbound: policy, destinations, lanes and the dispatcher.
 
 The real dispatcher, lanes, destinations and destination protocol run on
 an in-memory SQLite store, a synchronous database runner and a ``task.Clock``;
@@ -13,14 +13,18 @@ from __future__ import annotations
 import gc
 import itertools
 import random
+import sys
 import tracemalloc
+from collections import Counter
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
+from attrs import evolve
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from twisted.application.service import IService
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -29,16 +33,20 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from udsgateway.flows import Action
-from udsgateway.outbound.delivery import (
-    DEFAULT_POLICY,
-    Dispatcher,
-    Timing,
-    _DestinationFactory,
-)
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue
+from udsgateway.outbound.destination import Destination, _DestinationFactory
+from udsgateway.outbound.dispatcher import Dispatcher
+from udsgateway.outbound.errors import ConnectError, DeliveryError
+from udsgateway.outbound.executor import Executor
+from udsgateway.outbound.lanes import Lane, LaneContext
+from udsgateway.outbound.policy import DEFAULT_POLICY, TIMING_KEYS, Timing
 from udsgateway.store import outbox, schema
 from udsgateway.store.engine import IDatabaseRunner
 from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery, Settlement
@@ -51,6 +59,7 @@ from udsgateway.testing import (
     memory_database,
     mllp,
     outbound_message,
+    run_until,
 )
 from udsgateway.wire.framing import IFramer, MLLPFramer
 
@@ -144,6 +153,10 @@ class InterfaceTests(DeliveryTestCase):
         self.assertTrue(verifyObject(IStreamClientEndpoint, rig.peer(DEST).endpoint()))
         self.assertTrue(verifyObject(IDatabaseRunner, rig.database.runner))
         self.assertTrue(verifyObject(IService, rig.dispatcher))
+        self.assertTrue(verifyObject(IDeliveryQueue, rig.dispatcher))
+        self.assertTrue(verifyObject(IDeliveryOutcomes, RecordedOutcomes()))
+        executor = Executor(rig.database, rig.dispatcher, rig.clock, ControlIdSource("OUT"))
+        self.assertTrue(verifyObject(IDeliveryOutcomes, executor))
         factory = _DestinationFactory("mllp", rig.clock, Timing())
         self.assertTrue(verifyObject(IProtocolFactory, factory))
         protocol = factory.buildProtocol(None)
@@ -1381,54 +1394,123 @@ class StopTests(DeliveryTestCase):
         self.assertEqual(rig.clock.getDelayedCalls(), [])
 
 
+@implementer(IDeliveryOutcomes)
+class RecordedOutcomes:
+    """An ``IDeliveryOutcomes`` that records what it is told (or fails, as told)."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.settled: list[list[str | None]] = []
+        self.unlocked: list[Any] = []
+        self.broken = broken
+
+    def after_record(self, connection: Any, settled: list[Any], found: Any) -> Any:
+        self.settled.append([item.control_id for item in settled])
+        return ("advanced", len(settled))
+
+    def on_recorded(self, group: Any) -> None:
+        if self.broken:
+            raise RuntimeError("bug")
+        self.unlocked.append(group)
+
+
 class RecordTests(DeliveryTestCase):
     """Outcomes committed in one group: each lane gets its own."""
 
     def test_every_lane_of_a_group_gets_its_own_outcome(self) -> None:
-        """Two outcomes committed in one group: each record() fires with its own
-        settlement (before: the first got the group's result, the second None),
-        and what the commit unlocked goes to on_recorded exactly once, even when
-        the first lane stopped waiting for it."""
+        """Three outcomes committed in one group: each record() fires with its own
+        settlement (the group's result is no longer carried by the first one
+        only), and what the commit unlocked goes to on_recorded exactly once,
+        even when the first and last lanes stopped waiting for it."""
         rig = self.outbound()
-        unlocked: list[Any] = []
-        rig.dispatcher.after_record = lambda _connection, settled, _found: (
-            "advanced",
-            len(settled),
-        )
-        rig.dispatcher.on_recorded = unlocked.append
+        outcomes = RecordedOutcomes()
+        rig.dispatcher.outcomes = outcomes
         rig.dispatcher._committer.clock = rig.clock  # group what arrives in one turn
-        first_id, second_id = rig.enqueue("lane-g1", DEST, ["G1", "G2"], notify=False)
-        first = Settlement(first_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA", control_id="G1")
-        second = Settlement(second_id, HELD, 1, 0.0, "AR", b"MSH|", "AR", control_id="G2")
-        waiting_first = rig.dispatcher.record(first)
-        waiting_second = rig.dispatcher.record(second)
-        waiting_first.cancel()  # its lane was stopped meanwhile
-        self.failureResultOf(waiting_first, CancelledError)
+        ids = rig.enqueue("lane-g1", DEST, ["G1", "G2", "G3"], notify=False)
+        settlements = [
+            Settlement(ids[0], DELIVERED, 1, 0.0, "", b"MSH|", "AA", control_id="G1"),
+            Settlement(ids[1], HELD, 1, 0.0, "AR", b"MSH|", "AR", control_id="G2"),
+            Settlement(ids[2], DELIVERED, 1, 0.0, "", b"MSH|", "CA", control_id="G3"),
+        ]
+        waiting = [rig.dispatcher.record(settlement) for settlement in settlements]
+        waiting[0].cancel()  # its lane was stopped meanwhile
+        waiting[2].cancel()
+        self.failureResultOf(waiting[0], CancelledError)
+        self.failureResultOf(waiting[2], CancelledError)
         rig.clock.advance(0)
         self.assertEqual(rig.dispatcher._committer.groups, 1)
-        self.assertEqual(self.successResultOf(waiting_second), second)
-        self.assertEqual(unlocked, [("advanced", 2)])
-        self.assertEqual(states(rig), [("G1", DELIVERED), ("G2", HELD)])
+        self.assertEqual(self.successResultOf(waiting[1]), settlements[1])
+        self.assertEqual(outcomes.settled, [["G1", "G2", "G3"]])
+        self.assertEqual(outcomes.unlocked, [("advanced", 3)])
+        self.assertEqual(states(rig), [("G1", DELIVERED), ("G2", HELD), ("G3", DELIVERED)])
+
+    def test_each_outcome_of_a_group_reaches_its_own_lane(self) -> None:
+        """Nothing cancelled: every record() of a group fires with its own
+        settlement, in any order, and on_recorded runs once for the group."""
+        rig = self.outbound()
+        outcomes = RecordedOutcomes()
+        rig.dispatcher.outcomes = outcomes
+        rig.dispatcher._committer.clock = rig.clock
+        ids = rig.enqueue("lane-g3", DEST, ["K1", "K2", "K3", "K4"], notify=False)
+        settlements = [
+            Settlement(delivery_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA", control_id=f"K{n}")
+            for n, delivery_id in enumerate(ids, 1)
+        ]
+        waiting = [rig.dispatcher.record(settlement) for settlement in settlements]
+        rig.clock.advance(0)
+        self.assertEqual(rig.dispatcher._committer.groups, 1)
+        self.assertEqual([self.successResultOf(each) for each in waiting], settlements)
+        self.assertEqual(outcomes.unlocked, [("advanced", 4)])
+
+    def test_lanes_recorded_in_one_group_all_move_on(self) -> None:
+        """Lanes to three destinations whose outcomes share group commits: every
+        lane learns its own outcome and goes on to its next message; the
+        executor-side hook hears of every settled delivery once."""
+        rig = self.outbound()
+        outcomes = RecordedOutcomes()
+        rig.dispatcher.outcomes = outcomes
+        rig.dispatcher._committer.clock = rig.clock
+        endpoints = [DEST, OTHER, "tcp:pharmacy.example:2575"]
+        rig.start()
+        for n, endpoint in enumerate(endpoints):
+            rig.enqueue(f"lane-m{n}", endpoint, [f"M{n}A", f"M{n}B", f"M{n}C"])
+        rig.run_until(all_delivered(rig))
+        committer = rig.dispatcher._committer
+        self.assertEqual(committer.committed, 9)
+        self.assertLess(committer.groups, committer.committed, "some outcomes shared a group")
+        for n, endpoint in enumerate(endpoints):
+            self.assertEqual(rig.peer(endpoint).received_ids(), [f"M{n}A", f"M{n}B", f"M{n}C"])
+        settled = sorted(c for group in outcomes.settled for c in group if c is not None)
+        self.assertEqual(settled, sorted(f"M{n}{x}" for n in range(3) for x in "ABC"))
+        self.assertEqual(len(outcomes.unlocked), committer.groups)
 
     def test_a_failing_on_recorded_does_not_record_again(self) -> None:
         """When handling a committed group fails (a bug in on_recorded), the error
         is logged and the lane still gets its outcome: it never commits it again."""
         rig = self.outbound()
-
-        def broken(_group: Any) -> None:
-            raise RuntimeError("bug")
-
-        rig.dispatcher.after_record = lambda _connection, _settled, _found: "advanced"
-        rig.dispatcher.on_recorded = broken
+        rig.dispatcher.outcomes = RecordedOutcomes(broken=True)
         [delivery_id] = rig.enqueue("lane-g2", DEST, ["G3"], notify=False)
         settlement = Settlement(delivery_id, DELIVERED, 1, 0.0, "", b"MSH|", "AA")
         self.assertEqual(self.successResultOf(rig.dispatcher.record(settlement)), settlement)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(rig.dispatcher._committer.committed, 1)
 
     def test_one_source_of_policy_defaults(self) -> None:
         """The policy a delivery falls back to is the one an action gets by default."""
         action = Action("a", "lab.example", 2575, "ADT^A04", "{{ msg }}")
         self.assertEqual(DEFAULT_POLICY, {**action.policy, "max_retries": action.max_retries})
+
+    def test_one_source_of_timing_defaults(self) -> None:
+        """A destination's default timing is the one an action gets by default, and
+        what an action stores with its deliveries is read back as its timing."""
+        action = Action("a", "lab.example", 2575, "ADT^A04", "{{ msg }}")
+        timing = Timing()
+        for key in TIMING_KEYS:
+            self.assertEqual(getattr(timing, key), getattr(action, key), key)
+        custom = evolve(action, connect_timeout=3.0, backoff_max=9.0)
+        self.assertEqual(
+            timing.with_policy(custom.delivery_policy),
+            Timing(connect_timeout=3.0, backoff_max=9.0),
+        )
 
 
 class TimingTests(SynchronousTestCase):
@@ -1444,3 +1526,172 @@ class TimingTests(SynchronousTestCase):
         for n in range(1, 12):
             delay = timing.backoff(n, rng)
             self.assertTrue(timing.backoff(n) <= delay <= timing.backoff(n) * 1.1)
+
+
+class TurnTests(SynchronousTestCase):
+    """Lanes take turns on a destination's connection (a DeferredLock), without recursion."""
+
+    def pending_destination(self) -> tuple[Destination, list[Deferred[Any]]]:
+        """A destination whose connects wait until the test fires them."""
+        connects: list[Deferred[Any]] = []
+
+        @implementer(IStreamClientEndpoint)
+        class PendingEndpoint:
+            def connect(self, factory: IProtocolFactory) -> Deferred[Any]:
+                connecting: Deferred[Any] = Deferred()
+                connects.append(connecting)
+                return connecting
+
+        destination = Destination(
+            DEST, "mllp", Clock(), Timing(), endpoint_factory=lambda _r, _e: PendingEndpoint()
+        )
+        destination.start(None)
+        return destination, connects
+
+    def test_thousands_of_turns_handed_over_at_a_constant_depth(self) -> None:
+        """3,000 exchanges wait for their turn behind a connect that then fails:
+        each one after it fails at once (the reconnect backoff) and hands the
+        turn on. The hand-overs run in a loop: every exchange fails at the same
+        stack depth, where a chain of releases would grow by several frames per
+        exchange (and overflow the recursion limit long before the last one)."""
+        destination, connects = self.pending_destination()
+        depths: list[int] = []
+
+        def failed(failure: Failure) -> None:
+            failure.trap(ConnectError)
+            frame: FrameType | None = sys._getframe()
+            depth = 0
+            while frame is not None:
+                depth += 1
+                frame = frame.f_back
+            depths.append(depth)
+
+        for _ in range(3_000):
+            Deferred.fromCoroutine(destination.exchange(b"MSH|", bytes)).addErrback(failed)
+        self.assertEqual((len(connects), destination.waiting), (1, 2_999))
+        connects[0].errback(ConnectionRefusedError("refused"))
+        self.assertEqual(len(depths), 3_000)
+        # The first exchange fails last: it hands over the turn before it returns.
+        [(_depth, count)] = Counter(depths).most_common(1)
+        self.assertEqual(count, 2_999, "every hand-over at the same depth")
+        self.assertLess(max(depths) - min(depths), 10)
+        self.assertEqual(destination.waiting, 0)
+        self.assertEqual(len(connects), 1, "no connect during the reconnect backoff")
+        # The turn is free again: the next exchange takes it at once.
+        later = Deferred.fromCoroutine(destination.exchange(b"MSH|", bytes))
+        self.failureResultOf(later, ConnectError)
+
+    def test_stop_cancels_the_lanes_waiting_their_turn(self) -> None:
+        """Stopping a destination ends the waits for its turn (CancelledError),
+        and the exchange in flight fails as stopped."""
+        destination, connects = self.pending_destination()
+        first = Deferred.fromCoroutine(destination.exchange(b"MSH|", bytes))
+        waiting = [Deferred.fromCoroutine(destination.exchange(b"MSH|", bytes)) for _ in range(3)]
+        self.assertEqual(destination.waiting, 3)
+        destination.stop()
+        for each in waiting:
+            self.failureResultOf(each, CancelledError)
+        self.assertEqual(destination.waiting, 0)
+        self.assertEqual(
+            self.failureResultOf(first, DeliveryError).value.args, ("destination stopped",)
+        )
+        self.assertEqual(len(connects), 1)
+
+
+def stored(delivery_id: int, lane: str, control_id: str) -> Delivery:
+    """A queued delivery of ``lane`` to ``DEST`` as the store returns it, made in memory."""
+    payload = outbound_message(control_id)
+    return Delivery(
+        delivery_id, lane, DEST, "mllp", control_id, payload, QUEUED, 0, 0.0, "", None, "",
+        {}, None, 0, 0.0, 0.0,
+    )  # fmt: skip
+
+
+class LaneContextTests(SynchronousTestCase):
+    """A lane needs its LaneContext only: no dispatcher, no database."""
+
+    def test_a_lane_runs_on_its_context_alone(self) -> None:
+        """A lane on a hand-made context pages through its deliveries (pages of
+        two), sends each, in order, to the destination the context names, waits
+        as that destination's timing says after a negative ACK (the only road
+        timing reaches a lane by), and hands every outcome to the context."""
+        clock = Clock()
+        peer = DestinationPeer(clock)
+        answers = iter(["AE", "AA", "AA", "AA", "AA", "AA"])
+        sent_at: list[tuple[str, float]] = []
+
+        def script(connection: PeerConnection, payload: bytes) -> None:
+            sent_at.append((control_id_of(payload), clock.seconds()))
+            connection.reply(destination_ack(control_id_of(payload), next(answers)))
+
+        peer.script = script
+        timing = Timing(backoff_initial=7.0, backoff_max=7.0)
+        destination = Destination(
+            DEST, "mllp", clock, timing, endpoint_factory=lambda _r, _e: peer.endpoint()
+        )
+        destination.start(None)
+        backlog = [stored(n, "lane-c", f"C{n}") for n in range(1, 6)]
+        pages: list[tuple[int, int]] = []
+        recorded: list[Settlement] = []
+        delivered: list[str] = []
+        answered: list[None] = []
+
+        def read_page(lane: str, after: int, limit: int) -> Deferred[list[Delivery]]:
+            self.assertEqual(lane, "lane-c")
+            pages.append((after, limit))
+            return succeed([d for d in backlog if d.id > after][:limit])
+
+        def record(settlement: Settlement) -> Deferred[Settlement]:
+            recorded.append(settlement)
+            return succeed(settlement)
+
+        context = LaneContext(
+            clock=clock,
+            now=clock.seconds,
+            read_page=read_page,
+            page_size=2,
+            held_poll=5.0,
+            destination_for=lambda delivery: destination,
+            record=record,
+            answered=lambda: answered.append(None),
+            delivered=delivered.append,
+        )
+        lane = Lane("lane-c", context, destination)
+        running = Deferred.fromCoroutine(lane.run())
+        run_until(clock, lambda: running.called, limit=60)
+        self.successResultOf(running)
+        self.assertEqual(lane.state, "idle")
+        self.assertEqual([c for c, _ in sent_at], ["C1", "C1", "C2", "C3", "C4", "C5"])
+        retry_after = sent_at[1][1] - sent_at[0][1]
+        self.assertGreaterEqual(retry_after, 7.0)
+        self.assertLessEqual(retry_after, 7.0 * 1.1)
+        self.assertEqual(pages, [(0, 2), (2, 2), (4, 2)])
+        self.assertEqual(
+            [(s.control_id, s.state) for s in recorded],
+            [("C1", QUEUED)] + [(f"C{n}", DELIVERED) for n in range(1, 6)],
+        )
+        self.assertEqual(delivered, [DEST] * 5)
+        self.assertEqual(len(answered), 6)
+        destination.stop()
+        clock.advance(0)
+
+    def test_timing_of_a_delivery_reaches_its_lane_through_its_destination(self) -> None:
+        """A delivery whose stored policy carries its action's backoff gets a
+        destination with that timing (not the dispatcher's default), and its
+        lane backs off as that timing says: the reconnect after a refused
+        connect waits 40 s, not the default 1 s."""
+        rig = Outbound()
+        self.addCleanup(rig.stop)
+        peer = rig.peer(DEST)
+        peer.accepting = False
+        rig.start()
+        policy = {"backoff_initial": 40.0, "backoff_max": 40.0}
+        rig.enqueue("lane-t", DEST, ["T1"], policy=policy)
+        run_until(rig.clock, lambda: peer.attempts == 1, limit=10)
+        first = rig.clock.seconds()
+        lane = rig.dispatcher.lanes["lane-t"]
+        self.assertEqual(lane.destination.timing, Timing(backoff_initial=40.0, backoff_max=40.0))
+        self.assertIsNot(lane.destination, rig.dispatcher.destination(DEST, "mllp"))
+        run_until(rig.clock, lambda: peer.attempts == 2, limit=100)
+        self.assertGreaterEqual(rig.clock.seconds() - first, 40.0)
+        self.assertLessEqual(rig.clock.seconds() - first, 40.0 * 1.1 + TICK)

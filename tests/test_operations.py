@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from udsgateway.admin.operations import Conflict, Invalid, NotFound, Operations, Rates
 from udsgateway.hl7.header import parse_header
 from udsgateway.hl7.keys import search_keys
-from udsgateway.outbound.delivery import Dispatcher
+from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.store import outbox, schema
 from udsgateway.store.search import Query
 from udsgateway.testing import (
@@ -471,3 +471,82 @@ class LogTests(SynchronousTestCase):
         empty = self.operations.tail("ann", "api", after_id=found["last"], timeout=5)
         self.gateway.clock.advance(5)
         self.assertEqual(result(self, empty), {"lines": [], "last": found["last"]})
+
+
+class EndToEndTests(SynchronousTestCase):
+    """A whole gateway in memory: a message in, delivered; the facade's status, detail
+    (executions, deliveries, attempts) and audited outbound/response content."""
+
+    def test_detail_status_and_outbound_content(self) -> None:
+        from tests.test_executor import TRIGGER_ID, adt, header
+        from udsgateway.testing.flows import FlowGateway, action, app, flow
+
+        running = FlowGateway(
+            (
+                app(
+                    flow(
+                        "one",
+                        "ADT^A04",
+                        [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)],
+                    )
+                ),
+            )
+        )
+        self.addCleanup(running.stop)
+        operations = Operations(
+            running.database,
+            running.clock,
+            running.clock.seconds,
+            dispatcher=running.outbound.dispatcher,
+            executor=running.executor,
+            ingests={"test": running.ingest},
+            listeners={"test": running.factory},
+        )
+        rates = Rates(operations.counters, running.clock)
+        operations.rates = rates
+        rates.start()
+        running.send(adt("E2E1"))
+        running.settle()
+        running.clock.advance(60)
+        [found] = result(self, operations.messages("ann", "api", Query()))["messages"]
+        detail = result(self, operations.message("ann", "api", found["id"]))
+        [execution] = detail["executions"]
+        self.assertEqual((execution["flow_id"], execution["state"]), ("FLWONE", "done"))
+        [delivery] = detail["deliveries"]
+        self.assertEqual(
+            (delivery["state"], delivery["ack"], delivery["waiting"]), ("delivered", "AA", "")
+        )
+        self.assertEqual([a["outcome"] for a in delivery["attempt_log"]], ["delivered"])
+        sent = result(
+            self, operations.content("ann", "api", part="outbound", delivery_id=delivery["id"])
+        )
+        self.assertIn("ZTR|E2E1", sent["text"])
+        self.assertEqual(sent["message_id"], found["id"])
+        reply = result(
+            self, operations.content("ann", "api", part="response", delivery_id=delivery["id"])
+        )
+        self.assertIn("MSA|AA|", reply["text"])
+        self.assertEqual(
+            [(r[1], r[2]) for r in audit_rows(running.database)],
+            [
+                ("content.outbound", f"delivery {delivery['id']}"),
+                ("content.response", f"delivery {delivery['id']}"),
+            ],
+        )
+        status = result(self, operations.status("ann", "api"))
+        [(address, destination)] = status["destinations"].items()
+        self.assertEqual(address, "127.0.0.1:2601")
+        self.assertEqual(
+            (
+                destination["delivered"],
+                destination["delivered_since_start"],
+                destination["queued"],
+            ),
+            (1, 1, 0),
+        )
+        self.assertTrue(destination["connected"])
+        self.assertEqual(status["flows"]["FLWONE"]["executions"], {"done": 1})
+        self.assertEqual(status["tenants"]["test"]["accepted"], 1)
+        self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)
+        self.assertGreater(status["rates"]["hour"][f"destination.{address}.delivered"], 0)
+        rates.stop()

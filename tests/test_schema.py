@@ -182,5 +182,6 @@ class AuditMigrationTests(SynchronousTestCase):
         self.assertEqual([tuple(r) for r in rows], [("ann", "delivery.skip", "ok", "cli")])
         self.assertIn("audit_at", names)
         self.assertEqual(
-            [tuple(k) for k in keys], [("flow", "F1"), ("msh10", "OLD1"), ("msh9", "ADT^A04")]
+            [tuple(k) for k in keys],
+            [("flow", "F1"), ("msh10", "OLD1"), ("msh9", "ADT^A04"), ("tenant", "t")],
         )

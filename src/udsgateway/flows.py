@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import secrets
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from attrs import evolve, field, frozen
@@ -54,10 +56,23 @@ class Trigger:
 
 
 RESPONSE_DECISIONS = ("success", "retry", "hold")
-#: The response policy's defaults: the one source (delivery.DEFAULT_POLICY adds to it).
+#: The response policy's defaults, the one definition: an action without a
+#: ``[policy]`` table gets them, and the delivery engine falls back to them
+#: (``outbound.policy.DEFAULT_POLICY`` is these plus ``max_retries``).
 DEFAULT_DECISIONS = {"AA": "success", "CA": "success", "AE": "retry", "CE": "retry"}
 DEFAULT_DECISIONS |= {"AR": "hold", "CR": "hold"}
 DEFAULT_MAX_RETRIES = 3
+#: An action's timeouts and backoff in seconds when its flow file leaves them
+#: out, the one definition: stored with each delivery under these keys
+#: (``Action.delivery_policy``), and ``outbound.policy.Timing``'s defaults.
+DEFAULT_TIMING: Mapping[str, float] = MappingProxyType(
+    {
+        "connect_timeout": 10.0,
+        "response_timeout": 30.0,
+        "backoff_initial": 1.0,
+        "backoff_max": 300.0,
+    }
+)
 
 
 @frozen
@@ -84,10 +99,10 @@ class Action:
     tls: ActionTLS = field(factory=ActionTLS)
     policy: dict[str, str] = field(factory=lambda: dict(DEFAULT_DECISIONS))
     max_retries: int = DEFAULT_MAX_RETRIES
-    connect_timeout: float = 10.0
-    response_timeout: float = 30.0
-    backoff_initial: float = 1.0
-    backoff_max: float = 300.0
+    connect_timeout: float = DEFAULT_TIMING["connect_timeout"]
+    response_timeout: float = DEFAULT_TIMING["response_timeout"]
+    backoff_initial: float = DEFAULT_TIMING["backoff_initial"]
+    backoff_max: float = DEFAULT_TIMING["backoff_max"]
 
     @property
     def endpoint(self) -> str:
@@ -273,13 +288,16 @@ def _read_action(reader: TableReader, table: dict[str, Any]) -> Action:
             DEFAULT_MAX_RETRIES,
             lambda v: None if v >= 0 else "must be >= 0",
         ),
-        connect_timeout=float(reader.get(table, "connect_timeout", (int, float), 10.0, _positive)),
-        response_timeout=float(
-            reader.get(table, "response_timeout", (int, float), 30.0, _positive)
-        ),
-        backoff_initial=float(reader.get(table, "backoff_initial", (int, float), 1.0, _positive)),
-        backoff_max=float(reader.get(table, "backoff_max", (int, float), 300.0, _positive)),
+        connect_timeout=_seconds(reader, table, "connect_timeout"),
+        response_timeout=_seconds(reader, table, "response_timeout"),
+        backoff_initial=_seconds(reader, table, "backoff_initial"),
+        backoff_max=_seconds(reader, table, "backoff_max"),
     )
+
+
+def _seconds(reader: TableReader, table: dict[str, Any], key: str) -> float:
+    """One of an action's timeouts or backoffs, ``DEFAULT_TIMING`` when left out."""
+    return float(reader.get(table, key, (int, float), DEFAULT_TIMING[key], _positive))
 
 
 def action_document(action: Action) -> dict[str, Any]:

@@ -9,6 +9,8 @@ outbound layers never import each other.
 
 from __future__ import annotations
 
+from typing import Any
+
 from zope.interface import Interface
 
 
@@ -41,8 +43,13 @@ class IDeliveryQueue(Interface):
 class IDeliveryOutcomes(Interface):
     """What the delivery engine tells the executor about recorded outcomes."""
 
-    def after_record(connection: object, settled: list[object], found: object) -> object:
-        """In the database thread, inside the transaction that records outcomes."""
+    def after_record(connection: Any, settled: list[Any], found: Any) -> Any:
+        """In the database thread, inside the transaction that records outcomes.
 
-    def on_recorded(group: object) -> None:
+        ``connection`` is that transaction, ``settled`` the ``Settlement`` rows
+        recorded, ``found`` each delivery's ``Origin`` (execution, step) by id.
+        What it returns reaches ``on_recorded`` after the commit.
+        """
+
+    def on_recorded(group: Any) -> None:
         """In the reactor, after the commit, with what ``after_record`` returned."""

@@ -27,8 +27,9 @@ from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
 from udsgateway.mapping.checks import template_problems
-from udsgateway.outbound.delivery import Dispatcher, Timing
+from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
+from udsgateway.outbound.policy import Timing
 from udsgateway.store import executions
 from udsgateway.store import messages as store
 from udsgateway.store.engine import (
@@ -102,8 +103,7 @@ class GatewayService(MultiService):
             },
             wall=wall,
         )
-        self.dispatcher.after_record = self.executor.after_record
-        self.dispatcher.on_recorded = self.executor.on_recorded
+        self.dispatcher.outcomes = self.executor
         self.ingests: dict[str, Ingest] = {
             tenant.name: Ingest(
                 tenant,

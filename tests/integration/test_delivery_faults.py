@@ -24,7 +24,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 
-from udsgateway.outbound.delivery import Dispatcher, Timing
+from udsgateway.outbound.dispatcher import Dispatcher
+from udsgateway.outbound.policy import Timing
 from udsgateway.store import outbox
 from udsgateway.store.engine import Database, ThreadRunner, ensure_schema, make_engine
 from udsgateway.store.outbox import DELIVERED, NewDelivery

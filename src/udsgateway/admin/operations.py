@@ -282,10 +282,7 @@ class Operations:
             for destination in self.dispatcher.destinations.values():
                 address = destinations.address_of(destination.endpoint)
                 entry = live.setdefault(address, {"connected": False, "last_error": ""})
-                current = getattr(destination, "_current", None)
-                entry["connected"] = entry["connected"] or bool(
-                    current is not None and current.connected_ok
-                )
+                entry["connected"] = entry["connected"] or destination.connected
                 entry["last_error"] = entry["last_error"] or destination.last_error
         sent = dict(getattr(self.dispatcher, "sent", {}) or {})
         for address, entry in stored["destinations"].items():
@@ -683,9 +680,9 @@ class Operations:
                 raise NotFound(f"no message {message_id}")
             rows = [outbox.get_delivery(connection, a.id) for a in found.deliveries]
             views = self._described(connection, [r for r in rows if r is not None])
-            attempts: dict[int, list[dict[str, Any]]] = {}
-            for execution_id, attempt, outcome, code, why, at in found.attempts:
-                attempts.setdefault(execution_id, []).append(
+            attempts: dict[tuple[int, int], list[dict[str, Any]]] = {}
+            for execution_id, step, attempt, outcome, code, why, at in found.attempts:
+                attempts.setdefault((execution_id, step), []).append(
                     {
                         "attempt": attempt,
                         "outcome": outcome,
@@ -695,11 +692,7 @@ class Operations:
                     }
                 )
             for view, item in zip(views, found.deliveries, strict=True):
-                view["attempt_log"] = [
-                    a
-                    for a in attempts.get(item.execution_id or 0, [])
-                    if True  # one execution's attempts, all steps: shown per delivery
-                ]
+                view["attempt_log"] = attempts.get((item.execution_id or 0, item.step), [])
             return {
                 **_message_view(found.message),
                 "executions": [

@@ -23,12 +23,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from udsgateway.clock import Wall, wall_of
 from udsgateway.flows import App, Flow
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.hl7.message import Message, MessageParseError, PathSyntaxError, parse_message
+from udsgateway.interfaces import IDeliveryOutcomes
 from udsgateway.mapping.templating import (
     ActionResponse,
     RenderError,
@@ -38,7 +40,7 @@ from udsgateway.mapping.templating import (
     compile_template,
     render_body,
 )
-from udsgateway.outbound.delivery import Dispatcher
+from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.store import executions
 from udsgateway.store.engine import Database
 from udsgateway.store.executions import Advanced, Finished, PendingWork, Transition
@@ -69,6 +71,7 @@ class _FlowPlan:
     targets: tuple[tuple[str, dict[str, Any]], ...]
 
 
+@implementer(IDeliveryOutcomes)
 @define(eq=False)
 class Executor:
     """Turns pending executions into deliveries, in arrival order."""

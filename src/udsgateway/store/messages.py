@@ -227,6 +227,7 @@ def _search_keys(record: InboundRecord) -> tuple[tuple[str, str], ...]:
     keys = (
         ("msh10", record.control_id),
         ("msh9", record.message_type),
+        (search.TENANT_KEY, record.tenant),
         *((search.FLOW_KEY, flow_id) for flow_id in record.flows),
         *record.keys,
     )

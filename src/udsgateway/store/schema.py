@@ -290,12 +290,13 @@ def _v3_to_v4(connection: Connection) -> None:
             f"ALTER TABLE audit ADD COLUMN {name} VARCHAR({size}) NOT NULL DEFAULT '{default}'"
         )
     index(audit, "audit_at").create(connection, checkfirst=True)
-    # The keys stored columns give (MSH-10, MSH-9, flows, rejected); PID-3 and SCH
+    # The keys stored columns give (MSH-10, MSH-9, tenant, flows, rejected); PID-3, SCH
     # need the message parsed: older messages are not found by those.
     connection.exec_driver_sql(
         "INSERT INTO message_keys (name, value, message_id)"
         " SELECT DISTINCT 'msh10', control_id, id FROM messages"
         " UNION SELECT DISTINCT 'msh9', message_type, id FROM messages"
+        " UNION SELECT DISTINCT 'tenant', tenant, id FROM messages"
         " UNION SELECT DISTINCT 'status', 'rejected', id FROM messages WHERE NOT accepted"
     )
     routed = connection.execute(

@@ -3,13 +3,14 @@
 The inbound commit writes a few HL7 keys of each stored message into
 ``message_keys`` (one multi-row insert per group): MSH-10 (``msh10``), the
 first identifier of PID-3 (``pid3``), SCH-1 and SCH-2 (``sch1``, ``sch2``),
-the message type (``msh9``), each flow it was routed to (``flow``), and
-``status=rejected`` for a rejected message. A search with a key or a type, flow
-or rejected filter walks that table's primary key, newest first, and looks its
-other keys up by primary key; the other filters (tenant, time range, status
-accepted) are checked on the rows as they come, newest first by arrival
-(``id``). A time range is turned into a range of ids first
-(two probes of the ``received_at`` index), so no search sorts.
+the message type (``msh9``), each flow it was routed to (``flow``), its tenant
+(``tenant``), and ``status=rejected`` for a rejected message. A search with a
+key or a type, flow, tenant or rejected filter walks that table's primary key
+for the most selective of them, newest first, and looks the others up by
+primary key; the other filters (time range, status accepted) are checked on
+the rows as they come, newest first by arrival (``id``). A time range is
+turned into a range of ids first (two probes of the ``received_at`` index),
+so no search sorts.
 
 Results are pages of at most ``limit`` rows; the next page starts below the
 last id seen (keyset pagination: the cost of a page does not grow with its
@@ -35,6 +36,7 @@ KEYS = {"msh10": "MSH-10", "pid3": "PID-3", "sch1": "SCH-1", "sch2": "SCH-2"}
 STATUS_KEY = "status"
 TYPE_KEY = "msh9"
 FLOW_KEY = "flow"
+TENANT_KEY = "tenant"
 STATUSES = ("accepted", "rejected")
 MAX_VALUE = 199
 
@@ -188,20 +190,24 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
             statement = statement.where(m.c.received_at >= query.since)
         if query.until is not None:
             statement = statement.where(m.c.received_at < query.until)
+    # The first key walks its index and the others are looked up: the most selective
+    # first (an HL7 key, then the rejected ones, then a flow, then a message type).
     keys = list(query.keys)
-    if query.message_type is not None:
-        keys.append((TYPE_KEY, query.message_type))
-    if query.flow_id is not None:
-        keys.append((FLOW_KEY, query.flow_id))
     if query.status == "rejected":
         keys.append((STATUS_KEY, "rejected"))
-    elif query.status == "accepted":
+    if query.flow_id is not None:
+        keys.append((FLOW_KEY, query.flow_id))
+    if query.message_type is not None:
+        keys.append((TYPE_KEY, query.message_type))
+    if query.tenant is not None:
+        keys.append((TENANT_KEY, query.tenant))
+    if query.status == "accepted":
         statement = statement.where(m.c.accepted.is_(True))
-    elif query.status is not None:
+    elif query.status not in (None, "rejected"):
         raise ValueError(f"status: expected one of {', '.join(STATUSES)}")
     order = m.c.id.desc()
     for index, (name, value) in enumerate(keys):
-        if name not in KEYS and name not in (STATUS_KEY, TYPE_KEY, FLOW_KEY):
+        if name not in KEYS and name not in (STATUS_KEY, TYPE_KEY, FLOW_KEY, TENANT_KEY):
             raise ValueError(f"unknown search key {name!r} (one of: {', '.join(KEYS)})")
         alias = k.alias(f"k{index}")
         statement = statement.join(alias, alias.c.message_id == m.c.id).where(
@@ -216,8 +222,6 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
                 statement = statement.where(alias.c.message_id.between(*bounds))
     if query.before_id is not None:
         statement = statement.where(m.c.id < query.before_id)
-    if query.tenant is not None:
-        statement = statement.where(m.c.tenant == query.tenant)
     return [_summary(row) for row in connection.execute(statement.order_by(order))]
 
 
@@ -284,7 +288,8 @@ class MessageDetail:
     message: MessageSummary
     executions: tuple[ExecutionSummary, ...]
     deliveries: tuple[Attempted, ...]
-    attempts: tuple[tuple[int, int, str, str, str, float], ...]
+    #: Delivery attempts from the log: (execution, step, attempt, outcome, ack, reason, at).
+    attempts: tuple[tuple[int, int, int, str, str, str, float], ...]
 
 
 def detail(connection: Connection, message_id: int) -> MessageDetail | None:
@@ -303,7 +308,7 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
         )
     )
     sent: tuple[Attempted, ...] = ()
-    attempts: tuple[tuple[int, int, str, str, str, float], ...] = ()
+    attempts: tuple[tuple[int, int, int, str, str, str, float], ...] = ()
     if runs:
         execution_ids = [run.id for run in runs]
         sent = tuple(
@@ -326,10 +331,11 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
         )
         # Each attempt is a log line: (execution, step, attempt, outcome, ack, reason, at).
         attempts = tuple(
-            (r.execution_id, r.attempt or 0, r.outcome, r.ack_code, r.reason, r.at)
+            (r.execution_id, r.step or 0, r.attempt or 0, r.outcome, r.ack_code, r.reason, r.at)
             for r in connection.execute(
                 select(
                     logs.c.execution_id,
+                    logs.c.step,
                     logs.c.attempt,
                     logs.c.outcome,
                     logs.c.ack_code,

@@ -43,7 +43,8 @@ from udsgateway.hl7.ack import ControlIdSource, parse_reply
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import InboundProtocol, ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
-from udsgateway.outbound.delivery import Dispatcher, Timing
+from udsgateway.outbound.dispatcher import Dispatcher
+from udsgateway.outbound.policy import Timing
 from udsgateway.store import messages as store
 from udsgateway.store import outbox
 from udsgateway.store.engine import (

@@ -29,8 +29,8 @@ from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
-from udsgateway.outbound.delivery import Timing
 from udsgateway.outbound.executor import Executor
+from udsgateway.outbound.policy import Timing
 from udsgateway.store import executions, schema
 from udsgateway.store import messages as store
 from udsgateway.store.engine import (
@@ -181,8 +181,7 @@ class FlowGateway:
                 self.tenant.name: codec_for(self.tenant.default_charset, "latin-1") or "latin-1"
             },
         )
-        dispatcher.after_record = self.executor.after_record
-        dispatcher.on_recorded = self.executor.on_recorded
+        dispatcher.outcomes = self.executor
         self.executor.load(loaded)
 
         committer: GroupCommitter[store.InboundRecord, store.CommitResult] = GroupCommitter(
