@@ -176,6 +176,20 @@ class DashboardTests(ConsoleTestCase):
         self.assertIn("<svg", row.group(0))
         self.assertIn("2 executions in the last hour", row.group(0))
 
+    def test_destination_down_is_a_problem(self) -> None:
+        self.running.peer(2700).accepting = False
+        self.running.send(message_to(self.flow_id, "D1"))
+        self.running.clock.advance(5)
+        self.client.login("viewer")
+        panel = self.client.get("/console/dashboard/panel")
+        destinations = panel.body.split('id="destinations-table"')[1]
+        self.assertIn('<tr class="problem">', destinations)
+        self.assertIn('class="conn-down">down<', destinations)
+        self.running.peer(2700).accepting = True
+        self.running.settle()
+        panel = self.client.get("/console/dashboard/panel")
+        self.assertNotIn("conn-down", panel.body)
+
     def test_self_refreshes(self) -> None:
         self.client.login("viewer")
         page = self.client.get("/console/")

@@ -624,15 +624,18 @@ class ConsoleBackend:
         return list(self._flow_actions.get(flow.flow_id, ()))
 
     def _connection_state(self, endpoint: str) -> str:
+        """up (a connection is open), down (connects fail), or idle (none needed now)."""
         if self.dispatcher is None:
             return "unknown"
-        destination = self.dispatcher.destinations.get(endpoint)
-        if destination is None:
-            return "idle"
-        if getattr(destination, "_connect_failures", 0):
-            return "down"
-        if getattr(destination, "_current", None) is not None:
+        found = [
+            d
+            for d in getattr(self.dispatcher, "destinations", {}).values()
+            if getattr(d, "endpoint", None) == endpoint
+        ]
+        if any(getattr(d, "connected", False) for d in found):
             return "up"
+        if any(getattr(d, "_connect_failures", 0) for d in found):
+            return "down"
         return "idle"
 
     # flows
