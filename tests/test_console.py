@@ -412,6 +412,28 @@ class FlowEditorTests(ConsoleTestCase):
         self.assertIn("SCH|APT1001", page.body)
         self.assertIn("PID|1||MRN4242", page.body)
 
+    def test_preview_of_a_chained_action_uses_the_fake_response(self) -> None:
+        self.client.login("admin")
+        second = TEMPLATE + 'NTE|1||CRM id {{ actions.to_crm["MSA-3"] }}\n'
+        form = self.editor_form(
+            action_name=["to_crm", "follow_up"],
+            action_host=["127.0.0.1", "127.0.0.1"],
+            action_port=["2701", "2702"],
+            action_protocol=["mllp", "mllp"],
+            action_type=["SIU^S12", "SIU^S12"],
+            action_ordering_key=["", ""],
+            action_template=[TEMPLATE, second],
+            fake_response=[
+                "MSH|^~\\&|CRM|CRM|GW|DEMO|20240101||ACK^S12|R1|P|2.5\nMSA|AA|X1|CRM-77\n",
+                "",
+            ],
+        )
+        page = self.client.post("/console/flows/preview", {**form, "step": "1"})
+        self.assertIn("NTE|1||CRM id CRM-77", page.body)
+        form["fake_response"] = ["", ""]
+        empty = self.client.post("/console/flows/preview", {**form, "step": "1"})
+        self.assertNotIn("CRM-77", empty.body)
+
     def test_validation_errors_carry_the_template_line(self) -> None:
         self.client.login("admin")
         broken = TEMPLATE + "{% if %}\n"
@@ -454,6 +476,28 @@ class FlowEditorTests(ConsoleTestCase):
         self.assertNotIn("Disable Appointments", viewer.get("/console/flows").body)
         refused = viewer.post(f"/console/flows/{self.flow_id}/disable")
         self.assertEqual(refused.status, 403)
+
+    def test_edit_an_existing_flow_keeps_its_ids(self) -> None:
+        self.client.login("admin")
+        page = self.client.get(f"/console/flows/{self.flow_id}")
+        self.assertIn(f'name="flow_id" value="{self.flow_id}"', page.body)
+        self.assertIn('value="APPFLOWTEST" selected', page.body)
+        changed = TEMPLATE + "NTE|1||edited in the console\n"
+        saved = self.client.post(
+            "/console/flows/editor",
+            self.editor_form(
+                intent="save",
+                flow_id=self.flow_id,
+                app_id="APPFLOWTEST",
+                flow_name="Appointments",
+                action_port=["2700"],
+                action_template=[changed],
+            ),
+        )
+        self.assertIn(f'data-testid="flow_id">{self.flow_id}<', saved.body)
+        self.assertIn('data-testid="app_id">APPFLOWTEST<', saved.body)
+        (row,) = self.running.rows(schema.flows)
+        self.assertIn("edited in the console", row["actions"])
 
     def test_viewer_cannot_save(self) -> None:
         self.client.login("viewer")
