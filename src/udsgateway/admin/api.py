@@ -34,7 +34,7 @@ from udsgateway.admin.sessions import (
     cross_site_problem,
     session_cookie,
 )
-from udsgateway.store import users
+from udsgateway.store import audit, users
 from udsgateway.store.engine import Database
 from udsgateway.store.users import ADMIN, OPERATOR, ROLES, VIEWER, Principal, UserError
 
@@ -112,6 +112,8 @@ class AdminAPI:
     tokens: dict[str, Principal] = field(factory=dict)
     #: Session id -> its user as last read from the database.
     session_users: dict[str, Principal] = field(factory=dict)
+    _refreshing: bool = False
+    _last_kick: float = float("-inf")
 
     # -- credentials
 
@@ -121,11 +123,14 @@ class AdminAPI:
         if token is not None:
             digest = auth.token_digest(token)
             principal = self.tokens.get(digest)
-            if principal is None and request.bodyless:
-                # A token made since the last refresh (the CLI's): a request
-                # without a body is let on to the database check (confirm),
-                # which decides; there is no body to hold back.
-                return Caller(UNCONFIRMED, "token", digest)
+            if principal is None:
+                # Perhaps a token made since the last refresh (by the command
+                # line): reload the list soon, so that the next request with a
+                # body passes; a request without one is let on to the database
+                # check (confirm), which decides, as there is no body to hold back.
+                self._refresh_soon()
+                if request.bodyless:
+                    return Caller(UNCONFIRMED, "token", digest)
             return None if principal is None else Caller(principal, "token", digest)
         cookie = request.received_cookies.get(COOKIE_NAME.encode())
         if cookie is not None:
@@ -179,6 +184,21 @@ class AdminAPI:
         alive = self.sessions.ids()
         self.session_users = {k: v for k, v in self.session_users.items() if k in alive}
 
+    def _refresh_soon(self) -> None:
+        """Reload the tokens now, at most once a second (unknown tokens trigger it)."""
+        now = self.clock.seconds()
+        if self._refreshing or now - self._last_kick < 1.0:
+            return
+        self._last_kick = now
+        self._refreshing = True
+
+        def done(result: object) -> None:
+            self._refreshing = False
+
+        refreshed = Deferred.fromCoroutine(self.refresh_tokens())
+        refreshed.addErrback(lambda f: log.failure("token refresh failed", f))
+        refreshed.addBoth(done)
+
     def _end_session(self, session_id: str) -> None:
         self.sessions.end(session_id)
         self.session_users.pop(session_id, None)
@@ -229,6 +249,10 @@ class AdminAPI:
             ),
             Route("DELETE", "/api/v1/tokens/{id}", self.revoke_token, VIEWER, "revoke a token"),
         ]
+        if self.operations is not None:
+            from udsgateway.admin.routes import operation_routes
+
+            routes += operation_routes(self.operations)
         return routes
 
     # -- health
@@ -435,19 +459,8 @@ class AdminAPI:
         self, action: str, target: str, who: str, reason: str = "", result: str = "ok"
     ) -> None:
         await self.database.transaction(
-            audit_row, who, action, target, self.wall(), reason, result
+            audit.append, who, action, target, self.wall(), reason, result, "api"
         )
-
-
-def audit_row(
-    connection: Any, who: str, action: str, target: str, now: float, reason: str, result: str
-) -> None:
-    """One audit row for a change made through the admin service (never content)."""
-    from udsgateway.store import schema
-
-    values = {"at": now, "who": who[:128], "action": action[:64], "target": target[:255]}
-    values["reason"] = (reason if result == "ok" else f"{result}: {reason}".strip(": "))[:255]
-    connection.execute(schema.audit.insert().values(**values))
 
 
 def _header(request: AdminRequest, name: bytes) -> str | None:

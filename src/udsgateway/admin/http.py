@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from attrs import define, field, frozen
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web import http, server
 
@@ -375,11 +375,16 @@ class App:
             raise HTTPError(403, "this needs the view_content permission")
 
     def handle(self, request: AdminRequest) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._handle(request))
+        handled = Deferred.fromCoroutine(self._handle(request))
+        # The client went away (a long poll it gave up on): stop waiting for it.
+        request.notifyFinish().addErrback(lambda _: handled.cancel())
+        return handled
 
     async def _handle(self, request: AdminRequest) -> None:
         try:
             reply = await self._answer(request)
+        except CancelledError:
+            return
         except HTTPError as error:
             reply = Reply({"error": error.message}, error.status, headers=error.headers)
         except Exception:

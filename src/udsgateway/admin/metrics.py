@@ -9,7 +9,7 @@ timer takes in the database thread (``Metrics.refresh``); a scrape never
 queries the database.
 
 Label values are only operator-named identifiers (listener = tenant name,
-flow = Flow ID, destination = the destination's endpoint as configured in a
+flow = Flow ID, destination = ``host:port`` of a destination configured in a
 flow) and fixed enums (``LABEL_ENUMS``); a value from a message (a control
 ID, a lane key, any field) never becomes a label.
 """
@@ -17,6 +17,7 @@ ID, a lane key, any field) never becomes a label.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,9 +27,11 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Connection, func, select
 
 from udsgateway.store import schema
+from udsgateway.store.destinations import address_of
 
-#: ACK codes (MSA-1) counted; anything else is counted as "other".
-ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR")
+#: ACK codes (MSA-1) counted ("replay": a duplicate answered with its stored ACK);
+#: anything else is counted as "other".
+ACK_CODES = ("AA", "AE", "AR", "CA", "CE", "CR", "replay")
 #: HL7 table 0357 error codes the gateway answers with.
 ERROR_CODES = (
     "0",
@@ -132,7 +135,8 @@ class GatewayCollector(Collector):
             messages.add_metric([name, "unreadable"], ingest.unreadable)
             for code, count in _bucket(ingest.acks, ACK_CODES).items():
                 acks.add_metric([name, code], count)
-            for code, count in _bucket(ingest.errors, ERROR_CODES).items():
+            by_code = ingest.errors + getattr(ingest, "rejected", Counter())
+            for code, count in _bucket(by_code, ERROR_CODES).items():
                 rejects.add_metric([name, code], count)
         yield from (open_now, connections, refused, messages, acks, rejects)
 
@@ -153,9 +157,21 @@ class GatewayCollector(Collector):
             "Open (queued or held) deliveries per destination, as the dispatcher counts them",
             labels=["destination"],
         )
-        for destination, count in sorted(dispatcher.queued.items()):
-            depth.add_metric([destination], count)
-        sent = CounterMetricFamily(
+        for address, count in sorted(_by_address(dispatcher.queued.items()).items()):
+            depth.add_metric([address], count)
+        delivered = CounterMetricFamily(
+            "udsgw_delivered", "Deliveries delivered since start", labels=["destination"]
+        )
+        for address, count in sorted(getattr(dispatcher, "sent", {}).items()):
+            delivered.add_metric([address], count)
+        paused = GaugeMetricFamily(
+            "udsgw_destination_paused",
+            "1 while an operator has the destination paused",
+            labels=["destination"],
+        )
+        for address in sorted(getattr(dispatcher, "paused", {})):
+            paused.add_metric([address], 1)
+        sends = CounterMetricFamily(
             "udsgw_outbound_sends", "Messages sent to a destination", labels=["destination"]
         )
         connects = CounterMetricFamily(
@@ -166,11 +182,17 @@ class GatewayCollector(Collector):
             "1 while a connection to the destination is open",
             labels=["destination"],
         )
-        for endpoint, destination in sorted(dispatcher.destinations.items()):
-            sent.add_metric([endpoint], destination.sent)
-            connects.add_metric([endpoint], destination.connects)
-            up.add_metric([endpoint], 1 if getattr(destination, "_current", None) else 0)
-        yield from (executions, depth, sent, connects, up)
+        totals: dict[str, list[int]] = {}
+        for endpoint, destination in dispatcher.destinations.items():
+            entry = totals.setdefault(address_of(endpoint), [0, 0, 0])
+            entry[0] += destination.sent
+            entry[1] += destination.connects
+            entry[2] = max(entry[2], 1 if getattr(destination, "_current", None) else 0)
+        for address, (sent_count, connect_count, is_up) in sorted(totals.items()):
+            sends.add_metric([address], sent_count)
+            connects.add_metric([address], connect_count)
+            up.add_metric([address], is_up)
+        yield from (executions, depth, delivered, paused, sends, connects, up)
 
     def _database(self, snapshot: dict[str, Any]) -> Iterable[Any]:
         deliveries = GaugeMetricFamily(
@@ -185,10 +207,14 @@ class GatewayCollector(Collector):
         )
         at = snapshot.get("at", 0.0)
         ages: dict[str, float] = {}
-        for destination, state, count, first in snapshot.get("deliveries", ()):
-            deliveries.add_metric([destination, state], count)
+        counts: dict[tuple[str, str], int] = {}
+        for endpoint, state, count, first in snapshot.get("deliveries", ()):
+            address = address_of(endpoint)
+            counts[address, state] = counts.get((address, state), 0) + count
             if first:
-                ages[destination] = max(ages.get(destination, 0.0), at - first)
+                ages[address] = max(ages.get(address, 0.0), at - first)
+        for (address, state), count in sorted(counts.items()):
+            deliveries.add_metric([address, state], count)
         for destination, age in sorted(ages.items()):
             oldest.add_metric([destination], max(age, 0.0))
         executions = GaugeMetricFamily(
@@ -204,6 +230,14 @@ class GatewayCollector(Collector):
         )
         refreshed.add_metric([], at)
         yield from (deliveries, oldest, executions, refreshed)
+
+
+def _by_address(items: Iterable[tuple[str, int]]) -> dict[str, int]:
+    result: dict[str, int] = {}
+    for endpoint, count in items:
+        address = address_of(endpoint)
+        result[address] = result.get(address, 0) + count
+    return result
 
 
 def _bucket(counts: Any, known: tuple[str, ...]) -> dict[str, int]:

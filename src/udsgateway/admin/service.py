@@ -24,6 +24,7 @@ from udsgateway.admin.api import AdminAPI
 from udsgateway.admin.auth import LoginThrottle
 from udsgateway.admin.http import AdminSite
 from udsgateway.admin.metrics import Metrics
+from udsgateway.admin.operations import Operations
 from udsgateway.admin.sessions import SessionStore
 from udsgateway.config import AdminConfig
 from udsgateway.wire.tls import server_options
@@ -50,6 +51,9 @@ class AdminService(Service):
 
     def startService(self) -> None:
         super().startService()
+        rates = getattr(self.api.operations, "rates", None)
+        if rates is not None:
+            rates.start()
         Deferred.fromCoroutine(self._start()).addErrback(
             lambda f: log.failure("the admin service could not start", f)
         )
@@ -60,13 +64,20 @@ class AdminService(Service):
             factory = TLSMemoryBIOFactory(server_options(self.config.tls), False, factory)
         self.port = await serverFromString(self._reactor, self.config.listen).listen(factory)
         log.info("admin API listening on {address}", address=str(self.port.getHost()))
-        gateway = self.api.gateway
-        if gateway is not None and getattr(gateway, "ready", None) is not None:
-            await gateway.ready
-        if self.running:
+        ready = getattr(self.api.gateway, "ready", None)
+        if ready is None:
+            self._start_refresh(None)
+        else:
+            # After the gateway's start (schema made, recovery done); a callback
+            # leaves its result, a failed start, to the others that wait for it.
+            ready.addCallback(self._start_refresh)
+
+    def _start_refresh(self, result: object) -> object:
+        if self.running and not self._refresh.running:
             self._refresh.start(self.config.refresh_interval, now=True).addErrback(
                 lambda f: log.failure("admin refresh loop stopped", f)
             )
+        return result
 
     async def refresh(self) -> None:
         try:
@@ -78,6 +89,9 @@ class AdminService(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        rates = getattr(self.api.operations, "rates", None)
+        if rates is not None:
+            rates.stop()
         if self._refresh.running:
             self._refresh.stop()
         port, self.port = self.port, None
@@ -104,6 +118,8 @@ def admin_service(config: AdminConfig, gateway: Any, reactor: Any) -> AdminServi
         return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
 
     operations = getattr(gateway, "operations", None)
+    if operations is None:
+        operations = Operations.for_service(gateway, reactor, time.time)
     api = AdminAPI(
         database=gateway.database,
         clock=reactor,

@@ -17,8 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, TextIO
 
 from udsgateway.admin import auth
-from udsgateway.admin.api import audit_row
-from udsgateway.store import users
+from udsgateway.store import audit, users
 
 if TYPE_CHECKING:
     from udsgateway.config import GatewayConfig
@@ -80,7 +79,7 @@ def cmd_users(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> i
             )
             detail = f"role {args.role}" + (", view_content" if args.view_content else "")
             database.transaction_now(
-                audit_row, _who(args), "user.add", f"user {args.name}", now, detail, "ok"
+                audit.append, _who(args), "user.add", f"user {args.name}", now, detail, "ok", "cli"
             )
             out.write(f"user {args.name} added ({detail})\n")
             if args.generate_password:
@@ -99,7 +98,7 @@ def cmd_users(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> i
                 values["view_content"] = args.view_content
         database.transaction_now(users.update_user, args.name, now, values)
         database.transaction_now(
-            audit_row, _who(args), f"user.{action}", f"user {args.name}", now, "", "ok"
+            audit.append, _who(args), f"user.{action}", f"user {args.name}", now, "", "ok", "cli"
         )
         out.write(f"user {args.name}: {action} done\n")
         return 0
@@ -133,20 +132,28 @@ def cmd_tokens(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> 
                 now,
             )
             database.transaction_now(
-                audit_row,
+                audit.append,
                 _who(args),
                 "token.create",
                 f"token {token_id} of user {args.user}",
                 now,
                 "",
                 "ok",
+                "cli",
             )
             sys.stderr.write(f"token {token_id} for {args.user} (shown once, keep it safe):\n")
             out.write(token + "\n")
             return 0
         database.transaction_now(users.revoke_token, args.token_id, now)
         database.transaction_now(
-            audit_row, _who(args), "token.revoke", f"token {args.token_id}", now, "", "ok"
+            audit.append,
+            _who(args),
+            "token.revoke",
+            f"token {args.token_id}",
+            now,
+            "",
+            "ok",
+            "cli",
         )
         out.write(f"token {args.token_id} revoked\n")
         return 0

@@ -80,11 +80,17 @@ class AdminClient:
     metrics: Any = None
     secure: bool = False
     max_body_size: int = 64 * 1024
+    #: Give the API an operations facade over the same database (database only).
+    with_operations: bool = False
     api: AdminAPI = field(init=False)
     site: AdminSite = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.clock.advance(1_700_000_000)
+        if self.with_operations and self.operations is None:
+            from udsgateway.admin.operations import Operations
+
+            self.operations = Operations(self.database, self.clock, self.clock.seconds)
         self.api = AdminAPI(
             database=self.database,
             clock=self.clock,
