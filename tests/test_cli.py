@@ -13,12 +13,14 @@ from typing import Any
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway import __version__
-from udsgateway.cli.main import main, open_database, print_table
+from udsgateway.cli.main import main, open_database, print_table, render_flow_action
 from udsgateway.cli.operate import LOG_COLUMNS, destination_address
 from udsgateway.config import load_config
 from udsgateway.flows import parse_app
 from udsgateway.peers.commands import read_message_files
 from udsgateway.store import messages as store
+from udsgateway.testing import control_id_of, destination_ack, read_ack
+from udsgateway.testing.flows import FlowGateway
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -306,6 +308,97 @@ class FlowsRenderTests(CommandTestCase):
         )
         self.assertEqual(status, 0, err)
         self.assertIn("PID|1||12345||Zoë", out.splitlines())
+
+
+#: A chain whose templates take nothing from the clock or a control ID counter, so
+#: the command line and the running gateway render the same bytes; the sample
+#: has a non-ASCII name and no MSH-18 (read with the tenant's 8859/1).
+NON_ASCII_CHAIN = """\
+app_id = "APPCLIRENDER01"
+name = "Render parity"
+tenant = "clinic"
+
+[[flows]]
+flow_id = "FLWCLIRENDER01"
+name = "Parity"
+[flows.trigger]
+connection = "MLLP"
+message_type = "ADT^A04"
+sample = '''
+MSH|^~\\&|HIS|Hospital|GW|GW|202401011230||ADT^A04|MSG00001|P|2.3
+PID|1||12345^^^Hospital||Zoë^Ærøskøbing
+'''
+
+[[flows.actions]]
+name = "first"
+host = "127.0.0.1"
+port = 2997
+message_type = "ADT^A04"
+template = '''
+MSH|^~\\&|GW|GW|P1|P1|{{ msg["MSH-7"] }}||ADT^A04|{{ msg["MSH-10"] }}|P|2.5
+PID|1||{{ msg["PID-3.1"] }}||{{ msg["PID-5.1"] }}^{{ msg["PID-5.2"] }}
+'''
+
+[[flows.actions]]
+name = "second"
+host = "127.0.0.1"
+port = 2998
+message_type = "ADT^A08"
+template = '''
+MSH|^~\\&|GW|GW|P2|P2|{{ msg["MSH-7"] }}||ADT^A08|{{ msg["MSH-10"] }}|P|2.5
+ZRS|{{ responses.first["MSA-1"] }}|{{ responses.first["MSA-2"] }}|{{ msg["PID-5.1"] }}
+'''
+"""
+
+
+class RenderParityTests(CommandTestCase):
+    """``flows render`` and the executor share one render (``outbound.render``)."""
+
+    def test_same_bytes_as_the_executor(self) -> None:
+        """A latin-1 tenant, a sample with non-ASCII names: the command line prints
+        exactly the bytes the running gateway sends to each destination, the chained
+        action included (given the first destination's real response as a fake one)."""
+        chain = parse_app(NON_ASCII_CHAIN)
+        self.database.transaction_now(store.save_app, chain, 0.0)
+        tenant = load_config(str(self.config)).tenants[0]
+        self.assertEqual(tenant.default_charset, "8859/1")
+        running = FlowGateway(apps=(chain,), tenant=tenant)
+        self.addCleanup(running.stop)
+        sent = chain.flows[0].trigger.sample.lstrip("\n").replace("\n", "\r").encode("latin-1")
+        self.assertIn("Zoë".encode("latin-1"), sent)
+        self.assertEqual(read_ack(running.send(sent)).code, "AA")
+        running.settle()
+        (first,) = running.peer(2997).received
+        (second,) = running.peer(2998).received
+        self.assertIn("Zoë^Ærøskøbing".encode("latin-1"), first)
+        self.assertIn(b"ZRS|AA|MSG00001|" + "Zoë".encode("latin-1"), second)
+
+        config = load_config(str(self.config))
+        rendered, _ = render_flow_action(config, "FLWCLIRENDER01", "first", None, ())
+        self.assertEqual(rendered, first)
+        status, out, err = self.run_command("flows", "render", "FLWCLIRENDER01", "first")
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out.replace("\n", "\r").encode("latin-1"), first)
+
+        response = self.directory / "first-ack.hl7"
+        response.write_bytes(destination_ack(control_id_of(first)))
+        fake = (f"first={response}",)
+        rendered, _ = render_flow_action(config, "FLWCLIRENDER01", "second", None, fake)
+        self.assertEqual(rendered, second)
+        status, out, err = self.run_command(
+            "flows", "render", "FLWCLIRENDER01", "second", "--response", *fake
+        )
+        self.assertEqual(status, 0, err)
+        self.assertEqual(out.replace("\n", "\r").encode("latin-1"), second)
+
+    def test_sample_outside_the_tenant_charset(self) -> None:
+        """A sample that the tenant's charset cannot encode is an error that says so,
+        not a render from bytes no sender could have sent."""
+        chain = parse_app(NON_ASCII_CHAIN.replace("Zoë", "Zoëł"))
+        self.database.transaction_now(store.save_app, chain, 0.0)
+        status, _, err = self.run_command("flows", "render", "FLWCLIRENDER01", "first")
+        self.assertEqual(status, 2)
+        self.assertIn("the flow's sample: the message has characters that", err)
 
 
 class FlowFileTests(SynchronousTestCase):

@@ -22,7 +22,6 @@ from typing import Any
 
 from attrs import evolve
 from sqlalchemy import insert
-from twisted.internet.defer import fail
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -847,7 +846,11 @@ class AfterActionsAckTests(SynchronousTestCase):
         first = running.connect(40001)
         first.send(b"\x0b" + message + b"\x1c\r")
         running.clock.advance(0)
-        running.ingest.execution_states = lambda _message_id: fail(RuntimeError("db down"))
+
+        def unreadable(_connection: object, _message_id: int) -> None:
+            raise RuntimeError("db down")
+
+        self.patch(store, "execution_states", unreadable)
 
         fields = ack_fields(running.send(message))
         self.assertEqual(

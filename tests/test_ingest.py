@@ -11,19 +11,26 @@ those about framing, timers and connections are in ``test_listener``.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
-from attrs import frozen
+from attrs import define, field, frozen
 from sqlalchemy.exc import OperationalError
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from tests.strict_ack import STRICT_VERSIONS, strictly_valid
 from udsgateway.config import Limits, TenantConfig
 from udsgateway.flows import App, Flow, Trigger, read_app_file
 from udsgateway.hl7.ack import parse_reply
 from udsgateway.hl7.header import read_delimiters
+from udsgateway.interfaces import IFlowRunner
+from udsgateway.store.executions import Finished
+from udsgateway.store.messages import CommitResult
 from udsgateway.testing import Connection, Gateway, ManualRunner, hl7_message, mllp
 from udsgateway.testing.flows import action, app, flow
 
@@ -502,6 +509,27 @@ class StoreThenAckTests(GatewayTestCase):
         self.assertEqual([m.control_id for m in gateway.messages()], ["GRP1"])
 
 
+@implementer(IFlowRunner)
+@define
+class AskedFlows:
+    """A flow runner that records the triggers it is asked to fold, and renders none."""
+
+    asked: list[bytes] = field(factory=list)
+
+    def first_actions(self, _tenant: str, flows: Sequence[str], raw: bytes) -> tuple[None, ...]:
+        self.asked.append(raw)
+        return tuple(None for _ in flows)
+
+    def stored(self, _result: CommitResult) -> None:
+        pass
+
+    def watch(self, _execution_id: int, _timeout: float) -> Deferred[Finished]:
+        return Deferred()
+
+    def is_full(self, _destination: str) -> bool:
+        return False
+
+
 class FoldPolicyTests(GatewayTestCase):
     """When the first actions are rendered before the commit (the executor's fold)."""
 
@@ -509,15 +537,10 @@ class FoldPolicyTests(GatewayTestCase):
         """A gateway whose ADT^A04 flow has one action; the first actions it asks for are
         recorded (by trigger) and left unrendered."""
         with_action = app(flow("relay", "ADT^A04", [action("send", 2601, "ADT^A04", "MSH")]))
-        gateway = Gateway(apps=(with_action,), **options)  # type: ignore[arg-type]
-        asked: list[bytes] = []
-
-        def first_actions(_tenant: str, flows: tuple[str, ...], raw: bytes) -> tuple[None, ...]:
-            asked.append(raw)
-            return tuple(None for _ in flows)
-
-        gateway.ingest.first_actions = first_actions
-        return gateway, asked
+        flows = AskedFlows()
+        self.assertTrue(verifyObject(IFlowRunner, flows))
+        gateway = Gateway(apps=(with_action,), flows=flows, **options)  # type: ignore[arg-type]
+        return gateway, flows.asked
 
     def test_only_while_a_commit_is_running(self) -> None:
         """An idle gateway commits and answers at once (the executor renders after the
@@ -544,8 +567,7 @@ class FoldPolicyTests(GatewayTestCase):
 
     def test_always_when_asked_to(self) -> None:
         """``fold_while_idle`` (an inline database, in tests): before every commit."""
-        gateway, asked = self.gateway_with_an_action()
-        gateway.ingest.fold_while_idle = True
+        gateway, asked = self.gateway_with_an_action(fold_while_idle=True)
         self.assertEqual(self.send_one(gateway, hl7("IDLE1")).code, "AA")
         self.assertEqual(asked, [hl7("IDLE1")])
 

@@ -4,27 +4,39 @@ A message travels ingest -> flow runner (the executor) -> delivery queue (the
 dispatcher); an outcome travels back dispatcher -> delivery outcomes (the
 executor). Each side holds the other only as one of these interfaces, checked
 with ``zope.interface.verify.verifyObject`` in the tests, so the inbound and
-outbound layers never import each other.
+outbound layers never import each other. The composition root
+(``udsgateway.assembly``) connects them.
+
+This module is the base layer: it names the store's records (``CommitResult``,
+``NewDelivery``, ``Finished``, ``Settlement``, ``Origin``) in its docstrings
+only, and types them ``Any``; each provider declares the concrete types.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from zope.interface import Interface
 
 
 class IFlowRunner(Interface):
     """What ingest asks of the flows that run after a message is stored."""
 
-    def first_actions(tenant: str, flow_ids: tuple[str, ...], raw: bytes) -> tuple[object, ...]:
-        """Render the first action of each flow before the message's commit (the fold)."""
+    def first_actions(tenant: str, flow_ids: Sequence[str], raw: bytes) -> tuple[Any, ...]:
+        """Render the first action of each flow before the message's commit (the fold).
 
-    def stored(result: object) -> None:
-        """A message's commit finished (a ``CommitResult``): its executions may run."""
+        One ``NewDelivery`` or None (not rendered) per flow, in order; or an empty
+        tuple: none rendered, the executor renders them after the commit.
+        """
 
-    def watch(execution_id: int, timeout: float) -> object:
-        """A Deferred that fires with the execution's ``Finished`` state, within ``timeout``."""
+    def stored(result: Any) -> None:
+        """A message's commit finished (its ``CommitResult``): its executions may run."""
+
+    def watch(execution_id: int, timeout: float) -> Deferred[Any]:
+        """A Deferred that fires with the execution's ``Finished`` state, or fails
+        after ``timeout`` seconds."""
 
     def is_full(destination: str) -> bool:
         """Backpressure: True when ``destination``'s queue is at its cap."""

@@ -8,42 +8,31 @@ finish, then stop the database thread.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IReactorCore, IReactorTime
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from udsgateway.assembly import NO_FAULTS, Faults, assemble
 from udsgateway.clock import Wall, wall_of
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.hl7.ack import ControlIdSource
-from udsgateway.hl7.header import codec_for
-from udsgateway.inbound.ingest import Ingest
-from udsgateway.inbound.listener import ListenerFactory
-from udsgateway.inbound.routing import RoutingTable
+from udsgateway.inbound.listening import ListenerService
 from udsgateway.mapping.checks import template_problems
-from udsgateway.outbound.dispatcher import Dispatcher
-from udsgateway.outbound.executor import Executor
-from udsgateway.outbound.policy import Timing
-from udsgateway.store import executions
 from udsgateway.store import messages as store
 from udsgateway.store.engine import (
     AdvisoryLock,
     Database,
     FileIdentity,
     FileLock,
-    GroupCommitter,
     SchemaError,
-    ThreadRunner,
     ensure_schema,
 )
-from udsgateway.store.messages import CommitResult, InboundRecord
-from udsgateway.wire.tls import TLSListenerFactory, server_options
 
 log = Logger()
 
@@ -53,8 +42,23 @@ class StartError(Exception):
     port in use): logged as one line, without a traceback."""
 
 
+class Threads(Protocol):
+    """The database thread (``ThreadRunner``): started at start, stopped last."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class GatewayService(MultiService):
-    """The whole gateway process, as a tree of services."""
+    """The whole gateway process, as a tree of services.
+
+    Its objects come from the composition root (``udsgateway.assembly``). Its
+    children: one ``ListenerService`` per tenant, added once recovery finished,
+    and whatever is added before start with ``setServiceParent`` (the manhole;
+    any other service: it starts with the gateway, and stops after the
+    listeners, the executor and the dispatcher, before the database thread).
+    """
 
     def __init__(
         self,
@@ -62,10 +66,11 @@ class GatewayService(MultiService):
         reactor: Any,
         database: Database,
         control_ids: ControlIdSource,
-        threads: ThreadRunner | None = None,
+        threads: Threads | None = None,
         wall: Wall | None = None,
         identity: FileIdentity | None = None,
         lock: FileLock | AdvisoryLock | None = None,
+        faults: Faults = NO_FAULTS,
     ) -> None:
         super().__init__()
         self.config = config
@@ -77,55 +82,27 @@ class GatewayService(MultiService):
         # Started in startService, after twistd has forked into the background:
         # threads do not survive a fork.
         self._threads = threads
-        self.committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
-            database, executions.commit_inbound, config.commit_max_batch, clock=reactor
-        )
-        self._timings: dict[str, Timing] = {}
-        self.dispatcher = Dispatcher(
+        # The object graph, built by the composition root (as every test harness
+        # builds it): ingest per tenant, the executor, the dispatcher.
+        self.assembly = assemble(
+            config.tenants,
             database,
-            reactor,
-            reactor,
-            timing=lambda endpoint: self._timings.get(endpoint, Timing()),
-            page_size=config.delivery.page_size,
-            max_active_lanes=config.delivery.max_active_lanes,
-            held_poll=config.delivery.held_poll,
-            max_queued_per_destination=config.delivery.max_queued_per_destination,
-            wall=wall,
-        )
-        self.executor = Executor(
-            database,
-            self.dispatcher,
             reactor,
             control_ids,
-            charsets={
-                tenant.name: codec_for(tenant.default_charset, "latin-1") or "latin-1"
-                for tenant in config.tenants
-            },
+            delivery=config.delivery,
+            commit_max_batch=config.commit_max_batch,
             wall=wall,
+            faults=faults,
+            guard=identity.ensure if identity is not None else None,
+            on_damaged=self._database_damaged if identity is not None else None,
         )
-        self.dispatcher.outcomes = self.executor
-        self.ingests: dict[str, Ingest] = {
-            tenant.name: Ingest(
-                tenant,
-                self.committer,
-                reactor,
-                control_ids,
-                on_stored=self.executor.stored,
-                first_actions=self.executor.first_actions,
-                is_full=self.dispatcher.is_full,
-                watch=self.executor.watch,
-                save_ack=self._save_ack,
-                execution_states=self._execution_states,
-                record_logs=self._record_logs,
-                wall=wall,
-            )
-            for tenant in config.tenants
-        }
-        self.factories: dict[str, ListenerFactory] = {
-            tenant.name: ListenerFactory(tenant, self.ingests[tenant.name], reactor)
-            for tenant in config.tenants
-        }
-        self.ports: dict[str, IListeningPort] = {}
+        self.committer = self.assembly.committer
+        self.dispatcher = self.assembly.dispatcher
+        self.executor = self.assembly.executor
+        self.ingests = self.assembly.ingests
+        self.factories = self.assembly.factories
+        #: One child service per tenant, added once recovery finished.
+        self.listeners: dict[str, ListenerService] = {}
         self._generation = -1
         self._reload = LoopingCall(self._reload_flows)
         self._reload.clock = reactor
@@ -137,9 +114,6 @@ class GatewayService(MultiService):
         # commit (a database file deleted or replaced while running).
         self._identity = identity
         self._lock = lock
-        if identity is not None:
-            self.committer.guard = identity.ensure
-            self.committer.on_damaged = self._database_damaged
         self._identity_check = LoopingCall(self._check_database)
         self._identity_check.clock = reactor
         #: Why the database cannot be trusted any more (None: it can). Once set, every
@@ -172,21 +146,14 @@ class GatewayService(MultiService):
         self.executor.wake()
         self.executor.poll(self.config.delivery.held_poll)
         for tenant in self.config.tenants:
-            endpoint = serverFromString(self._reactor, tenant.listen)
-            factory: Any = self.factories[tenant.name]
-            if tenant.tls.enabled:
-                factory = TLSListenerFactory(server_options(tenant.tls), False, factory)
+            listener = ListenerService(tenant, self.factories[tenant.name], self._reactor)
+            self.listeners[tenant.name] = listener
+            listener.setServiceParent(self)
             try:
-                port = await endpoint.listen(factory)
+                await listener.listening
             except CannotListenError as error:
                 # "Couldn't listen on 127.0.0.1:2575: [Errno 98] Address already in use."
                 raise StartError(f"tenant {tenant.name}: {error}") from None
-            self.ports[tenant.name] = port
-            log.info(
-                "tenant {tenant} listening on {address}",
-                tenant=tenant.name,
-                address=str(port.getHost()),
-            )
         self._reload.start(self.config.flow_reload_interval, now=False).addErrback(
             lambda f: log.failure("flow reload loop stopped", f)
         )
@@ -274,24 +241,7 @@ class GatewayService(MultiService):
         except Exception:
             log.failure("could not reload flows; routing unchanged")
             return
-        self.executor.load(apps)
-        self._timings = {
-            action.endpoint: Timing(
-                connect_timeout=action.connect_timeout,
-                response_timeout=action.response_timeout,
-                backoff_initial=action.backoff_initial,
-                backoff_max=action.backoff_max,
-            )
-            for app in apps
-            for flow in app.flows
-            for action in flow.actions
-        }
-        for tenant in self.config.tenants:
-            self.ingests[tenant.name].routes = RoutingTable.build(
-                [app for app in apps if app.tenant == tenant.name],
-                tenant.app_id_field,
-                tenant.flow_id_field,
-            )
+        self.assembly.load(apps)
         self._generation = generation
         log.info("routing loaded, flows generation {generation}", generation=generation)
 
@@ -315,9 +265,12 @@ class GatewayService(MultiService):
         for loop in (self._reload, self._retention, self._identity_check):
             if loop.running:
                 loop.stop()
-        for port in self.ports.values():
-            await _maybe(port.stopListening())
-        self.ports.clear()
+        # Listeners first (no new connection), then the executor's polling and the
+        # dispatcher, then the other children, and the database thread last.
+        for listener in reversed(list(self.listeners.values())):
+            if listener.parent is self:
+                await _maybe(self.removeService(listener))
+        self.listeners.clear()
         self.executor.stop_polling()
         await self.dispatcher.stopService()
         await _maybe(super().stopService())
@@ -326,25 +279,21 @@ class GatewayService(MultiService):
         if self._identity is not None:
             self._identity.close()
 
-    def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
-        return self.database.transaction(store.update_ack, message_id, code, ack)
-
-    def _record_logs(self, rows: list[dict[str, Any]]) -> Deferred[None]:
-        return self.database.transaction(store.insert_logs, rows)
-
-    def _execution_states(self, message_id: int) -> Deferred[list[store.ExecutionState]]:
-        return self.database.transaction(store.execution_states, message_id)
-
     def stats(self) -> dict[str, Any]:
         """A snapshot of every listener's counters, for the manhole and admin API."""
         return {
             name: {
                 "listener": factory.stats,
                 "ingest": self.ingests[name].stats,
-                "port": str(self.ports[name].getHost()) if name in self.ports else None,
+                "port": _address(self.listeners.get(name)),
             }
             for name, factory in self.factories.items()
         }
+
+
+def _address(listener: ListenerService | None) -> str | None:
+    address = listener.address if listener is not None else None
+    return str(address) if address is not None else None
 
 
 async def _maybe(result: Deferred[None] | None) -> None:

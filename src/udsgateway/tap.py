@@ -32,7 +32,7 @@ from udsgateway.store.engine import (
 )
 
 if TYPE_CHECKING:
-    from udsgateway.service import GatewayService
+    from udsgateway.assembly import Faults
 
 log = Logger()
 
@@ -102,9 +102,9 @@ def makeService(options: Options) -> IService:
         wall=time.time,
         identity=FileIdentity(path) if path is not None else None,
         lock=lock,
+        faults=_crash_points(),
     )
     service.ready.addErrback(_exit_status_after_failed_start, reactor)
-    _install_crash_points(service)
     if config.manhole.enabled:
         manhole_service(config.manhole, service, reactor).setServiceParent(service)
     if config.admin.enabled:
@@ -185,13 +185,18 @@ def _exit_status_after_failed_start(_failure: object, reactor: Any) -> None:
 CRASH_AT_VARIABLE = "UDSGATEWAY_TEST_CRASH_AT"
 
 
-def _install_crash_points(service: GatewayService) -> None:
+def _crash_points() -> Faults:
+    """The fault-injection points named by ``CRASH_AT_VARIABLE`` (none: no faults)."""
+    from udsgateway.assembly import Faults
+
     value = os.environ.get(CRASH_AT_VARIABLE, "")
     if not value:
-        return
+        return Faults()
     point, _, nth = value.partition(":")
     if not (nth or "1").isdigit() or int(nth or "1") < 1:
         raise SystemExit(f"{CRASH_AT_VARIABLE}: {value!r}: expected POINT or POINT:N (N >= 1)")
+    if point not in ("before_commit", "after_commit", "after_enqueue", "after_send"):
+        raise SystemExit(f"{CRASH_AT_VARIABLE}: unknown crash point {point!r}")
     reached = [0]
 
     def crash() -> None:
@@ -199,14 +204,4 @@ def _install_crash_points(service: GatewayService) -> None:
         if reached[0] >= int(nth or "1"):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    if point == "before_commit":
-        service.committer.before_batch = crash
-    elif point == "after_commit":
-        for ingest in service.ingests.values():
-            ingest.after_commit = crash
-    elif point == "after_enqueue":
-        service.executor.after_enqueue = crash
-    elif point == "after_send":
-        service.dispatcher.after_send = crash
-    else:
-        raise SystemExit(f"{CRASH_AT_VARIABLE}: unknown crash point {point!r}")
+    return Faults(**{point: crash})

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from udsgateway import __version__
+from udsgateway.assembly import tenant_charset
 from udsgateway.cli.accounts import add_account_commands
 from udsgateway.cli.audit import add_audit_command, add_destination_commands
 from udsgateway.cli.operate import add_operator_commands
@@ -31,17 +32,14 @@ from udsgateway.flows import (
 )
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, codec_for, parse_header
-from udsgateway.hl7.message import MessageParseError, parse_message
 from udsgateway.mapping.catalogue import variable_catalogue
 from udsgateway.mapping.checks import template_problems
 from udsgateway.mapping.templating import (
-    ActionResponse,
     RenderError,
-    TemplateData,
     TemplateError,
     compile_template,
-    render_body,
 )
+from udsgateway.outbound.render import read_trigger, render_action, sender_bytes
 from udsgateway.peers.commands import add_peer_commands
 from udsgateway.store import messages as store
 from udsgateway.store.engine import (
@@ -221,60 +219,72 @@ def read_responses(specs: Sequence[str], flow: Flow, step: int) -> dict[str, byt
 
 
 def cmd_flows_render(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    app, flow = find_flow(config, args.flow_id)
+    body, charset = render_flow_action(
+        config, args.flow_id, args.action, args.message, args.response or ()
+    )
+    out.write(rendered_text(body, charset).replace("\r", "\n"))
+    return 0
+
+
+def render_flow_action(
+    config: GatewayConfig,
+    flow_id: str,
+    action_name: str,
+    message_path: str | None,
+    response_specs: Sequence[str],
+) -> tuple[bytes, str]:
+    """What ``flows render`` renders: the action's bytes, as the gateway would send
+    them, and the tenant's charset (to print them). CommandError when it cannot."""
+    app, flow = find_flow(config, flow_id)
     chosen = [
         (step, action)
         for step, action in enumerate(flow.actions)
-        if action.name == args.action or str(step) == args.action
+        if action.name == action_name or str(step) == action_name
     ]
     if not chosen:
         names = ", ".join(a.name for a in flow.actions) or "none"
-        raise CommandError(f"flow {args.flow_id} has no action {args.action!r} (actions: {names})")
+        raise CommandError(f"flow {flow_id} has no action {action_name!r} (actions: {names})")
     step, action = chosen[0]
-    fakes = read_responses(args.response or (), flow, step)
+    fakes = read_responses(response_specs, flow, step)
     tenant = next((t for t in config.tenants if t.name == app.tenant), None)
     # The tenant's codec for messages without MSH-18, as the running gateway uses.
-    charset = codec_for(tenant.default_charset, "latin-1") if tenant else None
-    charset = charset or "latin-1"
+    charset = tenant_charset(tenant) if tenant is not None else "latin-1"
     try:
-        # The sample is text already (TOML); a message file is bytes, decoded as the
-        # gateway decodes what a sender sends: MSH-18, else the tenant's charset.
-        message: str | bytes = (
-            Path(args.message).read_bytes() if args.message else flow.trigger.sample
-        )
+        # A message file is the bytes a sender sends; the sample is text (TOML),
+        # encoded as a sender would send it (its MSH-18, else the tenant's charset).
+        # Either is then read exactly as the gateway reads what it receives.
+        if message_path:
+            raw = Path(message_path).read_bytes()
+        else:
+            raw = sender_bytes(flow.trigger.sample, charset)
     except OSError as error:
-        raise CommandError(f"cannot read {args.message}: {error.strerror or error}") from None
+        raise CommandError(f"cannot read {message_path}: {error.strerror or error}") from None
+    except RenderError as error:
+        raise CommandError(f"the flow's sample: {error}") from None
     try:
-        responses = tuple(
-            ActionResponse(
-                earlier.name,
-                parse_message(fakes[earlier.name], default_charset="latin-1")
-                if earlier.name in fakes
-                else None,
-            )
-            for earlier in flow.actions[:step]
-        )
-        template = compile_template(action.template)
-        body = render_body(
-            template,
-            TemplateData(
-                parse_message(message, default_charset=charset),
-                responses,
-                dict(app.variables),
-            ),
-            message_type=action.message_type,
+        body = render_action(
+            app,
+            flow,
+            step,
+            compile_template(action.template),
+            read_trigger(raw, charset),
+            raw,
+            [fakes.get(earlier.name) for earlier in flow.actions[:step]],
+            charset=charset,
             now=lambda: datetime.now(UTC),
             new_control_id=ControlIdSource.for_boot(time.time()).next,
-            default_charset=charset,
         )
-    except (TemplateError, RenderError, MessageParseError) as error:
+    except (TemplateError, RenderError) as error:
         raise CommandError(f"action {action.name}: {error}") from None
+    return body, charset
+
+
+def rendered_text(body: bytes, charset: str) -> str:
+    """A rendered body as text, decoded as it was encoded (its MSH-18, else ``charset``)."""
     parsed = parse_header(body, default_charset=charset)
     header = parsed.header if isinstance(parsed, HeaderProblem) else parsed
     body_charset = codec_for(header.charset, charset) if header is not None else None
-    text = body.decode(body_charset or charset, "backslashreplace")
-    out.write(text.replace("\r", "\n"))
-    return 0
+    return body.decode(body_charset or charset, "backslashreplace")
 
 
 def cmd_flows_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:

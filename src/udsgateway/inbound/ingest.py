@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
 
 from attrs import define, evolve, field, frozen
 from twisted.internet.defer import Deferred, gatherResults, succeed
@@ -45,6 +44,8 @@ from udsgateway.hl7.batch import (
 from udsgateway.hl7.header import Delimiters, Header, HeaderProblem, codec_for, parse_header
 from udsgateway.hl7.keys import search_keys
 from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
+from udsgateway.interfaces import IFlowRunner
+from udsgateway.store import messages as store
 from udsgateway.store.engine import GroupCommitter, is_locked
 from udsgateway.store.executions import Finished
 from udsgateway.store.messages import CommitOutcome, CommitResult, ExecutionState, InboundRecord
@@ -109,30 +110,18 @@ class Ingest:
     _clock: IReactorTime
     _control_ids: ControlIdSource
     routes: RoutingTable = EMPTY
-    #: Called with each stored message's CommitResult (the executor listens here).
-    on_stored: Callable[[CommitResult], None] | None = None
-    #: Renders the first action of each of a message's flows before its commit (the
-    #: executor's fold: ``Executor.first_actions``), or nothing. Used only while a
-    #: commit is running, when the message waits for the next one anyway: an idle
-    #: gateway commits and answers at once, and the executor renders after the ACK.
-    first_actions: Callable[[str, tuple[str, ...], bytes], tuple[object, ...]] | None = None
-    #: Use ``first_actions`` for every message, also when no commit is running (tests
-    #: on an inline database, whose commits never overlap a frame).
+    #: The flows that run after a message is stored (the executor), or none (a
+    #: gateway that only stores). It renders a message's first actions before its
+    #: commit (the fold) only while a commit is running, when the message waits for
+    #: the next one anyway: an idle gateway commits and answers at once, and the
+    #: executor renders after the ACK. It also says when a destination's queue is
+    #: full (backpressure: NAK 207) and watches executions ("after actions" ACKs).
+    flows: IFlowRunner | None = None
+    #: Fold for every message, also when no commit is running (tests on an inline
+    #: database, whose commits never overlap a frame).
     fold_while_idle: bool = False
     #: Called after a commit, before its answer is written (fault injection in tests).
     after_commit: Callable[[], None] | None = None
-    #: Backpressure: True when a destination's queue is at its cap (NAK 207).
-    is_full: Callable[[str], bool] | None = None
-    #: "after actions" ACK timing: waits for an execution to finish, within a timeout.
-    watch: Callable[[int, float], Deferred[Finished]] | None = None
-    #: Stores the ACK finally sent for an "after actions" message (for replays).
-    save_ack: Callable[[int, str, bytes], Deferred[None]] | None = None
-    #: The executions of a stored message (a resend while its "after actions" ACK
-    #: is not decided yet waits for them).
-    execution_states: Callable[[int], Deferred[list[ExecutionState]]] | None = None
-    #: Appends rows to the store's log (``store.insert_logs``): an application ACK
-    #: whose connection had closed is recorded there, where operators look.
-    record_logs: Callable[[list[dict[str, Any]]], Deferred[None]] | None = None
     stats: IngestStats = field(factory=IngestStats)
     #: Wall clock for timestamps (received_at, ACK MSH-7); None: the timer clock's.
     wall: Wall | None = None
@@ -187,8 +176,8 @@ class Ingest:
         # a resend of one already stored still gets its stored ACK (G3).
         refuse_new = self._full_destination(flows)
         first = (
-            self.first_actions(self.tenant.name, run_flows, payload)
-            if self.first_actions is not None
+            self.flows.first_actions(self.tenant.name, run_flows, payload)
+            if self.flows is not None
             and run_flows
             and not refuse_new
             and (self.fold_while_idle or self._committer.busy)
@@ -217,7 +206,7 @@ class Ingest:
             # In enhanced mode with an application ACK the accept ACK is final at commit.
             ack_pending=(
                 error is None
-                and self.watch is not None
+                and self.flows is not None
                 and bool(_waiting_flows(flows))
                 and not _application_ack_requested(header)
             ),
@@ -366,19 +355,19 @@ class Ingest:
             watches: list[Deferred[Finished]] = []
             timeout = 0.0
             waiting = _application_waiting(flows) if application else _waiting_flows(flows)
-            if self.watch is not None and waiting:
+            if self.flows is not None and waiting:
                 timeout = _ack_timeout(waiting)
                 # Only the flows that asked for it; watch before the executor hears
                 # of the message, since it may finish at once.
                 watches = [
-                    self.watch(execution_id, timeout)
+                    self._watch(execution_id, timeout)
                     for flow_id, execution_id in zip(
                         record.run_flows, result.execution_ids, strict=True
                     )
                     if flow_id in waiting
                 ]
-            if self.on_stored is not None and result.execution_ids:
-                self.on_stored(result)
+            if self.flows is not None and result.execution_ids:
+                self.flows.stored(result)
             if application:
                 accept = self._answer(record.ack_code, record.ack)
                 then = Deferred.fromCoroutine(
@@ -431,9 +420,19 @@ class Ingest:
         )
 
     def _full_destination(self, flows: tuple[FlowRoute, ...]) -> bool:
-        if self.is_full is None:
+        if self.flows is None:
             return False
-        return any(self.is_full(d) for route in flows for d in route.destinations)
+        is_full = self.flows.is_full
+        return any(is_full(d) for route in flows for d in route.destinations)
+
+    def _watch(self, execution_id: int, timeout: float) -> Deferred[Finished]:
+        """Fires with the execution's ``Finished`` state, or fails after ``timeout``."""
+        assert self.flows is not None
+        watching: Deferred[Finished] = self.flows.watch(execution_id, timeout)
+        return watching
+
+    def _execution_states(self, message_id: int) -> Deferred[list[ExecutionState]]:
+        return self._committer.database.transaction(store.execution_states, message_id)
 
     async def _replay_pending(
         self, header: Header, message_id: int, flows: tuple[FlowRoute, ...]
@@ -450,7 +449,7 @@ class Ingest:
         error: AckError | None = None
         watches: list[Deferred[Finished]] = []
         try:
-            states = await self.execution_states(message_id) if self.execution_states else []
+            states = await self._execution_states(message_id)
         except Exception:
             # Answer this resend with an error, but store nothing: the outcome is
             # still to come, and the next resend may get it.
@@ -464,8 +463,7 @@ class Ingest:
                 # Held: its action could not be rendered; an operator must act.
                 error = AckError(207, "", f"actions {state.state}: {state.error}"[:200])
                 break
-            if self.watch is not None:
-                watches.append(self.watch(state.id, timeout))
+            watches.append(self._watch(state.id, timeout))
         return await self._after_actions(header, message_id, watches, timeout, error)
 
     async def _after_actions(
@@ -484,14 +482,13 @@ class Ingest:
         error = await _settle(watches, timeout, error)
         outcome = Outcome.ACCEPT if error is None else Outcome.ERROR
         code, ack = self._ack(header, outcome, error, self._now())
-        if self.save_ack is not None:
-            try:
-                await self.save_ack(message_id, code, ack)
-            except Exception:
-                log.failure(
-                    "could not store the after-actions ACK (control ID {control_id})",
-                    control_id=header.control_id,
-                )
+        try:
+            await self._committer.database.transaction(store.update_ack, message_id, code, ack)
+        except Exception:
+            log.failure(
+                "could not store the after-actions ACK (control ID {control_id})",
+                control_id=header.control_id,
+            )
         if error is not None:
             self.stats.errors[error.code] += 1
         return self._answer(code, ack)
@@ -537,8 +534,8 @@ class Ingest:
         watches: list[Deferred[Finished]] = []
         try:
             states = (
-                await self.execution_states(message_id)
-                if self.execution_states is not None and message_id is not None and waiting
+                await self._execution_states(message_id)
+                if message_id is not None and waiting
                 else []
             )
         except Exception:
@@ -551,8 +548,7 @@ class Ingest:
             if state.state == "failed":
                 error = AckError(207, "", f"actions failed: {state.error}"[:200])
                 break
-            if self.watch is not None:
-                watches.append(self.watch(state.id, timeout))
+            watches.append(self._watch(state.id, timeout))
         return await self._application_ack(header, message_id, watches, timeout, error)
 
     def application_ack_lost(self, ack: ApplicationAck, peer: str) -> None:
@@ -565,25 +561,24 @@ class Ingest:
             peer=peer,
             tenant=self.tenant.name,
         )
-        if self.record_logs is not None:
-            row = {
-                "at": self._now(),
-                "tenant": self.tenant.name,
-                "message_id": ack.message_id,
-                "control_id": ack.control_id,
-                "event": "application ack lost",
-                "outcome": "not sent",
-                "ack_code": ack.code,
-                "reason": "connection closed before the application ACK",
-            }
-            recording = self.record_logs([row])
-            recording.addErrback(
-                lambda failure: log.failure(
-                    "could not record a lost application ACK (control ID {control_id})",
-                    failure,
-                    control_id=ack.control_id,
-                )
+        row = {
+            "at": self._now(),
+            "tenant": self.tenant.name,
+            "message_id": ack.message_id,
+            "control_id": ack.control_id,
+            "event": "application ack lost",
+            "outcome": "not sent",
+            "ack_code": ack.code,
+            "reason": "connection closed before the application ACK",
+        }
+        recording = self._committer.database.transaction(store.insert_logs, [row])
+        recording.addErrback(
+            lambda failure: log.failure(
+                "could not record a lost application ACK (control ID {control_id})",
+                failure,
+                control_id=ack.control_id,
             )
+        )
 
     def _inbound_ack(self, header: Header) -> Answer:
         # An ACK is never acknowledged, not even a malformed one: that way

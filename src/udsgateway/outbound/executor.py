@@ -29,18 +29,15 @@ from udsgateway.clock import Wall, wall_of
 from udsgateway.flows import App, Flow
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, parse_header
-from udsgateway.hl7.message import Message, MessageParseError, PathSyntaxError, parse_message
-from udsgateway.interfaces import IDeliveryOutcomes
+from udsgateway.hl7.message import Message, PathSyntaxError
+from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue, IFlowRunner
 from udsgateway.mapping.templating import (
-    ActionResponse,
     RenderError,
     Template,
-    TemplateData,
     TemplateError,
     compile_template,
-    render_body,
 )
-from udsgateway.outbound.dispatcher import Dispatcher
+from udsgateway.outbound.render import read_trigger, render_action
 from udsgateway.store import executions
 from udsgateway.store.engine import Database
 from udsgateway.store.executions import Advanced, Finished, PendingWork, Transition
@@ -71,13 +68,18 @@ class _FlowPlan:
     targets: tuple[tuple[str, dict[str, Any]], ...]
 
 
-@implementer(IDeliveryOutcomes)
+@implementer(IFlowRunner, IDeliveryOutcomes)
 @define(eq=False)
 class Executor:
-    """Turns pending executions into deliveries, in arrival order."""
+    """Turns pending executions into deliveries, in arrival order.
+
+    Ingest holds it as its ``IFlowRunner``; the delivery engine tells it of
+    recorded outcomes as its ``IDeliveryOutcomes``; it hands committed
+    deliveries to ``queue`` (the dispatcher, an ``IDeliveryQueue``).
+    """
 
     database: Database
-    dispatcher: Dispatcher
+    queue: IDeliveryQueue
     clock: IReactorTime
     control_ids: ControlIdSource
     batch_size: int = 64
@@ -192,7 +194,11 @@ class Executor:
         for _delivery_id, delivery in enqueued:
             if self.after_enqueue is not None:
                 self.after_enqueue()
-            self.dispatcher.enqueued(delivery.lane, delivery.destination, delivery.protocol)
+            self.queue.enqueued(delivery.lane, delivery.destination, delivery.protocol)
+
+    def is_full(self, destination: str) -> bool:
+        """Backpressure: the delivery queue of ``destination`` is at its cap."""
+        return self.queue.is_full(destination)
 
     # -- watchers: the "after actions" ACK timing
 
@@ -326,10 +332,7 @@ class Executor:
 
     def _trigger(self, tenant: str, raw: bytes) -> Message:
         """The trigger message, parsed whole (templates read any of its fields)."""
-        try:
-            return parse_message(raw, default_charset=self.charsets.get(tenant, "latin-1"))
-        except MessageParseError as error:
-            raise RenderError(f"trigger message unreadable: {error.reason}") from None
+        return read_trigger(raw, self.charsets.get(tenant, "latin-1"))
 
     def _delivery(
         self,
@@ -344,24 +347,17 @@ class Executor:
     ) -> NewDelivery:
         """Action ``step`` of the flow, rendered for ``trigger``; RenderError if it cannot be."""
         action = plan.flow.actions[step]
-        parsed = []
-        for index, response in enumerate(responses):
-            reply = None
-            if response:
-                try:
-                    reply = parse_message(response, default_charset="latin-1")
-                except MessageParseError:
-                    reply = None
-            parsed.append(ActionResponse(plan.flow.actions[index].name, reply))
-        data = TemplateData(trigger, tuple(parsed), dict(plan.app.variables))
-        body = render_body(
+        body = render_action(
+            plan.app,
+            plan.flow,
+            step,
             template,
-            data,
-            message_type=action.message_type,
+            trigger,
+            raw,
+            responses,
+            charset=self.charsets.get(tenant, "latin-1"),
             now=self._now,
             new_control_id=self.control_ids.next,
-            default_charset=self.charsets.get(tenant, "latin-1"),
-            raw=raw,
         )
         try:
             key_value = trigger.get(action.ordering_key) if action.ordering_key else None

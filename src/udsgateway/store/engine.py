@@ -340,6 +340,11 @@ class GroupCommitter(Generic[Item, Result]):
     groups: int = 0
     committed: int = 0
 
+    @property
+    def database(self) -> Database:
+        """The database this committer commits to (its callers' other statements too)."""
+        return self._database
+
     def submit(self, item: Item) -> Deferred[Result]:
         """Queue an item for the next group; fire with its result once committed."""
         deferred: Deferred[Result] = Deferred()

@@ -37,19 +37,19 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from udsgateway.config import TenantConfig
+from udsgateway.assembly import Assembly, assemble, build_dispatcher
+from udsgateway.config import DeliveryConfig, TenantConfig
 from udsgateway.flows import App, Flow, Trigger
 from udsgateway.hl7.ack import ControlIdSource, parse_reply
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import InboundProtocol, ListenerFactory
-from udsgateway.inbound.routing import RoutingTable
+from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.policy import Timing
 from udsgateway.store import messages as store
 from udsgateway.store import outbox
 from udsgateway.store.engine import (
     Database,
-    GroupCommitter,
     IDatabaseRunner,
     InlineRunner,
     ensure_schema,
@@ -227,7 +227,13 @@ class Gateway:
     clock: Clock = field(factory=Clock)
     #: A wall clock apart from the timer clock (a test that makes it jump); None: ``clock``.
     wall: Clock | None = None
+    #: What runs the stored messages' flows (an ``IFlowRunner``); None: nothing runs
+    #: them (their executions stay pending), and nothing is ever full.
+    flows: IFlowRunner | None = None
+    #: Ask ``flows`` for the first actions before every commit, not only while one runs.
+    fold_while_idle: bool = False
     database: Database = field(init=False)
+    assembly: Assembly = field(init=False)
     ingest: Ingest = field(init=False)
     factory: ListenerFactory = field(init=False)
 
@@ -240,18 +246,20 @@ class Gateway:
             self.database.transaction_now(store.save_app, app, 0.0)
         loaded = self.database.transaction_now(store.load_apps, self.tenant.name)
         self.database = Database(engine, self.runner)
-        committer: GroupCommitter[store.InboundRecord, store.CommitResult] = GroupCommitter(
-            self.database, store.commit_inbound, clock=self.clock if self.group_by_turn else None
-        )
-        self.ingest = Ingest(
-            self.tenant,
-            committer,
+        # Built as the service builds it; only the flows differ (none run by default).
+        self.assembly = assemble(
+            [self.tenant],
+            self.database,
             self.clock,
             ControlIdSource("TEST"),
-            routes=RoutingTable.build(loaded, self.tenant.app_id_field, self.tenant.flow_id_field),
+            group_by_turn=self.group_by_turn,
             wall=self.wall.seconds if self.wall is not None else None,
+            flow_runner=lambda _executor: self.flows,
+            fold_while_idle=self.fold_while_idle,
         )
-        self.factory = ListenerFactory(self.tenant, self.ingest, self.clock)
+        self.assembly.load(loaded)
+        self.ingest = self.assembly.ingests[self.tenant.name]
+        self.factory = self.assembly.factories[self.tenant.name]
 
     def connect(self, host: str = "127.0.0.1", port: int = 40000) -> Connection:
         """A new sender connection (AssertionError when the listener refuses it)."""
@@ -549,22 +557,29 @@ class Outbound:
     seed: int = 1
     #: A wall clock apart from the timer clock (a test that makes it jump); None: ``clock``.
     wall: Clock | None = None
+    #: Each endpoint's timing; None: ``timing`` for every endpoint.
+    timings: Callable[[str], Timing] | None = None
+    #: Told of recorded outcomes (the executor, in ``FlowGateway``); None: nobody.
+    outcomes: IDeliveryOutcomes | None = None
     peers: dict[str, DestinationPeer] = field(factory=dict)
     dispatcher: Dispatcher = field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.dispatcher = Dispatcher(
+        self.dispatcher = build_dispatcher(
             self.database,
             self.clock,
             self.clock,
-            timing=lambda _endpoint: self.timing,
-            page_size=self.page_size,
-            max_active_lanes=self.max_active_lanes,
-            held_poll=self.held_poll,
-            max_queued_per_destination=self.max_queued_per_destination,
+            DeliveryConfig(
+                max_queued_per_destination=self.max_queued_per_destination,
+                page_size=self.page_size,
+                max_active_lanes=self.max_active_lanes,
+                held_poll=self.held_poll,
+            ),
+            timing=self.timings if self.timings is not None else (lambda _e: self.timing),
+            wall=self.wall.seconds if self.wall is not None else None,
             rng=random.Random(self.seed),
             endpoint_factory=self._endpoint,
-            wall=self.wall.seconds if self.wall is not None else None,
+            outcomes=self.outcomes,
         )
 
     def _endpoint(self, _reactor: Any, description: str) -> IStreamClientEndpoint:

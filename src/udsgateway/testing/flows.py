@@ -21,25 +21,25 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from udsgateway.assembly import Assembly, Timings, assemble
 from udsgateway.config import TenantConfig
 from udsgateway.flows import Action, App, Flow, Trigger
 from udsgateway.hl7.ack import ControlIdSource
-from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
-from udsgateway.inbound.routing import RoutingTable
+from udsgateway.interfaces import IFlowRunner
 from udsgateway.outbound.executor import Executor
-from udsgateway.outbound.policy import Timing
-from udsgateway.store import executions, schema
 from udsgateway.store import messages as store
+from udsgateway.store import schema
 from udsgateway.store.engine import (
     Database,
-    GroupCommitter,
     InlineRunner,
     ensure_schema,
     make_engine,
 )
+from udsgateway.store.executions import Finished
 from udsgateway.store.outbox import NewDelivery
 from udsgateway.testing import (
     Connection,
@@ -141,7 +141,7 @@ class FlowGateway:
     executor: Executor = field(init=False)
     ingest: Ingest = field(init=False)
     factory: ListenerFactory = field(init=False)
-    _timings: dict[str, Timing] = field(init=False, factory=dict)
+    assembly: Assembly = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.clock.seconds() == 0:
@@ -152,83 +152,32 @@ class FlowGateway:
             self.database.transaction_now(store.save_app, each, self.clock.seconds())
         loaded = self.database.transaction_now(store.load_apps, None)
 
-        self.outbound = Outbound(clock=self.clock, database=self.database)
-        dispatcher = self.outbound.dispatcher
-        self._timings = {
-            step.endpoint: Timing(
-                connect_timeout=step.connect_timeout,
-                response_timeout=step.response_timeout,
-                backoff_initial=step.backoff_initial,
-                backoff_max=step.backoff_max,
-            )
-            for each in loaded
-            for one in each.flows
-            for step in one.actions
-        }
-        dispatcher.timing = lambda endpoint: self._timings.get(endpoint, Timing())
+        # Built as the service builds it, but the dispatcher's destinations are
+        # the peers of ``outbound`` and ingest's flow runner is ``_Switch``.
+        timings = Timings()
+        self.outbound = Outbound(clock=self.clock, database=self.database, timings=timings)
+        self.assembly = assemble(
+            [self.tenant],
+            self.database,
+            self.clock,
+            ControlIdSource("ACK"),
+            group_by_turn=False,
+            dispatcher=self.outbound.dispatcher,
+            timings=timings,
+            outbound_control_ids=ControlIdSource("OUT"),
+            flow_runner=lambda executor: _Switch(self, executor),
+            fold_while_idle=True,
+        )
+        self.assembly.load(loaded)
         for each in loaded:
             for one in each.flows:
                 for step in one.actions:
                     self.outbound.peer(step.endpoint, step.protocol)
-
-        self.executor = Executor(
-            self.database,
-            dispatcher,
-            self.clock,
-            ControlIdSource("OUT"),
-            # The tenant's codec for messages without MSH-18, as the service wires it.
-            charsets={
-                self.tenant.name: codec_for(self.tenant.default_charset, "latin-1") or "latin-1"
-            },
-        )
-        dispatcher.outcomes = self.executor
-        self.executor.load(loaded)
-
-        committer: GroupCommitter[store.InboundRecord, store.CommitResult] = GroupCommitter(
-            self.database, executions.commit_inbound
-        )
-        self.ingest = Ingest(
-            self.tenant,
-            committer,
-            self.clock,
-            ControlIdSource("ACK"),
-            routes=RoutingTable.build(
-                [each for each in loaded if each.tenant == self.tenant.name],
-                self.tenant.app_id_field,
-                self.tenant.flow_id_field,
-            ),
-            on_stored=self._stored,
-            first_actions=self._first_actions,
-            fold_while_idle=True,
-            is_full=dispatcher.is_full,
-            watch=self.executor.watch,
-            save_ack=self._save_ack,
-            execution_states=self._execution_states,
-            record_logs=self._record_logs,
-        )
-        self.factory = ListenerFactory(self.tenant, self.ingest, self.clock)
+        self.executor = self.assembly.executor
+        self.ingest = self.assembly.ingests[self.tenant.name]
+        self.factory = self.assembly.factories[self.tenant.name]
         self.outbound.start()
         self.executor.wake()
-
-    def _first_actions(
-        self, tenant: str, flow_ids: tuple[str, ...], raw: bytes
-    ) -> tuple[NewDelivery | None, ...]:
-        if not (self.fold and self.autorun):
-            return ()
-        return self.executor.first_actions(tenant, flow_ids, raw)
-
-    def _stored(self, result: store.CommitResult) -> None:
-        if self.autorun:
-            self.executor.stored(result)
-
-    def _save_ack(self, message_id: int, code: str, ack: bytes) -> Deferred[None]:
-        return self.database.transaction(store.update_ack, message_id, code, ack)
-
-    def _execution_states(self, message_id: int) -> Deferred[list[store.ExecutionState]]:
-        return self.database.transaction(store.execution_states, message_id)
-
-    def _record_logs(self, rows: list[dict[str, Any]]) -> Deferred[None]:
-        return self.database.transaction(store.insert_logs, rows)
 
     # -- the sender's side
 
@@ -295,6 +244,33 @@ class FlowGateway:
     def stop(self) -> None:
         """Stop the dispatcher (a test's cleanup)."""
         self.outbound.stop()
+
+
+@implementer(IFlowRunner)
+@define(eq=False)
+class _Switch:
+    """The executor as ingest's flow runner, but off while ``gateway.autorun`` is
+    False (stored messages do not wake it) and folding only while ``gateway.fold``."""
+
+    gateway: FlowGateway
+    executor: Executor
+
+    def first_actions(
+        self, tenant: str, flow_ids: Sequence[str], raw: bytes
+    ) -> tuple[NewDelivery | None, ...]:
+        if not (self.gateway.fold and self.gateway.autorun):
+            return ()
+        return self.executor.first_actions(tenant, flow_ids, raw)
+
+    def stored(self, result: store.CommitResult) -> None:
+        if self.gateway.autorun:
+            self.executor.stored(result)
+
+    def watch(self, execution_id: int, timeout: float) -> Deferred[Finished]:
+        return self.executor.watch(execution_id, timeout)
+
+    def is_full(self, destination: str) -> bool:
+        return self.executor.is_full(destination)
 
 
 def unframe(data: bytes) -> bytes:
