@@ -40,7 +40,9 @@ from udsgateway.testing.admin import TEST_SCRYPT_N
 CHROMIUM = "/usr/bin/chromium"
 SCREENSHOTS = os.environ.get("UDSGATEWAY_SCREENSHOTS") == "1"
 SHOTS = REPO / "docs" / "console"
-TIMEOUT_MS = 20_000
+TIMEOUT_MS = 30_000
+#: Seconds a gateway or receiver may take to listen: generous, for a busy machine.
+STARTUP = 90.0
 
 PASSWORDS = {
     "admin": "admin password 1",
@@ -119,7 +121,7 @@ class Receiver:
 
     def wait(self) -> Receiver:
         """Wait until it listens; read its port."""
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + STARTUP
         while True:
             found = re.search(r"listening on [\d.]+:(\d+)", self.process.log_text())
             if found:
@@ -207,7 +209,7 @@ class ConsoleBrowserTests(SynchronousTestCase):
         self.gateway = GatewayProcess(config, 0, self.directory / "twistd.log")
         self.addCleanup(self.gateway.stop)
         self.gateway.start()
-        self.gateway.wait_ready()
+        self.gateway.wait_ready(STARTUP)
         found = self.wait_for(
             "the admin service",
             lambda: re.search(r"admin API listening on .*?port=(\d+)", self.gateway.log_text()),
@@ -254,7 +256,7 @@ class ConsoleBrowserTests(SynchronousTestCase):
     def rows(self, sql: str, *parameters: Any) -> list[dict[str, Any]]:
         return query(self.directory / "gateway.db", sql, *parameters)
 
-    def wait_for(self, what: str, check: Any, timeout: float = 20.0) -> Any:
+    def wait_for(self, what: str, check: Any, timeout: float = 60.0) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             found = check()
