@@ -567,7 +567,11 @@ class MountTests(SynchronousTestCase):
             tenants=(TenantConfig(name="test", listen="tcp:port=2575"),),
         )
         self.admin = AdminClient()
-        gateway = SimpleNamespace(config=config, dispatcher=None, ports={})
+        from twisted.internet.address import IPv4Address
+
+        # A listener on a configured port 0: the flows show the port it opened.
+        listener = SimpleNamespace(address=IPv4Address("TCP", "127.0.0.1", 43210))
+        gateway = SimpleNamespace(config=config, dispatcher=None, listeners={"test": listener})
         self.admin.site = ConsoleSite(
             self.admin.api.app(), console_for(self.admin.api, gateway), reactor=self.admin.clock
         )
@@ -597,6 +601,18 @@ class MountTests(SynchronousTestCase):
         # The same session works for the JSON API.
         me = self.admin.request("GET", "/api/v1/me", headers={"Cookie": cookie})
         self.assertEqual(me.status, 200)
+
+    def test_flows_show_the_port_the_listener_opened(self) -> None:
+        from udsgateway.store import messages as store
+        from udsgateway.testing.flows import app as make_app
+        from udsgateway.testing.flows import flow as make_flow
+
+        one = make_app(make_flow("Registrations", "ADT^A04", []))
+        self.admin.database.transaction_now(store.save_app, one, 0.0)
+        done = self.form_post("/console/login", "name=ops&password=ops+password")
+        cookie = done.header("set-cookie").split(";")[0]  # type: ignore[attr-defined]
+        flows = self.admin.request("GET", "/console/flows", headers={"Cookie": cookie})
+        self.assertIn(b"<td>43210</td>", flows.body)
 
     def test_api_still_gated(self) -> None:
         refused = self.admin.request("GET", "/api/v1/status")

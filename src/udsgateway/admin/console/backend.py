@@ -673,11 +673,15 @@ class ConsoleBackend:
 
     def _listening_port(self, tenant: str) -> str:
         """The port a tenant's listener opened (a configured port 0: the one chosen)."""
-        ports = getattr(self.gateway, "ports", None) or {}
-        listening = ports.get(tenant)
-        if listening is None:
+        listener = (getattr(self.gateway, "listeners", None) or {}).get(tenant)
+        address = getattr(listener, "address", None) if listener is not None else None
+        if address is None:
+            # An older GatewayService kept its listening ports in ``ports``.
+            port = (getattr(self.gateway, "ports", None) or {}).get(tenant)
+            address = port.getHost() if port is not None else None
+        if address is None:
             return self.listening_ports.get(tenant, "")
-        return str(getattr(listening.getHost(), "port", ""))
+        return str(getattr(address, "port", ""))
 
     async def flow(self, flow_id: str) -> tuple[App, Flow] | None:
         for app in await self.apps():
