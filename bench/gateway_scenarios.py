@@ -407,8 +407,9 @@ def _fill_messages(database_url: str, count: int) -> None:
     """Store ``count`` accepted messages, as months of traffic would."""
     import hashlib
 
-    from udsgateway.store import messages as store
+    from udsgateway.store import inbound
     from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
+    from udsgateway.store.records import InboundRecord
 
     database = Database(make_engine(database_url), InlineRunner())
     database.transaction_now(ensure_schema)
@@ -418,7 +419,7 @@ def _fill_messages(database_url: str, count: int) -> None:
         for i in range(start, min(count, start + chunk)):
             raw = f"MSH|^~\\&|HIS|H|LSQ|L|20240101||ADT^A04|OLD{i:09d}|P|2.5\rPID|1\r".encode()
             records.append(
-                store.InboundRecord(
+                InboundRecord(
                     tenant=TENANT,
                     sender="HIS|H",
                     control_id=f"OLD{i:09d}",
@@ -435,7 +436,7 @@ def _fill_messages(database_url: str, count: int) -> None:
                     ack=b"MSH|^~\\&|ACK\rMSA|AA|x\r",
                 )
             )
-        database.transaction_now(store.commit_inbound, records)
+        database.transaction_now(inbound.commit_inbound, records)
     database.close()
 
 

@@ -46,6 +46,7 @@ class _Service:
         self.ingests = {"test": self.gateway.ingest}
         self.executor = _Executor()
         self.dispatcher = _Dispatcher()
+        self.committer = self.gateway.ingest._committer
         self.accepting = True
 
 
@@ -129,6 +130,23 @@ class MetricsTests(TestCase):
         self.assertIn(("udsgw_destination_up", {"destination": DESTINATION}, 1.0), found)
         self.assertIn(("udsgw_delivered_total", {"destination": DESTINATION}, 5.0), found)
         self.assertIn(("udsgw_destination_paused", {"destination": DESTINATION}, 1.0), found)
+
+    def test_store_commit_histogram(self) -> None:
+        found = samples(self.scrape())
+        groups = self.service.committer.groups
+        self.assertGreater(groups, 0)
+        self.assertIn(("udsgw_store_commit_seconds_count", {}, float(groups)), found)
+        inf = [v for n, labels, v in found if labels.get("le") == "+Inf"]
+        self.assertEqual(inf, [float(groups)])
+
+    def test_durations_buckets(self) -> None:
+        from udsgateway.store.engine import Durations
+
+        durations = Durations(bounds=(0.01, 0.1))
+        for seconds in (0.005, 0.01, 0.05, 3.0):
+            durations.observe(seconds)
+        self.assertEqual(durations.counts, [2, 1, 1])
+        self.assertAlmostEqual(durations.total, 3.065)
 
     def test_no_label_value_from_a_message(self) -> None:
         """Every label is a known identifier or a fixed enum; no message text anywhere."""

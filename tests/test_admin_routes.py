@@ -217,6 +217,83 @@ class FlowAndLogRouteTests(TestCase):
             [("flow.enable", "ok"), ("flow.disable", "refused"), ("flow.disable", "ok")],
         )
 
+    def test_render(self) -> None:
+        from udsgateway import flowstore as store
+        from udsgateway.flows import Action, App, Flow, Trigger
+
+        app = App(
+            name="Render test",
+            tenant="test",
+            app_id="APPRENDER00001",
+            flows=(
+                Flow(
+                    name="Render",
+                    flow_id="FLWRENDER00001",
+                    trigger=Trigger(
+                        connection="mllp",
+                        message_type="ADT^A04",
+                        sample="MSH|^~\\&|HIS|H|GW|GW|20240101||ADT^A04|S1|P|2.5\n"
+                        "PID|1||12345^^^H||Synthetic^Alex\n",
+                    ),
+                    actions=(
+                        Action(
+                            name="first",
+                            host="127.0.0.1",
+                            port=9,
+                            message_type="ADT^A04",
+                            template="MSH|^~\\&|GW|GW|P|P|{{ now }}||ADT^A04|{{ control_id }}"
+                            "|P|2.5\nPID|1||{{ msg['PID-3.1'] }}\n",
+                        ),
+                        Action(
+                            name="second",
+                            host="127.0.0.1",
+                            port=9,
+                            message_type="ADT^A08",
+                            template="MSH|^~\\&|GW|GW|P|P|{{ now }}||ADT^A08|{{ control_id }}"
+                            "|P|2.5\nZRS|{{ responses.first['MSA-1'] }}\n",
+                        ),
+                    ),
+                ),
+            ),
+        )
+        self.gateway.database.transaction_now(store.save_app, app, 0.0)
+        path = "/api/v1/flows/FLWRENDER00001/render"
+        first = self.client.request("POST", path, {"action": "first"}, token=self.operator)
+        self.assertEqual(first.status, 200, first.body)
+        self.assertIn("PID|1||12345", first.json["text"])
+        second = self.client.request(
+            "POST",
+            path,
+            {
+                "action": "1",
+                "responses": {"first": "MSH|^~\\&|P|P|GW|GW|x||ACK|1|P|2.5\rMSA|AE|1"},
+            },
+            token=self.operator,
+        )
+        self.assertIn("ZRS|AE", second.json["text"])
+        pasted = self.client.request(
+            "POST",
+            path,
+            {"action": "first", "message": "MSH|^~\\&|A|B|C|D|x||ADT^A04|9|P|2.5\rPID|1||777"},
+            token=self.operator,
+        )
+        self.assertIn("PID|1||777", pasted.json["text"])
+        bad = self.client.request(
+            "POST", path, {"action": "second", "responses": {"second": "x"}}, token=self.operator
+        )
+        self.assertEqual(bad.status, 400)
+        not_text = self.client.request(
+            "POST", path, {"action": "second", "responses": {"first": 3}}, token=self.operator
+        )
+        self.assertEqual(not_text.status, 400)
+        self.assertIn("body.responses.first: expected a string", not_text.json["error"])
+        self.assertEqual(
+            self.client.request("POST", path, {"action": "nope"}, token=self.operator).status, 404
+        )
+        self.assertEqual(
+            self.client.request("POST", path, {"action": "first"}, token=self.viewer).status, 403
+        )
+
     def test_variables(self) -> None:
         sample = hl7_message("S1").decode("latin-1")
         pasted = self.client.request(

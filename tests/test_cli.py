@@ -17,8 +17,10 @@ from udsgateway.cli.main import main, open_database, print_table, render_flow_ac
 from udsgateway.cli.operate import LOG_COLUMNS, destination_address
 from udsgateway.config import load_config
 from udsgateway.flows import parse_app
+from udsgateway.flowstore import save_app
 from udsgateway.peers.commands import read_message_files
-from udsgateway.store import messages as store
+from udsgateway.store import logs
+from udsgateway.store.records import LogEntry
 from udsgateway.testing import control_id_of, destination_ack, read_ack
 from udsgateway.testing.flows import FlowGateway
 
@@ -64,9 +66,9 @@ ZRS|{{ responses.first["MSA-1"] }}|{{ responses.first["MSA-2"] }}|{{ msg["PID-5.
 """
 
 
-def log_line(number: int, **fields: Any) -> dict[str, Any]:
-    """A log row as the store writes it (no PHI: IDs and codes only)."""
-    return {
+def log_line(number: int, **fields: Any) -> LogEntry:
+    """A log line as the store writes it (no PHI: IDs and codes only)."""
+    values: dict[str, Any] = {
         "at": 1_700_000_000.0 + number,
         "control_id": f"CTL{number:05d}",
         "message_type": "ADT^A04",
@@ -75,6 +77,7 @@ def log_line(number: int, **fields: Any) -> dict[str, Any]:
         "ack_code": "AA",
         **fields,
     }
+    return LogEntry(**values)
 
 
 class CommandTestCase(SynchronousTestCase):
@@ -105,8 +108,8 @@ class CommandTestCase(SynchronousTestCase):
                 status = int(exit.code or 0)
         return status, out.getvalue(), err.getvalue()
 
-    def add_logs(self, *rows: dict[str, Any]) -> None:
-        self.database.transaction_now(store.insert_logs, list(rows))
+    def add_logs(self, *rows: LogEntry) -> None:
+        self.database.transaction_now(logs.insert_logs, list(rows))
 
 
 class LogsCommandTests(CommandTestCase):
@@ -264,7 +267,7 @@ class FlowsRenderTests(CommandTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.database.transaction_now(store.save_app, parse_app(CHAINED_FLOWS), 0.0)
+        self.database.transaction_now(save_app, parse_app(CHAINED_FLOWS), 0.0)
 
     def write(self, name: str, data: bytes) -> str:
         path = self.directory / name
@@ -359,7 +362,7 @@ class RenderParityTests(CommandTestCase):
         exactly the bytes the running gateway sends to each destination, the chained
         action included (given the first destination's real response as a fake one)."""
         chain = parse_app(NON_ASCII_CHAIN)
-        self.database.transaction_now(store.save_app, chain, 0.0)
+        self.database.transaction_now(save_app, chain, 0.0)
         tenant = load_config(str(self.config)).tenants[0]
         self.assertEqual(tenant.default_charset, "8859/1")
         running = FlowGateway(apps=(chain,), tenant=tenant)
@@ -395,7 +398,7 @@ class RenderParityTests(CommandTestCase):
         """A sample that the tenant's charset cannot encode is an error that says so,
         not a render from bytes no sender could have sent."""
         chain = parse_app(NON_ASCII_CHAIN.replace("Zoë", "Zoëł"))
-        self.database.transaction_now(store.save_app, chain, 0.0)
+        self.database.transaction_now(save_app, chain, 0.0)
         status, _, err = self.run_command("flows", "render", "FLWCLIRENDER01", "first")
         self.assertEqual(status, 2)
         self.assertIn("the flow's sample: the message has characters that", err)

@@ -27,7 +27,7 @@ from udsgateway.cli import main as cli
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.service import GatewayService
-from udsgateway.store import executions
+from udsgateway.store import inbound
 from udsgateway.store.engine import (
     AdvisoryLock,
     Database,
@@ -282,7 +282,7 @@ class GuardedCommitTests(SynchronousTestCase):
             raise DatabaseDamagedError("database file x was deleted while the gateway ran")
 
         committer = GroupCommitter(
-            database, executions.commit_inbound, guard=guard, on_damaged=damaged.append
+            database, inbound.commit_inbound, guard=guard, on_damaged=damaged.append
         )
         failure = self.failureResultOf(committer.submit(inbound_record("G1")))
         failure.trap(DatabaseDamagedError)

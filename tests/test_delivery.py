@@ -38,6 +38,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from udsgateway.cli.operate import delivery_action
 from udsgateway.flows import Action
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue
@@ -670,7 +671,7 @@ class NegativeAckTests(DeliveryTestCase):
         peer.script = answer("AA")
         head = rig.deliveries()[0]
         released = rig.database.transaction_now(
-            outbox.operator_action, head.id, "release", "alice", "mapping fixed", 700.0
+            delivery_action, head.id, "release", "alice", "mapping fixed", 700.0
         )
         self.assertEqual((released.state, released.attempts), (QUEUED, 0))
         rig.dispatcher.operator_acted("lane-nak")
@@ -691,7 +692,7 @@ class NegativeAckTests(DeliveryTestCase):
         peer.script = answer("AA")
         head = rig.deliveries()[0]
         rig.database.transaction_now(
-            outbox.operator_action, head.id, "skip", "bob", "duplicate order", 700.0
+            delivery_action, head.id, "skip", "bob", "duplicate order", 700.0
         )
         acted = rig.clock.seconds()
         done = rig.run_until(lambda: states(rig)[-1][1] == DELIVERED)
@@ -713,7 +714,7 @@ class NegativeAckTests(DeliveryTestCase):
         head = rig.deliveries()[0]
         edited = outbound_message("N1", body="PID|1||99999^^^HOSP")
         rig.database.transaction_now(
-            outbox.operator_action, head.id, "replay", "carol", "fixed PID-3", 700.0, edited
+            delivery_action, head.id, "replay", "carol", "fixed PID-3", 700.0, edited
         )
         rig.dispatcher.operator_acted("lane-nak")
         rig.run_until(all_delivered(rig))
@@ -732,7 +733,7 @@ class NegativeAckTests(DeliveryTestCase):
         head = rig.deliveries()[0]
         edited = outbound_message("N1-R1")
         rig.database.transaction_now(
-            outbox.operator_action, head.id, "replay", "carol", "new MSH-10", 700.0, edited
+            delivery_action, head.id, "replay", "carol", "new MSH-10", 700.0, edited
         )
         rig.dispatcher.operator_acted("lane-nak")
         rig.run_until(all_delivered(rig), limit=600)
@@ -801,7 +802,7 @@ class StuckDeliveryTests(DeliveryTestCase):
         rig, peer = self.wrong_ids_forever()
         head = rig.deliveries()[0]
         skipped = rig.database.transaction_now(
-            outbox.operator_action, head.id, "skip", "bob", "receiver mismatch", 700.0
+            delivery_action, head.id, "skip", "bob", "receiver mismatch", 700.0
         )
         self.assertEqual(skipped.state, SKIPPED)
         sent = len(peer.received)
@@ -829,7 +830,7 @@ class StuckDeliveryTests(DeliveryTestCase):
         rig.enqueue("lane-s", DEST, ["S1", "S2"])
         rig.run_until(lambda: len(peer.received) == 1)
         head = rig.deliveries()[0]
-        rig.database.transaction_now(outbox.operator_action, head.id, "skip", "bob", "x", 1.0)
+        rig.database.transaction_now(delivery_action, head.id, "skip", "bob", "x", 1.0)
         peer.script = answer("AA")
         rig.run_until(lambda: states(rig)[-1][1] == DELIVERED, limit=600)
         self.assertEqual(states(rig), [("S1", SKIPPED), ("S2", DELIVERED)])
@@ -852,7 +853,7 @@ class StuckDeliveryTests(DeliveryTestCase):
         self.assertEqual(states(rig)[0], ("", QUEUED))
         head = rig.deliveries()[0]
         released = rig.database.transaction_now(
-            outbox.operator_action, head.id, "release", "alice", "empty id", 700.0
+            delivery_action, head.id, "release", "alice", "empty id", 700.0
         )
         self.assertEqual((released.control_id, released.state), ("E1", QUEUED))
         rig.run_until(all_delivered(rig), limit=600)
@@ -879,7 +880,7 @@ class StuckDeliveryTests(DeliveryTestCase):
         before the backlog drains; then the backlog continues in order."""
         rig, peer, first = self.backlog()
         rig.database.transaction_now(
-            outbox.operator_action, first.id, "replay", "carol", "partner lost it", 700.0
+            delivery_action, first.id, "replay", "carol", "partner lost it", 700.0
         )
         sent = len(peer.received)
         rig.run_until(all_delivered(rig), limit=3600)
@@ -895,7 +896,7 @@ class StuckDeliveryTests(DeliveryTestCase):
         next message sent after the one in flight."""
         rig, peer, first = self.backlog()
         rig.database.transaction_now(
-            outbox.operator_action, first.id, "replay", "carol", "partner lost it", 700.0
+            delivery_action, first.id, "replay", "carol", "partner lost it", 700.0
         )
         rig.dispatcher.operator_acted("lane-r")
         sent = len(peer.received)
@@ -1116,7 +1117,7 @@ class BackpressureTests(DeliveryTestCase):
         [held] = rig.enqueue("lane-s", DEST, ["H1"])
         rig.run_until(lambda: rig.delivery(held).state == HELD)
         self.assertTrue(rig.dispatcher.is_full(DEST))
-        rig.database.transaction_now(outbox.operator_action, held, "skip", "dan", "bad", 1.0)
+        rig.database.transaction_now(delivery_action, held, "skip", "dan", "bad", 1.0)
         rig.run_until(lambda: "lane-s" not in rig.dispatcher.lanes)
         self.assertFalse(rig.dispatcher.is_full(DEST))
 

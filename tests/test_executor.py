@@ -26,12 +26,15 @@ from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublish
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.cli import main as cli
+from udsgateway.cli.operate import delivery_action
 from udsgateway.flows import App
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.outbound.executor import Executor, lane_name
-from udsgateway.store import executions, outbox, schema
-from udsgateway.store import messages as store
+from udsgateway.store import executions, inbound, messages, operator, schema
+from udsgateway.store.records import CommitOutcome, CommitResult, NewDelivery
+from udsgateway.store.retention import prune
 from udsgateway.testing import (
     Connection,
     PeerConnection,
@@ -573,23 +576,26 @@ class FoldTests(SynchronousTestCase):
         running = self.one_flow()
         database = running.database
 
-        def commit(*records: Any) -> list[store.CommitResult]:
-            return database.transaction_now(store.commit_inbound, list(records))
+        def commit(*records: Any) -> list[CommitResult]:
+            return database.transaction_now(inbound.commit_inbound, list(records))
 
-        (alone,) = commit(evolve(inbound_record("R1", flows=("F",)), first=("d1",)))
-        self.assertEqual((alone.folded[0][1], alone.pending), ("d1", False))
+        def delivery(lane: str) -> NewDelivery:
+            return NewDelivery(lane, "tcp:host=dest.example:port=2575", "mllp", lane, b"", {})
+
+        (alone,) = commit(evolve(inbound_record("R1", flows=("F",)), first=(delivery("d1"),)))
+        self.assertEqual((alone.folded[0][1].lane, alone.pending), ("d1", False))
         self.assertEqual(alone.folded[0][0], alone.execution_ids[0])
 
         unrendered, after, other = commit(
             evolve(inbound_record("R2", flows=("F",)), first=(None,)),
-            evolve(inbound_record("R3", flows=("F",)), first=("d3",)),
-            evolve(inbound_record("R4", flows=("G",)), first=("d4",)),
+            evolve(inbound_record("R3", flows=("F",)), first=(delivery("d3"),)),
+            evolve(inbound_record("R4", flows=("G",)), first=(delivery("d4"),)),
         )
         self.assertEqual((unrendered.folded, unrendered.pending), ((), True))
         self.assertEqual((after.folded, after.pending), ((), True))
-        self.assertEqual(([d for _e, d in other.folded], other.pending), (["d4"], False))
+        self.assertEqual(([d.lane for _e, d in other.folded], other.pending), (["d4"], False))
 
-        (blocked,) = commit(evolve(inbound_record("R5", flows=("F",)), first=("d5",)))
+        (blocked,) = commit(evolve(inbound_record("R5", flows=("F",)), first=(delivery("d5"),)))
         self.assertEqual((blocked.folded, blocked.pending), ((), True))
 
         database.transaction_now(
@@ -599,11 +605,11 @@ class FoldTests(SynchronousTestCase):
                 .values(step=1)
             )
         )
-        (later_step,) = commit(evolve(inbound_record("R6", flows=("F",)), first=("d6",)))
-        self.assertEqual([d for _e, d in later_step.folded], ["d6"])
+        (later_step,) = commit(evolve(inbound_record("R6", flows=("F",)), first=(delivery("d6"),)))
+        self.assertEqual([d.lane for _e, d in later_step.folded], ["d6"])
 
-        (again,) = commit(evolve(inbound_record("R1", flows=("F",)), first=("d1",)))
-        self.assertEqual((again.outcome, again.folded), (store.CommitOutcome.REPLAY, ()))
+        (again,) = commit(evolve(inbound_record("R1", flows=("F",)), first=(delivery("d1"),)))
+        self.assertEqual((again.outcome, again.folded), (CommitOutcome.REPLAY, ()))
         self.assertEqual(
             [(row["flow_id"], row["state"]) for row in running.rows(schema.executions)],
             [
@@ -623,7 +629,7 @@ class FoldTests(SynchronousTestCase):
         fresh = Executor(
             running.database, running.outbound.dispatcher, running.clock, ControlIdSource("X")
         )
-        fresh.load(running.database.transaction_now(store.load_apps, None))
+        fresh.load(running.database.transaction_now(load_apps, None))
         self.assertEqual(fresh.first_actions("test", ("FLWONE",), adt("MSG1")), ())
         fresh.wake()
         (rendered,) = fresh.first_actions("test", ("FLWONE",), adt("MSG1"))
@@ -829,7 +835,7 @@ class AfterActionsAckTests(SynchronousTestCase):
             running.connect().send(b"\x0b" + message + b"\x1c\r")
             running.settle()
             (stored,) = running.messages()
-            running.database.transaction_now(store.update_ack, stored.id, "", b"")
+            running.database.transaction_now(messages.update_ack, stored.id, "", b"")
 
             ack = running.send(message)
             fields = ack_fields(ack)
@@ -850,7 +856,7 @@ class AfterActionsAckTests(SynchronousTestCase):
         def unreadable(_connection: object, _message_id: int) -> None:
             raise RuntimeError("db down")
 
-        self.patch(store, "execution_states", unreadable)
+        self.patch(executions, "execution_states", unreadable)
 
         fields = ack_fields(running.send(message))
         self.assertEqual(
@@ -1273,7 +1279,7 @@ class NoPHITests(SynchronousTestCase):
 
 
 class RetentionTests(SynchronousTestCase):
-    """``store.prune``: old finished messages go with their executions, deliveries and
+    """``store.retention.prune``: old finished messages go with their executions, deliveries and
     logs, in batches; unfinished work is never deleted (G1)."""
 
     def setUp(self) -> None:
@@ -1318,7 +1324,7 @@ class RetentionTests(SynchronousTestCase):
 
     def prune(self, limit: int = 500, days: float = 30.0) -> int:
         before = self.running.clock.seconds() - days * DAY
-        return self.running.database.transaction_now(store.prune, before, limit)
+        return self.running.database.transaction_now(prune, before, limit)
 
     def control_ids(self, table: Any = schema.messages) -> list[str]:
         return [row["control_id"] for row in self.running.rows(table)]
@@ -1407,7 +1413,7 @@ class RetentionTests(SynchronousTestCase):
             row["id"] for row in running.rows(schema.deliveries) if b"ZTR|OLD2\r" in row["payload"]
         ]
         running.database.transaction_now(
-            outbox.operator_action, replayed, "replay", "tester", "partner lost it", START
+            delivery_action, replayed, "replay", "tester", "partner lost it", START
         )
         running.clock.advance(31 * DAY)
 
@@ -1560,8 +1566,8 @@ class HeldExecutionTests(SynchronousTestCase):
         fixed = app(
             flow("one", "ADT^A04", [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)])
         )
-        running.database.transaction_now(store.save_app, fixed, running.clock.seconds())
-        running.executor.load(running.database.transaction_now(store.load_apps, None))
+        running.database.transaction_now(save_app, fixed, running.clock.seconds())
+        running.executor.load(running.database.transaction_now(load_apps, None))
         out = io.StringIO()
         code = cli.main(
             [
@@ -1599,10 +1605,10 @@ class HeldExecutionTests(SynchronousTestCase):
         running.send(adt("MSG1"))
         running.settle()
         with self.assertRaises(ValueError) as raised:
-            running.database.transaction_now(executions.release, 1, "ops", "why", 0.0)
+            running.database.transaction_now(operator.release_execution, 1, "ops", "why", 0.0)
         self.assertEqual(str(raised.exception), "execution 1 is done, not held")
         with self.assertRaises(LookupError):
-            running.database.transaction_now(executions.release, 99, "ops", "why", 0.0)
+            running.database.transaction_now(operator.release_execution, 99, "ops", "why", 0.0)
 
 
 #: (field separator, encoding characters) of the delimiter sets senders use.

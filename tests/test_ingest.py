@@ -29,8 +29,7 @@ from udsgateway.flows import App, Flow, Trigger, read_app_file
 from udsgateway.hl7.ack import parse_reply
 from udsgateway.hl7.header import read_delimiters
 from udsgateway.interfaces import IFlowRunner
-from udsgateway.store.executions import Finished
-from udsgateway.store.messages import CommitResult
+from udsgateway.store.records import CommitResult, Finished
 from udsgateway.testing import Connection, Gateway, ManualRunner, hl7_message, mllp
 from udsgateway.testing.flows import action, app, flow
 

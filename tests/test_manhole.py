@@ -153,6 +153,31 @@ telnet = "tcp:port=2223:interface=127.0.0.1"
             ],
         )
 
+    def test_a_gateway_service_gets_one_shared_facade(self) -> None:
+        """The manhole over a GatewayService: its helpers use the service's one facade
+        (``service.operations``, shared with the admin API), rates sampled."""
+        from udsgateway.hl7.ack import ControlIdSource
+        from udsgateway.service import GatewayService
+        from udsgateway.testing import memory_database
+
+        authorized = _key()
+        config = self._config(authorized)
+        gateway_config = parse_config(
+            '[gateway]\ndatabase = "sqlite:///:memory:"\n'
+            '[[tenants]]\nname = "t"\nlisten = "tcp:port=0:interface=127.0.0.1"\n',
+            "/tmp/gateway.toml",
+        )
+        reactor = MemoryReactorClock()
+        service = GatewayService(gateway_config, reactor, memory_database(), ControlIdSource("T"))
+        manhole_service(config, service, reactor)
+        operations = service.operations  # type: ignore[attr-defined]
+        self.assertIs(Operations.shared(service, reactor), operations)
+        self.assertEqual(set(operations.tenants), {"t"})
+        status = self.successResultOf(operations.status("carol", "manhole"))
+        self.assertEqual(status["tenants"]["t"]["received"], 0)
+        assert operations.rates is not None
+        operations.rates.stop()
+
 
 class LoopbackEndpointTests(SynchronousTestCase):
     """The manhole's bind check reads an endpoint string as Twisted does."""

@@ -121,6 +121,9 @@ class MessageTests(SynchronousTestCase):
     def test_keys_and_filters(self) -> None:
         self.assertEqual(self.control_ids(keys=(("pid3", "P1"),)), ["A5", "A3", "A1"])
         self.assertEqual(self.control_ids(keys=(("msh10", "A2"),)), ["A2"])
+        self.assertEqual(self.control_ids(keys=(("msh10", "R1"),)), ["R1"])  # rejected
+        self.assertEqual(self.control_ids(keys=(("msh10", "R1"),), status="accepted"), [])
+        self.assertEqual(self.control_ids(keys=(("msh10", "A3"), ("pid3", "P1"))), ["A3"])
         self.assertEqual(self.control_ids(keys=(("sch1", "PL1"),)), ["S1"])
         self.assertEqual(self.control_ids(keys=(("sch2", "FL1"),)), ["S1"])
         self.assertEqual(self.control_ids(message_type="SIU^S12"), ["S1"])
@@ -135,6 +138,21 @@ class MessageTests(SynchronousTestCase):
         self.assertEqual(self.control_ids(flow_id="FLWSIUS12MLLP"), ["S1"])
         self.assertEqual(self.control_ids(message_type="ADT^A31"), ["R1"])
         self.assertEqual(self.control_ids(message_type="ORM^O01"), [])
+
+    def test_control_id_search_uses_the_duplicate_index(self) -> None:
+        """MSH-10 among accepted messages is an index search (messages_dedupe), not a
+        scan: the query plan says so."""
+        from udsgateway.store import search as store_search
+
+        def plan(connection: Any) -> str:
+            statement = store_search._statement(Query(keys=(("msh10", "A2"),), status="accepted"))
+            compiled = statement.compile(dialect=connection.dialect)
+            rows = connection.exec_driver_sql(
+                "EXPLAIN QUERY PLAN " + str(compiled), tuple(compiled.params.values())
+            ).all()
+            return " ".join(str(row[-1]) for row in rows)
+
+        self.assertIn("messages_dedupe", self.gateway.database.transaction_now(plan))
 
     def test_bad_filters_are_invalid(self) -> None:
         self.failureResultOf(self.operations.messages("ann", "api", Query(limit=0)), Invalid)
@@ -300,6 +318,8 @@ class QueueTests(SynchronousTestCase):
         skipped = result(self, self.operations.skip("ann", "api", first, "sent by phone"))
         self.assertEqual(skipped["state"], outbox.SKIPPED)
         self.failureResultOf(self.operations.skip("ann", "api", first, "again"), Conflict)
+        status = result(self, self.operations.status("ann", "api"))
+        self.assertEqual(status["destinations"][ADDRESS]["attempts_since_start"], {"held": 1})
         rows = audit_rows(self.rig.database)
         self.assertEqual(
             [(r[1], r[3][:7], r[4]) for r in rows],
@@ -545,8 +565,56 @@ class EndToEndTests(SynchronousTestCase):
             (1, 1, 0),
         )
         self.assertTrue(destination["connected"])
+        self.assertEqual(destination["attempts_since_start"], {"delivered": 1})
         self.assertEqual(status["flows"]["FLWONE"]["executions"], {"done": 1})
         self.assertEqual(status["tenants"]["test"]["accepted"], 1)
         self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)
         self.assertGreater(status["rates"]["hour"][f"destination.{address}.delivered"], 0)
         rates.stop()
+
+
+class RenderTests(SynchronousTestCase):
+    """Render an action against a pasted message, with a fake earlier response."""
+
+    def test_render_chain_with_fake_response(self) -> None:
+        from tests.test_executor import TRIGGER_ID, adt, header
+        from udsgateway import flowstore
+        from udsgateway.testing import memory_database
+        from udsgateway.testing.flows import action, app, flow
+
+        second = header("B") + 'ZAK|{{ responses[0]["MSA-2"] }}\n'
+        database = memory_database()
+        database.transaction_now(
+            flowstore.save_app,
+            app(
+                flow(
+                    "chain",
+                    "ADT^A04",
+                    [
+                        action("first", 2601, "ADT^A04", header("A") + TRIGGER_ID),
+                        action("second", 2602, "ADT^A04", second),
+                    ],
+                )
+            ),
+            0.0,
+        )
+        clock = Clock()
+        operations = Operations(database, clock, clock.seconds)
+        pasted = adt("R1").decode("latin-1").replace("\r", "\n")
+        first = result(self, operations.render("ann", "api", "FLWCHAIN", "first", pasted))
+        self.assertIn("ZTR|R1", first["text"])
+        fake = destination_ack("OUT77").decode("latin-1")
+        chained = result(
+            self,
+            operations.render("ann", "api", "FLWCHAIN", "1", pasted, {"first": fake}),
+        )
+        self.assertIn("ZAK|OUT77", chained["text"])
+        self.failureResultOf(
+            operations.render("ann", "api", "FLWCHAIN", "second", pasted, {"second": fake}),
+            Invalid,
+        )
+        self.failureResultOf(
+            operations.render("ann", "api", "FLWCHAIN", "third", pasted), NotFound
+        )
+        self.failureResultOf(operations.render("ann", "api", "FLWCHAIN", "first"), Invalid)
+        self.assertEqual(audit_rows(database), [])

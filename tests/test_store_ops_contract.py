@@ -8,11 +8,11 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.exc import DBAPIError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tests.test_store_contract import POSTGRES_URL
-from udsgateway.store import audit, destinations, executions, search
-from udsgateway.store import messages as store
+from udsgateway.store import audit, destinations, executions, inbound, search
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
 from udsgateway.store.search import Query
 from udsgateway.testing import inbound_record
@@ -78,7 +78,7 @@ class OpsContract(_Base):
             stored("K3", 300.0, (("pid3", "P1"),), message_type="SIU^S12"),
             stored("K4", 400.0, (("pid3", "P1"),), accepted=False, flows=()),
         ]
-        self.tx(store.commit_inbound, records)
+        self.tx(inbound.commit_inbound, records)
 
         def ids(**filters: Any) -> list[str]:
             return [m.control_id for m in self.tx(search.search, Query(**filters))]
@@ -103,8 +103,8 @@ class OpsContract(_Base):
         self.assertEqual(self.tx(search.content, first[0].id)[1], b"ACK K4")
 
     def test_replay_and_log_view(self) -> None:
-        [result] = self.tx(store.commit_inbound, [stored("R1", 100.0)])
-        made = self.tx(executions.replay_messages, [result.message_id], None, "ann", "why", 5.0)
+        [result] = self.tx(inbound.commit_inbound, [stored("R1", 100.0)])
+        made = self.tx(executions.replay, [(result.message_id, "F1")], "ann", "why", 5.0)
         self.assertEqual(len(made), 1)
         lines = self.tx(search.log_lines)
         self.assertEqual([line.outcome for line in lines], ["replay", "accepted"])
@@ -113,6 +113,81 @@ class OpsContract(_Base):
             [line.outcome for line in self.tx(search.log_lines, None, ("accepted",))],
             ["accepted"],
         )
+
+    def test_a_read_does_not_hold_up_the_writer(self) -> None:
+        """While a read (read_now) is open, a commit in the database's own thread goes
+        through; the read sees its snapshot; writes inside a read are refused."""
+        import threading
+
+        from udsgateway.store.reads import read_now
+
+        self.tx(inbound.commit_inbound, [stored("W1", 1.0)])
+        written: list[Any] = []
+
+        def write() -> None:
+            written.append(self.tx(inbound.commit_inbound, [stored("W2", 2.0)]))
+
+        def read(connection: Any) -> list[str]:
+            before = [m.control_id for m in search.search(connection, Query())]
+            worker = threading.Thread(target=write)
+            worker.start()
+            worker.join(10)
+            self.assertFalse(worker.is_alive(), "the writer waited for the reader")
+            after = [m.control_id for m in search.search(connection, Query())]
+            self.assertEqual(before, after)  # one snapshot
+            return after
+
+        self.assertEqual(read_now(self.engine, read), ["W1"])
+        self.assertEqual(len(written), 1)
+        self.assertEqual(
+            [m.control_id for m in read_now(self.engine, search.search, Query())], ["W2", "W1"]
+        )
+        with self.assertRaises(DBAPIError):
+            read_now(self.engine, audit.append, "ann", "x", "y", 1.0)
+        self.assertEqual(self.tx(audit.entries), [])
+        # The connection is usable again after the refused write.
+        self.assertEqual(len(read_now(self.engine, search.search, Query())), 2)
+
+    def test_deliveries_by_destination_address(self) -> None:
+        from udsgateway.store import outbox, overview
+        from udsgateway.testing import outbound_message
+
+        endpoints = [
+            "tcp:host=lab.example:port=7000:timeout=5",
+            "tcp:host=lab.example:port=70001:timeout=5",
+            "tcp:host=fe80\\:\\:1:port=7000:timeout=5",
+            "tls:host=lab.example:port=7000:timeout=9:trustRoots=/ca",
+        ]
+        self.tx(
+            outbox.enqueue,
+            [
+                outbox.NewDelivery(f"L{i}", e, "mllp", f"C{i}", outbound_message(f"C{i}"), {})
+                for i, e in enumerate(endpoints)
+            ],
+            1.0,
+        )
+        found = self.tx(overview.deliveries_page, (), "lab.example:7000")
+        self.assertEqual([d.control_id for d in found], ["C0", "C3"])
+        found = self.tx(overview.deliveries_page, ("queued",), "[fe80::1]:7000")
+        self.assertEqual([d.control_id for d in found], ["C2"])
+        self.assertEqual(self.tx(overview.lane_heads, ["L0", "L9"]), {"L0": found[0].id - 2})
+        [counts] = [c for c in self.tx(overview.destination_counts) if c.endpoint == endpoints[0]]
+        self.assertEqual(
+            (counts.state, counts.count, counts.oldest_created_at), ("queued", 1, 1.0)
+        )
+
+    def test_many_keys_in_power_of_two_chunks(self) -> None:
+        """Keys of a large group all arrive (chunks of 256, 128, ... rows)."""
+        from sqlalchemy import func, select
+
+        from udsgateway.store import schema
+
+        keys = [[("pid3", f"P{n}"), ("sch1", f"S{n}"), ("pid3", f"P{n}")] for n in range(351)]
+        self.tx(search.insert_keys, keys, list(range(1, 352)))
+        count = self.tx(
+            lambda c: c.execute(select(func.count()).select_from(schema.message_keys)).scalar()
+        )
+        self.assertEqual(count, 702)  # the repeated pid3 once
 
 
 class SQLiteOpsTests(OpsContract, SynchronousTestCase):

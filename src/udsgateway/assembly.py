@@ -36,13 +36,13 @@ from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
 from udsgateway.outbound.policy import Timing
-from udsgateway.store import executions
+from udsgateway.store import inbound
 from udsgateway.store.engine import Database, GroupCommitter
-from udsgateway.store.messages import CommitResult, InboundRecord
+from udsgateway.store.records import CommitResult, InboundRecord
 
 #: The function every inbound group commit runs: the messages, their executions,
 #: and the first actions rendered before the commit (the fold), in one transaction.
-COMMIT_INBOUND = executions.commit_inbound
+COMMIT_INBOUND = inbound.commit_inbound
 
 
 @frozen

@@ -55,15 +55,11 @@ class _KeysFile:
         return iter(parsed)
 
 
-def operations_of(service: Any, reactor: Any = None) -> Operations:
-    """The service's operations facade (made once, its rates sampled from then on)."""
-    found: Operations | None = getattr(service, "operations", None)
-    if found is None:
-        wall = getattr(service, "_wall", None) or time.time
-        found = Operations.for_service(service, reactor or service._reactor, wall)
-        if found.rates is not None and reactor is not None:
-            found.rates.start()
-        service.operations = found
+def operations_of(service: Any, reactor: Any) -> Operations:
+    """The service's operations facade (``Operations.shared``), its rates sampled."""
+    found = Operations.shared(service, reactor, getattr(service, "_wall", None) or time.time)
+    if found.rates is not None:
+        found.rates.start()
     return found
 
 

@@ -21,10 +21,11 @@ from udsgateway.assembly import NO_FAULTS, Faults, assemble
 from udsgateway.clock import Wall, wall_of
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.inbound.listening import ListenerService
 from udsgateway.mapping.checks import template_problems
-from udsgateway.store import messages as store
+from udsgateway.store import apps as store_apps
 from udsgateway.store.engine import (
     AdvisoryLock,
     Database,
@@ -33,6 +34,7 @@ from udsgateway.store.engine import (
     SchemaError,
     ensure_schema,
 )
+from udsgateway.store.retention import prune
 
 log = Logger()
 
@@ -218,7 +220,7 @@ class GatewayService(MultiService):
                 # stops the whole start (every tenant), it is not found later on
                 # live traffic.
                 raise StartError(f"tenant {tenant.name}: " + "; ".join(problems))
-            saved = await self.database.transaction(store.save_app, app, now)
+            saved = await self.database.transaction(save_app, app, now)
             log.info(
                 "flow file {path} imported: App ID {app_id}, {count} flows",
                 path=path,
@@ -234,10 +236,10 @@ class GatewayService(MultiService):
     async def _reload_flows(self) -> None:
         """Reload routing when flows changed (flows import from the CLI, another node)."""
         try:
-            generation = await self.database.transaction(store.flows_generation)
+            generation = await self.database.transaction(store_apps.flows_generation)
             if generation == self._generation:
                 return
-            apps = await self.database.transaction(store.load_apps, None)
+            apps = await self.database.transaction(load_apps, None)
         except Exception:
             log.failure("could not reload flows; routing unchanged")
             return
@@ -254,7 +256,7 @@ class GatewayService(MultiService):
         before = self._wall() - retention.days * 86400
         try:
             while self.running:
-                count = await self.database.transaction(store.prune, before, retention.batch)
+                count = await self.database.transaction(prune, before, retention.batch)
                 self.pruned += count
                 if count < retention.batch:
                     break

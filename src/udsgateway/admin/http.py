@@ -136,7 +136,7 @@ def check_schema(value: Any, schema: dict[str, Any], where: str = "body") -> Non
     """Raise HTTPError 400 naming the first place ``value`` breaks ``schema``.
 
     Supported: type (object, array, string, integer, number, boolean), properties,
-    required, additionalProperties false, items, enum, minLength, maxLength,
+    required, additionalProperties (false, or a schema), items, enum, minLength, maxLength,
     minimum, maximum, maxItems.
     """
     kind = schema.get("type")
@@ -177,9 +177,12 @@ def check_schema(value: Any, schema: dict[str, Any], where: str = "body") -> Non
             extra = sorted(set(value) - set(properties))
             if extra:
                 raise HTTPError(400, f"{where}: unknown field {extra[0]!r}")
+        others = schema.get("additionalProperties")
         for name, item in value.items():
             if name in properties:
                 check_schema(item, properties[name], f"{where}.{name}")
+            elif isinstance(others, dict):
+                check_schema(item, others, f"{where}.{name}")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

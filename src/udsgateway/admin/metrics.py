@@ -22,12 +22,17 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 from sqlalchemy import Connection, func, select
 
 from udsgateway.store import schema
 from udsgateway.store.destinations import address_of
+from udsgateway.store.engine import COMMIT_BUCKETS
 
 #: ACK codes (MSA-1) counted ("replay": a duplicate answered with its stored ACK);
 #: anything else is counted as "other".
@@ -54,6 +59,8 @@ LABEL_ENUMS: dict[str, tuple[str, ...]] = {
     "code": (*ACK_CODES, *ERROR_CODES, "other"),
     "state": ("queued", "held", "pending", "waiting"),
     "framing": ("mllp", "tcp"),
+    # Histogram buckets: fixed bounds.
+    "le": (*(repr(float(bound)) for bound in COMMIT_BUCKETS), "+Inf"),
 }
 #: Labels whose values are operator-named identifiers.
 IDENTIFIER_LABELS = ("listener", "flow", "destination")
@@ -97,6 +104,14 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Any]:
         gateway = self._gateway
         yield from self._inbound(gateway)
+        committer = getattr(gateway, "committer", None)
+        if committer is not None:
+            yield _histogram(
+                "udsgw_store_commit_seconds",
+                "Group commits of inbound messages, from hand-over to the database thread "
+                "to commit",
+                committer.commit_times,
+            )
         yield from self._outbound(gateway)
         yield from self._database(self._snapshot)
 
@@ -230,6 +245,19 @@ class GatewayCollector(Collector):
         )
         refreshed.add_metric([], at)
         yield from (deliveries, oldest, executions, refreshed)
+
+
+def _histogram(name: str, documentation: str, durations: Any) -> HistogramMetricFamily:
+    """A Durations (store.engine) as a Prometheus histogram (cumulative buckets)."""
+    counts = list(durations.counts)
+    buckets = []
+    running = 0
+    for bound, count in zip(durations.bounds, counts, strict=False):
+        running += count
+        buckets.append((repr(float(bound)), running))
+    running += counts[-1]
+    buckets.append(("+Inf", running))
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=durations.total)
 
 
 def _by_address(items: Iterable[tuple[str, int]]) -> dict[str, int]:

@@ -14,25 +14,32 @@ from __future__ import annotations
 
 import base64
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, TypeVar
 
 from attrs import define, evolve, field
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
 
+from udsgateway import flowstore
+from udsgateway.assembly import tenant_charset
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
+from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.hl7.message import MessageParseError
 from udsgateway.mapping.catalogue import variable_catalogue
 from udsgateway.mapping.checks import template_problems
-from udsgateway.store import audit, destinations, executions, outbox, schema, search
-from udsgateway.store import messages as store
+from udsgateway.mapping.templating import RenderError, TemplateError, compile_template
+from udsgateway.outbound.render import read_trigger, render_action, sender_bytes
+from udsgateway.store import audit, destinations, executions, operator, outbox, overview, search
 from udsgateway.store.engine import Database
+from udsgateway.store.reads import read_now
 
 T = TypeVar("T")
 
@@ -153,6 +160,9 @@ class Operations:
     #: tenant -> (host, port) a sender connects to, for ``flow_saved``.
     addresses: Callable[[], Mapping[str, tuple[str, int]]] = dict
     rates: Rates | None = None
+    #: Runs read-only work (``read_now`` calls) away from the database thread; None:
+    #: reads go through the database thread like everything else (CLI, tests).
+    reads: Callable[..., Deferred[Any]] | None = None
     #: The configured tenants, by name (flows are imported for these only).
     tenants: Mapping[str, TenantConfig] = field(factory=dict)
 
@@ -162,9 +172,10 @@ class Operations:
 
         def addresses() -> dict[str, tuple[str, int]]:
             found = {}
-            for name, port in getattr(service, "ports", {}).items():
-                host = port.getHost()
-                found[name] = (str(getattr(host, "host", "")), int(getattr(host, "port", 0)))
+            for name, listener in getattr(service, "listeners", {}).items():
+                host = listener.address
+                if host is not None:
+                    found[name] = (str(getattr(host, "host", "")), int(getattr(host, "port", 0)))
             return found
 
         operations = cls(
@@ -179,12 +190,45 @@ class Operations:
             tenants={tenant.name: tenant for tenant in service.config.tenants},
         )
         operations.rates = Rates(operations.counters, reactor)
+        engine = service.database.engine
+        in_memory = engine.dialect.name == "sqlite" and engine.url.database in (
+            None,
+            "",
+            ":memory:",
+        )
+        if hasattr(reactor, "getThreadPool") and not in_memory:
+
+            def reads(function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                return deferToThreadPool(
+                    reactor, reactor.getThreadPool(), read_now, engine, function, *args
+                )
+
+            operations.reads = reads
         return operations
+
+    @classmethod
+    def shared(
+        cls, service: Any, reactor: Any, wall: Callable[[], float] = time.time
+    ) -> Operations:
+        """The one facade of a GatewayService, made on first use and kept as
+        ``service.operations`` (the admin API and the manhole share it, and its rates)."""
+        found: Operations | None = getattr(service, "operations", None)
+        if found is None:
+            found = cls.for_service(service, reactor, wall)
+            service.operations = found
+        return found
 
     # -- plumbing
 
     def _run(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         return self.database.transaction(function, *args)
+
+    def _read(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Read-only work: in a thread of its own, never holding up the inbound
+        commits (store/reads.py); through the database thread without ``reads``."""
+        if self.reads is None:
+            return self.database.transaction(function, *args)
+        return self.reads(function, *args)
 
     def _check(self, actor: str, via: str) -> None:
         if not actor:
@@ -257,7 +301,7 @@ class Operations:
             self._check(actor, via)
         except OperationsError:
             return fail()
-        done = self._run(_status_rows, self.wall())
+        done = self._read(_status_rows, self.wall())
         done.addCallback(self._status)
         return done
 
@@ -285,10 +329,12 @@ class Operations:
                 entry["connected"] = entry["connected"] or destination.connected
                 entry["last_error"] = entry["last_error"] or destination.last_error
         sent = dict(getattr(self.dispatcher, "sent", {}) or {})
+        tried = dict(getattr(self.dispatcher, "attempts", {}) or {})
         for address, entry in stored["destinations"].items():
             entry["connected"] = live.get(address, {}).get("connected", False)
             entry["last_error"] = live.get(address, {}).get("last_error", "")
             entry["delivered_since_start"] = sent.get(address, 0)
+            entry["attempts_since_start"] = dict(sorted(tried.get(address, {}).items()))
         rates: dict[str, Any] = {"minute": {}, "hour": {}}
         if self.rates is not None:
             rates = {"minute": self.rates.rates(60), "hour": self.rates.rates(3600)}
@@ -379,7 +425,7 @@ class Operations:
                     raise Invalid(f"state: unknown state {state!r}")
         except OperationsError:
             return fail()
-        return self._run(self._deliveries, tuple(states), destination, lane, limit)
+        return self._read(self._deliveries, tuple(states), destination, lane, limit)
 
     def _deliveries(
         self,
@@ -389,34 +435,19 @@ class Operations:
         lane: str | None,
         limit: int,
     ) -> list[dict[str, Any]]:
-        d = schema.deliveries
-        query = select(d.c.id).order_by(d.c.id).limit(max(1, min(limit, 1000)))
-        if states:
-            query = query.where(d.c.state.in_(states))
-        if lane is not None:
-            query = query.where(d.c.lane == lane)
-        ids = [row[0] for row in connection.execute(query)]
-        rows = [outbox.get_delivery(connection, i) for i in ids]
-        found = [row for row in rows if row is not None]
-        if destination is not None:
-            found = [r for r in found if destinations.address_of(r.destination) == destination]
-        return self._described(connection, found)
+        rows = overview.deliveries_page(
+            connection, states, destination, lane, max(1, min(limit, 1000))
+        )
+        if destination is not None:  # the LIKE may match more (a host that is a prefix)
+            rows = [r for r in rows if destinations.address_of(r.destination) == destination]
+        return self._described(connection, rows)
 
     def _described(
         self, connection: Connection, rows: Sequence[outbox.Delivery]
     ) -> list[dict[str, Any]]:
-        d = schema.deliveries
-        lanes = sorted({row.lane for row in rows if row.state in outbox.OPEN_STATES})
-        heads: dict[str, int] = {}
-        for start in range(0, len(lanes), 500):
-            chunk = lanes[start : start + 500]
-            heads.update(
-                connection.execute(
-                    select(d.c.lane, func.min(d.c.id))
-                    .where(d.c.lane.in_(chunk), d.c.state.in_(outbox.OPEN_STATES))
-                    .group_by(d.c.lane)
-                ).all()
-            )
+        heads = overview.lane_heads(
+            connection, [row.lane for row in rows if row.state in outbox.OPEN_STATES]
+        )
         pauses = destinations.pauses(connection)
         now = self.wall()
         return [_delivery_view(row, heads.get(row.lane), pauses, now) for row in rows]
@@ -434,7 +465,7 @@ class Operations:
                 raise NotFound(f"no delivery {delivery_id}")
             return self._described(connection, [row])[0]
 
-        return self._run(work)
+        return self._read(work)
 
     def release(
         self, actor: str, via: str, delivery_id: int, reason: str
@@ -480,9 +511,24 @@ class Operations:
                 raise NotFound(f"no delivery {delivery_id}")
             if label == "retry" and current.state != outbox.QUEUED:
                 raise Conflict(f"delivery {delivery_id} is {current.state}, not queued")
+            control_id = None
+            if operator.needs_control_id(current, action, None):
+                # Stored without an MSH-10 (an older version): read it from the payload.
+                header = parse_header(current.payload, default_charset="latin-1")
+                if isinstance(header, HeaderProblem) or not header.control_id:
+                    raise Conflict(f"the message of delivery {delivery_id} has no MSH-10")
+                control_id = header.control_id
             try:
-                return outbox.operator_action(
-                    connection, delivery_id, action, actor, reason, self.wall(), None, via
+                return operator.delivery_action(
+                    connection,
+                    delivery_id,
+                    action,
+                    actor,
+                    reason,
+                    self.wall(),
+                    None,
+                    control_id,
+                    via,
                 )
             except LookupError as error:
                 raise NotFound(str(error)) from None
@@ -516,7 +562,7 @@ class Operations:
         def acted(row: outbox.Delivery) -> Deferred[dict[str, Any]]:
             if self.dispatcher is not None:
                 self.dispatcher.operator_acted(row.lane)
-            return self._run(lambda connection: self._described(connection, [row])[0])
+            return self._read(lambda connection: self._described(connection, [row])[0])
 
         done.addCallback(acted)
         return done
@@ -530,7 +576,9 @@ class Operations:
             if not reason.strip():
                 raise Invalid("reason: required")
             try:
-                row = executions.release(connection, execution_id, actor, reason, self.wall(), via)
+                row = operator.release_execution(
+                    connection, execution_id, actor, reason, self.wall(), via
+                )
             except LookupError as error:
                 raise NotFound(str(error)) from None
             except ValueError as error:
@@ -575,7 +623,7 @@ class Operations:
                 self._check(actor, via)
             except OperationsError:
                 return fail()
-            counted: Deferred[Any] = self._run(self._checked_count, matching, flow_id)
+            counted: Deferred[Any] = self._read(self._checked_count, matching, flow_id)
             counted.addCallback(lambda n: {"count": n, "replayed": 0})
             return counted
 
@@ -588,7 +636,9 @@ class Operations:
             if len(ids) != confirm_count:
                 raise Conflict(f"{len(ids)} messages match now, not {confirm_count}")
             self._known_flow(connection, flow_id)
-            made = executions.replay_messages(connection, ids, flow_id, actor, reason, self.wall())
+            made = executions.replay(
+                connection, _targets(connection, ids, flow_id), actor, reason, self.wall()
+            )
             return {"count": len(ids), "replayed": len(ids), "executions": len(made)}
 
         target = f"messages {_describe(matching)}"[:255] + (f" flow {flow_id}" if flow_id else "")
@@ -610,8 +660,8 @@ class Operations:
             if not found.message.accepted:
                 raise Conflict(f"message {message_id} was rejected: nothing to replay")
             self._known_flow(connection, flow_id)
-            made = executions.replay_messages(
-                connection, [message_id], flow_id, actor, reason, self.wall()
+            made = executions.replay(
+                connection, _targets(connection, [message_id], flow_id), actor, reason, self.wall()
             )
             return {"count": 1, "replayed": 1, "executions": len(made)}
 
@@ -630,8 +680,7 @@ class Operations:
     def _known_flow(connection: Connection, flow_id: str | None) -> None:
         if flow_id is None:
             return
-        f = schema.flows
-        if connection.execute(select(f.c.flow_id).where(f.c.flow_id == flow_id)).first() is None:
+        if not overview.flow_exists(connection, flow_id):
             raise NotFound(f"no flow {flow_id}")
 
     def _woke(self, result: dict[str, Any]) -> dict[str, Any]:
@@ -664,7 +713,7 @@ class Operations:
                 "next": rows[-1].id if len(rows) == query.limit and rows else None,
             }
 
-        return self._run(work)
+        return self._read(work)
 
     def message(self, actor: str, via: str, message_id: int) -> Deferred[dict[str, Any]]:
         """A message's metadata, the ACK code sent, its executions, its deliveries (with
@@ -710,7 +759,7 @@ class Operations:
                 "deliveries": views,
             }
 
-        return self._run(work)
+        return self._read(work)
 
     def content(
         self,
@@ -799,12 +848,12 @@ class Operations:
             self._check(actor, via)
         except OperationsError:
             return fail()
-        done: Deferred[Any] = self._run(store.load_apps, tenant)
+        done: Deferred[Any] = self._read(flowstore.load_apps, tenant)
         done.addCallback(self._flow_rows)
         return done
 
     def _find_flow(self, connection: Connection, flow_id: str) -> tuple[App, Flow]:
-        for app in store.load_apps(connection, None):
+        for app in flowstore.load_apps(connection, None):
             for flow in app.flows:
                 if flow.flow_id == flow_id:
                     return app, flow
@@ -831,7 +880,7 @@ class Operations:
                 "port": port,
             }
 
-        return self._run(work)
+        return self._read(work)
 
     def _checked_app(self, text: str, name: str) -> tuple[App | None, list[str]]:
         """The app of a flow document and every problem ``flows import`` would find."""
@@ -864,7 +913,7 @@ class Operations:
             if problems or app is None:
                 raise Invalid("; ".join(problems))
             try:
-                return [store.save_app(connection, app, self.wall())]
+                return [flowstore.save_app(connection, app, self.wall())]
             except ValueError as error:
                 raise Conflict(str(error)) from None
 
@@ -880,12 +929,12 @@ class Operations:
             return fail()
 
         def work(connection: Connection) -> dict[str, Any]:
-            for app in store.load_apps(connection, None):
+            for app in flowstore.load_apps(connection, None):
                 if app.app_id == app_id:
                     return {"app_id": app_id, "text": write_app(app)}
             raise NotFound(f"no app {app_id}")
 
-        return self._run(work)
+        return self._read(work)
 
     def set_flow_enabled(
         self, actor: str, via: str, flow_id: str, enabled: bool, reason: str = ""
@@ -901,7 +950,7 @@ class Operations:
             flows = tuple(
                 evolve(f, enabled=enabled) if f.flow_id == flow_id else f for f in app.flows
             )
-            return [store.save_app(connection, evolve(app, flows=flows), self.wall())]
+            return [flowstore.save_app(connection, evolve(app, flows=flows), self.wall())]
 
         action = "flow.enable" if enabled else "flow.disable"
         done: Deferred[Any] = self._audited(actor, via, action, f"flow {flow_id}", reason, work)
@@ -939,9 +988,87 @@ class Operations:
                 return fail()
         if flow_id is None:
             return fail(Invalid("give a flow_id or a sample"))
-        done: Deferred[Any] = self._run(lambda c: self._find_flow(c, flow_id)[1].trigger.sample)
+        done: Deferred[Any] = self._read(lambda c: self._find_flow(c, flow_id)[1].trigger.sample)
         done.addCallback(catalogue)
         return done
+
+    def render(
+        self,
+        actor: str,
+        via: str,
+        flow_id: str,
+        action: str,
+        message: str | None = None,
+        responses: Mapping[str, str] | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """Render an action (by name or position) of a flow against its sample, or a
+        pasted ``message``, with fake ``responses`` of earlier actions (action name ->
+        message text), as ``udsgateway flows render`` does: ``{"text", "base64"}``.
+        Invalid with the reason when it cannot be rendered."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+
+        def work(connection: Connection) -> tuple[App, Flow]:
+            return self._find_flow(connection, flow_id)
+
+        done: Deferred[Any] = self._read(work)
+        done.addCallback(
+            lambda found: self._render(found[0], found[1], action, message, responses or {})
+        )
+        return done
+
+    def _render(
+        self,
+        app: App,
+        flow: Flow,
+        name: str,
+        message: str | None,
+        fakes: Mapping[str, str],
+    ) -> dict[str, Any]:
+        chosen = [
+            step for step, one in enumerate(flow.actions) if one.name == name or str(step) == name
+        ]
+        if not chosen:
+            names = ", ".join(a.name for a in flow.actions) or "none"
+            raise NotFound(f"flow {flow.flow_id} has no action {name!r} (actions: {names})")
+        step = chosen[0]
+        earlier = [a.name for a in flow.actions[:step]]
+        unknown = sorted(set(fakes) - set(earlier))
+        if unknown:
+            raise Invalid(
+                f"responses: {', '.join(unknown)} is not an earlier action "
+                f"(earlier: {', '.join(earlier) or 'none'})"
+            )
+        tenant = self.tenants.get(app.tenant)
+        charset = tenant_charset(tenant) if tenant is not None else "latin-1"
+        try:
+            # A pasted message or the sample is text: encoded as a sender would send it,
+            # then read exactly as the gateway reads what it receives (outbound/render).
+            raw = sender_bytes(message if message is not None else flow.trigger.sample, charset)
+            if not raw.strip():
+                raise Invalid("no message to render from (the flow has no sample)")
+            body = render_action(
+                app,
+                flow,
+                step,
+                compile_template(flow.actions[step].template),
+                read_trigger(raw, charset),
+                raw,
+                [sender_bytes(fakes[one], "latin-1") if one in fakes else None for one in earlier],
+                charset=charset,
+                now=lambda: datetime.fromtimestamp(self.wall(), UTC),
+                new_control_id=ControlIdSource.for_boot(self.wall()).next,
+            )
+        except (TemplateError, RenderError) as error:
+            raise Invalid(f"action {flow.actions[step].name}: {error}") from None
+        return {
+            "flow_id": flow.flow_id,
+            "action": flow.actions[step].name,
+            "text": _text(body),
+            "base64": base64.b64encode(body).decode("ascii"),
+        }
 
     # -- the execution log
 
@@ -972,7 +1099,7 @@ class Operations:
                 raise Invalid("limit: between 1 and 1000")
         except OperationsError:
             return fail()
-        done: Deferred[Any] = self._run(
+        done: Deferred[Any] = self._read(
             search.log_lines, flow_id, outcomes, since, 0, before_id, limit, True
         )
         done.addCallback(
@@ -1014,7 +1141,7 @@ class Operations:
         except OperationsError:
             return fail()
         if after_id is None:
-            done: Deferred[Any] = self._run(search.last_log_id)
+            done: Deferred[Any] = self._read(search.last_log_id)
             done.addCallback(lambda last: {"lines": [], "last": last})
             return done
         return Deferred.fromCoroutine(self._tail(after_id, flow_id, outcomes, timeout, poll))
@@ -1029,7 +1156,7 @@ class Operations:
     ) -> dict[str, Any]:
         deadline = self.clock.seconds() + timeout
         while True:
-            rows = await self._run(
+            rows = await self._read(
                 search.log_lines, flow_id, outcomes, None, after_id, None, 500, False
             )
             if rows or self.clock.seconds() >= deadline:
@@ -1057,7 +1184,7 @@ class Operations:
         except OperationsError:
             return fail()
         limit = max(1, min(limit, 1000))
-        done: Deferred[Any] = self._run(
+        done: Deferred[Any] = self._read(
             audit.entries, who, action, target, since, until, before_id, limit
         )
         done.addCallback(
@@ -1167,38 +1294,18 @@ def _delivery_view(
 
 
 def _status_rows(connection: Connection, now: float) -> dict[str, Any]:
-    """Flow and destination counts from the database (run in the database thread)."""
-    e, d, f = schema.executions, schema.deliveries, schema.flows
-    flows: dict[str, dict[str, Any]] = {}
-    for flow_id, app_id, tenant, name, enabled in connection.execute(
-        select(f.c.flow_id, f.c.app_id, f.c.tenant, f.c.name, f.c.enabled)
-    ):
-        flows[flow_id] = {
-            "app_id": app_id,
-            "tenant": tenant,
-            "name": name,
-            "enabled": bool(enabled),
-            "routed": 0,
-            "executions": Counter(),
+    """Flow and destination counts from the database (a read, off the database thread)."""
+    flows = {
+        row.flow_id: {
+            "app_id": row.app_id,
+            "tenant": row.tenant,
+            "name": row.name,
+            "enabled": row.enabled,
+            "routed": sum(row.executions.values()),
+            "executions": dict(sorted(row.executions.items())),
         }
-    for flow_id, state, count in connection.execute(
-        select(e.c.flow_id, e.c.state, func.count()).group_by(e.c.flow_id, e.c.state)
-    ):
-        entry = flows.setdefault(
-            flow_id,
-            {
-                "app_id": "",
-                "tenant": "",
-                "name": "",
-                "enabled": False,
-                "routed": 0,
-                "executions": Counter(),
-            },
-        )
-        entry["executions"][state] += count
-        entry["routed"] += count
-    for entry in flows.values():
-        entry["executions"] = dict(entry["executions"])
+        for row in overview.flow_counts(connection)
+    }
     found: dict[str, dict[str, Any]] = {}
     pauses = destinations.pauses(connection)
 
@@ -1217,17 +1324,13 @@ def _status_rows(connection: Connection, now: float) -> dict[str, Any]:
             },
         )
 
-    for endpoint, state, count, attempts, oldest in connection.execute(
-        select(d.c.destination, d.c.state, func.count(), func.sum(d.c.attempts))
-        .add_columns(func.min(d.c.created_at))
-        .group_by(d.c.destination, d.c.state)
-    ):
-        entry = entry_of(destinations.address_of(endpoint))
-        if state in entry:
-            entry[state] += count
-        entry["attempts"] += int(attempts or 0)
-        if state in outbox.OPEN_STATES and oldest is not None:
-            age = round(max(0.0, now - oldest), 3)
+    for row in overview.destination_counts(connection):
+        entry = entry_of(destinations.address_of(row.endpoint))
+        if row.state in entry:
+            entry[row.state] += row.count
+        entry["attempts"] += row.attempts
+        if row.state in outbox.OPEN_STATES and row.oldest_created_at is not None:
+            age = round(max(0.0, now - row.oldest_created_at), 3)
             if entry["oldest_pending_age"] is None or age > entry["oldest_pending_age"]:
                 entry["oldest_pending_age"] = age
     for address in pauses:
@@ -1279,6 +1382,17 @@ def _validate(query: search.Query) -> None:
 
 
 # -- flows
+
+
+def _targets(
+    connection: Connection, message_ids: Sequence[int], flow_id: str | None
+) -> list[tuple[int, str]]:
+    """(message, flow) pairs a replay runs: through ``flow_id``, or each accepted
+    message through the flows it was routed to."""
+    routed = search.routed_flows(connection, message_ids)
+    if flow_id is None:
+        return [(message_id, flow) for message_id, flows in routed.items() for flow in flows]
+    return [(message_id, flow_id) for message_id in routed]
 
 
 def _listen_address(endpoint: str) -> tuple[str, int]:

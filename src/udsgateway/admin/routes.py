@@ -86,6 +86,16 @@ SAMPLE_SCHEMA = {
     "required": ["sample"],
     "additionalProperties": False,
 }
+RENDER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "action": {"type": "string", "minLength": 1, "maxLength": 255},
+        "message": {"type": "string", "minLength": 1, "maxLength": 1_000_000},
+        "responses": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "required": ["action"],
+    "additionalProperties": False,
+}
 #: Longest wait of one long poll of the log tail, in seconds.
 MAX_TAIL_WAIT = 55.0
 
@@ -302,6 +312,25 @@ def operation_routes(facade: Any) -> list[Route]:
             OPERATOR,
             "disable a flow (its messages are rejected)",
             OPTIONAL_REASON_SCHEMA,
+            tag="flows",
+        ),
+        Route(
+            "POST",
+            f"{v1}/flows/{{flow_id}}/render",
+            handler(
+                lambda call: facade.render(
+                    call.actor,
+                    "api",
+                    call.params["flow_id"],
+                    call.body["action"],
+                    call.body.get("message"),
+                    call.body.get("responses"),
+                )
+            ),
+            OPERATOR,
+            "render an action against the flow's sample or a pasted message, with fake "
+            "responses of earlier actions",
+            RENDER_SCHEMA,
             tag="flows",
         ),
         Route(

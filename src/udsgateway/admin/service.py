@@ -117,9 +117,7 @@ def admin_service(config: AdminConfig, gateway: Any, reactor: Any) -> AdminServi
     def offload(function: Any, *args: Any) -> Deferred[Any]:
         return deferToThreadPool(reactor, reactor.getThreadPool(), function, *args)
 
-    operations = getattr(gateway, "operations", None)
-    if operations is None:
-        operations = Operations.for_service(gateway, reactor, time.time)
+    operations = Operations.shared(gateway, reactor, time.time)
     api = AdminAPI(
         database=gateway.database,
         clock=reactor,

@@ -36,7 +36,7 @@ def audit_row(entry: audit.AuditEntry) -> dict[str, Any]:
 
 
 def cmd_audit(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli.main import open_database, write_rows
+    from udsgateway.cli.common import open_database, write_rows
 
     since = time.time() - args.since if args.since else None
     rows = open_database(config).transaction_now(
@@ -77,7 +77,7 @@ def _facade(config: GatewayConfig) -> Any:
     from twisted.internet.task import Clock
 
     from udsgateway.admin.operations import Operations
-    from udsgateway.cli.main import open_database
+    from udsgateway.cli.common import open_database
 
     return Operations(open_database(config), Clock())
 
@@ -85,7 +85,7 @@ def _facade(config: GatewayConfig) -> Any:
 def _now(deferred: Any) -> Any:
     """The result of a facade call on the inline database (it has fired already)."""
     from udsgateway.admin.operations import OperationsError
-    from udsgateway.cli.main import CommandError
+    from udsgateway.cli.common import CommandError
 
     found: list[Any] = []
     deferred.addBoth(found.append)
@@ -98,11 +98,14 @@ def _now(deferred: Any) -> Any:
 
 
 def cmd_destinations_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli.main import write_rows
+    from udsgateway.cli.common import write_rows
 
     rows = _now(_facade(config).destinations(args.who or getpass.getuser(), "cli"))
     columns = ("destination", "paused", "paused_by", "queued", "held", "delivered")
     shown = [{c: row.get(c) for c in (*columns, "oldest_pending_age")} for row in rows]
+    if not args.json:
+        for row in shown:
+            row["paused"] = "yes" if row["paused"] else "no"
     write_rows(shown, out, args.json, (*columns, "oldest_pending_age"))
     return 0
 

@@ -8,19 +8,24 @@ beside a running gateway; the gateway notices flow changes within its
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from udsgateway import __version__
 from udsgateway.assembly import tenant_charset
 from udsgateway.cli.accounts import add_account_commands
 from udsgateway.cli.audit import add_audit_command, add_destination_commands
+from udsgateway.cli.common import (
+    CommandError,
+    open_database,
+    print_table,
+    write_rows,
+)
 from udsgateway.cli.operate import add_operator_commands
 from udsgateway.config import ConfigError, GatewayConfig, load_config
 from udsgateway.flows import (
@@ -30,6 +35,7 @@ from udsgateway.flows import (
     read_app_file,
     write_app,
 )
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, codec_for, parse_header
 from udsgateway.mapping.catalogue import variable_catalogue
@@ -41,21 +47,8 @@ from udsgateway.mapping.templating import (
 )
 from udsgateway.outbound.render import read_trigger, render_action, sender_bytes
 from udsgateway.peers.commands import add_peer_commands
-from udsgateway.store import messages as store
-from udsgateway.store.engine import (
-    Database,
-    InlineRunner,
-    SchemaError,
-    damage_before_command,
-    ensure_schema,
-    make_engine,
-)
 
 DEFAULT_CONFIG = "etc/udsgateway.toml"
-
-
-class CommandError(Exception):
-    """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def listen_address(endpoint: str) -> tuple[str, str]:
@@ -70,28 +63,6 @@ def listen_address(endpoint: str) -> tuple[str, str]:
         elif index == 1 and part.isdigit():
             port = part
     return host, port
-
-
-def open_database(config: GatewayConfig) -> Database:
-    """The store, in this thread, schema checked; refused when its WAL is damaged.
-
-    Opening a database replays only the WAL frames before a bad checksum and
-    erases the rest at the next checkpoint: the evidence is kept for the
-    gateway's start, which reports it (``--accept-damaged-database``).
-    """
-    problems = damage_before_command(config.database, time.time())
-    if problems:
-        raise CommandError(
-            "the database cannot be trusted: "
-            + "; ".join(problems)
-            + " (see the gateway's --accept-damaged-database)"
-        )
-    database = Database(make_engine(config.database), InlineRunner())
-    try:
-        database.transaction_now(ensure_schema)
-    except SchemaError as error:
-        raise CommandError(str(error)) from None
-    return database
 
 
 def flow_table(config: GatewayConfig, apps: Sequence[App]) -> list[dict[str, str]]:
@@ -117,38 +88,6 @@ def flow_table(config: GatewayConfig, apps: Sequence[App]) -> list[dict[str, str
     return rows
 
 
-def write_rows(
-    rows: Sequence[dict[str, Any]],
-    out: TextIO,
-    as_json: bool,
-    columns: Sequence[str] = (),
-) -> None:
-    """Rows as JSON lines (``--json``), else as a text table (see `print_table`)."""
-    if as_json:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
-    else:
-        print_table(rows, out, columns)
-
-
-def print_table(rows: Sequence[dict[str, Any]], out: TextIO, columns: Sequence[str] = ()) -> None:
-    """Rows as an aligned text table with upper-case headings; None shows as "".
-
-    Without rows it prints the headings of ``columns`` (when given) and "(none)".
-    """
-    columns = list(rows[0]) if rows else list(columns)
-    if columns:
-        cells = [{c: "" if r[c] is None else str(r[c]) for c in columns} for r in rows]
-        widths = {c: max([len(c), *(len(r[c]) for r in cells)]) for c in columns}
-        heading = "  ".join(c.upper().replace("_", " ").ljust(widths[c]) for c in columns)
-        out.write(heading.rstrip() + "\n")
-    if not rows:
-        out.write("(none)\n")
-        return
-    for row in cells:
-        out.write("  ".join(row[c].ljust(widths[c]) for c in columns).rstrip() + "\n")
-
-
 def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
     problems: list[str] = []
     apps = []
@@ -167,7 +106,7 @@ def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextI
         raise CommandError("\n".join(problems))
     database = open_database(config)
     try:
-        saved = [database.transaction_now(store.save_app, app, time.time()) for app in apps]
+        saved = [database.transaction_now(save_app, app, time.time()) for app in apps]
     except ValueError as error:
         raise CommandError(str(error)) from None
     print_table(flow_table(config, saved), out)
@@ -176,7 +115,7 @@ def cmd_flows_import(args: argparse.Namespace, config: GatewayConfig, out: TextI
 
 def find_flow(config: GatewayConfig, flow_id: str) -> tuple[App, Flow]:
     """The app and flow of a Flow ID, from the store."""
-    for app in open_database(config).transaction_now(store.load_apps, None):
+    for app in open_database(config).transaction_now(load_apps, None):
         for flow in app.flows:
             if flow.flow_id == flow_id:
                 return app, flow
@@ -288,14 +227,14 @@ def rendered_text(body: bytes, charset: str) -> str:
 
 
 def cmd_flows_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    apps = open_database(config).transaction_now(store.load_apps, args.tenant)
+    apps = open_database(config).transaction_now(load_apps, args.tenant)
     rows = flow_table(config, apps)
     write_rows(rows, out, args.json)
     return 0
 
 
 def cmd_flows_export(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    apps = open_database(config).transaction_now(store.load_apps, None)
+    apps = open_database(config).transaction_now(load_apps, None)
     chosen = [app for app in apps if app.app_id == args.app_id]
     if not chosen:
         raise CommandError(f"no app with App ID {args.app_id!r} (see `udsgateway flows list`)")

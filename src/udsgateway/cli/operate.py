@@ -16,14 +16,15 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection
 
-from udsgateway.store import executions, outbox, schema
-
-if TYPE_CHECKING:
-    from udsgateway.config import GatewayConfig
+from udsgateway.cli.common import CommandError, open_database, write_rows
+from udsgateway.config import GatewayConfig
+from udsgateway.hl7.header import HeaderProblem, parse_header
+from udsgateway.store import executions, logs, operator, outbox
+from udsgateway.store.records import Delivery, ExecutionRow, LogLine
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -73,7 +74,7 @@ DELIVERY_COLUMNS = (
 )
 
 
-def delivery_row(delivery: outbox.Delivery) -> dict[str, Any]:
+def delivery_row(delivery: Delivery) -> dict[str, Any]:
     """What an operator sees of a delivery: never its payload."""
     return {
         "id": delivery.id,
@@ -88,9 +89,41 @@ def delivery_row(delivery: outbox.Delivery) -> dict[str, Any]:
     }
 
 
-def cmd_deliveries_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli.main import open_database, write_rows
+def control_id_of(delivery_id: int, payload: bytes) -> str:
+    """MSH-10 of a payload to send, read as it is encoded (MSH-18, else 8859/1)."""
+    header = parse_header(payload, default_charset="latin-1")
+    if isinstance(header, HeaderProblem):
+        raise ValueError(
+            f"the message of delivery {delivery_id} is not valid HL7: {header.diagnostic}"
+        )
+    if not header.control_id:
+        raise ValueError(f"the message of delivery {delivery_id} has no MSH-10")
+    return header.control_id
 
+
+def delivery_action(
+    connection: Connection,
+    delivery_id: int,
+    action: str,
+    who: str,
+    reason: str,
+    now: float,
+    payload: bytes | None = None,
+) -> Delivery:
+    """``store.operator.delivery_action``, with the MSH-10 it needs read here: of an
+    edited payload, or of the stored one when the delivery has none (stored so by
+    an older version). A payload that is not HL7 is refused (ValueError)."""
+    control_id = None
+    current = outbox.get_delivery(connection, delivery_id)
+    if current is not None and operator.needs_control_id(current, action, payload):
+        sent = payload if payload is not None else current.payload
+        control_id = control_id_of(delivery_id, sent)
+    return operator.delivery_action(
+        connection, delivery_id, action, who, reason, now, payload, control_id
+    )
+
+
+def cmd_deliveries_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
     states = tuple(args.state or ())
     rows = open_database(config).transaction_now(
         outbox.list_deliveries, states, args.lane, args.limit
@@ -101,8 +134,6 @@ def cmd_deliveries_list(args: argparse.Namespace, config: GatewayConfig, out: Te
 
 
 def cmd_deliveries_act(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli.main import CommandError, open_database
-
     payload = None
     if args.command_action == "replay" and args.payload:
         text = Path(args.payload).read_bytes()
@@ -110,7 +141,7 @@ def cmd_deliveries_act(args: argparse.Namespace, config: GatewayConfig, out: Tex
         payload += b"\r"
     try:
         updated = open_database(config).transaction_now(
-            outbox.operator_action,
+            delivery_action,
             args.delivery_id,
             args.command_action,
             args.who or getpass.getuser(),
@@ -143,28 +174,6 @@ LOG_COLUMNS = (
 #: ``logs --status`` words for common questions, and the outcomes they mean.
 STATUS_ALIASES = {"failed": "failed", "held": "held", "ok": "delivered"}
 
-#: Every outcome a log line can have (received, delivery, execution, operator).
-LOG_OUTCOMES = (
-    "accepted",
-    "rejected",
-    "retry",
-    "delivered",
-    "held",
-    "skipped",
-    "done",
-    "failed",
-    "release",
-    "skip",
-    "replay",
-    "not sent",
-)
-
-
-def _known_outcomes(connection: Connection) -> set[str]:
-    """LOG_OUTCOMES and every outcome the logs hold (a newer gateway may write others)."""
-    found = connection.execute(select(schema.logs.c.outcome).distinct()).scalars()
-    return {*LOG_OUTCOMES, *(outcome for outcome in found if outcome)}
-
 
 def check_status(text: str, known: set[str]) -> str:
     """A ``logs --status`` value as the outcome it selects; ValueError for any other word."""
@@ -177,7 +186,7 @@ def check_status(text: str, known: set[str]) -> str:
     raise ValueError(f"--status: unknown status {text!r} (one of: {words})")
 
 
-def execution_row(row: executions.ExecutionRow) -> dict[str, Any]:
+def execution_row(row: ExecutionRow) -> dict[str, Any]:
     """What an operator sees of an execution: never its message's content."""
     return {
         "id": row.id,
@@ -191,8 +200,6 @@ def execution_row(row: executions.ExecutionRow) -> dict[str, Any]:
 
 
 def cmd_executions_list(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli.main import open_database, write_rows
-
     rows = open_database(config).transaction_now(
         executions.list_executions, tuple(args.state or ()), args.limit
     )
@@ -201,11 +208,9 @@ def cmd_executions_list(args: argparse.Namespace, config: GatewayConfig, out: Te
 
 
 def cmd_executions_release(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
-    from udsgateway.cli.main import CommandError, open_database
-
     try:
         row = open_database(config).transaction_now(
-            executions.release,
+            operator.release_execution,
             args.execution_id,
             args.who or getpass.getuser(),
             args.reason,
@@ -217,66 +222,44 @@ def cmd_executions_release(args: argparse.Namespace, config: GatewayConfig, out:
     return 0
 
 
-def _log_rows(
-    connection: Connection,
-    flow_id: str | None,
-    status: str | None,
-    since: float | None,
-    after_id: int,
-    limit: int,
-    newest_first: bool = False,
-) -> list[dict[str, Any]]:
-    """Log lines after ``after_id``: the oldest ``limit`` of them, or the newest."""
-    logs, flows = schema.logs, schema.flows
-    query = (
-        select(logs, flows.c.app_id.label("flow_app_id"))
-        .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
-        .where(logs.c.id > after_id)
-        .order_by(logs.c.id.desc() if newest_first else logs.c.id)
-        .limit(limit)
-    )
-    if flow_id:
-        query = query.where(logs.c.flow_id == flow_id)
-    if status:
-        query = query.where(logs.c.outcome == status)
-    if since is not None:
-        query = query.where(logs.c.at >= since)
-    return [
-        {
-            "id": row.id,
-            "time": _time(row.at),
-            "event": row.event,
-            "outcome": row.outcome,
-            "app_id": row.app_id or row.flow_app_id or "",
-            "flow_id": row.flow_id,
-            "control_id": row.control_id,
-            "type": row.message_type,
-            # One type per field: a number, or null when the line has none.
-            "action": row.step,
-            "attempt": row.attempt,
-            "ack": row.ack_code,
-            "reason": row.reason,
-        }
-        for row in connection.execute(query)
-    ]
+def log_row(line: LogLine) -> dict[str, Any]:
+    """What an operator sees of a log line (LOG_COLUMNS)."""
+    return {
+        "id": line.id,
+        "time": _time(line.at),
+        "event": line.event,
+        "outcome": line.outcome,
+        "app_id": line.app_id,
+        "flow_id": line.flow_id,
+        "control_id": line.control_id,
+        "type": line.message_type,
+        # One type per field: a number, or null when the line has none.
+        "action": line.step,
+        "attempt": line.attempt,
+        "ack": line.ack_code,
+        "reason": line.reason,
+    }
 
 
 def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
     """Newest first, like a log viewer; ``--tail N`` (and ``--follow``): the newest N in
     the order they happened, then (``--follow``) new lines as they come."""
-    from udsgateway.cli.main import CommandError, open_database, write_rows
-
     database = open_database(config)
     status = None
     if args.status is not None:
         try:
-            status = check_status(args.status, database.transaction_now(_known_outcomes))
+            status = check_status(args.status, database.transaction_now(logs.known_outcomes))
         except ValueError as error:
             raise CommandError(str(error)) from None
     since = time.time() - args.since if args.since else None
     tail = args.tail if args.tail is not None else (10 if args.follow else None)
     count = tail if tail is not None else args.limit
-    rows = database.transaction_now(_log_rows, args.flow, status, since, 0, count, True)
+    rows = [
+        log_row(line)
+        for line in database.transaction_now(
+            logs.log_lines, args.flow, status, since, 0, count, True
+        )
+    ]
     if tail is not None:
         rows.reverse()
     write_rows(rows, out, args.json, LOG_COLUMNS)
@@ -287,7 +270,12 @@ def cmd_logs(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> in
     sleep: Callable[[float], None] = time.sleep
     while True:
         sleep(args.poll)
-        rows = database.transaction_now(_log_rows, args.flow, status, since, after, 1000)
+        rows = [
+            log_row(line)
+            for line in database.transaction_now(
+                logs.log_lines, args.flow, status, since, after, 1000
+            )
+        ]
         if rows:
             after = rows[-1]["id"]
             write_rows(rows, out, args.json)

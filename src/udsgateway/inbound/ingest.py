@@ -45,10 +45,17 @@ from udsgateway.hl7.header import Delimiters, Header, HeaderProblem, codec_for, 
 from udsgateway.hl7.keys import search_keys
 from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.interfaces import IFlowRunner
-from udsgateway.store import messages as store
+from udsgateway.store import executions, logs, messages
 from udsgateway.store.engine import GroupCommitter, is_locked
-from udsgateway.store.executions import Finished
-from udsgateway.store.messages import CommitOutcome, CommitResult, ExecutionState, InboundRecord
+from udsgateway.store.records import (
+    CommitOutcome,
+    CommitResult,
+    ExecutionState,
+    Finished,
+    InboundRecord,
+    LogEntry,
+    NewDelivery,
+)
 
 log = Logger()
 
@@ -175,7 +182,9 @@ class Ingest:
         # Backpressure: a new message for a full destination is refused, but
         # a resend of one already stored still gets its stored ACK (G3).
         refuse_new = self._full_destination(flows)
-        first = (
+        # The flow runner's interface is typed in the base layer; the values are
+        # the store's records (an IFlowRunner's first_actions returns these).
+        first: tuple[NewDelivery | None, ...] = (
             self.flows.first_actions(self.tenant.name, run_flows, payload)
             if self.flows is not None
             and run_flows
@@ -432,7 +441,7 @@ class Ingest:
         return watching
 
     def _execution_states(self, message_id: int) -> Deferred[list[ExecutionState]]:
-        return self._committer.database.transaction(store.execution_states, message_id)
+        return self._committer.database.transaction(executions.execution_states, message_id)
 
     async def _replay_pending(
         self, header: Header, message_id: int, flows: tuple[FlowRoute, ...]
@@ -483,7 +492,7 @@ class Ingest:
         outcome = Outcome.ACCEPT if error is None else Outcome.ERROR
         code, ack = self._ack(header, outcome, error, self._now())
         try:
-            await self._committer.database.transaction(store.update_ack, message_id, code, ack)
+            await self._committer.database.transaction(messages.update_ack, message_id, code, ack)
         except Exception:
             log.failure(
                 "could not store the after-actions ACK (control ID {control_id})",
@@ -561,17 +570,17 @@ class Ingest:
             peer=peer,
             tenant=self.tenant.name,
         )
-        row = {
-            "at": self._now(),
-            "tenant": self.tenant.name,
-            "message_id": ack.message_id,
-            "control_id": ack.control_id,
-            "event": "application ack lost",
-            "outcome": "not sent",
-            "ack_code": ack.code,
-            "reason": "connection closed before the application ACK",
-        }
-        recording = self._committer.database.transaction(store.insert_logs, [row])
+        row = LogEntry(
+            at=self._now(),
+            tenant=self.tenant.name,
+            message_id=ack.message_id,
+            control_id=ack.control_id,
+            event="application ack lost",
+            outcome="not sent",
+            ack_code=ack.code,
+            reason="connection closed before the application ACK",
+        )
+        recording = self._committer.database.transaction(logs.insert_logs, [row])
         recording.addErrback(
             lambda failure: log.failure(
                 "could not record a lost application ACK (control ID {control_id})",

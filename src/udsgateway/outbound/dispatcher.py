@@ -32,7 +32,8 @@ from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import Timing
 from udsgateway.store import destinations, outbox
 from udsgateway.store.engine import Database, GroupCommitter
-from udsgateway.store.outbox import Delivery, Settlement
+from udsgateway.store.outbox import DELIVERED, HELD
+from udsgateway.store.records import Delivery, Settlement
 
 log = Logger()
 
@@ -98,6 +99,8 @@ class Dispatcher(Service):
     paused: dict[str, str] = field(factory=dict)
     #: Deliveries delivered since start, by destination address (host:port).
     sent: dict[str, int] = field(factory=dict)
+    #: Attempts recorded since start, by destination address and outcome.
+    attempts: dict[str, dict[str, int]] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._committer = GroupCommitter(self.database, self._record_batch, 256)
@@ -112,7 +115,18 @@ class Dispatcher(Service):
             answered=self._answered,
             delivered=self.delivered,
             paused_by=self.paused_by,
+            attempted=self.attempted,
         )
+
+    def attempted(self, endpoint: str, settlement: Settlement) -> None:
+        """Count a recorded attempt by destination address and outcome: ``delivered``,
+        ``held``, ``negative`` (a negative ACK retried), ``failed`` (no usable answer)."""
+        if settlement.state in (DELIVERED, HELD):
+            outcome = settlement.state
+        else:
+            outcome = "negative" if settlement.response_code else "failed"
+        counts = self.attempts.setdefault(destinations.address_of(endpoint), {})
+        counts[outcome] = counts.get(outcome, 0) + 1
 
     def paused_by(self, endpoint: str) -> str | None:
         """Who paused the destination of ``endpoint``; None when it is not paused."""

@@ -40,9 +40,16 @@ from udsgateway.mapping.templating import (
 from udsgateway.outbound.render import read_trigger, render_action
 from udsgateway.store import executions
 from udsgateway.store.engine import Database
-from udsgateway.store.executions import Advanced, Finished, PendingWork, Transition
-from udsgateway.store.messages import CommitResult, Origin
-from udsgateway.store.outbox import NewDelivery, Settlement
+from udsgateway.store.records import (
+    Advanced,
+    CommitResult,
+    Finished,
+    NewDelivery,
+    Origin,
+    PendingWork,
+    Settlement,
+    Transition,
+)
 
 log = Logger()
 

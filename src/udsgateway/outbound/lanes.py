@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from udsgateway.outbound.destination import Destination
 from udsgateway.outbound.errors import ConnectError, DeliveryError, StaleConnectionError
 from udsgateway.outbound.policy import Timing, judge
-from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
+from udsgateway.store.records import DELIVERED, HELD, QUEUED, Delivery, Settlement
 
 log = Logger()
 
@@ -57,6 +57,8 @@ class LaneContext:
     delivered: Callable[[str], None]
     #: Who paused the destination of an endpoint (None: not paused): nothing is sent.
     paused_by: Callable[[str], str | None] = lambda _endpoint: None
+    #: An attempt to this endpoint was recorded with this outcome (status counters).
+    attempted: Callable[[str, Settlement], None] = lambda _endpoint, _settlement: None
 
 
 @define(eq=False)
@@ -189,6 +191,7 @@ class Lane:
             )
             if not await self._record(settlement):
                 return
+            context.attempted(head.destination, settlement)
             if settlement.state == DELIVERED:
                 context.delivered(head.destination)
                 self._page.popleft()

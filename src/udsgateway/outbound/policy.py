@@ -18,7 +18,7 @@ from attrs import evolve, frozen
 from udsgateway.flows import DEFAULT_DECISIONS, DEFAULT_MAX_RETRIES, DEFAULT_TIMING
 from udsgateway.hl7.ack import parse_reply
 from udsgateway.outbound.errors import DeliveryError
-from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, Delivery, Settlement
+from udsgateway.store.records import DELIVERED, HELD, QUEUED, Delivery, Settlement
 
 SUCCESS, RETRY, HOLD = "success", "retry", "hold"
 #: What a delivery's stored policy falls back to: the defaults of flows.py.

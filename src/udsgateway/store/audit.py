@@ -11,27 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from attrs import frozen
 from sqlalchemy import Connection, select
 
 from udsgateway.store import schema
+from udsgateway.store.records import AuditEntry
 
 #: Where an action can be done.
 VIA = ("api", "cli", "manhole")
 
-
-@frozen
-class AuditEntry:
-    """One row of the audit trail."""
-
-    id: int
-    at: float
-    who: str
-    action: str
-    target: str
-    reason: str
-    result: str
-    via: str
+__all__ = ["VIA", "AuditEntry", "append", "entries"]
 
 
 def append(

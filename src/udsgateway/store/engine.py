@@ -7,18 +7,20 @@ that returned is on disk before any ACK is written (G4).
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import os
 import queue
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from attrs import define, field, frozen
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 from sqlalchemy.pool import StaticPool
@@ -28,7 +30,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from udsgateway.store import schema
+from udsgateway.store import meta, schema
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -113,15 +115,10 @@ def make_engine(url: str) -> Engine:
 def ensure_schema(connection: Connection) -> int:
     """Create the tables on an empty database, or migrate an older one; return the version."""
     schema.metadata.create_all(connection)
-    row = connection.execute(
-        select(schema.meta.c.value).where(schema.meta.c.key == "schema_version")
-    ).first()
-    if row is None:
-        connection.execute(
-            schema.meta.insert().values(key="schema_version", value=str(schema.SCHEMA_VERSION))
-        )
+    version = meta.schema_version(connection)
+    if version is None:
+        meta.set_schema_version(connection, schema.SCHEMA_VERSION)
         return schema.SCHEMA_VERSION
-    version = int(row[0])
     if version > schema.SCHEMA_VERSION:
         raise SchemaError(
             f"database schema {version} is newer than this udsgateway ({schema.SCHEMA_VERSION})"
@@ -129,11 +126,7 @@ def ensure_schema(connection: Connection) -> int:
     while version < schema.SCHEMA_VERSION:
         schema.MIGRATIONS[version](connection)
         version += 1
-        connection.execute(
-            schema.meta.update()
-            .where(schema.meta.c.key == "schema_version")
-            .values(value=str(version))
-        )
+        meta.set_schema_version(connection, version)
     return version
 
 
@@ -309,6 +302,28 @@ class _Pending(Generic[Item, Result]):
     deferred: Deferred[Result]
 
 
+#: Upper bounds (seconds) of the commit-time buckets (the metrics' histogram).
+COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+@define
+class Durations:
+    """A histogram of durations in fixed buckets: a few list operations per observation,
+    no lock (observed and read on the reactor thread)."""
+
+    bounds: tuple[float, ...] = COMMIT_BUCKETS
+    #: counts[i]: observations <= bounds[i] and > bounds[i-1]; the last: above them all.
+    counts: list[int] = field(init=False)
+    total: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
+
+
 @define
 class GroupCommitter(Generic[Item, Result]):
     """Commit items in groups: items that arrive while a commit runs go into the next one.
@@ -339,6 +354,10 @@ class GroupCommitter(Generic[Item, Result]):
     _running: bool = False
     groups: int = 0
     committed: int = 0
+    #: How long each group took from its hand-over to the database thread to its
+    #: commit (the admin service's metrics read it).
+    commit_times: Durations = field(factory=Durations)
+    _started_at: float = 0.0
 
     @property
     def database(self) -> Database:
@@ -375,6 +394,7 @@ class GroupCommitter(Generic[Item, Result]):
         group = self._pending[: self._max_batch]
         del self._pending[: self._max_batch]
         self.groups += 1
+        self._started_at = time.perf_counter()
         done = self._database.transaction(self._run_batch, [p.item for p in group])
         done.addCallbacks(
             self._committed, self._failed, callbackArgs=(group,), errbackArgs=(group,)
@@ -389,6 +409,7 @@ class GroupCommitter(Generic[Item, Result]):
         return results
 
     def _committed(self, results: list[Result], group: list[_Pending[Item, Result]]) -> None:
+        self.commit_times.observe(time.perf_counter() - self._started_at)
         self.committed += len(group)
         for pending, result in zip(group, results, strict=True):
             pending.deferred.callback(result)

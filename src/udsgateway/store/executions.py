@@ -21,95 +21,60 @@ kill -9 at any point resumes exactly where the store says.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict
 
-from attrs import evolve, frozen
-from sqlalchemy import Connection, bindparam, select, update
+from attrs import frozen
+from sqlalchemy import Connection, bindparam, delete, select, update
 
-from udsgateway.store import audit, outbox, schema
-from udsgateway.store import messages as store
-from udsgateway.store.engine import Prepared
-from udsgateway.store.messages import CommitResult, InboundRecord, Origin, insert_logs, origins
-from udsgateway.store.outbox import DELIVERED, HELD, NewDelivery, Settlement
+from udsgateway.store import logs, outbox, schema
+from udsgateway.store.engine import Prepared, insert_with_ids, prepared_insert
+from udsgateway.store.messages import origins
+from udsgateway.store.records import (
+    DELIVERED,
+    DONE,
+    FAILED,
+    FINISHED,
+    HELD,
+    HELD_EXECUTION,
+    PENDING,
+    WAITING,
+    Advanced,
+    ExecutionRow,
+    ExecutionState,
+    Finished,
+    InboundRecord,
+    LogEntry,
+    NewDelivery,
+    Origin,
+    PendingWork,
+    Settlement,
+    Transition,
+)
 
-PENDING = "pending"
-WAITING = "waiting"
-DONE = "done"
-FAILED = "failed"
-#: Cannot render its action: waits for an operator (the same word as a held delivery).
-HELD_EXECUTION = HELD
-FINISHED = (DONE, FAILED)
-
-
-@frozen
-class PendingWork:
-    """A pending execution with what rendering its next action needs."""
-
-    execution_id: int
-    message_id: int
-    flow_id: str
-    step: int
-    tenant: str
-    raw: bytes
-    control_id: str
-    message_type: str
-    #: Responses of the earlier actions of this execution, by step (None: no response).
-    responses: tuple[bytes | None, ...]
-
-
-@frozen
-class Transition:
-    """What the executor decided for one pending execution."""
-
-    execution_id: int
-    delivery: NewDelivery | None = None  # enqueue this and wait for it
-    error: str = ""  # or fail (or hold) with this reason (no PHI)
-    hold: bool = False  # hold for an operator instead of failing
-
-    @property
-    def state(self) -> str:
-        """The execution's new state."""
-        if self.delivery is not None:
-            return WAITING
-        return HELD_EXECUTION if self.hold else FAILED
-
-
-@frozen
-class Finished:
-    """An execution that reached done or failed, for watchers ("after actions" ACKs)."""
-
-    execution_id: int
-    state: str
-    reason: str = ""
-
-
-@frozen
-class Advanced:
-    """What recording delivery outcomes changed in executions."""
-
-    pending: bool  # some execution has a next action to render
-    finished: tuple[Finished, ...]
-    held: tuple[Finished, ...]
+__all__ = [
+    "DONE",
+    "FAILED",
+    "FINISHED",
+    "HELD_EXECUTION",
+    "PENDING",
+    "WAITING",
+    "Advanced",
+    "ExecutionRow",
+    "ExecutionState",
+    "Finished",
+    "PendingWork",
+    "Transition",
+]
 
 
 def pending(connection: Connection, limit: int) -> list[PendingWork]:
     """The oldest pending executions, in creation (= arrival) order."""
-    d = schema.deliveries
     rows = [
         _PendingRow(*row)
         for row in _PENDING.execute(connection, [{"pending": PENDING, "limit": limit}])
     ]
-    responses: dict[int, dict[int, bytes | None]] = {}
-    wanting = [row.id for row in rows if row.step > 0]
-    if wanting:
-        for execution_id, step, response in connection.execute(
-            select(d.c.execution_id, d.c.step, d.c.response).where(
-                d.c.execution_id.in_(wanting), d.c.state == DELIVERED
-            )
-        ):
-            responses.setdefault(execution_id, {})[step] = response
+    responses = outbox.responses_of(connection, [row.id for row in rows if row.step > 0])
     return [
         PendingWork(
             execution_id=row.id,
@@ -161,30 +126,83 @@ def _pending_statement() -> Any:
 _PENDING = Prepared(_pending_statement)
 
 
-def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
-    """The inbound group commit, with the first actions rendered before it enqueued in it.
+class _NewExecution(TypedDict):
+    message_id: int
+    flow_id: str
+    state: str
+    step: int
+    created_at: float
+    updated_at: float
+    error: str
 
-    ``store.commit_inbound`` stores the messages and their executions; those it
-    stored waiting on their first action (the fold: see ``Executor.first_actions``)
-    get that delivery here, in the same transaction, in creation order. Each
-    result's ``enqueued`` lists them for the dispatcher.
+
+def create(
+    connection: Connection, records: Sequence[InboundRecord], ids: Sequence[int]
+) -> dict[int, tuple[tuple[int, ...], tuple[tuple[int, NewDelivery], ...]]]:
+    """Each accepted message's executions: by message id, their ids and the folded
+    ones with their first action (the others are stored pending).
+
+    An execution whose first action was rendered before the commit is stored
+    waiting on it, so the caller can enqueue that action in this transaction,
+    unless an older execution of its flow is still pending at step 0: the
+    executor enqueues those in creation order, and a newer message's action must
+    not overtake them in the lane (G2). Within the group, the first execution of
+    a flow stored pending makes the flow's later ones pending too.
     """
-    results = store.commit_inbound(connection, records)
-    deliveries = [
-        evolve(delivery, execution_id=execution_id)
-        for result in results
-        for execution_id, delivery in result.folded
-    ]
-    if not deliveries:
-        return results
-    ids = iter(outbox.enqueue(connection, deliveries, max(r.received_at for r in records)))
-    made = iter(deliveries)
-    return [
-        evolve(result, enqueued=tuple((next(ids), next(made)) for _ in result.folded))
-        if result.folded
-        else result
-        for result in results
-    ]
+    rows: list[_NewExecution] = []
+    firsts: list[NewDelivery | None] = []
+    for record, message_id in zip(records, ids, strict=True):
+        if not record.accepted:
+            continue
+        for index, flow_id in enumerate(record.run_flows):
+            rows.append(
+                {
+                    "message_id": message_id,
+                    "flow_id": flow_id,
+                    "state": PENDING,
+                    "step": 0,
+                    "created_at": record.received_at,
+                    "updated_at": record.received_at,
+                    "error": "",
+                }
+            )
+            firsts.append(record.first[index] if index < len(record.first) else None)
+    if not rows:
+        return {}
+    if any(first is not None for first in firsts):
+        blocked = {flow_id for (flow_id,) in _PENDING_FIRST.execute(connection, [{}])}
+        for row, first in zip(rows, firsts, strict=True):
+            if first is not None and row["flow_id"] not in blocked:
+                row["state"] = WAITING
+            else:
+                blocked.add(row["flow_id"])
+    execution_ids = insert_with_ids(connection, schema.executions, _INSERT_EXECUTION, rows)
+    made: dict[int, tuple[list[int], list[tuple[int, NewDelivery]]]] = {}
+    for execution_id, row, first in zip(execution_ids, rows, firsts, strict=True):
+        ids_of_message, folded = made.setdefault(row["message_id"], ([], []))
+        ids_of_message.append(execution_id)
+        if row["state"] == WAITING and first is not None:
+            folded.append((execution_id, first))
+    return {k: (tuple(e), tuple(f)) for k, (e, f) in made.items()}
+
+
+_INSERT_EXECUTION = prepared_insert(
+    schema.executions,
+    ("message_id", "flow_id", "state", "step", "created_at", "updated_at", "error"),
+)
+
+
+def _pending_first_statement() -> Any:
+    e = schema.executions
+    return (
+        select(e.c.flow_id)
+        .where(e.c.state == bindparam("pending", PENDING), e.c.step == bindparam("step", 0))
+        .distinct()
+    )
+
+
+#: Flows with executions pending at step 0 (few: the executor drains them).
+_PENDING_FIRST = Prepared(_pending_first_statement)
 
 
 def apply(
@@ -279,22 +297,22 @@ def _log(
     """Log lines of executions; ``found``: their origins when the caller has them."""
     if found is None:
         found = origins(connection, [item[0] for item in items])
-    insert_logs(
+    logs.insert_logs(
         connection,
         [
-            {
-                "at": now,
-                "tenant": found[execution_id].tenant,
-                "flow_id": found[execution_id].flow_id,
-                "message_id": found[execution_id].message_id,
-                "execution_id": execution_id,
-                "control_id": found[execution_id].control_id,
-                "message_type": found[execution_id].message_type,
-                "step": found[execution_id].step,
-                "event": "execution",
-                "outcome": outcome,
-                "reason": reason[:255],
-            }
+            LogEntry(
+                at=now,
+                event="execution",
+                outcome=outcome,
+                tenant=found[execution_id].tenant,
+                flow_id=found[execution_id].flow_id,
+                message_id=found[execution_id].message_id,
+                execution_id=execution_id,
+                control_id=found[execution_id].control_id,
+                message_type=found[execution_id].message_type,
+                step=found[execution_id].step,
+                reason=reason,
+            )
             for execution_id, outcome, reason in items
             if execution_id in found
         ],
@@ -313,20 +331,6 @@ def _set_state_statement() -> Any:
 
 
 _SET_STATE = Prepared(_set_state_statement)
-
-
-@frozen
-class ExecutionRow:
-    """What an operator sees of an execution: never its message's content."""
-
-    id: int
-    message_id: int
-    flow_id: str
-    step: int
-    state: str
-    error: str
-    control_id: str
-    updated_at: float
 
 
 def list_executions(
@@ -359,71 +363,87 @@ def list_executions(
     return [ExecutionRow(*row) for row in connection.execute(query)]
 
 
-def release(
-    connection: Connection,
-    execution_id: int,
-    who: str,
-    reason: str,
-    now: float,
-    via: str = "cli",
-) -> ExecutionRow:
-    """Make a held execution pending again: the executor renders its action anew
-    (with the flow as it is now). Audited with who and why, never content."""
+def state_of(connection: Connection, execution_id: int) -> str | None:
+    """An execution's state; None when there is no such execution."""
     e = schema.executions
-    found = connection.execute(
-        select(e.c.state).where(e.c.id == execution_id)
-    ).scalar_one_or_none()
-    if found is None:
-        raise LookupError(f"no execution {execution_id}")
-    if found != HELD_EXECUTION:
-        raise ValueError(f"execution {execution_id} is {found}, not held")
+    query = select(e.c.state).where(e.c.id == execution_id)
+    found = connection.execute(query).scalar_one_or_none()
+    return None if found is None else str(found)
+
+
+def release_held(connection: Connection, execution_id: int, reason: str, now: float) -> None:
+    """Make a held execution pending again (the executor renders its action anew),
+    with a log line giving ``reason``."""
+    e = schema.executions
     connection.execute(
         update(e)
         .where(e.c.id == execution_id, e.c.state == HELD_EXECUTION)
         .values(state=PENDING, error="", updated_at=now)
     )
-    _log(connection, [(execution_id, "release", f"release by {who}: {reason}")], now)
-    audit.append(
-        connection, who, "execution.release", f"execution {execution_id}", now, reason, via=via
+    _log(connection, [(execution_id, "release", reason)], now)
+
+
+def fail_waiting(connection: Connection, execution_id: int, error: str, now: float) -> None:
+    """Fail an execution waiting on a delivery that will never be made (skipped)."""
+    e = schema.executions
+    connection.execute(
+        update(e)
+        .where(e.c.id == execution_id, e.c.state == WAITING)
+        .values(state=FAILED, error=error[:255], updated_at=now)
     )
-    (row,) = list_executions(connection, execution_id=execution_id)
-    return row
 
 
-def replay_messages(
+def execution_states(connection: Connection, message_id: int) -> list[ExecutionState]:
+    """The executions of a stored message, in creation order."""
+    e = schema.executions
+    rows = connection.execute(
+        select(e.c.id, e.c.flow_id, e.c.state, e.c.error)
+        .where(e.c.message_id == message_id)
+        .order_by(e.c.id)
+    )
+    return [ExecutionState(*row) for row in rows]
+
+
+def of_messages(connection: Connection, message_ids: Iterable[int]) -> list[int]:
+    """Retention: the executions of these messages."""
+    wanted = list(message_ids)
+    if not wanted:
+        return []
+    e = schema.executions
+    return [row[0] for row in connection.execute(select(e.c.id).where(e.c.message_id.in_(wanted)))]
+
+
+def delete_executions(connection: Connection, execution_ids: Sequence[int]) -> None:
+    """Retention: delete these executions (their deliveries first)."""
+    if execution_ids:
+        e = schema.executions
+        connection.execute(delete(e).where(e.c.id.in_(list(execution_ids))))
+
+
+def replay(
     connection: Connection,
-    message_ids: Sequence[int],
-    flow_id: str | None,
+    targets: Sequence[tuple[int, str]],
     who: str,
     reason: str,
     now: float,
 ) -> list[int]:
-    """Run stored messages through a flow again: one new pending execution per message,
-    through ``flow_id`` or, when None, through every flow each was routed to. Rejected
-    messages are not replayed. Returns the new executions' ids; logged (no content)."""
-    m, e = schema.messages, schema.executions
-    rows = []
-    for message_id, routed in connection.execute(
-        select(m.c.id, m.c.flows)
-        .where(m.c.id.in_(list(message_ids)), m.c.accepted.is_(True))
-        .order_by(m.c.id)
-    ):
-        for flow in [flow_id] if flow_id is not None else json.loads(routed):
-            rows.append(
-                {
-                    "message_id": message_id,
-                    "flow_id": flow,
-                    "state": PENDING,
-                    "step": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                    "error": "",
-                }
-            )
-    ids = []
-    for row in rows:
-        key = connection.execute(e.insert().values(**row)).inserted_primary_key
-        assert key is not None
-        ids.append(int(key[0]))
-    _log(connection, [(i, "replay", f"replay by {who}: {reason}") for i in ids], now)
+    """Run stored messages through flows again: one new pending execution per
+    (message id, Flow ID); the executor runs them like any other. Returns their ids;
+    each is logged (``replay by <who>: <reason>``, never content)."""
+    rows: list[_NewExecution] = [
+        {
+            "message_id": message_id,
+            "flow_id": flow_id,
+            "state": PENDING,
+            "step": 0,
+            "created_at": now,
+            "updated_at": now,
+            "error": "",
+        }
+        for message_id, flow_id in targets
+    ]
+    if not rows:
+        return []
+    ids = insert_with_ids(connection, schema.executions, _INSERT_EXECUTION, rows)
+    _log(connection, [(i, "replay", f"replay by {who}: {reason}"[:255]) for i in ids], now)
     return ids

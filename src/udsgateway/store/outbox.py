@@ -10,93 +10,42 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
-from attrs import frozen
-from sqlalchemy import Connection, bindparam, func, select, update
+from sqlalchemy import Connection, bindparam, delete, func, select, update
 
-from udsgateway.hl7.header import HeaderProblem, parse_header
-from udsgateway.store import audit, schema
+from udsgateway.store import logs, schema
 from udsgateway.store.engine import Prepared, insert_with_ids, prepared_insert
-from udsgateway.store.messages import Origin, insert_logs, origins
+from udsgateway.store.messages import origins
+from udsgateway.store.records import (
+    DELIVERED,
+    HELD,
+    OPEN_STATES,
+    QUEUED,
+    SKIPPED,
+    Delivery,
+    LaneWork,
+    LogEntry,
+    NewDelivery,
+    Origin,
+    Settlement,
+)
 
-QUEUED = "queued"
-HELD = "held"
-DELIVERED = "delivered"
-SKIPPED = "skipped"
-#: States a lane still has to deal with, in id order.
-OPEN_STATES = (QUEUED, HELD)
+__all__ = [
+    "DELIVERED",
+    "HELD",
+    "OPEN_STATES",
+    "QUEUED",
+    "SKIPPED",
+    "Delivery",
+    "LaneWork",
+    "NewDelivery",
+    "Settlement",
+]
 
-
-@frozen
-class NewDelivery:
-    """An outbound message to enqueue."""
-
-    lane: str
-    destination: str
-    protocol: str
-    control_id: str
-    payload: bytes
-    policy: dict[str, Any]
-    execution_id: int | None = None
-    step: int = 0
-
-
-@frozen
-class Delivery:
-    """A stored delivery."""
-
-    id: int
-    lane: str
-    destination: str
-    protocol: str
-    control_id: str
-    payload: bytes
-    state: str
-    attempts: int
-    next_attempt_at: float
-    last_error: str
-    response: bytes | None
-    response_code: str
-    #: Read-only: deliveries with the same policy share one mapping.
-    policy: Mapping[str, Any]
-    execution_id: int | None
-    step: int
-    created_at: float
-    updated_at: float
-
-
-@frozen
-class LaneWork:
-    """A lane with open deliveries, for recovery."""
-
-    lane: str
-    destination: str
-    protocol: str
-    first_id: int
-    open: int
-
-
-@frozen
-class Settlement:
-    """The result of one attempt at a delivery, to record.
-
-    ``execution_id``, ``step`` and ``control_id`` repeat the delivery's own
-    values, so recording needs no read back of the row.
-    """
-
-    delivery_id: int
-    state: str  # QUEUED (retry later), HELD or DELIVERED
-    attempts: int
-    next_attempt_at: float
-    last_error: str = ""
-    response: bytes | None = None
-    response_code: str = ""
-    execution_id: int | None = None
-    step: int = 0
-    control_id: str = ""
+After = TypeVar("After")
 
 
 @functools.lru_cache(maxsize=256)
@@ -270,8 +219,8 @@ def record(
     connection: Connection,
     settlements: Sequence[Settlement],
     now: float,
-    after: Callable[[Connection, list[Settlement], Mapping[int, Origin]], Any] | None = None,
-) -> Any:
+    after: Callable[[Connection, list[Settlement], Mapping[int, Origin]], After] | None = None,
+) -> After | None:
     """Write the outcome of attempts; ``after`` sees the settled rows in the same transaction.
 
     ``after`` is how an execution advances atomically with its delivery (the
@@ -303,18 +252,6 @@ def record(
     _log_settled(connection, settlements, now, found)
     settled = [item for item in settlements if item.state != QUEUED]
     return after(connection, settled, found) if after is not None else None
-
-
-def _control_id(delivery_id: int, payload: bytes) -> str:
-    """MSH-10 of a payload to send, read as it is encoded (MSH-18, else 8859/1)."""
-    header = parse_header(payload, default_charset="latin-1")
-    if isinstance(header, HeaderProblem):
-        raise ValueError(
-            f"the message of delivery {delivery_id} is not valid HL7: {header.diagnostic}"
-        )
-    if not header.control_id:
-        raise ValueError(f"the message of delivery {delivery_id} has no MSH-10")
-    return header.control_id
 
 
 def _record_statement() -> Any:
@@ -351,23 +288,23 @@ def _log_settled(
     for row in rows:
         found = origin.get(row.execution_id) if row.execution_id is not None else None
         lines.append(
-            {
-                "at": now,
-                "tenant": found.tenant if found else "",
-                "flow_id": found.flow_id if found else "",
-                "message_id": found.message_id if found else None,
-                "message_type": found.message_type if found else "",
-                "execution_id": row.execution_id,
-                "control_id": row.control_id,
-                "step": row.step,
-                "attempt": row.attempts,
-                "event": "delivery",
-                "outcome": "retry" if row.state == QUEUED else row.state,
-                "ack_code": row.response_code,
-                "reason": row.last_error,
-            }
+            LogEntry(
+                at=now,
+                event="delivery",
+                outcome="retry" if row.state == QUEUED else row.state,
+                tenant=found.tenant if found else "",
+                flow_id=found.flow_id if found else "",
+                message_id=found.message_id if found else None,
+                message_type=found.message_type if found else "",
+                execution_id=row.execution_id,
+                control_id=row.control_id,
+                step=row.step,
+                attempt=row.attempts,
+                ack_code=row.response_code,
+                reason=row.last_error,
+            )
         )
-    insert_logs(connection, lines)
+    logs.insert_logs(connection, lines)
 
 
 def queued_per_destination(connection: Connection) -> dict[str, int]:
@@ -397,74 +334,59 @@ def list_deliveries(
     return [_delivery(row) for row in connection.execute(query)]
 
 
-def operator_action(
+def responses_of(
+    connection: Connection, execution_ids: Sequence[int]
+) -> dict[int, dict[int, bytes | None]]:
+    """The responses of the delivered actions of these executions: by execution, by step."""
+    d = schema.deliveries
+    responses: dict[int, dict[int, bytes | None]] = {}
+    if execution_ids:
+        for execution_id, step, response in connection.execute(
+            select(d.c.execution_id, d.c.step, d.c.response).where(
+                d.c.execution_id.in_(list(execution_ids)), d.c.state == DELIVERED
+            )
+        ):
+            responses.setdefault(execution_id, {})[step] = response
+    return responses
+
+
+def requeue(
     connection: Connection,
     delivery_id: int,
-    action: str,
-    who: str,
-    reason: str,
     now: float,
     payload: bytes | None = None,
-    via: str = "cli",
-) -> Delivery:
-    """Release (send again now), skip, or replay (optionally with an edited payload)
-    a delivery that is stuck: held, or queued and retrying (its head keeps failing).
-
-    Release and skip work on held and queued deliveries; replay on any (a delivered
-    or skipped one goes back to its place in its lane: before everything queued
-    after it). A delivery is never left queued without a control ID: one stored
-    empty (by an older version) is read again from the payload, and an edited
-    payload must carry one. Recorded in the execution log (with the state it was
-    in) and the audit log with who and why, never the content.
-    """
+    control_id: str | None = None,
+) -> None:
+    """Queue a delivery again, at its place in its lane, with no attempts so far;
+    with ``payload`` (and its MSH-10 ``control_id``) as the bytes to send."""
     d = schema.deliveries
-    current = get_delivery(connection, delivery_id)
-    if current is None:
-        raise LookupError(f"no delivery {delivery_id}")
-    if action in ("release", "skip") and current.state not in OPEN_STATES:
-        raise ValueError(f"delivery {delivery_id} is {current.state}, not held or queued")
-    values: dict[str, Any] = {"updated_at": now, "last_error": ""}
-    if action in ("release", "replay"):
-        values.update(state=QUEUED, attempts=0, next_attempt_at=0.0)
-        sent = payload if payload is not None else current.payload
-        if payload is not None or not current.control_id:
-            # The destination's ACK must echo the MSH-10 that is actually sent.
-            values.update(payload=sent, control_id=_control_id(delivery_id, sent))
-    elif action == "skip":
-        values.update(state=SKIPPED, last_error=f"skipped by {who}"[:255])
-    else:
-        raise ValueError(f"unknown action {action!r}")
+    values: dict[str, Any] = {
+        "updated_at": now,
+        "last_error": "",
+        "state": QUEUED,
+        "attempts": 0,
+        "next_attempt_at": 0.0,
+    }
+    if payload is not None:
+        values["payload"] = payload
+    if control_id is not None:
+        values["control_id"] = control_id
     connection.execute(update(d).where(d.c.id == delivery_id).values(**values))
-    if action == "skip" and current.execution_id is not None:
-        # The chain cannot go on without this action's response.
-        e = schema.executions
-        connection.execute(
-            update(e)
-            .where(e.c.id == current.execution_id, e.c.state == "waiting")
-            .values(
-                state="failed", error=f"step {current.step} skipped by an operator", updated_at=now
-            )
-        )
+
+
+def skip(connection: Connection, delivery_id: int, who: str, now: float) -> None:
+    """Give up on a delivery: its lane moves on."""
+    d = schema.deliveries
     connection.execute(
-        schema.logs.insert().values(
-            at=now,
-            execution_id=current.execution_id,
-            control_id=current.control_id,
-            step=current.step,
-            event="operator",
-            outcome=action,
-            reason=f"{action} of a {current.state} delivery by {who}: {reason}"[:255],
-        )
+        update(d)
+        .where(d.c.id == delivery_id)
+        .values(state=SKIPPED, last_error=f"skipped by {who}"[:255], updated_at=now)
     )
-    audit.append(
-        connection,
-        who,
-        f"delivery.{action}",
-        f"delivery {delivery_id} lane {current.lane}",
-        now,
-        reason,
-        via=via,
-    )
-    updated = get_delivery(connection, delivery_id)
-    assert updated is not None
-    return updated
+
+
+def delete_of_executions(connection: Connection, execution_ids: Iterable[int]) -> None:
+    """Retention: delete the deliveries of these executions."""
+    wanted = list(execution_ids)
+    if wanted:
+        d = schema.deliveries
+        connection.execute(delete(d).where(d.c.execution_id.in_(wanted)))

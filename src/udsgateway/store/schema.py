@@ -215,13 +215,13 @@ destination_pauses = Table(
     Column("reason", String(255), nullable=False, default="", comment="why they said"),
 )
 
-# HL7 keys of stored messages, for the message search: one row per key and
-# message (MSH-10, PID-3's first identifier, SCH-1, SCH-2; "status" for rejected
-# ones), written in the inbound commit. The primary key is the search index.
+# Keys of stored messages, for the message search: one row per key and message
+# (PID-3's first identifier, SCH-1, SCH-2, the type, tenant and flows; "status" for
+# rejected ones), written in the inbound commit. The primary key is the search index.
 message_keys = Table(
     "message_keys",
     metadata,
-    Column("name", String(16), primary_key=True, comment="msh10, pid3, sch1, sch2, status"),
+    Column("name", String(16), primary_key=True, comment="pid3, sch1, sch2, msh9, flow..."),
     Column("value", String(199), primary_key=True, comment="the key's value"),
     Column("message_id", Id, primary_key=True, comment="messages.id"),
     sqlite_with_rowid=False,
@@ -290,12 +290,11 @@ def _v3_to_v4(connection: Connection) -> None:
             f"ALTER TABLE audit ADD COLUMN {name} VARCHAR({size}) NOT NULL DEFAULT '{default}'"
         )
     index(audit, "audit_at").create(connection, checkfirst=True)
-    # The keys stored columns give (MSH-10, MSH-9, tenant, flows, rejected); PID-3, SCH
+    # The keys stored columns give (MSH-9, tenant, flows, rejected); PID-3 and SCH
     # need the message parsed: older messages are not found by those.
     connection.exec_driver_sql(
         "INSERT INTO message_keys (name, value, message_id)"
-        " SELECT DISTINCT 'msh10', control_id, id FROM messages"
-        " UNION SELECT DISTINCT 'msh9', message_type, id FROM messages"
+        " SELECT DISTINCT 'msh9', message_type, id FROM messages"
         " UNION SELECT DISTINCT 'tenant', tenant, id FROM messages"
         " UNION SELECT DISTINCT 'status', 'rejected', id FROM messages WHERE NOT accepted"
     )

@@ -1,14 +1,17 @@
 """The SQL of the message browser: search keys written at commit, the search, the detail.
 
 The inbound commit writes a few HL7 keys of each stored message into
-``message_keys`` (one multi-row insert per group): MSH-10 (``msh10``), the
-first identifier of PID-3 (``pid3``), SCH-1 and SCH-2 (``sch1``, ``sch2``),
+``message_keys`` (one multi-row insert per group): the first identifier of
+PID-3 (``pid3``), SCH-1 and SCH-2 (``sch1``, ``sch2``),
 the message type (``msh9``), each flow it was routed to (``flow``), its tenant
 (``tenant``), and ``status=rejected`` for a rejected message. A search with a
 key or a type, flow, tenant or rejected filter walks that table's primary key
 for the most selective of them, newest first, and looks the others up by
 primary key; the other filters (time range, status accepted) are checked on
-the rows as they come, newest first by arrival (``id``). A time range is
+the rows as they come, newest first by arrival (``id``). MSH-10 is looked up
+in the duplicate check's index (accepted messages) and among the rejected
+ones: a key row per message in an index ordered by a random value costs a
+page written per commit, and that index exists already. A time range is
 turned into a range of ids first (two probes of the ``received_at`` index),
 so no search sorts.
 
@@ -28,9 +31,12 @@ from sqlalchemy import Connection, delete, func, select
 
 from udsgateway.store import schema
 from udsgateway.store.engine import prepared_insert
+from udsgateway.store.records import InboundRecord
 
-#: Search keys written at commit, and what an operator calls them.
+#: Search keys, and what an operator calls them. MSH-10 is not written as a key row:
+#: the duplicate check's index has it (see ``search``).
 KEYS = {"msh10": "MSH-10", "pid3": "PID-3", "sch1": "SCH-1", "sch2": "SCH-2"}
+CONTROL_ID_KEY = "msh10"
 #: Keys the search uses for its filters: the status (written for rejected messages
 #: only), the message type (MSH-9 as stored) and each flow a message was routed to.
 STATUS_KEY = "status"
@@ -42,8 +48,8 @@ MAX_VALUE = 199
 
 _KEY_COLUMNS = ("name", "value", "message_id")
 _INSERT_KEYS = prepared_insert(schema.message_keys, _KEY_COLUMNS)
-#: Rows per multi-row INSERT of keys on SQLite (3 parameters each).
-_CHUNK = 200
+#: Rows per multi-row INSERT of keys on SQLite at most (3 parameters each): a power of 2.
+_CHUNK = 256
 
 
 def insert_keys(
@@ -69,14 +75,30 @@ def insert_keys(
         return
     cursor = connection.connection.cursor()
     try:
-        step = _CHUNK * 3
-        for start in range(0, len(flat), step):
-            part = flat[start : start + step]
-            sql, columns = _INSERT_KEYS._multi_sql(connection, len(part) // 3)
+        start, left = 0, len(flat) // 3
+        while left:
+            # Chunks of a power of two rows: a handful of statements, each prepared
+            # once and kept in the driver's statement cache (a statement per size
+            # would crowd the inbound commit's own statements out of it).
+            size = min(_CHUNK, 1 << (left.bit_length() - 1))
+            sql, columns = _INSERT_KEYS._multi_sql(connection, size)
             assert columns == _KEY_COLUMNS
-            cursor.execute(sql, part)
+            cursor.execute(sql, flat[start : start + size * 3])
+            start += size * 3
+            left -= size
     finally:
         cursor.close()
+
+
+def keys_of(record: InboundRecord) -> tuple[tuple[str, str], ...]:
+    """The search keys of a message about to be stored."""
+    keys = (
+        (TYPE_KEY, record.message_type),
+        (TENANT_KEY, record.tenant),
+        *((FLOW_KEY, flow_id) for flow_id in record.flows),
+        *record.keys,
+    )
+    return keys if record.accepted else (*keys, (STATUS_KEY, "rejected"))
 
 
 def delete_keys(connection: Connection, message_ids: Sequence[int]) -> None:
@@ -177,14 +199,36 @@ def id_range(
 
 
 def search(connection: Connection, query: Query) -> list[MessageSummary]:
-    """Messages matching ``query``, newest first, at most ``query.limit`` of them."""
-    m, k = schema.messages, schema.message_keys
-    statement = select(*_SUMMARY).limit(max(1, min(query.limit, 1000)))
+    """Messages matching ``query``, newest first, at most ``query.limit`` of them.
+
+    MSH-10 has no key row: it is looked up in the duplicate check's index
+    (``messages_dedupe``, accepted messages) and among the rejected messages.
+    """
+    control_ids = [value for name, value in query.keys if name == CONTROL_ID_KEY]
+    if control_ids and query.status is None:
+        # Accepted ones through the duplicate check's index, rejected ones through the
+        # status key: two pages, merged newest first.
+        found = _search(connection, evolve(query, status="accepted"))
+        found += _search(connection, evolve(query, status="rejected"))
+        found.sort(key=lambda row: row.id, reverse=True)
+        return found[: max(1, min(query.limit, 1000))]
+    return _search(connection, query)
+
+
+def _search(connection: Connection, query: Query) -> list[MessageSummary]:
     bounds: tuple[int, int] | None = None
     if query.since is not None or query.until is not None:
         bounds = id_range(connection, query.since, query.until)
         if bounds is None:
             return []
+    return [_summary(row) for row in connection.execute(_statement(query, bounds))]
+
+
+def _statement(query: Query, bounds: tuple[int, int] | None = None) -> Any:
+    """The SELECT of one search; ``bounds``: the ids of its time range."""
+    m, k = schema.messages, schema.message_keys
+    statement = select(*_SUMMARY).limit(max(1, min(query.limit, 1000)))
+    if bounds is not None:
         statement = statement.where(m.c.id.between(*bounds))
         if query.since is not None:
             statement = statement.where(m.c.received_at >= query.since)
@@ -192,7 +236,10 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
             statement = statement.where(m.c.received_at < query.until)
     # The first key walks its index and the others are looked up: the most selective
     # first (an HL7 key, then the rejected ones, then a flow, then a message type).
-    keys = list(query.keys)
+    keys = [(name, value) for name, value in query.keys if name != CONTROL_ID_KEY]
+    for name, value in query.keys:
+        if name == CONTROL_ID_KEY:
+            statement = statement.where(m.c.control_id == value)
     if query.status == "rejected":
         keys.append((STATUS_KEY, "rejected"))
     if query.flow_id is not None:
@@ -222,7 +269,7 @@ def search(connection: Connection, query: Query) -> list[MessageSummary]:
                 statement = statement.where(alias.c.message_id.between(*bounds))
     if query.before_id is not None:
         statement = statement.where(m.c.id < query.before_id)
-    return [_summary(row) for row in connection.execute(statement.order_by(order))]
+    return statement.order_by(order)
 
 
 def count(connection: Connection, query: Query) -> int:
@@ -453,3 +500,19 @@ def log_lines(
 def last_log_id(connection: Connection) -> int:
     """The id of the newest log line (0: none): where a tail starts."""
     return int(connection.execute(select(func.max(schema.logs.c.id))).scalar() or 0)
+
+
+def routed_flows(connection: Connection, message_ids: Sequence[int]) -> dict[int, tuple[str, ...]]:
+    """The flows each accepted message was routed to, by message id, in id order
+    (rejected messages are left out)."""
+    m = schema.messages
+    found: dict[int, tuple[str, ...]] = {}
+    wanted = sorted(set(message_ids))
+    for start in range(0, len(wanted), 500):
+        for message_id, flows in connection.execute(
+            select(m.c.id, m.c.flows)
+            .where(m.c.id.in_(wanted[start : start + 500]), m.c.accepted.is_(True))
+            .order_by(m.c.id)
+        ):
+            found[message_id] = tuple(json.loads(flows))
+    return found

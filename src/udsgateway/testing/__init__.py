@@ -40,14 +40,14 @@ from zope.interface import implementer
 from udsgateway.assembly import Assembly, assemble, build_dispatcher
 from udsgateway.config import DeliveryConfig, TenantConfig
 from udsgateway.flows import App, Flow, Trigger
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource, parse_reply
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import InboundProtocol, ListenerFactory
 from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.policy import Timing
-from udsgateway.store import messages as store
-from udsgateway.store import outbox
+from udsgateway.store import messages, outbox
 from udsgateway.store.engine import (
     Database,
     IDatabaseRunner,
@@ -55,6 +55,7 @@ from udsgateway.store.engine import (
     ensure_schema,
 )
 from udsgateway.store.engine import make_engine as _make_engine
+from udsgateway.store.records import InboundRecord, StoredMessage
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer
 
 MLLP_START = b"\x0b"
@@ -141,11 +142,11 @@ def read_ack(ack: bytes) -> AckFields:
 
 def inbound_record(
     control_id: str, body: bytes = b"PID|1", flows: tuple[str, ...] = ()
-) -> store.InboundRecord:
+) -> InboundRecord:
     """An accepted ADT^A04 from sender ``HIS|H`` of tenant ``t``, ready for
-    ``store.commit_inbound``, running ``flows``; its ACK is ``ACK <control_id>``."""
+    ``store.inbound.commit_inbound``, running ``flows``; its ACK is ``ACK <control_id>``."""
     raw = b"MSH|^~\\&|HIS|H|LSQ|L|20240101||ADT^A04|" + control_id.encode() + b"|P|2.3\r" + body
-    return store.InboundRecord(
+    return InboundRecord(
         tenant="t",
         sender="HIS|H",
         control_id=control_id,
@@ -243,8 +244,8 @@ class Gateway:
         self.database = Database(engine, InlineRunner())
         self.database.transaction_now(ensure_schema)
         for app in self.apps:
-            self.database.transaction_now(store.save_app, app, 0.0)
-        loaded = self.database.transaction_now(store.load_apps, self.tenant.name)
+            self.database.transaction_now(save_app, app, 0.0)
+        loaded = self.database.transaction_now(load_apps, self.tenant.name)
         self.database = Database(engine, self.runner)
         # Built as the service builds it; only the flows differ (none run by default).
         self.assembly = assemble(
@@ -269,9 +270,9 @@ class Gateway:
         protocol.makeConnection(transport)
         return Connection(protocol, transport)
 
-    def messages(self) -> list[store.StoredMessage]:
+    def messages(self) -> list[StoredMessage]:
         """Every stored message, oldest first."""
-        return self.database.transaction_now(store.find_messages, None, None, 100_000)
+        return self.database.transaction_now(messages.find_messages, None, None, 100_000)
 
 
 @define

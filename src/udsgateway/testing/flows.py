@@ -26,21 +26,20 @@ from zope.interface import implementer
 from udsgateway.assembly import Assembly, Timings, assemble
 from udsgateway.config import TenantConfig
 from udsgateway.flows import Action, App, Flow, Trigger
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.interfaces import IFlowRunner
 from udsgateway.outbound.executor import Executor
-from udsgateway.store import messages as store
-from udsgateway.store import schema
+from udsgateway.store import messages, schema
 from udsgateway.store.engine import (
     Database,
     InlineRunner,
     ensure_schema,
     make_engine,
 )
-from udsgateway.store.executions import Finished
-from udsgateway.store.outbox import NewDelivery
+from udsgateway.store.records import CommitResult, Finished, NewDelivery, StoredMessage
 from udsgateway.testing import (
     Connection,
     DestinationPeer,
@@ -149,8 +148,8 @@ class FlowGateway:
         self.database = Database(make_engine(self.database_url), InlineRunner())
         self.database.transaction_now(ensure_schema)
         for each in self.apps:
-            self.database.transaction_now(store.save_app, each, self.clock.seconds())
-        loaded = self.database.transaction_now(store.load_apps, None)
+            self.database.transaction_now(save_app, each, self.clock.seconds())
+        loaded = self.database.transaction_now(load_apps, None)
 
         # Built as the service builds it, but the dispatcher's destinations are
         # the peers of ``outbound`` and ingest's flow runner is ``_Switch``.
@@ -237,9 +236,9 @@ class FlowGateway:
 
         return self.database.transaction_now(read)
 
-    def messages(self) -> list[store.StoredMessage]:
+    def messages(self) -> list[StoredMessage]:
         """Every stored inbound message, oldest first."""
-        return self.database.transaction_now(store.find_messages, None, None, 1_000_000)
+        return self.database.transaction_now(messages.find_messages, None, None, 1_000_000)
 
     def stop(self) -> None:
         """Stop the dispatcher (a test's cleanup)."""
@@ -262,7 +261,7 @@ class _Switch:
             return ()
         return self.executor.first_actions(tenant, flow_ids, raw)
 
-    def stored(self, result: store.CommitResult) -> None:
+    def stored(self, result: CommitResult) -> None:
         if self.gateway.autorun:
             self.executor.stored(result)
 
