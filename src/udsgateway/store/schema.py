@@ -297,6 +297,7 @@ def _v3_to_v4(connection: Connection) -> None:
         " SELECT DISTINCT 'msh9', message_type, id FROM messages"
         " UNION SELECT DISTINCT 'tenant', tenant, id FROM messages"
         " UNION SELECT DISTINCT 'status', 'rejected', id FROM messages WHERE NOT accepted"
+        " UNION SELECT DISTINCT 'msh10', control_id, id FROM messages WHERE NOT accepted"
     )
     routed = connection.execute(
         select(messages.c.id, messages.c.flows).where(messages.c.flows != "[]")

@@ -9,9 +9,9 @@ key or a type, flow, tenant or rejected filter walks that table's primary key
 for the most selective of them, newest first, and looks the others up by
 primary key; the other filters (time range, status accepted) are checked on
 the rows as they come, newest first by arrival (``id``). MSH-10 is looked up
-in the duplicate check's index (accepted messages) and among the rejected
-ones: a key row per message in an index ordered by a random value costs a
-page written per commit, and that index exists already. A time range is
+in the duplicate check's index for accepted messages (a key row per message in
+an index ordered by a random value costs a page written per commit, and that
+index exists already), and is a key row for rejected ones only. A time range is
 turned into a range of ids first (two probes of the ``received_at`` index),
 so no search sorts.
 
@@ -98,7 +98,10 @@ def keys_of(record: InboundRecord) -> tuple[tuple[str, str], ...]:
         *((FLOW_KEY, flow_id) for flow_id in record.flows),
         *record.keys,
     )
-    return keys if record.accepted else (*keys, (STATUS_KEY, "rejected"))
+    if record.accepted:
+        return keys
+    # Rejected messages are not in the duplicate check's index: their MSH-10 is a key.
+    return (*keys, (STATUS_KEY, "rejected"), (CONTROL_ID_KEY, record.control_id))
 
 
 def delete_keys(connection: Connection, message_ids: Sequence[int]) -> None:
@@ -236,7 +239,10 @@ def _statement(query: Query, bounds: tuple[int, int] | None = None) -> Any:
             statement = statement.where(m.c.received_at < query.until)
     # The first key walks its index and the others are looked up: the most selective
     # first (an HL7 key, then the rejected ones, then a flow, then a message type).
-    keys = [(name, value) for name, value in query.keys if name != CONTROL_ID_KEY]
+    # MSH-10: a key row for rejected messages only; accepted ones through the duplicate
+    # check's index (a condition on the column).
+    rejected = query.status == "rejected"
+    keys = [(n, v) for n, v in query.keys if n != CONTROL_ID_KEY or rejected]
     for name, value in query.keys:
         if name == CONTROL_ID_KEY:
             statement = statement.where(m.c.control_id == value)
