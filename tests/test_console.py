@@ -603,7 +603,7 @@ class MountTests(SynchronousTestCase):
         self.assertEqual(me.status, 200)
 
     def test_flows_show_the_port_the_listener_opened(self) -> None:
-        from udsgateway.store import messages as store
+        from udsgateway import flowstore as store
         from udsgateway.testing.flows import app as make_app
         from udsgateway.testing.flows import flow as make_flow
 

@@ -18,9 +18,11 @@ from attrs import evolve, frozen
 from sqlalchemy import Connection, func, or_, select
 from twisted.internet.defer import Deferred
 
+from udsgateway import flowstore as store
 from udsgateway.config import GatewayConfig
 from udsgateway.flows import Action, App, Flow, Trigger, write_app
 from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.hl7.message import MessageParseError, parse_message
 from udsgateway.mapping.catalogue import Variable, variable_catalogue
 from udsgateway.mapping.templating import (
@@ -33,9 +35,9 @@ from udsgateway.mapping.templating import (
     compile_template,
     render_body,
 )
-from udsgateway.store import audit, destinations, outbox, schema, search
-from udsgateway.store import messages as store
+from udsgateway.store import audit, destinations, operator, outbox, schema, search
 from udsgateway.store.engine import Database
+from udsgateway.store.records import Delivery
 
 #: The trigger types offered first in the flow editor (any other may be typed).
 FIRST_CLASS_TYPES = ("ADT^A04", "ADT^A08", "SIU^S12", "SIU^S14", "SIU^S15")
@@ -427,10 +429,27 @@ def _replay_candidates(connection: Connection, destination: str, state: str) -> 
     ]
 
 
+def _delivery_action(
+    connection: Connection, delivery_id: int, action: str, who: str, reason: str, now: float
+) -> Delivery:
+    """Release, skip or replay a delivery (``store.operator``), audited via api; the
+    MSH-10 read from its payload when it was stored without one."""
+    control_id = None
+    current = outbox.get_delivery(connection, delivery_id)
+    if current is not None and operator.needs_control_id(current, action, None):
+        header = parse_header(current.payload, default_charset="latin-1")
+        if isinstance(header, HeaderProblem) or not header.control_id:
+            raise ValueError(f"the message of delivery {delivery_id} has no MSH-10")
+        control_id = header.control_id
+    return operator.delivery_action(
+        connection, delivery_id, action, who, reason, now, None, control_id, VIA
+    )
+
+
 def _replay_many(
     connection: Connection, ids: Sequence[int], who: str, reason: str, now: float
-) -> list[outbox.Delivery]:
-    return [outbox.operator_action(connection, i, "replay", who, reason, now) for i in ids]
+) -> list[Delivery]:
+    return [_delivery_action(connection, i, "replay", who, reason, now) for i in ids]
 
 
 def _logs(
@@ -800,11 +819,11 @@ class ConsoleBackend:
     async def queues(self) -> list[dict[str, Any]]:
         return await self.database.transaction(_queues, self.wall())
 
-    async def act(self, delivery_id: int, action: str, who: str, reason: str) -> outbox.Delivery:
+    async def act(self, delivery_id: int, action: str, who: str, reason: str) -> Delivery:
         """release, skip or replay one delivery (``retry`` is a release of a queued one)."""
         verb = "release" if action == "retry" else action
         updated = await self.database.transaction(
-            outbox.operator_action, delivery_id, verb, who, reason, self.wall(), None
+            _delivery_action, delivery_id, verb, who, reason, self.wall()
         )
         self._wake(updated.lane)
         return updated
