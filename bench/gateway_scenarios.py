@@ -27,6 +27,21 @@ GATEWAY_PORT = 27675
 RECEIVER_PORT = 27676
 
 
+def _port_free(port: int) -> bool:
+    with contextlib.closing(socket.socket()) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
 def use_ports(gateway: int, receiver: int) -> None:
     """Run the scenarios on other ports (the smoke test in make test uses its own)."""
     global GATEWAY_PORT, RECEIVER_PORT
@@ -34,7 +49,16 @@ def use_ports(gateway: int, receiver: int) -> None:
 
 
 VENV_BIN = Path(sys.executable).parent
+# The pure-Python build (UDSGATEWAY_PURE=1; `make .venv-pure/.installed-stamp`).
+PURE_VENV_BIN = Path(__file__).resolve().parent.parent / ".venv-pure" / "bin"
 TENANT = "bench"
+
+
+def use_venv(bin_dir: Path) -> None:
+    """Run the gateway and the receiver from another environment (the pure build)."""
+    global VENV_BIN
+    VENV_BIN = bin_dir
+
 
 RELAY_FLOWS = """app_id = "APPBENCHRELAY1"
 name = "Bench relay"
@@ -235,6 +259,40 @@ def run_relay(quick: bool) -> dict[str, object]:
         },
         "relay_runs": [run["relay_msgs_per_s"] for run in runs],
     }
+
+
+def run_relay_ab(quick: bool) -> dict[str, object]:
+    """The relay on the compiled build against the pure one, alternating (A B A B A B).
+
+    Each run as in :func:`run_relay` (8 x 2,000; 2 x 100 with ``quick``), on a fresh gateway
+    and receiver; three pairs (one with ``quick``). The figures are the medians of each
+    build's runs and their ratios.
+    """
+    connections, per_connection = (2, 100) if quick else (8, 2000)
+    builds = {"compiled": VENV_BIN, "pure": PURE_VENV_BIN}
+    runs: dict[str, list[dict[str, Any]]] = {"compiled": [], "pure": []}
+    try:
+        for _ in range(1 if quick else 3):
+            for build, bin_dir in builds.items():
+                use_venv(bin_dir)
+                runs[build].append(_relay_once(connections, per_connection))
+    finally:
+        use_venv(builds["compiled"])
+    result: dict[str, object] = {"messages": connections * per_connection}
+    medians: dict[str, float | None] = {}
+    for build, build_runs in runs.items():
+        rates = [run["relay_msgs_per_s"] for run in build_runs]
+        cpu = [run["server_cpu_ms_per_msg"] for run in build_runs]
+        medians[f"{build}_relay"], medians[f"{build}_cpu"] = _median(rates), _median(cpu)
+        result[f"{build}_relay_runs"], result[f"{build}_cpu_runs"] = rates, cpu
+        result[f"{build}_relay_msgs_per_s"] = medians[f"{build}_relay"]
+        result[f"{build}_cpu_ms_per_msg"] = medians[f"{build}_cpu"]
+    for key in ("relay", "cpu"):
+        compiled, pure = medians[f"compiled_{key}"], medians[f"pure_{key}"]
+        result[f"{key}_compiled_over_pure"] = (
+            round(compiled / pure, 3) if compiled and pure else None
+        )
+    return result
 
 
 CANNED_ACK = Path(__file__).resolve().parent / "refservers" / "canned_ack.py"
@@ -604,8 +662,14 @@ def run_admin_scrape(quick: bool) -> dict[str, object]:
 if __name__ == "__main__":  # pragma: no cover - manual runs
     which = sys.argv[1] if len(sys.argv) > 1 else "relay"
     quick = "--quick" in sys.argv
+    if "--pure" in sys.argv:
+        use_venv(PURE_VENV_BIN)
+    if not (_port_free(GATEWAY_PORT) and _port_free(RECEIVER_PORT)):
+        # Someone else's run holds the default ports: two free ones instead.
+        use_ports(_free_port(), _free_port())
     runner = {
         "relay": run_relay,
+        "relay-ab": run_relay_ab,
         "recovery": run_recovery,
         "backlog": run_backlog_memory,
         "store": run_store_size,

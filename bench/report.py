@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import HookScenario, LoadScenario
-from bench.servers import REPO_DIR, WORK_DIR
+from bench.servers import PURE_VENV_BIN, REPO_DIR, WORK_DIR, gateway_variant
 
 # -- machine ----------------------------------------------------------------------------------
 
@@ -82,7 +82,10 @@ def machine_info() -> dict[str, str]:
         "node": _command_output(["node", "--version"]) or "not installed",
         "npm": _command_output(["npm", "--version"]) or "not installed",
         "fsync_ms": f"{fsync_probe(WORK_DIR):.2f}",
+        "loadavg": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
         "repo_commit": (commit or "unknown") + (" (work tree modified)" if dirty else ""),
+        "gateway_build": gateway_variant(),
+        "pure_build": gateway_variant(PURE_VENV_BIN) if PURE_VENV_BIN.exists() else "absent",
     }
 
 
@@ -231,7 +234,15 @@ def _versions_table(data: ReportInput) -> list[str]:
         f"| udsgateway | this repo at {data.machine['repo_commit']} | "
         "`.venv/bin/twistd -n --pidfile= udsgateway --config <tmp>/udsgateway.toml` "
         "(config from `bench.servers.gateway_config`; flows from `bench.servers.gateway_flows`: "
-        "one MLLP flow per first-class type, no actions, ACK on commit) |",
+        "one MLLP flow per first-class type, no actions, ACK on commit); hot path: "
+        f"{data.machine.get('gateway_build', '?')} |",
+        "| udsgateway-actions | the same | the same, with the demo flows "
+        "(`bench.servers.gateway_action_flows`: `etc/flows/demo.toml` for the bench tenant): "
+        "every message runs one mapped MLLP action to a live `udsgateway receive` on the "
+        "server's port + 1 (its CPU is not counted) |",
+        "| udsgateway-pure, udsgateway-actions-pure | the same | the same from `.venv-pure` "
+        "(`UDSGATEWAY_PURE=1`: nothing compiled; build: "
+        f"{data.machine.get('pure_build', '?')}) |",
     ]
     return rows
 
@@ -286,10 +297,11 @@ def render(data: ReportInput) -> str:
         "",
         "## Machine",
         "",
-        "| nproc | CPU | memory | kernel | Python | Node | npm | fsync (1 KiB append) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| nproc | CPU | memory | kernel | Python | Node | npm | fsync (1 KiB append) | "
+        "load at start (1/5/15 min) |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| {m['nproc']} | {m['cpu']} | {m['memory']} | {m['kernel']} | {m['python']} | "
-        f"{m['node']} | {m['npm']} | {m['fsync_ms']} ms median |",
+        f"{m['node']} | {m['npm']} | {m['fsync_ms']} ms median | {m.get('loadavg', '?')} |",
         "",
         "## Servers and versions",
         "",
@@ -461,6 +473,102 @@ def _targets(data: ReportInput, summaries: dict[tuple[str, str], Summary]) -> li
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lines.append("")
+    return lines + _targets_16(data, summaries)
+
+
+def _targets_16(data: ReportInput, summaries: dict[tuple[str, str], Summary]) -> list[str]:
+    """Issue 16's targets (the compiled hot path, the users' configuration)."""
+
+    def median(scenario: str, server: str, key: str) -> float | None:
+        found = summaries.get((scenario, server))
+        return found.medians.get(key) if found is not None else None
+
+    outcome = data.hook_results.get("relay", "")
+    relay = json.loads(outcome) if outcome.startswith("{") else {}
+    simple = median("ingest-8x2000", "simple-hl7", "msgs_per_s")
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
+    def status(value: float | None, limit: float, above: bool) -> str:
+        if value is None:
+            return "not measured"
+        return "met" if (value >= limit if above else value <= limit) else "**not met**"
+
+    relay_rate = relay.get("relay_msgs_per_s")
+    relay_cpu = relay.get("server_cpu_ms_per_msg")
+    actions = median("ingest-8x2000", "udsgateway-actions", "msgs_per_s")
+    actions_cpu = median("ingest-8x2000", "udsgateway-actions", "server_cpu_ms_per_msg_settled")
+    ingest = median("ingest-8x2000", "udsgateway", "msgs_per_s")
+    ingest_cpu = median("ingest-8x2000", "udsgateway", "server_cpu_ms_per_msg_settled")
+    p99 = median("latency-200", "udsgateway", "latency_p99_ms")
+    rows = [
+        (
+            "relay, one mapped action, receiver ACKs (8 x 2,000) vs simple-hl7's ingest",
+            ">= 0.25x (goal 0.5x)",
+            f"{_num(relay_rate)} msg/s = {_times(ratio(relay_rate, simple))}",
+            status(ratio(relay_rate, simple), 0.25, above=True),
+        ),
+        (
+            "gateway CPU per relayed message",
+            "<= 0.35 ms (goal 0.2 ms)",
+            f"{_num(relay_cpu, 3)} ms",
+            status(relay_cpu, 0.35, above=False),
+        ),
+        (
+            "ingest with actions (demo flows, `udsgateway-actions`), 8 x 2,000, vs simple-hl7",
+            ">= 0.5x (goal 1.0x)",
+            f"{_num(actions)} msg/s = {_times(ratio(actions, simple))}, "
+            f"{_num(actions_cpu, 3)} ms CPU/msg settled",
+            status(ratio(actions, simple), 0.5, above=True),
+        ),
+        (
+            "ingest-only flows vs simple-hl7",
+            ">= 0.8x (goal 1.0x)",
+            f"{_num(ingest)} msg/s = {_times(ratio(ingest, simple))}, "
+            f"{_num(ingest_cpu, 3)} ms CPU/msg settled",
+            status(ratio(ingest, simple), 0.8, above=True),
+        ),
+        (
+            "p99 ACK latency at 200 msg/s, 1 connection",
+            "<= 2 ms (goal 1 ms)",
+            f"{_num(p99)} ms",
+            status(p99, 2.0, above=False),
+        ),
+    ]
+    lines = [
+        "## Targets (issue 16)",
+        "",
+        "| scenario | target | measured | status |",
+        "|---|---|---|---|",
+        *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
+        "",
+    ]
+    pairs = [
+        (compiled, compiled + "-pure")
+        for compiled in ("udsgateway", "udsgateway-actions")
+        if compiled in data.servers and compiled + "-pure" in data.servers
+    ]
+    if pairs:
+        lines += [
+            "Compiled ÷ pure build, same session, interleaved (throughput: higher is better; "
+            "CPU ms/msg settled: lower is better):",
+            "",
+            "| scenario | servers | msgs/s | p99 latency | CPU ms/msg settled |",
+            "|---|---|---|---|---|",
+        ]
+        cpu = "server_cpu_ms_per_msg_settled"
+        for scenario in data.scenarios:
+            for compiled, pure in pairs:
+                a = summaries[scenario.name, compiled].medians
+                b = summaries[scenario.name, pure].medians
+                lines.append(
+                    f"| {scenario.name} | {compiled} ÷ {pure} | "
+                    f"{_ratio(a['msgs_per_s'], b['msgs_per_s'])} | "
+                    f"{_ratio(a['latency_p99_ms'], b['latency_p99_ms'])} | "
+                    f"{_ratio(a[cpu], b[cpu])} |"
+                )
+        lines.append("")
     return lines
 
 

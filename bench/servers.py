@@ -35,6 +35,10 @@ MF_VENV = PEERS_DIR / "messagefoundry-venv"
 MF_CONFIG_DIR = REFSERVERS_DIR / "messagefoundry"
 WORK_DIR = BENCH_DIR / "work"
 VENV_BIN = Path(sys.executable).parent
+# The pure-Python build of the gateway (``make .venv-pure/.installed-stamp``; nothing
+# compiled), for the compiled-versus-pure rows.
+PURE_VENV_BIN = REPO_DIR / ".venv-pure" / "bin"
+DEMO_FLOWS = REPO_DIR / "etc" / "flows" / "demo.toml"
 
 HOST = "127.0.0.1"
 
@@ -48,7 +52,11 @@ PORTS: dict[str, int] = {
     "medplum-hl7": 27301,
     "messagefoundry": 27401,
     "udsgateway": 27575,
+    "udsgateway-pure": 27750,
+    "udsgateway-actions": 27800,
+    "udsgateway-actions-pure": 27850,
 }
+# The -actions servers' receiver (``udsgateway receive``) listens on their port + 1.
 # MessageFoundry's admin API listens on its MLLP port + 1 (27402 by default).
 
 GATEWAY_READY_TIMEOUT = 20.0
@@ -77,6 +85,9 @@ class ServerDef:
     ready_timeout: float = 30.0
     stop_timeout: float = 10.0
     durable: bool = False
+    # A process started before the server and stopped after it (the -actions servers'
+    # receiver), on the server's port + 1; its CPU is not the server's.
+    companion: Callable[[Path, int], Launch] | None = None
 
 
 @dataclass
@@ -152,39 +163,121 @@ def gateway_flows(tenant: str = GATEWAY_TENANT) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _check_gateway() -> str | None:
-    twistd = VENV_BIN / "twistd"
-    if not twistd.exists():
-        return f"{twistd} not found"
+def gateway_action_flows(receiver_port: int, tenant: str = GATEWAY_TENANT) -> str:
+    """The demo flows (``etc/flows/demo.toml``, what ``make run`` loads) for ``tenant``, their
+    actions sending to ``127.0.0.1:receiver_port``: every benchmark message runs one mapped
+    MLLP action (a Liquid template of lookups) to a live receiver, as users configure it."""
+    text = DEMO_FLOWS.read_text("utf-8")
+    text = text.replace('tenant = "demo"', f"tenant = {_toml_str(tenant)}", 1)
+    text = text.replace('app_id = "APPDEMO0000001"', 'app_id = "APPBENCHDEMO01"', 1)
+    return text.replace("port = 2576\n", f"port = {receiver_port}\n")
+
+
+def _gateway_bin(pure: bool) -> Path:
+    return PURE_VENV_BIN if pure else VENV_BIN
+
+
+def _check_gateway_build(pure: bool) -> Callable[[], str | None]:
+    def check() -> str | None:
+        bin_dir = _gateway_bin(pure)
+        twistd = bin_dir / "twistd"
+        if not twistd.exists():
+            hint = " (make .venv-pure/.installed-stamp)" if pure else ""
+            return f"{twistd} not found{hint}"
+        probe = subprocess.run(
+            [
+                str(bin_dir / "python"),
+                "-c",
+                "import udsgateway.tap, udsgateway.compiled as c; print(c.variant())",
+            ],
+            cwd=REPO_DIR,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if probe.returncode != 0:
+            last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+            return f"udsgateway.tap cannot be imported in this build ({last})"
+        variant = probe.stdout.strip()
+        if variant != ("pure" if pure else "compiled"):
+            return f"{bin_dir.parent.name} holds the {variant} build"
+        return None
+
+    return check
+
+
+_check_gateway = _check_gateway_build(pure=False)
+
+
+def gateway_variant(bin_dir: Path | None = None) -> str:
+    """``compiled``, ``pure`` or ``mixed``: the build of the hot path in that environment."""
+    bin_dir = bin_dir or VENV_BIN
     probe = subprocess.run(
-        [sys.executable, "-c", "import udsgateway.tap"],
+        [str(bin_dir / "python"), "-c", "import udsgateway.compiled as c; print(c.variant())"],
         cwd=REPO_DIR,
         capture_output=True,
         text=True,
         timeout=60,
     )
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["?"])[-1]
-        return f"udsgateway.tap cannot be imported in this build ({last})"
-    return None
+    return probe.stdout.strip() if probe.returncode == 0 else "unknown"
 
 
-def _build_gateway(workdir: Path, port: int) -> Launch:
-    flows = workdir / "bench-flows.toml"
-    flows.write_text(gateway_flows())
-    config = workdir / "udsgateway.toml"
-    config.write_text(gateway_config(port, workdir / "bench.db", flows))
-    return Launch(
-        argv=[
-            str(VENV_BIN / "twistd"),
-            "-n",
-            "--pidfile=",
-            "udsgateway",
-            "--config",
-            str(config),
-        ],
-        cwd=workdir,
-    )
+def _build_gateway_server(actions: bool, pure: bool) -> Callable[[Path, int], Launch]:
+    def build(workdir: Path, port: int) -> Launch:
+        flows = workdir / "bench-flows.toml"
+        flows.write_text(gateway_action_flows(port + 1) if actions else gateway_flows())
+        config = workdir / "udsgateway.toml"
+        config.write_text(gateway_config(port, workdir / "bench.db", flows))
+        return Launch(
+            argv=[
+                str(_gateway_bin(pure) / "twistd"),
+                "-n",
+                "--pidfile=",
+                "udsgateway",
+                "--config",
+                str(config),
+            ],
+            cwd=workdir,
+        )
+
+    return build
+
+
+def _build_receiver(pure: bool) -> Callable[[Path, int], Launch]:
+    def build(workdir: Path, port: int) -> Launch:
+        return Launch(
+            argv=[str(_gateway_bin(pure) / "udsgateway"), "receive", "--port", str(port + 1)],
+            cwd=workdir,
+        )
+
+    return build
+
+
+def _gateway_servers() -> list[ServerDef]:
+    servers = []
+    for actions in (False, True):
+        for pure in (False, True):
+            name = "udsgateway" + ("-actions" if actions else "") + ("-pure" if pure else "")
+            what = (
+                "the demo flows: route by MSH-9, commit, AA, then one mapped MLLP action to a "
+                "live receiver"
+                if actions
+                else "route by MSH-9, commit to SQLite, then AA"
+            )
+            build = "pure-Python build" if pure else "compiled hot path"
+            servers.append(
+                ServerDef(
+                    name,
+                    f"udsgateway under twistd ({build}): {what}",
+                    PORTS[name],
+                    _build_gateway_server(actions, pure),
+                    _check_gateway_build(pure),
+                    ready_timeout=GATEWAY_READY_TIMEOUT,
+                    durable=True,
+                    companion=_build_receiver(pure) if actions else None,
+                )
+            )
+    return servers
 
 
 # -- reference servers ------------------------------------------------------------------------
@@ -295,17 +388,9 @@ SERVERS: dict[str, ServerDef] = {
             ready_timeout=90.0,
             durable=True,
         ),
-        ServerDef(
-            "udsgateway",
-            "udsgateway under twistd: route by MSH-9, commit to SQLite, then AA",
-            PORTS["udsgateway"],
-            _build_gateway,
-            _check_gateway,
-            ready_timeout=GATEWAY_READY_TIMEOUT,
-            durable=True,
-        ),
     )
 }
+SERVERS.update({s.name: s for s in _gateway_servers()})
 
 PEER_NAMES: tuple[str, ...] = ("canned-ack", "simple-hl7", "medplum-hl7", "messagefoundry")
 
@@ -331,12 +416,41 @@ def pick_port(server: ServerDef) -> int:
     candidates = [server.port + i * PORT_STEP for i in range(PORT_TRIES)]
     for port in candidates:
         if port_free(HOST, port) and (
-            server.name != "messagefoundry" or port_free(HOST, port + 1)
+            (server.name != "messagefoundry" and server.companion is None)
+            or port_free(HOST, port + 1)
         ):
             return port
     raise ServerUnavailableError(
         f"ports {', '.join(map(str, candidates))} are all taken by other processes"
     )
+
+
+def _start_companion(server: ServerDef, workdir: Path, port: int) -> subprocess.Popen[bytes]:
+    """Start the server's companion on ``port + 1`` and wait until it accepts."""
+    assert server.companion is not None
+    launch = server.companion(workdir, port)
+    env = dict(os.environ)
+    env.update(launch.env)
+    with (workdir / "companion.log").open("wb") as log:
+        proc = subprocess.Popen(
+            launch.argv,
+            cwd=launch.cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + server.ready_timeout
+    while not port_accepts(HOST, port + 1, timeout=0.25):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_process(proc)
+            raise ServerUnavailableError(
+                f"{server.name}'s receiver did not accept on port {port + 1}; log tail:\n"
+                f"{log_tail(workdir / 'companion.log')}"
+            )
+        time.sleep(0.1)
+    return proc
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -377,7 +491,10 @@ def running(server: ServerDef, *, keep: bool = False) -> Iterator[Started]:
     workdir = Path(tempfile.mkdtemp(prefix=f"{server.name}-", dir=WORK_DIR))
     log_path = workdir / "server.log"
     proc: subprocess.Popen[bytes] | None = None
+    companion: subprocess.Popen[bytes] | None = None
     try:
+        if server.companion is not None:
+            companion = _start_companion(server, workdir, port)
         launch = server.build(workdir, port)
         env = dict(os.environ)
         env.update(launch.env)
@@ -416,5 +533,7 @@ def running(server: ServerDef, *, keep: bool = False) -> Iterator[Started]:
     finally:
         if proc is not None:
             stop_process(proc, server.stop_timeout)
+        if companion is not None:
+            stop_process(companion, server.stop_timeout)
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -113,6 +113,29 @@ class AdvisoryLockTests(SynchronousTestCase):
         again = AdvisoryLock.acquire(self.engines[1], 1_700_000_000.0, key=self.key)
         again.release()
 
+    def test_cluster_nodes_share_it_a_single_gateway_does_not(self) -> None:
+        """Cluster nodes take the lock shared: together, but never beside a single
+        gateway, which is refused naming "the nodes of a cluster"; and a node is
+        refused beside a single gateway."""
+        self.engines.append(create_engine(POSTGRES_URL))
+        self.addCleanup(self.engines[2].dispose)
+        nodes = [
+            AdvisoryLock.acquire(engine, 1_700_000_000.0, key=self.key, shared=True)
+            for engine in self.engines[:2]
+        ]
+        for node in nodes:
+            self.addCleanup(node.release)
+        with self.assertRaises(DatabaseInUseError) as refused:
+            AdvisoryLock.acquire(self.engines[2], 1_700_000_000.0, key=self.key)
+        self.assertIn("in use by another gateway: the nodes of a cluster", str(refused.exception))
+        for node in nodes:
+            node.release()
+        single = AdvisoryLock.acquire(self.engines[2], 1_700_000_000.0, key=self.key)
+        self.addCleanup(single.release)
+        with self.assertRaises(DatabaseInUseError) as refused:
+            AdvisoryLock.acquire(self.engines[0], 1_700_000_000.0, key=self.key, shared=True)
+        self.assertNotIn("cluster", str(refused.exception))
+
 
 def _wal_snapshot(directory: Path, rows: int) -> Path:
     """A database whose last ``rows`` commits are only in its WAL, as a kill -9 leaves it.

@@ -1696,3 +1696,32 @@ class LaneContextTests(SynchronousTestCase):
         run_until(rig.clock, lambda: peer.attempts == 2, limit=100)
         self.assertGreaterEqual(rig.clock.seconds() - first, 40.0)
         self.assertLessEqual(rig.clock.seconds() - first, 40.0 * 1.1 + TICK)
+
+
+class SweepAtStopTests(SynchronousTestCase):
+    """A sweep caught by the dispatcher's stop ends there."""
+
+    def test_sweep_waiting_at_stop_asks_the_database_nothing_more(self) -> None:
+        """A sweep waiting for its first transaction when the dispatcher stops does not
+        go on to scan the lanes: the service stops the database thread right after
+        the dispatcher (its scan failed with "the database thread is not running")."""
+        rig = Outbound()
+        rig.start()
+        held: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+        class Holding:
+            def run(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+                waiting: Deferred[Any] = Deferred()
+                held.append((function, args, waiting))
+                return waiting
+
+        rig.database.runner = Holding()
+        rig.clock.advance(rig.held_poll)  # the sweep starts; its transaction waits
+        self.assertEqual(len(held), 1)
+        stopping = rig.dispatcher.stopService()
+        rig.clock.advance(0)
+        self.assertTrue(stopping.called)
+        function, args, waiting = held.pop()
+        waiting.callback(function(*args))
+        self.assertEqual(held, [])
+        self.assertEqual(self.flushLoggedErrors(), [])

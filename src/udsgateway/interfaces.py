@@ -65,3 +65,23 @@ class IDeliveryOutcomes(Interface):
 
     def on_recorded(group: Any) -> None:
         """In the reactor, after the commit, with what ``after_record`` returned."""
+
+
+class FencedError(Exception):
+    """This node no longer holds a lane's bucket at the token's epoch: nothing is sent
+    or recorded for the lane here any more (another node has it, or will)."""
+
+
+class ILaneFence(Interface):
+    """What the delivery engine asks before sending for a lane, when several nodes share
+    the database (``udsgateway.cluster.fence``); a single gateway's fence always allows."""
+
+    def token(lane: str) -> object | None:
+        """The lane's fencing token now (its bucket and epoch), or None: not this node's."""
+
+    def may_send(token: object) -> bool:
+        """Checked before each frame on the monotonic clock: the token is still good."""
+
+    def check(connection: object, token: object) -> None:
+        """Inside a claim's or an outcome's transaction: raise ``FencedError`` when the token
+        is no longer this node's on the database (a takeover bumped its epoch)."""

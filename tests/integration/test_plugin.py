@@ -78,12 +78,22 @@ class RegularInstallTests(SynchronousTestCase):
 
         The build runs on a copy of the package sources, so it leaves no build
         folder or egg-info behind in the work tree. Returns the wheel and site.
+        It is the pure build (``UDSGATEWAY_PURE=1``): what is tested here is where
+        the plugin and the package are found, not the compiled hot path, whose
+        build ``make install`` does (tests/test_compiled.py checks it loaded).
         """
         source = directory / "source"
         shutil.copytree(
             REPO / "src",
             source / "src",
-            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "dropin.cache"),
+            ignore=shutil.ignore_patterns(
+                "__pycache__",
+                "*.pyc",
+                "*.egg-info",
+                "dropin.cache",
+                "*.so",
+                "compiled-sources.json",
+            ),
         )
         for name in _SOURCES:
             shutil.copy2(REPO / name, source / name)
@@ -95,6 +105,7 @@ class RegularInstallTests(SynchronousTestCase):
         built = run_command(
             [*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", dist, source],
             cwd=directory,
+            env={**os.environ, "UDSGATEWAY_PURE": "1"},
         )
         self.assertEqual(built.returncode, 0, built.stdout + built.stderr)
         (wheel,) = dist.glob("udsgateway-*.whl")

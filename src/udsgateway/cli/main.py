@@ -20,6 +20,7 @@ from udsgateway import __version__
 from udsgateway.assembly import tenant_charset
 from udsgateway.cli.accounts import add_account_commands
 from udsgateway.cli.audit import add_audit_command, add_destination_commands
+from udsgateway.cli.cluster import add_cluster_commands
 from udsgateway.cli.common import (
     CommandError,
     open_database,
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_account_commands(commands)
     add_audit_command(commands)
     add_destination_commands(commands)
+    add_cluster_commands(commands)
     add_peer_commands(commands)
     _accept_config_anywhere(parser)
     return parser

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from random import Random, SystemRandom
 
-from attrs import Attribute, define, field, frozen
+from attrs import frozen
 
 from udsgateway.hl7.batch import BatchFile, BatchHeader
 from udsgateway.hl7.header import (
@@ -441,12 +441,11 @@ def _base36(number: int) -> str:
             return "".join(reversed(digits))
 
 
-def _check_prefix(instance: ControlIdSource, attribute: Attribute[str], value: str) -> None:
+def _check_prefix(value: str) -> None:
     if not _PREFIX.fullmatch(value):
         raise ValueError("control id prefix must be 1 to 10 letters or digits")
 
 
-@define
 class ControlIdSource:
     """Fresh MSH-10 values for the ACKs and messages we send.
 
@@ -457,8 +456,13 @@ class ControlIdSource:
     36**10 values per prefix: more than a century at a million a second.
     """
 
-    prefix: str = field(validator=_check_prefix)
-    _counter: int = field(default=0, init=False)
+    def __init__(self, prefix: str) -> None:
+        _check_prefix(prefix)
+        self.prefix = prefix
+        self._counter = 0
+
+    def __repr__(self) -> str:
+        return f"ControlIdSource(prefix={self.prefix!r}, counter={self._counter!r})"
 
     def next(self) -> str:
         """A control id never returned before by this source."""

@@ -18,9 +18,12 @@ from __future__ import annotations
 import re
 import string
 from functools import lru_cache
-from typing import ClassVar
 
 from attrs import frozen
+
+# Delimiters lives in a module of its own, not compiled: mypyc cannot build a class whose
+# body names the class itself (its DEFAULT). Re-exported here, where it always was.
+from udsgateway.hl7.delimiters import Delimiters
 
 __all__ = [
     "SUPPORTED_CODECS",
@@ -122,31 +125,6 @@ def codec_for(charset: str, default: str) -> str | None:
     if len(name) > 40:  # no charset name is this long; keeps the cache small
         return None
     return _lookup_charset(name)
-
-
-@frozen
-class Delimiters:
-    """The separators of one message, from MSH-1 and MSH-2.
-
-    `truncation` is the fifth encoding character that HL7 2.7 added (`#`);
-    it is empty for messages that declare only four.
-    """
-
-    field: str
-    component: str
-    repetition: str
-    escape: str
-    subcomponent: str
-    truncation: str = ""
-
-    DEFAULT: ClassVar[Delimiters]
-
-    def encoding_characters(self) -> str:
-        """MSH-2 as written by a sender using these delimiters."""
-        return self.component + self.repetition + self.escape + self.subcomponent + self.truncation
-
-
-Delimiters.DEFAULT = Delimiters("|", "^", "~", "\\", "&")
 
 
 @frozen

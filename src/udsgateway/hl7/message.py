@@ -32,8 +32,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from attrs import field, frozen
-
 from udsgateway.hl7.header import Delimiters, codec_for
 from udsgateway.hl7.paths import ALL, Path, PathSyntaxError, parse_path
 
@@ -93,16 +91,30 @@ def split(value: str, delimiter: str) -> list[str]:
     return value.split(delimiter) if delimiter else [value]
 
 
-@frozen
 class Segment:
     """One segment: its wire text and its fields, ``fields[n]`` being field n.
 
     ``fields[0]`` is the segment ID. For MSH, ``fields[1]`` is the field separator and
     ``fields[2]`` the encoding characters, as HL7 numbers them.
+
+    Immutable by convention, compared and hashed by its text and fields. A plain class
+    (not attrs): compiled by mypyc, its attributes are C slots.
     """
 
-    text: str
-    fields: tuple[str, ...]
+    def __init__(self, text: str, fields: tuple[str, ...]) -> None:
+        self.text = text
+        self.fields = fields
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Segment):
+            return NotImplemented
+        return self.text == other.text and self.fields == other.fields
+
+    def __hash__(self) -> int:
+        return hash((self.text, self.fields))
+
+    def __repr__(self) -> str:
+        return f"Segment(text={self.text!r}, fields={self.fields!r})"
 
     @property
     def name(self) -> str:
@@ -118,19 +130,31 @@ class Segment:
         return self.name == "MSH" and number in (1, 2)
 
 
-@frozen
 class Message:
-    """A parsed HL7 v2 message: delimiters and segments, all values in wire form."""
+    """A parsed HL7 v2 message: delimiters and segments, all values in wire form.
 
-    delimiters: Delimiters
-    segments: tuple[Segment, ...]
-    _by_name: dict[str, tuple[Segment, ...]] = field(init=False, repr=False, eq=False)
+    Immutable by convention, compared and hashed by its delimiters and segments. A plain
+    class (not attrs): compiled by mypyc, its attributes are C slots.
+    """
 
-    def __attrs_post_init__(self) -> None:
+    def __init__(self, delimiters: Delimiters, segments: tuple[Segment, ...]) -> None:
+        self.delimiters = delimiters
+        self.segments = segments
         by_name: dict[str, list[Segment]] = {}
-        for segment in self.segments:
+        for segment in segments:
             by_name.setdefault(segment.name, []).append(segment)
-        object.__setattr__(self, "_by_name", {k: tuple(v) for k, v in by_name.items()})
+        self._by_name = {k: tuple(v) for k, v in by_name.items()}
+
+    def __repr__(self) -> str:
+        return f"Message(delimiters={self.delimiters!r}, segments={self.segments!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return self.delimiters == other.delimiters and self.segments == other.segments
+
+    def __hash__(self) -> int:
+        return hash((self.delimiters, self.segments))
 
     @property
     def text(self) -> str:

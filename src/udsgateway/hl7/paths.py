@@ -21,8 +21,6 @@ import re
 from functools import lru_cache
 from typing import Final, Literal
 
-from attrs import frozen
-
 ALL: Final = "*"
 """The ``[*]`` selector of a path: every occurrence instead of one."""
 
@@ -42,20 +40,56 @@ class PathSyntaxError(ValueError):
     """A string that is not an HL7 path (``PID-5.1``, ``NK1[2]-2``, ``PID-3[2].1``)."""
 
 
-@frozen
 class Path:
     """A parsed HL7 path; ``str(path)`` gives its canonical spelling.
 
     ``field`` None selects the whole segment. ``repetition`` None means "not given": the
     whole field when no component is given, otherwise the first repetition.
+
+    Immutable by convention, compared and hashed by its parts. A plain class (not attrs):
+    compiled by mypyc, its attributes are C slots, read on every lookup of every render.
     """
 
-    segment: str
-    occurrence: Selector = 1
-    field: int | None = None
-    repetition: Selector | None = None
-    component: int | None = None
-    subcomponent: int | None = None
+    def __init__(
+        self,
+        segment: str,
+        occurrence: Selector = 1,
+        field: int | None = None,
+        repetition: Selector | None = None,
+        component: int | None = None,
+        subcomponent: int | None = None,
+    ) -> None:
+        self.segment = segment
+        self.occurrence = occurrence
+        self.field = field
+        self.repetition = repetition
+        self.component = component
+        self.subcomponent = subcomponent
+
+    def _parts(self) -> tuple[object, ...]:
+        return (
+            self.segment,
+            self.occurrence,
+            self.field,
+            self.repetition,
+            self.component,
+            self.subcomponent,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Path):
+            return NotImplemented
+        return self._parts() == other._parts()
+
+    def __hash__(self) -> int:
+        return hash(self._parts())
+
+    def __repr__(self) -> str:
+        return (
+            f"Path(segment={self.segment!r}, occurrence={self.occurrence!r}, "
+            f"field={self.field!r}, repetition={self.repetition!r}, "
+            f"component={self.component!r}, subcomponent={self.subcomponent!r})"
+        )
 
     @property
     def has_wildcard(self) -> bool:

@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from udsgateway.clock import Wall, wall_of
-from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue
+from udsgateway.interfaces import FencedError, IDeliveryOutcomes, IDeliveryQueue, ILaneFence
 from udsgateway.outbound.destination import Destination
 from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import Timing
@@ -53,6 +53,8 @@ class _Recorded:
 
     settlement: Settlement
     unlocked: _Unlocked
+    #: Not recorded: the lane's token failed the fencing check in the transaction.
+    fenced: bool = False
 
 
 @implementer(IDeliveryQueue)
@@ -83,6 +85,10 @@ class Dispatcher(Service):
     wall: Wall | None = None
     #: Turns an endpoint string into an endpoint; tests inject in-memory destinations.
     endpoint_factory: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
+    #: Several nodes on one database: which lanes are this node's (None: all, always).
+    #: A lane starts only with a token, checks it before each frame, and its outcomes
+    #: are recorded only if the token passes ``check`` in the recording transaction.
+    fence: ILaneFence | None = None
     destinations: dict[str, Destination] = field(factory=dict)
     lanes: dict[str, Lane] = field(factory=dict)
     queued: dict[str, int] = field(factory=dict)
@@ -101,6 +107,9 @@ class Dispatcher(Service):
     sent: dict[str, int] = field(factory=dict)
     #: Attempts recorded since start, by destination address and outcome.
     attempts: dict[str, dict[str, int]] = field(factory=dict)
+    #: The fencing token of each running lane, and of each delivery being sent.
+    _lane_tokens: dict[str, object] = field(factory=dict)
+    _sending: dict[int, object] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._committer = GroupCommitter(self.database, self._record_batch, 256)
@@ -116,6 +125,7 @@ class Dispatcher(Service):
             delivered=self.delivered,
             paused_by=self.paused_by,
             attempted=self.attempted,
+            may_send=self._may_send,
         )
 
     def attempted(self, endpoint: str, settlement: Settlement) -> None:
@@ -180,6 +190,8 @@ class Dispatcher(Service):
         """
         try:
             self.queued = await self.database.transaction(outbox.queued_per_destination)
+            if not self._started:
+                return  # stopped meanwhile: the database thread may be gone already
             await self._load_pauses()  # paused or resumed from the command line
             # A scan even when every lane slot is taken: running lanes learn of
             # operators' actions behind them (a replay, a skipped head).
@@ -261,6 +273,11 @@ class Dispatcher(Service):
                     if not self._waiting:
                         break
                 lane, (destination, protocol) = self._waiting.popitem(last=False)
+                if self.fence is not None and lane not in self.lanes:
+                    token = self.fence.token(lane)
+                    if token is None:
+                        continue  # another node's lane now; found again if it comes back
+                    self._lane_tokens[lane] = token
                 if lane not in self.lanes:
                     try:
                         self._start_lane(lane, destination, protocol)
@@ -395,6 +412,7 @@ class Dispatcher(Service):
     def _lane_done(self, _result: Any, lane: Lane) -> None:
         if self.lanes.get(lane.name) is lane:
             del self.lanes[lane.name]
+            self._lane_tokens.pop(lane.name, None)
         if self._started:
             self._fill_soon()
 
@@ -413,6 +431,9 @@ class Dispatcher(Service):
         return own
 
     def _recorded(self, recorded: _Recorded) -> Settlement:
+        self._sending.pop(recorded.settlement.delivery_id, None)
+        if recorded.fenced:
+            raise FencedError(f"delivery {recorded.settlement.delivery_id}: lane fenced")
         unlocked = recorded.unlocked
         if not unlocked.handed and self.outcomes is not None:
             unlocked.handed = True
@@ -426,10 +447,65 @@ class Dispatcher(Service):
     def _record_batch(
         self, connection: Connection, settlements: list[Settlement]
     ) -> list[_Recorded]:
+        fenced = self._fenced(connection, settlements)
+        kept = [s for s in settlements if s.delivery_id not in fenced]
+        if not kept:
+            nothing = _Unlocked(None, handed=True)
+            return [_Recorded(settlement, nothing, fenced=True) for settlement in settlements]
         outcomes = self.outcomes
         after = outcomes.after_record if outcomes is not None else None
-        unlocked = _Unlocked(outbox.record(connection, settlements, self.now(), after))
-        return [_Recorded(settlement, unlocked) for settlement in settlements]
+        unlocked = _Unlocked(outbox.record(connection, kept, self.now(), after))
+        return [
+            _Recorded(settlement, unlocked, fenced=settlement.delivery_id in fenced)
+            for settlement in settlements
+        ]
+
+    def _fenced(self, connection: Connection, settlements: list[Settlement]) -> set[int]:
+        """The deliveries whose lane's token fails the check in this transaction."""
+        if self.fence is None:
+            return set()
+        passed: dict[object, bool] = {}
+        fenced = set()
+        for settlement in settlements:
+            token = self._sending.get(settlement.delivery_id)
+            if token is None:
+                fenced.add(settlement.delivery_id)  # sent without a token: cannot vouch
+                continue
+            if token not in passed:
+                try:
+                    self.fence.check(connection, token)
+                    passed[token] = True
+                except FencedError:
+                    passed[token] = False
+            if not passed[token]:
+                fenced.add(settlement.delivery_id)
+        return fenced
+
+    # -- fencing (several nodes on one database)
+
+    def _may_send(self, lane: str, delivery_id: int) -> bool:
+        """Before each frame: the lane's token is still good on the monotonic clock."""
+        if self.fence is None:
+            return True
+        token = self._lane_tokens.get(lane)
+        if token is None or not self.fence.may_send(token):
+            return False
+        self._sending[delivery_id] = token
+        return True
+
+    def fence_changed(self) -> None:
+        """The node gained or lost buckets: stop the lanes it may no longer send for
+        (closing the connection of one caught mid-exchange), and look for the lanes
+        it may now run."""
+        if self.fence is None:
+            return
+        for lane in list(self.lanes.values()):
+            if not self.fence.may_send(self._lane_tokens.get(lane.name)):
+                if lane.state == "sending":
+                    lane.destination.drop()
+                lane.stop()
+        self._rescan = True
+        self._fill_soon()
 
     def delivered(self, destination: str) -> None:
         """One delivery left the destination's queue (backpressure counter)."""

@@ -20,6 +20,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from udsgateway.interfaces import FencedError
 from udsgateway.outbound.destination import Destination
 from udsgateway.outbound.errors import ConnectError, DeliveryError, StaleConnectionError
 from udsgateway.outbound.policy import Timing, judge
@@ -59,6 +60,9 @@ class LaneContext:
     paused_by: Callable[[str], str | None] = lambda _endpoint: None
     #: An attempt to this endpoint was recorded with this outcome (status counters).
     attempted: Callable[[str, Settlement], None] = lambda _endpoint, _settlement: None
+    #: ``may_send(lane, delivery_id)``, before each frame: False when this node no
+    #: longer holds the lane (several nodes on one database, ``ILaneFence``).
+    may_send: Callable[[str, int], bool] = lambda _lane, _delivery_id: True
 
 
 @define(eq=False)
@@ -176,6 +180,11 @@ class Lane:
                 self.state = "backoff"
                 await self._sleep(wait)
                 continue
+            if not context.may_send(self.name, head.id):
+                # The lane's bucket is no longer this node's: not one more frame.
+                self.state = "fenced"
+                self.stop()
+                return
             self.state = "sending"
             settlement, delay = await self._attempt(head, self.destination)
             if self._stopped:
@@ -290,6 +299,11 @@ class Lane:
             try:
                 await self._context.record(settlement)
                 return True
+            except FencedError:
+                # Another node holds the lane now: it sends the head again (at least once).
+                self.state = "fenced"
+                self.stop()
+                break
             except Exception as error:
                 if self._stopped:
                     break

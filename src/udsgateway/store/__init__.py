@@ -14,6 +14,8 @@ checked by tests/test_store_layout.py):
 - ``audit``: audit (the operators' audit trail)
 - ``apps``: apps, flows (the flows as imported)
 - ``meta``: meta (schema version, flows generation)
+- ``leases``: cluster_nodes, cluster_buckets, cluster_lease_history (several
+  nodes on one PostgreSQL; their own metadata, created in cluster mode only)
 
 Transactions that span tables call those modules and hold no SQL of their own:
 ``inbound`` (the inbound group commit), ``operator`` (operators' actions),

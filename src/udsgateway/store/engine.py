@@ -641,15 +641,20 @@ PG_LOCK_KEY = 0x75647367  # "udsg"
 class AdvisoryLock:
     """A session-level ``pg_try_advisory_lock`` on a connection kept open for the process.
 
-    A stand-in until the cluster work replaces it with leases: for now one
-    gateway per PostgreSQL database. The connection's ``application_name``
-    names the holder, so a second gateway can say who holds the lock.
+    One gateway per PostgreSQL database: a single gateway takes it
+    exclusively. The nodes of a cluster (``udsgateway.cluster``) take it
+    ``shared``: any number of them together, but never beside a single
+    gateway, and a single gateway never beside them. The connection's
+    ``application_name`` names the holder, so a refused gateway can say who
+    holds the lock.
     """
 
     connection: Connection | None
 
     @classmethod
-    def acquire(cls, engine: Engine, now: float, key: int = PG_LOCK_KEY) -> AdvisoryLock:
+    def acquire(
+        cls, engine: Engine, now: float, key: int = PG_LOCK_KEY, shared: bool = False
+    ) -> AdvisoryLock:
         """Take the lock (``key`` below 2**31), or raise DatabaseInUseError naming the holder."""
         connection = engine.connect()
         try:
@@ -657,25 +662,29 @@ class AdvisoryLock:
             connection.exec_driver_sql(
                 "SELECT set_config('application_name', %(name)s, false)", {"name": name[:63]}
             )
+            function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
             got = connection.exec_driver_sql(
-                "SELECT pg_try_advisory_lock(CAST(%(key)s AS bigint))", {"key": key}
+                f"SELECT {function}(CAST(%(key)s AS bigint))", {"key": key}
             ).scalar()
             if not got:
                 holder = connection.exec_driver_sql(
-                    "SELECT a.application_name, a.client_addr::text, a.pid"
+                    "SELECT a.application_name, a.client_addr::text, a.pid, l.mode"
                     " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
                     " WHERE l.locktype = 'advisory' AND l.granted"
                     " AND l.classid = 0 AND l.objid::bigint = %(key)s"
                     " AND l.database = (SELECT oid FROM pg_database"
-                    " WHERE datname = current_database())",
+                    " WHERE datname = current_database())"
+                    " ORDER BY a.backend_start LIMIT 1",
                     {"key": key},
                 ).first()
                 connection.commit()
                 _end_session(connection)
                 who = "holder unknown"
                 if holder is not None:
-                    name, client, backend = holder
+                    name, client, backend, mode = holder
                     who = f"{name or 'unnamed'} (client {client or 'local'}, backend {backend})"
+                    if mode == "ShareLock":
+                        who = "the nodes of a cluster, among them " + who
                 raise DatabaseInUseError(f"database is in use by another gateway: {who}")
             connection.commit()  # the lock is session-level: it outlives the transaction
         except DatabaseInUseError:

@@ -39,8 +39,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeAlias
 
-from attrs import define, field, frozen
-from zope.interface import Attribute, Interface, implementer
+from attrs import define, frozen
+from mypy_extensions import mypyc_attr
+from zope.interface import classImplements
+
+# IFramer lives in a module of its own, not compiled: mypyc cannot build a zope
+# Interface class. It is re-exported here, where it always was.
+from udsgateway.wire.iframer import IFramer
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
@@ -131,29 +136,6 @@ class FramerStats:
     oversized: int = 0
 
 
-class IFramer(Interface):
-    """Splits one connection's inbound byte stream into messages, without I/O."""
-
-    frame_open = Attribute(
-        "True while a partial frame is pending; the protocol arms its absolute "
-        "frame timer when this becomes True."
-    )
-    stats = Attribute("The FramerStats counters of this framer.")
-    buffered_bytes = Attribute("How many bytes the framer currently holds in memory.")
-
-    def feed(data: bytes) -> list[FrameEvent]:  # noqa: N805
-        """Take the next bytes of the stream; return the events they complete, in order."""
-
-    def flush() -> list[FrameEvent]:
-        """End of stream or idle gap: emit or discard whatever is pending."""
-
-    def reset() -> None:
-        """Discard any partial frame (after a frame timeout)."""
-
-    def encode(payload: bytes) -> bytes:  # noqa: N805
-        """Wrap an outgoing message (an ACK) in this framing."""
-
-
 def _drain_limit(max_frame_size: int, drain_limit: int | None) -> int:
     """Check the size limits and resolve the default drain limit."""
     if max_frame_size < 1:
@@ -167,20 +149,22 @@ def _drain_limit(max_frame_size: int, drain_limit: int | None) -> int:
     return drain_limit
 
 
-@define
 class _FrameBuffer:
     """The content of the frame being received, with the size limits applied.
 
     Below the maximum size every byte is kept. Past it, only the head is
     kept and the rest is counted, so memory stays bounded while the framer
     looks for the end of the frame.
+
+    A plain class (not attrs): compiled by mypyc, its attributes are C slots.
     """
 
-    max_frame_size: int
-    drain_limit: int
-    _buf: bytearray = field(factory=bytearray)
-    size: int = 0
-    _oversized: bool = False
+    def __init__(self, max_frame_size: int, drain_limit: int) -> None:
+        self.max_frame_size = max_frame_size
+        self.drain_limit = drain_limit
+        self._buf = bytearray()
+        self.size = 0
+        self._oversized = False
 
     @property
     def buffered(self) -> int:
@@ -317,8 +301,8 @@ def _resync(
     return False
 
 
-@implementer(IFramer)
-@define
+# Python code may subclass it (a test wraps feed), which a compiled class must allow.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MLLPFramer:
     """Frames MLLP: ``0x0B`` + message + ``0x1C 0x0D``.
 
@@ -328,23 +312,31 @@ class MLLPFramer:
     its end so it can be answered with a NAK, before the framer gives up.
     """
 
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    lenient_fs: bool = False
-    drain_limit: int | None = None
-    stats: FramerStats = field(factory=FramerStats, init=False)
-    _frame: _FrameBuffer = field(init=False)
-    _open: bool = field(default=False, init=False)
-    # Strict mode: the last chunk ended with an FS inside an open frame; it
-    # is data unless the next byte is CR, so it is not counted until then.
-    _pending_fs: bool = field(default=False, init=False)
-    # Lenient mode: a bare FS at the end of the last chunk ended a frame; a
-    # CR that follows belongs to that end block, not to the gap.
-    _skip_cr: bool = field(default=False, init=False)
-    _stopped: bool = field(default=False, init=False)
+    def __init__(
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        lenient_fs: bool = False,
+        drain_limit: int | None = None,
+    ) -> None:
+        self.max_frame_size = max_frame_size
+        self.lenient_fs = lenient_fs
+        self.drain_limit = drain_limit
+        self.stats = FramerStats()
+        self._frame = _FrameBuffer(max_frame_size, _drain_limit(max_frame_size, drain_limit))
+        self._open = False
+        # Strict mode: the last chunk ended with an FS inside an open frame; it
+        # is data unless the next byte is CR, so it is not counted until then.
+        self._pending_fs = False
+        # Lenient mode: a bare FS at the end of the last chunk ended a frame; a
+        # CR that follows belongs to that end block, not to the gap.
+        self._skip_cr = False
+        self._stopped = False
 
-    def __attrs_post_init__(self) -> None:
-        drain = _drain_limit(self.max_frame_size, self.drain_limit)
-        self._frame = _FrameBuffer(self.max_frame_size, drain)
+    def __repr__(self) -> str:
+        return (
+            f"MLLPFramer(max_frame_size={self.max_frame_size!r}, "
+            f"lenient_fs={self.lenient_fs!r}, drain_limit={self.drain_limit!r})"
+        )
 
     @property
     def frame_open(self) -> bool:
@@ -462,8 +454,8 @@ _BATCH_SPLITS = frozenset({b"\r" + _FHS, b"\n" + _FHS, b"\r" + _BHS, b"\n" + _BH
 _BATCH_NAMES = frozenset({_FHS, _BHS, b"BTS", b"FTS"})
 
 
-@implementer(IFramer)
-@define
+# Python code may subclass it (a test wraps feed), which a compiled class must allow.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class PlainTCPFramer:
     """Frames HL7 sent over TCP without MLLP.
 
@@ -480,32 +472,26 @@ class PlainTCPFramer:
     exactly as received.
     """
 
-    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
-    start_bytes: bytes = b""
-    end_bytes: bytes = b""
-    drain_limit: int | None = None
-    stats: FramerStats = field(factory=FramerStats, init=False)
-    _frame: _FrameBuffer = field(init=False)
-    _open: bool = field(default=False, init=False)
-    # Trailing bytes of the last chunk that may begin a delimiter; they are
-    # judged together with the next chunk.
-    _held: bytes = field(default=b"", init=False)
-    _stopped: bool = field(default=False, init=False)
-    # "FHS" or "BHS" while the open frame is a batch not yet closed, else "".
-    _batch: str = field(default=_MESSAGE, init=False)
-    _patterns: tuple[bytes, ...] = field(init=False)
-    _kinds: tuple[int, ...] = field(init=False)
-    # Patterns from this index on are the batch delimiters (see _scan).
-    _base: int = field(init=False)
-    _opens: tuple[str, ...] = field(init=False)
-    _longest: int = field(init=False)
-    # Bytes that can occur in a delimiter before its last byte: a chunk that
-    # ends with any other byte cannot end with the start of a delimiter.
-    _prefix_bytes: frozenset[int] = field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        drain = _drain_limit(self.max_frame_size, self.drain_limit)
-        self._frame = _FrameBuffer(self.max_frame_size, drain)
+    def __init__(
+        self,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        start_bytes: bytes = b"",
+        end_bytes: bytes = b"",
+        drain_limit: int | None = None,
+    ) -> None:
+        self.max_frame_size = max_frame_size
+        self.start_bytes = start_bytes
+        self.end_bytes = end_bytes
+        self.drain_limit = drain_limit
+        self.stats = FramerStats()
+        self._open = False
+        # Trailing bytes of the last chunk that may begin a delimiter; they are
+        # judged together with the next chunk.
+        self._held = b""
+        self._stopped = False
+        # "FHS" or "BHS" while the open frame is a batch not yet closed, else "".
+        self._batch = _MESSAGE
+        self._frame = _FrameBuffer(max_frame_size, _drain_limit(max_frame_size, drain_limit))
         # Priority order: at equal offsets the first listed delimiter wins.
         found: list[tuple[bytes, int]] = []
         if self.end_bytes:
@@ -514,6 +500,7 @@ class PlainTCPFramer:
             found.append((self.start_bytes, _RESTART))
         else:
             found += [(b"\r" + _MSH, _SPLIT), (b"\n" + _MSH, _SPLIT)]
+        # Patterns from this index on are the batch delimiters (see _scan).
         self._base = len(found)
         if not self.start_bytes:
             found += [(pattern, _SPLIT) for pattern in sorted(_BATCH_SPLITS)]
@@ -528,7 +515,16 @@ class PlainTCPFramer:
             for pattern in self._patterns
         )
         self._longest = max(len(pattern) for pattern in self._patterns)
+        # Bytes that can occur in a delimiter before its last byte: a chunk that
+        # ends with any other byte cannot end with the start of a delimiter.
         self._prefix_bytes = frozenset(b"".join(pattern[:-1] for pattern in self._patterns))
+
+    def __repr__(self) -> str:
+        return (
+            f"PlainTCPFramer(max_frame_size={self.max_frame_size!r}, "
+            f"start_bytes={self.start_bytes!r}, end_bytes={self.end_bytes!r}, "
+            f"drain_limit={self.drain_limit!r})"
+        )
 
     @property
     def frame_open(self) -> bool:
@@ -691,3 +687,9 @@ class PlainTCPFramer:
             self._open = False
             self._held = b""
         events.append(event)
+
+
+# Declared here rather than with @implementer: a decorator other than mypyc's own would
+# keep the compiled framers from being native classes.
+classImplements(MLLPFramer, IFramer)
+classImplements(PlainTCPFramer, IFramer)

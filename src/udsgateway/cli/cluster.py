@@ -1,0 +1,103 @@
+"""``udsgateway cluster status``: the nodes sharing this database and their bucket leases.
+
+It reads the cluster tables (``store.leases``) in one short transaction, beside
+the running nodes; times are the database's, so that lease ages and expiries
+mean the same whichever machine runs the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, TextIO
+
+from udsgateway.cli.common import open_database, write_rows
+from udsgateway.cluster.leases import ranges
+from udsgateway.store import leases
+
+if TYPE_CHECKING:
+    from udsgateway.config import GatewayConfig
+
+NODE_COLUMNS = ("node", "state", "buckets", "held", "heartbeat", "joined")
+BUCKET_COLUMNS = ("bucket", "owner", "epoch", "held_for", "expires_in")
+
+
+def _time(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}s"
+
+
+def node_rows(status: leases.ClusterStatus) -> list[dict[str, Any]]:
+    """One row per node: its state, how many buckets it holds (unexpired) and which."""
+    held: dict[str, list[int]] = {}
+    for lease in status.buckets:
+        if lease.owner is not None and lease.expires_at > status.now:
+            held.setdefault(lease.owner, []).append(lease.bucket)
+    return [
+        {
+            "node": node.name,
+            "state": node.state(status.now),
+            "buckets": node.buckets,
+            "held": ranges(held.get(node.name, [])),
+            "heartbeat": _seconds(status.now - node.seen_at) + " ago",
+            "joined": _time(node.started_at),
+        }
+        for node in status.nodes
+    ]
+
+
+def bucket_rows(status: leases.ClusterStatus) -> list[dict[str, Any]]:
+    """One row per bucket: owner (empty when free or expired), epoch, lease age, expiry."""
+    rows = []
+    for lease in status.buckets:
+        valid = lease.owner is not None and lease.expires_at > status.now
+        rows.append(
+            {
+                "bucket": lease.bucket,
+                "owner": lease.owner if valid else None,
+                "epoch": lease.epoch,
+                "held_for": (
+                    _seconds(status.now - lease.acquired_at)
+                    if valid and lease.acquired_at is not None
+                    else None
+                ),
+                "expires_in": _seconds(lease.expires_at - status.now) if valid else None,
+            }
+        )
+    return rows
+
+
+def cmd_cluster_status(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
+    status = open_database(config).transaction_now(leases.cluster_status)
+    if status is None:
+        out.write("not a cluster database: no node ever ran in cluster mode on it\n")
+        return 0
+    nodes = node_rows(status)
+    buckets = bucket_rows(status)
+    if args.json:
+        write_rows(buckets if args.buckets else nodes, out, True)
+        return 0
+    live = sum(1 for row in nodes if row["state"] == "live")
+    free = [row["bucket"] for row in buckets if row["owner"] is None]
+    out.write(
+        f"{live} of {len(nodes)} nodes live, {len(buckets)} buckets, "
+        f"{len(free)} without a valid lease{' (' + ranges(free) + ')' if free else ''}; "
+        f"database time {_time(status.now)} UTC\n\n"
+    )
+    write_rows(nodes, out, False, NODE_COLUMNS)
+    if args.buckets:
+        out.write("\n")
+        write_rows(buckets, out, False, BUCKET_COLUMNS)
+    return 0
+
+
+def add_cluster_commands(commands: Any) -> None:
+    cluster = commands.add_parser("cluster", help="the nodes sharing this database")
+    actions = cluster.add_subparsers(dest="cluster_command", required=True, metavar="ACTION")
+    p = actions.add_parser("status", help="nodes, buckets per node, lease ages")
+    p.add_argument("--buckets", action="store_true", help="also list every bucket's lease")
+    p.add_argument("--json", action="store_true", help="JSON lines (nodes, or buckets)")
+    p.set_defaults(handler=cmd_cluster_status)

@@ -1,0 +1,1 @@
+"""Several gateway nodes on one PostgreSQL: node heartbeats, bucket leases, fencing."""

@@ -1,0 +1,88 @@
+"""Wake-ups from PostgreSQL's LISTEN/NOTIFY, on a dedicated connection.
+
+Nodes announce a join or a hand-over with ``pg_notify`` in the transaction
+that makes it (``store.leases.CHANNEL``); a listener hands each payload to the
+reactor (``callFromThread``), where the LeaseManager runs a round at once
+instead of at its next timer. The timer stays the backup: a notification lost
+while the connection was down costs at most one renew interval.
+
+The connection is the driver's own (psycopg), in autocommit, kept out of the
+pool, in a thread of its own that waits on it with a short timeout (so that
+``stop`` is noticed) and reconnects after a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+
+from udsgateway.store.leases import CHANNEL
+
+log = Logger()
+
+#: Seconds each wait on the connection lasts (how soon ``stop`` is noticed).
+WAIT = 0.5
+#: Seconds between reconnection attempts.
+RETRY = 1.0
+
+
+class NotifyListener:
+    """LISTEN on ``channel`` in a thread; call ``on_notify(payload)`` in the reactor."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        reactor: IReactorFromThreads,
+        on_notify: Callable[[str], None],
+        channel: str = CHANNEL,
+    ) -> None:
+        self.engine = engine
+        self.reactor = reactor
+        self.on_notify = on_notify
+        self.channel = channel
+        #: Set once the first LISTEN is in place (tests wait on it).
+        self.listening = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(
+                target=self._work, name="udsgateway-listen", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        """End the thread (waits for it: at most ``WAIT`` seconds)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stop.set()
+            thread.join()
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            connection: Any = None
+            try:
+                pooled = self.engine.raw_connection()
+                connection = pooled.driver_connection
+                pooled.detach()  # its session is this listener's alone, never pooled
+                connection.autocommit = True
+                connection.execute(f'LISTEN "{self.channel}"')
+                self.listening.set()
+                while not self._stop.is_set():
+                    for notice in connection.notifies(timeout=WAIT):
+                        self.reactor.callFromThread(self.on_notify, notice.payload)
+            except Exception as error:
+                log.warn("cluster listener: {error}; reconnecting", error=error)
+                self._stop.wait(RETRY)
+            finally:
+                if connection is not None:
+                    with contextlib.suppress(Exception):
+                        connection.close()
