@@ -34,7 +34,7 @@ NODE_STAMP := $(NODE_PEERS)/.installed-stamp
 MEDPLUM_HL7 ?= @medplum/hl7@5.0.10
 
 .PHONY: run test install trial trial-pure pure-tree lint typecheck bench bench-smoke clean \
-	node-peers
+	node-peers chromium
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -78,6 +78,16 @@ $(NODE_STAMP): Makefile
 
 node-peers: $(NODE_STAMP)
 
+# The console's browser tests drive Debian's Chromium (Playwright for Python,
+# never a browser download): installed with apt-get when absent.
+CHROMIUM ?= /usr/bin/chromium
+$(CHROMIUM):
+	@echo "chromium: installing Debian's chromium with apt-get"
+	apt-get update -qq >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
+chromium: $(CHROMIUM)
+
 run: install
 	mkdir -p var
 	@# First run: a demo admin user for the admin API, its password printed once.
@@ -93,7 +103,7 @@ run: install
 # package that the wheel-install test installs under _trial_temp. A log file
 # over 5 MB fails the run: a repr or a loop flooding the log (it once wrote 331 MB).
 JOBS ?= 2
-trial: install $(NODE_STAMP)
+trial: install $(NODE_STAMP) $(CHROMIUM)
 	rm -f .coverage .coverage.*
 	UDSGATEWAY_EXPECT_VARIANT=compiled \
 	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage \

@@ -44,7 +44,10 @@ class AdminService(Service):
         self._refresh.clock = reactor
 
     def site(self) -> AdminSite:
-        return AdminSite(self.api.app(), reactor=self._reactor)
+        # The web console (docs/console.md) is served beside the API, under /console.
+        from udsgateway.admin.console.mount import console_site
+
+        return console_site(self.api, self._reactor)
 
     def startService(self) -> None:
         super().startService()
