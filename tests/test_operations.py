@@ -421,6 +421,25 @@ class FlowTests(SynchronousTestCase):
             [("flows.import", "ok"), ("flows.import", "refused")],
         )
 
+    def test_flow_changes_reach_the_running_gateway_at_once(self) -> None:
+        """An import or an enable/disable answers only once the gateway reloaded."""
+        reloads: list[Deferred[None]] = []
+
+        def reload_flows() -> Deferred[None]:
+            reloads.append(Deferred())
+            return reloads[-1]
+
+        self.operations.reload_flows = reload_flows
+        exported = result(self, self.operations.export_flows("ann", "api", "APPTESTMLLP"))
+        saving = self.operations.import_flows("ann", "api", exported["text"])
+        self.assertNoResult(saving)
+        reloads[0].callback(None)
+        self.assertEqual({r["app_id"] for r in self.successResultOf(saving)}, {"APPTESTMLLP"})
+        disabling = self.operations.set_flow_enabled("ann", "api", "FLWADTA04MLLP", False)
+        self.assertNoResult(disabling)
+        reloads[1].callback(None)
+        self.assertFalse(self.successResultOf(disabling)["enabled"])
+
     def test_enable_disable_audited(self) -> None:
         row = result(
             self,

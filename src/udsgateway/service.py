@@ -233,6 +233,11 @@ class GatewayService(MultiService):
         clock: IReactorTime = self._reactor
         return clock
 
+    def reload_flows(self) -> Deferred[None]:
+        """Load the flows now if they changed (after the admin API or the console
+        saved one), instead of at the next ``flow_reload_interval``."""
+        return Deferred.fromCoroutine(self._reload_flows())
+
     async def _reload_flows(self) -> None:
         """Reload routing when flows changed (flows import from the CLI, another node)."""
         try:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, TypeVar
 
 from attrs import define, evolve, field
 from sqlalchemy import Connection
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -165,6 +165,9 @@ class Operations:
     reads: Callable[..., Deferred[Any]] | None = None
     #: The configured tenants, by name (flows are imported for these only).
     tenants: Mapping[str, TenantConfig] = field(factory=dict)
+    #: Loads changed flows into the running gateway at once (its ``reload_flows``),
+    #: so a saved flow routes before the next reload interval; None: no gateway.
+    reload_flows: Callable[[], Deferred[None]] | None = None
 
     @classmethod
     def for_service(cls, service: Any, reactor: Any, wall: Callable[[], float]) -> Operations:
@@ -188,6 +191,7 @@ class Operations:
             listeners=getattr(service, "factories", {}),
             addresses=addresses,
             tenants={tenant.name: tenant for tenant in service.config.tenants},
+            reload_flows=getattr(service, "reload_flows", None),
         )
         operations.rates = Rates(operations.counters, reactor)
         engine = service.database.engine
@@ -905,7 +909,7 @@ class Operations:
     def import_flows(self, actor: str, via: str, text: str) -> Deferred[list[dict[str, Any]]]:
         """Save a flow document (the same checks as ``flows import``; Invalid with every
         problem). Returns what a sender needs per flow: Host, Port, App ID, Flow ID.
-        The running gateway routes by it within its flow reload interval."""
+        The running gateway routes by it as soon as this answers."""
         app, problems = self._checked_app(text, "<document>")
         target = f"app {app.app_id or app.name}" if app is not None else "app (unreadable)"
 
@@ -918,8 +922,17 @@ class Operations:
                 raise Conflict(str(error)) from None
 
         done: Deferred[Any] = self._audited(actor, via, "flows.import", target, "", work)
+        done.addCallback(self._reloaded)
         done.addCallback(self._flow_rows)
         return done
+
+    def _reloaded(self, result: Any) -> Deferred[Any]:
+        """``result`` once the running gateway took the changed flows."""
+        if self.reload_flows is None:
+            return succeed(result)
+        reloading = self.reload_flows()
+        reloading.addCallback(lambda _: result)
+        return reloading
 
     def export_flows(self, actor: str, via: str, app_id: str) -> Deferred[dict[str, Any]]:
         """An app as the text of its flow file: ``{"app_id", "text"}``."""
@@ -954,6 +967,7 @@ class Operations:
 
         action = "flow.enable" if enabled else "flow.disable"
         done: Deferred[Any] = self._audited(actor, via, action, f"flow {flow_id}", reason, work)
+        done.addCallback(self._reloaded)
         done.addCallback(
             lambda apps: next(r for r in self._flow_rows(apps) if r["flow_id"] == flow_id)
         )

@@ -789,12 +789,23 @@ class ConsoleBackend:
         return body.decode("utf-8", "replace").replace("\r", "\n"), None
 
     async def save_flow(self, app: App, flow: Flow, who: str) -> tuple[App, Flow]:
-        return await self.database.transaction(_save_flow, app, flow, who, self.wall())
+        saved = await self.database.transaction(_save_flow, app, flow, who, self.wall())
+        await self._reload_flows()
+        return saved
 
     async def set_enabled(self, flow_id: str, enabled: bool, who: str, reason: str) -> bool:
-        return await self.database.transaction(
+        changed = await self.database.transaction(
             _set_enabled, flow_id, enabled, who, reason, self.wall()
         )
+        await self._reload_flows()
+        return changed
+
+    async def _reload_flows(self) -> None:
+        """The running gateway routes by the saved flows before the page answers (the
+        Host, Port, App ID and Flow ID it shows work at once)."""
+        reload_flows = getattr(self.gateway, "reload_flows", None)
+        if reload_flows is not None:
+            await reload_flows()
 
     async def export(self, app_id: str) -> tuple[str, str] | None:
         for app in await self.apps():
