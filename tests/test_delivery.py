@@ -356,7 +356,7 @@ class ConnectionRefusedTests(DeliveryTestCase):
 
 
 class ReconnectTests(DeliveryTestCase):
-    """RELIABILITY.md: the partner closes the connection after every ACK; connect on demand."""
+    """docs/guarantees.md: the partner closes the connection after every ACK; connect on demand."""
 
     def test_close_after_every_ack_reconnects_at_once(self) -> None:
         """A receiver that closes the connection after each ACK is not failing:
@@ -1037,7 +1037,7 @@ class RecoveryTests(DeliveryTestCase):
         self.assertEqual(set(rig.dispatcher.lanes), {"mem-c", "mem-d"})
 
     def test_outcome_not_recorded_pauses_the_lane_and_sends_once(self) -> None:
-        """RELIABILITY.md: the partner ACKed but the outcome cannot be committed
+        """docs/guarantees.md: the partner ACKed but the outcome cannot be committed
         (the database fails, for a minute). The lane sends nothing more: the
         outcome is kept in memory and committed again after 1, 2, 4 ... s (at
         most 30 s); once the store works it is recorded, and the lane goes on.
