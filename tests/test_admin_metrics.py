@@ -10,6 +10,7 @@ from twisted.trial.unittest import TestCase
 
 from udsgateway.admin.metrics import IDENTIFIER_LABELS, LABEL_ENUMS, Metrics
 from udsgateway.store import schema
+from udsgateway.store.engine import DELIVERY_BUCKETS, Durations
 from udsgateway.testing import Gateway, hl7_message, mllp
 from udsgateway.testing.admin import AdminClient
 
@@ -21,6 +22,11 @@ class _Destination:
     sent = 3
     connects = 1
     _current = object()
+
+    def __init__(self) -> None:
+        self.ack_wait = Durations()
+        for seconds in (0.002, 0.002, 7.0):
+            self.ack_wait.observe(seconds)
 
 
 class _Executor:
@@ -34,6 +40,11 @@ class _Dispatcher:
     destinations = {ENDPOINT: _Destination()}
     sent = {DESTINATION: 5}
     paused = {DESTINATION: "otto"}
+
+    def __init__(self) -> None:
+        self.delivery_latency = Durations(DELIVERY_BUCKETS)
+        for seconds in (0.2, 42.0):
+            self.delivery_latency.observe(seconds)
 
 
 class _Service:
@@ -131,12 +142,28 @@ class MetricsTests(TestCase):
         self.assertIn(("udsgw_delivered_total", {"destination": DESTINATION}, 5.0), found)
         self.assertIn(("udsgw_destination_paused", {"destination": DESTINATION}, 1.0), found)
 
+    def test_latency_histograms(self) -> None:
+        """ACK latency per listener (every frame answered), ACK wait over all
+        destinations, delivery latency from enqueue to the partner's ACK."""
+        found = {(n, tuple(sorted(labels.items()))): v for n, labels, v in samples(self.scrape())}
+        self.assertEqual(found[("udsgw_ack_latency_seconds_count", (("listener", "test"),))], 6)
+        self.assertEqual(found[("udsgw_outbound_ack_wait_seconds_count", ())], 3)
+        self.assertEqual(found[("udsgw_outbound_ack_wait_seconds_bucket", (("le", "0.0025"),))], 2)
+        self.assertEqual(found[("udsgw_outbound_ack_wait_seconds_sum", ())], 7.004)
+        self.assertEqual(found[("udsgw_delivery_latency_seconds_bucket", (("le", "0.5"),))], 1)
+        self.assertEqual(found[("udsgw_delivery_latency_seconds_bucket", (("le", "60.0"),))], 2)
+        self.assertEqual(found[("udsgw_delivery_latency_seconds_count", ())], 2)
+
     def test_store_commit_histogram(self) -> None:
         found = samples(self.scrape())
         groups = self.service.committer.groups
         self.assertGreater(groups, 0)
         self.assertIn(("udsgw_store_commit_seconds_count", {}, float(groups)), found)
-        inf = [v for n, labels, v in found if labels.get("le") == "+Inf"]
+        inf = [
+            v
+            for n, labels, v in found
+            if n == "udsgw_store_commit_seconds_bucket" and labels.get("le") == "+Inf"
+        ]
         self.assertEqual(inf, [float(groups)])
 
     def test_durations_buckets(self) -> None:

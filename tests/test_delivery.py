@@ -1655,7 +1655,7 @@ class LaneContextTests(SynchronousTestCase):
             destination_for=lambda delivery: destination,
             record=record,
             answered=lambda: answered.append(None),
-            delivered=delivered.append,
+            delivered=lambda endpoint, _seconds: delivered.append(endpoint),
         )
         lane = Lane("lane-c", context, destination)
         running = Deferred.fromCoroutine(lane.run())

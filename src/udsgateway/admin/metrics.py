@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 
 from udsgateway.store import gauges
 from udsgateway.store.destinations import address_of
-from udsgateway.store.engine import COMMIT_BUCKETS
+from udsgateway.store.engine import COMMIT_BUCKETS, DELIVERY_BUCKETS, Durations
 
 #: ACK codes (MSA-1) counted ("replay": a duplicate answered with its stored ACK);
 #: anything else is counted as "other".
@@ -58,7 +58,10 @@ LABEL_ENUMS: dict[str, tuple[str, ...]] = {
     "state": ("queued", "held", "pending", "waiting"),
     "framing": ("mllp", "tcp"),
     # Histogram buckets: fixed bounds.
-    "le": (*(repr(float(bound)) for bound in COMMIT_BUCKETS), "+Inf"),
+    "le": (
+        *sorted({repr(float(bound)) for bound in COMMIT_BUCKETS + DELIVERY_BUCKETS}, key=float),
+        "+Inf",
+    ),
 }
 #: Labels whose values are operator-named identifiers.
 IDENTIFIER_LABELS = ("listener", "flow", "destination")
@@ -123,7 +126,14 @@ class GatewayCollector(Collector):
             by_code = ingest.errors + getattr(ingest, "rejected", Counter())
             for code, count in _bucket(by_code, ERROR_CODES).items():
                 rejects.add_metric([name, code], count)
-        yield from (open_now, connections, refused, messages, acks, rejects)
+        latency = HistogramMetricFamily(
+            "udsgw_ack_latency_seconds",
+            "From an inbound frame taken for processing to its ACK written (commit included)",
+            labels=["listener"],
+        )
+        for name, factory in gateway.factories.items():
+            latency.add_metric([name], *_buckets(factory.stats.ack_latency))
+        yield from (open_now, connections, refused, messages, acks, rejects, latency)
 
     def _outbound(self, gateway: Any) -> Iterable[Any]:
         executor = gateway.executor
@@ -177,6 +187,21 @@ class GatewayCollector(Collector):
             sends.add_metric([address], sent_count)
             connects.add_metric([address], connect_count)
             up.add_metric([address], is_up)
+        waits = Durations()
+        for destination in dispatcher.destinations.values():
+            for index, count in enumerate(destination.ack_wait.counts):
+                waits.counts[index] += count
+            waits.total += destination.ack_wait.total
+        yield _histogram(
+            "udsgw_outbound_ack_wait_seconds",
+            "From an outbound message written to the partner's reply read (all destinations)",
+            waits,
+        )
+        yield _histogram(
+            "udsgw_delivery_latency_seconds",
+            "From a delivery's enqueue to the partner's positive ACK (wall clock)",
+            dispatcher.delivery_latency,
+        )
         yield from (executions, depth, delivered, paused, sends, connects, up)
 
     def _database(self, snapshot: dict[str, Any]) -> Iterable[Any]:
@@ -217,8 +242,8 @@ class GatewayCollector(Collector):
         yield from (deliveries, oldest, executions, refreshed)
 
 
-def _histogram(name: str, documentation: str, durations: Any) -> HistogramMetricFamily:
-    """A Durations (store.engine) as a Prometheus histogram (cumulative buckets)."""
+def _buckets(durations: Any) -> tuple[list[tuple[str, int]], float]:
+    """A Durations (store.engine) as cumulative Prometheus buckets and their sum."""
     counts = list(durations.counts)
     buckets = []
     running = 0
@@ -227,7 +252,13 @@ def _histogram(name: str, documentation: str, durations: Any) -> HistogramMetric
         buckets.append((repr(float(bound)), running))
     running += counts[-1]
     buckets.append(("+Inf", running))
-    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=durations.total)
+    return buckets, durations.total
+
+
+def _histogram(name: str, documentation: str, durations: Any) -> HistogramMetricFamily:
+    """A Durations (store.engine) as a Prometheus histogram without labels."""
+    buckets, total = _buckets(durations)
+    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
 
 
 def _by_address(items: Iterable[tuple[str, int]]) -> dict[str, int]:

@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from udsgateway.config import TenantConfig
 from udsgateway.inbound.ingest import Answer, ApplicationAck, Ingest
+from udsgateway.store.engine import Durations
 from udsgateway.wire.framed import ByteBudget, ConnectionLimits, FramedServerProtocol, failure_site
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
 
@@ -92,6 +93,8 @@ class ListenerStats:
     input_errors: int = 0
     mllp_connections: int = 0
     tcp_connections: int = 0
+    #: Seconds from a frame taken for processing to its ACK written (commit included).
+    ack_latency: Durations = field(factory=Durations)
 
 
 @implementer(IHandshakeListener)
@@ -108,6 +111,8 @@ class InboundProtocol(FramedServerProtocol):
         #: ``_pump`` is running (an answer that comes at once must not nest a second one).
         self._pumping = False
         self._next_turn: IDelayedCall | None = None
+        #: When the frame being answered was taken for processing (its ACK latency).
+        self._handling_since = 0.0
 
     # -- Twisted callbacks
 
@@ -243,6 +248,7 @@ class InboundProtocol(FramedServerProtocol):
                 continue
             assert isinstance(event, Frame)
             self._busy = True
+            self._handling_since = self._clock.seconds()
             done = self._factory.ingest.handle(event.payload, self._peer, self._connection_type)
             done.addCallbacks(self._answered, self._failed)
 
@@ -252,6 +258,7 @@ class InboundProtocol(FramedServerProtocol):
 
     def _answered(self, answer: Answer) -> None:
         self._answer(answer)
+        self._factory.stats.ack_latency.observe(self._clock.seconds() - self._handling_since)
         if answer.then is not None:
             # Enhanced mode: the application ACK follows before the next frame's
             # answers (G5), so the connection stays busy until it is decided.

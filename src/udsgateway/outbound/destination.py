@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from udsgateway.outbound.errors import ConnectError, DeliveryError, StaleConnectionError
 from udsgateway.outbound.policy import Timing
+from udsgateway.store.engine import Durations
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 
 _Judged = TypeVar("_Judged")
@@ -178,6 +179,8 @@ class Destination:
     last_error: str = ""
     sent: int = 0
     connects: int = 0
+    #: Seconds from a message written to its reply read (replies only, not timeouts).
+    ack_wait: Durations = field(factory=Durations)
     #: Turns the endpoint string into an endpoint (tests pass an in-memory one).
     endpoint_factory: Callable[[Any, str], IStreamClientEndpoint] = clientFromString
     #: Reconnect and retry jitter, drawn from the dispatcher's generator so tests can seed it.
@@ -243,7 +246,10 @@ class Destination:
     async def _exchange(self, payload: bytes) -> bytes:
         protocol = await self._connection()
         self.sent += 1
-        return await protocol.exchange(payload)
+        started = self._clock.seconds()
+        reply = await protocol.exchange(payload)
+        self.ack_wait.observe(self._clock.seconds() - started)
+        return reply
 
     async def _connection(self) -> DestinationProtocol:
         current = self._current

@@ -31,7 +31,7 @@ from udsgateway.outbound.destination import Destination
 from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import Timing
 from udsgateway.store import destinations, outbox
-from udsgateway.store.engine import Database, GroupCommitter
+from udsgateway.store.engine import DELIVERY_BUCKETS, Database, Durations, GroupCommitter
 from udsgateway.store.outbox import DELIVERED, HELD
 from udsgateway.store.records import Delivery, Settlement
 
@@ -105,6 +105,8 @@ class Dispatcher(Service):
     paused: dict[str, str] = field(factory=dict)
     #: Deliveries delivered since start, by destination address (host:port).
     sent: dict[str, int] = field(factory=dict)
+    #: Seconds from a delivery's enqueue to its partner's positive answer.
+    delivery_latency: Durations = field(factory=lambda: Durations(DELIVERY_BUCKETS))
     #: Attempts recorded since start, by destination address and outcome.
     attempts: dict[str, dict[str, int]] = field(factory=dict)
     #: The fencing token of each running lane, and of each delivery being sent.
@@ -507,8 +509,10 @@ class Dispatcher(Service):
         self._rescan = True
         self._fill_soon()
 
-    def delivered(self, destination: str) -> None:
-        """One delivery left the destination's queue (backpressure counter)."""
+    def delivered(self, destination: str, seconds: float = 0.0) -> None:
+        """One delivery left the destination's queue (backpressure counter), ``seconds``
+        after it was queued (the delivery latency, on the wall clock)."""
+        self.delivery_latency.observe(max(0.0, seconds))
         address = destinations.address_of(destination)
         self.sent[address] = self.sent.get(address, 0) + 1
         self.queued[destination] = max(0, self.queued.get(destination, 0) - 1)

@@ -54,8 +54,9 @@ class LaneContext:
     record: Callable[[Settlement], Deferred[Settlement]]
     #: A destination answered an attempt, before its outcome is recorded.
     answered: Callable[[], None]
-    #: One delivery to this endpoint left its queue (the backpressure counter).
-    delivered: Callable[[str], None]
+    #: One delivery to this endpoint left its queue (the backpressure counter), after
+    #: this many seconds since it was queued (the delivery latency).
+    delivered: Callable[[str, float], None]
     #: Who paused the destination of an endpoint (None: not paused): nothing is sent.
     paused_by: Callable[[str], str | None] = lambda _endpoint: None
     #: An attempt to this endpoint was recorded with this outcome (status counters).
@@ -202,7 +203,7 @@ class Lane:
                 return
             context.attempted(head.destination, settlement)
             if settlement.state == DELIVERED:
-                context.delivered(head.destination)
+                context.delivered(head.destination, context.now() - head.created_at)
                 self._page.popleft()
                 self._failures = self._nak_retries = 0
             else:

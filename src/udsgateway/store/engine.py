@@ -304,6 +304,9 @@ class _Pending(Generic[Item, Result]):
 
 #: Upper bounds (seconds) of the commit-time buckets (the metrics' histogram).
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Bounds for a delivery's time in the queue, from enqueue to the partner's ACK
+#: (seconds to an hour: a backlog or an outage makes it long).
+DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 60.0, 300.0, 1800.0, 3600.0)
 
 
 @define
