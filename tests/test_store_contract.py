@@ -61,6 +61,31 @@ def stored_flow(flow_id: str) -> StoredFlow:
     )
 
 
+def throwaway_schema_engine(test: SynchronousTestCase) -> Engine:
+    """An engine on PostgreSQL whose connections work in a schema of their own, as a
+    deployment would in its own database; the schema is dropped at ``test``'s cleanup.
+    SkipTest without PostgreSQL, except under CI, where that is an error."""
+    schema = f"udsgw_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_URL)
+    try:
+        with admin.begin() as connection:
+            connection.execute(text(f"CREATE SCHEMA {schema}"))
+    except Exception as error:
+        if os.environ.get("CI"):
+            raise
+        raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
+    engine = create_engine(POSTGRES_URL, connect_args={"options": f"-c search_path={schema}"})
+
+    def drop() -> None:
+        engine.dispose()
+        with admin.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+    test.addCleanup(drop)
+    return engine
+
+
 if TYPE_CHECKING:
     _Base = SynchronousTestCase
 else:
@@ -438,26 +463,5 @@ class PostgreSQLStoreTests(StoreContract, SynchronousTestCase):
     """The contract on PostgreSQL, in a throwaway schema."""
 
     def setUp(self) -> None:
-        schema = f"udsgw_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(POSTGRES_URL)
-        try:
-            with admin.begin() as connection:
-                connection.execute(text(f"CREATE SCHEMA {schema}"))
-        except Exception as error:
-            if os.environ.get("CI"):
-                raise
-            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
-
-        def drop() -> None:
-            self.engine.dispose()
-            with admin.begin() as connection:
-                connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-            admin.dispose()
-
-        self.addCleanup(drop)
-        # Every connection works in the throwaway schema, as a deployment would
-        # in its own database.
-        self.engine = create_engine(
-            POSTGRES_URL, connect_args={"options": f"-c search_path={schema}"}
-        )
+        self.engine = throwaway_schema_engine(self)
         self.open_database()

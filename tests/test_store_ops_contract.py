@@ -4,14 +4,13 @@ message search, the log view, replays) behave the same on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import os
-import uuid
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
-from tests.test_store_contract import POSTGRES_URL
+from tests.test_store_contract import throwaway_schema_engine
 from udsgateway.store import audit, destinations, executions, inbound, search
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
 from udsgateway.store.search import Query
@@ -227,24 +226,5 @@ class SQLiteOpsTests(OpsContract, SynchronousTestCase):
 
 class PostgreSQLOpsTests(OpsContract, SynchronousTestCase):
     def setUp(self) -> None:
-        schema = f"udsgw_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(POSTGRES_URL)
-        try:
-            with admin.begin() as connection:
-                connection.execute(text(f"CREATE SCHEMA {schema}"))
-        except Exception as error:
-            if os.environ.get("CI"):
-                raise
-            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
-
-        def drop() -> None:
-            self.engine.dispose()
-            with admin.begin() as connection:
-                connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-            admin.dispose()
-
-        self.addCleanup(drop)
-        self.engine = create_engine(
-            POSTGRES_URL, connect_args={"options": f"-c search_path={schema}"}
-        )
+        self.engine = throwaway_schema_engine(self)
         self.open_database()

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, text
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from sqlalchemy import Engine
+from twisted.trial.unittest import SynchronousTestCase
 
+from tests.test_store_contract import throwaway_schema_engine
 from udsgateway.store import users
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
 from udsgateway.store.users import Principal, UserError
-
-POSTGRES_URL = os.environ.get(
-    "UDSGATEWAY_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
 
 if TYPE_CHECKING:
     _Base = SynchronousTestCase
@@ -75,24 +70,5 @@ class SQLiteUsersTests(UsersContract, SynchronousTestCase):
 
 class PostgreSQLUsersTests(UsersContract, SynchronousTestCase):
     def setUp(self) -> None:
-        schema = f"udsgw_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(POSTGRES_URL)
-        try:
-            with admin.begin() as connection:
-                connection.execute(text(f"CREATE SCHEMA {schema}"))
-        except Exception as error:
-            if os.environ.get("CI"):
-                raise
-            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
-
-        def drop() -> None:
-            self.engine.dispose()
-            with admin.begin() as connection:
-                connection.execute(text(f"DROP SCHEMA {schema} CASCADE"))
-            admin.dispose()
-
-        self.addCleanup(drop)
-        self.engine = create_engine(
-            POSTGRES_URL, connect_args={"options": f"-c search_path={schema}"}
-        )
+        self.engine = throwaway_schema_engine(self)
         self.open()
