@@ -65,6 +65,24 @@ DRAIN_TIMEOUT = 120.0
 #: Frames may reach the receiver this long after the lease they were sent under ended
 #: (loopback transit and the receiver's read; the node stops at lease time less a margin).
 TRANSIT = 0.25
+#: A frame sent this long before a fault may still have its outcome unrecorded at
+#: the fault (outcomes are committed in groups, after the ACK).
+IN_FLIGHT = 2.0
+#: What a cluster's PostgreSQL needs so that a node cut off from it cannot stall the
+#: others (docs/cluster.md): the session of a node that vanished in the middle of a
+#: transaction keeps its locks (a message's unique key, a lane's lock) until the
+#: server notices, and the other nodes' transactions wait on them. Idle in a
+#: transaction for 2 s: rolled back; a silent peer: dropped after 2 + 2 x 1 s of
+#: keepalives, or 3 s of unacknowledged data.
+DEAD_CLIENT_SETTINGS = {
+    "idle_in_transaction_session_timeout": "'2s'",
+    "tcp_keepalives_idle": "2",
+    "tcp_keepalives_interval": "1",
+    "tcp_keepalives_count": "2",
+    "tcp_user_timeout": "3000",
+}
+#: Longest wait for a faulted node's buckets to be held by the others.
+TAKEOVER_WAIT = 60.0
 
 
 def _free_port(host: str = HOST) -> int:
@@ -515,6 +533,10 @@ class Report:
     lost: list[str]
     duplicates: int
     duplicates_new_id: int
+    #: Duplicates whose first copy was written by a faulted node around its fault (in
+    #: flight then: sent, its outcome not recorded); the others, with details.
+    duplicates_at_faults: int
+    duplicates_elsewhere: list[str]
     inversions: list[str]
     foreign_frames: list[str]
     unattributed: int
@@ -557,6 +579,9 @@ class Report:
             "inversions": len(self.inversions),
             "duplicates": self.duplicates,
             "duplicates_new_id": self.duplicates_new_id,
+            "duplicates_at_faults": self.duplicates_at_faults,
+            "duplicates_elsewhere": len(self.duplicates_elsewhere),
+            "duplicates_elsewhere_first": self.duplicates_elsewhere[:5],
             "foreign_frames": len(self.foreign_frames),
             "unattributed_frames": self.unattributed,
             "overlaps": len(self.overlaps),
@@ -615,6 +640,8 @@ class Cluster:
     clustered: bool = True
     database_url: str | None = None
     receiver_delay: float = 0.0
+    #: More postgresql.conf settings of the private PostgreSQL.
+    postgres_settings: dict[str, str] = field(factory=lambda: dict(DEAD_CLIENT_SETTINGS))
     postgres: PrivatePostgres | None = None
     namespace: Namespace | None = None
     members: dict[str, Node] = field(factory=dict)
@@ -657,7 +684,7 @@ class Cluster:
             if self.namespace is not None:
                 listen += (self.namespace.database_side,)
                 trust = (self.namespace.database_client,)
-            self.postgres = PrivatePostgres(listen, trust)
+            self.postgres = PrivatePostgres(listen, trust, dict(self.postgres_settings))
             self._cleanups.append(self.postgres.cleanup)
             self.postgres.initialise()
             self.postgres.start()
@@ -815,7 +842,9 @@ class Cluster:
         started = time.monotonic()
         while not done():
             if time.monotonic() - started > timeout:
-                raise AssertionError(f"{what}: not within {timeout} s\n{self.logs()}")
+                raise AssertionError(
+                    f"{what}: not within {timeout} s\n{self.sessions()}\n{self.logs()}"
+                )
             time.sleep(0.05)
         return time.monotonic() - started
 
@@ -829,6 +858,24 @@ class Cluster:
             return sum(counts) == self.buckets and max(counts) - min(counts) <= 1
 
         self.wait_for(balanced, f"buckets shared by {running}", timeout)
+
+    def sessions(self) -> str:
+        """PostgreSQL's sessions and the locks they wait for (a diagnosis)."""
+        from sqlalchemy import text
+
+        try:
+            with self.engine().connect() as connection:
+                rows = connection.execute(
+                    text(
+                        "SELECT pid, client_addr, state, wait_event_type, wait_event,"
+                        " pg_blocking_pids(pid) AS blocked_by,"
+                        " now() - xact_start AS in_transaction, left(query, 80) AS query"
+                        " FROM pg_stat_activity WHERE datname = current_database()"
+                    )
+                ).all()
+        except Exception as error:  # noqa: BLE001 - a diagnosis only
+            return f"sessions: {error}"
+        return "sessions:\n" + "\n".join(str(tuple(row)) for row in rows)
 
     def arrivals(self) -> list[Arrival]:
         return read_arrivals(self.arrivals_path)
@@ -920,7 +967,8 @@ class Cluster:
         arrivals = self.arrivals()
         acked = {a.control_id for a in answers if a.code in ("AA", "CA")}
         arrived: dict[str, Arrival] = {}
-        duplicates = duplicates_new_id = 0
+        duplicates = duplicates_new_id = at_faults = 0
+        elsewhere = []
         for arrival in arrivals:
             first = arrived.get(arrival.inbound_id)
             if first is None:
@@ -929,7 +977,15 @@ class Cluster:
             duplicates += 1
             if first.outbound_id != arrival.outbound_id:
                 duplicates_new_id += 1
+            if any(self._in_flight_at(fault, first) for fault in self.faults):
+                at_faults += 1
+            else:
+                elsewhere.append(
+                    f"{first.inbound_id}: by {first.node} at {first.time:.3f}, again by "
+                    f"{arrival.node} at {arrival.time:.3f}"
+                )
         history = self.lease_history()
+        self._dump(history)
         per_node: dict[str, int] = {}
         for arrival in arrivals:
             per_node[arrival.node] = per_node.get(arrival.node, 0) + 1
@@ -940,6 +996,8 @@ class Cluster:
             lost=sorted(acked - set(arrived)),
             duplicates=duplicates,
             duplicates_new_id=duplicates_new_id,
+            duplicates_at_faults=at_faults,
+            duplicates_elsewhere=elsewhere,
             inversions=inversions(arrivals),
             foreign_frames=foreign,
             unattributed=unattributed,
@@ -950,6 +1008,40 @@ class Cluster:
             leases=len(history),
             fenced=self.fenced_counts(),
         )
+
+    def _in_flight_at(self, fault: Fault, first: Arrival) -> bool:
+        """Whether ``first`` (a frame sent again later) was in flight at ``fault``:
+        written by the faulted node (any node when PostgreSQL failed) shortly before
+        the fault, or while the node could still send without recording (until its
+        lease ran out, when the fault cut it off from the database)."""
+        if fault.node in self.members and first.node != fault.node:
+            return False
+        after = TRANSIT
+        if fault.kind in ("PostgreSQL stopped", "cut from PostgreSQL"):
+            after += self.lease_time
+        return fault.at - IN_FLIGHT <= first.time <= fault.at + after
+
+    def _dump(self, history: Sequence[Any]) -> None:
+        """The lease history and the faults, beside the logs (for a post-mortem)."""
+        with suppress(OSError):
+            (self.directory / "leases.json").write_text(
+                json.dumps(
+                    {
+                        "faults": [
+                            {"kind": f.kind, "node": f.node, "at": f.at, "until": f.until,
+                             "held": sorted(f.held), "notes": f.notes}
+                            for f in self.faults
+                        ],
+                        "history": [
+                            {"bucket": h.bucket, "epoch": h.epoch, "owner": h.owner,
+                             "acquired_at": h.acquired_at, "valid_until": h.valid_until,
+                             "released": h.released}
+                            for h in history
+                        ],
+                    },
+                    indent=1,
+                )
+            )
 
     def bucket(self, patient: str) -> int:
         from udsgateway.store.leases import bucket_of
@@ -1049,3 +1141,140 @@ def _replace(path: Path, text: str) -> None:
 
 def median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
+
+
+# -- scenarios (shared by the short test and bench/cluster.py)
+
+
+@define
+class Load:
+    """The senders' shape during a fault scenario."""
+
+    connections: int = 6
+    patients: int = 60
+    rate: float = 60.0
+
+
+def _all_held_by_others(cluster: Cluster, fault: Fault) -> Callable[[], bool]:
+    def done() -> bool:
+        held = cluster.held()
+        others = set().union(*(b for n, b in held.items() if n != fault.node)) if held else set()
+        return fault.held <= others
+
+    return done
+
+
+def _started(cluster: Cluster, load: Load, warmup: int = 30) -> None:
+    cluster.wait_balanced()
+    cluster.start_sender(load.connections, load.patients, load.rate)
+    cluster.wait_arrivals(warmup)
+
+
+def _finish(cluster: Cluster) -> Report:
+    cluster.stop_sender()
+    cluster.wait_drained()
+    return cluster.report()
+
+
+def scenario_kills(cluster: Cluster, kills: int, load: Load | None = None) -> Report:
+    """kill -9 a node under load, ``kills`` times (each node in turn); after each,
+    wait until its buckets are held by the others and delivering, then restart it
+    and wait for an even share again."""
+    _started(cluster, load or Load())
+    names = list(cluster.members)
+    for number in range(kills):
+        victim = names[number % len(names)]
+        fault = cluster.kill(victim)
+        fault.notes["buckets_taken_after_s"] = round(
+            cluster.wait_for(_all_held_by_others(cluster, fault), "takeover", TAKEOVER_WAIT), 2
+        )
+        time.sleep(1.0)
+        cluster.restart_node(victim)
+        cluster.wait_balanced(120.0)
+    return _finish(cluster)
+
+
+def scenario_pause(cluster: Cluster, name: str, load: Load | None = None) -> Report:
+    """SIGSTOP ``name`` under load until the others hold its buckets (longer than its
+    lease), then SIGCONT; run on until it holds a share again."""
+    _started(cluster, load or Load())
+    fault = cluster.pause(name)
+    fault.notes["buckets_taken_after_s"] = round(
+        cluster.wait_for(_all_held_by_others(cluster, fault), "takeover", TAKEOVER_WAIT), 2
+    )
+    time.sleep(1.0)
+    cluster.resume(fault)
+    cluster.wait_balanced(120.0)
+    time.sleep(2.0)
+    report = _finish(cluster)
+    assert fault.until is not None
+    after = [a for a in cluster.arrivals() if a.node == name and a.time > fault.until]
+    fault.notes["frames_after_resume"] = len(after)
+    first_lease = min(
+        (
+            lease.acquired_at
+            for lease in cluster.lease_history()
+            if lease.owner == name and lease.acquired_at > fault.at
+        ),
+        default=None,
+    )
+    fault.notes["first_new_lease_after_resume_s"] = (
+        round(first_lease - fault.until, 2) if first_lease is not None else None
+    )
+    fault.notes["frames_before_its_first_new_lease"] = len(
+        [a for a in after if first_lease is None or a.time < first_lease]
+    )
+    return report
+
+
+def scenario_postgres_restart(cluster: Cluster, down: float, load: Load | None = None) -> Report:
+    """Stop PostgreSQL (``-m immediate``, as a crash) under load for ``down`` seconds
+    (longer than the lease: every node must stop sending), start it again, and run on
+    until every node delivers again."""
+    _started(cluster, load or Load())
+    fault = cluster.stop_postgres()
+    time.sleep(down)
+    cluster.start_postgres(fault)
+    assert fault.until is not None
+    fault.notes["frames_while_down_after_lease"] = len(
+        [
+            a
+            for a in cluster.arrivals()
+            if fault.at + cluster.lease_time + TRANSIT < a.time < fault.until
+        ]
+    )
+    resumed: dict[str, float] = {}
+
+    def everyone_delivers() -> bool:
+        for arrival in cluster.arrivals():
+            if arrival.time > fault.until and arrival.node not in resumed:
+                resumed[arrival.node] = arrival.time - fault.until
+        return all(name in resumed for name in cluster.members)
+
+    cluster.wait_for(everyone_delivers, "every node delivering after the restart", 120.0)
+    fault.notes["first_frame_after_restart_s"] = {n: round(t, 2) for n, t in resumed.items()}
+    report = _finish(cluster)
+    fault.notes["buckets_re_leased_after_restart"] = len(
+        {lease.bucket for lease in cluster.lease_history() if lease.acquired_at > fault.until}
+    )
+    return report
+
+
+def scenario_cut(cluster: Cluster, load: Load | None = None) -> Report:
+    """Cut the namespaced node's link to PostgreSQL under load (its partner and sender
+    links stay up): it must stop sending within its lease time, and the others take
+    its buckets. Then restore the link and run on until it holds a share again."""
+    assert cluster.namespaced is not None
+    name = cluster.namespaced
+    _started(cluster, load or Load())
+    fault = cluster.cut_database()
+    fault.notes["buckets_taken_after_s"] = round(
+        cluster.wait_for(_all_held_by_others(cluster, fault), "takeover", TAKEOVER_WAIT), 2
+    )
+    time.sleep(2.0)
+    last = max((a.time for a in cluster.arrivals() if a.node == name), default=fault.at)
+    fault.notes["last_frame_after_cut_s"] = round(last - fault.at, 2)
+    cluster.restore_database(fault)
+    cluster.wait_balanced(120.0)
+    time.sleep(2.0)
+    return _finish(cluster)
