@@ -64,7 +64,7 @@ def throughput(
         names = tuple(f"n{k}" for k in range(1, nodes + 1))
         database = f"sqlite:///{directory / 'gateway.db'}" if store == "sqlite" else None
         cluster = Cluster(
-            directory, names, clustered=store == "cluster", database_url=database
+            directory, names, clustered=store == "cluster", database_url=database, admin=False
         )
         try:
             cluster.setup()

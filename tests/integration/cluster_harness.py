@@ -336,6 +336,7 @@ class Namespace:
 # -- the gateway nodes
 
 _LISTENING = re.compile(r"tenant (\S+) listening on .*?port=(\d+)")
+_ADMIN = re.compile(r"admin API listening on .*?port=(\d+)")
 
 FLOWS = """app_id = "{app_id}"
 name = "Cluster harness"
@@ -384,6 +385,7 @@ class Node:
     listen_host: str = HOST
     namespace: Namespace | None = None
     port: int = 0
+    admin_port: int = 0
     child: LoggedProcess = field(init=False)
     log_offset: int = 0
 
@@ -400,7 +402,9 @@ class Node:
     def running(self) -> bool:
         return self.child.running
 
-    def write_config(self, cluster: dict[str, Any] | None, flows: Path | None) -> Path:
+    def write_config(
+        self, cluster: dict[str, Any] | None, flows: Path | None, admin: bool = True
+    ) -> Path:
         lines = [
             "[gateway]",
             f"database = {json.dumps(self.database)}",
@@ -418,6 +422,14 @@ class Node:
             "held_poll = 1.0",
             "max_queued_per_destination = 2000000",
         ]
+        if admin:
+            lines += [
+                "",
+                "[admin]",
+                "enabled = true",
+                f'listen = "tcp:port=0:interface={self.listen_host}"',
+                "refresh_interval = 1",
+            ]
         if cluster is not None:
             lines += ["", "[cluster]", "enabled = true"]
             lines += [f"{key} = {json.dumps(value)}" for key, value in cluster.items()]
@@ -441,13 +453,43 @@ class Node:
                 raise AssertionError(
                     f"node {self.name} exited with {process.returncode}:\n{self.recent_log()}"
                 )
-            found = _LISTENING.findall(self.recent_log())
-            if found:
+            log = self.recent_log()
+            found = _LISTENING.findall(log)
+            admin = _ADMIN.findall(log)
+            if found and (admin or "[admin]" not in self.config_text()):
                 self.port = int(found[-1][1])
+                self.admin_port = int(admin[-1]) if admin else 0
                 return
             if time.monotonic() > deadline:
                 raise AssertionError(f"node {self.name} not listening:\n{self.recent_log()}")
             self.child.pause()
+
+    def config_text(self) -> str:
+        return (self.directory / f"{self.name}.toml").read_text(encoding="utf-8")
+
+    def metrics(self, token: str) -> dict[str, float]:
+        """The node's ``udsgw_lease_*`` and ``udsgw_cluster_*`` samples from ``/metrics``
+        (``name{labels}`` -> value); {} when it does not answer."""
+        import urllib.request
+
+        if not self.admin_port or not self.running:
+            return {}
+        request = urllib.request.Request(
+            f"http://{self.listen_host}:{self.admin_port}/metrics",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
+                text = answer.read().decode("utf-8")
+        except OSError:
+            return {}
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith(("udsgw_lease_", "udsgw_cluster_")):
+                name, _, value = line.rpartition(" ")
+                with suppress(ValueError):
+                    samples[name] = float(value)
+        return samples
 
     def recent_log(self) -> str:
         """The log since the last start."""
@@ -650,6 +692,9 @@ class Cluster:
     faults: list[Fault] = field(factory=list)
     receiver_host: str = HOST
     receiver_port: int = 0
+    #: Each node's admin API (for its lease metrics), with a viewer's token.
+    admin: bool = True
+    token: str = ""
     _cleanups: list[Callable[[], None]] = field(factory=list)
     _engine: Any = None
 
@@ -717,6 +762,8 @@ class Cluster:
             self.start_node(name, flows if index == 0 else None)
             if index == 0:
                 node.wait_ready()
+                if self.admin:
+                    self.token = viewer_token(self.database_url)
         for node in self.members.values():
             node.wait_ready()
         self.publish()
@@ -728,7 +775,7 @@ class Cluster:
 
     def start_node(self, name: str, flows: Path | None = None) -> None:
         node = self.members[name]
-        node.start(node.write_config(self.cluster_settings(), flows))
+        node.start(node.write_config(self.cluster_settings(), flows, self.admin))
         self.publish()
 
     def restart_node(self, name: str) -> None:
@@ -1105,11 +1152,17 @@ class Cluster:
         return times
 
     def fenced_counts(self) -> dict[str, int]:
-        """Lines of each node's log that report a fenced rejection or a lapsed lease."""
+        """Per node: fenced rejections (``udsgw_lease_fenced_rejections``, counted since
+        its last start) and the lapses it logged over all its runs (``lapses``: "leases
+        not renewed in time"). Read at the end of a scenario, from the running nodes."""
         counts = {}
         for name, node in self.members.items():
-            text = node.child.log_text()
-            counts[name] = len(re.findall(r"(?i)fenced|lease[s]? (?:lapsed|lost)", text))
+            samples = node.metrics(self.token) if self.token else {}
+            for sample, value in samples.items():
+                if sample.startswith("udsgw_lease_fenced_rejections"):
+                    counts[f"{name} fenced"] = counts.get(f"{name} fenced", 0) + int(value)
+            lapses = node.child.log_text().count("leases not renewed in time")
+            counts[f"{name} lapses"] = lapses
         return counts
 
     def logs(self, tail: int = 4000) -> str:
@@ -1131,6 +1184,25 @@ class Cluster:
         # The node in the namespace was stopped above; now the namespace can go.
         if self.namespace is not None:
             self.namespace.cleanup()
+
+
+def viewer_token(database_url: str) -> str:
+    """A viewer with an API token in the cluster's store (as ``udsgateway tokens
+    create`` makes it), for the nodes' ``/metrics``."""
+    from udsgateway.admin import auth
+    from udsgateway.store import users
+    from udsgateway.store.engine import Database, InlineRunner, make_engine
+
+    database = Database(make_engine(database_url), InlineRunner())
+    try:
+        hashed = auth.hash_password(secrets.token_hex(8), 2**10)
+        database.transaction_now(users.add_user, "harness", hashed, "viewer", False, time.time())
+        token = auth.new_token()
+        digest = auth.token_digest(token)
+        database.transaction_now(users.add_token, "harness", "", digest, token[:12], time.time())
+    finally:
+        database.close()
+    return token
 
 
 def _replace(path: Path, text: str) -> None:
