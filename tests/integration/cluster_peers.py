@@ -215,7 +215,7 @@ def message(run: str, patient: str, sequence: int, control_id: str) -> bytes:
 class Sender:
     def __init__(self, arguments: argparse.Namespace) -> None:
         self.targets_path = Path(arguments.targets)
-        self.out = Path(arguments.out).open("a", buffering=1)
+        self.out = Path(arguments.out).open("a", buffering=1)  # noqa: SIM115 - closed in main
         self.connections = arguments.connections
         self.patients = arguments.patients
         self.run = arguments.run
@@ -232,9 +232,9 @@ class Sender:
             found.append((host, int(port)))
         return found
 
-    async def connect(self, index: int, attempt: int) -> tuple[
-        asyncio.StreamReader, asyncio.StreamWriter, str
-    ]:
+    async def connect(
+        self, index: int, attempt: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
         while True:
             targets = self.targets()
             if targets:
@@ -244,7 +244,7 @@ class Sender:
                         asyncio.open_connection(host, port), self.timeout
                     )
                     return reader, writer, f"{host}:{port}"
-                except (OSError, asyncio.TimeoutError):
+                except (TimeoutError, OSError):
                     pass
             attempt += 1
             await asyncio.sleep(0.1)
@@ -292,7 +292,7 @@ class Sender:
                         code = await asyncio.wait_for(
                             self.exchange(reader, writer, frame), self.timeout
                         )
-                    except (OSError, asyncio.TimeoutError, ConnectionError):
+                    except (TimeoutError, OSError, ConnectionError):
                         code = "--"
                     self.out.write(
                         f"{time.time():.6f}\t{patient}\t{sequence}\t{control_id}\t{code}\t"

@@ -35,7 +35,6 @@ import os
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tests.integration.helpers import new_directory
 from tests.integration.cluster_harness import (
     Cluster,
     Load,
@@ -47,6 +46,7 @@ from tests.integration.cluster_harness import (
     scenario_pause,
     scenario_postgres_restart,
 )
+from tests.integration.helpers import new_directory
 
 LEASE = 6.0
 BUCKETS = 16
