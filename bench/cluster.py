@@ -111,7 +111,7 @@ def throughput(
     }
 
 
-def faults(kills: int, lease: float, buckets: int) -> dict[str, Any]:
+def faults(kills: int, lease: float, buckets: int, haproxy: str = "") -> dict[str, Any]:
     results: dict[str, Any] = {}
     load = Load()
     runs = {
@@ -131,6 +131,7 @@ def faults(kills: int, lease: float, buckets: int) -> dict[str, Any]:
                 buckets=buckets,
                 lease_time=lease,
                 namespaced="n3" if title == "cut from PostgreSQL" else None,
+                haproxy=haproxy,
             )
             try:
                 cluster.setup()
@@ -159,6 +160,12 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=6)
     parser.add_argument("--lease", type=float, default=6.0)
     parser.add_argument("--buckets", type=int, default=16)
+    parser.add_argument(
+        "--haproxy",
+        default="",
+        choices=["", "tcp", "proxy-v2"],
+        help="faults: the senders through HAProxy (proxy-v2: with the PROXY protocol)",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
@@ -186,7 +193,9 @@ def main() -> None:
                 print(json.dumps(runs[-1]), flush=True)
         results["throughput"] = runs
     if arguments.faults:
-        results["faults"] = faults(arguments.kills, arguments.lease, arguments.buckets)
+        results["faults"] = faults(
+            arguments.kills, arguments.lease, arguments.buckets, arguments.haproxy
+        )
     text = json.dumps(results, indent=1)
     print(text)
     if arguments.json:

@@ -408,6 +408,11 @@ class Node:
     namespace: Namespace | None = None
     port: int = 0
     admin_port: int = 0
+    #: Fixed ports (0: any free one at each start), so that HAProxy finds a restarted node.
+    listen_port: int = 0
+    admin_listen_port: int = 0
+    #: Behind HAProxy with the PROXY protocol: the addresses HAProxy connects from.
+    proxies: tuple[str, ...] = ()
     child: LoggedProcess = field(init=False)
     log_offset: int = 0
 
@@ -434,8 +439,9 @@ class Node:
             "",
             "[[tenants]]",
             f"name = {json.dumps(TENANT)}",
-            f'listen = "tcp:port=0:interface={self.listen_host}"',
+            f'listen = "{self.endpoint()}"',
             f"flow_files = [{json.dumps(str(flows)) if flows else ''}]",
+            *([f"proxies = {json.dumps(list(self.proxies))}"] if self.proxies else []),
             "[tenants.limits]",
             "max_connections = 512",
             "max_connections_per_peer = 512",
@@ -449,7 +455,7 @@ class Node:
                 "",
                 "[admin]",
                 "enabled = true",
-                f'listen = "tcp:port=0:interface={self.listen_host}"',
+                f'listen = "tcp:port={self.admin_listen_port}:interface={self.listen_host}"',
                 "refresh_interval = 1",
             ]
         if cluster is not None:
@@ -458,6 +464,10 @@ class Node:
         config = self.directory / f"{self.name}.toml"
         config.write_text("\n".join(lines) + "\n", encoding="utf-8")
         return config
+
+    def endpoint(self) -> str:
+        endpoint = f"tcp:port={self.listen_port}:interface={self.listen_host}"
+        return f"haproxy:{endpoint}" if self.proxies else endpoint
 
     def start(self, config: Path) -> None:
         argv = [str(TWISTD), "-n", "--pidfile=", "udsgateway", "--config", str(config)]
@@ -717,6 +727,12 @@ class Cluster:
     #: Each node's admin API (for its lease metrics), with a viewer's token.
     admin: bool = True
     token: str = ""
+    #: The senders' way in: "" straight to each node's listener; "tcp" through HAProxy
+    #: (mode tcp); "proxy-v2" through HAProxy with the PROXY protocol into each node's
+    #: ``haproxy:`` listener (its ``proxies`` the address HAProxy connects from).
+    haproxy: str = ""
+    haproxy_port: int = 0
+    balancer: LoggedProcess | None = None
     _cleanups: list[Callable[[], None]] = field(factory=list)
     _engine: Any = None
 
@@ -778,6 +794,11 @@ class Cluster:
                 database = self.postgres.url(host=self.namespace.database_side)
                 listen_host = self.namespace.address
             node = Node(name, self.directory, database, listen_host, namespace)
+            if self.haproxy:
+                # Fixed ports: HAProxy's configuration names them, across restarts.
+                node.listen_port, node.admin_listen_port = _free_port(), _free_port()
+                if self.haproxy == "proxy-v2":
+                    node.proxies = (namespace.partner_side if namespace else HOST,)
             self.members[name] = node
             self._cleanups.append(node.stop)
             # The first node imports the flows and creates the schema; the others follow.
@@ -788,6 +809,8 @@ class Cluster:
                     self.token = viewer_token(self.database_url)
         for node in self.members.values():
             node.wait_ready()
+        if self.haproxy:
+            self.start_haproxy()
         self.publish()
 
     def cluster_settings(self) -> dict[str, Any] | None:
@@ -816,8 +839,59 @@ class Cluster:
                 targets.append(f"{node.listen_host}:{node.port}")
             if node.namespace is not None:
                 identities.append(f"{node.namespace.address} {node.name}")
+        if self.haproxy_port:
+            targets = [f"{HOST}:{self.haproxy_port}"]
         _replace(self.targets_path, "\n".join(targets) + "\n")
         _replace(self.identities_path, "\n".join(identities) + "\n")
+
+    def haproxy_config(self) -> str:
+        """HAProxy in TCP mode in front of every node; a node is in service while its
+        ``/readyz`` answers 200 (checked every 0.5 s; out after 2 failures)."""
+        send_proxy = "send-proxy-v2" if self.haproxy == "proxy-v2" else ""
+        lines = [
+            "global",
+            "    maxconn 4096",
+            "defaults",
+            "    mode tcp",
+            "    timeout connect 2s",
+            "    timeout client 11m",
+            "    timeout server 11m",
+            "    timeout check 2s",
+            "    retries 2",
+            "    option redispatch",
+            "frontend hl7",
+            f"    bind {HOST}:{self.haproxy_port}",
+            "    default_backend nodes",
+            "backend nodes",
+            "    balance leastconn",
+            "    option httpchk GET /readyz",
+            "    http-check expect status 200",
+            f"    default-server inter 500ms fall 2 rise 1 {send_proxy}",
+        ]
+        lines += [
+            f"    server {node.name} {node.listen_host}:{node.listen_port}"
+            f" check port {node.admin_listen_port}"
+            for node in self.members.values()
+        ]
+        return "\n".join(lines) + "\n"
+
+    def start_haproxy(self) -> None:
+        binary = shutil.which("haproxy")
+        assert binary is not None, "no haproxy"
+        assert self.admin, "HAProxy checks the nodes' /readyz: the admin API must be on"
+        self.haproxy_port = _free_port()
+        config = self.directory / "haproxy.cfg"
+        config.write_text(self.haproxy_config())
+        self.balancer = LoggedProcess(self.directory / "haproxy.log")
+        self._cleanups.append(
+            lambda: self.balancer.stop(signal.SIGKILL) if self.balancer else None
+        )
+        self.balancer.spawn([binary, "-db", "-f", str(config)], self.directory, dict(os.environ))
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not _accepts(HOST, self.haproxy_port):
+            if not self.balancer.running or time.monotonic() > deadline:
+                raise AssertionError(f"haproxy did not start:\n{self.balancer.log_text()}")
+            self.balancer.pause()
 
     def start_receiver(self) -> None:
         self.receiver = LoggedProcess(self.directory / "receiver.log")
@@ -1231,6 +1305,8 @@ class Cluster:
             parts.append(f"--- receiver:\n{self.receiver.log_text()[-tail:]}")
         if self.sender is not None:
             parts.append(f"--- sender:\n{self.sender.log_text()[-tail:]}")
+        if self.balancer is not None:
+            parts.append(f"--- haproxy:\n{self.balancer.log_text()[-tail:]}")
         return "\n".join(parts)
 
     def cleanup(self) -> None:
@@ -1261,6 +1337,19 @@ def viewer_token(database_url: str) -> str:
     finally:
         database.close()
     return token
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def can_run_haproxy() -> str | None:
+    """None when Debian's ``haproxy`` is installed; else the reason."""
+    return None if shutil.which("haproxy") else "no haproxy (apt-get install haproxy)"
 
 
 def _replace(path: Path, text: str) -> None:

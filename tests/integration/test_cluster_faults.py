@@ -40,6 +40,7 @@ from tests.integration.cluster_harness import (
     Load,
     Report,
     can_make_namespaces,
+    can_run_haproxy,
     can_run_private_postgres,
     scenario_cut,
     scenario_kills,
@@ -66,12 +67,18 @@ def _skip_unless(reason: str | None) -> None:
 class ClusterFaultsShortTests(SynchronousTestCase):
     """The short fault harness: one scenario per test, each on a fresh cluster."""
 
-    def cluster(self, namespaced: str | None = None) -> Cluster:
+    def cluster(self, namespaced: str | None = None, haproxy: str = "") -> Cluster:
         _skip_unless(can_run_private_postgres())
         if namespaced:
             _skip_unless(can_make_namespaces())
         directory = new_directory(self)
-        cluster = Cluster(directory, buckets=BUCKETS, lease_time=LEASE, namespaced=namespaced)
+        cluster = Cluster(
+            directory,
+            buckets=BUCKETS,
+            lease_time=LEASE,
+            namespaced=namespaced,
+            haproxy=haproxy,
+        )
         self.addCleanup(cluster.cleanup)
         cluster.setup()
         return cluster
@@ -85,8 +92,10 @@ class ClusterFaultsShortTests(SynchronousTestCase):
         self.assertEqual(report.unattributed, 0)
 
     def test_kill_nodes(self) -> None:
-        """kill -9 under load, twice: every moved bucket delivers again within the target."""
-        cluster = self.cluster()
+        """kill -9 under load, twice: every moved bucket delivers again within the target.
+        The senders go through HAProxy (mode tcp) when it is installed, straight to the
+        nodes otherwise."""
+        cluster = self.cluster(haproxy="" if can_run_haproxy() else "tcp")
         report = scenario_kills(cluster, 2, LOAD)
         self.check(cluster, report)
         self.assertTrue(report.takeovers)
