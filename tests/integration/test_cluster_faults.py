@@ -109,6 +109,8 @@ class ClusterFaultsShortTests(SynchronousTestCase):
         self.check(cluster, report)
         (fault,) = report.faults
         self.assertEqual(fault.notes["frames_before_its_first_new_lease"], 0)
+        # Its own word on resuming: the leases lapsed on its clock (a line in its log).
+        self.assertGreaterEqual(report.fenced["n2 lapses"], 1)
         self.assertLess(max(report.takeovers), TAKEOVER_TARGET, report.takeovers)
 
     def test_restart_postgres(self) -> None:
@@ -121,6 +123,9 @@ class ClusterFaultsShortTests(SynchronousTestCase):
         self.assertEqual(fault.notes["frames_while_down_after_lease"], 0)
         self.assertEqual(set(fault.notes["first_frame_after_restart_s"]), set(cluster.members))
         self.assertEqual(fault.notes["buckets_re_leased_after_restart"], BUCKETS)
+        # Every node fenced itself: its leases lapsed on its own clock.
+        for name in cluster.members:
+            self.assertGreaterEqual(report.fenced[f"{name} lapses"], 1, name)
 
     def test_cut_from_database(self) -> None:
         """A node cut off from PostgreSQL alone stops sending within its lease time."""
@@ -129,4 +134,5 @@ class ClusterFaultsShortTests(SynchronousTestCase):
         self.check(cluster, report)
         (fault,) = report.faults
         self.assertLess(fault.notes["last_frame_after_cut_s"], LEASE)
+        self.assertGreaterEqual(report.fenced["n3 lapses"], 1)
         self.assertTrue(report.per_node.get("n3"))
