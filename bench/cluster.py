@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -111,6 +112,24 @@ def throughput(
     }
 
 
+def medians(runs: list[dict[str, Any]], kinds: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """Per kind (store, nodes): the median of each figure over the rounds."""
+    table = []
+    for store, count in kinds:
+        mine = [run for run in runs if run["store"] == store and run["nodes"] == count]
+        row: dict[str, Any] = {"store": store, "nodes": count, "runs": len(mine)}
+        for key in (
+            "ingest_msgs_per_s",
+            "relay_msgs_per_s",
+            "postgres_cores",
+            "node_cpu_ms_per_msg",
+        ):
+            values = [run[key] for run in mine if run[key] is not None]
+            row[key] = statistics.median(values) if values else None
+        table.append(row)
+    return table
+
+
 def faults(kills: int, lease: float, buckets: int, haproxy: str = "") -> dict[str, Any]:
     results: dict[str, Any] = {}
     load = Load()
@@ -155,6 +174,7 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=6000)
     parser.add_argument("--connections", type=int, default=12)
     parser.add_argument("--patients", type=int, default=240)
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds")
     parser.add_argument("--no-single", action="store_true", help="skip the single-gateway runs")
     parser.add_argument("--faults", action="store_true")
     parser.add_argument("--kills", type=int, default=6)
@@ -177,21 +197,22 @@ def main() -> None:
         arguments.messages, arguments.kills, arguments.faults = 600, 2, True
     results: dict[str, Any] = {"loadavg_at_start": _loadavg(), "nproc": os.cpu_count()}
     if arguments.nodes:
-        runs = []
-        for count in (int(n) for n in arguments.nodes.split(",")):
-            runs.append(
-                throughput(count, arguments.messages, arguments.connections, arguments.patients)
-            )
-            print(json.dumps(runs[-1]), flush=True)
+        kinds = [("cluster", int(n)) for n in arguments.nodes.split(",")]
         if not arguments.no_single:
-            for store in ("postgres", "sqlite"):
+            kinds += [("postgres", 1), ("sqlite", 1)]
+        runs = []
+        # Rounds interleave the kinds (A B C A B C), so that a change in the machine's
+        # load touches every kind alike; the medians are reported per kind.
+        for _round in range(arguments.rounds):
+            for store, count in kinds:
                 runs.append(
                     throughput(
-                        1, arguments.messages, arguments.connections, arguments.patients, store
+                        count, arguments.messages, arguments.connections, arguments.patients, store
                     )
                 )
                 print(json.dumps(runs[-1]), flush=True)
         results["throughput"] = runs
+        results["medians"] = medians(runs, kinds)
     if arguments.faults:
         results["faults"] = faults(
             arguments.kills, arguments.lease, arguments.buckets, arguments.haproxy
