@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -144,26 +145,34 @@ def faults(kills: int, lease: float, buckets: int, haproxy: str = "") -> dict[st
     else:
         results["cut from PostgreSQL"] = f"skipped: {reason}"
     for title, run in runs.items():
-        with tempfile.TemporaryDirectory(prefix="bench-cluster-faults-") as name:
-            cluster = Cluster(
-                Path(name),
-                buckets=buckets,
-                lease_time=lease,
-                namespaced="n3" if title == "cut from PostgreSQL" else None,
-                haproxy=haproxy,
-            )
-            try:
-                cluster.setup()
-                started = time.monotonic()
-                report = run(cluster)
-                summary = report.summary()
-                summary["problems"] = report.problems()
-                summary["fault_notes"] = [fault.notes for fault in report.faults]
-                summary["seconds"] = round(time.monotonic() - started, 1)
-                summary["loadavg"] = _loadavg()
-                results[title] = summary
-            finally:
-                cluster.cleanup()
+        directory = Path(tempfile.mkdtemp(prefix="bench-cluster-faults-"))
+        cluster = Cluster(
+            directory,
+            buckets=buckets,
+            lease_time=lease,
+            namespaced="n3" if title == "cut from PostgreSQL" else None,
+            haproxy=haproxy,
+        )
+        try:
+            cluster.setup()
+            started = time.monotonic()
+            report = run(cluster)
+        except AssertionError as error:
+            # A scenario that did not complete: say why, keep its logs, go on.
+            results[title] = {"failed": str(error)[:3000], "directory": str(directory)}
+        else:
+            summary = report.summary()
+            summary["problems"] = report.problems()
+            summary["fault_notes"] = [fault.notes for fault in report.faults]
+            summary["seconds"] = round(time.monotonic() - started, 1)
+            summary["loadavg"] = _loadavg()
+            results[title] = summary
+            if not summary["problems"]:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                summary["directory"] = str(directory)
+        finally:
+            cluster.cleanup()
         print(json.dumps({title: results[title]}), flush=True)
     return results
 

@@ -68,18 +68,23 @@ TRANSIT = 0.25
 #: A frame sent this long before a fault may still have its outcome unrecorded at
 #: the fault (outcomes are committed in groups, after the ACK).
 IN_FLIGHT = 2.0
-#: What a cluster's PostgreSQL needs so that a node cut off from it cannot stall the
-#: others (docs/cluster.md): the session of a node that vanished in the middle of a
-#: transaction keeps its locks (a message's unique key, a lane's lock) until the
-#: server notices, and the other nodes' transactions wait on them. Idle in a
-#: transaction for 2 s: rolled back; a silent peer: dropped after 2 + 2 x 1 s of
-#: keepalives, or 3 s of unacknowledged data.
+#: What a cluster's PostgreSQL needs so that a node cut off from it, or frozen, cannot
+#: stall the others (docs/cluster.md, "PostgreSQL settings a cluster needs"): the session
+#: of a node that vanished or froze in the middle of a transaction keeps its locks (a
+#: message's unique key, a lane's lock) until the server ends it, and the other nodes'
+#: transactions wait on them, their lease rounds behind them. Idle in a transaction for
+#: 2 s: rolled back; a silent peer: dropped after 2 + 2 x 1 s of keepalives, or 3 s of
+#: unacknowledged data. A frozen process (SIGSTOP, a paused VM) in the middle of a
+#: pipeline (psycopg's executemany) escapes all of these (its kernel still answers, and
+#: the server is not "idle in transaction" before the pipeline's Sync): a lock wait of
+#: more than 1 s fails instead (the inbound commit is answered with a NAK and resent).
 DEAD_CLIENT_SETTINGS = {
     "idle_in_transaction_session_timeout": "'2s'",
     "tcp_keepalives_idle": "2",
     "tcp_keepalives_interval": "1",
     "tcp_keepalives_count": "2",
     "tcp_user_timeout": "3000",
+    "lock_timeout": "'1s'",
 }
 #: Longest wait for a faulted node's buckets to be held by the others.
 TAKEOVER_WAIT = 60.0
