@@ -113,6 +113,9 @@ class LeaseManager(Service):
         self._ticking = False
         self._again = False
         self._soon: IDelayedCall | None = None
+        #: Fires after the first round ended (taken part, refused or failed): a
+        #: gateway starting in cluster mode waits for it.
+        self.first_round: Deferred[None] = Deferred()
 
     @property
     def renew_interval(self) -> float:
@@ -186,6 +189,13 @@ class LeaseManager(Service):
             self._ticking = False
 
     async def _round(self) -> Round | None:
+        try:
+            return await self._one_round()
+        finally:
+            if not self.first_round.called:
+                self.first_round.callback(None)
+
+    async def _one_round(self) -> Round | None:
         started = self.clock.seconds()
         try:
             result: Round = await self.database.transaction(
