@@ -336,7 +336,7 @@ class Executor:
                     # these executions (nothing of this transaction was committed).
                     self.fenced += 1
                     log.info("executor: {error}; the new owner renders them", error=error)
-                    continue
+                    return  # woken again when this node gains buckets, or by its poll
                 self._hand_over(enqueued)
                 for transition in transitions:
                     if transition.delivery is None:
