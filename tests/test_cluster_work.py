@@ -166,7 +166,9 @@ class ExecutorClaimTests(SynchronousTestCase):
         self.receive("C1")
         executor, _queue = self.executor(None)
         executor.wake()
-        self.assertEqual(self.enqueued(), {(self.mine.flow_id, "C1"): 1, (self.theirs.flow_id, "C1"): 1})
+        self.assertEqual(
+            self.enqueued(), {(self.mine.flow_id, "C1"): 1, (self.theirs.flow_id, "C1"): 1}
+        )
 
     def test_a_node_that_holds_nothing_renders_nothing(self) -> None:
         """Before its first round (no bucket held), a node's executor takes nothing."""
@@ -279,7 +281,7 @@ class DispatcherWakeTests(SynchronousTestCase):
         self.b = LeaseManager(self.rig.database, self.rig.clock, "b", LEASE)
         for manager in (self.a, self.b):
             manager.startService()
-            self.addCleanup(lambda m=manager: m.running and m.stopService())
+            self.addCleanup(stop_if_running, manager)
         self.a.tick()
         self.b.tick()
         self.rig.dispatcher.fence = BucketFence(self.a)
@@ -326,6 +328,11 @@ class DispatcherWakeTests(SynchronousTestCase):
         self.assertEqual(self.states(mine), [("M1", DELIVERED)])
 
 
+def stop_if_running(manager: LeaseManager) -> None:
+    if manager.running:
+        manager.stopService()
+
+
 class PayloadTests(SynchronousTestCase):
     def test_parse_what_is_announced(self) -> None:
         self.assertEqual(
@@ -369,7 +376,9 @@ class ConfigTests(SynchronousTestCase):
         )
         with self.assertRaises(ConfigError) as raised:
             parse_config(self.BASE + "[cluster]\nbuckets = 4097\n")
-        self.assertEqual(raised.exception.problems, ["<config>: cluster.buckets: must be from 1 to 4096"])
+        self.assertEqual(
+            raised.exception.problems, ["<config>: cluster.buckets: must be from 1 to 4096"]
+        )
 
     def test_cluster_needs_postgresql(self) -> None:
         with self.assertRaises(ConfigError) as raised:
@@ -417,12 +426,12 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         pid = second.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         second.commit()
         result: list[int] = []
-        thread = threading.Thread(
-            target=lambda: (
-                result.extend(outbox.enqueue(second, [self.delivery(lane, "D2")], 1.0)),
-                second.commit(),
-            )
-        )
+
+        def enqueue_second() -> None:
+            result.extend(outbox.enqueue(second, [self.delivery(lane, "D2")], 1.0))
+            second.commit()
+
+        thread = threading.Thread(target=enqueue_second)
         thread.start()
         deadline = time.monotonic() + 30
         while not self.waiting_on_lock(pid):
@@ -443,7 +452,7 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         got = threading.Event()
 
         class Inline:
-            def callFromThread(self, function: Any, *args: Any) -> None:  # noqa: N802
+            def callFromThread(self, function: Any, *args: Any) -> None:
                 function(*args)
 
         def on_work(payload: str) -> None:
@@ -451,7 +460,10 @@ class PostgreSQLWorkTests(SynchronousTestCase):
             got.set()
 
         listener = NotifyListener(
-            self.engine, Inline(), lambda _p: None, others={store.WORK_CHANNEL: on_work}  # type: ignore[arg-type]
+            self.engine,
+            Inline(),  # type: ignore[arg-type]
+            lambda _p: None,
+            others={store.WORK_CHANNEL: on_work},
         )
         listener.start()
         self.addCleanup(listener.stop)
@@ -486,4 +498,6 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         self.database.transaction_now(
             inbound.commit_inbound, [inbound_record(f"E{tag}", flows=(f"G{tag}",))], True
         )
-        self.assertEqual([n.payload for n in driver.notifies(timeout=10, stop_after=1)], [f"e\tG{tag}\t0"])
+        self.assertEqual(
+            [n.payload for n in driver.notifies(timeout=10, stop_after=1)], [f"e\tG{tag}\t0"]
+        )

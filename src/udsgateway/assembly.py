@@ -17,8 +17,8 @@ attribute set after construction, and it is set here only.
 from __future__ import annotations
 
 import random
-from functools import partial
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from attrs import define, field, frozen

@@ -19,10 +19,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from udsgateway.assembly import NO_FAULTS, Faults, assemble
+from udsgateway.clock import Wall, wall_of
 from udsgateway.cluster.fence import BucketFence
 from udsgateway.cluster.leases import LeaseManager
 from udsgateway.cluster.notify import NotifyListener
-from udsgateway.clock import Wall, wall_of
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.flowstore import load_apps, save_app

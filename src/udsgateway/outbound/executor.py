@@ -315,9 +315,7 @@ class Executor:
                     self._behind = False
                     return
                 steps = None if tokens is None else list(tokens)
-                work = await self.database.transaction(
-                    executions.pending, self.batch_size, steps
-                )
+                work = await self.database.transaction(executions.pending, self.batch_size, steps)
                 self._behind = len(work) >= self.batch_size
                 if not work:
                     if self._dirty:

@@ -73,6 +73,7 @@ def pending(
 ) -> list[PendingWork]:
     """The oldest pending executions, in creation (= arrival) order; with ``steps``,
     only those at these (Flow ID, step) pairs (a cluster node's own flow actions)."""
+    found: Sequence[Any]
     if steps is None:
         found = _PENDING.execute(connection, [{"pending": PENDING, "limit": limit}])
     elif not steps:
@@ -80,8 +81,7 @@ def pending(
     else:
         e = schema.executions
         found = connection.execute(
-            _pending_statement()
-            .where(tuple_(e.c.flow_id, e.c.step).in_(sorted(set(steps)))),
+            _pending_statement().where(tuple_(e.c.flow_id, e.c.step).in_(sorted(set(steps)))),
             {"pending": PENDING, "limit": limit},
         ).all()
     rows = [_PendingRow(*row) for row in found]
