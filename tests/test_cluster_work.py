@@ -328,6 +328,32 @@ class DispatcherWakeTests(SynchronousTestCase):
         self.assertEqual(self.states(mine), [("M1", DELIVERED)])
 
 
+class RefusedNodeTests(SynchronousTestCase):
+    def test_a_refused_node_stopping_leaves_the_live_ones_buckets(self) -> None:
+        """A second process under the name of a live node is refused at its first
+        round; when it stops (the gateway exits), it hands nothing over: the buckets
+        under that name are the live process's."""
+        clock = Clock()
+        database = memory_database()
+        database.transaction_now(store.ensure_cluster_schema, BUCKETS)
+        live = LeaseManager(database, clock, "n1", LEASE)
+        live.startService()
+        self.addCleanup(stop_if_running, live)
+        self.assertEqual(len(live.owned), BUCKETS)
+        second = LeaseManager(database, clock, "n1", LEASE)
+        second.startService()
+        self.assertTrue(second.first_round.called)
+        self.assertIn("in use by another running gateway", second.refused or "")
+        second.stopService()
+        status = database.transaction_now(store.cluster_status)
+        assert status is not None
+        self.assertEqual(
+            {(lease.owner, lease.expires_at > status.now) for lease in status.buckets},
+            {("n1", True)},
+        )
+        self.assertEqual([node.state(status.now) for node in status.nodes], ["live"])
+
+
 def stop_if_running(manager: LeaseManager) -> None:
     if manager.running:
         manager.stopService()
@@ -482,6 +508,57 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         work = store.parse_work(heard[0])
         self.assertEqual(work.lanes, ((f"F{tag}/0", DEST, "mllp"),))
         self.assertEqual(work.steps, ((f"G{tag}", 0),))
+
+    def listen(self) -> Any:
+        raw = self.engine.raw_connection()
+        self.addCleanup(raw.close)
+        driver: Any = raw.driver_connection
+        driver.autocommit = True
+        driver.execute(f'LISTEN "{store.WORK_CHANNEL}"')
+        return driver
+
+    def test_executor_announces_its_enqueues_and_next_actions(self) -> None:
+        """A node's executor announces the lanes it enqueued to, and the recording of a
+        delivered first action announces the flow's second action (now pending),
+        whose bucket may be another node's."""
+        two = flow(
+            f"two{uuid.uuid4().hex[:6]}",
+            "ADT^A04",
+            [action(f"a{step}", 7001 + step, "ADT^A04", TEMPLATE) for step in range(2)],
+        )
+        self.database.transaction_now(
+            inbound.commit_inbound, [inbound_record("C1", flows=(two.flow_id,))]
+        )
+        driver = self.listen()
+        executor = Executor(self.database, Queue(), Clock(), ControlIdSource("TX"), announce=True)
+        executor.load([app(two)])
+        executor.wake()
+        (heard,) = [n.payload for n in driver.notifies(timeout=10, stop_after=1)]
+        (delivery,) = self.database.transaction_now(outbox.list_deliveries, (), None, 10)
+        self.assertEqual(
+            store.parse_work(heard).lanes,
+            ((lane_name(two.flow_id, 0), delivery.destination, "mllp"),),
+        )
+        from udsgateway.store.records import Settlement
+
+        self.database.transaction_now(
+            outbox.record,
+            [
+                Settlement(
+                    delivery.id,
+                    DELIVERED,
+                    1,
+                    0.0,
+                    execution_id=delivery.execution_id,
+                    step=0,
+                    control_id=delivery.control_id,
+                )
+            ],
+            2.0,
+            executor.after_record,
+        )
+        (heard,) = [n.payload for n in driver.notifies(timeout=10, stop_after=1)]
+        self.assertEqual(store.parse_work(heard).steps, ((two.flow_id, 1),))
 
     def test_no_announcement_without_cluster_mode(self) -> None:
         """A gateway alone on PostgreSQL announces nothing (NOTIFY costs every commit)."""

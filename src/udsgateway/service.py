@@ -138,6 +138,8 @@ class GatewayService(MultiService):
         #: new message gets a NAK 207 until the gateway is restarted.
         self.database_damage: str | None = None
         self._listening = False
+        #: Stopping: announcements and gained buckets start nothing any more.
+        self._stopping = False
 
     def startService(self) -> None:
         if self._threads is not None:
@@ -192,8 +194,9 @@ class GatewayService(MultiService):
         dispatcher, executor = self.dispatcher, self.executor
 
         def gained(_gained: object) -> None:
-            dispatcher.fence_changed()
-            executor.wake()
+            if not self._stopping:
+                dispatcher.fence_changed()
+                executor.wake()
 
         leases.on_gained = gained
         leases.on_lost = lambda _lost: dispatcher.fence_changed()
@@ -218,6 +221,8 @@ class GatewayService(MultiService):
 
     def _work_announced(self, payload: str) -> None:
         """A node committed new work (NOTIFY): run what is this node's at once."""
+        if self._stopping:
+            return
         work = parse_work(payload)
         self.dispatcher.work_announced(work.lanes, work.all)
         self.executor.work_announced(work.steps, work.all)
@@ -326,6 +331,7 @@ class GatewayService(MultiService):
             log.failure("retention pass failed; it runs again at the next interval")
 
     async def _stop(self) -> None:
+        self._stopping = True
         for loop in (self._reload, self._retention, self._identity_check):
             if loop.running:
                 loop.stop()

@@ -14,7 +14,12 @@ The test shows, at both receivers:
   lanes (the messages sent afterwards too);
 * kill -9 of a node right after it ACKed messages: the other takes its buckets
   once the leases expired, and nothing ACKed is lost;
-* a single gateway (not in cluster mode) on the database is refused (exit 2).
+* a single gateway (not in cluster mode) on the database is refused (exit 2),
+  and so is a second process under the name of a live node (exit 1), which
+  leaves that node's buckets alone.
+
+The backup polls (``[delivery].held_poll``) are set longer than the test: every
+hand-over of work between the nodes is by NOTIFY.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ LEASE = 4.0
 BUCKETS = 16
 PATIENTS = [f"P{n}" for n in range(1, 7)]
 TIMEOUT = 60.0
+#: The dispatcher's sweep and the executor's poll: longer than the whole test, so
+#: that only the announcements (NOTIFY) can hand work to the node that owns it.
+HELD_POLL = 600
 
 
 def flow_file(first_port: int, second_port: int) -> str:
@@ -88,7 +96,9 @@ def node_config(directory: Path, url: str, name: str, flows: Path | None) -> Pat
     use_database(
         config,
         url,
-        f"[cluster]\nenabled = true\nbuckets = {BUCKETS}\nlease_time = {LEASE}\n",
+        f"[cluster]\nenabled = true\nbuckets = {BUCKETS}\nlease_time = {LEASE}\n"
+        # The backup polls out of the way: work reaches the other node by NOTIFY.
+        f"[delivery]\nheld_poll = {HELD_POLL}\n",
     )
     text = config.read_text(encoding="utf-8").replace(
         'node_name = "integration"', f'node_name = "{name}"'
@@ -205,6 +215,13 @@ class ClusterGatewayTests(SynchronousTestCase):
         refused = start_gateway(self, config, wait=False)
         self.assertEqual(refused.wait_exit(), 2, refused.log_text())
         self.assertIn("the nodes of a cluster", refused.log_text())
+
+        # A second process under a live node's name stops at its first round, and
+        # leaves that node's buckets alone.
+        twin = start_gateway(self, self.configs["node2"], wait=False)
+        self.assertEqual(twin.wait_exit(), 1, twin.log_text())
+        self.assertIn("node name 'node2' is in use by another running gateway", twin.log_text())
+        self.assertEqual(sorted(self.held().values()), [BUCKETS // 2, BUCKETS // 2])
 
         # SIGTERM: node1 hands its buckets over; node2 delivers every lane.
         node1.send_signal(signal.SIGTERM)

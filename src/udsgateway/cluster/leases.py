@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from attrs import frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -137,6 +137,9 @@ class LeaseManager(Service):
                 call.cancel()
         self._deadline = self._soon = None
         self._drop(list(self.owned))
+        if self.refused is not None:
+            # Never joined: the buckets under this name are the live process's.
+            return succeed(None)
         done = self.database.transaction(store.leave, self.node, self.instance)
 
         def left(released: list[int]) -> None:
