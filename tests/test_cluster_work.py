@@ -14,6 +14,7 @@ import time
 import uuid
 from typing import Any
 
+from attrs import evolve
 from sqlalchemy import text, update
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -25,6 +26,7 @@ from udsgateway.cluster.leases import LeaseManager
 from udsgateway.cluster.notify import NotifyListener
 from udsgateway.config import ConfigError, parse_config
 from udsgateway.flows import App, Flow
+from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.interfaces import IDeliveryQueue
 from udsgateway.outbound.executor import Executor, lane_name
@@ -32,7 +34,7 @@ from udsgateway.store import executions, inbound, outbox
 from udsgateway.store import leases as store
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema
 from udsgateway.store.outbox import DELIVERED, QUEUED, NewDelivery
-from udsgateway.store.records import PENDING, WAITING
+from udsgateway.store.records import PENDING, WAITING, Settlement
 from udsgateway.testing import (
     Outbound,
     PeerConnection,
@@ -227,6 +229,45 @@ class ExecutorClaimTests(SynchronousTestCase):
         self.assertEqual(set(queue_b.lanes), {lane_name(self.theirs.flow_id, 0)})
         self.assertEqual(self.states(self.theirs.flow_id), [WAITING] * 2)
         self.assertEqual(self.enqueued()[(self.theirs.flow_id, "C1")], 1)
+
+    def test_a_flow_not_loaded_yet_is_not_finished_early(self) -> None:
+        """Another node saved a two-action flow and folded a message's first action;
+        this node, which delivered it, has not reloaded its flows yet: recording the
+        outcome moves the execution to its second action (the store says the flow
+        has two), it does not finish it."""
+        a = self.manager("a")
+        a.tick()
+        two = flow(
+            "twosteps",
+            "ADT^A04",
+            [action(f"a{n}", 7001 + n, "ADT^A04", TEMPLATE) for n in range(2)],
+        )
+        self.database.transaction_now(save_app, app(two), 1.0)
+        saved = self.database.transaction_now(load_apps, None)
+        (flow_id,) = [f.flow_id for stored in saved for f in stored.flows]
+        first = NewDelivery(lane_name(flow_id, 0), DEST, "mllp", "X1", b"MSH|x", {})
+        record = evolve(inbound_record("C1", flows=(flow_id,)), first=(first,))
+        self.database.transaction_now(inbound.commit_inbound, [record])
+        (delivery,) = self.database.transaction_now(outbox.list_deliveries, (), None, 10)
+        stale, _queue = self.executor(a)  # loaded with self.apps: not this flow
+        self.database.transaction_now(
+            outbox.record,
+            [
+                Settlement(
+                    delivery.id,
+                    DELIVERED,
+                    1,
+                    0.0,
+                    execution_id=delivery.execution_id,
+                    step=0,
+                    control_id=delivery.control_id,
+                )
+            ],
+            2.0,
+            stale.after_record,
+        )
+        (row,) = self.database.transaction_now(executions.list_executions, (), 10)
+        self.assertEqual((row.state, row.step), (PENDING, 1))
 
     def test_announced_steps_wake_only_their_owner(self) -> None:
         """An announcement of pending executions at another node's flow action does not
@@ -500,8 +541,6 @@ class PostgreSQLWorkTests(SynchronousTestCase):
             inbound_record(f"C{tag}1", flows=(f"F{tag}",)),
             inbound_record(f"C{tag}2", flows=(f"G{tag}",)),
         ]
-        from attrs import evolve
-
         records[0] = evolve(records[0], first=(folded,))
         self.database.transaction_now(inbound.commit_inbound, records, True)
         self.assertTrue(got.wait(30))
@@ -539,8 +578,6 @@ class PostgreSQLWorkTests(SynchronousTestCase):
             store.parse_work(heard).lanes,
             ((lane_name(two.flow_id, 0), delivery.destination, "mllp"),),
         )
-        from udsgateway.store.records import Settlement
-
         self.database.transaction_now(
             outbox.record,
             [

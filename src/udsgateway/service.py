@@ -313,6 +313,9 @@ class GatewayService(MultiService):
         self.assembly.load(apps)
         self._generation = generation
         log.info("routing loaded, flows generation {generation}", generation=generation)
+        if self.leases is not None and self._listening:
+            # A flow another node saved: its executions waited for this node to know it.
+            self.executor.wake()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())

@@ -44,7 +44,7 @@ from udsgateway.mapping.templating import (
     compile_template,
 )
 from udsgateway.outbound.render import read_trigger, render_action
-from udsgateway.store import executions, leases
+from udsgateway.store import apps, executions, leases
 from udsgateway.store.engine import Database
 from udsgateway.store.records import (
     DELIVERED,
@@ -169,7 +169,14 @@ class Executor:
     def after_record(
         self, connection: Connection, settled: list[Settlement], found: Mapping[int, Origin]
     ) -> Advanced:
-        advanced = executions.advance(connection, settled, found, self._steps, self._wall())
+        steps = self._steps
+        if self.fence is not None:
+            # Another node may have saved a flow this one has not loaded yet: its
+            # executions must not end early for want of its later actions.
+            unknown = {origin.flow_id for origin in found.values()} - steps.keys()
+            if unknown:
+                steps = {**steps, **apps.action_counts(connection, unknown)}
+        advanced = executions.advance(connection, settled, found, steps, self._wall())
         if self.announce and advanced.pending:
             # The next actions' executions are pending: their flow action may be
             # another node's.
