@@ -14,8 +14,8 @@ The test shows, at both receivers:
   lanes (the messages sent afterwards too);
 * kill -9 of a node right after it ACKed messages: the other takes its buckets
   once the leases expired, and nothing ACKed is lost;
-* a single gateway (not in cluster mode) on the database is refused (exit 2),
-  and so is a second process under the name of a live node (exit 1), which
+* a node is refused (exit 2) beside a single gateway (not in cluster mode),
+  and a single gateway beside the nodes, naming the cluster; so is a second process under the name of a live node (exit 1), which
   leaves that node's buckets alone.
 
 The backup polls (``[delivery].held_poll``) are set longer than the test: every
@@ -192,7 +192,43 @@ class ClusterGatewayTests(SynchronousTestCase):
             duplicates[name] = len(seen) - len(set(seen))
         return duplicates
 
-    def test_two_nodes_relay_fail_over_and_refuse_a_single_gateway(self) -> None:
+    def single_gateway(self) -> GatewayProcess:
+        """A gateway alone (not in cluster mode) on the nodes' database."""
+        single = self.directory / "single"
+        single.mkdir(exist_ok=True)
+        config = write_config(single, {TENANT: 0})
+        use_database(config, self.url)
+        return start_gateway(self, config, wait=False)
+
+    def test_refusals(self) -> None:
+        """A node beside a single gateway (the shared lock), a single gateway beside a
+        node (naming the cluster), and a second process under a live node's name (at
+        its first round, leaving that node's buckets alone): each exits at start."""
+        alone = self.single_gateway()
+        alone.wait_ready()
+        refused = start_gateway(self, self.configs["node1"], wait=False)
+        self.assertEqual(refused.wait_exit(), 2, refused.log_text())
+        self.assertIn("database is in use by another gateway", refused.log_text())
+        alone.send_signal(signal.SIGTERM)
+        alone.wait_exit()
+
+        self.start("node1")
+        wait_until(
+            lambda: self.held() == {"node1": BUCKETS},
+            "node1 holding every bucket",
+            timeout=TIMEOUT,
+            log=self.logs,
+        )
+        refused = self.single_gateway()
+        self.assertEqual(refused.wait_exit(), 2, refused.log_text())
+        self.assertIn("the nodes of a cluster", refused.log_text())
+
+        twin = start_gateway(self, self.configs["node1"], wait=False)
+        self.assertEqual(twin.wait_exit(), 1, twin.log_text())
+        self.assertIn("node name 'node1' is in use by another running gateway", twin.log_text())
+        self.assertEqual(self.held(), {"node1": BUCKETS})
+
+    def test_two_nodes_relay_and_fail_over(self) -> None:
         node1 = self.start("node1")
         self.start("node2")
         for receiver in (self.first, self.second):
@@ -206,22 +242,6 @@ class ClusterGatewayTests(SynchronousTestCase):
         # Both nodes relay, each patient's messages alternating between them.
         self.send(5, ["node1", "node2"])
         self.assertEqual(self.check_delivered(), {"first": 0, "second": 0})
-
-        # A single gateway beside the nodes is refused, naming the cluster.
-        single = self.directory / "single"
-        single.mkdir()
-        config = write_config(single, {TENANT: 0})
-        use_database(config, self.url)
-        refused = start_gateway(self, config, wait=False)
-        self.assertEqual(refused.wait_exit(), 2, refused.log_text())
-        self.assertIn("the nodes of a cluster", refused.log_text())
-
-        # A second process under a live node's name stops at its first round, and
-        # leaves that node's buckets alone.
-        twin = start_gateway(self, self.configs["node2"], wait=False)
-        self.assertEqual(twin.wait_exit(), 1, twin.log_text())
-        self.assertIn("node name 'node2' is in use by another running gateway", twin.log_text())
-        self.assertEqual(sorted(self.held().values()), [BUCKETS // 2, BUCKETS // 2])
 
         # SIGTERM: node1 hands its buckets over; node2 delivers every lane.
         node1.send_signal(signal.SIGTERM)
