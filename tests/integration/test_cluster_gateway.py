@@ -15,8 +15,9 @@ The test shows, at both receivers:
 * kill -9 of a node right after it ACKed messages: the other takes its buckets
   once the leases expired, and nothing ACKed is lost;
 * a node is refused (exit 2) beside a single gateway (not in cluster mode),
-  and a single gateway beside the nodes, naming the cluster; so is a second process under the name of a live node (exit 1), which
-  leaves that node's buckets alone.
+  and a single gateway beside the nodes, naming the cluster; so is a second
+  process under the name of a live node (exit 1), which leaves that node's
+  buckets alone.
 
 The backup polls (``[delivery].held_poll``) are set longer than the test: every
 hand-over of work between the nodes is by NOTIFY.
