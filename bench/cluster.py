@@ -151,7 +151,7 @@ def faults(kills: int, lease: float, buckets: int, haproxy: str = "") -> dict[st
             buckets=buckets,
             lease_time=lease,
             namespaced="n3" if title == "cut from PostgreSQL" else None,
-            haproxy=haproxy,
+            haproxy="" if title == "cut from PostgreSQL" else haproxy,
         )
         try:
             cluster.setup()
