@@ -131,7 +131,9 @@ def medians(runs: list[dict[str, Any]], kinds: list[tuple[str, int]]) -> list[di
     return table
 
 
-def faults(kills: int, lease: float, buckets: int, haproxy: str = "") -> dict[str, Any]:
+def faults(
+    kills: int, lease: float, buckets: int, haproxy: str = "", only: str = ""
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     load = Load()
     runs = {
@@ -145,6 +147,8 @@ def faults(kills: int, lease: float, buckets: int, haproxy: str = "") -> dict[st
     else:
         results["cut from PostgreSQL"] = f"skipped: {reason}"
     for title, run in runs.items():
+        if only and only.lower() not in title.lower():
+            continue
         directory = Path(tempfile.mkdtemp(prefix="bench-cluster-faults-"))
         cluster = Cluster(
             directory,
@@ -195,6 +199,7 @@ def main() -> None:
         choices=["", "tcp", "proxy-v2"],
         help="faults: the senders through HAProxy (proxy-v2: with the PROXY protocol)",
     )
+    parser.add_argument("--only", default="", help="faults: the scenarios whose title has this")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", type=Path)
     arguments = parser.parse_args()
@@ -224,7 +229,7 @@ def main() -> None:
         results["medians"] = medians(runs, kinds)
     if arguments.faults:
         results["faults"] = faults(
-            arguments.kills, arguments.lease, arguments.buckets, arguments.haproxy
+            arguments.kills, arguments.lease, arguments.buckets, arguments.haproxy, arguments.only
         )
     text = json.dumps(results, indent=1)
     print(text)
