@@ -1369,6 +1369,20 @@ def can_run_haproxy() -> str | None:
     return None if shutil.which("haproxy") else "no haproxy (apt-get install haproxy)"
 
 
+def balancer_mode() -> str:
+    """How the senders reach the nodes when HAProxy is installed: with the PROXY protocol
+    v2 into ``haproxy:`` listeners when this gateway has them (a tenant's ``proxies``),
+    else HAProxy in plain TCP mode; "" (straight to the nodes) without HAProxy."""
+    import attrs
+
+    from udsgateway.config import TenantConfig
+
+    if can_run_haproxy() is not None:
+        return ""
+    names = {attribute.name for attribute in attrs.fields(TenantConfig)}
+    return "proxy-v2" if "proxies" in names else "tcp"
+
+
 def _replace(path: Path, text: str) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(text)

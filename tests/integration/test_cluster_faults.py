@@ -39,8 +39,8 @@ from tests.integration.cluster_harness import (
     Cluster,
     Load,
     Report,
+    balancer_mode,
     can_make_namespaces,
-    can_run_haproxy,
     can_run_private_postgres,
     scenario_cut,
     scenario_kills,
@@ -93,9 +93,9 @@ class ClusterFaultsShortTests(SynchronousTestCase):
 
     def test_kill_nodes(self) -> None:
         """kill -9 under load, twice: every moved bucket delivers again within the target.
-        The senders go through HAProxy (mode tcp) when it is installed, straight to the
-        nodes otherwise."""
-        cluster = self.cluster(haproxy="" if can_run_haproxy() else "tcp")
+        The senders go through HAProxy when it is installed (with the PROXY protocol
+        when the nodes' listeners take it), straight to the nodes otherwise."""
+        cluster = self.cluster(haproxy=balancer_mode())
         report = scenario_kills(cluster, 2, LOAD)
         self.check(cluster, report)
         self.assertTrue(report.takeovers)
