@@ -34,6 +34,10 @@ class _Executor:
     failed = 1
     held = 2
 
+    def __init__(self) -> None:
+        self.flow_actions = {"FLOWA": {"rendered": 7, "failed": 1, "held": 2}}
+        self.flow_executions = {"FLOWA": {"done": 5, "failed": 1, "held": 3}}
+
 
 class _Dispatcher:
     queued = {ENDPOINT: 4}
@@ -42,6 +46,9 @@ class _Dispatcher:
     paused = {DESTINATION: "otto"}
 
     def __init__(self) -> None:
+        self.attempts = {
+            DESTINATION: {"accepted": 5, "error": 2, "rejected": 1, "timeout": 4, "connect_failed": 9}
+        }
         self.delivery_latency = Durations(DELIVERY_BUCKETS)
         for seconds in (0.2, 42.0):
             self.delivery_latency.observe(seconds)
@@ -142,6 +149,49 @@ class MetricsTests(TestCase):
         self.assertIn(("udsgw_delivered_total", {"destination": DESTINATION}, 5.0), found)
         self.assertIn(("udsgw_destination_paused", {"destination": DESTINATION}, 1.0), found)
 
+    def test_per_flow_outcomes(self) -> None:
+        """Executions per flow: routed from the ingest (each accepted message stored for
+        the flow), done/failed/held from the executor; actions per flow and outcome."""
+        found = samples(self.scrape())
+        routed = {
+            labels["flow"]: v
+            for n, labels, v in found
+            if n == "udsgw_flow_executions_total" and labels["outcome"] == "routed"
+        }
+        # Three distinct ADT^A04 messages (the duplicate is not stored again), each
+        # routed to the tenant's ADT^A04 flow for MLLP.
+        self.assertEqual(routed, {"FLWADTA04MLLP": 3.0})
+        self.assertEqual(self.service.gateway.ingest.stats.routed["FLWADTA04MLLP"], 3)
+        for outcome, value in (("done", 5.0), ("failed", 1.0), ("held", 3.0)):
+            self.assertIn(
+                ("udsgw_flow_executions_total", {"flow": "FLOWA", "outcome": outcome}, value),
+                found,
+            )
+        for outcome, value in (("rendered", 7.0), ("failed", 1.0), ("held", 2.0)):
+            self.assertIn(
+                ("udsgw_actions_total", {"flow": "FLOWA", "outcome": outcome}, value), found
+            )
+
+    def test_outbound_attempts_by_outcome(self) -> None:
+        found = samples(self.scrape())
+        attempts = {
+            labels["outcome"]: v
+            for n, labels, v in found
+            if n == "udsgw_outbound_attempts_total" and labels["destination"] == DESTINATION
+        }
+        self.assertEqual(
+            attempts,
+            {"accepted": 5.0, "error": 2.0, "rejected": 1.0, "timeout": 4.0, "connect_failed": 9.0},
+        )
+
+    def test_an_outcome_outside_the_enum_is_not_a_label(self) -> None:
+        self.service.dispatcher.attempts[DESTINATION]["CTRLSECRET1"] = 1
+        self.service.executor.flow_executions["FLOWA"]["PIDSECRET"] = 1
+        self.service.executor.flow_actions["FLOWA"]["PIDSECRET"] = 1
+        text = self.scrape()
+        self.assertNotIn("CTRLSECRET1", text)
+        self.assertNotIn("PIDSECRET", text)
+
     def test_latency_histograms(self) -> None:
         """ACK latency per listener (every frame answered), ACK wait over all
         destinations, delivery latency from enqueue to the partner's ACK."""
@@ -183,7 +233,16 @@ class MetricsTests(TestCase):
         text = self.scrape()
         for secret in SECRETS:
             self.assertNotIn(secret, text)
-        identifiers = {"listener": {"test"}, "destination": {DESTINATION}, "flow": {"FLOWA"}}
+        routes = self.service.gateway.ingest.routes
+        flows = {"FLOWA", *(flow_id for _app, flow_id in routes.by_id)}
+        identifiers = {"listener": {"test"}, "destination": {DESTINATION}, "flow": flows}
+        found = {name for name, _labels, _value in samples(text)}
+        for name in (
+            "udsgw_flow_executions_total",
+            "udsgw_actions_total",
+            "udsgw_outbound_attempts_total",
+        ):
+            self.assertIn(name, found)
         seen = 0
         for name, labels, _value in samples(text):
             for label, value in labels.items():

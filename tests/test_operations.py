@@ -319,7 +319,7 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(skipped["state"], outbox.SKIPPED)
         self.failureResultOf(self.operations.skip("ann", "api", first, "again"), Conflict)
         status = result(self, self.operations.status("ann", "api"))
-        self.assertEqual(status["destinations"][ADDRESS]["attempts_since_start"], {"held": 1})
+        self.assertEqual(status["destinations"][ADDRESS]["attempts_since_start"], {"rejected": 1})
         rows = audit_rows(self.rig.database)
         self.assertEqual(
             [(r[1], r[3][:7], r[4]) for r in rows],
@@ -584,8 +584,15 @@ class EndToEndTests(SynchronousTestCase):
             (1, 1, 0),
         )
         self.assertTrue(destination["connected"])
-        self.assertEqual(destination["attempts_since_start"], {"delivered": 1})
+        self.assertEqual(destination["attempts_since_start"], {"accepted": 1})
         self.assertEqual(status["flows"]["FLWONE"]["executions"], {"done": 1})
+        flow = status["flows"]["FLWONE"]
+        self.assertEqual(flow["since_start"], {"routed": 1, "done": 1, "failed": 0, "held": 0})
+        self.assertGreater(flow["rates"]["minute"]["routed"], 0)
+        self.assertGreater(flow["rates"]["hour"]["done"], 0)
+        self.assertEqual(flow["rates"]["minute"]["failed"], 0)
+        self.assertGreater(destination["rates"]["minute"]["attempts"], 0)
+        self.assertGreater(destination["rates"]["minute"]["delivered"], 0)
         self.assertEqual(status["tenants"]["test"]["accepted"], 1)
         self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)
         self.assertGreater(status["rates"]["hour"][f"destination.{address}.delivered"], 0)

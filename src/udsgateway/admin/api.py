@@ -107,13 +107,18 @@ class AdminAPI:
     secure: bool = False
     max_body_size: int = 1024 * 1024
     sessions: SessionStore = field(factory=SessionStore)
-    throttle: auth.LoginThrottle = field(factory=auth.LoginThrottle)
+    #: The login lockout (in the database); None: the defaults over ``database``.
+    throttle: auth.LoginThrottle = field(default=None)
     #: Digest of each usable API token -> its user, refreshed from the database.
     tokens: dict[str, Principal] = field(factory=dict)
     #: Session id -> its user as last read from the database.
     session_users: dict[str, Principal] = field(factory=dict)
     _refreshing: bool = False
     _last_kick: float = float("-inf")
+
+    def __attrs_post_init__(self) -> None:
+        if self.throttle is None:
+            self.throttle = auth.LoginThrottle(self.database)
 
     # -- credentials
 
@@ -290,18 +295,17 @@ class AdminAPI:
     async def login(self, call: Call) -> Reply:
         name, password = call.body["user"], call.body["password"]
         address = _address(call.request)
-        now = self.clock.seconds()
-        if self.throttle.locked(name, address, now):
+        if await self.throttle.locked(name, address, self.wall()):
             raise HTTPError(429, "too many failed logins: try again later")
         record = await self.database.transaction(users.login_record, name)
         ok = await self.offload(
             auth.verify_password, password, record[0] if record is not None else None
         )
         if not ok or record is None:
-            self.throttle.failed(name, address, self.clock.seconds())
+            await self.throttle.failed(name, address, self.wall())
             await self._audit("session.login", f"user {name}", name, result="refused")
             raise HTTPError(401, "wrong user name or password")
-        self.throttle.succeeded(name, address)
+        await self.throttle.succeeded(name, address)
         session = self.sessions.create(name, self.clock.seconds())
         self.session_users[session.id] = record[1]
         await self._audit("session.login", f"user {name}", name)

@@ -106,6 +106,8 @@ class IngestStats:
     application_acks_lost: int = 0
     #: Messages stored as rejected (routing: no such flow, wrong type...), by error code.
     rejected: Counter[int] = field(factory=Counter)
+    #: Accepted messages stored, per Flow ID they were routed to.
+    routed: Counter[str] = field(factory=Counter)
 
 
 @define
@@ -351,6 +353,8 @@ class Ingest:
             self.after_commit()
         if result.outcome is CommitOutcome.STORED:
             self.stats.stored += 1
+            for flow_id in record.flows:
+                self.stats.routed[flow_id] += 1
             if error is not None:
                 self.stats.rejected[error.code] += 1
                 log.info(
