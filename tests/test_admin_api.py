@@ -549,6 +549,21 @@ class OpenAPITests(Fixture):
         self.assertEqual(login["security"], [])
         self.assertIn("requestBody", login)
 
+    def test_status_answer_is_described(self) -> None:
+        """The status endpoint's answer, per flow (counts since start, rates) and per
+        destination (attempts by outcome, rates), is in the document."""
+        document = self.client.request("GET", "/api/v1/openapi.json").json
+        status = document["paths"]["/api/v1/status"]["get"]["responses"]["200"]
+        schema = status["content"]["application/json"]["schema"]
+        flow = schema["properties"]["flows"]["additionalProperties"]
+        self.assertEqual(
+            flow["properties"]["since_start"]["required"], ["routed", "done", "failed", "held"]
+        )
+        self.assertIn("rates", flow["required"])
+        destination = schema["properties"]["destinations"]["additionalProperties"]
+        self.assertIn("attempts_since_start", destination["required"])
+        self.assertIn("connect_failed", destination["properties"]["attempts_since_start"]["description"])
+
     def test_docs_api_md_names_every_route(self) -> None:
         from pathlib import Path
 

@@ -593,6 +593,14 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(flow["rates"]["minute"]["failed"], 0)
         self.assertGreater(destination["rates"]["minute"]["attempts"], 0)
         self.assertGreater(destination["rates"]["minute"]["delivered"], 0)
+        # The answer is what the OpenAPI document says it is (and the check can fail).
+        from udsgateway.admin.api import STATUS_RESPONSE
+        from udsgateway.admin.http import HTTPError, check_schema
+
+        check_schema(status, STATUS_RESPONSE, "status")
+        del flow["since_start"]
+        with self.assertRaises(HTTPError):
+            check_schema(status, STATUS_RESPONSE, "status")
         self.assertEqual(status["tenants"]["test"]["accepted"], 1)
         self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)
         self.assertGreater(status["rates"]["hour"][f"destination.{address}.delivered"], 0)
