@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import define, field, frozen
+from sqlalchemy import Connection
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
@@ -30,6 +31,7 @@ from udsgateway.flows import App
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
+from udsgateway.inbound.searchkeys import KeyWriter
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
 from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner
@@ -43,6 +45,11 @@ from udsgateway.store.records import CommitResult, InboundRecord
 #: The function every inbound group commit runs: the messages, their executions,
 #: and the first actions rendered before the commit (the fold), in one transaction.
 COMMIT_INBOUND = inbound.commit_inbound
+
+
+def commit_without_keys(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
+    """The inbound commit without the search keys (a ``KeyWriter`` writes them after)."""
+    return inbound.commit_inbound(connection, records, write_keys=False)
 
 
 @frozen
@@ -179,6 +186,7 @@ def assemble(
     outbound_control_ids: ControlIdSource | None = None,
     flow_runner: Callable[[Executor], IFlowRunner | None] = _the_executor,
     fold_while_idle: bool = False,
+    key_writer: KeyWriter | None = None,
 ) -> Assembly:
     """Build the gateway's object graph for ``tenants`` on ``database`` and ``clock``.
 
@@ -192,6 +200,8 @@ def assemble(
     messages (default: ``control_ids``). ``flow_runner`` chooses what ingest runs
     flows with (default: the executor; None: store only), and ``fold_while_idle``
     renders first actions before every commit (tests on an inline database).
+    ``key_writer``: the search keys are written after each commit, in batches, by
+    it (the service); None: in the commit itself.
     """
     tenants = tuple(tenants)
     timings = timings if timings is not None else Timings()
@@ -219,7 +229,7 @@ def assemble(
     dispatcher.outcomes = executor
     committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
         database,
-        COMMIT_INBOUND,
+        COMMIT_INBOUND if key_writer is None else commit_without_keys,
         commit_max_batch,
         clock=clock if group_by_turn else None,
         before_batch=faults.before_commit,
@@ -237,6 +247,7 @@ def assemble(
             fold_while_idle=fold_while_idle,
             after_commit=faults.after_commit,
             wall=wall,
+            stored_keys=key_writer.stored if key_writer is not None else None,
         )
         for tenant in tenants
     }
