@@ -562,7 +562,9 @@ class OpenAPITests(Fixture):
         self.assertIn("rates", flow["required"])
         destination = schema["properties"]["destinations"]["additionalProperties"]
         self.assertIn("attempts_since_start", destination["required"])
-        self.assertIn("connect_failed", destination["properties"]["attempts_since_start"]["description"])
+        self.assertIn(
+            "connect_failed", destination["properties"]["attempts_since_start"]["description"]
+        )
 
     def test_docs_api_md_names_every_route(self) -> None:
         from pathlib import Path

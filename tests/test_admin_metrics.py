@@ -47,7 +47,13 @@ class _Dispatcher:
 
     def __init__(self) -> None:
         self.attempts = {
-            DESTINATION: {"accepted": 5, "error": 2, "rejected": 1, "timeout": 4, "connect_failed": 9}
+            DESTINATION: {
+                "accepted": 5,
+                "error": 2,
+                "rejected": 1,
+                "timeout": 4,
+                "connect_failed": 9,
+            }
         }
         self.delivery_latency = Durations(DELIVERY_BUCKETS)
         for seconds in (0.2, 42.0):
@@ -181,7 +187,13 @@ class MetricsTests(TestCase):
         }
         self.assertEqual(
             attempts,
-            {"accepted": 5.0, "error": 2.0, "rejected": 1.0, "timeout": 4.0, "connect_failed": 9.0},
+            {
+                "accepted": 5.0,
+                "error": 2.0,
+                "rejected": 1.0,
+                "timeout": 4.0,
+                "connect_failed": 9.0,
+            },
         )
 
     def test_an_outcome_outside_the_enum_is_not_a_label(self) -> None:

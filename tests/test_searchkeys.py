@@ -47,9 +47,7 @@ class KeyWriterTests(SynchronousTestCase):
         return service, reactor
 
     def send(self, service: GatewayService, reactor: MemoryReactorClock, *ids: str) -> bytes:
-        protocol = service.factories["north"].buildProtocol(
-            IPv4Address("TCP", "127.0.0.1", 40000)
-        )
+        protocol = service.factories["north"].buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
         assert protocol is not None
         transport = StringTransport()
         protocol.makeConnection(transport)

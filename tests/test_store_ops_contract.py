@@ -198,15 +198,18 @@ class OpsContract(_Base):
         [row] = self.tx(search.stored_after, 0, 10)
         self.assertEqual((row.control_id, row.flows, row.accepted), ("A1", ("F1",), True))
         keys = search.keys_from(
-            row.tenant, row.message_type, row.flows, row.accepted, row.control_id, (("pid3", "P1"),)
+            row.tenant,
+            row.message_type,
+            row.flows,
+            row.accepted,
+            row.control_id,
+            (("pid3", "P1"),),
         )
         self.tx(search.insert_keys, [keys], [row.id])
         self.tx(lambda c: search.insert_keys(c, [keys, keys], [row.id, row.id], again=True))
         found = self.tx(search.search, Query(keys=(("pid3", "P1"),)))
         self.assertEqual([m.control_id for m in found], ["A1"])
-        count = self.tx(
-            lambda c: c.exec_driver_sql("SELECT count(*) FROM message_keys").scalar()
-        )
+        count = self.tx(lambda c: c.exec_driver_sql("SELECT count(*) FROM message_keys").scalar())
         self.assertEqual(count, len(keys))
         self.assertEqual(self.tx(search.last_message_id), row.id)
         self.assertEqual(self.tx(search.stored_after, row.id, 10), [])

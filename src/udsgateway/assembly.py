@@ -31,9 +31,9 @@ from udsgateway.flows import App
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
-from udsgateway.inbound.searchkeys import KeyWriter
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
+from udsgateway.inbound.searchkeys import KeyWriter
 from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
@@ -47,7 +47,9 @@ from udsgateway.store.records import CommitResult, InboundRecord
 COMMIT_INBOUND = inbound.commit_inbound
 
 
-def commit_without_keys(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
+def commit_without_keys(
+    connection: Connection, records: list[InboundRecord]
+) -> list[CommitResult]:
     """The inbound commit without the search keys (a ``KeyWriter`` writes them after)."""
     return inbound.commit_inbound(connection, records, write_keys=False)
 

@@ -173,8 +173,8 @@ class GatewayCollector(Collector):
         flows: dict[str, dict[str, int]] = {}
         for ingest in gateway.ingests.values():
             for flow, count in getattr(ingest.stats, "routed", {}).items():
-                entry = flows.setdefault(flow, {})
-                entry["routed"] = entry.get("routed", 0) + count
+                of_flow = flows.setdefault(flow, {})
+                of_flow["routed"] = of_flow.get("routed", 0) + count
         for flow, counts in getattr(executor, "flow_executions", {}).items():
             flows.setdefault(flow, {}).update(counts)
         for flow, counts in sorted(flows.items()):
