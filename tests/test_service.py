@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from udsgateway.assembly import COMMIT_INBOUND, Timings, assemble, commit_without_keys
+from udsgateway.assembly import COMMIT_INBOUND, Timings, assemble
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.inbound.listening import ListenerService
@@ -277,7 +277,12 @@ class AssemblyTests(SynchronousTestCase):
         self.addCleanup(flows.stop)
         for committer in (inbound.assembly.committer, flows.assembly.committer):
             self.assertIs(committer._batch, COMMIT_INBOUND)
-        self.assertIs(service.committer._batch, commit_without_keys)
+        commit = service.committer._batch
+        self.assertIs(commit.func, COMMIT_INBOUND)  # type: ignore[attr-defined]
+        self.assertEqual(
+            commit.keywords,  # type: ignore[attr-defined]
+            {"announce": False, "write_keys": False},
+        )
         for ingest in service.ingests.values():
             self.assertEqual(ingest.stored_keys, service.key_writer.stored)
         self.assertEqual(service.key_writer.node, config.node_name)

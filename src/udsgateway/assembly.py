@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from attrs import define, field, frozen
-from sqlalchemy import Connection
 from twisted.internet.endpoints import clientFromString
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
@@ -34,7 +34,7 @@ from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
 from udsgateway.inbound.searchkeys import KeyWriter
-from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner
+from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner, ILaneFence
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
 from udsgateway.outbound.policy import Timing
@@ -45,13 +45,6 @@ from udsgateway.store.records import CommitResult, InboundRecord
 #: The function every inbound group commit runs: the messages, their executions,
 #: and the first actions rendered before the commit (the fold), in one transaction.
 COMMIT_INBOUND = inbound.commit_inbound
-
-
-def commit_without_keys(
-    connection: Connection, records: list[InboundRecord]
-) -> list[CommitResult]:
-    """The inbound commit without the search keys (a ``KeyWriter`` writes them after)."""
-    return inbound.commit_inbound(connection, records, write_keys=False)
 
 
 @frozen
@@ -121,6 +114,7 @@ def build_dispatcher(
     endpoint_factory: Callable[[Any, str], IStreamClientEndpoint] = clientFromString,
     faults: Faults = NO_FAULTS,
     outcomes: IDeliveryOutcomes | None = None,
+    fence: ILaneFence | None = None,
 ) -> Dispatcher:
     """The delivery engine; ``assemble`` makes the executor its ``outcomes``."""
     return Dispatcher(
@@ -137,6 +131,7 @@ def build_dispatcher(
         rng=rng if rng is not None else random.Random(),
         wall=wall,
         endpoint_factory=endpoint_factory,
+        fence=fence,
     )
 
 
@@ -188,6 +183,7 @@ def assemble(
     outbound_control_ids: ControlIdSource | None = None,
     flow_runner: Callable[[Executor], IFlowRunner | None] = _the_executor,
     fold_while_idle: bool = False,
+    fence: ILaneFence | None = None,
     key_writer: KeyWriter | None = None,
 ) -> Assembly:
     """Build the gateway's object graph for ``tenants`` on ``database`` and ``clock``.
@@ -202,6 +198,9 @@ def assemble(
     messages (default: ``control_ids``). ``flow_runner`` chooses what ingest runs
     flows with (default: the executor; None: store only), and ``fold_while_idle``
     renders first actions before every commit (tests on an inline database).
+    ``fence`` (a cluster node, ``udsgateway.cluster.fence.BucketFence``): the
+    executor and the dispatcher run only this node's flow actions and lanes, and
+    every commit that makes work announces it to the other nodes (NOTIFY).
     ``key_writer``: the search keys are written after each commit, in batches, by
     it (the service); None: in the commit itself.
     """
@@ -216,6 +215,7 @@ def assemble(
             timing=timings,
             wall=wall,
             faults=faults,
+            fence=fence,
         )
     executor = Executor(
         database,
@@ -225,13 +225,21 @@ def assemble(
         charsets={tenant.name: tenant_charset(tenant) for tenant in tenants},
         after_enqueue=faults.after_enqueue,
         wall=wall,
+        fence=fence,
+        announce=fence is not None,
     )
     # The one assignment after construction: the dispatcher and the executor
     # need each other (outcomes go back to the executor that enqueued them).
     dispatcher.outcomes = executor
     committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
         database,
-        COMMIT_INBOUND if key_writer is None else commit_without_keys,
+        (
+            COMMIT_INBOUND
+            if fence is None and key_writer is None
+            else partial(
+                COMMIT_INBOUND, announce=fence is not None, write_keys=key_writer is None
+            )
+        ),
         commit_max_batch,
         clock=clock if group_by_turn else None,
         before_batch=faults.before_commit,
