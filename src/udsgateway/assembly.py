@@ -236,9 +236,7 @@ def assemble(
         (
             COMMIT_INBOUND
             if fence is None and key_writer is None
-            else partial(
-                COMMIT_INBOUND, announce=fence is not None, write_keys=key_writer is None
-            )
+            else partial(COMMIT_INBOUND, announce=fence is not None, write_keys=key_writer is None)
         ),
         commit_max_batch,
         clock=clock if group_by_turn else None,
