@@ -193,7 +193,8 @@ class OpsContract(_Base):
         node's): no conflict, no second row; and the nodes' marks of written keys."""
         from udsgateway.store import meta
 
-        self.tx(inbound.commit_inbound, [stored("A1", 1.0, (("pid3", "P1"),))], False)
+        records = [stored("A1", 1.0, (("pid3", "P1"),))]
+        self.tx(lambda c: inbound.commit_inbound(c, records, write_keys=False))
         self.assertEqual(self.tx(search.search, Query(keys=(("pid3", "P1"),))), [])
         [row] = self.tx(search.stored_after, 0, 10)
         self.assertEqual((row.control_id, row.flows, row.accepted), ("A1", ("F1",), True))
