@@ -336,3 +336,97 @@ class MetricsTests(TestCase):
             status["tenants"]["test"]["ingest"]["stored"], self.service.gateway.ingest.stats.stored
         )
         self.assertEqual(status["destinations"], {ENDPOINT: {"open": 4}})
+
+
+class EndToEndLeakTests(TestCase):
+    """A whole gateway in memory: messages whose every field carries a marker go
+    through ingest, the executor and the dispatcher (one destination answers AR and
+    one AE, so every per-flow and per-attempt counter moves); no marker reaches the
+    scrape, and every label is an identifier or a fixed value."""
+
+    def test_per_flow_and_attempt_metrics_carry_no_message_text(self) -> None:
+        from tests.test_executor import TRIGGER_ID, adt, header
+        from udsgateway.store.destinations import address_of
+        from udsgateway.testing.flows import FlowGateway, action, answer_with, app, flow
+
+        running = FlowGateway(
+            (
+                app(
+                    flow(
+                        "good",
+                        "ADT^A04",
+                        [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)],
+                    ),
+                    flow(
+                        "nak",
+                        "ADT^A04",
+                        [action("send", 2602, "ADT^A04", header("B") + TRIGGER_ID)],
+                    ),
+                    flow(
+                        "broken",
+                        "ADT^A04",
+                        [action("send", 2603, "ADT^A04", header("C") + "PID|{% if %}\n")],
+                    ),
+                ),
+            )
+        )
+        self.addCleanup(running.stop)
+        running.peer(2602).script = answer_with("AR", 206)
+        for number in range(3):
+            running.send(
+                adt(
+                    f"CTRLSECRET{number}",
+                    family="NAMESECRET",
+                    mrn="PIDSECRET",
+                    street="STREETSECRET",
+                    kin="KINSECRET",
+                )
+            )
+        # Every good delivery done; the first of the AR lane held (its two followers wait).
+        running.run_until(
+            lambda: (
+                running.executor.flow_executions.get("FLWGOOD", {}).get("done") == 3
+                and running.executor.flow_executions.get("FLWNAK", {}).get("held") == 1
+            )
+        )
+
+        class Service:
+            factories = {"test": running.factory}
+            ingests = {"test": running.ingest}
+            executor = running.executor
+            dispatcher = running.outbound.dispatcher
+            committer = running.assembly.committer
+
+        text = Metrics(Service()).exposition()[0].decode()
+        for secret in (*SECRETS, "STREETSECRET", "KINSECRET"):
+            self.assertNotIn(secret, text)
+        found = samples(text)
+        flows = {"FLWGOOD", "FLWNAK", "FLWBROKEN"}
+        destinations = {address_of(e) for e in running.outbound.dispatcher.destinations}
+        identifiers = {"listener": {"test"}, "flow": flows, "destination": destinations}
+        for name, labels, _value in found:
+            for label, value in labels.items():
+                if label in IDENTIFIER_LABELS:
+                    self.assertIn(value, identifiers[label], (name, label))
+                else:
+                    self.assertIn(value, LABEL_ENUMS[label], (name, label))
+        by_flow = {
+            (labels["flow"], labels["outcome"]): v
+            for n, labels, v in found
+            if n == "udsgw_flow_executions_total"
+        }
+        self.assertEqual(
+            by_flow,
+            {
+                ("FLWGOOD", "routed"): 3.0,
+                ("FLWGOOD", "done"): 3.0,
+                ("FLWNAK", "routed"): 3.0,
+                ("FLWNAK", "held"): 1.0,
+                ("FLWBROKEN", "routed"): 3.0,
+                ("FLWBROKEN", "held"): 3.0,
+            },
+        )
+        attempts = {
+            labels["outcome"]: v for n, labels, v in found if n == "udsgw_outbound_attempts_total"
+        }
+        self.assertEqual(attempts, {"accepted": 3.0, "rejected": 1.0})
