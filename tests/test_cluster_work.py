@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from attrs import evolve
-from sqlalchemy import text, update
+from sqlalchemy import create_engine, text, update
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -547,6 +547,54 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         work = store.parse_work(heard[0])
         self.assertEqual(work.lanes, ((f"F{tag}/0", DEST, "mllp"),))
         self.assertEqual(work.steps, ((f"G{tag}", 0),))
+
+    def test_listener_back_after_a_lost_connection_says_what_may_be_missed(self) -> None:
+        """The listener's session is ended by the server: it reconnects, listens again,
+        and tells every handler that announcements may have been missed (``*``: the
+        dispatcher rescans, the executor runs, the lease manager runs a round)."""
+        from tests.test_store_contract import POSTGRES_URL
+        from udsgateway.cluster.notify import MISSED
+
+        tag = f"udsgw-listen-{uuid.uuid4().hex[:8]}"
+        engine = create_engine(POSTGRES_URL, connect_args={"application_name": tag})
+        self.addCleanup(engine.dispose)
+        heard: dict[str, list[str]] = {"leases": [], "work": []}
+        missed = threading.Event()
+
+        class Inline:
+            def callFromThread(self, function: Any, *args: Any) -> None:
+                function(*args)
+
+        def on(name: str) -> Any:
+            def handler(payload: str) -> None:
+                heard[name].append(payload)
+                if heard["leases"] and heard["work"]:
+                    missed.set()
+
+            return handler
+
+        listener = NotifyListener(
+            engine,
+            Inline(),  # type: ignore[arg-type]
+            on("leases"),
+            others={store.WORK_CHANNEL: on("work")},
+        )
+        listener.start()
+        self.addCleanup(listener.stop)
+        self.assertTrue(listener.listening.wait(30))
+        self.assertEqual(heard, {"leases": [], "work": []})
+        with self.engine.connect() as connection:
+            ended = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = :tag"
+                ),
+                {"tag": tag},
+            ).scalar_one()
+        self.assertEqual(ended, 1)
+        self.assertTrue(missed.wait(30), heard)
+        self.assertEqual(heard, {"leases": [MISSED], "work": [MISSED]})
+        self.assertEqual(store.parse_work(MISSED), store.Work(all=True))
 
     def listen(self) -> Any:
         raw = self.engine.raw_connection()
