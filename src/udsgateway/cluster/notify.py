@@ -89,8 +89,8 @@ class NotifyListener:
                 if self.listening.is_set():
                     # Listening again after a failure: what was announced meanwhile
                     # is lost; every handler hears MISSED and looks for itself.
-                    for handler in self.handlers.values():
-                        self.reactor.callFromThread(handler, MISSED)
+                    for each in self.handlers.values():
+                        self.reactor.callFromThread(each, MISSED)
                 self.listening.set()
                 while not self._stop.is_set():
                     for notice in connection.notifies(timeout=WAIT):
