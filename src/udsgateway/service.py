@@ -238,6 +238,8 @@ class GatewayService(MultiService):
         work = parse_work(payload)
         self.dispatcher.work_announced(work.lanes, work.all)
         self.executor.work_announced(work.steps, work.all)
+        if work.finished or work.all:
+            self.executor.finished_announced(work.finished, work.all)
 
     @property
     def accepting(self) -> bool:
