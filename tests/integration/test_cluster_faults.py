@@ -1,4 +1,4 @@
-"""THE CLUSTER FAULT HARNESS, SHORT VERSION (part of ``make test``; 169 s under a load of 12).
+"""THE CLUSTER FAULT HARNESS, SHORT VERSION (part of ``make test``; 122 s at a load of 4 to 9).
 
 The long version, with more kills, and the throughput figures: ``python -m
 bench.cluster --faults`` and ``--nodes 1,2,3`` (bench/RESULTS.md, "Cluster").
