@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_store_contract import throwaway_schema_engine
-from udsgateway.store import audit, destinations, executions, inbound, search
+from udsgateway.store import audit, destinations, executions, inbound, logs, search
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
 from udsgateway.store.search import Query
 from udsgateway.testing import inbound_record
@@ -105,11 +105,11 @@ class OpsContract(_Base):
         [result] = self.tx(inbound.commit_inbound, [stored("R1", 100.0)])
         made = self.tx(executions.replay, [(result.message_id, "F1")], "ann", "why", 5.0)
         self.assertEqual(len(made), 1)
-        lines = self.tx(search.log_lines)
+        lines = self.tx(logs.log_lines, None, None, None, 0, 100, True)
         self.assertEqual([line.outcome for line in lines], ["replay", "accepted"])
-        self.assertEqual(self.tx(search.last_log_id), lines[0].id)
+        self.assertEqual(self.tx(logs.last_log_id), lines[0].id)
         self.assertEqual(
-            [line.outcome for line in self.tx(search.log_lines, None, ("accepted",))],
+            [line.outcome for line in self.tx(logs.log_lines, None, "accepted")],
             ["accepted"],
         )
 
