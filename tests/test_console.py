@@ -297,7 +297,9 @@ class MessageTests(ConsoleTestCase):
         self.assertEqual(len(self.running.rows(schema.executions)), 7)
         self.assertEqual(len(self.running.peer(2700).received), 7)
         replays = [r for r in self.running.rows(schema.audit) if r["action"] == "message.replay"]
-        self.assertEqual([r["result"] for r in replays], ["refused: 3 messages match now, not 2", "ok"])
+        self.assertEqual(
+            [r["result"] for r in replays], ["refused: 3 messages match now, not 2", "ok"]
+        )
         self.assertEqual(replays[-1]["who"], "operator")
         self.assertEqual(replays[-1]["reason"], "partner lost them")
         self.assertNotIn("MRN1", replays[-1]["target"])  # a patient ID is not audited

@@ -47,9 +47,9 @@ from udsgateway.store import (
     overview,
     search,
 )
-from udsgateway.store.records import LogLine
 from udsgateway.store.engine import Database
 from udsgateway.store.reads import read_now
+from udsgateway.store.records import LogLine
 
 T = TypeVar("T")
 
@@ -1076,7 +1076,9 @@ class Operations:
 
         return self._read(work)
 
-    def apps(self, actor: str, via: str, tenant: str | None = None) -> Deferred[list[dict[str, Any]]]:
+    def apps(
+        self, actor: str, via: str, tenant: str | None = None
+    ) -> Deferred[list[dict[str, Any]]]:
         """Every app as its flow file has it (its flows with trigger, sample and actions),
         with the Host and Port its senders connect to."""
         try:
@@ -1160,16 +1162,14 @@ class Operations:
 
     def note(
         self, actor: str, via: str, action: str, target: str, reason: str = "", result: str = "ok"
-    ) -> Deferred[None]:
+    ) -> Deferred[int]:
         """Write one row of the audit trail for what happened outside the facade (a
-        login, an export handed to a browser)."""
+        login, an export handed to a browser); its id."""
         try:
-            self._check(actor or "(anonymous)", via)
+            self._check(actor, via)
         except OperationsError:
             return fail()
-        return self._run(
-            audit.append, actor, action, target, self.wall(), reason, result, via
-        )
+        return self._run(audit.append, actor, action, target, self.wall(), reason, result, via)
 
     def set_flow_enabled(
         self, actor: str, via: str, flow_id: str, enabled: bool, reason: str = ""

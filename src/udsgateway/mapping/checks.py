@@ -13,7 +13,9 @@ from udsgateway.flows import App, Flow
 from udsgateway.mapping.templating import TemplateProblem, check_template
 
 
-def action_problems(flow: Flow, variables: Mapping[str, object]) -> list[tuple[int, TemplateProblem]]:
+def action_problems(
+    flow: Flow, variables: Mapping[str, object]
+) -> list[tuple[int, TemplateProblem]]:
     """Each action's template checked against the flow's sample (the earlier actions'
     names known for chained responses): (action index, problem), in order."""
     found: list[tuple[int, TemplateProblem]] = []

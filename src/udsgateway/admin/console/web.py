@@ -576,24 +576,57 @@ class Console(Resource):
         query, values = self._search(page)
         query = evolve(query, before_id=None)
         reason = page.field("reason").strip()
+
+        def replay(count: int | None) -> Deferred[dict[str, Any]]:
+            return self.operations.replay_messages(
+                page.actor, VIA, query, reason, confirm_count=count
+            )
+
+        done = await self._confirmed(
+            page,
+            replay,
+            "accepted messages match these filters and will run through their flows "
+            "again, oldest first.",
+            {k: v for k, v in values.items() if v},
+            ("messages", "messages"),
+        )
+        if isinstance(done, bytes):
+            return done
+        return page.redirect(f"{PREFIX}/messages?done=replay+{done['replayed']}+messages")
+
+    async def _confirmed(
+        self,
+        page: Page,
+        replay: Callable[[int | None], Deferred[dict[str, Any]]],
+        what: str,
+        hidden: dict[str, str],
+        names: tuple[str, str],
+    ) -> bytes | dict[str, Any]:
+        """A replay confirmed by count: without ``confirm`` the page that shows the
+        count (``replay(None)``) and asks for it; with it, ``replay(count)``'s answer
+        (the facade refuses when the set no longer has that count). ``names``: what is
+        replayed, and the page to go back to."""
+        reason = page.field("reason").strip()
         if page.field("confirm") != "yes":
-            counted = await self.operations.replay_messages(page.actor, VIA, query, reason)
+            counted = await replay(None)
             return page.render(
-                "replay_messages.html",
+                "replay_confirm.html",
                 title="Confirm replay",
                 count=counted["count"],
-                values=values,
+                what=what,
+                action=page.request.path.decode("ascii", "replace"),
+                hidden=hidden,
+                noun=names[0],
+                back=names[1],
                 reason=reason,
             )
         count = page.field("count")
         if not count.isdigit():
-            raise RefusedError(400, "Count the messages first.")
+            raise RefusedError(400, "Count them first.")
         if not reason:
             raise RefusedError(400, "A replay needs a reason.")
-        done = await self.operations.replay_messages(
-            page.actor, VIA, query, reason, confirm_count=int(count)
-        )
-        return page.redirect(f"{PREFIX}/messages?done=replay+{done['replayed']}+messages")
+        answer: dict[str, Any] = await replay(int(count))
+        return answer
 
     async def message(self, page: Page, match: re.Match[str]) -> bytes:
         found = await self.operations.message(page.actor, VIA, int(match["id"]))
@@ -661,26 +694,21 @@ class Console(Resource):
         destination = page.field("destination").strip()
         state = page.field("state")
         reason = page.field("reason").strip()
-        if page.field("confirm") != "yes":
-            counted = await self.operations.replay_deliveries(
-                page.actor, VIA, destination, state, reason
+
+        def replay(count: int | None) -> Deferred[dict[str, Any]]:
+            return self.operations.replay_deliveries(
+                page.actor, VIA, destination, state, reason, confirm_count=count
             )
-            return page.render(
-                "replay_confirm.html",
-                title="Confirm replay",
-                destination=destination,
-                state=state,
-                count=counted["count"],
-                reason=reason,
-            )
-        count = page.field("count")
-        if not count.isdigit():
-            raise RefusedError(400, "Count the deliveries first.")
-        if not reason:
-            raise RefusedError(400, "A replay needs a reason.")
-        done = await self.operations.replay_deliveries(
-            page.actor, VIA, destination, state, reason, confirm_count=int(count)
+
+        done = await self._confirmed(
+            page,
+            replay,
+            f"{state} deliveries to {destination} will be sent again, in their order.",
+            {"destination": destination, "state": state},
+            ("deliveries", "queues"),
         )
+        if isinstance(done, bytes):
+            return done
         return page.redirect(f"{PREFIX}/queues?done=replay+{done['replayed']}")
 
     # -- flows
@@ -862,9 +890,7 @@ class Console(Resource):
     async def flow_enable(self, page: Page, match: re.Match[str]) -> bytes:
         enabled = match["verb"] == "enable"
         reason = page.field("reason").strip()
-        await self.operations.set_flow_enabled(
-            page.actor, VIA, match["flow_id"], enabled, reason
-        )
+        await self.operations.set_flow_enabled(page.actor, VIA, match["flow_id"], enabled, reason)
         return page.redirect(f"{PREFIX}/flows")
 
     async def flow_export(self, page: Page, match: re.Match[str]) -> bytes:
@@ -1005,9 +1031,9 @@ def queue_sections(
             address,
             {
                 "address": address,
-                "paused": destinations.get(address) if destinations.get(address, {}).get(
-                    "paused"
-                ) else None,
+                "paused": destinations.get(address)
+                if destinations.get(address, {}).get("paused")
+                else None,
                 "deliveries": [],
             },
         )
