@@ -117,7 +117,7 @@ class OpsContract(_Base):
     def test_one_log_query_for_timeline_events_pages_and_charts(self) -> None:
         """``logs.log_lines``: a message's lines (its own and its executions'), by event,
         before an id; ``logs.per_minute`` and ``search.flow_totals`` for the dashboard."""
-        [one, two] = self.tx(inbound.commit_inbound, [stored("T1", 1000.0), stored("T2", 1100.0)])
+        [one, _two] = self.tx(inbound.commit_inbound, [stored("T1", 1000.0), stored("T2", 1100.0)])
         [run] = self.tx(executions.replay, [(one.message_id, "F1")], "ann", "why", 1200.0)
         operator_line = LogEntry(at=1300.0, event="operator", outcome="skip", execution_id=run)
         self.tx(logs.insert_logs, [operator_line])
