@@ -1027,15 +1027,9 @@ def queue_sections(
             sections[address] = {"address": address, "paused": entry, "deliveries": []}
     for delivery in waiting:
         address = delivery["destination"]
+        # A paused destination has its section already: the others are not paused.
         section = sections.setdefault(
-            address,
-            {
-                "address": address,
-                "paused": destinations.get(address)
-                if destinations.get(address, {}).get("paused")
-                else None,
-                "deliveries": [],
-            },
+            address, {"address": address, "paused": None, "deliveries": []}
         )
         section["deliveries"].append(delivery)
     return [sections[address] for address in sorted(sections)]
