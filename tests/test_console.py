@@ -191,6 +191,22 @@ class DashboardTests(ConsoleTestCase):
         panel = self.client.get("/console/dashboard/panel")
         self.assertNotIn("conn-down", panel.body)
 
+    def test_destinations_of_flows_listed_before_any_delivery(self) -> None:
+        from datetime import UTC, datetime
+
+        self.client.login("viewer")
+        panel = self.client.get("/console/dashboard/panel")
+        destinations = panel.body.split('id="destinations-table"')[1]
+        self.assertIn(">127.0.0.1:2700</a>", destinations)
+        self.assertIn('class="conn-idle">idle<', destinations)
+        now = datetime.fromtimestamp(self.running.clock.seconds(), UTC)
+        self.assertIn(f"Updated {now:%Y-%m-%d %H:%M:%S} UTC", panel.body)
+        # The queue page offers it for a pause.
+        operator = self.fresh_client()
+        operator.login("operator")
+        queues = operator.get("/console/queues")
+        self.assertIn('<option value="127.0.0.1:2700">', queues.body)
+
     def test_self_refreshes(self) -> None:
         self.client.login("viewer")
         page = self.client.get("/console/")
@@ -256,6 +272,9 @@ class MessageTests(ConsoleTestCase):
         page = self.client.post(f"/console/messages/{message.id}/content")
         self.assertEqual(page.status, 200)
         self.assertIn('title="PID-3 (PID-3.1, PID-3.4)"', page.body)
+        # MSH-1 is the field separator itself: shown once, as in the message.
+        shown = re.sub(r"<[^>]+>", "", page.body)
+        self.assertIn("MSH|^~\\&amp;|SCHED|CLINIC|", shown)
         self.assertIn("MRN4242", page.body)
         self.assertEqual(self.audit_actions().count("message.content"), before + 1)
         audit = self.running.rows(schema.audit)[-1]

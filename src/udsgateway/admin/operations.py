@@ -313,7 +313,8 @@ class Operations:
         last minute and hour. Counts in ``tenants`` are since the process started; flow and
         destination counts are from the database. ``history`` (the console's dashboard)
         adds per flow ``received`` (messages routed to it) and ``last_hour`` (executions
-        finished in each of the last 60 minutes, oldest first)."""
+        finished in each of the last 60 minutes, oldest first), and the destinations of
+        every stored flow (also those without deliveries yet)."""
         try:
             self._check(actor, via)
         except OperationsError:
@@ -1623,6 +1624,12 @@ def _status_rows(connection: Connection, now: float, history: bool = False) -> d
                 entry["oldest_pending_age"] = age
     for address in pauses:
         entry_of(address)
+    if history:
+        # Every destination of a stored flow, also before its first delivery.
+        for app in flowstore.load_apps(connection, None):
+            for flow in app.flows:
+                for action in flow.actions:
+                    entry_of(destinations.address_of(action.endpoint))
     return {"flows": flows, "destinations": found}
 
 

@@ -496,7 +496,7 @@ class Console(Resource):
 
     async def _dashboard(self, page: Page) -> dict[str, Any]:
         status = await self.operations.status(page.actor, VIA, history=True)
-        return dashboard_rows(status, self.clock())
+        return dashboard_rows(status, self.operations.wall())
 
     async def dashboard(self, page: Page, _: re.Match[str]) -> bytes:
         status = await self._dashboard(page)
@@ -650,7 +650,8 @@ class Console(Resource):
         waiting = await self.operations.deliveries(
             page.actor, VIA, (outbox.QUEUED, outbox.HELD), limit=1000
         )
-        status = await self.operations.status(page.actor, VIA)
+        # With history: every flow's destination may be paused, also before it has work.
+        status = await self.operations.status(page.actor, VIA, history=True)
         return page.render(
             "queues.html",
             title="Queues",
