@@ -263,7 +263,7 @@ class Console(Resource):
         self.clock = clock
         #: Shared with the admin API: one login serves both.
         self.sessions = sessions if sessions is not None else SessionStore()
-        self.throttle = throttle if throttle is not None else LoginThrottle()
+        self.throttle = throttle if throttle is not None else LoginThrottle(operations.database)
         self.on_login = on_login
         self.env = _environment()
         self.env.globals["refresh_seconds"] = refresh_seconds
@@ -458,7 +458,7 @@ class Console(Resource):
         name = page.field("name").strip()
         password = page.field("password")
         address = str(getattr(page.request.getClientAddress(), "host", ""))
-        if self.throttle.locked(name, address, self.clock()):
+        if await self.throttle.locked(name, address, self.clock()):
             page.request.setResponseCode(429)
             return page.render(
                 "login.html",
@@ -468,7 +468,7 @@ class Console(Resource):
             )
         user = await self.accounts.authenticate(name, password) if name and password else None
         if user is None:
-            self.throttle.failed(name, address, self.clock())
+            await self.throttle.failed(name, address, self.clock())
             await self.operations.note(
                 name or "(none)", VIA, "console.login", f"user {name}", result="refused"
             )
@@ -476,7 +476,7 @@ class Console(Resource):
             return page.render(
                 "login.html", title="Log in", error="Wrong user name or password.", name=name
             )
-        self.throttle.succeeded(name, address)
+        await self.throttle.succeeded(name, address)
         if page.session is not None:
             self.sessions.end(page.session.id)
         session = self.sessions.create(user.name, self.clock())
