@@ -309,6 +309,11 @@ class Destination:
         """A connection to the destination is open now (status: connection up)."""
         return self._current is not None and self._current.connected_ok
 
+    @property
+    def down(self) -> bool:
+        """The last connect failed and none has succeeded since (status: connection down)."""
+        return self._connect_failures > 0
+
     def reconnect_in(self) -> float:
         """Seconds until the next connect may be tried (0: now)."""
         return max(0.0, self._reconnect_at - self._clock.seconds())
