@@ -270,10 +270,20 @@ class ProxiedListenerTests(GatewayTestCase):
         self.assertEqual(self.proxy.pending, 0)
 
     def test_bad_header_logs_rate_limited(self) -> None:
+        """Hundreds of bad headers of one kind: one line; another kind still gets its line."""
         for port in range(500):
             self.connect(port=port).send(b"junk\r\n")
+        self.connect(port=600)
+        self.gateway.clock.advance(10)  # the one left waiting times out
         self.assertEqual(self.gateway.factory.stats.proxy.bad_headers, 500)
-        self.assertEqual(len(self.gateway_events("PROXY protocol")), 1)
+        self.assertEqual(
+            [event["reason"] for event in self.gateway_events("PROXY protocol")],
+            ["no PROXY header", "no PROXY header in time"],
+        )
+        self.gateway.clock.advance(10)
+        self.connect(port=700).send(b"junk\r\n")
+        [*_, last] = self.gateway_events("PROXY protocol")
+        self.assertEqual((last["reason"], last["suppressed"]), ("no PROXY header", 499))
 
     def test_header_timeout(self) -> None:
         """No complete header within proxy_header_timeout: closed and counted; in time: fine."""

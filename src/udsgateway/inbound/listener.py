@@ -321,13 +321,13 @@ class ListenerFactory(Factory):
     _budgets: dict[str, ByteBudget] = field(factory=dict)
     not_hl7_log: RateLimit = field(init=False)
     _refusal_log: RateLimit = field(init=False)
-    _proxy_log: RateLimit = field(init=False)
+    #: One log rate limit per kind of PROXY-header refusal.
+    _proxy_logs: dict[str, RateLimit] = field(init=False, factory=dict)
     connection_limits: ConnectionLimits = field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self.not_hl7_log = RateLimit(self.clock)
         self._refusal_log = RateLimit(self.clock)
-        self._proxy_log = RateLimit(self.clock)
         limits = self.tenant.limits
         self.connection_limits = ConnectionLimits(
             idle_timeout=limits.idle_timeout,
@@ -373,13 +373,20 @@ class ListenerFactory(Factory):
         )
 
     def _proxy_refused(self, reason: str, proxy: str) -> None:
-        if self._proxy_log.allow():
+        # One rate limit per kind of reason (a v1 or v2 detail after "(" is the same kind).
+        kind = reason.split(" (")[0]
+        limit = self._proxy_logs.get(kind)
+        if limit is None:
+            if len(self._proxy_logs) >= 32:
+                return  # counted in stats.proxy; the kinds of reasons are few
+            limit = self._proxy_logs[kind] = RateLimit(self.clock)
+        if limit.allow():
             log.info(
                 "PROXY protocol: connection closed: {reason}",
                 reason=reason,
                 proxy=proxy,
                 tenant=self.tenant.name,
-                suppressed=self._proxy_log.suppressed,
+                suppressed=limit.suppressed,
             )
 
     def _refusal(self, peer: str) -> str:
