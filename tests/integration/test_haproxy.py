@@ -12,11 +12,13 @@ with one gateway alone on SQLite.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
 import socket
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,14 +33,23 @@ from tests.integration.helpers import (
     sample_message,
 )
 from udsgateway.testing import mllp
-from udsgateway.testing.cluster import LocalCluster, free_port, plan
+from udsgateway.testing.cluster import (
+    LocalCluster,
+    free_port,
+    haproxy_binary,
+    plan,
+    write_files,
+)
 
 DELIVERY_TIMEOUT = 60.0
 
 
 def haproxy_or_skip() -> None:
+    """Skip without Debian's haproxy (``make test`` installs it); fail in CI."""
     if not (shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin:/sbin")):
-        raise SkipTest("haproxy is not installed (make cluster installs it: apt-get install)")
+        if os.environ.get("CI"):
+            raise AssertionError("haproxy is not installed: make haproxy")
+        raise SkipTest("haproxy is not installed (make haproxy: apt-get install haproxy)")
 
 
 def send_from(source: str, port: int, payload: bytes, timeout: float = IO_TIMEOUT) -> bytes | None:
@@ -136,3 +147,21 @@ class HAProxyGatewayTests(SynchronousTestCase):
         wait_for(lambda: send_from("127.0.0.2", port, sample_message("V1A")) is not None, "up")
         self.assertIsNone(send_from("127.0.0.3", port, sample_message("V1B")))
         self.assertEqual(self.peers(database), {"V1A": "127.0.0.2"})
+
+
+class GeneratedConfigTests(SynchronousTestCase):
+    """HAProxy itself accepts the configuration ``make cluster`` writes (``haproxy -c``)."""
+
+    def test_haproxy_checks_the_config(self) -> None:
+        haproxy_or_skip()
+        directory = new_directory(self)
+        for send_proxy in ("send-proxy-v2", "send-proxy"):
+            the_plan = plan(directory / send_proxy, flows=DEMO_FLOWS, send_proxy=send_proxy)
+            write_files(the_plan)
+            check = subprocess.run(
+                [haproxy_binary(), "-c", "-f", str(the_plan.run_dir / "haproxy.cfg")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
