@@ -450,11 +450,13 @@ def banner(cluster: LocalCluster) -> str:
         + ("   (a receiver started here, log: logs/receiver.log)" if cluster.receiver else ""),
         "  nodes:",
     ]
-    lines += [
-        f"    {node.name}: listener {HOST}:{node.port}, admin http://{HOST}:{node.admin_port}"
-        f"/readyz, log logs/{node.name}.log"
-        for node in plan.nodes
-    ]
+    for node in plan.nodes:
+        child = cluster.nodes.get(node.name)
+        pid = child.process.pid if child is not None and child.process is not None else "-"
+        lines.append(
+            f"    {node.name}: listener {HOST}:{node.port}, admin http://{HOST}:{node.admin_port}"
+            f"/readyz, pid {pid}, log logs/{node.name}.log"
+        )
     lines += [
         f"  cluster status: {' '.join(cluster.status_command())}",
         f"  files: {plan.run_dir}",
@@ -514,10 +516,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(banner(cluster), flush=True)
     status = 0
+    reported: set[str] = set()
     while not stopping:
         dead = cluster.dead()
-        if dead:
-            print(f"make cluster: exited: {', '.join(dead)}; stopping", file=sys.stderr)
+        for name in sorted(set(dead) - reported):
+            # A node killed for a failover demo: the others go on.
+            print(f"make cluster: {name} exited; the others go on", file=sys.stderr, flush=True)
+            reported.add(name)
+        if "haproxy" in dead or "receiver" in dead or set(cluster.nodes) <= set(dead):
+            print("make cluster: nothing left to run; stopping", file=sys.stderr)
             status = 1
             break
         time.sleep(0.5)
