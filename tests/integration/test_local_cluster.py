@@ -4,14 +4,17 @@
 in cluster mode on a throwaway database (8 buckets, a lease time of 3 s) and
 HAProxy sending the PROXY protocol v2. Messages sent through HAProxy, each on
 a new connection (so ``leastconn`` spreads them over the nodes), are all
-ACKed and all delivered once; ``udsgateway cluster status`` shows three live
-nodes sharing the buckets; a stop ends every process cleanly, each node
-handing its buckets over.
+ACKed and all delivered once, and every node took some; ``udsgateway cluster
+status`` shows three live nodes. Then one node is killed (``kill -9``): the
+senders keep getting AA through HAProxy, and every message is delivered (the
+dead node's buckets move once their leases expire). A stop ends the other
+processes cleanly, each node handing its buckets over.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -24,6 +27,12 @@ from tests.integration.test_haproxy import delivered, haproxy_or_skip, msa, send
 from udsgateway.testing.cluster import LocalCluster, free_port, plan
 
 MESSAGES = 30
+
+
+def delivered_ids(cluster: LocalCluster) -> set[str]:
+    """MSH-10 of the messages the receiver answered (each once, duplicates or not)."""
+    assert cluster.receiving is not None
+    return set(re.findall(r" (\S+) \d+ AA mllp$", cluster.receiving.log_text(), re.MULTILINE))
 
 
 class LocalClusterTests(SynchronousTestCase):
@@ -65,6 +74,22 @@ class LocalClusterTests(SynchronousTestCase):
         self.assertEqual({n["state"] for n in nodes}, {"live"}, nodes)
 
         self.assertEqual(delivered(cluster), MESSAGES)  # each once
+        sessions = cluster.haproxy_sessions()
+        self.assertEqual(sorted(sessions), ["node1", "node2", "node3"])
+        self.assertTrue(all(count > 0 for count in sessions.values()), sessions)
+
+        # kill -9 a node: HAProxy sends new connections to the others (a refused
+        # connection is redispatched before the health check marks the node down);
+        # its buckets move once their leases expire; every message is delivered.
+        cluster.nodes["node2"].stop(signal.SIGKILL)
+        started = time.monotonic()
+        codes = [
+            msa(send_from("127.0.0.1", port, sample_message(f"AFTER{n}"))) for n in range(MESSAGES)
+        ]
+        self.assertEqual(codes, ["AA"] * MESSAGES)
+        wait_for(lambda: len(delivered_ids(cluster)) >= 2 * MESSAGES, "deliveries after the kill")
+        print(f"after kill -9: all delivered {time.monotonic() - started:.1f} s after the kill")
+
         statuses = cluster.stop()
-        for name in ("node1", "node2", "node3"):
+        for name in ("node1", "node3"):
             self.assertIn(statuses[name], (0, -signal.SIGTERM), cluster.nodes[name].log_text())
