@@ -37,7 +37,7 @@ class PlanTests(SynchronousTestCase):
     def test_fixed_ports(self) -> None:
         """base_port: HAProxy on it, the nodes on the next ports, admin 100 above."""
         the_plan = demo_plan(Path(self.mktemp()))
-        self.assertEqual(the_plan.port, 2580)
+        self.assertEqual((the_plan.port, the_plan.stats_port), (2580, 2584))
         self.assertEqual(
             [(n.name, n.port, n.admin_port) for n in the_plan.nodes],
             [("node1", 2581, 2681), ("node2", 2582, 2682), ("node3", 2583, 2683)],
@@ -45,8 +45,9 @@ class PlanTests(SynchronousTestCase):
 
     def test_free_ports_all_different(self) -> None:
         the_plan = plan(Path(self.mktemp()), flows=DEMO_FLOWS, nodes=3)
-        ports = [the_plan.port] + [p for n in the_plan.nodes for p in (n.port, n.admin_port)]
-        self.assertEqual(len(set(ports)), 7)
+        ports = [the_plan.port, the_plan.stats_port]
+        ports += [p for n in the_plan.nodes for p in (n.port, n.admin_port)]
+        self.assertEqual(len(set(ports)), 8)
         self.assertNotIn(0, ports)
 
 
