@@ -195,6 +195,21 @@ class ProxiedListenerTests(GatewayTestCase):
             self.assertFalse(connection.closed)
         self.assertEqual([m.peer for m in self.gateway.messages()], ["192.0.2.12", "192.0.2.13"])
 
+    def test_half_close_reaches_the_listener(self) -> None:
+        """Plain TCP ended by the sender's half-close: the message gets its ACK, then close.
+        A half-close before the header is complete closes the connection."""
+        connection = self.connect()
+        connection.send(v2("192.0.2.15") + hl7("HALF"))
+        self.assertEqual(connection.transport.value(), b"")
+        connection.protocol.readConnectionLost()
+        self.assertIn(b"MSA|AA|HALF", connection.transport.value())
+        self.assertTrue(connection.closed)
+        self.assertEqual([m.peer for m in self.gateway.messages()], ["192.0.2.15"])
+        early = self.connect(port=50001)
+        early.send(v1("192.0.2.16")[:10])
+        early.protocol.readConnectionLost()
+        self.assertTrue(early.closed)
+
     def test_listener_not_built_before_header(self) -> None:
         """No connection counted by the listener until the header names the sender."""
         connection = self.connect()

@@ -11,6 +11,7 @@ handshake) and every buffer a bound.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from attrs import define, field
 from twisted.internet.interfaces import (
@@ -356,7 +357,7 @@ class ListenerFactory(Factory):
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         return InboundProtocol(self, peer)
 
-    def behind_proxy(self, factory: Factory | None = None) -> ProxyListenerFactory:
+    def behind_proxy(self, factory: Factory[Any] | None = None) -> ProxyListenerFactory:
         """This listener (or ``factory``, TLS around it) behind the PROXY protocol.
 
         The header is read before ``buildProtocol`` is called, with the sender's

@@ -33,6 +33,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
+    IHalfCloseableProtocol,
     IProtocol,
     IReactorTime,
     ITransport,
@@ -42,7 +43,7 @@ from twisted.protocols.haproxy._v1parser import V1Parser
 from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import directlyProvides, implementer, providedBy
 
 V1_PREFIX = b"PROXY "
 V2_PREFIX = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -186,6 +187,7 @@ class ProxyStats:
 RefusalObserver = Callable[[str, str], None]
 
 
+@implementer(IHalfCloseableProtocol)
 class ProxyHeaderProtocol(ProtocolWrapper):
     """Reads one PROXY header, then builds and serves the listener's protocol.
 
@@ -291,6 +293,21 @@ class ProxyHeaderProtocol(ProtocolWrapper):
             self._pending = False
             self.factory.pending -= 1
 
+    def readConnectionLost(self) -> None:
+        """The peer half-closed: passed on (a plain TCP message ends there), else closed."""
+        inner = self.wrappedProtocol
+        if inner is not None and IHalfCloseableProtocol.providedBy(inner):
+            inner.readConnectionLost()
+        else:
+            self._real.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        inner = self.wrappedProtocol
+        if inner is not None and IHalfCloseableProtocol.providedBy(inner):
+            inner.writeConnectionLost()
+        else:
+            self._real.loseConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._pending and not self._buffer and self._header is None:
             self.factory.stats.empty += 1
@@ -313,7 +330,7 @@ class ProxyListenerFactory(Factory):
 
     def __init__(
         self,
-        wrapped: Factory,
+        wrapped: Factory[Any],
         clock: IReactorTime,
         *,
         header_timeout: float,
