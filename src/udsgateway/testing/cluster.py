@@ -498,16 +498,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--port",
         type=int,
         default=2580,
-        help="HAProxy's port; the nodes listen on the next ports, their admin services "
+        help="HAProxy's port (0: free ports for everything); the nodes listen on the next ports, their admin services "
         "100 above those, then HAProxy's runtime API (default 2580: nodes 2581-2583, "
         "admin 2681-2683, runtime API 2584)",
     )
-    parser.add_argument("--destination-port", type=int, default=2576)
+    parser.add_argument("--destination-port", type=int, default=2576, help="0: a free port")
     parser.add_argument("--no-receiver", action="store_true", help="deliver to your own")
     parser.add_argument("--flows", type=Path, default=Path(DEFAULT_FLOWS))
     parser.add_argument("--lease-time", type=float, default=15.0)
     parser.add_argument("--buckets", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.destination_port == 0:
+        args.destination_port = free_port()
     the_plan = plan(
         args.run_dir,
         database=args.database,
@@ -521,6 +523,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ensure_database(args.database, fresh=args.fresh):
         print(f"created database {args.database}")
     cluster = LocalCluster(the_plan, receiver=not args.no_receiver)
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # While starting, Ctrl-C or SIGTERM interrupts the start (which stops what it started).
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    print(f"starting {len(the_plan.nodes)} nodes and HAProxy (logs in {the_plan.run_dir}/logs)")
+    try:
+        cluster.start()
+    except RuntimeError as error:
+        print(f"make cluster: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("make cluster: interrupted while starting; stopped", file=sys.stderr)
+        return 130
     stopping: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -528,12 +546,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    print(f"starting {len(the_plan.nodes)} nodes and HAProxy (logs in {the_plan.run_dir}/logs)")
-    try:
-        cluster.start()
-    except RuntimeError as error:
-        print(f"make cluster: {error}", file=sys.stderr)
-        return 1
     print(banner(cluster), flush=True)
     status = 0
     reported: set[str] = set()
