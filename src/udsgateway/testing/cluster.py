@@ -498,9 +498,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--port",
         type=int,
         default=2580,
-        help="HAProxy's port (0: free ports for everything); the nodes listen on the next ports, their admin services "
-        "100 above those, then HAProxy's runtime API (default 2580: nodes 2581-2583, "
-        "admin 2681-2683, runtime API 2584)",
+        help="HAProxy's port (0: free ports for everything); the nodes listen on the "
+        "next ports, their admin services 100 above those, then HAProxy's runtime API "
+        "(default 2580: nodes 2581-2583, admin 2681-2683, runtime API 2584)",
     )
     parser.add_argument("--destination-port", type=int, default=2576, help="0: a free port")
     parser.add_argument("--no-receiver", action="store_true", help="deliver to your own")
