@@ -11,6 +11,7 @@ handshake) and every buffer a bound.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from attrs import define, field
 from twisted.internet.interfaces import (
@@ -29,6 +30,7 @@ from udsgateway.inbound.ingest import Answer, ApplicationAck, Ingest
 from udsgateway.store.engine import Durations
 from udsgateway.wire.framed import ByteBudget, ConnectionLimits, FramedServerProtocol, failure_site
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
+from udsgateway.wire.proxy import ProxyListenerFactory, ProxyStats
 
 log = Logger()
 
@@ -95,6 +97,8 @@ class ListenerStats:
     tcp_connections: int = 0
     #: Seconds from a frame taken for processing to its ACK written (commit included).
     ack_latency: Durations = field(factory=Durations)
+    #: Behind the PROXY protocol: headers read, refused, timed out (``wire/proxy.py``).
+    proxy: ProxyStats = field(factory=ProxyStats)
 
 
 @implementer(IHandshakeListener)
@@ -318,6 +322,8 @@ class ListenerFactory(Factory):
     _budgets: dict[str, ByteBudget] = field(factory=dict)
     not_hl7_log: RateLimit = field(init=False)
     _refusal_log: RateLimit = field(init=False)
+    #: One log rate limit per kind of PROXY-header refusal.
+    _proxy_logs: dict[str, RateLimit] = field(init=False, factory=dict)
     connection_limits: ConnectionLimits = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -350,6 +356,39 @@ class ListenerFactory(Factory):
         self.stats.connections += 1
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         return InboundProtocol(self, peer)
+
+    def behind_proxy(self, factory: Factory[Any] | None = None) -> ProxyListenerFactory:
+        """This listener (or ``factory``, TLS around it) behind the PROXY protocol.
+
+        The header is read before ``buildProtocol`` is called, with the sender's
+        address: the allowlist, the caps and the logs see the sender.
+        """
+        return ProxyListenerFactory(
+            factory if factory is not None else self,
+            self.clock,
+            header_timeout=self.tenant.limits.proxy_header_timeout,
+            max_pending=self.tenant.limits.max_connections,
+            proxies=self.tenant.proxies,
+            on_refused=self._proxy_refused,
+            stats=self.stats.proxy,
+        )
+
+    def _proxy_refused(self, reason: str, proxy: str) -> None:
+        # One rate limit per kind of reason (a v1 or v2 detail after "(" is the same kind).
+        kind = reason.split(" (")[0]
+        limit = self._proxy_logs.get(kind)
+        if limit is None:
+            if len(self._proxy_logs) >= 32:
+                return  # counted in stats.proxy; the kinds of reasons are few
+            limit = self._proxy_logs[kind] = RateLimit(self.clock)
+        if limit.allow():
+            log.info(
+                "PROXY protocol: connection closed: {reason}",
+                reason=reason,
+                proxy=proxy,
+                tenant=self.tenant.name,
+                suppressed=limit.suppressed,
+            )
 
     def _refusal(self, peer: str) -> str:
         if self.tenant.allow and not _allowed(peer, self.tenant):
