@@ -99,6 +99,41 @@ class ConnectionLimits:
     detect_limit: int
 
 
+def write_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to the connection, straight to its socket when nothing waits ahead.
+
+    Twisted's ``transport.write`` buffers and sends on the reactor's next pass
+    (registering the socket for writability, then unregistering it once sent):
+    two more ``epoll_ctl`` calls, a poll and a dispatch for every ACK and every
+    outbound message. When the transport is a plain TCP connection with nothing
+    buffered, the bytes go to the socket at once instead (a non-blocking
+    ``send``, as Twisted's own would be), in the same order. Whatever the socket
+    does not take now, any error, a TLS connection, or any other transport goes
+    through ``transport.write`` as before (Twisted then finds the error and
+    closes the connection its usual way).
+    """
+    sock = getattr(transport, "socket", None)
+    if (
+        sock is None
+        or getattr(transport, "TLS", True)
+        or not getattr(transport, "connected", False)
+        or getattr(transport, "disconnecting", True)
+        or getattr(transport, "dataBuffer", True)
+        or getattr(transport, "_tempDataBuffer", True)
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        transport.write(data)  # Twisted's write path reports the error and closes
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
+
+
 @implementer(IHalfCloseableProtocol)
 class FramedServerProtocol(Protocol):
     """Detect the framing, frame, queue complete frames; subclasses answer them in ``_pump``.
