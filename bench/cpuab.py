@@ -104,13 +104,12 @@ def _callgrind(pid: int, *command: str) -> None:
 
 
 def _instructions(folder: Path) -> int:
-    """The ``summary:`` (Ir) of the callgrind dumps written in ``folder``, summed."""
+    """The ``totals:`` (instructions) of the callgrind dumps written in ``folder``, summed."""
     total = 0
     for dump in folder.glob("callgrind.out*"):
         for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith(("summary:", "totals:")):
+            if line.startswith("totals:"):
                 total += int(line.split()[1])
-                break
     return total
 
 
@@ -155,7 +154,9 @@ def run_once(
                 *command,
             ]
         log = open(folder / "gateway.log", "wb")  # noqa: SIM115 - closed below
-        gateway = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env)
+        gateway = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=folder, env=env
+        )
         try:
             gs._wait_port(gs.GATEWAY_PORT, gateway, 600 if instructions else 60)
             _settled(gateway.pid)
@@ -171,9 +172,20 @@ def run_once(
                 # py-spy (not a dependency: pip install py-spy anywhere) samples the measured
                 # messages only, in py-spy's "raw" format (collapsed stacks, one per line).
                 spy = subprocess.Popen(
-                    [os.environ.get("PY_SPY", "py-spy"), "record", "--pid", str(gateway.pid),
-                     "--rate", "250", "--threads", "--format", "raw", "--output", str(profile),
-                     "--nonblocking"],
+                    [
+                        os.environ.get("PY_SPY", "py-spy"),
+                        "record",
+                        "--pid",
+                        str(gateway.pid),
+                        "--rate",
+                        "250",
+                        "--threads",
+                        "--format",
+                        "raw",
+                        "--output",
+                        str(profile),
+                        "--nonblocking",
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -206,7 +218,9 @@ def run_once(
             if receiver is not None:
                 gs._stop(receiver)
         if result.ok != total:
-            raise RuntimeError(f"{tree}: {result.ok} of {total} messages verified: {result.errors}")
+            raise RuntimeError(
+                f"{tree}: {result.ok} of {total} messages verified: {result.errors}"
+            )
         pid = gateway.pid
         zero = (0, 0, 0)
         reactor = after[pid][0] - before.get(pid, zero)[0]
@@ -272,7 +286,9 @@ def main() -> None:
             load.append(os.getloadavg()[0])
             profile = None
             if args.profile is not None:
-                profile = args.profile.with_name(f"{args.profile.name}-{key}{len(runs[key]) + 1}.txt")
+                profile = args.profile.with_name(
+                    f"{args.profile.name}-{key}{len(runs[key]) + 1}.txt"
+                )
             run = run_once(
                 tree,
                 args.scenario,
