@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.internet.tcp import Connection
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -203,21 +204,37 @@ class _Socket:
         return len(taken)
 
 
-class _TCPTransport:
-    """The attributes of Twisted's TCP connection that ``write_now`` reads."""
+class _TCPTransport(Connection):
+    """Twisted's TCP connection with a stand-in socket; ``write`` records."""
 
-    TLS = False
-    connected = True
-    disconnecting = False
-    dataBuffer = b""
+    socket: Any
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any) -> None:  # no super().__init__: no reactor, no fd
         self.socket = sock
+        self.TLS = False
+        self.connected = True
+        self.disconnecting = False
+        self.dataBuffer = b""
         self._tempDataBuffer: list[bytes] = []
         self.written: list[bytes] = []
 
     def write(self, data: bytes) -> None:
         self.written.append(data)
+
+
+class _Wrapper:
+    """What a TLS connection (TLSMemoryBIOProtocol, a ProtocolWrapper) looks like: its
+    own ``write``, every other attribute read from the connection under it."""
+
+    def __init__(self, inner: _TCPTransport) -> None:
+        self.inner = inner
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 class WriteNowTests(SynchronousTestCase):
@@ -267,6 +284,11 @@ class WriteNowTests(SynchronousTestCase):
         for transport in (tls, closing, gone):
             write_now(transport, b"abc")
             self.assertEqual((transport.socket.sent, transport.written), (b"", [b"abc"]))
+        # A wrapper that shows the socket of the connection under it (TLS) is not
+        # bypassed: the bytes go through its write, never plaintext to the socket.
+        wrapped = _Wrapper(_TCPTransport(_Socket()))
+        write_now(wrapped, b"abc")
+        self.assertEqual((wrapped.inner.socket.sent, wrapped.written), (b"", [b"abc"]))
         string = StringTransport()
         write_now(string, b"abc")
         self.assertEqual(string.value(), b"abc")

@@ -18,6 +18,7 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -112,19 +113,23 @@ def write_now(transport: Any, data: bytes) -> None:
     through ``transport.write`` as before (Twisted then finds the error and
     closes the connection its usual way).
     """
-    sock = getattr(transport, "socket", None)
+    # Only Twisted's own TCP connection, by class: a TLS connection wraps one
+    # (TLSMemoryBIOProtocol), and a wrapper answers attribute reads with those of the
+    # connection under it, socket included, so any duck-typed check would send
+    # plaintext past the TLS layer. Twisted's TLS started on the connection itself
+    # (startTLS) sets its TLS flag.
     if (
-        sock is None
-        or getattr(transport, "TLS", True)
-        or not getattr(transport, "connected", False)
-        or getattr(transport, "disconnecting", True)
-        or getattr(transport, "dataBuffer", True)
-        or getattr(transport, "_tempDataBuffer", True)
+        not isinstance(transport, Connection)
+        or transport.TLS
+        or not transport.connected
+        or transport.disconnecting
+        or transport.dataBuffer
+        or transport._tempDataBuffer
     ):
         transport.write(data)
         return
     try:
-        sent = sock.send(data)
+        sent = transport.socket.send(data)
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:
