@@ -180,6 +180,7 @@ def run_once(
                         "--rate",
                         "250",
                         "--threads",
+                        "--gil",
                         "--format",
                         "raw",
                         "--output",
