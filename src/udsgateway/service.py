@@ -18,7 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from udsgateway.assembly import NO_FAULTS, Faults, assemble
+from udsgateway.assembly import NO_FAULTS, Faults, assemble, tenant_charset
 from udsgateway.clock import Wall, wall_of
 from udsgateway.cluster.fence import BucketFence
 from udsgateway.cluster.leases import LeaseManager
@@ -28,8 +28,10 @@ from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.inbound.listening import ListenerService
+from udsgateway.inbound.searchkeys import KeyWriter
 from udsgateway.mapping.checks import template_problems
 from udsgateway.store import apps as store_apps
+from udsgateway.store import meta
 from udsgateway.store.engine import (
     AdvisoryLock,
     Database,
@@ -81,6 +83,7 @@ class GatewayService(MultiService):
     ) -> None:
         super().__init__()
         self.config = config
+        self._control_ids = control_ids
         self._reactor = reactor
         #: A cluster node's lease manager and fence (``[cluster].enabled``); None for
         #: a gateway alone on its database.
@@ -101,11 +104,19 @@ class GatewayService(MultiService):
         self._threads = threads
         # The object graph, built by the composition root (as every test harness
         # builds it): ingest per tenant, the executor, the dispatcher.
+        #: Writes the search keys of stored messages after their ACK, in batches.
+        self.key_writer = KeyWriter(
+            database,
+            reactor,
+            node=config.node_name,
+            charsets={tenant.name: tenant_charset(tenant) for tenant in config.tenants},
+        )
         self.assembly = assemble(
             config.tenants,
             database,
             reactor,
             control_ids,
+            key_writer=self.key_writer,
             delivery=config.delivery,
             commit_max_batch=config.commit_max_batch,
             wall=wall,
@@ -151,6 +162,11 @@ class GatewayService(MultiService):
     async def _start(self) -> None:
         version = await self.database.transaction(ensure_schema)
         log.info("database ready, schema {version}", version=version)
+        if self.leases is not None:
+            # Nodes share the database and may start in the same second: each start
+            # draws its own number, so no two nodes issue the same control ids.
+            boot = await self.database.transaction(meta.next_boot)
+            self._control_ids.renumber(self._wall(), boot)
         if isinstance(self._lock, FileLock):
             # After twistd's fork the holder is this process, not the one that took it.
             await self.database.runner.run(self._lock.rewrite, self._wall())
@@ -162,8 +178,11 @@ class GatewayService(MultiService):
         await self._reload_flows()
         if self.leases is not None:
             await self._join_cluster(self.leases)
-        # Recovery before any listener opens: unfinished executions and queued
-        # deliveries resume, in their original order, ahead of new traffic.
+        # Recovery before any listener opens: the search keys a crash left unwritten,
+        # then unfinished executions and queued deliveries resume, in their original
+        # order, ahead of new traffic.
+        await self.key_writer.catch_up()
+        self.key_writer.start()
         await self.dispatcher.recover()
         self.executor.wake()
         self.executor.poll(self.config.delivery.held_poll)
@@ -226,6 +245,8 @@ class GatewayService(MultiService):
         work = parse_work(payload)
         self.dispatcher.work_announced(work.lanes, work.all)
         self.executor.work_announced(work.steps, work.all)
+        if work.finished or work.all:
+            self.executor.finished_announced(work.finished, work.all)
 
     @property
     def accepting(self) -> bool:
@@ -344,6 +365,10 @@ class GatewayService(MultiService):
             if listener.parent is self:
                 await _maybe(self.removeService(listener))
         self.listeners.clear()
+        try:
+            await self.key_writer.stop()
+        except Exception:
+            log.failure("search keys not written at stop; the next start catches up")
         self.executor.stop_polling()
         await self.dispatcher.stopService()
         if self.leases is not None and self.leases.running:

@@ -263,7 +263,7 @@ def advance(
         if row.execution_id is None or row.execution_id not in flows:
             continue
         if row.state == HELD:
-            held.append(Finished(row.execution_id, HELD, row.last_error))
+            held.append(Finished(row.execution_id, HELD, row.last_error, flows[row.execution_id]))
             continue
         if row.state != DELIVERED:
             continue
@@ -273,7 +273,7 @@ def advance(
             pending_any = True
         else:
             moves.append(_move(row.execution_id, DONE, row.step, now))
-            finished.append(Finished(row.execution_id, DONE))
+            finished.append(Finished(row.execution_id, DONE, "", flows[row.execution_id]))
     if moves:
         _ADVANCE.execute(connection, moves)
     if finished:
@@ -402,6 +402,27 @@ def fail_waiting(connection: Connection, execution_id: int, error: str, now: flo
         .where(e.c.id == execution_id, e.c.state == WAITING)
         .values(state=FAILED, error=error[:255], updated_at=now)
     )
+
+
+def finished_of(
+    connection: Connection, execution_ids: Sequence[int], held: Mapping[int, str]
+) -> list[Finished]:
+    """Which of these executions are finished as a watcher sees it ("after actions"):
+    done, failed or held (their render), or waiting on a held delivery (``held``: the
+    executions whose delivery is held, with its error, ``outbox.held_of``)."""
+    if not execution_ids:
+        return []
+    e = schema.executions
+    rows = connection.execute(
+        select(e.c.id, e.c.state, e.c.error).where(e.c.id.in_(sorted(set(execution_ids))))
+    )
+    found = []
+    for execution_id, state, error in rows:
+        if state in (DONE, FAILED, HELD_EXECUTION):
+            found.append(Finished(execution_id, state, error))
+        elif state == WAITING and execution_id in held:
+            found.append(Finished(execution_id, HELD, held[execution_id]))
+    return found
 
 
 def execution_states(connection: Connection, message_id: int) -> list[ExecutionState]:
