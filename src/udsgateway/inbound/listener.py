@@ -28,7 +28,13 @@ from zope.interface import implementer
 from udsgateway.config import TenantConfig
 from udsgateway.inbound.ingest import Answer, ApplicationAck, Ingest
 from udsgateway.store.engine import Durations
-from udsgateway.wire.framed import ByteBudget, ConnectionLimits, FramedServerProtocol, failure_site
+from udsgateway.wire.framed import (
+    ByteBudget,
+    ConnectionLimits,
+    FramedServerProtocol,
+    failure_site,
+    write_now,
+)
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
 from udsgateway.wire.proxy import ProxyListenerFactory, ProxyStats
 
@@ -278,7 +284,7 @@ class InboundProtocol(FramedServerProtocol):
         elif self._closing or self._framer is None or self.transport is None:
             self._factory.ingest.application_ack_lost(ack, self._peer)
         else:
-            self.transport.write(self._framer.encode(ack.data))
+            write_now(self.transport, self._framer.encode(ack.data))
         self._pump()
 
     def _failed(self, failure: Failure) -> None:
@@ -302,7 +308,7 @@ class InboundProtocol(FramedServerProtocol):
         if self._framer is None or self.transport is None:
             return
         if answer.data is not None and not self._closing:
-            self.transport.write(self._framer.encode(answer.data))
+            write_now(self.transport, self._framer.encode(answer.data))
         if answer.close:
             self._close()
 
