@@ -39,6 +39,7 @@ from udsgateway.store.engine import (
     InlineRunner,
     damage_before_command,
     damage_before_open,
+    dead_peer_settings,
     ensure_schema,
     make_engine,
     quick_check,
@@ -167,6 +168,46 @@ def _flip(path: Path, offset: int) -> None:
         byte = file.read(1)
         file.seek(offset)
         file.write(bytes([byte[0] ^ 0xFF]))
+
+
+class DeadPeerSettingsTests(SynchronousTestCase):
+    """A cluster node's sessions carry the settings that keep a dead or frozen peer
+    from stalling it (fractions of the lease time)."""
+
+    def test_a_nodes_sessions_have_them(self) -> None:
+        engine = make_engine(POSTGRES_URL, dead_peer_settings(6.0))
+        self.addCleanup(engine.dispose)
+        try:
+            connection = engine.connect()
+        except Exception as error:
+            if os.environ.get("CI"):
+                raise
+            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
+        with connection:
+            shown = {
+                name: connection.execute(text(f"SHOW {name}")).scalar()
+                for name in (
+                    "lock_timeout",
+                    "idle_in_transaction_session_timeout",
+                    "tcp_user_timeout",
+                    "tcp_keepalives_idle",
+                )
+            }
+        self.assertEqual(
+            shown,
+            {
+                "lock_timeout": "1s",
+                "idle_in_transaction_session_timeout": "2s",
+                "tcp_user_timeout": "3000",
+                "tcp_keepalives_idle": "2",
+            },
+        )
+
+    def test_scaled_by_the_lease(self) -> None:
+        settings = dead_peer_settings(15.0)
+        self.assertIn("-c lock_timeout=2500ms", settings["options"])
+        self.assertIn("-c idle_in_transaction_session_timeout=5000ms", settings["options"])
+        self.assertEqual((settings["keepalives_idle"], settings["tcp_user_timeout"]), (5, 7500))
 
 
 class WalTests(SynchronousTestCase):

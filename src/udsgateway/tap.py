@@ -25,6 +25,7 @@ from udsgateway.store.engine import (
     FileIdentity,
     ThreadRunner,
     damage_before_open,
+    dead_peer_settings,
     lock_database,
     make_engine,
     quick_check,
@@ -80,7 +81,12 @@ def makeService(options: Options) -> IService:
     # Timeouts, backoff and periodic jobs on the monotonic clock (docs/guarantees.md:
     # the wall clock jumps); timestamps on the wall clock, passed as `wall`.
     monotonic_timers(reactor)
-    engine = make_engine(config.database)
+    # A node of a cluster bounds how long a dead or frozen peer can hold it up
+    # (lock waits, sessions left in a transaction, connections gone silent).
+    engine = make_engine(
+        config.database,
+        dead_peer_settings(config.cluster.lease_time) if config.cluster.enabled else None,
+    )
     # Before anything reads the database: the lock (one gateway per database),
     # then the integrity checks, all before twistd forks and before the reactor runs.
     try:

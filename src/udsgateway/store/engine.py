@@ -63,15 +63,56 @@ def is_locked(error: BaseException) -> bool:
     return False
 
 
-def make_engine(url: str) -> Engine:
+def dead_peer_settings(lease_time: float) -> dict[str, Any]:
+    """A cluster node's PostgreSQL connection settings, so that a dead or frozen peer
+    costs the others seconds, never the cluster (fractions of the lease time: with a
+    lease of 6 s, exactly what the fault harness runs with).
+
+    On the server, for this node's own sessions: ``lock_timeout`` (lease / 6: a
+    statement waits at most that long for a lock a frozen node's transaction holds,
+    then fails: the sender gets a NAK and sends again, and the node's database thread
+    is free for its lease round), ``idle_in_transaction_session_timeout`` (lease / 3:
+    the session of a node gone in the middle of a transaction is ended, its locks
+    released), keepalives (probed after lease / 3, dropped after 2 unanswered) and
+    ``tcp_user_timeout`` (lease / 2). On the client (libpq) the same keepalives and
+    ``tcp_user_timeout``: a node cut off from PostgreSQL gets an error instead of a
+    read that never ends.
+    """
+
+    def ms(fraction: float) -> int:
+        return max(500, int(lease_time * 1000 * fraction))
+
+    idle = max(1, int(lease_time / 3))
+    server = {
+        "lock_timeout": f"{ms(1 / 6)}ms",
+        "idle_in_transaction_session_timeout": f"{ms(1 / 3)}ms",
+        "tcp_keepalives_idle": str(idle),
+        "tcp_keepalives_interval": "1",
+        "tcp_keepalives_count": "2",
+        "tcp_user_timeout": str(ms(1 / 2)),
+    }
+    return {
+        "options": " ".join(f"-c {name}={value}" for name, value in server.items()),
+        "keepalives": 1,
+        "keepalives_idle": idle,
+        "keepalives_interval": 1,
+        "keepalives_count": 2,
+        "tcp_user_timeout": ms(1 / 2),
+    }
+
+
+def make_engine(url: str, connect_args: Mapping[str, Any] | None = None) -> Engine:
     """Create an engine; SQLite files are created 0600, in WAL with synchronous=FULL.
 
     ``hide_parameters``: a database error's text never carries the statement's
-    parameters, which hold message bodies (G6: no PHI in logs).
+    parameters, which hold message bodies (G6: no PHI in logs). ``connect_args``:
+    PostgreSQL connection settings (a cluster node's ``dead_peer_settings``).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+        return create_engine(
+            url, pool_pre_ping=True, hide_parameters=True, connect_args=dict(connect_args or {})
+        )
     database = parsed.database or ""
     if database and database != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(database)), exist_ok=True)
