@@ -19,10 +19,12 @@ from twisted.logger import Logger
 
 from udsgateway.assembly import NO_FAULTS, Faults, assemble
 from udsgateway.clock import Wall, wall_of
+from udsgateway.cluster.singleton import RETENTION, Singleton
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
+from udsgateway.interfaces import FencedError
 from udsgateway.inbound.listening import ListenerService
 from udsgateway.mapping.checks import template_problems
 from udsgateway.store import apps as store_apps
@@ -256,15 +258,31 @@ class GatewayService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _prune(self) -> None:
-        """Delete what retention says is old, in small batches, yielding between them."""
+        """Delete what retention says is old, in small batches, yielding between them.
+
+        On a cluster node only while it holds the retention singleton's lease
+        (``cluster.singleton``): checked before each batch on the monotonic
+        clock, and inside each batch's transaction (a batch after a takeover is
+        rolled back and the pass ends)."""
         retention = self.config.retention
         before = self._wall() - retention.days * 86400
+        singleton = Singleton.of(getattr(self, "leases", None), RETENTION)
         try:
             while self.running:
-                count = await self.database.transaction(prune, before, retention.batch)
+                if singleton is None:
+                    count = await self.database.transaction(prune, before, retention.batch)
+                else:
+                    token = singleton.token()
+                    if token is None:
+                        break  # another node's job (or no longer this one's)
+                    count = await self.database.transaction(
+                        singleton.fenced(prune), token, before, retention.batch
+                    )
                 self.pruned += count
                 if count < retention.batch:
                     break
+        except FencedError:
+            log.info("retention moved to another node during a pass; this node stopped it")
         except Exception:
             log.failure("retention pass failed; it runs again at the next interval")
 

@@ -28,6 +28,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from udsgateway.cluster.singleton import GAUGES, JOBS, Singleton
+from udsgateway.interfaces import FencedError
 from udsgateway.store import gauges
 from udsgateway.store.destinations import address_of
 from udsgateway.store.engine import COMMIT_BUCKETS, DELIVERY_BUCKETS, Durations
@@ -51,28 +53,41 @@ ERROR_CODES = (
     "206",
     "207",
 )
+#: Lease transitions of a cluster node (``udsgw_lease_transitions_total``): gained (taken
+#: or back after a lapse), released (handed over: share, clean stop), lost (found taken
+#: or expired at a round), lapsed (dropped on its own clock: no renewal in time).
+TRANSITIONS = ("gained", "released", "lost", "lapsed")
 #: Every label whose values come from a fixed list, with that list.
 LABEL_ENUMS: dict[str, tuple[str, ...]] = {
     "outcome": ("stored", "duplicate", "unreadable", "rendered", "failed", "held"),
     "code": (*ACK_CODES, *ERROR_CODES, "other"),
     "state": ("queued", "held", "pending", "waiting"),
     "framing": ("mllp", "tcp"),
+    "transition": TRANSITIONS,
+    "job": JOBS,
     # Histogram buckets: fixed bounds.
     "le": (
         *sorted({repr(float(bound)) for bound in COMMIT_BUCKETS + DELIVERY_BUCKETS}, key=float),
         "+Inf",
     ),
 }
-#: Labels whose values are operator-named identifiers.
-IDENTIFIER_LABELS = ("listener", "flow", "destination")
+#: Labels whose values are operator-named identifiers ([gateway].node_name for node).
+IDENTIFIER_LABELS = ("listener", "flow", "destination", "node")
 
 
 class GatewayCollector(Collector):
     """Reads the live counters of one GatewayService at each scrape."""
 
-    def __init__(self, gateway: Any, snapshot: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        gateway: Any,
+        snapshot: dict[str, Any],
+        singletons: dict[str, Singleton] | None = None,
+    ) -> None:
         self._gateway = gateway
         self._snapshot = snapshot
+        #: The singletons of this node whose fenced rejections count (the gauges').
+        self._singletons = singletons if singletons is not None else {}
 
     def collect(self) -> Iterator[Any]:
         gateway = self._gateway
@@ -87,6 +102,9 @@ class GatewayCollector(Collector):
             )
         yield from self._outbound(gateway)
         yield from self._database(self._snapshot)
+        leases = getattr(gateway, "leases", None)
+        if leases is not None:
+            yield from self._cluster(gateway, leases)
 
     def _inbound(self, gateway: Any) -> Iterable[Any]:
         open_now = GaugeMetricFamily(
@@ -242,6 +260,75 @@ class GatewayCollector(Collector):
         yield from (deliveries, oldest, executions, refreshed)
 
 
+    def _cluster(self, gateway: Any, leases: Any) -> Iterable[Any]:
+        """A cluster node's leases, from its LeaseManager and fence (no database)."""
+        node = [str(leases.node)]
+        owned = GaugeMetricFamily(
+            "udsgw_cluster_buckets_owned",
+            "Buckets this node holds a lease on now",
+            labels=["node"],
+        )
+        owned.add_metric(node, len(leases.owned))
+        total = GaugeMetricFamily(
+            "udsgw_cluster_buckets", "Buckets of the cluster (fixed)", labels=["node"]
+        )
+        total.add_metric(node, leases.total)
+        live = GaugeMetricFamily(
+            "udsgw_cluster_nodes_live",
+            "Live nodes as this node's last round saw them",
+            labels=["node"],
+        )
+        live.add_metric(node, len(leases.nodes))
+        transitions = CounterMetricFamily(
+            "udsgw_lease_transitions",
+            "Bucket leases gained, released (handed over), lost (found taken or expired) "
+            "and lapsed (not renewed in time: dropped on the node's own clock)",
+            labels=["node", "transition"],
+        )
+        released, lapsed = leases.released_count, leases.lapsed_count
+        for name, count in (
+            ("gained", leases.gained_count),
+            ("released", released),
+            ("lost", max(0, leases.lost_count - released - lapsed)),
+            ("lapsed", lapsed),
+        ):
+            transitions.add_metric([*node, name], count)
+        failed = CounterMetricFamily(
+            "udsgw_lease_failed_rounds",
+            "Lease rounds that failed (database unreachable or in error)",
+            labels=["node"],
+        )
+        failed.add_metric(node, leases.failed_rounds)
+        fences = [getattr(gateway, "fence", None), getattr(gateway.dispatcher, "fence", None)]
+        rejected = CounterMetricFamily(
+            "udsgw_lease_fenced_rejections",
+            "Transactions rolled back because this node no longer held the lease "
+            "(claims, outcomes, singleton batches)",
+            labels=["node"],
+        )
+        seen = {id(fence): fence for fence in fences if fence is not None}
+        count = sum(getattr(fence, "rejected", 0) for fence in seen.values())
+        count += sum(singleton.rejected for singleton in self._singletons.values())
+        rejected.add_metric(node, count)
+        yield from (owned, total, live, transitions, failed, rejected)
+        if leases.last_round_at is not None:
+            age = GaugeMetricFamily(
+                "udsgw_lease_round_age_seconds",
+                "Seconds since the last successful lease round started (monotonic clock)",
+                labels=["node"],
+            )
+            age.add_metric(node, max(0.0, leases.clock.seconds() - leases.last_round_at))
+            yield age
+        running = GaugeMetricFamily(
+            "udsgw_singleton_running",
+            "1 on the node that runs a database-wide job now (it holds the job's lease)",
+            labels=["node", "job"],
+        )
+        for job in JOBS:
+            running.add_metric([*node, job], 1 if Singleton(leases, job).token() else 0)
+        yield running
+
+
 def _buckets(durations: Any) -> tuple[list[tuple[str, int]], float]:
     """A Durations (store.engine) as cumulative Prometheus buckets and their sum."""
     counts = list(durations.counts)
@@ -282,12 +369,37 @@ class Metrics:
 
     def __init__(self, gateway: Any) -> None:
         self.snapshot: dict[str, Any] = {}
+        self._gateway = gateway
+        self._singletons: dict[str, Singleton] = {}
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gateway, self.snapshot))
+        self.registry.register(GatewayCollector(gateway, self.snapshot, self._singletons))
+
+    def _singleton(self) -> Singleton | None:
+        """The gauges' singleton on a cluster node (None on a single gateway)."""
+        leases = getattr(self._gateway, "leases", None)
+        if leases is None:
+            return None
+        found = self._singletons.get(GAUGES)
+        if found is None or found.manager is not leases:
+            found = self._singletons[GAUGES] = Singleton(leases, GAUGES)
+        return found
 
     async def refresh(self, database: Any) -> None:
-        """Take the database snapshot (in the database thread)."""
-        found = await database.transaction(gauges.open_work)
+        """Take the database snapshot (in the database thread). On a cluster only the
+        node that holds the gauges' lease reads them (fenced); the others export
+        none, so that a dashboard summing the nodes counts each delivery once."""
+        singleton = self._singleton()
+        if singleton is None:
+            found = await database.transaction(gauges.open_work)
+        else:
+            token = singleton.token()
+            try:
+                if token is None:
+                    raise FencedError("not this node's job")
+                found = await database.transaction(singleton.fenced(gauges.open_work), token)
+            except FencedError:
+                self.snapshot.clear()
+                return
         self.snapshot.clear()
         self.snapshot.update(found)
 

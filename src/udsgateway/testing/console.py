@@ -85,6 +85,7 @@ class ConsoleClient:
         dispatcher: Any = None,
         wall: Any = None,
         accounts: MemoryAccounts | None = None,
+        operations: Any = None,
     ) -> ConsoleClient:
         config = GatewayConfig(
             path="<memory>",
@@ -95,7 +96,12 @@ class ConsoleClient:
         if wall is not None:
             kwargs["wall"] = wall
         backend = ConsoleBackend(database, config, **kwargs)
-        console = Console(backend, accounts or demo_accounts(), clock=wall or (lambda: 1.0e9))
+        console = Console(
+            backend,
+            accounts or demo_accounts(),
+            clock=wall or (lambda: 1.0e9),
+            operations=operations,
+        )
         return cls(console)
 
     def request(

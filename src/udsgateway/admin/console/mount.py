@@ -90,6 +90,7 @@ def console_for(api: Any, gateway: Any) -> Console:
         sessions=api.sessions,
         throttle=api.throttle,
         on_login=on_login,
+        operations=getattr(api, "operations", None),
     )
 
 

@@ -233,9 +233,12 @@ class Console(Resource):
         throttle: LoginThrottle | None = None,
         on_login: Callable[[Session, Any], None] | None = None,
         refresh_seconds: int = 5,
+        operations: Any = None,
     ) -> None:
         super().__init__()
         self.backend = backend
+        #: The operations facade (admin.operations), for the pages that read through it.
+        self.operations = operations
         self.accounts = accounts
         self.secure = secure
         self.clock = clock
@@ -283,6 +286,7 @@ class Console(Resource):
             ("GET", r"/logs/tail", self.logs_tail, VIEWER),
             ("GET", r"/audit", self.audit, ADMIN),
             ("GET", r"/users", self.users, ADMIN),
+            ("GET", r"/cluster", self.cluster, VIEWER),
         ):
             self._routes.append((method, re.compile(pattern + r"\Z"), handler, role))
 
@@ -823,6 +827,14 @@ class Console(Resource):
     async def users(self, page: Page, _: re.Match[str]) -> bytes:
         rows = await self.accounts.users()
         return page.render("users.html", title="Users", rows=rows)
+
+
+    async def cluster(self, page: Page, _: re.Match[str]) -> bytes:
+        if self.operations is None:
+            view: dict[str, Any] = {"cluster": False}
+        else:
+            view = await self.operations.cluster(page.user.name, "api")
+        return page.render("cluster.html", title="Cluster", view=view)
 
 
 def _blank_action(message_type: str) -> Action:
