@@ -9,19 +9,19 @@ history (no bucket with two owners at once).
 
 from __future__ import annotations
 
-import os
-import uuid
-from typing import TYPE_CHECKING, Any
-
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine, create_engine, text
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_admin_metrics import _Service
-from tests.test_cluster import BUCKETS, LEASE, Failing, LeaseContract
-from tests.test_store_contract import POSTGRES_URL
+from tests.test_cluster import (
+    BUCKETS,
+    LEASE,
+    Failing,
+    LeaseFixture,
+    PostgreSQLSchema,
+    SQLiteFile,
+)
 from udsgateway.admin.metrics import IDENTIFIER_LABELS, LABEL_ENUMS, Metrics
 from udsgateway.admin.operations import Operations
 from udsgateway.cluster.fence import BucketFence, Token
@@ -34,15 +34,10 @@ from udsgateway.interfaces import FencedError
 from udsgateway.service import GatewayService
 from udsgateway.store import inbound, messages
 from udsgateway.store import leases as store
-from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
+from udsgateway.store.engine import Database, InlineRunner, ensure_schema
 from udsgateway.testing import inbound_record
 from udsgateway.testing.admin import AdminClient
 from udsgateway.testing.console import ConsoleClient
-
-if TYPE_CHECKING:
-    _Base = SynchronousTestCase
-else:
-    _Base = object
 
 
 def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -53,26 +48,16 @@ def samples(body: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]
     }
 
 
-class SingletonContract(_Base):
-    """Singleton jobs over real lease managers; mixed into one TestCase per dialect."""
-
-    # The fixture of the lease tests: managers, ageing a node, the history check.
-    manager = LeaseContract.manager
-    age = LeaseContract.age
-    run_sql = LeaseContract.run_sql
-    check_history = LeaseContract.check_history
-
-    def new_engine(self) -> Engine:
-        raise NotImplementedError
+class OpsFixture(LeaseFixture):
+    """The lease tests' fixture over a database with the gateway's tables too."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.admin = Database(self.new_engine(), InlineRunner())
-        self.addCleanup(self.admin.close)
+        super().setUp()
         self.run_sql(ensure_schema)
-        self.assertEqual(self.run_sql(store.ensure_cluster_schema, BUCKETS), BUCKETS)
-        self.lost: dict[str, list[int]] = {}
-        self.addCleanup(self.check_history)
+
+
+class SingletonContract(OpsFixture):
+    """Singleton jobs over real lease managers; mixed into one TestCase per dialect."""
 
     def settled(self, *names: str) -> list[LeaseManager]:
         managers = [self.manager(name) for name in names]
@@ -285,70 +270,15 @@ class SingletonContract(_Base):
         self.assertEqual(self.prune(self.gateway(other)), 3)
 
 
-class SQLiteSingletonTests(SingletonContract, SynchronousTestCase):
-    def new_engine(self) -> Engine:
-        if not hasattr(self, "path"):
-            self.path = f"{os.path.abspath(self.mktemp())}.db"
-        return make_engine(f"sqlite:///{self.path}")
+class SQLiteSingletonTests(SQLiteFile, SingletonContract, SynchronousTestCase):
+    pass
 
 
-class PostgreSQLSingletonTests(SingletonContract, SynchronousTestCase):
+class PostgreSQLSingletonTests(PostgreSQLSchema, SingletonContract, SynchronousTestCase):
     """On a real PostgreSQL, in a throwaway schema; each manager its own session."""
 
-    def setUp(self) -> None:
-        self.schema = f"udsgw_{uuid.uuid4().hex[:12]}"
-        admin = create_engine(POSTGRES_URL)
-        try:
-            with admin.begin() as connection:
-                connection.execute(text(f"CREATE SCHEMA {self.schema}"))
-        except Exception as error:
-            if os.environ.get("CI"):
-                raise
-            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
-        self.engines: list[Engine] = []
 
-        def drop() -> None:
-            for engine in self.engines:
-                engine.dispose()
-            with admin.begin() as connection:
-                connection.execute(text(f"DROP SCHEMA {self.schema} CASCADE"))
-            admin.dispose()
-
-        self.addCleanup(drop)
-        super().setUp()
-
-    def new_engine(self) -> Engine:
-        engine = create_engine(
-            POSTGRES_URL, connect_args={"options": f"-c search_path={self.schema}"}
-        )
-        self.engines.append(engine)
-        return engine
-
-
-class OpsFixture(SynchronousTestCase):
-    """Two nodes a and b on one SQLite file with the gateway's tables."""
-
-    manager = LeaseContract.manager
-    age = LeaseContract.age
-    run_sql = LeaseContract.run_sql
-    check_history = LeaseContract.check_history
-
-    def new_engine(self) -> Engine:
-        if not hasattr(self, "path"):
-            self.path = f"{os.path.abspath(self.mktemp())}.db"
-        return make_engine(f"sqlite:///{self.path}")
-
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.admin = Database(self.new_engine(), InlineRunner())
-        self.addCleanup(self.admin.close)
-        self.run_sql(ensure_schema)
-        self.run_sql(store.ensure_cluster_schema, BUCKETS)
-        self.lost: dict[str, list[int]] = {}
-        self.addCleanup(self.check_history)
-
-
-class LeaseMetricsTests(OpsFixture):
+class LeaseMetricsTests(SQLiteFile, OpsFixture, SynchronousTestCase):
     def node(self, manager: LeaseManager | None) -> tuple[_Service, Metrics]:
         service = _Service()
         service.leases = manager  # type: ignore[attr-defined]
@@ -481,7 +411,7 @@ class LeaseMetricsTests(OpsFixture):
         self.assertFalse([k for k in self.scrape(metrics) if k[0] == "udsgw_open_executions"])
 
 
-class ClusterAPITests(OpsFixture):
+class ClusterAPITests(SQLiteFile, OpsFixture, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.a = self.manager("a")
@@ -548,7 +478,7 @@ class ClusterAPITests(OpsFixture):
         self.assertIn("not a node of a cluster", reply.json["message"])
 
 
-class ClusterConsoleTests(OpsFixture):
+class ClusterConsoleTests(SQLiteFile, OpsFixture, SynchronousTestCase):
     def console(self, manager: LeaseManager | None) -> ConsoleClient:
         operations = Operations(
             self.admin, self.clock, self.clock.seconds, lease_manager=lambda: manager
@@ -570,7 +500,7 @@ class ClusterConsoleTests(OpsFixture):
         self.assertIn("This node, <strong>a</strong>, holds 4 buckets (0-3)", body)
         for job in JOBS:
             self.assertIn(f'data-job="{job}"', body)
-        self.assertEqual(body.count("<tr class=\"\"><td>"), BUCKETS)  # every lease valid
+        self.assertEqual(body.count('<tr class=""><td>'), BUCKETS)  # every lease valid
         self.assertNotIn("<script>", body)  # strict CSP: no inline script
 
     def test_single_gateway_page(self) -> None:

@@ -24,8 +24,8 @@ from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
-from udsgateway.interfaces import FencedError
 from udsgateway.inbound.listening import ListenerService
+from udsgateway.interfaces import FencedError
 from udsgateway.mapping.checks import template_problems
 from udsgateway.store import apps as store_apps
 from udsgateway.store.engine import (

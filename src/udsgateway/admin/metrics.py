@@ -259,7 +259,6 @@ class GatewayCollector(Collector):
         refreshed.add_metric([], at)
         yield from (deliveries, oldest, executions, refreshed)
 
-
     def _cluster(self, gateway: Any, leases: Any) -> Iterable[Any]:
         """A cluster node's leases, from its LeaseManager and fence (no database)."""
         node = [str(leases.node)]

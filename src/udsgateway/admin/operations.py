@@ -1224,7 +1224,6 @@ class Operations:
         )
         return done
 
-
     # -- the cluster
 
     def cluster(self, actor: str, via: str) -> Deferred[dict[str, Any]]:

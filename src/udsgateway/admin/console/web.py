@@ -828,7 +828,6 @@ class Console(Resource):
         rows = await self.accounts.users()
         return page.render("users.html", title="Users", rows=rows)
 
-
     async def cluster(self, page: Page, _: re.Match[str]) -> bytes:
         if self.operations is None:
             view: dict[str, Any] = {"cluster": False}
