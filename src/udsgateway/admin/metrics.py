@@ -262,22 +262,52 @@ class GatewayCollector(Collector):
     def _cluster(self, gateway: Any, leases: Any) -> Iterable[Any]:
         """A cluster node's leases, from its LeaseManager and fence (no database)."""
         node = [str(leases.node)]
-        owned = GaugeMetricFamily(
-            "udsgw_cluster_buckets_owned",
-            "Buckets this node holds a lease on now",
-            labels=["node"],
-        )
-        owned.add_metric(node, len(leases.owned))
-        total = GaugeMetricFamily(
-            "udsgw_cluster_buckets", "Buckets of the cluster (fixed)", labels=["node"]
-        )
-        total.add_metric(node, leases.total)
-        live = GaugeMetricFamily(
-            "udsgw_cluster_nodes_live",
-            "Live nodes as this node's last round saw them",
-            labels=["node"],
-        )
-        live.add_metric(node, len(leases.nodes))
+        fences = {
+            id(fence): fence
+            for fence in (
+                getattr(gateway, "fence", None),
+                getattr(gateway.dispatcher, "fence", None),
+            )
+            if fence is not None
+        }
+        rejected = sum(getattr(fence, "rejected", 0) for fence in fences.values())
+        rejected += sum(singleton.rejected for singleton in self._singletons.values())
+        for kind, name, documentation, value in (
+            (
+                GaugeMetricFamily,
+                "udsgw_cluster_buckets_owned",
+                "Buckets this node holds a lease on now",
+                len(leases.owned),
+            ),
+            (
+                GaugeMetricFamily,
+                "udsgw_cluster_buckets",
+                "Buckets of the cluster (fixed)",
+                leases.total,
+            ),
+            (
+                GaugeMetricFamily,
+                "udsgw_cluster_nodes_live",
+                "Live nodes as this node's last round saw them",
+                len(leases.nodes),
+            ),
+            (
+                CounterMetricFamily,
+                "udsgw_lease_failed_rounds",
+                "Lease rounds that failed (database unreachable or in error)",
+                leases.failed_rounds,
+            ),
+            (
+                CounterMetricFamily,
+                "udsgw_lease_fenced_rejections",
+                "Transactions rolled back because this node no longer held the lease "
+                "(claims, outcomes, singleton batches)",
+                rejected,
+            ),
+        ):
+            family = kind(name, documentation, labels=["node"])
+            family.add_metric(node, value)
+            yield family
         transitions = CounterMetricFamily(
             "udsgw_lease_transitions",
             "Bucket leases gained, released (handed over), lost (found taken or expired) "
@@ -285,31 +315,14 @@ class GatewayCollector(Collector):
             labels=["node", "transition"],
         )
         released, lapsed = leases.released_count, leases.lapsed_count
-        for name, count in (
+        for transition, count in (
             ("gained", leases.gained_count),
             ("released", released),
             ("lost", max(0, leases.lost_count - released - lapsed)),
             ("lapsed", lapsed),
         ):
-            transitions.add_metric([*node, name], count)
-        failed = CounterMetricFamily(
-            "udsgw_lease_failed_rounds",
-            "Lease rounds that failed (database unreachable or in error)",
-            labels=["node"],
-        )
-        failed.add_metric(node, leases.failed_rounds)
-        fences = [getattr(gateway, "fence", None), getattr(gateway.dispatcher, "fence", None)]
-        rejected = CounterMetricFamily(
-            "udsgw_lease_fenced_rejections",
-            "Transactions rolled back because this node no longer held the lease "
-            "(claims, outcomes, singleton batches)",
-            labels=["node"],
-        )
-        seen = {id(fence): fence for fence in fences if fence is not None}
-        count = sum(getattr(fence, "rejected", 0) for fence in seen.values())
-        count += sum(singleton.rejected for singleton in self._singletons.values())
-        rejected.add_metric(node, count)
-        yield from (owned, total, live, transitions, failed, rejected)
+            transitions.add_metric([*node, transition], count)
+        yield transitions
         if leases.last_round_at is not None:
             age = GaugeMetricFamily(
                 "udsgw_lease_round_age_seconds",

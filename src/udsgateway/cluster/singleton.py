@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
-from udsgateway.cluster.fence import Token
+from udsgateway.cluster.fence import Token, lease_token
 from udsgateway.cluster.leases import LeaseManager
 from udsgateway.interfaces import FencedError
 from udsgateway.store.leases import bucket_of, holds
@@ -78,13 +78,7 @@ class Singleton:
     def token(self) -> Token | None:
         """The lease to run under now, or None: not this node's job (or not any more,
         on its monotonic clock)."""
-        bucket = self.bucket
-        if bucket is None:
-            return None
-        epoch = self.manager.epoch(bucket)
-        if epoch is None or not self.manager.may_send(bucket, epoch):
-            return None
-        return Token(bucket, epoch)
+        return lease_token(self.manager, self.bucket)
 
     def check(self, connection: Connection, token: Token) -> None:
         """Inside the job's transaction: this node still holds the lease (FOR SHARE)."""
