@@ -9,6 +9,9 @@ history (no bucket with two owners at once).
 
 from __future__ import annotations
 
+import io
+import os
+
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.trial.unittest import SynchronousTestCase
@@ -24,6 +27,7 @@ from tests.test_cluster import (
 )
 from udsgateway.admin.metrics import IDENTIFIER_LABELS, LABEL_ENUMS, Metrics
 from udsgateway.admin.operations import Operations
+from udsgateway.cli.main import main
 from udsgateway.cluster.fence import BucketFence, Token
 from udsgateway.cluster.leases import LeaseManager
 from udsgateway.cluster.singleton import GAUGES, JOBS, RETENTION, Singleton, job_bucket
@@ -468,6 +472,18 @@ class ClusterAPITests(SQLiteFile, OpsFixture, SynchronousTestCase):
         self.assertEqual(
             [row["owner"] for row in bucket_rows(status)], [v["owner"] for v in views["buckets"]]
         )
+
+    def test_command_names_the_job_runners(self) -> None:
+        """``udsgateway cluster status`` ends with which node runs each job."""
+        config = os.path.abspath(self.mktemp()) + ".toml"
+        with open(config, "w", encoding="utf-8") as file:
+            file.write(f'[gateway]\ndatabase = "sqlite:///{self.path}"\n')
+        out = io.StringIO()
+        self.assertEqual(main(["--config", config, "cluster", "status"], out), 0)
+        expected = ", ".join(
+            f"{job} on {'a' if job_bucket(job, BUCKETS) < 4 else 'b'}" for job in JOBS
+        )
+        self.assertEqual(out.getvalue().splitlines()[-1], f"jobs: {expected}")
 
     def test_single_gateway_is_not_a_cluster(self) -> None:
         client = self.client(None)

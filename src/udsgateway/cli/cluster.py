@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from udsgateway.cli.common import open_database, write_rows
 from udsgateway.cluster.leases import ranges
-from udsgateway.cluster.status import bucket_views, node_views
+from udsgateway.cluster.status import bucket_views, node_views, singleton_owners
 from udsgateway.store import leases
 
 if TYPE_CHECKING:
@@ -77,6 +77,12 @@ def cmd_cluster_status(args: argparse.Namespace, config: GatewayConfig, out: Tex
         f"database time {_time(status.now)} UTC\n\n"
     )
     write_rows(nodes, out, False, NODE_COLUMNS)
+    jobs = singleton_owners(status)
+    out.write(
+        "\njobs: "
+        + ", ".join(f"{job} on {owner or 'no node (lease free)'}" for job, owner in jobs.items())
+        + "\n"
+    )
     if args.buckets:
         out.write("\n")
         write_rows(buckets, out, False, BUCKET_COLUMNS)
