@@ -30,7 +30,14 @@ from udsgateway.admin.operations import Operations
 from udsgateway.cli.main import main
 from udsgateway.cluster.fence import BucketFence, Token
 from udsgateway.cluster.leases import LeaseManager
-from udsgateway.cluster.singleton import GAUGES, JOBS, RETENTION, Singleton, job_bucket
+from udsgateway.cluster.singleton import (
+    GAUGES,
+    JOBS,
+    RETENTION,
+    Singleton,
+    Singletons,
+    job_bucket,
+)
 from udsgateway.cluster.status import singleton_owners, summary
 from udsgateway.config import GatewayConfig, RetentionConfig
 from udsgateway.hl7.ack import ControlIdSource
@@ -228,7 +235,9 @@ class SingletonContract(OpsFixture):
         service = GatewayService(
             config, MemoryReactorClock(), database, ControlIdSource("T"), wall=lambda: 1.0e9
         )
-        service.leases = manager  # type: ignore[attr-defined]  # what cluster mode sets
+        # What cluster mode sets up at construction.
+        service.leases = manager  # type: ignore[attr-defined]
+        service.singletons = Singletons(manager)
         service.running = True  # _prune runs only while the service runs
         return service
 
@@ -286,6 +295,7 @@ class LeaseMetricsTests(SQLiteFile, OpsFixture, SynchronousTestCase):
     def node(self, manager: LeaseManager | None) -> tuple[_Service, Metrics]:
         service = _Service()
         service.leases = manager  # type: ignore[attr-defined]
+        service.singletons = Singletons(manager)  # type: ignore[attr-defined]
         return service, Metrics(service)
 
     def scrape(self, metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -307,13 +317,14 @@ class LeaseMetricsTests(SQLiteFile, OpsFixture, SynchronousTestCase):
         fence = BucketFence(a)
         service.dispatcher.fence = fence  # type: ignore[attr-defined]
         fence.rejected = 2
+        service.singletons.jobs[RETENTION].rejected = 1  # type: ignore[attr-defined]
         self.clock.advance(1.5)
         found = self.scrape(metrics)
         node = (("node", "a"),)
         self.assertEqual(found[("udsgw_cluster_buckets_owned", node)], BUCKETS)
         self.assertEqual(found[("udsgw_cluster_buckets", node)], BUCKETS)
         self.assertEqual(found[("udsgw_cluster_nodes_live", node)], 1)
-        self.assertEqual(found[("udsgw_lease_fenced_rejections_total", node)], 2)
+        self.assertEqual(found[("udsgw_lease_fenced_rejections_total", node)], 3)
         self.assertEqual(found[("udsgw_lease_failed_rounds_total", node)], 0)
         self.assertEqual(found[("udsgw_lease_round_age_seconds", node)], 1.5)
         for job in JOBS:

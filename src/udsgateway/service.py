@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from udsgateway.assembly import NO_FAULTS, Faults, assemble
 from udsgateway.clock import Wall, wall_of
-from udsgateway.cluster.singleton import RETENTION, Singleton
+from udsgateway.cluster.singleton import RETENTION, Singletons
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.flowstore import load_apps, save_app
@@ -113,6 +113,9 @@ class GatewayService(MultiService):
         self._retention = LoopingCall(self._prune)
         self._retention.clock = reactor
         self.pruned = 0
+        #: The database-wide jobs this node may run (``cluster.singleton``): retention
+        #: here, the gauges in the admin service. Empty on a single gateway.
+        self.singletons = Singletons(getattr(self, "leases", None))
         self.ready: Deferred[None] = Deferred()
         # The database file's identity, checked on a timer and before each group
         # commit (a database file deleted or replaced while running).
@@ -266,7 +269,7 @@ class GatewayService(MultiService):
         rolled back and the pass ends)."""
         retention = self.config.retention
         before = self._wall() - retention.days * 86400
-        singleton = Singleton.of(getattr(self, "leases", None), RETENTION)
+        singleton = self.singletons.get(RETENTION)
         try:
             while self.running:
                 if singleton is None:

@@ -28,7 +28,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from udsgateway.cluster.singleton import GAUGES, JOBS, Singleton
+from udsgateway.cluster.singleton import GAUGES, JOBS, Singletons
 from udsgateway.interfaces import FencedError
 from udsgateway.store import gauges
 from udsgateway.store.destinations import address_of
@@ -78,16 +78,9 @@ IDENTIFIER_LABELS = ("listener", "flow", "destination", "node")
 class GatewayCollector(Collector):
     """Reads the live counters of one GatewayService at each scrape."""
 
-    def __init__(
-        self,
-        gateway: Any,
-        snapshot: dict[str, Any],
-        singletons: dict[str, Singleton] | None = None,
-    ) -> None:
+    def __init__(self, gateway: Any, snapshot: dict[str, Any]) -> None:
         self._gateway = gateway
         self._snapshot = snapshot
-        #: The singletons of this node whose fenced rejections count (the gauges').
-        self._singletons = singletons if singletons is not None else {}
 
     def collect(self) -> Iterator[Any]:
         gateway = self._gateway
@@ -271,7 +264,8 @@ class GatewayCollector(Collector):
             if fence is not None
         }
         rejected = sum(getattr(fence, "rejected", 0) for fence in fences.values())
-        rejected += sum(singleton.rejected for singleton in self._singletons.values())
+        singletons = getattr(gateway, "singletons", None) or Singletons(None)
+        rejected += singletons.rejected
         for kind, name, documentation, value in (
             (
                 GaugeMetricFamily,
@@ -336,8 +330,8 @@ class GatewayCollector(Collector):
             "1 on the node that runs a database-wide job now (it holds the job's lease)",
             labels=["node", "job"],
         )
-        for job in JOBS:
-            running.add_metric([*node, job], 1 if Singleton(leases, job).token() else 0)
+        for job, singleton in sorted(singletons.jobs.items()):
+            running.add_metric([*node, job], 1 if singleton.token() else 0)
         yield running
 
 
@@ -382,25 +376,15 @@ class Metrics:
     def __init__(self, gateway: Any) -> None:
         self.snapshot: dict[str, Any] = {}
         self._gateway = gateway
-        self._singletons: dict[str, Singleton] = {}
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(GatewayCollector(gateway, self.snapshot, self._singletons))
-
-    def _singleton(self) -> Singleton | None:
-        """The gauges' singleton on a cluster node (None on a single gateway)."""
-        leases = getattr(self._gateway, "leases", None)
-        if leases is None:
-            return None
-        found = self._singletons.get(GAUGES)
-        if found is None or found.manager is not leases:
-            found = self._singletons[GAUGES] = Singleton(leases, GAUGES)
-        return found
+        self.registry.register(GatewayCollector(gateway, self.snapshot))
 
     async def refresh(self, database: Any) -> None:
         """Take the database snapshot (in the database thread). On a cluster only the
         node that holds the gauges' lease reads them (fenced); the others export
         none, so that a dashboard summing the nodes counts each delivery once."""
-        singleton = self._singleton()
+        singletons = getattr(self._gateway, "singletons", None) or Singletons(None)
+        singleton = singletons.get(GAUGES)
         if singleton is None:
             found = await database.transaction(gauges.open_work)
         else:

@@ -25,9 +25,10 @@ A separate singleton lease (a table of named leases) would have repeated the
 renewal, expiry, fencing and hand-over of the bucket leases for the same
 guarantee.
 
-On a single gateway (SQLite, or PostgreSQL without cluster mode) there is no
-LeaseManager: ``Singleton.of(None, job)`` is None and the job runs as it always
-did.
+A node keeps its jobs in ``Singletons`` (``GatewayService.singletons``). On a
+single gateway (SQLite, or PostgreSQL without cluster mode) there is no
+LeaseManager: ``Singletons(None).get(job)`` is None and the job runs as it
+always did.
 """
 
 from __future__ import annotations
@@ -64,11 +65,6 @@ class Singleton:
         #: Batches of this job rolled back by ``check`` (the lease moved meanwhile).
         self.rejected = 0
 
-    @classmethod
-    def of(cls, manager: LeaseManager | None, job: str) -> Singleton | None:
-        """The job's singleton on a cluster node; None on a single gateway."""
-        return None if manager is None else cls(manager, job)
-
     @property
     def bucket(self) -> int | None:
         """The job's bucket, or None before the first round told the bucket count."""
@@ -95,3 +91,21 @@ class Singleton:
             return work(connection, *args)
 
         return run
+
+
+class Singletons:
+    """A node's singleton jobs, one ``Singleton`` per job for the node's life (their
+    counters add up in the metrics); empty on a single gateway."""
+
+    def __init__(self, manager: LeaseManager | None) -> None:
+        self.manager = manager
+        self.jobs = {} if manager is None else {job: Singleton(manager, job) for job in JOBS}
+
+    def get(self, job: str) -> Singleton | None:
+        """The job's singleton on a cluster node; None on a single gateway."""
+        return self.jobs.get(job)
+
+    @property
+    def rejected(self) -> int:
+        """Batches of every job rolled back by the fencing check."""
+        return sum(singleton.rejected for singleton in self.jobs.values())
