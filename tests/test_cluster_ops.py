@@ -496,6 +496,20 @@ class ClusterAPITests(SQLiteFile, OpsFixture, SynchronousTestCase):
         )
         self.assertEqual(out.getvalue().splitlines()[-1], f"jobs: {expected}")
 
+    def test_manhole_helper(self) -> None:
+        """The manhole's ``cluster()`` calls the same facade method."""
+        from types import SimpleNamespace
+
+        from udsgateway.manhole import namespace
+
+        operations = Operations(
+            self.admin, self.clock, self.clock.seconds, lease_manager=lambda: self.b
+        )
+        names = namespace(SimpleNamespace(config=None), "otto", operations)
+        found = self.successResultOf(names["cluster"]())
+        self.assertEqual(found["this_node"]["node"], "b")
+        self.assertEqual([n["node"] for n in found["nodes"]], ["a", "b"])
+
     def test_single_gateway_is_not_a_cluster(self) -> None:
         client = self.client(None)
         viewer = client.add_user("vera", "viewer")
