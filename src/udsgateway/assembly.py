@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from attrs import define, field, frozen
@@ -32,7 +33,7 @@ from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
-from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner
+from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner, ILaneFence
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
 from udsgateway.outbound.policy import Timing
@@ -112,6 +113,7 @@ def build_dispatcher(
     endpoint_factory: Callable[[Any, str], IStreamClientEndpoint] = clientFromString,
     faults: Faults = NO_FAULTS,
     outcomes: IDeliveryOutcomes | None = None,
+    fence: ILaneFence | None = None,
 ) -> Dispatcher:
     """The delivery engine; ``assemble`` makes the executor its ``outcomes``."""
     return Dispatcher(
@@ -128,6 +130,7 @@ def build_dispatcher(
         rng=rng if rng is not None else random.Random(),
         wall=wall,
         endpoint_factory=endpoint_factory,
+        fence=fence,
     )
 
 
@@ -179,6 +182,7 @@ def assemble(
     outbound_control_ids: ControlIdSource | None = None,
     flow_runner: Callable[[Executor], IFlowRunner | None] = _the_executor,
     fold_while_idle: bool = False,
+    fence: ILaneFence | None = None,
 ) -> Assembly:
     """Build the gateway's object graph for ``tenants`` on ``database`` and ``clock``.
 
@@ -192,6 +196,9 @@ def assemble(
     messages (default: ``control_ids``). ``flow_runner`` chooses what ingest runs
     flows with (default: the executor; None: store only), and ``fold_while_idle``
     renders first actions before every commit (tests on an inline database).
+    ``fence`` (a cluster node, ``udsgateway.cluster.fence.BucketFence``): the
+    executor and the dispatcher run only this node's flow actions and lanes, and
+    every commit that makes work announces it to the other nodes (NOTIFY).
     """
     tenants = tuple(tenants)
     timings = timings if timings is not None else Timings()
@@ -204,6 +211,7 @@ def assemble(
             timing=timings,
             wall=wall,
             faults=faults,
+            fence=fence,
         )
     executor = Executor(
         database,
@@ -213,13 +221,15 @@ def assemble(
         charsets={tenant.name: tenant_charset(tenant) for tenant in tenants},
         after_enqueue=faults.after_enqueue,
         wall=wall,
+        fence=fence,
+        announce=fence is not None,
     )
     # The one assignment after construction: the dispatcher and the executor
     # need each other (outcomes go back to the executor that enqueued them).
     dispatcher.outcomes = executor
     committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
         database,
-        COMMIT_INBOUND,
+        COMMIT_INBOUND if fence is None else partial(COMMIT_INBOUND, announce=True),
         commit_max_batch,
         clock=clock if group_by_turn else None,
         before_batch=faults.before_commit,

@@ -157,6 +157,26 @@ class RetentionConfig:
 
 
 @frozen
+class ClusterConfig:
+    """This process as one node of a cluster on one PostgreSQL (docs/cluster.md)."""
+
+    enabled: bool = False
+    #: Buckets the lanes are spread over; used when the first node creates the
+    #: cluster tables, fixed afterwards.
+    buckets: int = 64
+    #: Seconds a bucket's lease lasts on the database clock.
+    lease_time: float = 15.0
+
+
+def _buckets(value: int) -> str | None:
+    return None if 1 <= value <= 4096 else "must be from 1 to 4096"
+
+
+def _lease_time(value: float) -> str | None:
+    return None if value >= 3 else "must be at least 3 (seconds)"
+
+
+@frozen
 class GatewayConfig:
     """The whole configuration file."""
 
@@ -172,6 +192,7 @@ class GatewayConfig:
     admin: AdminConfig = field(factory=AdminConfig)
     delivery: DeliveryConfig = field(factory=DeliveryConfig)
     retention: RetentionConfig = field(factory=RetentionConfig)
+    cluster: ClusterConfig = field(factory=ClusterConfig)
 
 
 def _positive(value: float) -> str | None:
@@ -454,7 +475,9 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
         raise ConfigError([f"{filename}: not valid TOML: {error}"]) from None
     reader = TableReader(filename)
     base_dir = Path(filename).resolve().parent
-    reader.unknown(document, {"gateway", "tenants", "manhole", "admin", "delivery", "retention"})
+    reader.unknown(
+        document, {"gateway", "tenants", "manhole", "admin", "delivery", "retention", "cluster"}
+    )
 
     with reader.section("gateway"):
         gateway = reader.get(document, "gateway", dict, {})
@@ -525,9 +548,25 @@ def parse_config(text: str, filename: str = "<config>") -> GatewayConfig:
             batch=reader.get(table, "batch", int, 500, _positive),
         )
 
+    with reader.section("cluster"):
+        table = reader.get(document, "cluster", dict, {})
+        reader.unknown(table, {"enabled", "buckets", "lease_time"})
+        cluster = ClusterConfig(
+            enabled=reader.get(table, "enabled", bool, False),
+            buckets=reader.get(table, "buckets", int, 64, _buckets),
+            lease_time=float(reader.get(table, "lease_time", (int, float), 15.0, _lease_time)),
+        )
+        if cluster.enabled and not database.startswith(("postgresql:", "postgresql+")):
+            reader.problem(
+                "enabled",
+                "a cluster needs a PostgreSQL database: set [gateway].database to a "
+                "postgresql+psycopg:// URL, or set [cluster].enabled = false",
+            )
+
     if reader.problems:
         raise ConfigError(reader.problems)
     return GatewayConfig(
+        cluster=cluster,
         retention=retention,
         delivery=delivery,
         path=filename,

@@ -15,10 +15,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from udsgateway.assembly import NO_FAULTS, Faults, assemble
 from udsgateway.clock import Wall, wall_of
+from udsgateway.cluster.fence import BucketFence
+from udsgateway.cluster.leases import LeaseManager
+from udsgateway.cluster.notify import NotifyListener
 from udsgateway.cluster.singleton import RETENTION, Singletons
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
@@ -36,6 +40,7 @@ from udsgateway.store.engine import (
     SchemaError,
     ensure_schema,
 )
+from udsgateway.store.leases import WORK_CHANNEL, ensure_cluster_schema, parse_work
 from udsgateway.store.retention import prune
 
 log = Logger()
@@ -79,6 +84,16 @@ class GatewayService(MultiService):
         super().__init__()
         self.config = config
         self._reactor = reactor
+        #: A cluster node's lease manager and fence (``[cluster].enabled``); None for
+        #: a gateway alone on its database.
+        self.leases: LeaseManager | None = None
+        self.fence: BucketFence | None = None
+        self._notify: NotifyListener | None = None
+        if config.cluster.enabled:
+            self.leases = LeaseManager(
+                database, reactor, config.node_name, lease_time=config.cluster.lease_time
+            )
+            self.fence = BucketFence(self.leases)
         # Timers run on the reactor's clock (monotonic under twistd, see tap.py);
         # timestamps on the wall clock.
         self._wall = wall_of(reactor, wall)
@@ -99,6 +114,7 @@ class GatewayService(MultiService):
             faults=faults,
             guard=identity.ensure if identity is not None else None,
             on_damaged=self._database_damaged if identity is not None else None,
+            fence=self.fence,
         )
         self.committer = self.assembly.committer
         self.dispatcher = self.assembly.dispatcher
@@ -115,7 +131,7 @@ class GatewayService(MultiService):
         self.pruned = 0
         #: The database-wide jobs this node may run (``cluster.singleton``): retention
         #: here, the gauges in the admin service. Empty on a single gateway.
-        self.singletons = Singletons(getattr(self, "leases", None))
+        self.singletons = Singletons(self.leases)
         self.ready: Deferred[None] = Deferred()
         # The database file's identity, checked on a timer and before each group
         # commit (a database file deleted or replaced while running).
@@ -127,6 +143,8 @@ class GatewayService(MultiService):
         #: new message gets a NAK 207 until the gateway is restarted.
         self.database_damage: str | None = None
         self._listening = False
+        #: Stopping: announcements and gained buckets start nothing any more.
+        self._stopping = False
 
     def startService(self) -> None:
         if self._threads is not None:
@@ -147,6 +165,8 @@ class GatewayService(MultiService):
         for tenant in self.config.tenants:
             await self._import_flow_files(tenant)
         await self._reload_flows()
+        if self.leases is not None:
+            await self._join_cluster(self.leases)
         # Recovery before any listener opens: unfinished executions and queued
         # deliveries resume, in their original order, ahead of new traffic.
         await self.dispatcher.recover()
@@ -169,6 +189,48 @@ class GatewayService(MultiService):
         )
         self._listening = True
         self.ready.callback(None)
+
+    async def _join_cluster(self, leases: LeaseManager) -> None:
+        """Cluster mode: the cluster tables, the NOTIFY listener (lease announcements
+        and new work), then the lease manager's first round, before recovery."""
+        buckets = await self.database.transaction(
+            ensure_cluster_schema, self.config.cluster.buckets
+        )
+        dispatcher, executor = self.dispatcher, self.executor
+
+        def gained(_gained: object) -> None:
+            if not self._stopping:
+                dispatcher.fence_changed()
+                executor.wake()
+
+        leases.on_gained = gained
+        leases.on_lost = lambda _lost: dispatcher.fence_changed()
+        self._notify = NotifyListener(
+            self.database.engine,
+            self._reactor,
+            leases.poke,
+            others={WORK_CHANNEL: self._work_announced},
+        )
+        self._notify.start()
+        leases.startService()
+        await leases.first_round
+        if leases.refused is not None:
+            raise StartError(leases.refused)
+        log.info(
+            "cluster node {node}: {held} of {buckets} buckets, {nodes} live nodes",
+            node=leases.node,
+            held=len(leases.owned),
+            buckets=buckets,
+            nodes=len(leases.nodes),
+        )
+
+    def _work_announced(self, payload: str) -> None:
+        """A node committed new work (NOTIFY): run what is this node's at once."""
+        if self._stopping:
+            return
+        work = parse_work(payload)
+        self.dispatcher.work_announced(work.lanes, work.all)
+        self.executor.work_announced(work.steps, work.all)
 
     @property
     def accepting(self) -> bool:
@@ -256,6 +318,9 @@ class GatewayService(MultiService):
         self.assembly.load(apps)
         self._generation = generation
         log.info("routing loaded, flows generation {generation}", generation=generation)
+        if self.leases is not None and self._listening:
+            # A flow another node saved: its executions waited for this node to know it.
+            self.executor.wake()
 
     def stopService(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._stop())
@@ -290,6 +355,7 @@ class GatewayService(MultiService):
             log.failure("retention pass failed; it runs again at the next interval")
 
     async def _stop(self) -> None:
+        self._stopping = True
         for loop in (self._reload, self._retention, self._identity_check):
             if loop.running:
                 loop.stop()
@@ -301,6 +367,14 @@ class GatewayService(MultiService):
         self.listeners.clear()
         self.executor.stop_polling()
         await self.dispatcher.stopService()
+        if self.leases is not None and self.leases.running:
+            # Nothing is sent any more: hand every bucket over at once (NOTIFY).
+            await self.leases.stopService()
+        if self._notify is not None:
+            await deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), self._notify.stop
+            )
+            self._notify = None
         await _maybe(super().stopService())
         if self._threads is not None:
             self._threads.stop()

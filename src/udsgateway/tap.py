@@ -84,7 +84,7 @@ def makeService(options: Options) -> IService:
     # Before anything reads the database: the lock (one gateway per database),
     # then the integrity checks, all before twistd forks and before the reactor runs.
     try:
-        lock = lock_database(config.database, engine, time.time())
+        lock = lock_database(config.database, engine, time.time(), shared=config.cluster.enabled)
     except DatabaseInUseError as error:
         sys.stderr.write(f"udsgateway: not started: {error}\n")
         raise SystemExit(2) from None

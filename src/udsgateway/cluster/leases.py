@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 
 from attrs import frozen
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -120,6 +120,9 @@ class LeaseManager(Service):
         self._ticking = False
         self._again = False
         self._soon: IDelayedCall | None = None
+        #: Fires after the first round ended (taken part, refused or failed): a
+        #: gateway starting in cluster mode waits for it.
+        self.first_round: Deferred[None] = Deferred()
 
     @property
     def renew_interval(self) -> float:
@@ -142,6 +145,9 @@ class LeaseManager(Service):
         self._deadline = self._soon = None
         self.released_count += len(self.owned)
         self._drop(list(self.owned))
+        if self.refused is not None:
+            # Never joined: the buckets under this name are the live process's.
+            return succeed(None)
         done = self.database.transaction(store.leave, self.node, self.instance)
 
         def left(released: list[int]) -> None:
@@ -194,6 +200,13 @@ class LeaseManager(Service):
             self._ticking = False
 
     async def _round(self) -> Round | None:
+        try:
+            return await self._one_round()
+        finally:
+            if not self.first_round.called:
+                self.first_round.callback(None)
+
+    async def _one_round(self) -> Round | None:
         started = self.clock.seconds()
         try:
             result: Round = await self.database.transaction(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy import Engine
@@ -33,7 +33,8 @@ RETRY = 1.0
 
 
 class NotifyListener:
-    """LISTEN on ``channel`` in a thread; call ``on_notify(payload)`` in the reactor."""
+    """LISTEN on ``channel`` (and ``others``) in a thread; call ``on_notify(payload)`` (or
+    the other channel's handler) in the reactor."""
 
     def __init__(
         self,
@@ -41,11 +42,15 @@ class NotifyListener:
         reactor: IReactorFromThreads,
         on_notify: Callable[[str], None],
         channel: str = CHANNEL,
+        others: Mapping[str, Callable[[str], None]] | None = None,
     ) -> None:
         self.engine = engine
         self.reactor = reactor
         self.on_notify = on_notify
         self.channel = channel
+        #: Every channel listened on, with what its payloads go to (``others``: more
+        #: channels, such as ``store.leases.WORK_CHANNEL``).
+        self.handlers: dict[str, Callable[[str], None]] = {channel: on_notify, **(others or {})}
         #: Set once the first LISTEN is in place (tests wait on it).
         self.listening = threading.Event()
         self._stop = threading.Event()
@@ -74,11 +79,14 @@ class NotifyListener:
                 connection = pooled.driver_connection
                 pooled.detach()  # its session is this listener's alone, never pooled
                 connection.autocommit = True
-                connection.execute(f'LISTEN "{self.channel}"')
+                for channel in self.handlers:
+                    connection.execute(f'LISTEN "{channel}"')
                 self.listening.set()
                 while not self._stop.is_set():
                     for notice in connection.notifies(timeout=WAIT):
-                        self.reactor.callFromThread(self.on_notify, notice.payload)
+                        handler = self.handlers.get(notice.channel)
+                        if handler is not None:
+                            self.reactor.callFromThread(handler, notice.payload)
             except Exception as error:
                 log.warn("cluster listener: {error}; reconnecting", error=error)
                 self._stop.wait(RETRY)

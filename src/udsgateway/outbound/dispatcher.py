@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from attrs import define, field, frozen
@@ -244,6 +244,36 @@ class Dispatcher(Service):
         else:
             self._rescan = True
         self._fill_soon()
+
+    def work_announced(
+        self, lanes: Sequence[tuple[str, str, str]], everything: bool = False
+    ) -> None:
+        """A node (this one or another) committed deliveries to ``lanes`` (lane,
+        destination, protocol): run those that are this node's now, without waiting
+        for the sweep. ``everything``: too many to name, look at the store."""
+        if not self._started:
+            return
+        if everything:
+            self._rescan = True
+            self._fill_soon()
+            return
+        wanted = False
+        for lane, destination, protocol in lanes:
+            running = self.lanes.get(lane)
+            if running is not None:
+                running.wake()
+                continue
+            if self.fence is not None and self.fence.token(lane) is None:
+                continue  # another node's lane
+            if lane in self._waiting:
+                continue
+            if len(self._waiting) < self.max_waiting_lanes:
+                self._waiting[lane] = (destination, protocol)
+            else:
+                self._rescan = True
+            wanted = True
+        if wanted:
+            self._fill_soon()
 
     def operator_acted(self, lane: str) -> None:
         """An operator released, skipped or replayed a delivery of this lane."""

@@ -30,7 +30,13 @@ from udsgateway.flows import App, Flow
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.hl7.message import Message, PathSyntaxError
-from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue, IFlowRunner
+from udsgateway.interfaces import (
+    FencedError,
+    IDeliveryOutcomes,
+    IDeliveryQueue,
+    IFlowRunner,
+    ILaneFence,
+)
 from udsgateway.mapping.templating import (
     RenderError,
     Template,
@@ -38,9 +44,10 @@ from udsgateway.mapping.templating import (
     compile_template,
 )
 from udsgateway.outbound.render import read_trigger, render_action
-from udsgateway.store import executions
+from udsgateway.store import apps, executions, leases
 from udsgateway.store.engine import Database
 from udsgateway.store.records import (
+    DELIVERED,
     Advanced,
     CommitResult,
     Finished,
@@ -52,6 +59,20 @@ from udsgateway.store.records import (
 )
 
 log = Logger()
+
+
+def _checks(
+    tokens: Mapping[tuple[str, int], object] | None, work: Sequence[PendingWork]
+) -> list[object]:
+    """The distinct tokens of the flow actions of ``work`` (none without a fence)."""
+    if tokens is None:
+        return []
+    found: list[object] = []
+    for item in work:
+        token = tokens.get((item.flow_id, item.step))
+        if token is not None and token not in found:
+            found.append(token)
+    return found
 
 
 def lane_name(flow_id: str, step: int, key_value: str | None = None) -> str:
@@ -111,6 +132,17 @@ class Executor:
     _behind: bool = True
     #: Wall clock for timestamps (log lines, a template's ``now``); None: ``clock``'s.
     wall: Wall | None = None
+    #: Several nodes on one database: which flow actions are this node's to render
+    #: (None: all, always). A pending execution at step ``n`` of flow ``F`` belongs to
+    #: the lane ``F/n`` (without its ordering key: one node renders all of a flow
+    #: action's executions, in arrival order); the executor takes only those whose
+    #: token it holds, and checks the tokens in the transaction that enqueues.
+    fence: ILaneFence | None = None
+    #: Tell the other nodes of new deliveries and pending executions at each commit
+    #: (PostgreSQL NOTIFY, ``store.leases.announce_work``): a cluster node.
+    announce: bool = False
+    #: Transactions of this executor refused by the fence (a bucket taken over).
+    fenced: int = 0
 
     def _wall(self) -> float:
         return wall_of(self.clock, self.wall)()
@@ -137,7 +169,28 @@ class Executor:
     def after_record(
         self, connection: Connection, settled: list[Settlement], found: Mapping[int, Origin]
     ) -> Advanced:
-        return executions.advance(connection, settled, found, self._steps, self._wall())
+        steps = self._steps
+        if self.fence is not None:
+            # Another node may have saved a flow this one has not loaded yet: its
+            # executions must not end early for want of its later actions.
+            unknown = {origin.flow_id for origin in found.values()} - steps.keys()
+            if unknown:
+                steps = {**steps, **apps.action_counts(connection, unknown)}
+        advanced = executions.advance(connection, settled, found, steps, self._wall())
+        if self.announce and advanced.pending:
+            # The next actions' executions are pending: their flow action may be
+            # another node's.
+            leases.announce_work(
+                connection,
+                steps=(
+                    (found[row.execution_id].flow_id, row.step + 1)
+                    for row in settled
+                    if row.execution_id is not None
+                    and row.execution_id in found
+                    and row.state == DELIVERED
+                ),
+            )
+        return advanced
 
     def on_recorded(self, advanced: Any) -> None:
         if not isinstance(advanced, Advanced):
@@ -262,16 +315,33 @@ class Executor:
         try:
             while True:
                 self._dirty = False
-                work = await self.database.transaction(executions.pending, self.batch_size)
+                tokens = self._tokens()
+                if tokens is not None and not tokens:
+                    # No flow action is this node's now: nothing of its own to be
+                    # behind on (the fold's check in the store keeps the order).
+                    self._behind = False
+                    return
+                steps = None if tokens is None else list(tokens)
+                work = await self.database.transaction(executions.pending, self.batch_size, steps)
                 self._behind = len(work) >= self.batch_size
                 if not work:
                     if self._dirty:
                         continue
                     return
                 transitions = [self._transition(item) for item in work]
-                enqueued = await self.database.transaction(
-                    executions.apply, transitions, self._wall()
-                )
+                try:
+                    enqueued = await self.database.transaction(
+                        self._apply,
+                        transitions,
+                        self._wall(),
+                        _checks(tokens, work),
+                    )
+                except FencedError as error:
+                    # A bucket was taken over since the read: its new owner renders
+                    # these executions (nothing of this transaction was committed).
+                    self.fenced += 1
+                    log.info("executor: {error}; the new owner renders them", error=error)
+                    return  # woken again when this node gains buckets, or by its poll
                 self._hand_over(enqueued)
                 for transition in transitions:
                     if transition.delivery is None:
@@ -286,6 +356,50 @@ class Executor:
                     return
         finally:
             self._running = False
+
+    def _tokens(self) -> dict[tuple[str, int], object] | None:
+        """The flow actions (Flow ID, step) this node renders now, with their tokens;
+        None: all of them (no fence)."""
+        if self.fence is None:
+            return None
+        tokens = {}
+        for flow_id, count in self._steps.items():
+            for step in range(count):
+                token = self.fence.token(lane_name(flow_id, step))
+                if token is not None:
+                    tokens[(flow_id, step)] = token
+        return tokens
+
+    def _apply(
+        self,
+        connection: Connection,
+        transitions: Sequence[Transition],
+        now: float,
+        checks: Sequence[object],
+    ) -> list[tuple[int, NewDelivery]]:
+        """The claim: enqueue and move the executions on, if every token still holds
+        (``FencedError`` rolls the whole transaction back)."""
+        if self.fence is not None:
+            for token in checks:
+                self.fence.check(connection, token)
+        enqueued = executions.apply(connection, transitions, now)
+        if self.announce and enqueued:
+            leases.announce_work(
+                connection,
+                ((d.lane, d.destination, d.protocol) for _id, d in enqueued),
+            )
+        return enqueued
+
+    def work_announced(self, steps: Sequence[tuple[str, int]], everything: bool = False) -> None:
+        """Another node (or this one) committed pending executions at ``steps``: run
+        them now if any of those flow actions is this node's."""
+        if everything or self.fence is None:
+            self.wake()
+            return
+        for flow_id, step in steps:
+            if self.fence.token(lane_name(flow_id, step)) is not None:
+                self.wake()
+                return
 
     def _transition(self, work: PendingWork) -> Transition:
         try:

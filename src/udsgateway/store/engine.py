@@ -710,13 +710,17 @@ def _end_session(connection: Connection) -> None:
     connection.close()
 
 
-def lock_database(url: str, engine: Engine, now: float) -> FileLock | AdvisoryLock | None:
-    """Hold the database exclusively for this process (DatabaseInUseError if another has it)."""
+def lock_database(
+    url: str, engine: Engine, now: float, shared: bool = False
+) -> FileLock | AdvisoryLock | None:
+    """Hold the database exclusively for this process (DatabaseInUseError if another has
+    it); ``shared`` (a cluster node, PostgreSQL only): together with the other nodes,
+    never beside a single gateway."""
     path = sqlite_path(url)
     if path is not None:
         return FileLock.acquire(path, now)
     if engine.dialect.name == "postgresql":
-        return AdvisoryLock.acquire(engine, now)
+        return AdvisoryLock.acquire(engine, now, shared=shared)
     return None
 
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
 from attrs import frozen
-from sqlalchemy import Connection, bindparam, delete, select, update
+from sqlalchemy import Connection, bindparam, delete, select, tuple_, update
 
 from udsgateway.store import logs, outbox, schema
 from udsgateway.store.engine import Prepared, insert_with_ids, prepared_insert
@@ -68,12 +68,23 @@ __all__ = [
 ]
 
 
-def pending(connection: Connection, limit: int) -> list[PendingWork]:
-    """The oldest pending executions, in creation (= arrival) order."""
-    rows = [
-        _PendingRow(*row)
-        for row in _PENDING.execute(connection, [{"pending": PENDING, "limit": limit}])
-    ]
+def pending(
+    connection: Connection, limit: int, steps: Sequence[tuple[str, int]] | None = None
+) -> list[PendingWork]:
+    """The oldest pending executions, in creation (= arrival) order; with ``steps``,
+    only those at these (Flow ID, step) pairs (a cluster node's own flow actions)."""
+    found: Sequence[Any]
+    if steps is None:
+        found = _PENDING.execute(connection, [{"pending": PENDING, "limit": limit}])
+    elif not steps:
+        return []
+    else:
+        e = schema.executions
+        found = connection.execute(
+            _pending_statement().where(tuple_(e.c.flow_id, e.c.step).in_(sorted(set(steps)))),
+            {"pending": PENDING, "limit": limit},
+        ).all()
+    rows = [_PendingRow(*row) for row in found]
     responses = outbox.responses_of(connection, [row.id for row in rows if row.step > 0])
     return [
         PendingWork(

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from attrs import evolve
 from sqlalchemy import Connection
 
-from udsgateway.store import executions, logs, messages, outbox, search
+from udsgateway.store import executions, leases, logs, messages, outbox, search
 from udsgateway.store.records import (
     CommitOutcome,
     CommitResult,
@@ -21,13 +21,17 @@ from udsgateway.store.records import (
 )
 
 
-def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list[CommitResult]:
+def commit_inbound(
+    connection: Connection, records: list[InboundRecord], announce: bool = False
+) -> list[CommitResult]:
     """Store a group of inbound messages: duplicate check, insert, executions, log
     lines, and the folded first actions (see ``Executor.first_actions``).
 
     An execution stored waiting on its first action gets that delivery here, in
     the same transaction, in creation order; each result's ``enqueued`` lists
-    them for the dispatcher.
+    them for the dispatcher. ``announce`` (a cluster node): the other nodes hear
+    of the new deliveries and pending executions at the commit
+    (``leases.announce_work``), as the lane or the flow action may be theirs.
     """
     existing = messages.accepted_with(connection, (r.control_id for r in records))
 
@@ -78,8 +82,23 @@ def commit_inbound(connection: Connection, records: list[InboundRecord]) -> list
             results[position] = _duplicate(
                 record, original.digest, original.ack, ids[first], original.ack_pending
             )
-    stored = [r for r in results if r is not None]
-    return _enqueue_folded(connection, stored, records)
+    stored = _enqueue_folded(connection, [r for r in results if r is not None], records)
+    if announce:
+        leases.announce_work(
+            connection,
+            (
+                (delivery.lane, delivery.destination, delivery.protocol)
+                for result in stored
+                for _id, delivery in result.enqueued
+            ),
+            (
+                (flow_id, 0)
+                for record, result in zip(to_insert, (results[p] for p in positions), strict=True)
+                if result is not None and result.pending
+                for flow_id in record.run_flows
+            ),
+        )
+    return stored
 
 
 def _duplicate(

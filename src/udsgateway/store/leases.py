@@ -148,6 +148,66 @@ def notify(connection: Connection, payload: str) -> None:
         )
 
 
+#: The NOTIFY channel on which nodes announce new work (deliveries, pending executions).
+WORK_CHANNEL = "udsgateway_work"
+
+#: A NOTIFY payload must stay below 8000 bytes; a longer announcement says "*" (look at
+#: everything) instead.
+_MAX_PAYLOAD = 7900
+
+
+@frozen
+class Work:
+    """New work announced by a node: the lanes that got deliveries (lane, destination,
+    protocol) and the flow actions (Flow ID, step) with new pending executions; ``all``:
+    too much to list, look at everything."""
+
+    lanes: tuple[tuple[str, str, str], ...] = ()
+    steps: tuple[tuple[str, int], ...] = ()
+    all: bool = False
+
+
+def announce_work(
+    connection: Connection,
+    lanes: Iterable[tuple[str, str, str]] = (),
+    steps: Iterable[tuple[str, int]] = (),
+) -> None:
+    """PostgreSQL: tell every node, at this transaction's commit, of new deliveries in
+    ``lanes`` (lane, destination, protocol) and new pending executions at ``steps``
+    (Flow ID, step), so that the node holding their bucket runs them at once instead
+    of at its next sweep. Lane names, endpoints and Flow IDs carry no PHI."""
+    if connection.dialect.name != "postgresql":
+        return
+    lines = sorted({"d\t" + "\t".join(lane) for lane in lanes})
+    lines += sorted({f"e\t{flow_id}\t{step}" for flow_id, step in steps})
+    if not lines:
+        return
+    payload = "\n".join(lines)
+    if len(payload.encode("utf-8")) > _MAX_PAYLOAD:
+        payload = "*"
+    connection.execute(
+        text("SELECT pg_notify(:channel, :payload)"),
+        {"channel": WORK_CHANNEL, "payload": payload},
+    )
+
+
+def parse_work(payload: str) -> Work:
+    """The announcement ``announce_work`` sent (anything unreadable: look at everything)."""
+    if payload == "*":
+        return Work(all=True)
+    lanes: list[tuple[str, str, str]] = []
+    steps: list[tuple[str, int]] = []
+    for line in payload.split("\n"):
+        parts = line.split("\t")
+        if parts[0] == "d" and len(parts) == 4:
+            lanes.append((parts[1], parts[2], parts[3]))
+        elif parts[0] == "e" and len(parts) == 3 and parts[2].isdigit():
+            steps.append((parts[1], int(parts[2])))
+        else:
+            return Work(all=True)
+    return Work(tuple(lanes), tuple(steps))
+
+
 @frozen
 class Round:
     """What one heartbeat round found and did, on the database clock."""

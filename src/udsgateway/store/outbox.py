@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -77,9 +78,16 @@ def _delivery(row: Any) -> Delivery:
 
 
 def enqueue(connection: Connection, deliveries: Sequence[NewDelivery], now: float) -> list[int]:
-    """Add deliveries at the tail of their lanes; return their ids, in order."""
+    """Add deliveries at the tail of their lanes; return their ids, in order.
+
+    On PostgreSQL each lane's ids are assigned under that lane's lock
+    (``lock_lanes``), held until the commit: the ids of a lane are committed in
+    increasing order, whichever node or connection enqueues, so a lane read
+    ``id > after`` never misses a delivery committed after a later one.
+    """
     if not deliveries:
         return []
+    lock_lanes(connection, {item.lane for item in deliveries})
     # An action's deliveries share one policy mapping (see Executor.load).
     stored: dict[int, str] = {}
     for item in deliveries:
@@ -112,6 +120,31 @@ def enqueue(connection: Connection, deliveries: Sequence[NewDelivery], now: floa
             for item in deliveries
         ],
     )
+
+
+#: The advisory lock class of lanes ("udsl"): ``pg_advisory_xact_lock(LANE_LOCK, key)``.
+LANE_LOCK = 0x7564736C
+
+
+def lane_lock_key(lane: str) -> int:
+    """The lane's advisory lock key: its CRC-32 as a signed 32-bit integer."""
+    key = zlib.crc32(lane.encode("utf-8"))
+    return key - (1 << 32) if key >= 1 << 31 else key
+
+
+def lock_lanes(connection: Connection, lanes: Iterable[str]) -> None:
+    """PostgreSQL: take each lane's transaction-level advisory lock, in key order (two
+    transactions locking overlapping lanes cannot deadlock). A no-op on SQLite,
+    whose writers take turns for the whole database anyway."""
+    if connection.dialect.name != "postgresql":
+        return
+    keys = sorted({lane_lock_key(lane) for lane in lanes})
+    if keys:
+        connection.exec_driver_sql(
+            "SELECT count(pg_advisory_xact_lock(%(class)s, s.k))"
+            " FROM (SELECT k FROM unnest(CAST(%(keys)s AS integer[])) AS k ORDER BY k) AS s",
+            {"class": LANE_LOCK, "keys": keys},
+        )
 
 
 _ENQUEUE = prepared_insert(
