@@ -236,7 +236,7 @@ class SingletonContract(OpsFixture):
             config, MemoryReactorClock(), database, ControlIdSource("T"), wall=lambda: 1.0e9
         )
         # What cluster mode sets up at construction.
-        service.leases = manager  # type: ignore[attr-defined]
+        service.leases = manager
         service.singletons = Singletons(manager)
         service.running = True  # _prune runs only while the service runs
         return service
