@@ -6,7 +6,10 @@ at scrape time: nothing is added to the path of a message. Gauges that need
 the database (open deliveries per destination and state, the oldest pending
 age, open executions per flow) come from a snapshot that the admin service's
 timer takes in the database thread (``Metrics.refresh``); a scrape never
-queries the database.
+queries the database. On a cluster node only the holder of the ``gauges``
+singleton job takes that snapshot (``cluster.singleton``), and the node adds
+its lease metrics (``udsgw_cluster_*``, ``udsgw_lease_*``,
+``udsgw_singleton_running``) from its LeaseManager.
 
 Label values are only operator-named identifiers (listener = tenant name,
 flow = Flow ID, destination = ``host:port`` of a destination configured in a
