@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from udsgateway.store import messages as store
-from udsgateway.store import search
+from udsgateway.store import inbound, search
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
+from udsgateway.store.records import InboundRecord
 from udsgateway.store.search import Query
 
 START = 1_700_000_000.0
@@ -32,7 +32,7 @@ STEP = 0.05  # 20 messages a second: 1,000,000 messages span about 14 hours
 TYPES = ("ADT^A04", "ADT^A08", "SIU^S12", "ORM^O01")
 
 
-def record(number: int) -> store.InboundRecord:
+def record(number: int) -> InboundRecord:
     message_type = TYPES[number % len(TYPES)]
     control_id = f"C{number:09d}"
     patient = f"P{number % 200_000:06d}"
@@ -47,7 +47,7 @@ def record(number: int) -> store.InboundRecord:
         + "\r"
     ).encode()
     accepted = number % 100 != 7
-    return store.InboundRecord(
+    return InboundRecord(
         tenant=f"tenant{number % 3}",
         sender="HIS|HOSP",
         control_id=control_id,
@@ -80,7 +80,7 @@ def fill(database: Database, count: int, first: int = 0) -> float:
     started = time.perf_counter()
     for start in range(first, first + count, 512):
         group = [record(n) for n in range(start, min(start + 512, first + count))]
-        database.transaction_now(store.commit_inbound, group)
+        database.transaction_now(inbound.commit_inbound, group)
     return time.perf_counter() - started
 
 

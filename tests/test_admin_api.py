@@ -468,6 +468,63 @@ class SessionTests(Fixture):
         self.assertEqual(reply.status, 429)
         self.login()  # from another address
 
+    def fail_logins(self, client: AdminClient, count: int, name: str = "vera") -> None:
+        for _ in range(count):
+            reply = client.request("POST", "/api/v1/session", {"user": name, "password": "x"})
+            self.assertEqual(reply.status, 401)
+
+    def test_lockout_survives_a_restart(self) -> None:
+        """The counts are in the database: a new API over it (a restart) keeps the lock,
+        and counts on from the failures before it."""
+        self.fail_logins(self.client, 5)
+        restarted = AdminClient(database=self.client.database)
+        reply = restarted.request(
+            "POST", "/api/v1/session", {"user": "vera", "password": "correct horse"}
+        )
+        self.assertEqual(reply.status, 429)
+        self.assertEqual(
+            self.client.database.transaction_now(
+                lambda c: c.execute(
+                    select(schema.login_failures.c.failures).where(
+                        schema.login_failures.c.kind == "name"
+                    )
+                ).scalar()
+            ),
+            5,
+        )
+
+    def test_failures_before_a_restart_count(self) -> None:
+        self.fail_logins(self.client, 3)
+        restarted = AdminClient(database=self.client.database)
+        self.fail_logins(restarted, 2)
+        reply = restarted.request(
+            "POST", "/api/v1/session", {"user": "vera", "password": "correct horse"}
+        )
+        self.assertEqual(reply.status, 429)
+
+    def test_nodes_share_the_counts(self) -> None:
+        """Two admin services on one database (two nodes): failures at either count
+        toward one lockout, and the lock holds at both."""
+        other = AdminClient(database=self.client.database)
+        self.fail_logins(self.client, 2)
+        self.fail_logins(other, 2)
+        self.fail_logins(self.client, 1)
+        for client in (self.client, other):
+            reply = client.request(
+                "POST", "/api/v1/session", {"user": "vera", "password": "correct horse"}
+            )
+            self.assertEqual(reply.status, 429)
+
+    def test_a_good_login_clears_the_name_in_the_database(self) -> None:
+        self.fail_logins(self.client, 4)
+        self.login()
+        other = AdminClient(database=self.client.database)
+        self.fail_logins(other, 4)
+        other_login = other.request(
+            "POST", "/api/v1/session", {"user": "vera", "password": "correct horse"}
+        )
+        self.assertEqual(other_login.status, 200)
+
 
 class PasswordTests(TestCase):
     def test_scrypt_round_trip(self) -> None:
@@ -491,6 +548,23 @@ class OpenAPITests(Fixture):
         login = document["paths"]["/api/v1/session"]["post"]
         self.assertEqual(login["security"], [])
         self.assertIn("requestBody", login)
+
+    def test_status_answer_is_described(self) -> None:
+        """The status endpoint's answer, per flow (counts since start, rates) and per
+        destination (attempts by outcome, rates), is in the document."""
+        document = self.client.request("GET", "/api/v1/openapi.json").json
+        status = document["paths"]["/api/v1/status"]["get"]["responses"]["200"]
+        schema = status["content"]["application/json"]["schema"]
+        flow = schema["properties"]["flows"]["additionalProperties"]
+        self.assertEqual(
+            flow["properties"]["since_start"]["required"], ["routed", "done", "failed", "held"]
+        )
+        self.assertIn("rates", flow["required"])
+        destination = schema["properties"]["destinations"]["additionalProperties"]
+        self.assertIn("attempts_since_start", destination["required"])
+        self.assertIn(
+            "connect_failed", destination["properties"]["attempts_since_start"]["description"]
+        )
 
     def test_docs_api_md_names_every_route(self) -> None:
         from pathlib import Path

@@ -34,6 +34,10 @@ class _Executor:
     failed = 1
     held = 2
 
+    def __init__(self) -> None:
+        self.flow_actions = {"FLOWA": {"rendered": 7, "failed": 1, "held": 2}}
+        self.flow_executions = {"FLOWA": {"done": 5, "failed": 1, "held": 3}}
+
 
 class _Dispatcher:
     queued = {ENDPOINT: 4}
@@ -42,6 +46,15 @@ class _Dispatcher:
     paused = {DESTINATION: "otto"}
 
     def __init__(self) -> None:
+        self.attempts = {
+            DESTINATION: {
+                "accepted": 5,
+                "error": 2,
+                "rejected": 1,
+                "timeout": 4,
+                "connect_failed": 9,
+            }
+        }
         self.delivery_latency = Durations(DELIVERY_BUCKETS)
         for seconds in (0.2, 42.0):
             self.delivery_latency.observe(seconds)
@@ -142,6 +155,55 @@ class MetricsTests(TestCase):
         self.assertIn(("udsgw_delivered_total", {"destination": DESTINATION}, 5.0), found)
         self.assertIn(("udsgw_destination_paused", {"destination": DESTINATION}, 1.0), found)
 
+    def test_per_flow_outcomes(self) -> None:
+        """Executions per flow: routed from the ingest (each accepted message stored for
+        the flow), done/failed/held from the executor; actions per flow and outcome."""
+        found = samples(self.scrape())
+        routed = {
+            labels["flow"]: v
+            for n, labels, v in found
+            if n == "udsgw_flow_executions_total" and labels["outcome"] == "routed"
+        }
+        # Three distinct ADT^A04 messages (the duplicate is not stored again), each
+        # routed to the tenant's ADT^A04 flow for MLLP.
+        self.assertEqual(routed, {"FLWADTA04MLLP": 3.0})
+        self.assertEqual(self.service.gateway.ingest.stats.routed["FLWADTA04MLLP"], 3)
+        for outcome, value in (("done", 5.0), ("failed", 1.0), ("held", 3.0)):
+            self.assertIn(
+                ("udsgw_flow_executions_total", {"flow": "FLOWA", "outcome": outcome}, value),
+                found,
+            )
+        for outcome, value in (("rendered", 7.0), ("failed", 1.0), ("held", 2.0)):
+            self.assertIn(
+                ("udsgw_actions_total", {"flow": "FLOWA", "outcome": outcome}, value), found
+            )
+
+    def test_outbound_attempts_by_outcome(self) -> None:
+        found = samples(self.scrape())
+        attempts = {
+            labels["outcome"]: v
+            for n, labels, v in found
+            if n == "udsgw_outbound_attempts_total" and labels["destination"] == DESTINATION
+        }
+        self.assertEqual(
+            attempts,
+            {
+                "accepted": 5.0,
+                "error": 2.0,
+                "rejected": 1.0,
+                "timeout": 4.0,
+                "connect_failed": 9.0,
+            },
+        )
+
+    def test_an_outcome_outside_the_enum_is_not_a_label(self) -> None:
+        self.service.dispatcher.attempts[DESTINATION]["CTRLSECRET1"] = 1
+        self.service.executor.flow_executions["FLOWA"]["PIDSECRET"] = 1
+        self.service.executor.flow_actions["FLOWA"]["PIDSECRET"] = 1
+        text = self.scrape()
+        self.assertNotIn("CTRLSECRET1", text)
+        self.assertNotIn("PIDSECRET", text)
+
     def test_latency_histograms(self) -> None:
         """ACK latency per listener (every frame answered), ACK wait over all
         destinations, delivery latency from enqueue to the partner's ACK."""
@@ -183,7 +245,16 @@ class MetricsTests(TestCase):
         text = self.scrape()
         for secret in SECRETS:
             self.assertNotIn(secret, text)
-        identifiers = {"listener": {"test"}, "destination": {DESTINATION}, "flow": {"FLOWA"}}
+        routes = self.service.gateway.ingest.routes
+        flows = {"FLOWA", *(flow_id for _app, flow_id in routes.by_id)}
+        identifiers = {"listener": {"test"}, "destination": {DESTINATION}, "flow": flows}
+        found = {name for name, _labels, _value in samples(text)}
+        for name in (
+            "udsgw_flow_executions_total",
+            "udsgw_actions_total",
+            "udsgw_outbound_attempts_total",
+        ):
+            self.assertIn(name, found)
         seen = 0
         for name, labels, _value in samples(text):
             for label, value in labels.items():
@@ -265,3 +336,97 @@ class MetricsTests(TestCase):
             status["tenants"]["test"]["ingest"]["stored"], self.service.gateway.ingest.stats.stored
         )
         self.assertEqual(status["destinations"], {ENDPOINT: {"open": 4}})
+
+
+class EndToEndLeakTests(TestCase):
+    """A whole gateway in memory: messages whose every field carries a marker go
+    through ingest, the executor and the dispatcher (one destination answers AR and
+    one AE, so every per-flow and per-attempt counter moves); no marker reaches the
+    scrape, and every label is an identifier or a fixed value."""
+
+    def test_per_flow_and_attempt_metrics_carry_no_message_text(self) -> None:
+        from tests.test_executor import TRIGGER_ID, adt, header
+        from udsgateway.store.destinations import address_of
+        from udsgateway.testing.flows import FlowGateway, action, answer_with, app, flow
+
+        running = FlowGateway(
+            (
+                app(
+                    flow(
+                        "good",
+                        "ADT^A04",
+                        [action("send", 2601, "ADT^A04", header("A") + TRIGGER_ID)],
+                    ),
+                    flow(
+                        "nak",
+                        "ADT^A04",
+                        [action("send", 2602, "ADT^A04", header("B") + TRIGGER_ID)],
+                    ),
+                    flow(
+                        "broken",
+                        "ADT^A04",
+                        [action("send", 2603, "ADT^A04", header("C") + "PID|{% if %}\n")],
+                    ),
+                ),
+            )
+        )
+        self.addCleanup(running.stop)
+        running.peer(2602).script = answer_with("AR", 206)
+        for number in range(3):
+            running.send(
+                adt(
+                    f"CTRLSECRET{number}",
+                    family="NAMESECRET",
+                    mrn="PIDSECRET",
+                    street="STREETSECRET",
+                    kin="KINSECRET",
+                )
+            )
+        # Every good delivery done; the first of the AR lane held (its two followers wait).
+        running.run_until(
+            lambda: (
+                running.executor.flow_executions.get("FLWGOOD", {}).get("done") == 3
+                and running.executor.flow_executions.get("FLWNAK", {}).get("held") == 1
+            )
+        )
+
+        class Service:
+            factories = {"test": running.factory}
+            ingests = {"test": running.ingest}
+            executor = running.executor
+            dispatcher = running.outbound.dispatcher
+            committer = running.assembly.committer
+
+        text = Metrics(Service()).exposition()[0].decode()
+        for secret in (*SECRETS, "STREETSECRET", "KINSECRET"):
+            self.assertNotIn(secret, text)
+        found = samples(text)
+        flows = {"FLWGOOD", "FLWNAK", "FLWBROKEN"}
+        destinations = {address_of(e) for e in running.outbound.dispatcher.destinations}
+        identifiers = {"listener": {"test"}, "flow": flows, "destination": destinations}
+        for name, labels, _value in found:
+            for label, value in labels.items():
+                if label in IDENTIFIER_LABELS:
+                    self.assertIn(value, identifiers[label], (name, label))
+                else:
+                    self.assertIn(value, LABEL_ENUMS[label], (name, label))
+        by_flow = {
+            (labels["flow"], labels["outcome"]): v
+            for n, labels, v in found
+            if n == "udsgw_flow_executions_total"
+        }
+        self.assertEqual(
+            by_flow,
+            {
+                ("FLWGOOD", "routed"): 3.0,
+                ("FLWGOOD", "done"): 3.0,
+                ("FLWNAK", "routed"): 3.0,
+                ("FLWNAK", "held"): 1.0,
+                ("FLWBROKEN", "routed"): 3.0,
+                ("FLWBROKEN", "held"): 3.0,
+            },
+        )
+        attempts = {
+            labels["outcome"]: v for n, labels, v in found if n == "udsgw_outbound_attempts_total"
+        }
+        self.assertEqual(attempts, {"accepted": 3.0, "rejected": 1.0})

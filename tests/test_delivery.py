@@ -601,6 +601,97 @@ class BadReplyTests(DeliveryTestCase):
         self.assertEqual(rig.deliveries()[0].attempts, 2)
 
 
+class AttemptOutcomeTests(DeliveryTestCase):
+    """Each recorded attempt is counted by destination and a fixed outcome (the
+    metrics' ``udsgw_outbound_attempts_total``, the status endpoint)."""
+
+    def counts(self, rig: Outbound) -> dict[str, int]:
+        from udsgateway.store.destinations import address_of
+
+        self.assertEqual(set(rig.dispatcher.attempts), {address_of(DEST)})
+        return rig.dispatcher.attempts[address_of(DEST)]
+
+    def scripted(self, replies: list[Callable[[PeerConnection, bytes], None]]) -> Outbound:
+        """The peer answers each message with the next script of ``replies``, then AA."""
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+
+        def script(connection: PeerConnection, payload: bytes) -> None:
+            if replies:
+                replies.pop(0)(connection, payload)
+            else:
+                connection.reply(destination_ack(control_id_of(payload)))
+
+        peer.script = script
+        rig.start()
+        rig.enqueue("lane-o", DEST, ["O1"])
+        rig.run_until(all_delivered(rig))
+        return rig
+
+    def test_accepted(self) -> None:
+        rig = self.scripted([])
+        self.assertEqual(self.counts(rig), {"accepted": 1})
+
+    def test_ae_is_an_error_then_accepted(self) -> None:
+        rig = self.scripted([answer("AE", 207), answer("CE", 207)])
+        self.assertEqual(self.counts(rig), {"error": 2, "accepted": 1})
+
+    def test_ar_is_rejected(self) -> None:
+        rig = self.outbound()
+        rig.peer(DEST).script = answer("AR", 207)
+        rig.start()
+        rig.enqueue("lane-o", DEST, ["O1"])
+        rig.run_until(lambda: rig.deliveries()[0].state == HELD)
+        self.assertEqual(self.counts(rig), {"rejected": 1})
+
+    def test_timeout(self) -> None:
+        rig = self.scripted([silent])
+        self.assertEqual(self.counts(rig), {"timeout": 1, "accepted": 1})
+
+    def test_protocol_error(self) -> None:
+        def wrong(connection: PeerConnection, _payload: bytes) -> None:
+            connection.reply(destination_ack("SOMETHING-ELSE"))
+
+        rig = self.scripted([wrong])
+        self.assertEqual(self.counts(rig), {"protocol_error": 1, "accepted": 1})
+
+    def test_connection_lost(self) -> None:
+        def hang_up(connection: PeerConnection, _payload: bytes) -> None:
+            connection.hang_up()
+
+        rig = self.scripted([hang_up])
+        self.assertEqual(self.counts(rig), {"connection_lost": 1, "accepted": 1})
+
+    def test_connect_failed(self) -> None:
+        rig = self.outbound()
+        peer = rig.peer(DEST)
+        peer.accepting = False
+        rig.start()
+        rig.enqueue("lane-o", DEST, ["O1"])
+        rig.run_until(lambda: rig.deliveries()[0].attempts >= 2)
+        peer.accepting = True
+        rig.run_until(all_delivered(rig))
+        counts = self.counts(rig)
+        self.assertEqual(set(counts), {"connect_failed", "accepted"})
+        self.assertGreaterEqual(counts["connect_failed"], 2)
+        self.assertEqual(counts["accepted"], 1)
+
+    def test_every_outcome_is_in_the_enum(self) -> None:
+        from udsgateway.outbound import errors
+
+        for error in (
+            errors.DeliveryError,
+            errors.ConnectError,
+            errors.ReplyTimeoutError,
+            errors.ConnectionLostError,
+            errors.StoppedError,
+            errors.StaleConnectionError,
+        ):
+            self.assertIn(error.outcome, errors.ATTEMPT_OUTCOMES)
+        for code in ("AA", "AE", "AR", "CA", "CE", "CR", "ZZ"):
+            self.assertIn(errors.ack_outcome(code), errors.ATTEMPT_OUTCOMES)
+
+
 class NegativeAckTests(DeliveryTestCase):
     """docs/guarantees.md: a destination answers AE / AR / CE / CR; operators act on holds."""
 

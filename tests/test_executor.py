@@ -289,6 +289,18 @@ class ExecutionStateTests(SynchronousTestCase):
         self.assertEqual(trigger_ids(running.peer(2601).received), ["MSG1"])
         self.assertEqual(running.peer(2602).received + running.peer(2603).received, [])
         self.assertEqual((running.executor.failed, running.executor.held), (0, 2))
+        # The per-flow counters (metrics, status): each flow's own outcome.
+        self.assertEqual(
+            running.executor.flow_executions,
+            {"FLWGOOD": {"done": 1}, "FLWJOINS": {"held": 1}, "FLWSYNTAX": {"held": 1}},
+        )
+        self.assertEqual(
+            running.executor.flow_actions,
+            {"FLWGOOD": {"rendered": 1}, "FLWJOINS": {"held": 1}, "FLWSYNTAX": {"held": 1}},
+        )
+        self.assertEqual(
+            dict(running.ingest.stats.routed), {"FLWGOOD": 1, "FLWJOINS": 1, "FLWSYNTAX": 1}
+        )
         failed_logs = [
             (row["flow_id"], row["control_id"], row["reason"])
             for row in running.rows(schema.logs)
@@ -748,6 +760,8 @@ class AfterActionsAckTests(SynchronousTestCase):
         )
         self.assertEqual(states(running), [("FLWWAITS", "waiting", 1, "")])
         self.assert_replayed(running, message, ack)
+        self.assertEqual(running.executor.flow_executions, {"FLWWAITS": {"held": 1}})
+        self.assertEqual(running.executor.flow_actions, {"FLWWAITS": {"rendered": 2}})
 
     def test_ae_207_at_the_timeout(self) -> None:
         """A destination that never answers: AE 207 exactly at the flow's ack_timeout."""

@@ -319,7 +319,7 @@ class QueueTests(SynchronousTestCase):
         self.assertEqual(skipped["state"], outbox.SKIPPED)
         self.failureResultOf(self.operations.skip("ann", "api", first, "again"), Conflict)
         status = result(self, self.operations.status("ann", "api"))
-        self.assertEqual(status["destinations"][ADDRESS]["attempts_since_start"], {"held": 1})
+        self.assertEqual(status["destinations"][ADDRESS]["attempts_since_start"], {"rejected": 1})
         rows = audit_rows(self.rig.database)
         self.assertEqual(
             [(r[1], r[3][:7], r[4]) for r in rows],
@@ -584,8 +584,23 @@ class EndToEndTests(SynchronousTestCase):
             (1, 1, 0),
         )
         self.assertTrue(destination["connected"])
-        self.assertEqual(destination["attempts_since_start"], {"delivered": 1})
+        self.assertEqual(destination["attempts_since_start"], {"accepted": 1})
         self.assertEqual(status["flows"]["FLWONE"]["executions"], {"done": 1})
+        one = status["flows"]["FLWONE"]
+        self.assertEqual(one["since_start"], {"routed": 1, "done": 1, "failed": 0, "held": 0})
+        self.assertGreater(one["rates"]["minute"]["routed"], 0)
+        self.assertGreater(one["rates"]["hour"]["done"], 0)
+        self.assertEqual(one["rates"]["minute"]["failed"], 0)
+        self.assertGreater(destination["rates"]["minute"]["attempts"], 0)
+        self.assertGreater(destination["rates"]["minute"]["delivered"], 0)
+        # The answer is what the OpenAPI document says it is (and the check can fail).
+        from udsgateway.admin.api import STATUS_RESPONSE
+        from udsgateway.admin.http import HTTPError, check_schema
+
+        check_schema(status, STATUS_RESPONSE, "status")
+        del one["since_start"]
+        with self.assertRaises(HTTPError):
+            check_schema(status, STATUS_RESPONSE, "status")
         self.assertEqual(status["tenants"]["test"]["accepted"], 1)
         self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)
         self.assertGreater(status["rates"]["hour"][f"destination.{address}.delivered"], 0)

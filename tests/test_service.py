@@ -150,6 +150,7 @@ class ServiceOrderTests(SynchronousTestCase):
         listen = events.index("listen 2575")
         self.assertLess(events.index("db queued_per_destination"), listen)  # recovery
         self.assertLess(events.index("db pending"), listen)  # the executor's first look
+        self.assertLess(events.index("db _start_mark"), listen)  # search keys caught up
         self.assertEqual(events[listen:], ["listen 2575", "listen 2576"])
 
         north = service.listeners["north"]
@@ -264,7 +265,9 @@ class AssemblyTests(SynchronousTestCase):
 
     def test_one_commit_function_everywhere(self) -> None:
         """The service and both in-memory harnesses commit inbound messages through
-        the same function (they once differed)."""
+        the same function (they once differed). The service leaves the search keys
+        to its KeyWriter (written after the ACK, in batches); the harnesses write
+        them in the commit, so a test searches right after the ACK."""
         config = GatewayConfig(path="t.toml", database="sqlite:///:memory:", tenants=TENANTS)
         service = GatewayService(
             config, MemoryReactorClock(), memory_database(), ControlIdSource("T")
@@ -272,8 +275,18 @@ class AssemblyTests(SynchronousTestCase):
         inbound = Gateway()
         flows = FlowGateway(apps=())
         self.addCleanup(flows.stop)
-        for committer in (service.committer, inbound.assembly.committer, flows.assembly.committer):
+        for committer in (inbound.assembly.committer, flows.assembly.committer):
             self.assertIs(committer._batch, COMMIT_INBOUND)
+        commit = service.committer._batch
+        self.assertIs(commit.func, COMMIT_INBOUND)  # type: ignore[attr-defined]
+        self.assertEqual(
+            commit.keywords,  # type: ignore[attr-defined]
+            {"announce": False, "write_keys": False},
+        )
+        for ingest in service.ingests.values():
+            self.assertEqual(ingest.stored_keys, service.key_writer.stored)
+        self.assertEqual(service.key_writer.node, config.node_name)
+        self.assertEqual((service.key_writer.interval, service.key_writer.batch), (1.0, 4096))
 
     def test_load_takes_routes_plans_and_timings(self) -> None:
         """``load`` gives each tenant its own routes, the executor its plans and the

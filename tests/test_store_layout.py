@@ -36,6 +36,7 @@ OWNERS = {
     "message_keys": "search",
     "users": "users",
     "api_tokens": "users",
+    "login_failures": "users",
 }
 
 #: Tables a module reads (joins, subqueries) without owning them.

@@ -188,6 +188,53 @@ class OpsContract(_Base):
         )
         self.assertEqual(count, 702)  # the repeated pid3 once
 
+    def test_keys_written_again_are_left_alone(self) -> None:
+        """A catch-up or a batch may write keys that are there already (another
+        node's): no conflict, no second row; and the nodes' marks of written keys."""
+        from udsgateway.store import meta
+
+        records = [stored("A1", 1.0, (("pid3", "P1"),))]
+        self.tx(lambda c: inbound.commit_inbound(c, records, write_keys=False))
+        self.assertEqual(self.tx(search.search, Query(keys=(("pid3", "P1"),))), [])
+        [row] = self.tx(search.stored_after, 0, 10)
+        self.assertEqual((row.control_id, row.flows, row.accepted), ("A1", ("F1",), True))
+        keys = search.keys_from(
+            row.tenant,
+            row.message_type,
+            row.flows,
+            row.accepted,
+            row.control_id,
+            (("pid3", "P1"),),
+        )
+        self.tx(search.insert_keys, [keys], [row.id])
+        self.tx(lambda c: search.insert_keys(c, [keys, keys], [row.id, row.id], again=True))
+        found = self.tx(search.search, Query(keys=(("pid3", "P1"),)))
+        self.assertEqual([m.control_id for m in found], ["A1"])
+        count = self.tx(lambda c: c.exec_driver_sql("SELECT count(*) FROM message_keys").scalar())
+        self.assertEqual(count, len(keys))
+        self.assertEqual(self.tx(search.last_message_id), row.id)
+        self.assertEqual(self.tx(search.stored_after, row.id, 10), [])
+        self.assertIsNone(self.tx(meta.keys_through, "node1"))
+        self.tx(meta.set_keys_through, "node1", 7)
+        self.tx(meta.set_keys_through, "node1", 8)
+        self.assertEqual(self.tx(meta.keys_through, "node1"), 8)
+
+    def test_login_failures_lock_and_clear(self) -> None:
+        """The login lockout's counts (store.users), on both databases."""
+        from udsgateway.store import users
+
+        for _ in range(2):
+            self.tx(users.login_failed, "vera", "10.0.0.1", 100.0, 3, 900.0)
+        self.assertFalse(self.tx(users.login_locked, "vera", "10.0.0.2", 100.0))
+        self.tx(users.login_failed, "vera", "10.0.0.2", 101.0, 3, 900.0)
+        self.assertTrue(self.tx(users.login_locked, "vera", "10.0.0.3", 101.0))
+        self.assertFalse(self.tx(users.login_locked, "vera", "10.0.0.3", 1002.0))
+        self.tx(users.login_failed, "otto", "10.0.0.9", 200.0, 3, 900.0)
+        self.tx(users.login_succeeded, "otto", "10.0.0.9")
+        for _ in range(2):
+            self.tx(users.login_failed, "otto", "10.0.0.8", 201.0, 3, 900.0)
+        self.assertFalse(self.tx(users.login_locked, "otto", "10.0.0.7", 201.0))
+
     def test_schema_3_is_migrated(self) -> None:
         """A version-3 database (audit without result and via, no keys) gets them."""
         from sqlalchemy import update

@@ -33,6 +33,7 @@ from udsgateway.hl7.header import codec_for
 from udsgateway.inbound.ingest import Ingest
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.inbound.routing import RoutingTable
+from udsgateway.inbound.searchkeys import KeyWriter
 from udsgateway.interfaces import IDeliveryOutcomes, IFlowRunner, ILaneFence
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
@@ -183,6 +184,7 @@ def assemble(
     flow_runner: Callable[[Executor], IFlowRunner | None] = _the_executor,
     fold_while_idle: bool = False,
     fence: ILaneFence | None = None,
+    key_writer: KeyWriter | None = None,
 ) -> Assembly:
     """Build the gateway's object graph for ``tenants`` on ``database`` and ``clock``.
 
@@ -199,6 +201,8 @@ def assemble(
     ``fence`` (a cluster node, ``udsgateway.cluster.fence.BucketFence``): the
     executor and the dispatcher run only this node's flow actions and lanes, and
     every commit that makes work announces it to the other nodes (NOTIFY).
+    ``key_writer``: the search keys are written after each commit, in batches, by
+    it (the service); None: in the commit itself.
     """
     tenants = tuple(tenants)
     timings = timings if timings is not None else Timings()
@@ -229,7 +233,11 @@ def assemble(
     dispatcher.outcomes = executor
     committer: GroupCommitter[InboundRecord, CommitResult] = GroupCommitter(
         database,
-        COMMIT_INBOUND if fence is None else partial(COMMIT_INBOUND, announce=True),
+        (
+            COMMIT_INBOUND
+            if fence is None and key_writer is None
+            else partial(COMMIT_INBOUND, announce=fence is not None, write_keys=key_writer is None)
+        ),
         commit_max_batch,
         clock=clock if group_by_turn else None,
         before_batch=faults.before_commit,
@@ -247,6 +255,7 @@ def assemble(
             fold_while_idle=fold_while_idle,
             after_commit=faults.after_commit,
             wall=wall,
+            stored_keys=key_writer.stored if key_writer is not None else None,
         )
         for tenant in tenants
     }

@@ -18,7 +18,7 @@ from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
-from udsgateway.assembly import NO_FAULTS, Faults, assemble
+from udsgateway.assembly import NO_FAULTS, Faults, assemble, tenant_charset
 from udsgateway.clock import Wall, wall_of
 from udsgateway.cluster.fence import BucketFence
 from udsgateway.cluster.leases import LeaseManager
@@ -29,6 +29,7 @@ from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.inbound.listening import ListenerService
+from udsgateway.inbound.searchkeys import KeyWriter
 from udsgateway.interfaces import FencedError
 from udsgateway.mapping.checks import template_problems
 from udsgateway.store import apps as store_apps
@@ -103,11 +104,19 @@ class GatewayService(MultiService):
         self._threads = threads
         # The object graph, built by the composition root (as every test harness
         # builds it): ingest per tenant, the executor, the dispatcher.
+        #: Writes the search keys of stored messages after their ACK, in batches.
+        self.key_writer = KeyWriter(
+            database,
+            reactor,
+            node=config.node_name,
+            charsets={tenant.name: tenant_charset(tenant) for tenant in config.tenants},
+        )
         self.assembly = assemble(
             config.tenants,
             database,
             reactor,
             control_ids,
+            key_writer=self.key_writer,
             delivery=config.delivery,
             commit_max_batch=config.commit_max_batch,
             wall=wall,
@@ -167,8 +176,11 @@ class GatewayService(MultiService):
         await self._reload_flows()
         if self.leases is not None:
             await self._join_cluster(self.leases)
-        # Recovery before any listener opens: unfinished executions and queued
-        # deliveries resume, in their original order, ahead of new traffic.
+        # Recovery before any listener opens: the search keys a crash left unwritten,
+        # then unfinished executions and queued deliveries resume, in their original
+        # order, ahead of new traffic.
+        await self.key_writer.catch_up()
+        self.key_writer.start()
         await self.dispatcher.recover()
         self.executor.wake()
         self.executor.poll(self.config.delivery.held_poll)
@@ -365,6 +377,10 @@ class GatewayService(MultiService):
             if listener.parent is self:
                 await _maybe(self.removeService(listener))
         self.listeners.clear()
+        try:
+            await self.key_writer.stop()
+        except Exception:
+            log.failure("search keys not written at stop; the next start catches up")
         self.executor.stop_polling()
         await self.dispatcher.stopService()
         if self.leases is not None and self.leases.running:

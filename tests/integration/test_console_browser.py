@@ -392,6 +392,13 @@ class ConsoleBrowserTests(SynchronousTestCase):
                 self.gateway.port, adt("ADT^A04", "FLWBROWSERA04X", f"FIND{number}", mrn)
             )
             assert ack is not None and b"|AA|" in ack, ack
+        # The search keys are written after the ACK, within about a second.
+        self.wait_for(
+            "the search keys written",
+            lambda: self.rows(
+                "SELECT message_id FROM message_keys WHERE name = 'pid3' AND value = 'MRN9002'"
+            ),
+        )
         page = self.page("admin")
         page.get_by_role("link", name="Messages").click()
         page.get_by_label("Patient ID (PID-3)").fill("MRN9002")

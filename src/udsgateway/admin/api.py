@@ -89,6 +89,111 @@ PASSWORD_SCHEMA = {
 }
 
 
+def _counts(description: str, names: tuple[str, ...] = ()) -> dict[str, Any]:
+    """An object of counts (or per-second rates), by name."""
+    found: dict[str, Any] = {
+        "type": "object",
+        "description": description,
+        "additionalProperties": {"type": "number"},
+    }
+    if names:
+        found["properties"] = {name: {"type": "number"} for name in names}
+        found["required"] = list(names)
+    return found
+
+
+def _rates(description: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": description,
+        "properties": {
+            "minute": _counts("per second over the last minute"),
+            "hour": _counts("per second over the last hour"),
+        },
+        "required": ["minute", "hour"],
+    }
+
+
+_FLOW_STATUS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "app_id": {"type": "string"},
+        "tenant": {"type": "string"},
+        "name": {"type": "string"},
+        "enabled": {"type": "boolean"},
+        "routed": {"type": "integer", "description": "executions in the database"},
+        "executions": _counts("executions in the database by state"),
+        "since_start": _counts(
+            "since the process started: accepted messages routed to the flow, and "
+            "executions done, failed, held",
+            ("routed", "done", "failed", "held"),
+        ),
+        "rates": _rates("routed, done, failed, held per second"),
+    },
+    "required": ["routed", "executions", "since_start", "rates"],
+}
+_DESTINATION_STATUS: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "queued": {"type": "integer"},
+        "held": {"type": "integer"},
+        "delivered": {"type": "integer"},
+        "skipped": {"type": "integer"},
+        "attempts": {"type": "integer", "description": "sum over its deliveries (database)"},
+        "oldest_pending_age": {
+            "nullable": True,
+            "description": "seconds since the oldest open delivery was queued; null: none",
+        },
+        "paused": {"type": "boolean"},
+        "paused_by": {"nullable": True, "description": "who paused it; null: not paused"},
+        "connected": {"type": "boolean"},
+        "last_error": {"type": "string"},
+        "delivered_since_start": {"type": "integer"},
+        "attempts_since_start": _counts(
+            "attempts since start by outcome: accepted, error, rejected, other_ack, timeout, "
+            "connect_failed, connection_lost, stale_connection, protocol_error, stopped"
+        ),
+        "rates": _rates("delivered and attempts per second"),
+    },
+    "required": ["queued", "held", "paused", "connected", "attempts_since_start", "rates"],
+}
+#: The answer of GET /api/v1/status (the OpenAPI document; a test checks answers by it).
+STATUS_RESPONSE: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "tenants": {
+            "type": "object",
+            "description": "per tenant, since the process started",
+            "additionalProperties": {
+                "type": "object",
+                "properties": {
+                    "open_connections": {"type": "integer"},
+                    "connections": {"type": "integer"},
+                    "received": {"type": "integer"},
+                    "accepted": {"type": "integer"},
+                    "duplicates": {"type": "integer"},
+                    "rejected": {"type": "integer"},
+                    "rejected_by_code": _counts("by ERR-3 code"),
+                    "acks": _counts("ACKs sent by MSA-1 code"),
+                },
+            },
+        },
+        "flows": {
+            "type": "object",
+            "description": "per Flow ID",
+            "additionalProperties": _FLOW_STATUS,
+        },
+        "destinations": {
+            "type": "object",
+            "description": "per destination address (host:port)",
+            "additionalProperties": _DESTINATION_STATUS,
+        },
+        "rates": _rates("every counter's rate, by name (flow.ID.done, tenant.NAME.received...)"),
+    },
+    "required": ["tenants", "flows", "destinations", "rates"],
+}
+
+
 @define
 class AdminAPI:
     """The admin endpoints, over one gateway process."""
@@ -107,13 +212,18 @@ class AdminAPI:
     secure: bool = False
     max_body_size: int = 1024 * 1024
     sessions: SessionStore = field(factory=SessionStore)
-    throttle: auth.LoginThrottle = field(factory=auth.LoginThrottle)
+    #: The login lockout (in the database); None: the defaults over ``database``.
+    throttle: auth.LoginThrottle = field(default=None)
     #: Digest of each usable API token -> its user, refreshed from the database.
     tokens: dict[str, Principal] = field(factory=dict)
     #: Session id -> its user as last read from the database.
     session_users: dict[str, Principal] = field(factory=dict)
     _refreshing: bool = False
     _last_kick: float = float("-inf")
+
+    def __attrs_post_init__(self) -> None:
+        if self.throttle is None:
+            self.throttle = auth.LoginThrottle(self.database)
 
     # -- credentials
 
@@ -219,7 +329,14 @@ class AdminAPI:
             Route("POST", "/api/v1/session", self.login, None, "log in (console)", LOGIN_SCHEMA),
             Route("DELETE", "/api/v1/session", self.logout, VIEWER, "log out (console)"),
             Route("GET", "/api/v1/me", self.me, VIEWER, "who is calling"),
-            Route("GET", "/api/v1/status", self.status, VIEWER, "listener and queue counters"),
+            Route(
+                "GET",
+                "/api/v1/status",
+                self.status,
+                VIEWER,
+                "per tenant, flow and destination counters, and rates",
+                response=STATUS_RESPONSE,
+            ),
             Route("GET", "/api/v1/users", self.list_users, ADMIN, "list users"),
             Route("POST", "/api/v1/users", self.add_user, ADMIN, "add a user", USER_SCHEMA),
             Route(
@@ -290,18 +407,17 @@ class AdminAPI:
     async def login(self, call: Call) -> Reply:
         name, password = call.body["user"], call.body["password"]
         address = _address(call.request)
-        now = self.clock.seconds()
-        if self.throttle.locked(name, address, now):
+        if await self.throttle.locked(name, address, self.wall()):
             raise HTTPError(429, "too many failed logins: try again later")
         record = await self.database.transaction(users.login_record, name)
         ok = await self.offload(
             auth.verify_password, password, record[0] if record is not None else None
         )
         if not ok or record is None:
-            self.throttle.failed(name, address, self.clock.seconds())
+            await self.throttle.failed(name, address, self.wall())
             await self._audit("session.login", f"user {name}", name, result="refused")
             raise HTTPError(401, "wrong user name or password")
-        self.throttle.succeeded(name, address)
+        await self.throttle.succeeded(name, address)
         session = self.sessions.create(name, self.clock.seconds())
         self.session_users[session.id] = record[1]
         await self._audit("session.login", f"user {name}", name)

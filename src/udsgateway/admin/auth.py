@@ -7,7 +7,7 @@
   the database keeps its SHA-256 digest, which is enough for a secret with
   that much entropy, and its first characters so a list tells them apart.
 * ``LoginThrottle`` counts failed logins per user name and per client address
-  and locks either out for a while after too many.
+  and locks either out for a while after too many (in the database).
 """
 
 from __future__ import annotations
@@ -17,7 +17,11 @@ import hashlib
 import hmac
 import secrets
 
-from attrs import define, field
+from attrs import define
+from twisted.internet.defer import Deferred
+
+from udsgateway.store import users
+from udsgateway.store.engine import Database
 
 SCRYPT_N = 2**15
 SCRYPT_R = 8
@@ -79,51 +83,27 @@ def token_shown_prefix(token: str) -> str:
 
 
 @define
-class _Failures:
-    count: int = 0
-    locked_until: float = 0.0
-
-
-@define
 class LoginThrottle:
     """Failed logins per user name and per client address, with lockout.
 
     After ``max_failures`` failures in a row a name (or an address) is locked
     for ``lockout_seconds``: every login for it is refused, even with the right
-    password, without checking it. A success clears the name's count. In
-    memory: a restart forgets the counts.
+    password, without checking it. A success clears the name's count. The counts
+    are in the database (``store.users``): a restart does not forget them, and
+    every node of a cluster on the same database counts the same failures.
     """
 
+    database: Database
     max_failures: int = 5
     lockout_seconds: float = 900.0
-    _names: dict[str, _Failures] = field(factory=dict)
-    _addresses: dict[str, _Failures] = field(factory=dict)
 
-    def locked(self, name: str, address: str, now: float) -> bool:
-        return any(
-            entry is not None and entry.locked_until > now
-            for entry in (self._names.get(name), self._addresses.get(address))
+    def locked(self, name: str, address: str, now: float) -> Deferred[bool]:
+        return self.database.transaction(users.login_locked, name, address, now)
+
+    def failed(self, name: str, address: str, now: float) -> Deferred[None]:
+        return self.database.transaction(
+            users.login_failed, name, address, now, self.max_failures, self.lockout_seconds
         )
 
-    def failed(self, name: str, address: str, now: float) -> None:
-        for table, key in ((self._names, name), (self._addresses, address)):
-            entry = table.setdefault(key, _Failures())
-            if entry.locked_until and entry.locked_until <= now:
-                entry.count, entry.locked_until = 0, 0.0
-            entry.count += 1
-            if entry.count >= self.max_failures:
-                entry.locked_until = now + self.lockout_seconds
-        if len(self._addresses) > 10_000:
-            self.forget(now)
-
-    def succeeded(self, name: str, address: str) -> None:
-        self._names.pop(name, None)
-        entry = self._addresses.get(address)
-        if entry is not None and not entry.locked_until:
-            del self._addresses[address]
-
-    def forget(self, now: float) -> None:
-        """Drop entries whose lockout ended (bounded memory under a spray of names)."""
-        for table in (self._names, self._addresses):
-            for key in [k for k, v in table.items() if v.locked_until and v.locked_until <= now]:
-                del table[key]
+    def succeeded(self, name: str, address: str) -> Deferred[None]:
+        return self.database.transaction(users.login_succeeded, name, address)

@@ -112,6 +112,8 @@ class Route:
     schema: dict[str, Any] | None = None
     content: bool = False
     tag: str = "api"
+    #: The JSON schema of a 200 answer, for the OpenAPI document (None: not described).
+    response: dict[str, Any] | None = None
 
     @property
     def pattern(self) -> re.Pattern[str]:

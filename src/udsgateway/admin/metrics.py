@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from udsgateway.cluster.singleton import GAUGES, JOBS, Singletons
 from udsgateway.interfaces import FencedError
+from udsgateway.outbound.errors import ATTEMPT_OUTCOMES
 from udsgateway.store import gauges
 from udsgateway.store.destinations import address_of
 from udsgateway.store.engine import COMMIT_BUCKETS, DELIVERY_BUCKETS, Durations
@@ -60,9 +61,25 @@ ERROR_CODES = (
 #: or back after a lapse), released (handed over: share, clean stop), lost (found taken
 #: or expired at a round), lapsed (dropped on its own clock: no renewal in time).
 TRANSITIONS = ("gained", "released", "lost", "lapsed")
+#: Outcomes of an execution of a flow (``udsgw_flow_executions_total``): routed (an
+#: accepted message stored for the flow), then how it ended: done, failed, held.
+EXECUTION_OUTCOMES = ("routed", "done", "failed", "held")
+#: Outcomes of a flow's action (``udsgw_actions_total``).
+ACTION_OUTCOMES = ("rendered", "failed", "held")
 #: Every label whose values come from a fixed list, with that list.
 LABEL_ENUMS: dict[str, tuple[str, ...]] = {
-    "outcome": ("stored", "duplicate", "unreadable", "rendered", "failed", "held"),
+    "outcome": tuple(
+        dict.fromkeys(
+            (
+                "stored",
+                "duplicate",
+                "unreadable",
+                *EXECUTION_OUTCOMES,
+                *ACTION_OUTCOMES,
+                *ATTEMPT_OUTCOMES,
+            )
+        )
+    ),
     "code": (*ACK_CODES, *ERROR_CODES, "other"),
     "state": ("queued", "held", "pending", "waiting"),
     "framing": ("mllp", "tcp"),
@@ -151,15 +168,33 @@ class GatewayCollector(Collector):
 
     def _outbound(self, gateway: Any) -> Iterable[Any]:
         executor = gateway.executor
-        executions = CounterMetricFamily(
+        actions = CounterMetricFamily(
             "udsgw_actions",
             "Flow actions by outcome since start (rendered and handed to delivery, "
-            "failed, held for an operator)",
-            labels=["outcome"],
+            "failed, held for an operator: could not be rendered)",
+            labels=["flow", "outcome"],
         )
-        executions.add_metric(["rendered"], executor.rendered)
-        executions.add_metric(["failed"], executor.failed)
-        executions.add_metric(["held"], executor.held)
+        for flow, counts in sorted(getattr(executor, "flow_actions", {}).items()):
+            for outcome in ACTION_OUTCOMES:
+                if outcome in counts:
+                    actions.add_metric([flow, outcome], counts[outcome])
+        executions = CounterMetricFamily(
+            "udsgw_flow_executions",
+            "Executions of each flow since start: routed (an accepted message stored for "
+            "the flow), and how they ended: done, failed, held (for an operator)",
+            labels=["flow", "outcome"],
+        )
+        flows: dict[str, dict[str, int]] = {}
+        for ingest in gateway.ingests.values():
+            for flow, count in getattr(ingest.stats, "routed", {}).items():
+                of_flow = flows.setdefault(flow, {})
+                of_flow["routed"] = of_flow.get("routed", 0) + count
+        for flow, counts in getattr(executor, "flow_executions", {}).items():
+            flows.setdefault(flow, {}).update(counts)
+        for flow, counts in sorted(flows.items()):
+            for outcome in EXECUTION_OUTCOMES:
+                if outcome in counts:
+                    executions.add_metric([flow, outcome], counts[outcome])
         dispatcher = gateway.dispatcher
         depth = GaugeMetricFamily(
             "udsgw_queue_depth",
@@ -180,6 +215,18 @@ class GatewayCollector(Collector):
         )
         for address in sorted(getattr(dispatcher, "paused", {})):
             paused.add_metric([address], 1)
+        attempts = CounterMetricFamily(
+            "udsgw_outbound_attempts",
+            "Delivery attempts recorded since start, by destination and outcome: the "
+            "partner's ACK (accepted AA/CA, error AE/CE, rejected AR/CR, other_ack) or why "
+            "there was none (timeout, connect_failed, connection_lost, stale_connection, "
+            "protocol_error, stopped)",
+            labels=["destination", "outcome"],
+        )
+        for address, counts in sorted(getattr(dispatcher, "attempts", {}).items()):
+            for outcome in ATTEMPT_OUTCOMES:
+                if outcome in counts:
+                    attempts.add_metric([address, outcome], counts[outcome])
         sends = CounterMetricFamily(
             "udsgw_outbound_sends", "Messages sent to a destination", labels=["destination"]
         )
@@ -216,7 +263,7 @@ class GatewayCollector(Collector):
             "From a delivery's enqueue to the partner's positive ACK (wall clock)",
             dispatcher.delivery_latency,
         )
-        yield from (executions, depth, delivered, paused, sends, connects, up)
+        yield from (actions, executions, depth, delivered, paused, attempts, sends, connects, up)
 
     def _database(self, snapshot: dict[str, Any]) -> Iterable[Any]:
         deliveries = GaugeMetricFamily(

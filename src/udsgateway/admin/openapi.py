@@ -25,6 +25,8 @@ def _error(text: str) -> dict[str, Any]:
 
 def operation(route: Route) -> dict[str, Any]:
     responses: dict[str, Any] = {"200": {"description": "OK (JSON)"}}
+    if route.response is not None:
+        responses["200"]["content"] = {"application/json": {"schema": route.response}}
     entry: dict[str, Any] = {
         "summary": route.summary,
         "tags": [route.tag],

@@ -94,6 +94,10 @@ def _text(data: bytes | None) -> str | None:
 
 # -- rates over the last minute and hour
 
+#: What the status counts per flow since start (and its rates): executions routed
+#: (an accepted message stored for the flow) and ended done, failed or held.
+FLOW_OUTCOMES = ("routed", "done", "failed", "held")
+
 
 @define
 class Rates:
@@ -304,11 +308,31 @@ class Operations:
         if self.dispatcher is not None:
             for address, count in getattr(self.dispatcher, "sent", {}).items():
                 found[f"destination.{address}.delivered"] = count
+            for address, counts in getattr(self.dispatcher, "attempts", {}).items():
+                found[f"destination.{address}.attempts"] = sum(counts.values())
         if self.executor is not None:
             found["executions.rendered"] = self.executor.rendered
             found["executions.failed"] = self.executor.failed
             found["executions.held"] = self.executor.held
+        for flow, counts in self._flow_counters().items():
+            for outcome, count in counts.items():
+                found[f"flow.{flow}.{outcome}"] = count
         return found
+
+    def _flow_counters(self) -> dict[str, dict[str, int]]:
+        """Per Flow ID since start: routed (from the ingests), done, failed, held
+        (executions ended so, from the executor)."""
+        flows: dict[str, dict[str, int]] = {}
+        for ingest in self.ingests.values():
+            for flow, count in getattr(ingest.stats, "routed", {}).items():
+                entry = flows.setdefault(flow, dict.fromkeys(FLOW_OUTCOMES, 0))
+                entry["routed"] += count
+        if self.executor is not None:
+            for flow, counts in getattr(self.executor, "flow_executions", {}).items():
+                entry = flows.setdefault(flow, dict.fromkeys(FLOW_OUTCOMES, 0))
+                for outcome in FLOW_OUTCOMES[1:]:
+                    entry[outcome] += counts.get(outcome, 0)
+        return flows
 
     def status(self, actor: str, via: str) -> Deferred[dict[str, Any]]:
         """Per tenant (connections, received, accepted, duplicates, rejected by code), per
@@ -357,9 +381,20 @@ class Operations:
         rates: dict[str, Any] = {"minute": {}, "hour": {}}
         if self.rates is not None:
             rates = {"minute": self.rates.rates(60), "hour": self.rates.rates(3600)}
+        for address, entry in stored["destinations"].items():
+            entry["rates"] = _rates_of(rates, f"destination.{address}.")
+        flows = stored["flows"]
+        for flow, counts in self._flow_counters().items():
+            entry = flows.get(flow)
+            if entry is None:
+                continue  # a flow deleted since: its counts stay in the metrics
+            entry["since_start"] = counts
+        for flow, entry in flows.items():
+            entry.setdefault("since_start", dict.fromkeys(FLOW_OUTCOMES, 0))
+            entry["rates"] = _rates_of(rates, f"flow.{flow}.")
         return {
             "tenants": tenants,
-            "flows": stored["flows"],
+            "flows": flows,
             "destinations": stored["destinations"],
             "rates": rates,
         }
@@ -1363,6 +1398,17 @@ def _delivery_view(
         "created_at": _iso(row.created_at),
         "updated_at": _iso(row.updated_at),
         "waiting": wait_reason(row, head, pauses, now),
+    }
+
+
+def _rates_of(rates: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str, Any]:
+    """The minute and hour rates of the counters named ``prefix...``, by the rest of
+    their name (a flow's or a destination's own rates, for its status entry)."""
+    return {
+        window: {
+            name[len(prefix) :]: rate for name, rate in found.items() if name.startswith(prefix)
+        }
+        for window, found in rates.items()
     }
 
 

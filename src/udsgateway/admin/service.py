@@ -129,6 +129,6 @@ def admin_service(config: AdminConfig, gateway: Any, reactor: Any) -> AdminServi
         secure=config.tls.enabled,
         max_body_size=config.max_body_size,
         sessions=SessionStore(timeout=config.session_timeout),
-        throttle=LoginThrottle(config.lockout_failures, config.lockout_seconds),
+        throttle=LoginThrottle(gateway.database, config.lockout_failures, config.lockout_seconds),
     )
     return AdminService(config, api, reactor)

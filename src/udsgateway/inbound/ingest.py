@@ -45,7 +45,7 @@ from udsgateway.hl7.header import Delimiters, Header, HeaderProblem, codec_for, 
 from udsgateway.hl7.keys import search_keys
 from udsgateway.inbound.routing import EMPTY, FlowRoute, Rejected, RoutingTable
 from udsgateway.interfaces import IFlowRunner
-from udsgateway.store import executions, logs, messages
+from udsgateway.store import executions, logs, messages, search
 from udsgateway.store.engine import GroupCommitter, is_locked
 from udsgateway.store.records import (
     CommitOutcome,
@@ -106,6 +106,8 @@ class IngestStats:
     application_acks_lost: int = 0
     #: Messages stored as rejected (routing: no such flow, wrong type...), by error code.
     rejected: Counter[int] = field(factory=Counter)
+    #: Accepted messages stored, per Flow ID they were routed to.
+    routed: Counter[str] = field(factory=Counter)
 
 
 @define
@@ -130,6 +132,9 @@ class Ingest:
     #: Called after a commit, before its answer is written (fault injection in tests).
     after_commit: Callable[[], None] | None = None
     stats: IngestStats = field(factory=IngestStats)
+    #: Told of each stored message's id and search keys after its commit, when the
+    #: keys are written after the commit (``inbound.searchkeys.KeyWriter.stored``).
+    stored_keys: Callable[[int, tuple[tuple[str, str], ...]], None] | None = None
     #: Wall clock for timestamps (received_at, ACK MSH-7); None: the timer clock's.
     wall: Wall | None = None
     _codec: str = field(init=False)
@@ -351,6 +356,10 @@ class Ingest:
             self.after_commit()
         if result.outcome is CommitOutcome.STORED:
             self.stats.stored += 1
+            if self.stored_keys is not None and result.message_id is not None:
+                self.stored_keys(result.message_id, search.keys_of(record))
+            for flow_id in record.flows:
+                self.stats.routed[flow_id] += 1
             if error is not None:
                 self.stats.rejected[error.code] += 1
                 log.info(

@@ -22,7 +22,14 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClien
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
-from udsgateway.outbound.errors import ConnectError, DeliveryError, StaleConnectionError
+from udsgateway.outbound.errors import (
+    ConnectError,
+    ConnectionLostError,
+    DeliveryError,
+    ReplyTimeoutError,
+    StaleConnectionError,
+    StoppedError,
+)
 from udsgateway.outbound.policy import Timing
 from udsgateway.store.engine import Durations
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
@@ -67,7 +74,7 @@ class DestinationProtocol(Protocol):
         if isinstance(result, Failure) and result.check(CancelledError):
             self._waiting = None
             self.drop()
-            raise DeliveryError(f"no reply within {timeout:g}s")
+            raise ReplyTimeoutError(f"no reply within {timeout:g}s")
         return result
 
     def dataReceived(self, data: bytes) -> None:
@@ -123,7 +130,7 @@ class DestinationProtocol(Protocol):
                 StaleConnectionError("connection closed by the destination after an ACK")
             )
         else:
-            waiting.errback(DeliveryError("connection lost before the reply"))
+            waiting.errback(ConnectionLostError("connection lost before the reply"))
 
 
 class _DestinationFactory(Factory):
@@ -257,7 +264,7 @@ class Destination:
             return current
         self._current = None
         if self._client is None:
-            raise DeliveryError("destination stopped")
+            raise StoppedError("destination stopped")
         wait = self._reconnect_at - self._clock.seconds()
         if wait > 0:
             raise ConnectError(self._connect_error)
@@ -272,7 +279,7 @@ class Destination:
         except TimeoutError:
             reason = f"could not connect within {self.timing.connect_timeout:g}s"
         except CancelledError:
-            raise DeliveryError("destination stopped") from None
+            raise StoppedError("destination stopped") from None
         except Exception as error:
             reason = f"connect failed: {type(error).__name__}"
         else:
@@ -288,7 +295,7 @@ class Destination:
         assert isinstance(protocol, DestinationProtocol)
         if self._client is None:
             protocol.drop()
-            raise DeliveryError("destination stopped")
+            raise StoppedError("destination stopped")
         was_down = self._connect_failures > 0
         self._connect_failures = 0
         self._reconnect_at = 0.0

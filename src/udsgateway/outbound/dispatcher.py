@@ -32,7 +32,6 @@ from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import Timing
 from udsgateway.store import destinations, outbox
 from udsgateway.store.engine import DELIVERY_BUCKETS, Database, Durations, GroupCommitter
-from udsgateway.store.outbox import DELIVERED, HELD
 from udsgateway.store.records import Delivery, Settlement
 
 log = Logger()
@@ -107,7 +106,8 @@ class Dispatcher(Service):
     sent: dict[str, int] = field(factory=dict)
     #: Seconds from a delivery's enqueue to its partner's positive answer.
     delivery_latency: Durations = field(factory=lambda: Durations(DELIVERY_BUCKETS))
-    #: Attempts recorded since start, by destination address and outcome.
+    #: Attempts recorded since start, by destination address and outcome
+    #: (``errors.ATTEMPT_OUTCOMES``).
     attempts: dict[str, dict[str, int]] = field(factory=dict)
     #: The fencing token of each running lane, and of each delivery being sent.
     _lane_tokens: dict[str, object] = field(factory=dict)
@@ -130,13 +130,9 @@ class Dispatcher(Service):
             may_send=self._may_send,
         )
 
-    def attempted(self, endpoint: str, settlement: Settlement) -> None:
-        """Count a recorded attempt by destination address and outcome: ``delivered``,
-        ``held``, ``negative`` (a negative ACK retried), ``failed`` (no usable answer)."""
-        if settlement.state in (DELIVERED, HELD):
-            outcome = settlement.state
-        else:
-            outcome = "negative" if settlement.response_code else "failed"
+    def attempted(self, endpoint: str, settlement: Settlement, outcome: str) -> None:
+        """Count a recorded attempt by destination address and outcome (one of
+        ``errors.ATTEMPT_OUTCOMES``: accepted, error, rejected, timeout, connect_failed...)."""
         counts = self.attempts.setdefault(destinations.address_of(endpoint), {})
         counts[outcome] = counts.get(outcome, 0) + 1
 

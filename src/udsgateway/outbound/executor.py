@@ -61,6 +61,18 @@ from udsgateway.store.records import (
 log = Logger()
 
 
+def _count(table: dict[str, dict[str, int]], flow_id: str, outcome: str) -> None:
+    counts = table.get(flow_id)
+    if counts is None:
+        counts = table[flow_id] = {}
+    counts[outcome] = counts.get(outcome, 0) + 1
+
+
+def flow_of_lane(lane: str) -> str:
+    """The Flow ID of a lane named by ``lane_name``."""
+    return lane.split("/", 1)[0]
+
+
 def _checks(
     tokens: Mapping[tuple[str, int], object] | None, work: Sequence[PendingWork]
 ) -> list[object]:
@@ -125,6 +137,12 @@ class Executor:
     failed: int = 0
     #: Executions held because their action could not be rendered.
     held: int = 0
+    #: Since start, per Flow ID: actions by outcome (``rendered``, ``failed``,
+    #: ``held``: could not be rendered) and executions that ended by outcome
+    #: (``done``, ``failed``, ``held``: held by an action or a destination's answer).
+    #: Counted from events in memory (the metrics and the status endpoint read them).
+    flow_actions: dict[str, dict[str, int]] = field(factory=dict)
+    flow_executions: dict[str, dict[str, int]] = field(factory=dict)
     _poller: LoopingCall | None = None
     #: The last look at pending executions filled a whole batch: the executor is
     #: behind, and new messages' first actions are not rendered before their commit
@@ -196,6 +214,8 @@ class Executor:
         if not isinstance(advanced, Advanced):
             return
         for item in advanced.finished + advanced.held:
+            if item.flow_id:
+                _count(self.flow_executions, item.flow_id, item.state)
             self._finished(item)
         if advanced.pending:
             self.wake()
@@ -245,6 +265,8 @@ class Executor:
         """A message and its executions are committed: the folded ones' deliveries go
         to the dispatcher, and the executor runs the ones stored pending."""
         self.rendered += len(result.enqueued)
+        for _delivery_id, delivery in result.enqueued:
+            _count(self.flow_actions, flow_of_lane(delivery.lane), "rendered")
         self._hand_over(result.enqueued)
         if result.pending:
             self.wake()
@@ -343,15 +365,25 @@ class Executor:
                     log.info("executor: {error}; the new owner renders them", error=error)
                     return  # woken again when this node gains buckets, or by its poll
                 self._hand_over(enqueued)
-                for transition in transitions:
+                for item, transition in zip(work, transitions, strict=True):
                     if transition.delivery is None:
+                        outcome = "held" if transition.hold else "failed"
                         if transition.hold:
                             self.held += 1
                         else:
                             self.failed += 1
+                        _count(self.flow_actions, item.flow_id, outcome)
+                        _count(self.flow_executions, item.flow_id, outcome)
                         self._finished(
-                            Finished(transition.execution_id, transition.state, transition.error)
+                            Finished(
+                                transition.execution_id,
+                                transition.state,
+                                transition.error,
+                                item.flow_id,
+                            )
                         )
+                    else:
+                        _count(self.flow_actions, item.flow_id, "rendered")
                 if len(work) < self.batch_size and not self._dirty:
                     return
         finally:

@@ -22,7 +22,12 @@ from twisted.logger import Logger
 
 from udsgateway.interfaces import FencedError
 from udsgateway.outbound.destination import Destination
-from udsgateway.outbound.errors import ConnectError, DeliveryError, StaleConnectionError
+from udsgateway.outbound.errors import (
+    ConnectError,
+    DeliveryError,
+    StaleConnectionError,
+    ack_outcome,
+)
 from udsgateway.outbound.policy import Timing, judge
 from udsgateway.store.records import DELIVERED, HELD, QUEUED, Delivery, Settlement
 
@@ -59,8 +64,9 @@ class LaneContext:
     delivered: Callable[[str, float], None]
     #: Who paused the destination of an endpoint (None: not paused): nothing is sent.
     paused_by: Callable[[str], str | None] = lambda _endpoint: None
-    #: An attempt to this endpoint was recorded with this outcome (status counters).
-    attempted: Callable[[str, Settlement], None] = lambda _endpoint, _settlement: None
+    #: An attempt to this endpoint was recorded: ``attempted(endpoint, settlement,
+    #: outcome)``, the outcome one of ``errors.ATTEMPT_OUTCOMES`` (status, metrics).
+    attempted: Callable[[str, Settlement, str], None] = lambda _endpoint, _settlement, _o: None
     #: ``may_send(lane, delivery_id)``, before each frame: False when this node no
     #: longer holds the lane (several nodes on one database, ``ILaneFence``).
     may_send: Callable[[str, int], bool] = lambda _lane, _delivery_id: True
@@ -187,7 +193,7 @@ class Lane:
                 self.stop()
                 return
             self.state = "sending"
-            settlement, delay = await self._attempt(head, self.destination)
+            settlement, delay, outcome = await self._attempt(head, self.destination)
             if self._stopped:
                 return
             self._retry = (head.id, context.clock.seconds() + delay) if delay else None
@@ -201,7 +207,7 @@ class Lane:
             )
             if not await self._record(settlement):
                 return
-            context.attempted(head.destination, settlement)
+            context.attempted(head.destination, settlement, outcome)
             if settlement.state == DELIVERED:
                 context.delivered(head.destination, context.now() - head.created_at)
                 self._page.popleft()
@@ -245,8 +251,11 @@ class Lane:
         self._retry = (head.id, clock.seconds() + wait)
         return wait
 
-    async def _attempt(self, head: Delivery, destination: Destination) -> tuple[Settlement, float]:
-        """Send the head once: its new state, and the seconds to wait before the next try."""
+    async def _attempt(
+        self, head: Delivery, destination: Destination
+    ) -> tuple[Settlement, float, str]:
+        """Send the head once: its new state, the seconds to wait before the next try,
+        and the attempt's outcome (``errors.ATTEMPT_OUTCOMES``)."""
         context = self._context
         try:
             settlement = await destination.exchange(
@@ -277,15 +286,16 @@ class Lane:
             settlement = Settlement(
                 head.id, QUEUED, head.attempts + 1, context.now() + delay, reason
             )
-            return settlement, delay
+            return settlement, delay, failure.outcome
+        outcome = ack_outcome(settlement.response_code)
         if settlement.state == QUEUED:
             # A negative ACK the policy retries: back off like any failure.
             self._nak_retries += 1
             self._failures += 1
             delay = destination.timing.backoff(self._failures, destination.rng)
             settlement = evolve(settlement, next_attempt_at=settlement.next_attempt_at + delay)
-            return settlement, delay
-        return settlement, 0.0
+            return settlement, delay, outcome
+        return settlement, 0.0, outcome
 
     async def _record(self, settlement: Settlement) -> bool:
         """Commit the head's outcome, however long the store refuses it; False: stopped.

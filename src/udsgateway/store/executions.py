@@ -263,7 +263,7 @@ def advance(
         if row.execution_id is None or row.execution_id not in flows:
             continue
         if row.state == HELD:
-            held.append(Finished(row.execution_id, HELD, row.last_error))
+            held.append(Finished(row.execution_id, HELD, row.last_error, flows[row.execution_id]))
             continue
         if row.state != DELIVERED:
             continue
@@ -273,7 +273,7 @@ def advance(
             pending_any = True
         else:
             moves.append(_move(row.execution_id, DONE, row.step, now))
-            finished.append(Finished(row.execution_id, DONE))
+            finished.append(Finished(row.execution_id, DONE, "", flows[row.execution_id]))
     if moves:
         _ADVANCE.execute(connection, moves)
     if finished:

@@ -22,10 +22,16 @@ from udsgateway.store.records import (
 
 
 def commit_inbound(
-    connection: Connection, records: list[InboundRecord], announce: bool = False
+    connection: Connection,
+    records: list[InboundRecord],
+    announce: bool = False,
+    write_keys: bool = True,
 ) -> list[CommitResult]:
     """Store a group of inbound messages: duplicate check, insert, executions, log
     lines, and the folded first actions (see ``Executor.first_actions``).
+
+    ``write_keys``: the search keys too (``store.search``); False when the gateway
+    writes them after the commit, in batches (``inbound.searchkeys.KeyWriter``).
 
     An execution stored waiting on its first action gets that delivery here, in
     the same transaction, in creation order; each result's ``enqueued`` lists
@@ -66,7 +72,8 @@ def commit_inbound(
         ids = messages.insert_messages(connection, to_insert)
         made = executions.create(connection, to_insert, ids)
         logs.insert_logs(connection, _receipts(to_insert, ids))
-        search.insert_keys(connection, [search.keys_of(r) for r in to_insert], ids)
+        if write_keys:
+            search.insert_keys(connection, [search.keys_of(r) for r in to_insert], ids)
         for position, record, message_id in zip(positions, to_insert, ids, strict=True):
             execution_ids, folded = made.get(message_id, ((), ()))
             results[position] = CommitResult(

@@ -40,3 +40,19 @@ def flows_generation(connection: Connection) -> int:
 def bump_generation(connection: Connection) -> None:
     """Note that flows changed, so running nodes reload their routing."""
     _set(connection, "flows_generation", str(flows_generation(connection) + 1))
+
+
+def _keys_key(node: str) -> str:
+    return f"keys_through:{node}"[:64]
+
+
+def keys_through(connection: Connection, node: str) -> int | None:
+    """The id up to which every message ``node`` stored has its search keys; None:
+    never set (a store written before keys were written after the commit)."""
+    value = _get(connection, _keys_key(node))
+    return None if value is None else int(value)
+
+
+def set_keys_through(connection: Connection, node: str, message_id: int) -> None:
+    """Record that ``node``'s messages up to ``message_id`` have their search keys."""
+    _set(connection, _keys_key(node), str(message_id))

@@ -262,6 +262,8 @@ class Finished:
     execution_id: int
     state: str
     reason: str = ""
+    #: Its flow (the per-flow counters); "" when not known.
+    flow_id: str = ""
 
 
 @frozen

@@ -254,6 +254,20 @@ api_tokens = Table(
     Column("revoked_at", Float, nullable=True, comment="epoch seconds; NULL while usable"),
 )
 
+# Failed logins of the admin API and console, per user name and per client
+# address (the lockout): in the database, so a restart does not forget them and
+# every node of a cluster counts the same failures.
+login_failures = Table(
+    "login_failures",
+    metadata,
+    Column("kind", String(8), primary_key=True, comment="name or address"),
+    Column("key", String(255), primary_key=True, comment="the user name or client address"),
+    Column("failures", Integer, nullable=False, comment="failed logins in a row"),
+    Column("locked_until", Float, nullable=False, comment="epoch seconds; 0: not locked"),
+    Column("updated_at", Float, nullable=False, comment="last failure, epoch seconds"),
+    Index("login_failures_updated", "updated_at"),
+)
+
 
 def index(table: Table, name: str) -> Index:
     """One of a table's indexes, by name."""

@@ -53,12 +53,17 @@ _CHUNK = 256
 
 
 def insert_keys(
-    connection: Connection, keys: Sequence[Sequence[tuple[str, str]]], ids: Sequence[int]
+    connection: Connection,
+    keys: Sequence[Sequence[tuple[str, str]]],
+    ids: Sequence[int],
+    *,
+    again: bool = False,
 ) -> None:
-    """Write the search keys of newly stored messages: ``keys[i]`` belongs to ``ids[i]``.
+    """Write the search keys of stored messages: ``keys[i]`` belongs to ``ids[i]``.
 
-    On the inbound commit's path: flat parameter lists, multi-row statements of up
-    to ``_CHUNK`` rows on SQLite (executemany elsewhere), no per-row dicts.
+    Flat parameter lists, multi-row statements of up to ``_CHUNK`` rows on SQLite
+    (executemany elsewhere), no per-row dicts. ``again``: some of these keys may be
+    there already (a catch-up after a crash, another node's): those are left alone.
     """
     flat: list[Any] = []
     for message_keys, message_id in zip(keys, ids, strict=True):
@@ -71,6 +76,18 @@ def insert_keys(
         rows = [
             dict(zip(_KEY_COLUMNS, flat[i : i + 3], strict=True)) for i in range(0, len(flat), 3)
         ]
+        if again:
+            k = schema.message_keys
+            sql = (
+                f"INSERT INTO {k.name} (name, value, message_id) "
+                "VALUES (%(name)s, %(value)s, %(message_id)s) ON CONFLICT DO NOTHING"
+            )
+            cursor = connection.connection.cursor()
+            try:
+                cursor.executemany(sql, rows)
+            finally:
+                cursor.close()
+            return
         _INSERT_KEYS.execute(connection, rows)
         return
     cursor = connection.connection.cursor()
@@ -83,6 +100,8 @@ def insert_keys(
             size = min(_CHUNK, 1 << (left.bit_length() - 1))
             sql, columns = _INSERT_KEYS._multi_sql(connection, size)
             assert columns == _KEY_COLUMNS
+            if again:
+                sql = sql.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
             cursor.execute(sql, flat[start : start + size * 3])
             start += size * 3
             left -= size
@@ -92,16 +111,77 @@ def insert_keys(
 
 def keys_of(record: InboundRecord) -> tuple[tuple[str, str], ...]:
     """The search keys of a message about to be stored."""
-    keys = (
-        (TYPE_KEY, record.message_type),
-        (TENANT_KEY, record.tenant),
-        *((FLOW_KEY, flow_id) for flow_id in record.flows),
-        *record.keys,
+    return keys_from(
+        record.tenant,
+        record.message_type,
+        record.flows,
+        record.accepted,
+        record.control_id,
+        record.keys,
     )
-    if record.accepted:
+
+
+def keys_from(
+    tenant: str,
+    message_type: str,
+    flows: Sequence[str],
+    accepted: bool,
+    control_id: str,
+    hl7_keys: Sequence[tuple[str, str]],
+) -> tuple[tuple[str, str], ...]:
+    """The search keys of a message from its stored columns and its HL7 keys
+    (``hl7.keys.search_keys``: PID-3, SCH-1, SCH-2)."""
+    keys = (
+        (TYPE_KEY, message_type),
+        (TENANT_KEY, tenant),
+        *((FLOW_KEY, flow_id) for flow_id in flows),
+        *hl7_keys,
+    )
+    if accepted:
         return keys
     # Rejected messages are not in the duplicate check's index: their MSH-10 is a key.
-    return (*keys, (STATUS_KEY, "rejected"), (CONTROL_ID_KEY, record.control_id))
+    return (*keys, (STATUS_KEY, "rejected"), (CONTROL_ID_KEY, control_id))
+
+
+@frozen
+class Unkeyed:
+    """A stored message whose search keys a catch-up writes (after a crash)."""
+
+    id: int
+    tenant: str
+    message_type: str
+    flows: tuple[str, ...]
+    accepted: bool
+    control_id: str
+    raw: bytes
+
+
+def stored_after(connection: Connection, after_id: int, limit: int) -> list[Unkeyed]:
+    """Messages with an id above ``after_id``, oldest first, at most ``limit``."""
+    m = schema.messages.c
+    rows = connection.execute(
+        select(m.id, m.tenant, m.message_type, m.flows, m.accepted, m.control_id, m.raw)
+        .where(m.id > after_id)
+        .order_by(m.id)
+        .limit(limit)
+    )
+    return [
+        Unkeyed(
+            row.id,
+            row.tenant,
+            row.message_type,
+            tuple(json.loads(row.flows)),
+            bool(row.accepted),
+            row.control_id,
+            bytes(row.raw),
+        )
+        for row in rows
+    ]
+
+
+def last_message_id(connection: Connection) -> int:
+    """The id of the newest stored message (0: none)."""
+    return int(connection.execute(select(func.max(schema.messages.c.id))).scalar() or 0)
 
 
 def delete_keys(connection: Connection, message_ids: Sequence[int]) -> None:

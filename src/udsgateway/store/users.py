@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import frozen
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.exc import IntegrityError
 
 from udsgateway.store import schema
@@ -213,3 +213,74 @@ def user_principal(connection: Connection, name: str) -> Principal | None:
     """An enabled user's current principal (a session re-reads it on every request)."""
     record = login_record(connection, name)
     return None if record is None else record[1]
+
+
+# -- failed logins (the lockout), shared by restarts and nodes
+
+#: The two things a failed login is counted against.
+LOGIN_KINDS = ("name", "address")
+
+
+def login_locked(connection: Connection, name: str, address: str, now: float) -> bool:
+    """Whether the user name or the client address is locked out at ``now``."""
+    f = schema.login_failures.c
+    row = connection.execute(
+        select(f.kind)
+        .where(
+            ((f.kind == "name") & (f.key == name[:255]))
+            | ((f.kind == "address") & (f.key == address[:255])),
+            f.locked_until > now,
+        )
+        .limit(1)
+    ).first()
+    return row is not None
+
+
+def login_failed(
+    connection: Connection,
+    name: str,
+    address: str,
+    now: float,
+    max_failures: int,
+    lockout_seconds: float,
+) -> None:
+    """Count a failed login against the name and the address; lock either out for
+    ``lockout_seconds`` at its ``max_failures``-th failure in a row. A run of failures
+    whose last is older than ``lockout_seconds`` (and is not locked) is forgotten."""
+    table = schema.login_failures
+    f = table.c
+    connection.execute(
+        delete(table).where(f.updated_at < now - lockout_seconds, f.locked_until <= now)
+    )
+    for kind, key in (("name", name[:255]), ("address", address[:255])):
+        row = connection.execute(
+            select(f.failures, f.locked_until).where(f.kind == kind, f.key == key)
+        ).first()
+        failures = 1
+        if row is not None and not (row.locked_until and row.locked_until <= now):
+            failures = row.failures + 1
+        locked_until = now + lockout_seconds if failures >= max_failures else 0.0
+        values = {"failures": failures, "locked_until": locked_until, "updated_at": now}
+        if row is not None:
+            connection.execute(update(table).where(f.kind == kind, f.key == key).values(values))
+            continue
+        try:
+            with connection.begin_nested():
+                connection.execute(table.insert().values(kind=kind, key=key, **values))
+        except IntegrityError:
+            # Another node counted a failure for it at the same moment: add ours.
+            connection.execute(
+                update(table)
+                .where(f.kind == kind, f.key == key)
+                .values(failures=f.failures + 1, updated_at=now)
+            )
+
+
+def login_succeeded(connection: Connection, name: str, address: str) -> None:
+    """A good login clears the name's failures, and the address's unless it is locked."""
+    table = schema.login_failures
+    f = table.c
+    connection.execute(delete(table).where(f.kind == "name", f.key == name[:255]))
+    connection.execute(
+        delete(table).where(f.kind == "address", f.key == address[:255], f.locked_until == 0)
+    )

@@ -244,7 +244,7 @@ class Console(Resource):
         self.clock = clock
         #: Shared with the admin API: one login serves both.
         self.sessions = sessions if sessions is not None else SessionStore()
-        self.throttle = throttle if throttle is not None else LoginThrottle()
+        self.throttle = throttle if throttle is not None else LoginThrottle(backend.database)
         self.on_login = on_login
         self.env = _environment()
         self.env.globals["refresh_seconds"] = refresh_seconds
@@ -435,7 +435,7 @@ class Console(Resource):
         name = page.field("name").strip()
         password = page.field("password")
         address = str(getattr(page.request.getClientAddress(), "host", ""))
-        if self.throttle.locked(name, address, self.clock()):
+        if await self.throttle.locked(name, address, self.clock()):
             page.request.setResponseCode(429)
             return page.render(
                 "login.html",
@@ -445,13 +445,13 @@ class Console(Resource):
             )
         user = await self.accounts.authenticate(name, password) if name and password else None
         if user is None:
-            self.throttle.failed(name, address, self.clock())
+            await self.throttle.failed(name, address, self.clock())
             await self.backend.record(name, "console.login", f"user {name}", "refused")
             page.request.setResponseCode(401)
             return page.render(
                 "login.html", title="Log in", error="Wrong user name or password.", name=name
             )
-        self.throttle.succeeded(name, address)
+        await self.throttle.succeeded(name, address)
         if page.session is not None:
             self.sessions.end(page.session.id)
         session = self.sessions.create(user.name, self.clock())
