@@ -31,10 +31,8 @@ from tests.integration.helpers import (
 )
 from tests.integration.postgres import new_database, use_database
 from tests.integration.test_admin_http import _ADMIN_LISTENING, _get
-from udsgateway.admin import auth
 from udsgateway.cluster.singleton import JOBS
-from udsgateway.store import users
-from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
+from udsgateway.testing.admin import api_token
 
 BUCKETS = 8
 LEASE = 6.0
@@ -91,14 +89,7 @@ class ClusterOpsProcessTests(SynchronousTestCase):
 
     def test_two_nodes_through_the_api(self) -> None:
         url = new_database(self)
-        database = Database(make_engine(url), InlineRunner())
-        self.addCleanup(database.close)
-        database.transaction_now(ensure_schema)
-        hashed = auth.hash_password("viewer password", 2**10)
-        database.transaction_now(users.add_user, "vera", hashed, "viewer", False, time.time())
-        token = auth.new_token()
-        digest = auth.token_digest(token)
-        database.transaction_now(users.add_token, "vera", "", digest, token[:12], time.time())
+        token = api_token(url, "vera", "viewer", time.time())
         root = new_directory(self)
         nodes = {}
         for name in ("n1", "n2"):
