@@ -334,6 +334,24 @@ class ControlIdSourceTests(SynchronousTestCase):
             self.assertEqual(ids & seen, set())
             seen |= ids
 
+    def test_renumbered_for_each_boot(self) -> None:
+        """Nodes started in the same second with consecutive boot numbers (from their
+        shared database) get different prefixes, and the counter starts again."""
+        first = ControlIdSource.for_boot(1717747750.0, random.Random(1))
+        first.next()
+        second = ControlIdSource.for_boot(1717747750.0, random.Random(1))
+        first.renumber(1717747750.0, 7)
+        second.renumber(1717747750.0, 8)
+        self.assertNotEqual(first.prefix, second.prefix)
+        self.assertEqual(first.prefix[:7], second.prefix[:7])
+        self.assertEqual(first.next(), first.prefix + "1")
+        self.assertEqual(len(first.prefix), 9)
+        # 1296 boots later the two characters repeat; the time differs by then.
+        later = ControlIdSource("X")
+        later.renumber(1717747751.0, 7 + 1296)
+        self.assertEqual(later.prefix[7:], first.prefix[7:])
+        self.assertNotEqual(later.prefix, first.prefix)
+
     def test_longest_id(self) -> None:
         """The longest prefix with the largest counter still fits in 20 characters."""
         source = ControlIdSource("ABCDEFGHIJ")

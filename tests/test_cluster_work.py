@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from attrs import evolve
-from sqlalchemy import text, update
+from sqlalchemy import create_engine, text, update
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -34,7 +34,7 @@ from udsgateway.store import executions, inbound, outbox
 from udsgateway.store import leases as store
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema
 from udsgateway.store.outbox import DELIVERED, QUEUED, NewDelivery
-from udsgateway.store.records import PENDING, WAITING, Settlement
+from udsgateway.store.records import PENDING, WAITING, Finished, Settlement
 from udsgateway.testing import (
     Outbound,
     PeerConnection,
@@ -269,6 +269,71 @@ class ExecutorClaimTests(SynchronousTestCase):
         (row,) = self.database.transaction_now(executions.list_executions, (), 10)
         self.assertEqual((row.state, row.step), (PENDING, 1))
 
+    def folded(self, control_id: str) -> Any:
+        """A message whose first action (of the one-action flow ``mine``) was folded
+        by the inbound node: its execution waits on that delivery."""
+        first = NewDelivery(
+            lane_name(self.mine.flow_id, 0), DEST, "mllp", "X" + control_id, b"MSH|x", {}
+        )
+        record = evolve(inbound_record(control_id, flows=(self.mine.flow_id,)), first=(first,))
+        self.database.transaction_now(inbound.commit_inbound, [record])
+        return next(
+            d
+            for d in self.database.transaction_now(outbox.list_deliveries, (), None, 100)
+            if d.control_id == "X" + control_id
+        )
+
+    def settle(self, executor: Executor, delivery: Any, state: str, error: str = "") -> None:
+        """The outcome of ``delivery`` recorded by ``executor``'s node (its lane's owner)."""
+        self.database.transaction_now(
+            outbox.record,
+            [
+                Settlement(
+                    delivery.id,
+                    state,
+                    1,
+                    0.0,
+                    last_error=error,
+                    execution_id=delivery.execution_id,
+                    step=0,
+                    control_id=delivery.control_id,
+                )
+            ],
+            2.0,
+            executor.after_record,
+        )
+
+    def test_an_execution_finished_on_another_node_reaches_its_watcher(self) -> None:
+        """The inbound node waits on an execution ("after actions" ACK) that another
+        node finishes: the announcement (or, as backup, the poll) makes the inbound
+        node read its state from the store and fire the watcher: done, or held with
+        the delivery's error. An execution not finished yet fires nothing."""
+        a = self.manager("a")
+        a.tick()
+        delivering, _queue = self.executor(a)
+        receiving, _queue = self.executor(None)
+        receiving.announce = True
+        done, held, open_ = self.folded("C1"), self.folded("C2"), self.folded("C3")
+        seen: dict[int, Any] = {}
+
+        def remember(result: Any, execution_id: int) -> None:
+            seen[execution_id] = result
+
+        for delivery in (done, held, open_):
+            receiving.watch(delivery.execution_id, 30.0).addBoth(remember, delivery.execution_id)
+        self.settle(delivering, done, DELIVERED)
+        self.settle(delivering, held, "held", "AR from LAB")
+        self.assertEqual(seen, {})  # the delivering node's own watchers are others
+        receiving.finished_announced([done.execution_id, open_.execution_id])
+        self.assertEqual(seen, {done.execution_id: Finished(done.execution_id, "done", "")})
+        receiving.poll(5.0)
+        self.addCleanup(receiving.stop_polling)
+        self.clock.advance(5.0)
+        self.assertEqual(
+            seen[held.execution_id], Finished(held.execution_id, "held", "AR from LAB")
+        )
+        self.assertNotIn(open_.execution_id, seen)
+
     def test_announced_steps_wake_only_their_owner(self) -> None:
         """An announcement of pending executions at another node's flow action does not
         run this node's executor; one at its own does."""
@@ -406,6 +471,7 @@ class PayloadTests(SynchronousTestCase):
             store.parse_work("d\tF1/0\ttcp:host=h:port=1\tmllp\ne\tF2\t1"),
             store.Work((("F1/0", "tcp:host=h:port=1", "mllp"),), (("F2", 1),)),
         )
+        self.assertEqual(store.parse_work("x\t17\nx\t18"), store.Work(finished=(17, 18)))
         self.assertEqual(store.parse_work("*"), store.Work(all=True))
         self.assertEqual(store.parse_work("garbage"), store.Work(all=True))
 
@@ -548,6 +614,54 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         self.assertEqual(work.lanes, ((f"F{tag}/0", DEST, "mllp"),))
         self.assertEqual(work.steps, ((f"G{tag}", 0),))
 
+    def test_listener_back_after_a_lost_connection_says_what_may_be_missed(self) -> None:
+        """The listener's session is ended by the server: it reconnects, listens again,
+        and tells every handler that announcements may have been missed (``*``: the
+        dispatcher rescans, the executor runs, the lease manager runs a round)."""
+        from tests.test_store_contract import POSTGRES_URL
+        from udsgateway.cluster.notify import MISSED
+
+        tag = f"udsgw-listen-{uuid.uuid4().hex[:8]}"
+        engine = create_engine(POSTGRES_URL, connect_args={"application_name": tag})
+        self.addCleanup(engine.dispose)
+        heard: dict[str, list[str]] = {"leases": [], "work": []}
+        missed = threading.Event()
+
+        class Inline:
+            def callFromThread(self, function: Any, *args: Any) -> None:
+                function(*args)
+
+        def on(name: str) -> Any:
+            def handler(payload: str) -> None:
+                heard[name].append(payload)
+                if heard["leases"] and heard["work"]:
+                    missed.set()
+
+            return handler
+
+        listener = NotifyListener(
+            engine,
+            Inline(),  # type: ignore[arg-type]
+            on("leases"),
+            others={store.WORK_CHANNEL: on("work")},
+        )
+        listener.start()
+        self.addCleanup(listener.stop)
+        self.assertTrue(listener.listening.wait(30))
+        self.assertEqual(heard, {"leases": [], "work": []})
+        with self.engine.connect() as connection:
+            ended = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                    " WHERE application_name = :tag"
+                ),
+                {"tag": tag},
+            ).scalar_one()
+        self.assertEqual(ended, 1)
+        self.assertTrue(missed.wait(30), heard)
+        self.assertEqual(heard, {"leases": [MISSED], "work": [MISSED]})
+        self.assertEqual(store.parse_work(MISSED), store.Work(all=True))
+
     def listen(self) -> Any:
         raw = self.engine.raw_connection()
         self.addCleanup(raw.close)
@@ -596,6 +710,32 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         )
         (heard,) = [n.payload for n in driver.notifies(timeout=10, stop_after=1)]
         self.assertEqual(store.parse_work(heard).steps, ((two.flow_id, 1),))
+        self.assertEqual(store.parse_work(heard).finished, ())
+        executor.wake()  # the second action
+        (heard,) = [n.payload for n in driver.notifies(timeout=10, stop_after=1)]
+        second = next(
+            d
+            for d in self.database.transaction_now(outbox.list_deliveries, (), None, 10)
+            if d.step == 1
+        )
+        self.database.transaction_now(
+            outbox.record,
+            [
+                Settlement(
+                    second.id,
+                    DELIVERED,
+                    1,
+                    0.0,
+                    execution_id=second.execution_id,
+                    step=1,
+                    control_id=second.control_id,
+                )
+            ],
+            3.0,
+            executor.after_record,
+        )
+        (heard,) = [n.payload for n in driver.notifies(timeout=10, stop_after=1)]
+        self.assertEqual(store.parse_work(heard).finished, (second.execution_id,))
 
     def test_no_announcement_without_cluster_mode(self) -> None:
         """A gateway alone on PostgreSQL announces nothing (NOTIFY costs every commit)."""

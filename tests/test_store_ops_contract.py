@@ -188,6 +188,12 @@ class OpsContract(_Base):
         )
         self.assertEqual(count, 702)  # the repeated pid3 once
 
+    def test_boots_are_numbered(self) -> None:
+        """Each start of a gateway on the database draws the next number."""
+        from udsgateway.store import meta
+
+        self.assertEqual([self.tx(meta.next_boot) for _ in range(3)], [1, 2, 3])
+
     def test_keys_written_again_are_left_alone(self) -> None:
         """A catch-up or a batch may write keys that are there already (another
         node's): no conflict, no second row; and the nodes' marks of written keys."""

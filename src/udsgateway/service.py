@@ -33,6 +33,7 @@ from udsgateway.inbound.searchkeys import KeyWriter
 from udsgateway.interfaces import FencedError
 from udsgateway.mapping.checks import template_problems
 from udsgateway.store import apps as store_apps
+from udsgateway.store import meta
 from udsgateway.store.engine import (
     AdvisoryLock,
     Database,
@@ -84,6 +85,7 @@ class GatewayService(MultiService):
     ) -> None:
         super().__init__()
         self.config = config
+        self._control_ids = control_ids
         self._reactor = reactor
         #: A cluster node's lease manager and fence (``[cluster].enabled``); None for
         #: a gateway alone on its database.
@@ -165,6 +167,11 @@ class GatewayService(MultiService):
     async def _start(self) -> None:
         version = await self.database.transaction(ensure_schema)
         log.info("database ready, schema {version}", version=version)
+        if self.leases is not None:
+            # Nodes share the database and may start in the same second: each start
+            # draws its own number, so no two nodes issue the same control ids.
+            boot = await self.database.transaction(meta.next_boot)
+            self._control_ids.renumber(self._wall(), boot)
         if isinstance(self._lock, FileLock):
             # After twistd's fork the holder is this process, not the one that took it.
             await self.database.runner.run(self._lock.rewrite, self._wall())
@@ -243,6 +250,8 @@ class GatewayService(MultiService):
         work = parse_work(payload)
         self.dispatcher.work_announced(work.lanes, work.all)
         self.executor.work_announced(work.steps, work.all)
+        if work.finished or work.all:
+            self.executor.finished_announced(work.finished, work.all)
 
     @property
     def accepting(self) -> bool:

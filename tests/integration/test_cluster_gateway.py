@@ -10,6 +10,8 @@ The test shows, at both receivers:
 
 * every ACKed message delivered, and per patient in the order sent (first
   arrivals: a duplicate is allowed only after a failover);
+* a flow whose ACK waits for its action ("after actions") answers AA on
+  either node, whichever node ran the action;
 * SIGTERM of a node: it hands its buckets over and the other delivers its
   lanes (the messages sent afterwards too);
 * kill -9 of a node right after it ACKed messages: the other takes its buckets
@@ -88,6 +90,35 @@ def flow_file(first_port: int, second_port: int) -> str:
             'ZTR|{{ msg["MSH-10"] }}\n'
             "'''",
         ]
+    # A second flow whose ACK waits for its action ("after actions"): the action
+    # often runs on the other node, which must tell the receiving node it finished.
+    sample = inbound("ADT^A08", "SAMPLE", "Q0", "Doe^John").decode().replace("\r", "\n")
+    lines += [
+        "",
+        "[[flows]]",
+        f'flow_id = "{FLOW_ID}AA"',
+        'name = "cluster relay, ACK after actions"',
+        "[flows.trigger]",
+        'message_type = "ADT^A08"',
+        'ack = "after_actions"',
+        f"ack_timeout = {TIMEOUT}",
+        f"sample = '''\n{sample}'''",
+        "",
+        "[[flows.actions]]",
+        'name = "first"',
+        'host = "127.0.0.1"',
+        f"port = {first_port}",
+        'message_type = "ADT^A08"',
+        'ordering_key = "PID-3.1"',
+        "connect_timeout = 2",
+        "backoff_initial = 0.2",
+        "backoff_max = 1",
+        "template = '''\n"
+        "MSH|^~\\&|UDSGATEWAY|CLU|FIRST|FAC|{{ now }}||ADT^A08|{{ control_id }}|P|2.5\n"
+        'PID|1||{{ msg["PID-3.1"] }}\n'
+        'ZTR|{{ msg["MSH-10"] }}\n'
+        "'''",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -108,13 +139,15 @@ def node_config(directory: Path, url: str, name: str, flows: Path | None) -> Pat
     return config
 
 
-def arrivals(receiver: Receiver) -> list[tuple[str, int]]:
-    """(patient, number) of each message received, in arrival order."""
+def arrivals(receiver: Receiver, prefix: str = "S") -> list[tuple[str, int]]:
+    """(patient, number) of each message received whose trigger's MSH-10 starts with
+    ``prefix``, in arrival order."""
     found = []
     for message in receiver.messages():
         trigger = fields(message, "ZTR")[1]  # S<patient>-<number>
-        patient, number = trigger[1:].split("-")
-        found.append((patient, int(number)))
+        if trigger.startswith(prefix):
+            patient, number = trigger[len(prefix) :].split("-")
+            found.append((patient, int(number)))
     return found
 
 
@@ -244,6 +277,19 @@ class ClusterGatewayTests(SynchronousTestCase):
         self.send(5, ["node1", "node2"])
         self.assertEqual(self.check_delivered(), {"first": 0, "second": 0})
 
+        # "After actions" ACKs: AA once the action finished, on whichever node.
+        for number in (1, 2):
+            for index, patient in enumerate(("Q1", "Q2", "Q3", "Q4")):
+                node = self.nodes[("node1", "node2")[(number + index) % 2]]
+                control_id = f"A{patient}-{number}"
+                ack = send_mllp(node.port, inbound("ADT^A08", control_id, patient, "Doe^John"))
+                assert ack is not None, self.logs()
+                self.assertEqual(msa(ack), ("AA", control_id), self.logs())
+        self.assertEqual(
+            sorted(arrivals(self.first, "A")),
+            [(f"Q{p}", n) for p in range(1, 5) for n in (1, 2)],
+        )
+
         # SIGTERM: node1 hands its buckets over; node2 delivers every lane.
         node1.send_signal(signal.SIGTERM)
         self.assertEqual(node1.wait_exit(), -signal.SIGTERM, self.logs())  # twistd re-raises it
@@ -281,5 +327,5 @@ class ClusterGatewayTests(SynchronousTestCase):
         )
         self.assertEqual(
             scalar(self.url, "SELECT count(*) FROM messages"),
-            sum(len(numbers) for numbers in self.sent.values()),
+            sum(len(numbers) for numbers in self.sent.values()) + 8,
         )

@@ -3,8 +3,9 @@
 Nodes announce a join or a hand-over with ``pg_notify`` in the transaction
 that makes it (``store.leases.CHANNEL``); a listener hands each payload to the
 reactor (``callFromThread``), where the LeaseManager runs a round at once
-instead of at its next timer. The timer stays the backup: a notification lost
-while the connection was down costs at most one renew interval.
+instead of at its next timer. The timer stays the backup; and once the
+listener listens again after a failure, every handler hears ``MISSED``, since
+what was announced while the connection was down is lost.
 
 The connection is the driver's own (psycopg), in autocommit, kept out of the
 pool, in a thread of its own that waits on it with a short timeout (so that
@@ -30,6 +31,10 @@ log = Logger()
 WAIT = 0.5
 #: Seconds between reconnection attempts.
 RETRY = 1.0
+#: The payload handed to every handler once the listener listens again after a
+#: failure: announcements may have been missed meanwhile (``store.leases.parse_work``
+#: reads it as "look at everything"; the LeaseManager runs a round).
+MISSED = "*"
 
 
 class NotifyListener:
@@ -81,6 +86,11 @@ class NotifyListener:
                 connection.autocommit = True
                 for channel in self.handlers:
                     connection.execute(f'LISTEN "{channel}"')
+                if self.listening.is_set():
+                    # Listening again after a failure: what was announced meanwhile
+                    # is lost; every handler hears MISSED and looks for itself.
+                    for each in self.handlers.values():
+                        self.reactor.callFromThread(each, MISSED)
                 self.listening.set()
                 while not self._stop.is_set():
                     for notice in connection.notifies(timeout=WAIT):

@@ -481,6 +481,21 @@ class ControlIdSource:
         entropy = "".join(rng.choice(_ID_ALPHABET) for _ in range(2))
         return cls(seconds + entropy)
 
+    def renumber(self, boot_epoch: float, boot: int) -> None:
+        """Take the prefix of the database's ``boot``-th start (before any id is drawn).
+
+        The boot time in seconds and the boot number modulo 1296, so that two
+        gateways sharing one database (the nodes of a cluster, started in the
+        same second) never share a prefix: the database hands each start its own
+        number. The time keeps a database restored from a backup, whose counter
+        went back, from reusing the prefixes it issued since.
+        """
+        seconds = _base36(max(0, int(boot_epoch))).rjust(7, "0")[-7:]
+        prefix = seconds + _base36(boot % 1296).rjust(2, "0")
+        _check_prefix(prefix)
+        self.prefix = prefix
+        self._counter = 0
+
 
 @frozen
 class Reply:

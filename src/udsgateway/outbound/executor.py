@@ -44,7 +44,7 @@ from udsgateway.mapping.templating import (
     compile_template,
 )
 from udsgateway.outbound.render import read_trigger, render_action
-from udsgateway.store import apps, executions, leases
+from udsgateway.store import apps, executions, leases, outbox
 from udsgateway.store.engine import Database
 from udsgateway.store.records import (
     DELIVERED,
@@ -59,6 +59,13 @@ from udsgateway.store.records import (
 )
 
 log = Logger()
+
+
+def _finished_of(connection: Connection, execution_ids: Sequence[int]) -> list[Finished]:
+    """The finished ones among these executions, as their watchers see them."""
+    return executions.finished_of(
+        connection, execution_ids, outbox.held_of(connection, execution_ids)
+    )
 
 
 def _count(table: dict[str, dict[str, int]], flow_id: str, outcome: str) -> None:
@@ -195,18 +202,20 @@ class Executor:
             if unknown:
                 steps = {**steps, **apps.action_counts(connection, unknown)}
         advanced = executions.advance(connection, settled, found, steps, self._wall())
-        if self.announce and advanced.pending:
+        if self.announce and (advanced.pending or advanced.finished or advanced.held):
             # The next actions' executions are pending: their flow action may be
-            # another node's.
+            # another node's. Finished ones may be awaited by another node's inbound.
             leases.announce_work(
                 connection,
                 steps=(
                     (found[row.execution_id].flow_id, row.step + 1)
                     for row in settled
-                    if row.execution_id is not None
+                    if advanced.pending
+                    and row.execution_id is not None
                     and row.execution_id in found
                     and row.state == DELIVERED
                 ),
+                finished=(item.execution_id for item in advanced.finished + advanced.held),
             )
         return advanced
 
@@ -312,11 +321,22 @@ class Executor:
         ``executions release`` from the command line is picked up by this."""
         if self._poller is not None:
             return
-        self._poller = LoopingCall(self.wake)
+        self._poller = LoopingCall(self._poll)
         self._poller.clock = self.clock
         self._poller.start(interval, now=False).addErrback(
             lambda failure: log.failure("executor poll stopped", failure)
         )
+
+    def _all_finished(self, found: Sequence[Finished]) -> None:
+        for item in found:
+            self._finished(item)
+
+    def _poll(self) -> None:
+        self.wake()
+        if self.announce:
+            # A cluster node: an execution awaited here may have finished on another
+            # node while this one's listener was not told (the poll is the backup).
+            self.finished_announced((), everything=True)
 
     def stop_polling(self) -> None:
         """Stop ``poll`` (the service stopping)."""
@@ -415,12 +435,31 @@ class Executor:
             for token in checks:
                 self.fence.check(connection, token)
         enqueued = executions.apply(connection, transitions, now)
-        if self.announce and enqueued:
+        ended = [t.execution_id for t in transitions if t.delivery is None]
+        if self.announce and (enqueued or ended):
             leases.announce_work(
                 connection,
                 ((d.lane, d.destination, d.protocol) for _id, d in enqueued),
+                finished=ended,
             )
         return enqueued
+
+    def finished_announced(self, execution_ids: Sequence[int], everything: bool = False) -> None:
+        """Executions finished on some node (NOTIFY): the watchers of those this node's
+        inbound waits on ("after actions" ACKs) get their state from the store.
+        ``everything``: look at every watched execution."""
+        watched = [
+            execution_id
+            for execution_id in (list(self._watchers) if everything else execution_ids)
+            if execution_id in self._watchers
+        ]
+        if not watched:
+            return
+        reading = self.database.transaction(_finished_of, watched)
+        reading.addCallback(self._all_finished)
+        reading.addErrback(
+            lambda failure: log.failure("reading finished executions failed", failure)
+        )
 
     def work_announced(self, steps: Sequence[tuple[str, int]], everything: bool = False) -> None:
         """Another node (or this one) committed pending executions at ``steps``: run

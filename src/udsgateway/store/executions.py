@@ -404,6 +404,27 @@ def fail_waiting(connection: Connection, execution_id: int, error: str, now: flo
     )
 
 
+def finished_of(
+    connection: Connection, execution_ids: Sequence[int], held: Mapping[int, str]
+) -> list[Finished]:
+    """Which of these executions are finished as a watcher sees it ("after actions"):
+    done, failed or held (their render), or waiting on a held delivery (``held``: the
+    executions whose delivery is held, with its error, ``outbox.held_of``)."""
+    if not execution_ids:
+        return []
+    e = schema.executions
+    rows = connection.execute(
+        select(e.c.id, e.c.state, e.c.error).where(e.c.id.in_(sorted(set(execution_ids))))
+    )
+    found = []
+    for execution_id, state, error in rows:
+        if state in (DONE, FAILED, HELD_EXECUTION):
+            found.append(Finished(execution_id, state, error))
+        elif state == WAITING and execution_id in held:
+            found.append(Finished(execution_id, HELD, held[execution_id]))
+    return found
+
+
 def execution_states(connection: Connection, message_id: int) -> list[ExecutionState]:
     """The executions of a stored message, in creation order."""
     e = schema.executions

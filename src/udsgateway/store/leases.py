@@ -165,21 +165,27 @@ class Work:
     lanes: tuple[tuple[str, str, str], ...] = ()
     steps: tuple[tuple[str, int], ...] = ()
     all: bool = False
+    #: Executions that finished (done, failed or held): a node whose inbound waits on
+    #: them for an "after actions" ACK reads their state.
+    finished: tuple[int, ...] = ()
 
 
 def announce_work(
     connection: Connection,
     lanes: Iterable[tuple[str, str, str]] = (),
     steps: Iterable[tuple[str, int]] = (),
+    finished: Iterable[int] = (),
 ) -> None:
     """PostgreSQL: tell every node, at this transaction's commit, of new deliveries in
     ``lanes`` (lane, destination, protocol) and new pending executions at ``steps``
     (Flow ID, step), so that the node holding their bucket runs them at once instead
-    of at its next sweep. Lane names, endpoints and Flow IDs carry no PHI."""
+    of at its next sweep, and of ``finished`` executions (by id), which another node's
+    inbound may be waiting on. Lane names, endpoints, Flow IDs and ids carry no PHI."""
     if connection.dialect.name != "postgresql":
         return
     lines = sorted({"d\t" + "\t".join(lane) for lane in lanes})
     lines += sorted({f"e\t{flow_id}\t{step}" for flow_id, step in steps})
+    lines += [f"x\t{execution_id}" for execution_id in sorted(set(finished))]
     if not lines:
         return
     payload = "\n".join(lines)
@@ -197,15 +203,18 @@ def parse_work(payload: str) -> Work:
         return Work(all=True)
     lanes: list[tuple[str, str, str]] = []
     steps: list[tuple[str, int]] = []
+    finished: list[int] = []
     for line in payload.split("\n"):
         parts = line.split("\t")
         if parts[0] == "d" and len(parts) == 4:
             lanes.append((parts[1], parts[2], parts[3]))
         elif parts[0] == "e" and len(parts) == 3 and parts[2].isdigit():
             steps.append((parts[1], int(parts[2])))
+        elif parts[0] == "x" and len(parts) == 2 and parts[1].isdigit():
+            finished.append(int(parts[1]))
         else:
             return Work(all=True)
-    return Work(tuple(lanes), tuple(steps))
+    return Work(tuple(lanes), tuple(steps), finished=tuple(finished))
 
 
 @frozen

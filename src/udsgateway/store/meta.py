@@ -1,8 +1,10 @@
-"""The SQL of the table ``meta``: the schema version and the flows' generation."""
+"""The SQL of the table ``meta``: the schema version, the flows' generation, the
+search keys' marks and the count of gateway starts."""
 
 from __future__ import annotations
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, Integer, String, cast, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from udsgateway.store import schema
 
@@ -56,3 +58,23 @@ def keys_through(connection: Connection, node: str) -> int | None:
 def set_keys_through(connection: Connection, node: str, message_id: int) -> None:
     """Record that ``node``'s messages up to ``message_id`` have their search keys."""
     _set(connection, _keys_key(node), str(message_id))
+
+
+def next_boot(connection: Connection) -> int:
+    """Count one more start of a gateway on this database and return its number (1, 2...).
+
+    One atomic upsert, so two nodes of a cluster starting at the same moment get
+    two numbers (their outbound control ids' prefixes come from it).
+    """
+    meta = schema.meta
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    statement = (
+        insert(meta)
+        .values(key="boots", value="1")
+        .on_conflict_do_update(
+            index_elements=[meta.c.key],
+            set_={"value": cast(cast(meta.c.value, Integer) + 1, String(255))},
+        )
+        .returning(meta.c.value)
+    )
+    return int(connection.execute(statement).scalar_one())

@@ -171,6 +171,19 @@ _ENQUEUE = prepared_insert(
 )
 
 
+def held_of(connection: Connection, execution_ids: Sequence[int]) -> dict[int, str]:
+    """The executions among these whose delivery is held, with its error."""
+    if not execution_ids:
+        return {}
+    d = schema.deliveries
+    rows = connection.execute(
+        select(d.c.execution_id, d.c.last_error).where(
+            d.c.execution_id.in_(sorted(set(execution_ids))), d.c.state == HELD
+        )
+    )
+    return {int(execution_id): str(error) for execution_id, error in rows}
+
+
 def lanes_with_work(connection: Connection) -> list[LaneWork]:
     """Every lane with open deliveries, oldest work first (recovery order)."""
     d = schema.deliveries
