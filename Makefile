@@ -34,7 +34,7 @@ NODE_STAMP := $(NODE_PEERS)/.installed-stamp
 MEDPLUM_HL7 ?= @medplum/hl7@5.0.10
 
 .PHONY: run test install trial trial-pure pure-tree lint typecheck bench bench-smoke clean \
-	node-peers chromium
+	node-peers chromium haproxy cluster
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -88,6 +88,23 @@ $(CHROMIUM):
 
 chromium: $(CHROMIUM)
 
+# HAProxy in front of the gateway (the PROXY-protocol tests, `make cluster`): Debian's
+# haproxy, installed with apt-get when absent (its packaged service is not used).
+HAPROXY ?= /usr/sbin/haproxy
+$(HAPROXY):
+	@echo "haproxy: installing Debian's haproxy with apt-get"
+	apt-get update -qq >/dev/null
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+
+haproxy: $(HAPROXY)
+
+# Three gateway nodes in cluster mode on the local PostgreSQL behind HAProxy, until
+# Ctrl-C (docs/cluster.md, "Run a cluster on one machine"). Generated files and logs
+# in var/cluster; options after CLUSTER_ARGS, e.g. CLUSTER_ARGS="--fresh --nodes 2".
+CLUSTER_ARGS ?=
+cluster: install $(HAPROXY)
+	$(BIN)/python -m udsgateway.testing.cluster $(CLUSTER_ARGS)
+
 run: install
 	mkdir -p var
 	@# First run: a demo admin user for the admin API, its password printed once.
@@ -103,7 +120,7 @@ run: install
 # package that the wheel-install test installs under _trial_temp. A log file
 # over 5 MB fails the run: a repr or a loop flooding the log (it once wrote 331 MB).
 JOBS ?= 2
-trial: install $(NODE_STAMP) $(CHROMIUM)
+trial: install $(NODE_STAMP) $(CHROMIUM) $(HAPROXY)
 	rm -f .coverage .coverage.*
 	UDSGATEWAY_EXPECT_VARIANT=compiled \
 	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage \

@@ -5,10 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import TestCase
 
 from udsgateway.admin.metrics import IDENTIFIER_LABELS, LABEL_ENUMS, Metrics
+from udsgateway.config import TenantConfig
 from udsgateway.store import schema
 from udsgateway.store.engine import DELIVERY_BUCKETS, Durations
 from udsgateway.testing import Gateway, hl7_message, mllp
@@ -154,6 +157,32 @@ class MetricsTests(TestCase):
         self.assertIn(("udsgw_destination_up", {"destination": DESTINATION}, 1.0), found)
         self.assertIn(("udsgw_delivered_total", {"destination": DESTINATION}, 5.0), found)
         self.assertIn(("udsgw_destination_paused", {"destination": DESTINATION}, 1.0), found)
+
+    def test_proxy_refusals_by_reason(self) -> None:
+        """A listener behind the PROXY protocol: its header refusals, one series per reason;
+        a plain listener has none."""
+        proxy_series = "udsgw_inbound_proxy_refused_connections_total"
+        self.assertEqual([s for s in samples(self.scrape()) if s[0] == proxy_series], [])
+        gateway = Gateway(tenant=TenantConfig(name="proxied", listen="haproxy:tcp:port=0"))
+        self.service.factories["proxied"] = gateway.factory
+        self.service.ingests["proxied"] = gateway.ingest
+        proxy = gateway.factory.behind_proxy()
+        for port in range(2):
+            protocol = proxy.buildProtocol(IPv4Address("TCP", "10.9.9.9", port))
+            assert protocol is not None
+            protocol.makeConnection(StringTransport())
+            protocol.dataReceived(b"no header\r\n")
+        found = samples(self.scrape())
+        series = {labels["reason"]: value for name, labels, value in found if name == proxy_series}
+        self.assertEqual(
+            series,
+            {
+                "bad_headers": 2.0,
+                "header_timeouts": 0.0,
+                "not_from_proxy": 0.0,
+                "too_many_pending": 0.0,
+            },
+        )
 
     def test_per_flow_outcomes(self) -> None:
         """Executions per flow: routed from the ingest (each accepted message stored for

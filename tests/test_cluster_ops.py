@@ -524,7 +524,7 @@ class ClusterConsoleTests(SQLiteFile, OpsFixture, SynchronousTestCase):
         operations = Operations(
             self.admin, self.clock, self.clock.seconds, lease_manager=lambda: manager
         )
-        client = ConsoleClient.over(self.admin, operations=operations)
+        client = ConsoleClient.over(self.admin, self.clock, operations=operations)
         client.login("viewer")
         return client
 
@@ -550,5 +550,5 @@ class ClusterConsoleTests(SQLiteFile, OpsFixture, SynchronousTestCase):
         self.assertIn("not a node of a cluster", page.body)
 
     def test_needs_a_login(self) -> None:
-        client = ConsoleClient.over(self.admin)
+        client = ConsoleClient.over(self.admin, self.clock)
         self.assertEqual(client.get("/console/cluster").status, 303)

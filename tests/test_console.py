@@ -54,8 +54,9 @@ class ConsoleTestCase(SynchronousTestCase):
     def fresh_client(self) -> ConsoleClient:
         return ConsoleClient.over(
             self.running.database,
+            self.running.clock,
             dispatcher=self.running.outbound.dispatcher,
-            wall=self.running.clock.seconds,
+            executor=self.running.executor,
         )
 
     def send(self, control_id: str, mrn: str = "MRN4242", held: bool = False) -> None:
@@ -190,6 +191,22 @@ class DashboardTests(ConsoleTestCase):
         panel = self.client.get("/console/dashboard/panel")
         self.assertNotIn("conn-down", panel.body)
 
+    def test_destinations_of_flows_listed_before_any_delivery(self) -> None:
+        from datetime import UTC, datetime
+
+        self.client.login("viewer")
+        panel = self.client.get("/console/dashboard/panel")
+        destinations = panel.body.split('id="destinations-table"')[1]
+        self.assertIn(">127.0.0.1:2700</a>", destinations)
+        self.assertIn('class="conn-idle">idle<', destinations)
+        now = datetime.fromtimestamp(self.running.clock.seconds(), UTC)
+        self.assertIn(f"Updated {now:%Y-%m-%d %H:%M:%S} UTC", panel.body)
+        # The queue page offers it for a pause.
+        operator = self.fresh_client()
+        operator.login("operator")
+        queues = operator.get("/console/queues")
+        self.assertIn('<option value="127.0.0.1:2700">', queues.body)
+
     def test_self_refreshes(self) -> None:
         self.client.login("viewer")
         page = self.client.get("/console/")
@@ -255,10 +272,69 @@ class MessageTests(ConsoleTestCase):
         page = self.client.post(f"/console/messages/{message.id}/content")
         self.assertEqual(page.status, 200)
         self.assertIn('title="PID-3 (PID-3.1, PID-3.4)"', page.body)
+        # MSH-1 is the field separator itself: shown once, as in the message.
+        shown = re.sub(r"<[^>]+>", "", page.body)
+        self.assertIn("MSH|^~\\&amp;|SCHED|CLINIC|", shown)
         self.assertIn("MRN4242", page.body)
         self.assertEqual(self.audit_actions().count("message.content"), before + 1)
         audit = self.running.rows(schema.audit)[-1]
         self.assertEqual((audit["who"], audit["target"]), ("admin", f"message {message.id}"))
+
+    def test_replay_the_searched_messages_after_confirming_the_count(self) -> None:
+        """The message browser replays what the current filters find: it counts them
+        first, replays only that count (a changed set is refused), and audits it."""
+        self.send("R1", mrn="MRN1")
+        self.send("R2", mrn="MRN2")
+        self.send("R3", mrn="MRN1")
+        self.client.login("operator")
+        page = self.client.post("/console/messages", {"pid3": "MRN1"})
+        self.assertIn("/console/messages/replay", page.body)
+        counted = self.client.post(
+            "/console/messages/replay", {"pid3": "MRN1", "reason": "partner lost them"}
+        )
+        self.assertEqual(counted.status, 200)
+        self.assertIn("<strong>2</strong> accepted messages", counted.body)
+        # The confirmation carries the filters in the form, never in its address.
+        self.assertIn('name="pid3" value="MRN1"', counted.body)
+        self.assertIn('name="count" value="2"', counted.body)
+        self.assertEqual(len(self.running.rows(schema.executions)), 3)  # nothing ran yet
+        self.send("R4", mrn="MRN1")  # the set grows between the count and the confirmation
+        stale = self.client.post(
+            "/console/messages/replay",
+            {"pid3": "MRN1", "reason": "partner lost them", "confirm": "yes", "count": "2"},
+        )
+        self.assertEqual(stale.status, 409)
+        self.assertIn("3 messages match now, not 2", stale.body)
+        self.assertEqual(len(self.running.rows(schema.executions)), 4)
+        done = self.client.post(
+            "/console/messages/replay",
+            {"pid3": "MRN1", "reason": "partner lost them", "confirm": "yes", "count": "3"},
+        )
+        self.assertEqual(done.status, 303)
+        self.assertEqual(done.header("location"), "/console/messages?done=replay+3+messages")
+        self.running.settle()
+        self.assertEqual(len(self.running.rows(schema.executions)), 7)
+        self.assertEqual(len(self.running.peer(2700).received), 7)
+        replays = [r for r in self.running.rows(schema.audit) if r["action"] == "message.replay"]
+        self.assertEqual(
+            [r["result"] for r in replays], ["refused: 3 messages match now, not 2", "ok"]
+        )
+        self.assertEqual(replays[-1]["who"], "operator")
+        self.assertEqual(replays[-1]["reason"], "partner lost them")
+        self.assertNotIn("MRN1", replays[-1]["target"])  # a patient ID is not audited
+        self.assertIn("pid3=(given)", replays[-1]["target"])
+
+    def test_viewer_cannot_replay_messages(self) -> None:
+        self.send("V1")
+        self.client.login("viewer")
+        page = self.client.get("/console/messages")
+        self.assertNotIn("/console/messages/replay", page.body)
+        refused = self.client.post(
+            "/console/messages/replay",
+            {"reason": "r", "confirm": "yes", "count": "1"},
+        )
+        self.assertEqual(refused.status, 403)
+        self.assertEqual(len(self.running.rows(schema.executions)), 1)
 
     def test_viewer_cannot_see_content(self) -> None:
         self.send("C1")
@@ -342,7 +418,7 @@ class QueueTests(ConsoleTestCase):
         self.client.login("operator")
         self.client.post(f"/console/queues/{delivery_id}/skip", {"reason": "later"})
         self.assertEqual(self.running.rows(schema.deliveries)[0]["state"], "skipped")
-        endpoint = self.running.rows(schema.deliveries)[0]["destination"]
+        endpoint = "127.0.0.1:2700"  # the destination's address, as the page offers it
         confirm = self.client.post(
             "/console/queues/replay", {"destination": endpoint, "state": "skipped", "reason": "r"}
         )
@@ -375,6 +451,18 @@ class QueueTests(ConsoleTestCase):
             lambda: self.running.rows(schema.deliveries)[0]["state"] == "delivered"
         )
         self.assertEqual(len(self.running.peer(2700).received), 2)
+        audited = [(r["action"], r["who"], r["via"]) for r in self.running.rows(schema.audit)]
+        self.assertIn(("deliveries.replay", "operator", "api"), audited)
+        self.assertIn(("delivery.replay", "operator", "api"), audited)
+
+    def test_replay_of_an_unknown_state_is_refused(self) -> None:
+        self.client.login("operator")
+        refused = self.client.post(
+            "/console/queues/replay",
+            {"destination": "127.0.0.1:2700", "state": "queued", "reason": "r"},
+        )
+        self.assertEqual(refused.status, 400)
+        self.assertIn("state: expected one of skipped, delivered", refused.body)
 
 
 class FlowEditorTests(ConsoleTestCase):

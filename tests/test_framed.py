@@ -7,11 +7,16 @@ and the test receiver add on top; test_listener and test_peers cover those.
 
 from __future__ import annotations
 
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.trial.unittest import SynchronousTestCase
+import socket
+from typing import Any
 
-from udsgateway.wire.framed import ConnectionLimits, FramedServerProtocol
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.internet.tcp import Connection
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from udsgateway.wire.framed import ConnectionLimits, FramedServerProtocol, write_now
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 
 LIMITS = ConnectionLimits(idle_timeout=600.0, frame_timeout=60.0, idle_gap=0.2, detect_limit=64)
@@ -183,3 +188,146 @@ class FramedServerTests(SynchronousTestCase):
         clock.advance(LIMITS.idle_timeout - 1)
         self.assertFalse(transport.disconnecting)
         self.assertEqual(transport.value(), b"%d;" % (len(MSH) + 1))
+
+
+class _Socket:
+    """A socket's ``send``: takes at most ``room`` bytes, or raises ``error``."""
+
+    def __init__(self, room: int = 1 << 20, error: OSError | None = None) -> None:
+        self.room, self.error, self.sent = room, error, b""
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        taken = bytes(data[: self.room])
+        self.sent += taken
+        return len(taken)
+
+
+class _TCPTransport(Connection):
+    """Twisted's TCP connection with a stand-in socket; ``write`` records."""
+
+    socket: Any
+
+    def __init__(self, sock: Any) -> None:  # no super().__init__: no reactor, no fd
+        self.socket = sock
+        self.TLS = False
+        self.connected = True
+        self.disconnecting = False
+        self.dataBuffer = b""
+        self._tempDataBuffer: list[bytes] = []
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+
+class _Wrapper:
+    """What a TLS connection (TLSMemoryBIOProtocol, a ProtocolWrapper) looks like: its
+    own ``write``, every other attribute read from the connection under it."""
+
+    def __init__(self, inner: _TCPTransport) -> None:
+        self.inner = inner
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class WriteNowTests(SynchronousTestCase):
+    """ACKs and outbound frames go to the socket at once when nothing waits ahead of them,
+    and through the transport's buffered write otherwise, never out of order."""
+
+    def test_straight_to_the_socket_when_nothing_is_buffered(self) -> None:
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        ours.setblocking(False)
+        transport = _TCPTransport(ours)
+        write_now(transport, b"\x0bMSH|ACK\x1c\r")
+        self.assertEqual(theirs.recv(100), b"\x0bMSH|ACK\x1c\r")
+        self.assertEqual(transport.written, [])
+
+    def test_what_the_socket_does_not_take_is_buffered(self) -> None:
+        transport = _TCPTransport(_Socket(room=3))
+        write_now(transport, b"abcdefgh")
+        self.assertEqual(transport.socket.sent, b"abc")
+        self.assertEqual(transport.written, [b"defgh"])
+
+    def test_a_full_socket_buffers_it_all(self) -> None:
+        transport = _TCPTransport(_Socket(error=BlockingIOError()))
+        write_now(transport, b"abc")
+        self.assertEqual(transport.written, [b"abc"])
+
+    def test_a_socket_error_is_left_to_twisted(self) -> None:
+        transport = _TCPTransport(_Socket(error=ConnectionResetError()))
+        write_now(transport, b"abc")
+        self.assertEqual(transport.written, [b"abc"])
+
+    def test_buffered_bytes_go_first(self) -> None:
+        for attribute, value in (("dataBuffer", b"older"), ("_tempDataBuffer", [b"older"])):
+            transport = _TCPTransport(_Socket())
+            setattr(transport, attribute, value)
+            write_now(transport, b"newer")
+            self.assertEqual((transport.socket.sent, transport.written), (b"", [b"newer"]))
+
+    def test_tls_closing_or_other_transports_use_their_write(self) -> None:
+        tls = _TCPTransport(_Socket())
+        tls.TLS = True
+        closing = _TCPTransport(_Socket())
+        closing.disconnecting = True
+        gone = _TCPTransport(_Socket())
+        gone.connected = False
+        for transport in (tls, closing, gone):
+            write_now(transport, b"abc")
+            self.assertEqual((transport.socket.sent, transport.written), (b"", [b"abc"]))
+        # A wrapper that shows the socket of the connection under it (TLS) is not
+        # bypassed: the bytes go through its write, never plaintext to the socket.
+        wrapped = _Wrapper(_TCPTransport(_Socket()))
+        write_now(wrapped, b"abc")
+        self.assertEqual((wrapped.inner.socket.sent, wrapped.written), (b"", [b"abc"]))
+        string = StringTransport()
+        write_now(string, b"abc")
+        self.assertEqual(string.value(), b"abc")
+
+
+class WriteNowOnTwistedTCPTests(TestCase):
+    """On a real TCP connection of the reactor, ``write_now`` sends at once: nothing is
+    left in Twisted's buffers (the attributes it reads are there and mean what it thinks)."""
+
+    def test_a_real_connection_takes_the_bytes_at_once(self) -> Deferred[Any]:
+        from twisted.internet import reactor as the_reactor
+        from twisted.internet.protocol import ClientFactory, Factory, Protocol
+
+        received: Deferred[bytes] = Deferred()
+        connected: Deferred[Any] = Deferred()
+
+        class Receiver(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                if not received.called:
+                    received.callback(data)
+
+        class Sender(Protocol):
+            def connectionMade(self) -> None:
+                connected.callback(self.transport)
+
+        reactor: Any = the_reactor
+        port = reactor.listenTCP(0, Factory.forProtocol(Receiver), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = ClientFactory.forProtocol(Sender)
+        connector = reactor.connectTCP("127.0.0.1", port.getHost().port, client)
+        self.addCleanup(connector.disconnect)
+
+        def send(transport: Any) -> Deferred[bytes]:
+            write_now(transport, b"hello")
+            # Sent by the socket already: nothing buffered, no writer registered.
+            self.assertEqual((transport.dataBuffer, transport._tempDataBuffer), (b"", []))
+            self.assertNotIn(transport, reactor.getWriters())
+            return received
+
+        connected.addCallback(send)
+        connected.addCallback(self.assertEqual, b"hello")
+        return connected

@@ -332,6 +332,47 @@ class QueueTests(SynchronousTestCase):
         )
         self.assertEqual(second, first + 1)
 
+    def test_replay_deliveries_counted_then_confirmed(self) -> None:
+        self.rig.start()
+        [first, second] = self.rig.enqueue("L1", ENDPOINT, ["C1", "C2"])
+        self.rig.run_until(lambda: self.rig.delivery(second).state == outbox.DELIVERED)
+        self.failureResultOf(
+            self.operations.replay_deliveries("ann", "api", ADDRESS, "held", "why"), Invalid
+        )
+        counted = result(
+            self, self.operations.replay_deliveries("ann", "api", ADDRESS, "delivered", "why")
+        )
+        self.assertEqual(counted, {"count": 2, "replayed": 0})
+        other = self.operations.replay_deliveries("ann", "api", "other:1", "delivered", "why")
+        self.assertEqual(result(self, other)["count"], 0)
+        self.failureResultOf(
+            self.operations.replay_deliveries("ann", "api", ADDRESS, "delivered", "why", 3),
+            Conflict,
+        )
+        self.failureResultOf(
+            self.operations.replay_deliveries("ann", "api", ADDRESS, "delivered", " ", 2),
+            Invalid,
+        )
+        done = result(
+            self,
+            self.operations.replay_deliveries("ann", "api", ADDRESS, "delivered", "lost", 2),
+        )
+        self.assertEqual(done, {"count": 2, "replayed": 2})
+        self.rig.run_until(lambda: len(self.rig.peer(ENDPOINT).received_ids()) == 4)
+        self.assertEqual(self.rig.peer(ENDPOINT).received_ids(), ["C1", "C2", "C1", "C2"])
+        actions = [(r[1], r[3][:7]) for r in audit_rows(self.rig.database)]
+        self.assertEqual(
+            actions,
+            [
+                ("deliveries.replay", "refused"),
+                ("deliveries.replay", "refused"),
+                ("delivery.replay", "ok"),
+                ("delivery.replay", "ok"),
+                ("deliveries.replay", "ok"),
+            ],
+        )
+        self.assertEqual(first + 1, second)
+
     def test_backoff_reason_and_retry_now(self) -> None:
         self.rig.start()
         self.rig.peer(ENDPOINT).accepting = False
@@ -459,6 +500,47 @@ class FlowTests(SynchronousTestCase):
             ],
         )
 
+    def test_save_flow_into_an_app_and_a_new_one(self) -> None:
+        from attrs import evolve
+
+        from udsgateway import flowstore
+        from udsgateway.flows import Action, App
+
+        [app] = [
+            a
+            for a in self.gateway.database.transaction_now(flowstore.load_apps, "test")
+            if a.app_id == "APPTESTMLLP"
+        ]
+        before = [f.flow_id for f in app.flows]
+        changed = evolve(app.flows[0], name="renamed")
+        saved = result(self, self.operations.save_flow("ann", "api", app, changed))
+        self.assertEqual((saved["app_id"], saved["flow_id"]), ("APPTESTMLLP", before[0]))
+        self.assertEqual([f["flow_id"] for f in saved["app"]["flows"]], before)
+        self.assertEqual(saved["app"]["flows"][0]["name"], "renamed")
+        self.assertEqual(saved["host"], "127.0.0.1")
+        fresh = evolve(app.flows[0], flow_id="", name="brand new")
+        added = result(
+            self,
+            self.operations.save_flow("ann", "api", App(name="New app", tenant="test"), fresh),
+        )
+        self.assertTrue(added["app_id"].startswith("APP"))
+        self.assertNotEqual(added["flow_id"], before[0])
+        broken = evolve(
+            changed,
+            trigger=evolve(changed.trigger, sample="MSH|^~\\&|A|B|C|D|2024||ADT^A04|S1|P|2.5\n"),
+            actions=(
+                Action(name="a", host="h", port=1, message_type="ADT^A04", template="{% if %}"),
+            ),
+        )
+        refused = self.operations.save_flow("ann", "api", app, broken)
+        self.assertIn("template line 1", str(self.failureResultOf(refused, Invalid).value))
+        apps = result(self, self.operations.apps("ann", "api"))
+        self.assertIn("New app", [a["name"] for a in apps])
+        self.assertEqual(
+            [(r[1], r[3][:7]) for r in audit_rows(self.gateway.database)],
+            [("flow.save", "ok"), ("flow.save", "ok"), ("flow.save", "refused")],
+        )
+
     def test_variable_catalogue_of_a_pasted_sample(self) -> None:
         sample = hl7_message("V1").decode("latin-1")
         found = result(self, self.operations.variables("ann", "api", sample=sample))
@@ -494,6 +576,26 @@ class LogTests(SynchronousTestCase):
         rest = result(self, self.operations.logs("ann", "api", before_id=page["next"]))
         self.assertEqual([line["control_id"] for line in rest["lines"]], ["L1", "L0"])
         self.failureResultOf(self.operations.logs("ann", "api", limit=0), Invalid)
+
+    def test_event_filter_on_log_and_tail(self) -> None:
+        self.send("E0")
+        start = result(self, self.operations.tail("ann", "api"))
+        self.send("E1")
+        received = result(self, self.operations.logs("ann", "api", event="received"))
+        self.assertEqual([line["control_id"] for line in received["lines"]], ["E1", "E0"])
+        self.assertEqual(
+            result(self, self.operations.logs("ann", "api", event="operator")),
+            {
+                "lines": [],
+                "next": None,
+            },
+        )
+        tail = self.operations.tail("ann", "api", after_id=0, event="received", timeout=0)
+        self.assertEqual(
+            [line["control_id"] for line in result(self, tail)["lines"]], ["E0", "E1"]
+        )
+        none = self.operations.tail("ann", "api", after_id=start["last"], event="x", timeout=0)
+        self.assertEqual(result(self, none), {"lines": [], "last": start["last"]})
 
     def test_tail_waits_for_new_lines(self) -> None:
         self.send("T0")
@@ -604,7 +706,37 @@ class EndToEndTests(SynchronousTestCase):
         self.assertEqual(status["tenants"]["test"]["accepted"], 1)
         self.assertGreater(status["rates"]["minute"]["tenant.test.received"], 0)
         self.assertGreater(status["rates"]["hour"][f"destination.{address}.delivered"], 0)
+        self.assertEqual(destination["connection"], "up")
+        self.assertNotIn("last_hour", status["flows"]["FLWONE"])  # only with history
         rates.stop()
+
+        # The timeline: the message's lines of the execution log, oldest first.
+        self.assertEqual(
+            [(line["event"], line["outcome"]) for line in detail["timeline"]],
+            [("received", "accepted"), ("delivery", "delivered"), ("execution", "done")],
+        )
+        # The dashboard's history: messages routed per flow, executions per minute.
+        running.clock.advance(30)  # the execution finished 90 s ago: the minute before last
+        history = result(self, operations.status("ann", "api", history=True))
+        counted = history["flows"]["FLWONE"]
+        self.assertEqual(counted["received"], 1)
+        self.assertEqual(len(counted["last_hour"]), 60)
+        self.assertEqual(sum(counted["last_hour"]), 1)
+        self.assertEqual(counted["last_hour"][-2:], [1, 0])
+        running.clock.advance(3600)
+        later = result(self, operations.status("ann", "api", history=True))
+        self.assertEqual(sum(later["flows"]["FLWONE"]["last_hour"]), 0)
+        self.assertEqual(later["flows"]["FLWONE"]["received"], 1)
+
+        # All the content at once: one audited view.
+        content = result(self, operations.message_content("ann", "api", found["id"]))
+        self.assertIn("ZTR|E2E1", content["deliveries"][0]["outbound"])
+        self.assertIn("MSA|AA|", content["deliveries"][0]["response"])
+        self.assertIn("MSH|", content["inbound"])
+        self.assertEqual(
+            audit_rows(running.database)[-1][1:3], ("message.content", f"message {found['id']}")
+        )
+        self.failureResultOf(operations.message_content("ann", "api", 999), NotFound)
 
 
 class RenderTests(SynchronousTestCase):

@@ -141,6 +141,34 @@ class ThreadRunnerTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(third))
         self.assertEqual(order, [1, 3])
 
+    def test_results_finished_before_the_reactor_runs_cross_back_together(self) -> None:
+        # Jobs that finish while the reactor has not yet taken the previous results
+        # go back with them: one callFromThread (one waker write) for the lot, in order.
+        reactor = _CallsFromThreads()
+        runner = ThreadRunner(reactor)  # type: ignore[arg-type]
+        runner.start()
+        fired: list[object] = []
+        jobs = [runner.run(lambda n=n: n) for n in range(5)]
+        failing = runner.run(lambda: 1 // 0)
+        for job in jobs:
+            job.addCallback(fired.append)
+        failing.addErrback(lambda failure: fired.append(failure.type))
+        runner.stop()
+        self.assertEqual(len(reactor.calls), 1)
+        self.assertEqual((runner.crossings, runner.handed), (1, 0))
+        reactor.run_calls()
+        self.assertEqual(fired, [0, 1, 2, 3, 4, ZeroDivisionError])
+        self.assertEqual((runner.crossings, runner.handed), (1, 6))
+        # Once handed over, the next result crosses on its own.
+        reactor.calls.clear()
+        runner.start()
+        later = runner.run(lambda: "later")
+        runner.stop()
+        self.assertEqual(len(reactor.calls), 1)
+        reactor.run_calls()
+        self.assertEqual(self.successResultOf(later), "later")
+        self.assertEqual((runner.crossings, runner.handed), (2, 7))
+
     def test_refuses_work_when_not_running(self) -> None:
         runner = ThreadRunner(_CallsFromThreads())  # type: ignore[arg-type]
         self.failureResultOf(runner.run(int), RuntimeError)

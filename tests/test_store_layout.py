@@ -44,8 +44,9 @@ READS = {
     "messages": {"executions", "deliveries"},  # origins; retention's finished messages
     "executions": {"messages"},  # pending work and the operators' list show the message
     "logs": {"flows"},  # a log line shows its flow's App ID
-    # The message browser: a message with its executions, deliveries and log lines.
-    "search": {"messages", "executions", "deliveries", "logs", "flows"},
+    # The message browser: a message with its executions and deliveries (its log
+    # lines are read by ``logs.log_lines``, the one query of the execution log).
+    "search": {"messages", "executions", "deliveries"},
     # The operators' status: counts of executions and deliveries per flow, destination.
     "overview": {"executions", "deliveries", "flows"},
     "gauges": {"deliveries", "executions"},  # the metrics' open work

@@ -11,8 +11,9 @@ from sqlalchemy.exc import DBAPIError
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_store_contract import throwaway_schema_engine
-from udsgateway.store import audit, destinations, executions, inbound, search
+from udsgateway.store import audit, destinations, executions, inbound, logs, search
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
+from udsgateway.store.records import LogEntry
 from udsgateway.store.search import Query
 from udsgateway.testing import inbound_record
 
@@ -105,13 +106,45 @@ class OpsContract(_Base):
         [result] = self.tx(inbound.commit_inbound, [stored("R1", 100.0)])
         made = self.tx(executions.replay, [(result.message_id, "F1")], "ann", "why", 5.0)
         self.assertEqual(len(made), 1)
-        lines = self.tx(search.log_lines)
+        lines = self.tx(logs.log_lines, None, None, None, 0, 100, True)
         self.assertEqual([line.outcome for line in lines], ["replay", "accepted"])
-        self.assertEqual(self.tx(search.last_log_id), lines[0].id)
+        self.assertEqual(self.tx(logs.last_log_id), lines[0].id)
         self.assertEqual(
-            [line.outcome for line in self.tx(search.log_lines, None, ("accepted",))],
+            [line.outcome for line in self.tx(logs.log_lines, None, "accepted")],
             ["accepted"],
         )
+
+    def test_one_log_query_for_timeline_events_pages_and_charts(self) -> None:
+        """``logs.log_lines``: a message's lines (its own and its executions'), by event,
+        before an id; ``logs.per_minute`` and ``search.flow_totals`` for the dashboard."""
+        [one, _two] = self.tx(inbound.commit_inbound, [stored("T1", 1000.0), stored("T2", 1100.0)])
+        [run] = self.tx(executions.replay, [(one.message_id, "F1")], "ann", "why", 1200.0)
+        operator_line = LogEntry(at=1300.0, event="operator", outcome="skip", execution_id=run)
+        self.tx(logs.insert_logs, [operator_line])
+        mine = self.tx(lambda c: logs.log_lines(c, message_id=one.message_id, execution_ids=[run]))
+        self.assertEqual(
+            [(line.event, line.outcome) for line in mine],
+            [("received", "accepted"), ("execution", "replay"), ("operator", "skip")],
+        )
+        self.assertEqual(mine[-1].execution_id, run)
+        self.assertEqual(mine[0].message_id, one.message_id)
+        self.assertEqual(mine[0].tenant, "t")
+        own = self.tx(lambda c: logs.log_lines(c, message_id=one.message_id))
+        self.assertEqual([line.outcome for line in own], ["accepted", "replay"])
+        received = self.tx(lambda c: logs.log_lines(c, event="received", newest_first=True))
+        self.assertEqual([line.control_id for line in received], ["T2", "T1"])
+        older = self.tx(lambda c: logs.log_lines(c, before_id=received[0].id))
+        self.assertEqual(older[-1].id, received[1].id)
+        self.assertEqual(self.tx(search.flow_totals), {"F1": 2})
+        execution_line = LogEntry(at=1250.0, event="execution", outcome="done", flow_id="F1")
+        self.tx(logs.insert_logs, [execution_line, execution_line])
+        late = LogEntry(at=1299.0, event="execution", outcome="done", flow_id="F2")
+        self.tx(logs.insert_logs, [late])
+        series = self.tx(logs.per_minute, "execution", 1200.0, 3)
+        self.assertEqual(series, {"F1": [3, 0, 0], "F2": [0, 1, 0]})  # the replay too
+        self.assertEqual(self.tx(logs.per_minute, "execution", 1260.0, 2), {"F2": [1, 0]})
+        self.assertEqual(self.tx(logs.per_minute, "received", 1200.0, 3), {})
+        self.assertEqual(self.tx(logs.per_minute, "received", 990.0, 3)["F1"], [1, 1, 0])
 
     def test_a_read_does_not_hold_up_the_writer(self) -> None:
         """While a read (read_now) is open, a commit in the database's own thread goes

@@ -65,6 +65,8 @@ class Limits:
     #: Frames one connection gets answered in one reactor turn before it
     #: yields to the others.
     frames_per_turn: int = 16
+    #: Seconds a connection to a ``haproxy:`` listener has to send its PROXY header.
+    proxy_header_timeout: float = 10.0
 
 
 @frozen
@@ -100,6 +102,9 @@ class TenantConfig:
     default_charset: str = "8859/1"
     lenient_fs: bool = False
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    #: Behind the PROXY protocol (``listen = "haproxy:..."``): the load balancers'
+    #: addresses; a connection from anywhere else is closed. Empty: any.
+    proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     limits: Limits = field(factory=Limits)
     tcp: PlainTCP = field(factory=PlainTCP)
     tls: ListenerTLS = field(factory=ListenerTLS)
@@ -234,15 +239,44 @@ def _read_tcp(reader: TableReader, table: dict[str, Any]) -> PlainTCP:
 
 
 def _read_networks(
-    reader: TableReader, table: dict[str, Any]
+    reader: TableReader, table: dict[str, Any], key: str = "allow"
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     networks = []
-    for text in reader.strings(table, "allow", ()):
+    for text in reader.strings(table, key, ()):
         try:
             networks.append(ipaddress.ip_network(text, strict=False))
         except ValueError:
-            reader.problem("allow", f"not an address or network: {text!r}")
+            reader.problem(key, f"not an address or network: {text!r}")
     return tuple(networks)
+
+
+#: The endpoint-string prefix of a listener behind the PROXY protocol (HAProxy).
+PROXY_PREFIX = "haproxy:"
+
+
+def proxied_endpoint(listen: str) -> str:
+    """The endpoint under ``haproxy:`` of a listener behind the PROXY protocol, else ""."""
+    return listen[len(PROXY_PREFIX) :] if listen.startswith(PROXY_PREFIX) else ""
+
+
+def proxy_endpoint_problem(listen: str) -> str:
+    """Why a ``haproxy:`` listen string is refused; "" when it is usable (or not haproxy)."""
+    if not listen.startswith(PROXY_PREFIX):
+        return ""
+    from twisted.internet.endpoints import _parse
+
+    inner = proxied_endpoint(listen)
+    try:
+        args, _ = _parse(inner)
+    except Exception:  # a trailing backslash ends the tokenizer with RuntimeError
+        return "the endpoint after 'haproxy:' cannot be parsed"
+    kind = args[0] if args and args[0] else ""
+    if kind not in ("tcp", "tcp6", "unix"):
+        return (
+            "the endpoint after 'haproxy:' must be tcp, tcp6 or unix "
+            f"(e.g. 'haproxy:tcp:port=2575'), not {kind!r}; for TLS use [tenants.tls]"
+        )
+    return ""
 
 
 def _read_tls(reader: TableReader, table: dict[str, Any], base_dir: Path) -> ListenerTLS:
@@ -281,6 +315,7 @@ _TENANT_KEYS = {
     "default_charset",
     "lenient_fs",
     "allow",
+    "proxies",
     "limits",
     "tcp",
     "tls",
@@ -295,6 +330,12 @@ def _read_tenant(reader: TableReader, table: dict[str, Any], base_dir: Path) -> 
     listen = reader.get(table, "listen", str, "")
     if not listen:
         reader.problem("listen", "required, e.g. 'tcp:port=2575:interface=127.0.0.1'")
+    problem = proxy_endpoint_problem(listen)
+    if problem:
+        reader.problem("listen", problem)
+    proxies = _read_networks(reader, table, "proxies")
+    if proxies and not proxied_endpoint(listen):
+        reader.problem("proxies", "used only behind the PROXY protocol (listen = 'haproxy:...')")
     charset = reader.get(table, "default_charset", str, "8859/1")
     if codec_for(charset, "") is None:
         reader.problem("default_charset", f"unknown HL7 character set {charset!r}")
@@ -318,6 +359,7 @@ def _read_tenant(reader: TableReader, table: dict[str, Any], base_dir: Path) -> 
         default_charset=charset,
         lenient_fs=reader.get(table, "lenient_fs", bool, False),
         allow=_read_networks(reader, table),
+        proxies=proxies,
         limits=limits,
         tcp=tcp,
         tls=tls,

@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -118,22 +118,30 @@ class MutualTLSTests(TestCase):
         tenant = TenantConfig(name="test", listen="tcp:0", tls=tls)
         # Timers run on the harness's fake clock; the bytes go over real TLS sockets.
         self.gateway = Gateway(tenant=tenant)
-        factory = TLSListenerFactory(server_options(tls), False, self.gateway.factory)
+        factory = self._factory(
+            TLSListenerFactory(server_options(tls), False, self.gateway.factory)
+        )
         listening = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
         return listening.addCallback(self._listening)
+
+    def _factory(self, tls: TLSListenerFactory) -> Any:
+        return tls
 
     def _listening(self, port: Any) -> None:
         self.addCleanup(port.stopListening)
         self.port: int = port.getHost().port
 
-    def _connect(self, with_certificate: bool) -> Deferred[bytes]:
+    def _options(self, with_certificate: bool) -> Any:
         authority = ssl.Certificate.loadPEM(_pem(self.ca))
         client = (
             ssl.PrivateCertificate.loadPEM(_pem(self.client) + _key_pem(self.client_key))
             if with_certificate
             else None
         )
-        options = ssl.optionsForClientTLS("localhost", authority, client)
+        return ssl.optionsForClientTLS("localhost", authority, client)
+
+    def _connect(self, with_certificate: bool) -> Deferred[bytes]:
+        options = self._options(with_certificate)
         endpoint = SSL4ClientEndpoint(reactor, "127.0.0.1", self.port, options, timeout=5)
         collect = _Collect()
         self.collect = collect
@@ -172,6 +180,50 @@ class MutualTLSTests(TestCase):
             self.assertEqual(self.gateway.messages(), [])
 
         return self._connect(with_certificate=False).addCallback(check)
+
+
+class _ProxiedCollect(_Collect):
+    """A sender through a load balancer: the PROXY header in clear, then TLS."""
+
+    def __init__(self, options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(b"PROXY TCP4 192.0.2.77 10.0.0.1 41000 2575\r\n")
+        self.transport.startTLS(self.options)  # type: ignore[attr-defined]
+
+
+class ProxiedMutualTLSTests(MutualTLSTests):
+    """The same TLS listener behind the PROXY protocol (``haproxy:`` in front of
+    [tenants.tls]): the header is read first, then the handshake; the stored
+    peer is the sender named by the header."""
+
+    def _factory(self, tls: TLSListenerFactory) -> Any:
+        return self.gateway.factory.behind_proxy(tls)
+
+    def _connect(self, with_certificate: bool) -> Deferred[bytes]:
+        endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", self.port, timeout=5)
+        collect = _ProxiedCollect(self._options(with_certificate))
+        self.collect = collect
+
+        def connected(protocol: Any) -> Deferred[bytes]:
+            protocol.transport.write(mllp(MESSAGE))
+            collect.done.addTimeout(10, reactor)
+            return collect.done
+
+        return endpoint.connect(Factory.forProtocol(lambda: collect)).addCallback(connected)
+
+    def test_sender_address_from_the_header(self) -> Deferred[None]:
+        def check(data: bytes) -> Deferred[None]:
+            self.assertIn(b"MSA|AA|TLS00001", data)
+            [stored] = self.gateway.messages()
+            self.assertEqual(stored.peer, "192.0.2.77")
+            self.collect.transport.loseConnection()  # type: ignore[union-attr]
+            return self.collect.lost
+
+        return self._connect(with_certificate=True).addCallback(check)
 
 
 class HandshakeTimeoutTests(SynchronousTestCase):

@@ -147,6 +147,11 @@ _DESTINATION_STATUS: dict[str, Any] = {
         "paused": {"type": "boolean"},
         "paused_by": {"nullable": True, "description": "who paused it; null: not paused"},
         "connected": {"type": "boolean"},
+        "connection": {
+            "type": "string",
+            "description": "up (a connection is open), down (the last connect failed), "
+            "idle (none needed now), unknown (no running gateway)",
+        },
         "last_error": {"type": "string"},
         "delivered_since_start": {"type": "integer"},
         "attempts_since_start": _counts(
@@ -155,7 +160,15 @@ _DESTINATION_STATUS: dict[str, Any] = {
         ),
         "rates": _rates("delivered and attempts per second"),
     },
-    "required": ["queued", "held", "paused", "connected", "attempts_since_start", "rates"],
+    "required": [
+        "queued",
+        "held",
+        "paused",
+        "connected",
+        "connection",
+        "attempts_since_start",
+        "rates",
+    ],
 }
 #: The answer of GET /api/v1/status (the OpenAPI document; a test checks answers by it).
 STATUS_RESPONSE: dict[str, Any] = {

@@ -32,6 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from udsgateway.cluster.singleton import GAUGES, JOBS, Singletons
+from udsgateway.config import proxied_endpoint
 from udsgateway.interfaces import FencedError
 from udsgateway.outbound.errors import ATTEMPT_OUTCOMES
 from udsgateway.store import gauges
@@ -67,6 +68,10 @@ EXECUTION_OUTCOMES = ("routed", "done", "failed", "held")
 #: Outcomes of a flow's action (``udsgw_actions_total``).
 ACTION_OUTCOMES = ("rendered", "failed", "held")
 #: Every label whose values come from a fixed list, with that list.
+#: Why a connection to a ``haproxy:`` listener was closed before the listener saw it
+#: (the counters of ``wire.proxy.ProxyStats``).
+PROXY_REASONS = ("bad_headers", "header_timeouts", "not_from_proxy", "too_many_pending")
+
 LABEL_ENUMS: dict[str, tuple[str, ...]] = {
     "outcome": tuple(
         dict.fromkeys(
@@ -85,6 +90,7 @@ LABEL_ENUMS: dict[str, tuple[str, ...]] = {
     "framing": ("mllp", "tcp"),
     "transition": TRANSITIONS,
     "job": JOBS,
+    "reason": PROXY_REASONS,
     # Histogram buckets: fixed bounds.
     "le": (
         *sorted({repr(float(bound)) for bound in COMMIT_BUCKETS + DELIVERY_BUCKETS}, key=float),
@@ -143,12 +149,21 @@ class GatewayCollector(Collector):
         rejects = CounterMetricFamily(
             "udsgw_rejections", "Messages rejected, by HL7 error code", labels=["listener", "code"]
         )
+        proxy_refused = CounterMetricFamily(
+            "udsgw_inbound_proxy_refused_connections",
+            "Connections to a listener behind the PROXY protocol closed before the listener "
+            "saw them, by reason",
+            labels=["listener", "reason"],
+        )
         for name, factory in gateway.factories.items():
             listener = factory.stats
             ingest = gateway.ingests[name].stats
             open_now.add_metric([name], listener.open_connections)
             connections.add_metric([name], listener.connections)
             refused.add_metric([name], listener.refused)
+            if proxied_endpoint(factory.tenant.listen):
+                for reason in PROXY_REASONS:
+                    proxy_refused.add_metric([name, reason], getattr(listener.proxy, reason))
             messages.add_metric([name, "stored"], ingest.stored)
             messages.add_metric([name, "duplicate"], ingest.replayed)
             messages.add_metric([name, "unreadable"], ingest.unreadable)
@@ -164,7 +179,8 @@ class GatewayCollector(Collector):
         )
         for name, factory in gateway.factories.items():
             latency.add_metric([name], *_buckets(factory.stats.ack_latency))
-        yield from (open_now, connections, refused, messages, acks, rejects, latency)
+        yield from (open_now, connections, refused, proxy_refused, messages, acks, rejects)
+        yield latency
 
     def _outbound(self, gateway: Any) -> Iterable[Any]:
         executor = gateway.executor

@@ -44,6 +44,7 @@ from udsgateway.store import (
     destinations,
     executions,
     leases,
+    logs,
     operator,
     outbox,
     overview,
@@ -51,6 +52,7 @@ from udsgateway.store import (
 )
 from udsgateway.store.engine import Database
 from udsgateway.store.reads import read_now
+from udsgateway.store.records import LogLine
 
 T = TypeVar("T")
 
@@ -153,6 +155,16 @@ class Rates:
         }
 
 
+def listening_addresses(service: Any) -> dict[str, tuple[str, int]]:
+    """tenant -> (host, port) its listener opened (a configured port 0: the one chosen)."""
+    found = {}
+    for name, listener in (getattr(service, "listeners", None) or {}).items():
+        host = getattr(listener, "address", None)
+        if host is not None:
+            found[name] = (str(getattr(host, "host", "")), int(getattr(host, "port", 0)))
+    return found
+
+
 # -- the facade
 
 
@@ -190,15 +202,6 @@ class Operations:
     @classmethod
     def for_service(cls, service: Any, reactor: Any, wall: Callable[[], float]) -> Operations:
         """The facade over a GatewayService (its database, dispatcher, executor, ingests)."""
-
-        def addresses() -> dict[str, tuple[str, int]]:
-            found = {}
-            for name, listener in getattr(service, "listeners", {}).items():
-                host = listener.address
-                if host is not None:
-                    found[name] = (str(getattr(host, "host", "")), int(getattr(host, "port", 0)))
-            return found
-
         operations = cls(
             service.database,
             reactor,
@@ -207,7 +210,7 @@ class Operations:
             executor=service.executor,
             ingests=service.ingests,
             listeners=getattr(service, "factories", {}),
-            addresses=addresses,
+            addresses=lambda: listening_addresses(service),
             tenants={tenant.name: tenant for tenant in service.config.tenants},
             reload_flows=getattr(service, "reload_flows", None),
             lease_manager=lambda: getattr(service, "leases", None),
@@ -334,17 +337,20 @@ class Operations:
                     entry[outcome] += counts.get(outcome, 0)
         return flows
 
-    def status(self, actor: str, via: str) -> Deferred[dict[str, Any]]:
+    def status(self, actor: str, via: str, history: bool = False) -> Deferred[dict[str, Any]]:
         """Per tenant (connections, received, accepted, duplicates, rejected by code), per
         flow (routed, executions by state), per destination (queued, held, delivered,
-        attempts, oldest pending age, connection up/down, paused), and rates over the last
-        minute and hour. Counts in ``tenants`` are since the process started; flow and
-        destination counts are from the database."""
+        attempts, oldest pending age, connection up/down/idle, paused), and rates over the
+        last minute and hour. Counts in ``tenants`` are since the process started; flow and
+        destination counts are from the database. ``history`` (the console's dashboard)
+        adds per flow ``received`` (messages routed to it) and ``last_hour`` (executions
+        finished in each of the last 60 minutes, oldest first), and the destinations of
+        every stored flow (also those without deliveries yet)."""
         try:
             self._check(actor, via)
         except OperationsError:
             return fail()
-        done = self._read(_status_rows, self.wall())
+        done = self._read(_status_rows, self.wall(), history)
         done.addCallback(self._status)
         return done
 
@@ -368,14 +374,19 @@ class Operations:
         if self.dispatcher is not None:
             for destination in self.dispatcher.destinations.values():
                 address = destinations.address_of(destination.endpoint)
-                entry = live.setdefault(address, {"connected": False, "last_error": ""})
+                entry = live.setdefault(
+                    address, {"connected": False, "down": False, "last_error": ""}
+                )
                 entry["connected"] = entry["connected"] or destination.connected
+                entry["down"] = entry["down"] or bool(getattr(destination, "down", False))
                 entry["last_error"] = entry["last_error"] or destination.last_error
         sent = dict(getattr(self.dispatcher, "sent", {}) or {})
         tried = dict(getattr(self.dispatcher, "attempts", {}) or {})
         for address, entry in stored["destinations"].items():
-            entry["connected"] = live.get(address, {}).get("connected", False)
-            entry["last_error"] = live.get(address, {}).get("last_error", "")
+            state = live.get(address, {})
+            entry["connected"] = state.get("connected", False)
+            entry["connection"] = _connection(state, self.dispatcher is not None)
+            entry["last_error"] = state.get("last_error", "")
             entry["delivered_since_start"] = sent.get(address, 0)
             entry["attempts_since_start"] = dict(sorted(tried.get(address, {}).items()))
         rates: dict[str, Any] = {"minute": {}, "hour": {}}
@@ -565,29 +576,7 @@ class Operations:
                 raise NotFound(f"no delivery {delivery_id}")
             if label == "retry" and current.state != outbox.QUEUED:
                 raise Conflict(f"delivery {delivery_id} is {current.state}, not queued")
-            control_id = None
-            if operator.needs_control_id(current, action, None):
-                # Stored without an MSH-10 (an older version): read it from the payload.
-                header = parse_header(current.payload, default_charset="latin-1")
-                if isinstance(header, HeaderProblem) or not header.control_id:
-                    raise Conflict(f"the message of delivery {delivery_id} has no MSH-10")
-                control_id = header.control_id
-            try:
-                return operator.delivery_action(
-                    connection,
-                    delivery_id,
-                    action,
-                    actor,
-                    reason,
-                    self.wall(),
-                    None,
-                    control_id,
-                    via,
-                )
-            except LookupError as error:
-                raise NotFound(str(error)) from None
-            except ValueError as error:
-                raise Conflict(str(error)) from None
+            return self._act(connection, current, action, actor, via, reason)
 
         try:
             self._check(actor, via)
@@ -619,6 +608,94 @@ class Operations:
             return self._read(lambda connection: self._described(connection, [row])[0])
 
         done.addCallback(acted)
+        return done
+
+    def _act(
+        self,
+        connection: Connection,
+        current: outbox.Delivery,
+        action: str,
+        actor: str,
+        via: str,
+        reason: str,
+    ) -> outbox.Delivery:
+        """``store.operator.delivery_action`` on a delivery (audited there); the MSH-10
+        read from its payload when it was stored without one (an older version)."""
+        control_id = None
+        if operator.needs_control_id(current, action, None):
+            header = parse_header(current.payload, default_charset="latin-1")
+            if isinstance(header, HeaderProblem) or not header.control_id:
+                raise Conflict(f"the message of delivery {current.id} has no MSH-10")
+            control_id = header.control_id
+        try:
+            return operator.delivery_action(
+                connection, current.id, action, actor, reason, self.wall(), None, control_id, via
+            )
+        except LookupError as error:
+            raise NotFound(str(error)) from None
+        except ValueError as error:
+            raise Conflict(str(error)) from None
+
+    #: The states ``replay_deliveries`` sends again.
+    REPLAYABLE: ClassVar[tuple[str, ...]] = (outbox.SKIPPED, outbox.DELIVERED)
+
+    def replay_deliveries(
+        self,
+        actor: str,
+        via: str,
+        destination: str,
+        state: str,
+        reason: str,
+        confirm_count: int | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """Send again every ``state`` (skipped or delivered) delivery of a destination
+        (``host:port``), oldest first, each before what is queued after it in its lane.
+
+        Without ``confirm_count`` nothing runs: the answer is ``{"count": n}``. With
+        ``confirm_count=n``: Conflict (nothing runs) if the set no longer has n
+        deliveries, else they are replayed. At most 10,000 at a time."""
+        address = destination.strip()
+
+        def matching(connection: Connection) -> list[outbox.Delivery]:
+            if not address:
+                raise Invalid("destination: required (host:port)")
+            if state not in self.REPLAYABLE:
+                raise Invalid(f"state: expected one of {', '.join(self.REPLAYABLE)}")
+            rows = overview.deliveries_page(connection, (state,), address, None, 10_001)
+            rows = [r for r in rows if destinations.address_of(r.destination) == address]
+            if len(rows) > 10_000:
+                raise Invalid("more than 10,000 deliveries match: replay them in parts")
+            return rows
+
+        if confirm_count is None:
+            try:
+                self._check(actor, via)
+            except OperationsError:
+                return fail()
+            counted: Deferred[Any] = self._read(matching)
+            counted.addCallback(lambda rows: {"count": len(rows), "replayed": 0})
+            return counted
+
+        def work(connection: Connection) -> dict[str, Any]:
+            if not reason.strip():
+                raise Invalid("reason: required")
+            rows = matching(connection)
+            if len(rows) != confirm_count:
+                raise Conflict(f"{len(rows)} deliveries match now, not {confirm_count}")
+            lanes = [self._act(connection, row, "replay", actor, via, reason).lane for row in rows]
+            return {"count": len(rows), "replayed": len(rows), "lanes": lanes}
+
+        target = f"destination {address} {state}"
+        done = self._audited(actor, via, "deliveries.replay", target, reason, work)
+
+        def woken(result: dict[str, Any]) -> dict[str, Any]:
+            lanes = result.pop("lanes")
+            if self.dispatcher is not None:
+                for lane in dict.fromkeys(lanes):
+                    self.dispatcher.operator_acted(lane)
+            return result
+
+        done.addCallback(woken)
         return done
 
     def release_execution(
@@ -771,7 +848,9 @@ class Operations:
 
     def message(self, actor: str, via: str, message_id: int) -> Deferred[dict[str, Any]]:
         """A message's metadata, the ACK code sent, its executions, its deliveries (with
-        why each waits) and their attempts. No content: see ``content``."""
+        why each waits) and their attempts, and its ``timeline``: its lines of the
+        execution log, oldest first (received, each step, each attempt, operators'
+        actions). No content: see ``content``."""
         try:
             self._check(actor, via)
         except OperationsError:
@@ -783,15 +862,23 @@ class Operations:
                 raise NotFound(f"no message {message_id}")
             rows = [outbox.get_delivery(connection, a.id) for a in found.deliveries]
             views = self._described(connection, [r for r in rows if r is not None])
+            lines = logs.log_lines(
+                connection,
+                limit=10_000,
+                message_id=message_id,
+                execution_ids=[e.id for e in found.executions],
+            )
             attempts: dict[tuple[int, int], list[dict[str, Any]]] = {}
-            for execution_id, step, attempt, outcome, code, why, at in found.attempts:
-                attempts.setdefault((execution_id, step), []).append(
+            for line in lines:
+                if line.event != "delivery" or line.execution_id is None:
+                    continue
+                attempts.setdefault((line.execution_id, line.step or 0), []).append(
                     {
-                        "attempt": attempt,
-                        "outcome": outcome,
-                        "ack": code,
-                        "reason": why,
-                        "at": _iso(at),
+                        "attempt": line.attempt or 0,
+                        "outcome": line.outcome,
+                        "ack": line.ack_code,
+                        "reason": line.reason,
+                        "at": _iso(line.at),
                     }
                 )
             for view, item in zip(views, found.deliveries, strict=True):
@@ -811,6 +898,7 @@ class Operations:
                     for e in found.executions
                 ],
                 "deliveries": views,
+                "timeline": [_log_view(line) for line in lines],
             }
 
         return self._read(work)
@@ -861,6 +949,38 @@ class Operations:
             }
 
         return self._audited(actor, via, f"content.{part}", target, "", work)
+
+    def message_content(self, actor: str, via: str, message_id: int) -> Deferred[dict[str, Any]]:
+        """All the content of a message at once, audited as one view
+        (``message.content``): ``inbound`` (as received), ``ack`` (as sent), and per
+        delivery its ``outbound`` message and the destination's ``response`` (text,
+        segments on lines; None where there is none)."""
+
+        def work(connection: Connection) -> dict[str, Any]:
+            found = search.content(connection, message_id)
+            detail = search.detail(connection, message_id)
+            if found is None or detail is None:
+                raise NotFound(f"no message {message_id}")
+            deliveries = []
+            for item in detail.deliveries:
+                sent = search.delivery_content(connection, item.id)
+                if sent is not None:
+                    deliveries.append(
+                        {
+                            "id": item.id,
+                            "step": item.step,
+                            "outbound": _text(sent[1]),
+                            "response": _text(sent[2]),
+                        }
+                    )
+            return {
+                "message_id": message_id,
+                "inbound": _text(found[0]),
+                "ack": _text(found[1]),
+                "deliveries": deliveries,
+            }
+
+        return self._audited(actor, via, "message.content", f"message {message_id}", "", work)
 
     # -- flows
 
@@ -998,6 +1118,101 @@ class Operations:
             raise NotFound(f"no app {app_id}")
 
         return self._read(work)
+
+    def apps(
+        self, actor: str, via: str, tenant: str | None = None
+    ) -> Deferred[list[dict[str, Any]]]:
+        """Every app as its flow file has it (its flows with trigger, sample and actions),
+        with the Host and Port its senders connect to."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+        done: Deferred[Any] = self._read(flowstore.load_apps, tenant)
+        done.addCallback(lambda apps: [self._app_view(app) for app in apps])
+        return done
+
+    def _app_view(self, app: App) -> dict[str, Any]:
+        host, port = self._address(app.tenant)
+        return {**app_document(app), "host": host, "port": port}
+
+    def save_flow(self, actor: str, via: str, app: App, flow: Flow) -> Deferred[dict[str, Any]]:
+        """Save one flow (the console's editor): into the stored app ``app.app_id`` (its
+        other flows kept), or a new app (no App ID); the flow replaces the one of its
+        Flow ID, or is added (none). The checks of ``flows import`` (Invalid with every
+        problem). Answers Host, Port, App ID, Flow ID and the saved ``app``; the
+        running gateway routes by it as soon as this answers."""
+
+        def work(connection: Connection) -> tuple[App, Flow]:
+            stored = {a.app_id: a for a in flowstore.load_apps(connection, None)}
+            base = stored.get(app.app_id, evolve(app, flows=())) if app.app_id else app
+            if base.tenant != app.tenant and app.app_id:
+                raise Conflict(f"app {app.app_id} belongs to tenant {base.tenant}")
+            flows = list(base.flows) if app.app_id else []
+            places = [i for i, f in enumerate(flows) if flow.flow_id and f.flow_id == flow.flow_id]
+            if places:
+                flows[places[0]] = flow
+            else:
+                flows.append(flow)
+            merged = evolve(base, flows=tuple(flows))
+            if self.tenants and merged.tenant not in self.tenants:
+                raise Invalid(f"tenant: {merged.tenant!r} is not configured")
+            problems = template_problems(f"app {merged.app_id or merged.name}", merged)
+            if problems:
+                raise Invalid("; ".join(problems))
+            try:
+                saved = flowstore.save_app(connection, merged, self.wall())
+            except ValueError as error:
+                raise Conflict(str(error)) from None
+            index = places[0] if places else len(flows) - 1
+            return saved, saved.flows[index]
+
+        target = f"flow {flow.flow_id or '(new)'} app {app.app_id or '(new)'}"
+        done: Deferred[Any] = self._audited(actor, via, "flow.save", target, "", work)
+        done.addCallback(self._reloaded)
+
+        def answer(found: tuple[App, Flow]) -> dict[str, Any]:
+            saved, saved_flow = found
+            view = self._app_view(saved)
+            return {
+                "host": view["host"],
+                "port": view["port"],
+                "app_id": saved.app_id,
+                "flow_id": saved_flow.flow_id,
+                "app": view,
+            }
+
+        done.addCallback(answer)
+        return done
+
+    def preview(
+        self,
+        actor: str,
+        via: str,
+        app: App,
+        flow: Flow,
+        step: int,
+        responses: Mapping[str, str] | None = None,
+    ) -> Deferred[dict[str, Any]]:
+        """Render action ``step`` of a flow that is not saved (the editor's preview)
+        against its sample, with fake ``responses`` of earlier actions, exactly as
+        ``render`` renders a saved one. Invalid with the reason."""
+        try:
+            self._check(actor, via)
+            return succeed(self._render(app, flow, str(step), None, responses or {}))
+        except OperationsError:
+            return fail()
+
+    def note(
+        self, actor: str, via: str, action: str, target: str, reason: str = "", result: str = "ok"
+    ) -> Deferred[int]:
+        """Write one row of the audit trail for what happened outside the facade (a
+        login, an export handed to a browser); its id."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+        return self._run(audit.append, actor, action, target, self.wall(), reason, result, via)
 
     def set_flow_enabled(
         self, actor: str, via: str, flow_id: str, enabled: bool, reason: str = ""
@@ -1152,19 +1367,21 @@ class Operations:
         since: float | None = None,
         before_id: int | None = None,
         limit: int = 100,
+        event: str | None = None,
     ) -> Deferred[dict[str, Any]]:
         """The execution log, newest first, with the filters of ``udsgateway logs``:
         flow, status (failed, held, ok = delivered, or any outcome), since (epoch
-        seconds); ``next`` pages on (``before_id``). No message content."""
+        seconds), event (received, delivery, execution, operator); ``next`` pages on
+        (``before_id``). No message content."""
         try:
             self._check(actor, via)
-            outcomes = self._outcomes(status)
+            outcome = self._outcome(status)
             if not 1 <= limit <= 1000:
                 raise Invalid("limit: between 1 and 1000")
         except OperationsError:
             return fail()
         done: Deferred[Any] = self._read(
-            search.log_lines, flow_id, outcomes, since, 0, before_id, limit, True
+            _log_lines, flow_id, outcome, since, 0, limit, True, before_id, event or None
         )
         done.addCallback(
             lambda rows: {
@@ -1174,13 +1391,13 @@ class Operations:
         )
         return done
 
-    def _outcomes(self, status: str | None) -> tuple[str, ...]:
+    def _outcome(self, status: str | None) -> str | None:
         if status is None:
-            return ()
+            return None
         value = status.strip().lower()
         if not value:
             raise Invalid("status: empty")
-        return (self.STATUS_ALIASES.get(value, value),)
+        return self.STATUS_ALIASES.get(value, value)
 
     def tail(
         self,
@@ -1191,37 +1408,41 @@ class Operations:
         status: str | None = None,
         timeout: float = 25.0,
         poll: float = 1.0,
+        event: str | None = None,
     ) -> Deferred[dict[str, Any]]:
         """A long poll for the live tail: the log lines after ``after_id`` (oldest first,
         at most 500), as soon as there are any, else an empty list after ``timeout``
         seconds. ``after_id`` None: starts from the newest line (the answer is empty,
         with ``last`` to pass next time). The database is read every ``poll`` seconds
-        (on the reactor's clock, off its thread)."""
+        (on the reactor's clock, off its thread); ``timeout`` 0 answers at once."""
         try:
             self._check(actor, via)
-            outcomes = self._outcomes(status)
+            outcome = self._outcome(status)
             if not 0 <= timeout <= 120:
                 raise Invalid("timeout: between 0 and 120 seconds")
         except OperationsError:
             return fail()
         if after_id is None:
-            done: Deferred[Any] = self._read(search.last_log_id)
+            done: Deferred[Any] = self._read(logs.last_log_id)
             done.addCallback(lambda last: {"lines": [], "last": last})
             return done
-        return Deferred.fromCoroutine(self._tail(after_id, flow_id, outcomes, timeout, poll))
+        return Deferred.fromCoroutine(
+            self._tail(after_id, flow_id, outcome, event or None, timeout, poll)
+        )
 
     async def _tail(
         self,
         after_id: int,
         flow_id: str | None,
-        outcomes: tuple[str, ...],
+        outcome: str | None,
+        event: str | None,
         timeout: float,
         poll: float,
     ) -> dict[str, Any]:
         deadline = self.clock.seconds() + timeout
         while True:
             rows = await self._read(
-                search.log_lines, flow_id, outcomes, None, after_id, None, 500, False
+                _log_lines, flow_id, outcome, None, after_id, 500, False, None, event
             )
             if rows or self.clock.seconds() >= deadline:
                 last = rows[-1].id if rows else after_id
@@ -1308,7 +1529,41 @@ async def _value(result: T) -> T:
     return result
 
 
-def _log_view(row: search.LogLine) -> dict[str, Any]:
+def _log_lines(
+    connection: Connection,
+    flow_id: str | None,
+    outcome: str | None,
+    since: float | None,
+    after_id: int,
+    limit: int,
+    newest_first: bool,
+    before_id: int | None,
+    event: str | None,
+) -> list[LogLine]:
+    return logs.log_lines(
+        connection,
+        flow_id,
+        outcome,
+        since,
+        after_id,
+        limit,
+        newest_first,
+        before_id=before_id,
+        event=event,
+    )
+
+
+def _connection(state: Mapping[str, Any], live: bool) -> str:
+    """up (a connection is open), down (its connects fail), idle (none needed now),
+    unknown (no running dispatcher: the command line)."""
+    if not live:
+        return "unknown"
+    if state.get("connected"):
+        return "up"
+    return "down" if state.get("down") else "idle"
+
+
+def _log_view(row: LogLine) -> dict[str, Any]:
     return {
         "id": row.id,
         "at": _iso(row.at),
@@ -1412,9 +1667,9 @@ def _rates_of(rates: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str
     }
 
 
-def _status_rows(connection: Connection, now: float) -> dict[str, Any]:
+def _status_rows(connection: Connection, now: float, history: bool = False) -> dict[str, Any]:
     """Flow and destination counts from the database (a read, off the database thread)."""
-    flows = {
+    flows: dict[str, dict[str, Any]] = {
         row.flow_id: {
             "app_id": row.app_id,
             "tenant": row.tenant,
@@ -1425,6 +1680,18 @@ def _status_rows(connection: Connection, now: float) -> dict[str, Any]:
         }
         for row in overview.flow_counts(connection)
     }
+    if history:
+        received = search.flow_totals(connection)
+        series = logs.per_minute(connection, "execution", now - 3600.0, 60)
+        for flow_id in set(received) | set(series):
+            entry = flows.setdefault(
+                flow_id,
+                {"app_id": "", "tenant": "", "name": "", "enabled": False, "routed": 0},
+            )
+            entry.setdefault("executions", {})
+        for flow_id, entry in flows.items():
+            entry["received"] = received.get(flow_id, 0)
+            entry["last_hour"] = series.get(flow_id, [0] * 60)
     found: dict[str, dict[str, Any]] = {}
     pauses = destinations.pauses(connection)
 
@@ -1454,6 +1721,12 @@ def _status_rows(connection: Connection, now: float) -> dict[str, Any]:
                 entry["oldest_pending_age"] = age
     for address in pauses:
         entry_of(address)
+    if history:
+        # Every destination of a stored flow, also before its first delivery.
+        for app in flowstore.load_apps(connection, None):
+            for flow in app.flows:
+                for action in flow.actions:
+                    entry_of(destinations.address_of(action.endpoint))
     return {"flows": flows, "destinations": found}
 
 

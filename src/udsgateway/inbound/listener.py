@@ -11,6 +11,7 @@ handshake) and every buffer a bound.
 from __future__ import annotations
 
 import ipaddress
+from typing import Any
 
 from attrs import define, field
 from twisted.internet.interfaces import (
@@ -27,8 +28,15 @@ from zope.interface import implementer
 from udsgateway.config import TenantConfig
 from udsgateway.inbound.ingest import Answer, ApplicationAck, Ingest
 from udsgateway.store.engine import Durations
-from udsgateway.wire.framed import ByteBudget, ConnectionLimits, FramedServerProtocol, failure_site
+from udsgateway.wire.framed import (
+    ByteBudget,
+    ConnectionLimits,
+    FramedServerProtocol,
+    failure_site,
+    write_now,
+)
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, OversizedFrame, PlainTCPFramer
+from udsgateway.wire.proxy import ProxyListenerFactory, ProxyStats
 
 log = Logger()
 
@@ -95,6 +103,8 @@ class ListenerStats:
     tcp_connections: int = 0
     #: Seconds from a frame taken for processing to its ACK written (commit included).
     ack_latency: Durations = field(factory=Durations)
+    #: Behind the PROXY protocol: headers read, refused, timed out (``wire/proxy.py``).
+    proxy: ProxyStats = field(factory=ProxyStats)
 
 
 @implementer(IHandshakeListener)
@@ -274,7 +284,7 @@ class InboundProtocol(FramedServerProtocol):
         elif self._closing or self._framer is None or self.transport is None:
             self._factory.ingest.application_ack_lost(ack, self._peer)
         else:
-            self.transport.write(self._framer.encode(ack.data))
+            write_now(self.transport, self._framer.encode(ack.data))
         self._pump()
 
     def _failed(self, failure: Failure) -> None:
@@ -298,7 +308,7 @@ class InboundProtocol(FramedServerProtocol):
         if self._framer is None or self.transport is None:
             return
         if answer.data is not None and not self._closing:
-            self.transport.write(self._framer.encode(answer.data))
+            write_now(self.transport, self._framer.encode(answer.data))
         if answer.close:
             self._close()
 
@@ -318,6 +328,8 @@ class ListenerFactory(Factory):
     _budgets: dict[str, ByteBudget] = field(factory=dict)
     not_hl7_log: RateLimit = field(init=False)
     _refusal_log: RateLimit = field(init=False)
+    #: One log rate limit per kind of PROXY-header refusal.
+    _proxy_logs: dict[str, RateLimit] = field(init=False, factory=dict)
     connection_limits: ConnectionLimits = field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -350,6 +362,39 @@ class ListenerFactory(Factory):
         self.stats.connections += 1
         self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         return InboundProtocol(self, peer)
+
+    def behind_proxy(self, factory: Factory[Any] | None = None) -> ProxyListenerFactory:
+        """This listener (or ``factory``, TLS around it) behind the PROXY protocol.
+
+        The header is read before ``buildProtocol`` is called, with the sender's
+        address: the allowlist, the caps and the logs see the sender.
+        """
+        return ProxyListenerFactory(
+            factory if factory is not None else self,
+            self.clock,
+            header_timeout=self.tenant.limits.proxy_header_timeout,
+            max_pending=self.tenant.limits.max_connections,
+            proxies=self.tenant.proxies,
+            on_refused=self._proxy_refused,
+            stats=self.stats.proxy,
+        )
+
+    def _proxy_refused(self, reason: str, proxy: str) -> None:
+        # One rate limit per kind of reason (a v1 or v2 detail after "(" is the same kind).
+        kind = reason.split(" (")[0]
+        limit = self._proxy_logs.get(kind)
+        if limit is None:
+            if len(self._proxy_logs) >= 32:
+                return  # counted in stats.proxy; the kinds of reasons are few
+            limit = self._proxy_logs[kind] = RateLimit(self.clock)
+        if limit.allow():
+            log.info(
+                "PROXY protocol: connection closed: {reason}",
+                reason=reason,
+                proxy=proxy,
+                tenant=self.tenant.name,
+                suppressed=limit.suppressed,
+            )
 
     def _refusal(self, peer: str) -> str:
         if self.tenant.allow and not _allowed(peer, self.tenant):

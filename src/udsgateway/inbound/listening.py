@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from udsgateway.config import TenantConfig
+from udsgateway.config import TenantConfig, proxied_endpoint
 from udsgateway.inbound.listener import ListenerFactory
 from udsgateway.wire.tls import TLSListenerFactory, server_options
 
@@ -27,6 +27,9 @@ log = Logger()
 @define(eq=False)
 class ListenerService(Service):
     """Listens on the tenant's ``listen`` endpoint (with TLS when configured).
+
+    ``haproxy:<endpoint>`` listens on ``<endpoint>`` behind the PROXY
+    protocol (``wire/proxy.py``): the header is read first, then TLS if any.
 
     ``listening`` fires with the port once it is open, or fails with the
     endpoint's error (``CannotListenError`` for a port in use); ``address`` is
@@ -53,7 +56,13 @@ class ListenerService(Service):
         factory: Any = self.factory
         if self.tenant.tls.enabled:
             factory = TLSListenerFactory(server_options(self.tenant.tls), False, factory)
-        opening = maybeDeferred(serverFromString(self.reactor, self.tenant.listen).listen, factory)
+        endpoint = self.tenant.listen
+        inner = proxied_endpoint(endpoint)
+        if inner:
+            # The PROXY header is read before anything else, TLS included.
+            endpoint = inner
+            factory = self.factory.behind_proxy(factory)
+        opening = maybeDeferred(serverFromString(self.reactor, endpoint).listen, factory)
         opening.addCallbacks(self._opened, self._not_opened)
 
     def _opened(self, port: IListeningPort) -> None:

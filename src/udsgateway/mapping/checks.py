@@ -7,8 +7,30 @@ or a start instead of failing later on live traffic.
 
 from __future__ import annotations
 
-from udsgateway.flows import App
-from udsgateway.mapping.templating import check_template
+from collections.abc import Mapping
+
+from udsgateway.flows import App, Flow
+from udsgateway.mapping.templating import TemplateProblem, check_template
+
+
+def action_problems(
+    flow: Flow, variables: Mapping[str, object]
+) -> list[tuple[int, TemplateProblem]]:
+    """Each action's template checked against the flow's sample (the earlier actions'
+    names known for chained responses): (action index, problem), in order."""
+    found: list[tuple[int, TemplateProblem]] = []
+    names: list[str] = []
+    for step, action in enumerate(flow.actions):
+        for problem in check_template(
+            action.template,
+            flow.trigger.sample,
+            action.message_type,
+            app=variables,
+            action_names=names,
+        ):
+            found.append((step, problem))
+        names.append(action.name)
+    return found
 
 
 def template_problems(path: str, app: App) -> list[str]:
@@ -21,18 +43,10 @@ def template_problems(path: str, app: App) -> list[str]:
                 "the action templates"
             )
             continue
-        names: list[str] = []
-        for step, action in enumerate(flow.actions):
-            for problem in check_template(
-                action.template,
-                flow.trigger.sample,
-                action.message_type,
-                app=app.variables,
-                action_names=names,
-            ):
-                problems.append(
-                    f"{path}: flows[{index}] ({flow.name}): actions[{step}] ({action.name}): "
-                    f"template line {problem.line}: {problem.message}"
-                )
-            names.append(action.name)
+        for step, problem in action_problems(flow, app.variables):
+            action = flow.actions[step]
+            problems.append(
+                f"{path}: flows[{index}] ({flow.name}): actions[{step}] ({action.name}): "
+                f"template line {problem.line}: {problem.message}"
+            )
     return problems

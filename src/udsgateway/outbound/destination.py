@@ -32,6 +32,7 @@ from udsgateway.outbound.errors import (
 )
 from udsgateway.outbound.policy import Timing
 from udsgateway.store.engine import Durations
+from udsgateway.wire.framed import write_now
 from udsgateway.wire.framing import Frame, IFramer, MLLPFramer, PlainTCPFramer
 
 _Judged = TypeVar("_Judged")
@@ -67,7 +68,7 @@ class DestinationProtocol(Protocol):
         self._answered = False
         waiting.addTimeout(self._timing.response_timeout, self._clock, self._timed_out)
         assert self.transport is not None
-        self.transport.write(self._framer.encode(payload))
+        write_now(self.transport, self._framer.encode(payload))
         return waiting
 
     def _timed_out(self, result: Any, timeout: float) -> Any:
@@ -308,6 +309,11 @@ class Destination:
     def connected(self) -> bool:
         """A connection to the destination is open now (status: connection up)."""
         return self._current is not None and self._current.connected_ok
+
+    @property
+    def down(self) -> bool:
+        """The last connect failed and none has succeeded since (status: connection down)."""
+        return self._connect_failures > 0
 
     def reconnect_in(self) -> float:
         """Seconds until the next connect may be tried (0: now)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, delete, select
+from sqlalchemy import Connection, Integer, cast, delete, func, or_, select
 
 from udsgateway.store import schema
 from udsgateway.store.engine import prepared_insert
@@ -90,11 +90,20 @@ def log_lines(
     after_id: int = 0,
     limit: int = 1000,
     newest_first: bool = False,
+    *,
+    before_id: int | None = None,
+    event: str | None = None,
+    message_id: int | None = None,
+    execution_ids: Sequence[int] = (),
 ) -> list[LogLine]:
-    """Lines after ``after_id``: the oldest ``limit`` of them, or the newest.
+    """Lines after ``after_id`` (and before ``before_id``): the oldest ``limit`` of
+    them, or the newest. The one query of the execution log: ``udsgateway logs``, the
+    operations facade (API, console, manhole) and a message's timeline read it.
 
-    A line without an App ID of its own shows its flow's, when the flow is
-    still stored (the table ``flows`` is only read here).
+    ``message_id``: the lines of that message, and (``execution_ids``) of its
+    executions (an operator's line names the execution only). A line without an
+    App ID of its own shows its flow's, when the flow is still stored (the table
+    ``flows`` is only read here).
     """
     logs, flows = schema.logs, schema.flows
     query = (
@@ -103,9 +112,12 @@ def log_lines(
             logs.c.at,
             logs.c.event,
             logs.c.outcome,
+            logs.c.tenant,
             logs.c.app_id,
             flows.c.app_id.label("flow_app_id"),
             logs.c.flow_id,
+            logs.c.message_id,
+            logs.c.execution_id,
             logs.c.control_id,
             logs.c.message_type,
             logs.c.step,
@@ -116,22 +128,34 @@ def log_lines(
         .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
         .where(logs.c.id > after_id)
         .order_by(logs.c.id.desc() if newest_first else logs.c.id)
-        .limit(limit)
+        .limit(max(1, limit))
     )
+    if before_id is not None:
+        query = query.where(logs.c.id < before_id)
     if flow_id:
         query = query.where(logs.c.flow_id == flow_id)
     if outcome:
         query = query.where(logs.c.outcome == outcome)
+    if event:
+        query = query.where(logs.c.event == event)
     if since is not None:
         query = query.where(logs.c.at >= since)
+    if message_id is not None:
+        mine = logs.c.message_id == message_id
+        if execution_ids:
+            mine = or_(mine, logs.c.execution_id.in_(list(execution_ids)))
+        query = query.where(mine)
     return [
         LogLine(
             id=row.id,
             at=row.at,
             event=row.event,
             outcome=row.outcome,
+            tenant=row.tenant,
             app_id=row.app_id or row.flow_app_id or "",
             flow_id=row.flow_id,
+            message_id=row.message_id,
+            execution_id=row.execution_id,
             control_id=row.control_id,
             message_type=row.message_type,
             step=row.step,
@@ -141,6 +165,30 @@ def log_lines(
         )
         for row in connection.execute(query)
     ]
+
+
+def last_log_id(connection: Connection) -> int:
+    """The id of the newest log line (0: none): where a live tail starts."""
+    return int(connection.execute(select(func.max(schema.logs.c.id))).scalar() or 0)
+
+
+def per_minute(
+    connection: Connection, event: str, since: float, minutes: int
+) -> dict[str, list[int]]:
+    """Lines of ``event`` per flow and minute from ``since`` on (``minutes`` counts each,
+    oldest first): the dashboard's charts. A range of the ``at`` index, counted in SQL."""
+    logs = schema.logs
+    # Whole seconds since ``since``, divided as integers: the minute of each line.
+    minute = cast(logs.c.at - since, Integer) / 60
+    found: dict[str, list[int]] = {}
+    for flow_id, index, count in connection.execute(
+        select(logs.c.flow_id, minute, func.count())
+        .where(logs.c.at >= since, logs.c.event == event, logs.c.flow_id != "")
+        .group_by(logs.c.flow_id, minute)
+    ):
+        counts = found.setdefault(flow_id, [0] * minutes)
+        counts[min(minutes - 1, max(0, int(index)))] += int(count)
+    return found
 
 
 def delete_logs(connection: Connection, message_ids: Iterable[int], before: float) -> None:

@@ -320,9 +320,12 @@ class LogLine:
     at: float
     event: str
     outcome: str
+    tenant: str
     #: The line's App ID, else that of its flow as stored now ("" when neither).
     app_id: str
     flow_id: str
+    message_id: int | None
+    execution_id: int | None
     control_id: str
     message_type: str
     step: int | None

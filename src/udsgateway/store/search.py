@@ -1,5 +1,8 @@
 """The SQL of the message browser: search keys written at commit, the search, the detail.
 
+(A message's log lines, its timeline, are read by ``logs.log_lines``: the one
+query of the execution log.)
+
 The inbound commit writes a few HL7 keys of each stored message into
 ``message_keys`` (one multi-row insert per group): the first identifier of
 PID-3 (``pid3``), SCH-1 and SCH-2 (``sch1``, ``sch2``),
@@ -416,18 +419,17 @@ class ExecutionSummary:
 
 @frozen
 class MessageDetail:
-    """A message's metadata, the ACK sent (code only), executions, deliveries, log lines."""
+    """A message's metadata, the ACK sent (code only), its executions and deliveries
+    (its log lines, the attempts among them, are ``logs.log_lines(message_id=...)``)."""
 
     message: MessageSummary
     executions: tuple[ExecutionSummary, ...]
     deliveries: tuple[Attempted, ...]
-    #: Delivery attempts from the log: (execution, step, attempt, outcome, ack, reason, at).
-    attempts: tuple[tuple[int, int, int, str, str, str, float], ...]
 
 
 def detail(connection: Connection, message_id: int) -> MessageDetail | None:
-    """Everything about one message except its content; None when there is none."""
-    m, e, d, logs = schema.messages, schema.executions, schema.deliveries, schema.logs
+    """Everything about one message except its content and log; None when there is none."""
+    m, e, d = schema.messages, schema.executions, schema.deliveries
     row = connection.execute(select(*_SUMMARY).where(m.c.id == message_id)).first()
     if row is None:
         return None
@@ -441,9 +443,7 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
         )
     )
     sent: tuple[Attempted, ...] = ()
-    attempts: tuple[tuple[int, int, int, str, str, str, float], ...] = ()
     if runs:
-        execution_ids = [run.id for run in runs]
         sent = tuple(
             Attempted(*r)
             for r in connection.execute(
@@ -458,28 +458,11 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
                 )
                 .add_columns(d.c.state, d.c.attempts, d.c.next_attempt_at, d.c.last_error)
                 .add_columns(d.c.response_code, d.c.created_at, d.c.updated_at)
-                .where(d.c.execution_id.in_(execution_ids))
+                .where(d.c.execution_id.in_([run.id for run in runs]))
                 .order_by(d.c.id)
             )
         )
-        # Each attempt is a log line: (execution, step, attempt, outcome, ack, reason, at).
-        attempts = tuple(
-            (r.execution_id, r.step or 0, r.attempt or 0, r.outcome, r.ack_code, r.reason, r.at)
-            for r in connection.execute(
-                select(
-                    logs.c.execution_id,
-                    logs.c.step,
-                    logs.c.attempt,
-                    logs.c.outcome,
-                    logs.c.ack_code,
-                    logs.c.reason,
-                    logs.c.at,
-                )
-                .where(logs.c.message_id == message_id, logs.c.event == "delivery")
-                .order_by(logs.c.id)
-            )
-        )
-    return MessageDetail(_summary(row), runs, sent, attempts)
+    return MessageDetail(_summary(row), runs, sent)
 
 
 def content(connection: Connection, message_id: int) -> tuple[bytes, bytes] | None:
@@ -504,88 +487,21 @@ def delivery_content(
     return (row[0], bytes(row[1]), bytes(row[2]) if row[2] is not None else None)
 
 
+def flow_totals(connection: Connection) -> dict[str, int]:
+    """How many stored messages (accepted or rejected) were routed to each flow: its
+    key rows, counted on their index."""
+    k = schema.message_keys
+    return {
+        str(value): int(count)
+        for value, count in connection.execute(
+            select(k.c.value, func.count()).where(k.c.name == FLOW_KEY).group_by(k.c.value)
+        )
+    }
+
+
 def total(connection: Connection) -> int:
     """How many messages are stored."""
     return int(connection.execute(select(func.count()).select_from(schema.messages)).scalar() or 0)
-
-
-@frozen
-class LogLine:
-    """A line of the execution log, as operators read it (never content)."""
-
-    id: int
-    at: float
-    event: str
-    outcome: str
-    app_id: str
-    flow_id: str
-    tenant: str
-    message_id: int | None
-    execution_id: int | None
-    control_id: str
-    message_type: str
-    step: int | None
-    attempt: int | None
-    ack_code: str
-    reason: str
-
-
-def log_lines(
-    connection: Connection,
-    flow_id: str | None = None,
-    outcomes: Sequence[str] = (),
-    since: float | None = None,
-    after_id: int = 0,
-    before_id: int | None = None,
-    limit: int = 100,
-    newest_first: bool = True,
-    message_id: int | None = None,
-) -> list[LogLine]:
-    """Log lines, filtered as ``udsgateway logs`` filters them: newest first (or, for a
-    tail, the oldest after ``after_id``)."""
-    logs, flows = schema.logs, schema.flows
-    query = (
-        select(logs, flows.c.app_id.label("flow_app_id"))
-        .outerjoin(flows, flows.c.flow_id == logs.c.flow_id)
-        .where(logs.c.id > after_id)
-        .order_by(logs.c.id.desc() if newest_first else logs.c.id)
-        .limit(max(1, limit))
-    )
-    if before_id is not None:
-        query = query.where(logs.c.id < before_id)
-    if flow_id:
-        query = query.where(logs.c.flow_id == flow_id)
-    if outcomes:
-        query = query.where(logs.c.outcome.in_(list(outcomes)))
-    if since is not None:
-        query = query.where(logs.c.at >= since)
-    if message_id is not None:
-        query = query.where(logs.c.message_id == message_id)
-    return [
-        LogLine(
-            id=row.id,
-            at=row.at,
-            event=row.event,
-            outcome=row.outcome,
-            app_id=row.app_id or row.flow_app_id or "",
-            flow_id=row.flow_id,
-            tenant=row.tenant,
-            message_id=row.message_id,
-            execution_id=row.execution_id,
-            control_id=row.control_id,
-            message_type=row.message_type,
-            step=row.step,
-            attempt=row.attempt,
-            ack_code=row.ack_code,
-            reason=row.reason,
-        )
-        for row in connection.execute(query)
-    ]
-
-
-def last_log_id(connection: Connection) -> int:
-    """The id of the newest log line (0: none): where a tail starts."""
-    return int(connection.execute(select(func.max(schema.logs.c.id))).scalar() or 0)
 
 
 def routed_flows(connection: Connection, message_ids: Sequence[int]) -> dict[int, tuple[str, ...]]:

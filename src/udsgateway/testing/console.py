@@ -17,10 +17,10 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.web.server import Site
 
-from udsgateway.admin.console.backend import ConsoleBackend
 from udsgateway.admin.console.security import MemoryAccounts
 from udsgateway.admin.console.web import Console
-from udsgateway.config import GatewayConfig, TenantConfig
+from udsgateway.admin.operations import Operations
+from udsgateway.config import TenantConfig
 
 ORIGIN = "http://console.test"
 HOST = "console.test"
@@ -80,28 +80,27 @@ class ConsoleClient:
     def over(
         cls,
         database: Any,
+        clock: Any,
         *,
         tenant: TenantConfig | None = None,
         dispatcher: Any = None,
-        wall: Any = None,
+        executor: Any = None,
         accounts: MemoryAccounts | None = None,
         operations: Any = None,
     ) -> ConsoleClient:
-        config = GatewayConfig(
-            path="<memory>",
-            database="sqlite:///:memory:",
-            tenants=(tenant or TenantConfig(name="test", listen="tcp:port=2575"),),
-        )
-        kwargs: dict[str, Any] = {"dispatcher": dispatcher}
-        if wall is not None:
-            kwargs["wall"] = wall
-        backend = ConsoleBackend(database, config, **kwargs)
-        console = Console(
-            backend,
-            accounts or demo_accounts(),
-            clock=wall or (lambda: 1.0e9),
-            operations=operations,
-        )
+        """The console over an operations facade of ``database`` on ``clock`` (a
+        ``task.Clock``: its time is the wall time too)."""
+        tenant = tenant or TenantConfig(name="test", listen="tcp:port=2575")
+        if operations is None:
+            operations = Operations(
+                database,
+                clock,
+                clock.seconds,
+                dispatcher=dispatcher,
+                executor=executor,
+                tenants={tenant.name: tenant},
+            )
+        console = Console(operations, accounts or demo_accounts(), clock=clock.seconds)
         return cls(console)
 
     def request(

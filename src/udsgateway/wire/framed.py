@@ -18,6 +18,7 @@ from typing import Any
 from attrs import define, field, frozen
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -97,6 +98,45 @@ class ConnectionLimits:
     idle_gap: float
     #: Bytes read without a start byte or ``MSH`` before the connection is closed.
     detect_limit: int
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to the connection, straight to its socket when nothing waits ahead.
+
+    Twisted's ``transport.write`` buffers and sends on the reactor's next pass
+    (registering the socket for writability, then unregistering it once sent):
+    two more ``epoll_ctl`` calls, a poll and a dispatch for every ACK and every
+    outbound message. When the transport is a plain TCP connection with nothing
+    buffered, the bytes go to the socket at once instead (a non-blocking
+    ``send``, as Twisted's own would be), in the same order. Whatever the socket
+    does not take now, any error, a TLS connection, or any other transport goes
+    through ``transport.write`` as before (Twisted then finds the error and
+    closes the connection its usual way).
+    """
+    # Only Twisted's own TCP connection, by class: a TLS connection wraps one
+    # (TLSMemoryBIOProtocol), and a wrapper answers attribute reads with those of the
+    # connection under it, socket included, so any duck-typed check would send
+    # plaintext past the TLS layer. Twisted's TLS started on the connection itself
+    # (startTLS) sets its TLS flag.
+    if (
+        not isinstance(transport, Connection)
+        or transport.TLS
+        or not transport.connected
+        or transport.disconnecting
+        or transport.dataBuffer
+        or transport._tempDataBuffer
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        transport.write(data)  # Twisted's write path reports the error and closes
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 @implementer(IHalfCloseableProtocol)

@@ -12,10 +12,10 @@ from typing import Any
 
 from twisted.web import server
 
-from udsgateway.admin.console.backend import ConsoleBackend
 from udsgateway.admin.console.security import DatabaseAccounts
 from udsgateway.admin.console.web import MAX_BODY, PREFIX, Console
 from udsgateway.admin.http import AdminRequest, AdminSite, HTTPError
+from udsgateway.admin.operations import Operations, listening_addresses
 
 
 def is_console_path(path: bytes) -> bool:
@@ -69,28 +69,32 @@ class ConsoleSite(AdminSite):
 
 
 def console_for(api: Any, gateway: Any) -> Console:
-    """The console over the admin API's database, sessions and login throttle."""
-    backend = ConsoleBackend(
-        api.database,
-        gateway.config,
-        wall=api.wall,
-        dispatcher=getattr(gateway, "dispatcher", None),
-        gateway=gateway,
-    )
+    """The console over the admin API's operations facade, sessions and login throttle
+    (a facade of its own over the API's database when the API has none)."""
+    operations = api.operations
+    if operations is None:
+        operations = Operations(
+            api.database,
+            api.clock,
+            api.wall,
+            dispatcher=getattr(gateway, "dispatcher", None),
+            addresses=lambda: listening_addresses(gateway),
+            tenants={tenant.name: tenant for tenant in gateway.config.tenants},
+            reload_flows=getattr(gateway, "reload_flows", None),
+        )
 
     def on_login(session: Any, principal: Any) -> None:
         # The same session works for the JSON API (a script run from the browser).
         api.session_users[session.id] = principal
 
     return Console(
-        backend,
+        operations,
         DatabaseAccounts(api.database, api.offload),
         secure=api.secure,
         clock=api.clock.seconds,
         sessions=api.sessions,
         throttle=api.throttle,
         on_login=on_login,
-        operations=getattr(api, "operations", None),
     )
 
 

@@ -1,5 +1,10 @@
 """The web console: server-rendered pages (Jinja2, autoescaped) and htmx fragments.
 
+A thin view over the operations facade (``admin.operations.Operations``, shared
+with the JSON API, the manhole and the command line): every read and every
+action goes through it as the logged-in user, ``via`` ``api``; the console
+itself holds no query. It adds the pages, the roles' checks and the sessions.
+
 Mounted under ``/console`` by the admin service. No inline script anywhere:
 the Content-Security-Policy allows scripts from this service only (htmx and
 the console's own small script, both files in the package). PHI never goes
@@ -27,14 +32,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from udsgateway.admin.auth import LoginThrottle
-from udsgateway.admin.console.backend import (
-    FIRST_CLASS_TYPES,
-    ConsoleBackend,
-    Problem,
-    SearchQuery,
-    new_flow,
-)
+from udsgateway.admin.console.editor import FIRST_CLASS_TYPES, Problem, check, new_flow
 from udsgateway.admin.console.security import ADMIN, OPERATOR, VIEWER, Accounts
+from udsgateway.admin.operations import Conflict, Invalid, NotFound, Operations
 from udsgateway.admin.sessions import (
     COOKIE_NAME,
     CSRF_FIELD,
@@ -45,10 +45,18 @@ from udsgateway.admin.sessions import (
     session_cookie,
 )
 from udsgateway.flows import Action, App, Flow, Trigger
+from udsgateway.store import outbox
+from udsgateway.store.search import Query
 
 log = Logger()
 
 PREFIX = "/console"
+
+#: The console is part of the admin service: what it does is audited as ``api``.
+VIA = "api"
+
+#: Search results per page.
+PAGE = 50
 
 #: The console's Content-Security-Policy: nothing inline, nothing from elsewhere.
 CSP = (
@@ -82,7 +90,14 @@ class RefusedError(Exception):
         self.status = status
 
 
-def hl7_lines(raw: bytes | None) -> list[list[tuple[str, str]]]:
+def when(iso: str | None) -> str:
+    """A time of the facade (ISO 8601 UTC) as the pages show it: ``2026-12-07 14:00:05``."""
+    if not iso:
+        return ""
+    return iso.replace("T", " ")[:19]
+
+
+def hl7_lines(raw: bytes | str | None) -> list[list[tuple[str, str]]]:
     """A message as segments, each a list of (field text, position title).
 
     The title of each field names its position (``PID-5``); components are
@@ -90,7 +105,8 @@ def hl7_lines(raw: bytes | None) -> list[list[tuple[str, str]]]:
     """
     if not raw:
         return []
-    text = raw.decode("utf-8", "replace").replace("\r\n", "\r").replace("\n", "\r")
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    text = text.replace("\r\n", "\r").replace("\n", "\r")
     rows: list[list[tuple[str, str]]] = []
     field_sep = "|"
     component_sep = "^"
@@ -154,6 +170,7 @@ def _environment() -> Environment:
     env.globals["sparkline"] = sparkline
     env.globals["hl7_lines"] = hl7_lines
     env.filters["urlquote"] = lambda value: quote(str(value), safe="")
+    env.filters["when"] = when
     return env
 
 
@@ -193,6 +210,11 @@ class Page:
         value = self.request.getHeader(name)
         return value if value is None else str(value)
 
+    @property
+    def actor(self) -> str:
+        """The logged-in user, as the facade audits them."""
+        return str(self.user.name)
+
     def require(self, role: str) -> None:
         if not self.user.at_least(role):
             raise ForbiddenError(role)
@@ -224,7 +246,7 @@ class Console(Resource):
 
     def __init__(
         self,
-        backend: ConsoleBackend,
+        operations: Operations,
         accounts: Accounts,
         *,
         secure: bool = False,
@@ -233,18 +255,15 @@ class Console(Resource):
         throttle: LoginThrottle | None = None,
         on_login: Callable[[Session, Any], None] | None = None,
         refresh_seconds: int = 5,
-        operations: Any = None,
     ) -> None:
         super().__init__()
-        self.backend = backend
-        #: The operations facade (admin.operations), for the pages that read through it.
         self.operations = operations
         self.accounts = accounts
         self.secure = secure
         self.clock = clock
         #: Shared with the admin API: one login serves both.
         self.sessions = sessions if sessions is not None else SessionStore()
-        self.throttle = throttle if throttle is not None else LoginThrottle(backend.database)
+        self.throttle = throttle if throttle is not None else LoginThrottle(operations.database)
         self.on_login = on_login
         self.env = _environment()
         self.env.globals["refresh_seconds"] = refresh_seconds
@@ -260,6 +279,7 @@ class Console(Resource):
             ("POST", r"/messages", self.messages, VIEWER),
             ("GET", r"/messages/(?P<id>\d+)", self.message, VIEWER),
             ("POST", r"/messages/(?P<id>\d+)/content", self.message_content, VIEWER),
+            ("POST", r"/messages/replay", self.messages_replay, OPERATOR),
             ("GET", r"/queues", self.queues, VIEWER),
             (
                 "POST",
@@ -399,12 +419,16 @@ class Console(Resource):
             return page.render(
                 "error.html", title="Not allowed", message="Your role may not do this."
             )
-        except NotFoundError:
+        except (NotFoundError, NotFound):
             request.setResponseCode(404)
             return page.render("error.html", title="Not found", message="Nothing here.")
+        except (Invalid, Conflict) as refused:
+            # The facade's refusals name no message content: shown as they are.
+            request.setResponseCode(400 if isinstance(refused, Invalid) else 409)
+            return page.render("error.html", title="Refused", message=str(refused))
         except RefusedError as refused:
             request.setResponseCode(refused.status)
-            return page.render("error.html", title="RefusedError", message=str(refused))
+            return page.render("error.html", title="Refused", message=str(refused))
 
     def _cross_site(self, page: Page) -> str | None:
         """Why a state-changing request is refused as cross-site, or None."""
@@ -446,7 +470,9 @@ class Console(Resource):
         user = await self.accounts.authenticate(name, password) if name and password else None
         if user is None:
             await self.throttle.failed(name, address, self.clock())
-            await self.backend.record(name, "console.login", f"user {name}", "refused")
+            await self.operations.note(
+                name or "(none)", VIA, "console.login", f"user {name}", result="refused"
+            )
             page.request.setResponseCode(401)
             return page.render(
                 "login.html", title="Log in", error="Wrong user name or password.", name=name
@@ -458,7 +484,7 @@ class Console(Resource):
         if self.on_login is not None:
             self.on_login(session, user)
         page.request.setHeader(b"set-cookie", session_cookie(session.id, self.secure))
-        await self.backend.record(user.name, "console.login", f"user {user.name}")
+        await self.operations.note(user.name, VIA, "console.login", f"user {user.name}")
         return page.redirect(f"{PREFIX}/")
 
     async def logout(self, page: Page, _: re.Match[str]) -> bytes:
@@ -469,51 +495,71 @@ class Console(Resource):
 
     # -- dashboard
 
+    async def _dashboard(self, page: Page) -> dict[str, Any]:
+        status = await self.operations.status(page.actor, VIA, history=True)
+        return dashboard_rows(status, self.operations.wall())
+
     async def dashboard(self, page: Page, _: re.Match[str]) -> bytes:
-        status = await self.backend.status()
+        status = await self._dashboard(page)
         return page.render("dashboard.html", title="Dashboard", status=status)
 
     async def dashboard_panel(self, page: Page, _: re.Match[str]) -> bytes:
-        status = await self.backend.status()
+        status = await self._dashboard(page)
         return page.render("dashboard_panel.html", status=status)
 
     # -- messages
 
-    async def messages(self, page: Page, _: re.Match[str]) -> bytes:
+    def _search(self, page: Page) -> tuple[Query, dict[str, str]]:
+        """The message browser's filters: from the form of a POST, else the address
+        (patient and appointment keys only ever from a POST body: never in a URL)."""
         source = page.field if page.method == "POST" else page.query
-        query = SearchQuery(
-            since=_parse_time(source("since")),
-            until=_parse_time(source("until")),
-            status=source("status") if source("status") in ("accepted", "rejected") else "",
-            flow_id=source("flow_id").strip(),
-            message_type=source("message_type").strip().upper(),
-            control_id=source("control_id").strip(),
-            # Patient and appointment keys only from a POST body: never in a URL.
-            pid3=page.field("pid3").strip() if page.method == "POST" else "",
-            sch1=page.field("sch1").strip() if page.method == "POST" else "",
-            sch2=page.field("sch2").strip() if page.method == "POST" else "",
-            before_id=int(source("before")) if source("before").isdigit() else None,
-        )
-        results = await self.backend.search(query)
-        keyed = bool(query.pid3 or query.sch1 or query.sch2)
-        flows = await self.backend.flows()
+        posted = page.method == "POST"
         values = {
             "since": source("since"),
             "until": source("until"),
-            "status": query.status,
-            "flow_id": query.flow_id,
-            "message_type": query.message_type,
-            "control_id": query.control_id,
-            "pid3": query.pid3,
-            "sch1": query.sch1,
-            "sch2": query.sch2,
+            "status": source("status") if source("status") in ("accepted", "rejected") else "",
+            "flow_id": source("flow_id").strip(),
+            "message_type": source("message_type").strip().upper(),
+            "control_id": source("control_id").strip(),
+            "pid3": page.field("pid3").strip() if posted else "",
+            "sch1": page.field("sch1").strip() if posted else "",
+            "sch2": page.field("sch2").strip() if posted else "",
         }
+        keys = tuple(
+            (name, values[field])
+            for name, field in (
+                ("msh10", "control_id"),
+                ("pid3", "pid3"),
+                ("sch1", "sch1"),
+                ("sch2", "sch2"),
+            )
+            if values[field]
+        )
+        before = source("before")
+        query = Query(
+            message_type=values["message_type"] or None,
+            status=values["status"] or None,
+            since=_parse_time(values["since"]),
+            until=_parse_time(values["until"]),
+            flow_id=values["flow_id"] or None,
+            keys=keys,
+            before_id=int(before) if before.isdigit() else None,
+            limit=PAGE,
+        )
+        return query, values
+
+    async def messages(self, page: Page, _: re.Match[str]) -> bytes:
+        query, values = self._search(page)
+        found = await self.operations.messages(page.actor, VIA, query)
+        results = found["messages"]
+        flows = await self.operations.flows(page.actor, VIA)
         # A shareable link for the filters that are not PHI (PID-3 is left out).
         share = "&".join(
             f"{k}={quote(v, safe='')}"
             for k, v in values.items()
             if v and k not in ("pid3", "sch1", "sch2")
         )
+        keyed = bool(values["pid3"] or values["sch1"] or values["sch2"])
         return page.render(
             "messages.html",
             title="Messages",
@@ -521,13 +567,70 @@ class Console(Resource):
             flows=flows,
             values=values,
             share=share,
-            older=results[-1]["id"] if len(results) >= 50 and not keyed else None,
+            older=found["next"] if not keyed else None,
+            notice=page.query("done"),
         )
 
+    async def messages_replay(self, page: Page, _: re.Match[str]) -> bytes:
+        """Replay every accepted message the current filters find: counted first,
+        replayed once that count is confirmed (refused if the set changed meanwhile)."""
+        query, values = self._search(page)
+        query = evolve(query, before_id=None)
+        reason = page.field("reason").strip()
+
+        def replay(count: int | None) -> Deferred[dict[str, Any]]:
+            return self.operations.replay_messages(
+                page.actor, VIA, query, reason, confirm_count=count
+            )
+
+        done = await self._confirmed(
+            page,
+            replay,
+            "accepted messages match these filters and will run through their flows "
+            "again, oldest first.",
+            {k: v for k, v in values.items() if v},
+            ("messages", "messages"),
+        )
+        if isinstance(done, bytes):
+            return done
+        return page.redirect(f"{PREFIX}/messages?done=replay+{done['replayed']}+messages")
+
+    async def _confirmed(
+        self,
+        page: Page,
+        replay: Callable[[int | None], Deferred[dict[str, Any]]],
+        what: str,
+        hidden: dict[str, str],
+        names: tuple[str, str],
+    ) -> bytes | dict[str, Any]:
+        """A replay confirmed by count: without ``confirm`` the page that shows the
+        count (``replay(None)``) and asks for it; with it, ``replay(count)``'s answer
+        (the facade refuses when the set no longer has that count). ``names``: what is
+        replayed, and the page to go back to."""
+        reason = page.field("reason").strip()
+        if page.field("confirm") != "yes":
+            counted = await replay(None)
+            return page.render(
+                "replay_confirm.html",
+                title="Confirm replay",
+                count=counted["count"],
+                what=what,
+                action=page.request.path.decode("ascii", "replace"),
+                hidden=hidden,
+                noun=names[0],
+                back=names[1],
+                reason=reason,
+            )
+        count = page.field("count")
+        if not count.isdigit():
+            raise RefusedError(400, "Count them first.")
+        if not reason:
+            raise RefusedError(400, "A replay needs a reason.")
+        answer: dict[str, Any] = await replay(int(count))
+        return answer
+
     async def message(self, page: Page, match: re.Match[str]) -> bytes:
-        found = await self.backend.message(int(match["id"]))
-        if found is None:
-            raise NotFoundError()
+        found = await self.operations.message(page.actor, VIA, int(match["id"]))
         return page.render(
             "message.html", title=f"Message {found['id']}", message=found, content=None
         )
@@ -536,10 +639,8 @@ class Console(Resource):
         if not page.user.view_content:
             raise ForbiddenError("content")
         message_id = int(match["id"])
-        found = await self.backend.message(message_id)
-        if found is None:
-            raise NotFoundError()
-        content = await self.backend.message_content(message_id, page.user.name)
+        found = await self.operations.message(page.actor, VIA, message_id)
+        content = await self.operations.message_content(page.actor, VIA, message_id)
         return page.render(
             "message.html", title=f"Message {found['id']}", message=found, content=content
         )
@@ -547,30 +648,36 @@ class Console(Resource):
     # -- queues
 
     async def queues(self, page: Page, _: re.Match[str]) -> bytes:
-        queues = await self.backend.queues()
-        status = await self.backend.status()
+        waiting = await self.operations.deliveries(
+            page.actor, VIA, (outbox.QUEUED, outbox.HELD), limit=1000
+        )
+        # With history: every flow's destination may be paused, also before it has work.
+        status = await self.operations.status(page.actor, VIA, history=True)
         return page.render(
             "queues.html",
             title="Queues",
-            queues=queues,
-            destinations=status["destinations"],
+            queues=queue_sections(waiting, status["destinations"]),
+            destinations=[
+                {"address": address, **entry}
+                for address, entry in sorted(status["destinations"].items())
+            ],
             notice=page.query("done"),
         )
 
     async def queue_act(self, page: Page, match: re.Match[str]) -> bytes:
         action = match["action"]
+        delivery_id = int(match["id"])
         reason = page.field("reason").strip()
-        if action in ("release", "skip", "replay") and not reason:
+        if action != "retry" and not reason:
             raise RefusedError(400, f"A {action} needs a reason.")
-        try:
-            updated = await self.backend.act(
-                int(match["id"]), action, page.user.name, reason or "retry now"
-            )
-        except LookupError as error:
-            raise NotFoundError() from error
-        except ValueError as error:
-            raise RefusedError(409, str(error)) from error
-        return page.redirect(f"{PREFIX}/queues?done={action}+{updated.id}")
+        acts = {
+            "release": self.operations.release,
+            "skip": self.operations.skip,
+            "replay": self.operations.replay_delivery,
+            "retry": self.operations.retry_now,
+        }
+        updated = await acts[action](page.actor, VIA, delivery_id, reason or "retry now")
+        return page.redirect(f"{PREFIX}/queues?done={action}+{updated['id']}")
 
     async def queue_pause(self, page: Page, match: re.Match[str]) -> bytes:
         address = page.field("address").strip()
@@ -580,88 +687,102 @@ class Console(Resource):
         if match["verb"] == "pause":
             if not reason:
                 raise RefusedError(400, "A pause needs a reason.")
-            done = await self.backend.pause(address, page.user.name, reason)
+            await self.operations.pause(page.actor, VIA, address, reason)
         else:
-            done = await self.backend.resume(address, page.user.name, reason)
-        if not done:
-            raise RefusedError(
-                409, f"{address} is {'already' if match['verb'] == 'pause' else 'not'} paused."
-            )
+            await self.operations.resume(page.actor, VIA, address, reason)
         return page.redirect(f"{PREFIX}/queues?done={match['verb']}+{quote(address)}")
 
     async def queue_replay(self, page: Page, _: re.Match[str]) -> bytes:
-        destination = page.field("destination")
-        state = page.field("state") if page.field("state") in ("failed", "skipped") else "failed"
-        ids = await self.backend.replay_candidates(destination, state)
-        if page.field("confirm") != "yes":
-            return page.render(
-                "replay_confirm.html",
-                title="Confirm replay",
-                destination=destination,
-                state=state,
-                count=len(ids),
-                reason=page.field("reason"),
-            )
-        if str(len(ids)) != page.field("count"):
-            raise RefusedError(409, "The set changed since it was counted: count it again.")
+        destination = page.field("destination").strip()
+        state = page.field("state")
         reason = page.field("reason").strip()
-        if not reason:
-            raise RefusedError(400, "A replay needs a reason.")
-        done = await self.backend.replay(ids, page.user.name, reason)
-        return page.redirect(f"{PREFIX}/queues?done=replay+{done}")
+
+        def replay(count: int | None) -> Deferred[dict[str, Any]]:
+            return self.operations.replay_deliveries(
+                page.actor, VIA, destination, state, reason, confirm_count=count
+            )
+
+        done = await self._confirmed(
+            page,
+            replay,
+            f"{state} deliveries to {destination} will be sent again, in their order.",
+            {"destination": destination, "state": state},
+            ("deliveries", "queues"),
+        )
+        if isinstance(done, bytes):
+            return done
+        return page.redirect(f"{PREFIX}/queues?done=replay+{done['replayed']}")
 
     # -- flows
 
     async def flows(self, page: Page, _: re.Match[str]) -> bytes:
-        rows = await self.backend.flows()
-        apps = await self.backend.apps()
+        rows = await self.operations.flows(page.actor, VIA)
+        apps = await self.operations.apps(page.actor, VIA)
         return page.render("flows.html", title="Flows", flows=rows, apps=apps)
 
     async def flow_new(self, page: Page, _: re.Match[str]) -> bytes:
-        apps = await self.backend.apps()
+        apps = await self.operations.apps(page.actor, VIA)
         flow = new_flow(page.query("type") or "SIU^S12")
         flow = evolve(flow, actions=(_blank_action(flow.trigger.message_type),))
         return await self._editor(page, apps, None, flow)
 
     async def flow_edit(self, page: Page, match: re.Match[str]) -> bytes:
-        found = await self.backend.flow(match["flow_id"])
-        if found is None:
-            raise NotFoundError()
-        app, flow = found
-        apps = await self.backend.apps()
-        return await self._editor(page, apps, app, flow, readonly=not page.user.at_least(ADMIN))
+        apps = await self.operations.apps(page.actor, VIA)
+        for app in apps:
+            for flow in app["flows"]:
+                if flow["flow_id"] == match["flow_id"]:
+                    readonly = not page.user.at_least(ADMIN)
+                    return await self._editor(page, apps, app, flow, readonly=readonly)
+        raise NotFoundError()
 
     async def _editor(
         self,
         page: Page,
-        apps: list[App],
-        app: App | None,
-        flow: Flow,
+        apps: list[dict[str, Any]],
+        app: App | dict[str, Any] | None,
+        flow: Flow | dict[str, Any],
         *,
         problems: list[Problem] | None = None,
-        saved: dict[str, str] | None = None,
+        saved: dict[str, Any] | None = None,
         readonly: bool = False,
     ) -> bytes:
-        catalogue, sample_problem = self.backend.catalogue(flow.trigger.sample)
-        tenants = [t.name for t in self.backend.config.tenants]
+        """The editor over a flow of the form (models) or as stored (the facade's
+        documents: the template reads both alike)."""
+        sample = flow.trigger.sample if isinstance(flow, Flow) else flow["trigger"]["sample"]
+        catalogue, sample_problem = await self._catalogue(page, sample)
+        variables = (app.variables if isinstance(app, App) else app["variables"]) if app else {}
+        flow_id = flow.flow_id if isinstance(flow, Flow) else flow["flow_id"]
         return page.render(
             "flow_editor.html",
-            title=f"Flow {flow.flow_id}" if flow.flow_id else "New flow",
+            title=f"Flow {flow_id}" if flow_id else "New flow",
             apps=apps,
             app=app,
             flow=flow,
-            tenants=tenants,
+            tenants=self.tenants,
             catalogue=catalogue,
             sample_problem=sample_problem,
             problems=problems or [],
             saved=saved,
             readonly=readonly,
-            app_variables=json.dumps(app.variables if app else {}, sort_keys=True),
+            app_variables=json.dumps(dict(variables), sort_keys=True),
         )
+
+    @property
+    def tenants(self) -> list[str]:
+        return list(self.operations.tenants) or ["default"]
+
+    async def _catalogue(self, page: Page, sample: str) -> tuple[list[dict[str, Any]], str]:
+        """The variables of a pasted sample, or why it cannot be read."""
+        if not sample.strip():
+            return [], ""
+        try:
+            return await self.operations.variables(page.actor, VIA, sample=sample), ""
+        except Invalid as error:
+            return [], str(error)
 
     def _flow_from_form(self, page: Page) -> tuple[App, Flow]:
         form = page.form
-        tenants = [t.name for t in self.backend.config.tenants]
+        tenants = self.tenants
         tenant = page.field("tenant") if page.field("tenant") in tenants else tenants[0]
         app_id = page.field("app_id").strip()
         try:
@@ -711,7 +832,7 @@ class Console(Resource):
 
     async def flow_editor_post(self, page: Page, _: re.Match[str]) -> bytes:
         app, flow = self._flow_from_form(page)
-        apps = await self.backend.apps()
+        apps = await self.operations.apps(page.actor, VIA)
         intent = page.field("intent")
         if intent == "add_action":
             flow = evolve(flow, actions=(*flow.actions, _blank_action(flow.trigger.message_type)))
@@ -720,26 +841,31 @@ class Console(Resource):
             index = int(intent.rsplit("_", 1)[1]) if intent.rsplit("_", 1)[1].isdigit() else -1
             flow = evolve(flow, actions=tuple(a for i, a in enumerate(flow.actions) if i != index))
             return await self._editor(page, apps, app, flow)
-        problems = self.backend.check(dict(app.variables), flow)
+        problems = check(app.variables, flow)
         if problems or intent != "save":
             if problems:
                 page.request.setResponseCode(422)
             return await self._editor(page, apps, app, flow, problems=problems)
         try:
-            saved_app, saved_flow = await self.backend.save_flow(app, flow, page.user.name)
-        except ValueError as error:
+            saved = await self.operations.save_flow(page.actor, VIA, app, flow)
+        except (Invalid, Conflict) as error:
             page.request.setResponseCode(422)
             return await self._editor(
                 page, apps, app, flow, problems=[Problem("flow", None, str(error))]
             )
-        row = next(r for r in await self.backend.flows() if r.flow_id == saved_flow.flow_id)
-        saved = {"host": row.host, "port": row.port, "app_id": row.app_id, "flow_id": row.flow_id}
+        saved_app = saved["app"]
+        [saved_flow] = [f for f in saved_app["flows"] if f["flow_id"] == saved["flow_id"]]
         return await self._editor(
-            page, await self.backend.apps(), saved_app, saved_flow, saved=saved
+            page,
+            await self.operations.apps(page.actor, VIA),
+            saved_app,
+            saved_flow,
+            saved=saved,
         )
 
     async def flow_catalogue(self, page: Page, _: re.Match[str]) -> bytes:
-        catalogue, problem = self.backend.catalogue(page.field("sample").replace("\r\n", "\n"))
+        sample = page.field("sample").replace("\r\n", "\n")
+        catalogue, problem = await self._catalogue(page, sample)
         return page.render("catalogue.html", catalogue=catalogue, sample_problem=problem)
 
     async def flow_preview(self, page: Page, _: re.Match[str]) -> bytes:
@@ -748,39 +874,36 @@ class Console(Resource):
         step = int(step_text) if step_text.isdigit() else 0
         if not flow.actions or step >= len(flow.actions):
             return page.render("preview.html", rendered="", problem=None, step=step)
+        fakes = page.form.get("fake_response", [])
+        # The fake responses of the earlier actions that have one.
         responses = {
-            a.name: page.form.get("fake_response", [""] * len(flow.actions))[i]
-            if i < len(page.form.get("fake_response", []))
-            else ""
-            for i, a in enumerate(flow.actions)
+            a.name: fakes[i]
+            for i, a in enumerate(flow.actions[:step])
+            if i < len(fakes) and fakes[i].strip()
         }
-        rendered, problem = self.backend.preview(dict(app.variables), flow, step, responses)
-        return page.render("preview.html", rendered=rendered, problem=problem, step=step)
+        where = f"action {step + 1} ({flow.actions[step].name})"
+        try:
+            rendered = await self.operations.preview(page.actor, VIA, app, flow, step, responses)
+        except (Invalid, NotFound) as error:
+            problem = Problem(where, None, str(error))
+            return page.render("preview.html", rendered="", problem=problem, step=step)
+        return page.render("preview.html", rendered=rendered["text"], problem=None, step=step)
 
     async def flow_enable(self, page: Page, match: re.Match[str]) -> bytes:
         enabled = match["verb"] == "enable"
-        try:
-            changed = await self.backend.set_enabled(
-                match["flow_id"], enabled, page.user.name, page.field("reason").strip()
-            )
-        except LookupError as error:
-            raise NotFoundError() from error
-        if not changed:
-            raise RefusedError(409, f"The flow is {match['verb']}d already.")
+        reason = page.field("reason").strip()
+        await self.operations.set_flow_enabled(page.actor, VIA, match["flow_id"], enabled, reason)
         return page.redirect(f"{PREFIX}/flows")
 
     async def flow_export(self, page: Page, match: re.Match[str]) -> bytes:
-        found = await self.backend.export(match["app_id"])
-        if found is None:
-            raise NotFoundError()
-        _name, text = found
+        found = await self.operations.export_flows(page.actor, VIA, match["app_id"])
         page.request.setHeader(b"content-type", b"application/toml; charset=utf-8")
         page.request.setHeader(
             b"content-disposition",
             f'attachment; filename="{match["app_id"].lower()}.toml"'.encode(),
         )
-        await self.backend.record(page.user.name, "flow.export", f"app {match['app_id']}")
-        return text.encode("utf-8")
+        await self.operations.note(page.actor, VIA, "flow.export", f"app {match['app_id']}")
+        return str(found["text"]).encode("utf-8")
 
     # -- logs, audit, users
 
@@ -793,8 +916,16 @@ class Console(Resource):
 
     async def logs(self, page: Page, _: re.Match[str]) -> bytes:
         filters = self._log_filters(page)
-        rows = await self.backend.logs(filters["flow_id"], filters["outcome"], filters["event"])
-        flows = await self.backend.flows()
+        found = await self.operations.logs(
+            page.actor,
+            VIA,
+            flow_id=filters["flow_id"] or None,
+            status=filters["outcome"] or None,
+            event=filters["event"] or None,
+            limit=200,
+        )
+        rows = found["lines"]
+        flows = await self.operations.flows(page.actor, VIA)
         return page.render(
             "logs.html",
             title="Execution log",
@@ -809,31 +940,109 @@ class Console(Resource):
         filters = self._log_filters(page)
         after_text = page.query("after")
         after = int(after_text) if after_text.isdigit() else 0
-        rows = await self.backend.logs(
-            filters["flow_id"], filters["outcome"], filters["event"], after
+        found = await self.operations.tail(
+            page.actor,
+            VIA,
+            after_id=after,
+            flow_id=filters["flow_id"] or None,
+            status=filters["outcome"] or None,
+            event=filters["event"] or None,
+            timeout=0,
         )
-        newest = rows[0]["id"] if rows else after
         return page.render(
             "logs_tail.html",
-            new_rows=rows,
-            after=newest,
+            new_rows=list(reversed(found["lines"])),  # newest first, at the top
+            after=found["last"],
             tail_query="&".join(f"{k}={quote(v, safe='')}" for k, v in filters.items() if v),
         )
 
     async def audit(self, page: Page, _: re.Match[str]) -> bytes:
-        rows = await self.backend.audit()
-        return page.render("audit.html", title="Audit log", rows=rows)
+        found = await self.operations.audit_trail(page.actor, VIA, limit=200)
+        return page.render("audit.html", title="Audit log", rows=found["entries"])
 
     async def users(self, page: Page, _: re.Match[str]) -> bytes:
         rows = await self.accounts.users()
         return page.render("users.html", title="Users", rows=rows)
 
     async def cluster(self, page: Page, _: re.Match[str]) -> bytes:
-        if self.operations is None:
-            view: dict[str, Any] = {"cluster": False}
-        else:
-            view = await self.operations.cluster(page.user.name, "api")
+        view = await self.operations.cluster(page.user.name, "api")
         return page.render("cluster.html", title="Cluster", view=view)
+
+
+#: A destination waiting longer than this (seconds) is a problem on the dashboard.
+SLOW = 300
+
+
+def dashboard_rows(status: dict[str, Any], now: float) -> dict[str, Any]:
+    """The dashboard's rows from the facade's status (``history``): flows and
+    destinations, problems first."""
+    minute = status["rates"].get("minute", {})
+    hour = status["rates"].get("hour", {})
+    flows = []
+    for flow_id, entry in status["flows"].items():
+        counts = entry.get("executions", {})
+        series = entry.get("last_hour", [0] * 60)
+        row = {
+            "flow_id": flow_id,
+            "name": entry.get("name") or "(deleted flow)",
+            "app_id": entry.get("app_id", ""),
+            "enabled": entry.get("enabled", False),
+            "received": entry.get("received", 0),
+            "routed": entry.get("routed", 0),
+            "done": counts.get("done", 0),
+            "failed": counts.get("failed", 0),
+            "held": counts.get("held", 0),
+            "pending": counts.get("pending", 0) + counts.get("waiting", 0),
+            "per_minute": series[-1] if series else 0,
+            "per_hour": sum(series),
+            "series": series,
+        }
+        row["problem"] = bool(row["failed"] or row["held"])
+        flows.append(row)
+    destinations = []
+    for address, entry in status["destinations"].items():
+        age = entry.get("oldest_pending_age")
+        rate = f"destination.{address}.delivered"
+        row = {
+            **entry,
+            "address": address,
+            "oldest_age": int(age) if age is not None else None,
+            "per_minute": round(minute.get(rate, 0.0) * 60),
+            "per_hour": round(hour.get(rate, 0.0) * 3600),
+        }
+        row["problem"] = bool(
+            entry.get("held")
+            or entry.get("paused")
+            or entry.get("connection") == "down"
+            or (age is not None and age > SLOW)
+        )
+        destinations.append(row)
+    flows.sort(key=lambda r: (not r["problem"], r["name"]))
+    destinations.sort(key=lambda r: (not r["problem"], r["address"]))
+    return {"flows": flows, "destinations": destinations, "at": when(_iso_now(now))}
+
+
+def queue_sections(
+    waiting: list[dict[str, Any]], destinations: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The waiting deliveries by destination (each with why it waits), and each paused
+    destination even when nothing waits for it."""
+    sections: dict[str, dict[str, Any]] = {}
+    for address, entry in destinations.items():
+        if entry.get("paused"):
+            sections[address] = {"address": address, "paused": entry, "deliveries": []}
+    for delivery in waiting:
+        address = delivery["destination"]
+        # A paused destination has its section already: the others are not paused.
+        section = sections.setdefault(
+            address, {"address": address, "paused": None, "deliveries": []}
+        )
+        section["deliveries"].append(delivery)
+    return [sections[address] for address in sorted(sections)]
+
+
+def _iso_now(now: float) -> str:
+    return datetime.fromtimestamp(now, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _blank_action(message_type: str) -> Action:
