@@ -553,19 +553,9 @@ ADMIN_PORT_OFFSET = 2
 
 def _admin_token(database_url: str) -> str:
     """A viewer with an API token in a new store (as ``udsgateway tokens create`` makes it)."""
-    from udsgateway.admin import auth
-    from udsgateway.store import users
-    from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
+    from udsgateway.testing.admin import api_token
 
-    database = Database(make_engine(database_url), InlineRunner())
-    database.transaction_now(ensure_schema)
-    hashed = auth.hash_password("bench password", 2**10)
-    database.transaction_now(users.add_user, "bench", hashed, "viewer", False, time.time())
-    token = auth.new_token()
-    digest = auth.token_digest(token)
-    database.transaction_now(users.add_token, "bench", "", digest, token[:12], time.time())
-    database.close()
-    return token
+    return api_token(database_url, "bench", "viewer", time.time())
 
 
 def _scraper(port: int, token: str, stop: Any, timings: list[float]) -> None:

@@ -72,8 +72,8 @@ else:
     _Base = object
 
 
-class LeaseContract(_Base):
-    """Managers on one database; mixed into one TestCase per dialect."""
+class LeaseFixture(_Base):
+    """Managers on one database, each its own session (tests/test_cluster_ops.py too)."""
 
     def new_engine(self) -> Engine:
         raise NotImplementedError
@@ -126,6 +126,10 @@ class LeaseContract(_Base):
     def check_history(self) -> None:
         history = self.run_sql(store.lease_history)
         self.assertEqual(store.overlaps(history), [])
+
+
+class LeaseContract(LeaseFixture):
+    """The lease contract; mixed into one TestCase per dialect."""
 
     def test_single_node_takes_every_bucket(self) -> None:
         """Alone, a node takes every bucket at epoch 1 and may send on each."""
@@ -308,13 +312,17 @@ class Failing:
         return fail(RuntimeError("connection lost"))
 
 
-class SQLiteLeaseTests(LeaseContract, SynchronousTestCase):
-    """On SQLite the gateway never runs in cluster mode; the SQL is the same."""
+class SQLiteFile(_Base):
+    """One SQLite file (``self.path``) for every ``new_engine``. Mixed in before a fixture."""
 
     def new_engine(self) -> Engine:
         if not hasattr(self, "path"):
             self.path = f"{os.path.abspath(self.mktemp())}.db"
         return make_engine(f"sqlite:///{self.path}")
+
+
+class SQLiteLeaseTests(SQLiteFile, LeaseContract, SynchronousTestCase):
+    """On SQLite the gateway never runs in cluster mode; the SQL is the same."""
 
     def status(self, *options: str) -> str:
         config = os.path.abspath(self.mktemp()) + ".toml"
@@ -356,8 +364,9 @@ class SQLiteLeaseTests(LeaseContract, SynchronousTestCase):
         )
 
 
-class PostgreSQLLeaseTests(LeaseContract, SynchronousTestCase):
-    """On a real PostgreSQL, in a throwaway schema; each manager its own session."""
+class PostgreSQLSchema(_Base):
+    """A throwaway schema on a real PostgreSQL, dropped at cleanup; each ``new_engine``
+    a session of its own in it. Mixed in before a fixture."""
 
     def setUp(self) -> None:
         self.schema = f"udsgw_{uuid.uuid4().hex[:12]}"
@@ -387,6 +396,10 @@ class PostgreSQLLeaseTests(LeaseContract, SynchronousTestCase):
         )
         self.engines.append(engine)
         return engine
+
+
+class PostgreSQLLeaseTests(PostgreSQLSchema, LeaseContract, SynchronousTestCase):
+    """On a real PostgreSQL, in a throwaway schema; each manager its own session."""
 
     def test_notify_wakes_the_other_node_at_once(self) -> None:
         """A clean stop announces itself (NOTIFY); the other node's listener hears it

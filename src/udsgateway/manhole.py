@@ -158,6 +158,10 @@ def namespace(
         """The audit trail, newest first: who=, action=, target=, since=, until=, limit=."""
         return ops.audit_trail(operator, via, **filters)
 
+    def cluster() -> Any:
+        """The nodes sharing the database, their buckets and leases, who runs each job."""
+        return ops.cluster(operator, via)
+
     names.update(
         {
             "operations": ops,
@@ -175,6 +179,7 @@ def namespace(
             "replay": replay,
             "replay_search": replay_search,
             "audit": audit,
+            "cluster": cluster,
         }
     )
     return names

@@ -23,12 +23,14 @@ from udsgateway.clock import Wall, wall_of
 from udsgateway.cluster.fence import BucketFence
 from udsgateway.cluster.leases import LeaseManager
 from udsgateway.cluster.notify import NotifyListener
+from udsgateway.cluster.singleton import RETENTION, Singletons
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.flows import FlowFileError, read_app_file
 from udsgateway.flowstore import load_apps, save_app
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.inbound.listening import ListenerService
 from udsgateway.inbound.searchkeys import KeyWriter
+from udsgateway.interfaces import FencedError
 from udsgateway.mapping.checks import template_problems
 from udsgateway.store import apps as store_apps
 from udsgateway.store import meta
@@ -138,6 +140,9 @@ class GatewayService(MultiService):
         self._retention = LoopingCall(self._prune)
         self._retention.clock = reactor
         self.pruned = 0
+        #: The database-wide jobs this node may run (``cluster.singleton``): retention
+        #: here, the gauges in the admin service. Empty on a single gateway.
+        self.singletons = Singletons(self.leases)
         self.ready: Deferred[None] = Deferred()
         # The database file's identity, checked on a timer and before each group
         # commit (a database file deleted or replaced while running).
@@ -342,15 +347,31 @@ class GatewayService(MultiService):
         return Deferred.fromCoroutine(self._stop())
 
     async def _prune(self) -> None:
-        """Delete what retention says is old, in small batches, yielding between them."""
+        """Delete what retention says is old, in small batches, yielding between them.
+
+        On a cluster node only while it holds the retention singleton's lease
+        (``cluster.singleton``): checked before each batch on the monotonic
+        clock, and inside each batch's transaction (a batch after a takeover is
+        rolled back and the pass ends)."""
         retention = self.config.retention
         before = self._wall() - retention.days * 86400
+        singleton = self.singletons.get(RETENTION)
         try:
             while self.running:
-                count = await self.database.transaction(prune, before, retention.batch)
+                if singleton is None:
+                    count = await self.database.transaction(prune, before, retention.batch)
+                else:
+                    token = singleton.token()
+                    if token is None:
+                        break  # another node's job (or no longer this one's)
+                    count = await self.database.transaction(
+                        singleton.fenced(prune), token, before, retention.batch
+                    )
                 self.pruned += count
                 if count < retention.batch:
                     break
+        except FencedError:
+            log.info("retention moved to another node during a pass; this node stopped it")
         except Exception:
             log.failure("retention pass failed; it runs again at the next interval")
 

@@ -6,7 +6,10 @@ at scrape time: nothing is added to the path of a message. Gauges that need
 the database (open deliveries per destination and state, the oldest pending
 age, open executions per flow) come from a snapshot that the admin service's
 timer takes in the database thread (``Metrics.refresh``); a scrape never
-queries the database.
+queries the database. On a cluster node only the holder of the ``gauges``
+singleton job takes that snapshot (``cluster.singleton``), and the node adds
+its lease metrics (``udsgw_cluster_*``, ``udsgw_lease_*``,
+``udsgw_singleton_running``) from its LeaseManager.
 
 Label values are only operator-named identifiers (listener = tenant name,
 flow = Flow ID, destination = ``host:port`` of a destination configured in a
@@ -28,7 +31,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from udsgateway.cluster.singleton import GAUGES, JOBS, Singletons
 from udsgateway.config import proxied_endpoint
+from udsgateway.interfaces import FencedError
 from udsgateway.outbound.errors import ATTEMPT_OUTCOMES
 from udsgateway.store import gauges
 from udsgateway.store.destinations import address_of
@@ -53,6 +58,10 @@ ERROR_CODES = (
     "206",
     "207",
 )
+#: Lease transitions of a cluster node (``udsgw_lease_transitions_total``): gained (taken
+#: or back after a lapse), released (handed over: share, clean stop), lost (found taken
+#: or expired at a round), lapsed (dropped on its own clock: no renewal in time).
+TRANSITIONS = ("gained", "released", "lost", "lapsed")
 #: Outcomes of an execution of a flow (``udsgw_flow_executions_total``): routed (an
 #: accepted message stored for the flow), then how it ended: done, failed, held.
 EXECUTION_OUTCOMES = ("routed", "done", "failed", "held")
@@ -79,6 +88,8 @@ LABEL_ENUMS: dict[str, tuple[str, ...]] = {
     "code": (*ACK_CODES, *ERROR_CODES, "other"),
     "state": ("queued", "held", "pending", "waiting"),
     "framing": ("mllp", "tcp"),
+    "transition": TRANSITIONS,
+    "job": JOBS,
     "reason": PROXY_REASONS,
     # Histogram buckets: fixed bounds.
     "le": (
@@ -86,8 +97,8 @@ LABEL_ENUMS: dict[str, tuple[str, ...]] = {
         "+Inf",
     ),
 }
-#: Labels whose values are operator-named identifiers.
-IDENTIFIER_LABELS = ("listener", "flow", "destination")
+#: Labels whose values are operator-named identifiers ([gateway].node_name for node).
+IDENTIFIER_LABELS = ("listener", "flow", "destination", "node")
 
 
 class GatewayCollector(Collector):
@@ -110,6 +121,9 @@ class GatewayCollector(Collector):
             )
         yield from self._outbound(gateway)
         yield from self._database(self._snapshot)
+        leases = getattr(gateway, "leases", None)
+        if leases is not None:
+            yield from self._cluster(gateway, leases)
 
     def _inbound(self, gateway: Any) -> Iterable[Any]:
         open_now = GaugeMetricFamily(
@@ -304,6 +318,88 @@ class GatewayCollector(Collector):
         refreshed.add_metric([], at)
         yield from (deliveries, oldest, executions, refreshed)
 
+    def _cluster(self, gateway: Any, leases: Any) -> Iterable[Any]:
+        """A cluster node's leases, from its LeaseManager and fence (no database)."""
+        node = [str(leases.node)]
+        fences = {
+            id(fence): fence
+            for fence in (
+                getattr(gateway, "fence", None),
+                getattr(gateway.dispatcher, "fence", None),
+            )
+            if fence is not None
+        }
+        rejected = sum(getattr(fence, "rejected", 0) for fence in fences.values())
+        singletons = getattr(gateway, "singletons", None) or Singletons(None)
+        rejected += singletons.rejected
+        for kind, name, documentation, value in (
+            (
+                GaugeMetricFamily,
+                "udsgw_cluster_buckets_owned",
+                "Buckets this node holds a lease on now",
+                len(leases.owned),
+            ),
+            (
+                GaugeMetricFamily,
+                "udsgw_cluster_buckets",
+                "Buckets of the cluster (fixed)",
+                leases.total,
+            ),
+            (
+                GaugeMetricFamily,
+                "udsgw_cluster_nodes_live",
+                "Live nodes as this node's last round saw them",
+                len(leases.nodes),
+            ),
+            (
+                CounterMetricFamily,
+                "udsgw_lease_failed_rounds",
+                "Lease rounds that failed (database unreachable or in error)",
+                leases.failed_rounds,
+            ),
+            (
+                CounterMetricFamily,
+                "udsgw_lease_fenced_rejections",
+                "Transactions rolled back because this node no longer held the lease "
+                "(claims, outcomes, singleton batches)",
+                rejected,
+            ),
+        ):
+            family = kind(name, documentation, labels=["node"])
+            family.add_metric(node, value)
+            yield family
+        transitions = CounterMetricFamily(
+            "udsgw_lease_transitions",
+            "Bucket leases gained, released (handed over), lost (found taken or expired) "
+            "and lapsed (not renewed in time: dropped on the node's own clock)",
+            labels=["node", "transition"],
+        )
+        released, lapsed = leases.released_count, leases.lapsed_count
+        for transition, count in (
+            ("gained", leases.gained_count),
+            ("released", released),
+            ("lost", max(0, leases.lost_count - released - lapsed)),
+            ("lapsed", lapsed),
+        ):
+            transitions.add_metric([*node, transition], count)
+        yield transitions
+        if leases.last_round_at is not None:
+            age = GaugeMetricFamily(
+                "udsgw_lease_round_age_seconds",
+                "Seconds since the last successful lease round started (monotonic clock)",
+                labels=["node"],
+            )
+            age.add_metric(node, max(0.0, leases.clock.seconds() - leases.last_round_at))
+            yield age
+        running = GaugeMetricFamily(
+            "udsgw_singleton_running",
+            "1 on the node that runs a database-wide job now (it holds the job's lease)",
+            labels=["node", "job"],
+        )
+        for job, singleton in sorted(singletons.jobs.items()):
+            running.add_metric([*node, job], 1 if singleton.token() else 0)
+        yield running
+
 
 def _buckets(durations: Any) -> tuple[list[tuple[str, int]], float]:
     """A Durations (store.engine) as cumulative Prometheus buckets and their sum."""
@@ -345,12 +441,27 @@ class Metrics:
 
     def __init__(self, gateway: Any) -> None:
         self.snapshot: dict[str, Any] = {}
+        self._gateway = gateway
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(GatewayCollector(gateway, self.snapshot))
 
     async def refresh(self, database: Any) -> None:
-        """Take the database snapshot (in the database thread)."""
-        found = await database.transaction(gauges.open_work)
+        """Take the database snapshot (in the database thread). On a cluster only the
+        node that holds the gauges' lease reads them (fenced); the others export
+        none, so that a dashboard summing the nodes counts each delivery once."""
+        singletons = getattr(self._gateway, "singletons", None) or Singletons(None)
+        singleton = singletons.get(GAUGES)
+        if singleton is None:
+            found = await database.transaction(gauges.open_work)
+        else:
+            token = singleton.token()
+            try:
+                if token is None:
+                    raise FencedError("not this node's job")
+                found = await database.transaction(singleton.fenced(gauges.open_work), token)
+            except FencedError:
+                self.snapshot.clear()
+                return
         self.snapshot.clear()
         self.snapshot.update(found)
 

@@ -28,6 +28,8 @@ from twisted.internet.threads import deferToThreadPool
 
 from udsgateway import flowstore
 from udsgateway.assembly import tenant_charset
+from udsgateway.cluster import status as cluster_status
+from udsgateway.cluster.leases import ranges
 from udsgateway.config import TenantConfig
 from udsgateway.flows import App, Flow, FlowFileError, app_document, parse_app, write_app
 from udsgateway.hl7.ack import ControlIdSource
@@ -41,6 +43,7 @@ from udsgateway.store import (
     audit,
     destinations,
     executions,
+    leases,
     logs,
     operator,
     outbox,
@@ -192,6 +195,9 @@ class Operations:
     #: Loads changed flows into the running gateway at once (its ``reload_flows``),
     #: so a saved flow routes before the next reload interval; None: no gateway.
     reload_flows: Callable[[], Deferred[None]] | None = None
+    #: This node's LeaseManager (cluster.leases), looked up at each call; None: not a
+    #: node of a cluster.
+    lease_manager: Callable[[], Any] = lambda: None
 
     @classmethod
     def for_service(cls, service: Any, reactor: Any, wall: Callable[[], float]) -> Operations:
@@ -207,6 +213,7 @@ class Operations:
             addresses=lambda: listening_addresses(service),
             tenants={tenant.name: tenant for tenant in service.config.tenants},
             reload_flows=getattr(service, "reload_flows", None),
+            lease_manager=lambda: getattr(service, "leases", None),
         )
         operations.rates = Rates(operations.counters, reactor)
         engine = service.database.engine
@@ -1472,6 +1479,50 @@ class Operations:
             }
         )
         return done
+
+    # -- the cluster
+
+    def cluster(self, actor: str, via: str) -> Deferred[dict[str, Any]]:
+        """The nodes sharing this database, their state, buckets and lease ages, which
+        node runs each database-wide job, and this node's own view of its leases (the
+        data of ``udsgateway cluster status``; times on the database clock). On a
+        single gateway: ``{"cluster": false, ...}``, without a database read."""
+        try:
+            self._check(actor, via)
+        except OperationsError:
+            return fail()
+        manager = self.lease_manager()
+        if manager is None:
+            return succeed(
+                {
+                    "cluster": False,
+                    "message": "this gateway is not a node of a cluster: it runs every "
+                    "lane and every periodic job itself",
+                }
+            )
+        done: Deferred[Any] = self._read(leases.cluster_status)
+        done.addCallback(lambda status: _cluster_view(manager, status))
+        return done
+
+
+def _cluster_view(manager: Any, status: leases.ClusterStatus | None) -> dict[str, Any]:
+    """``cluster.status.summary`` with ISO times, plus what this node's LeaseManager holds."""
+    last = manager.last_round_at
+    this_node = {
+        "node": manager.node,
+        "buckets_held": len(manager.owned),
+        "held": ranges(sorted(manager.owned)),
+        "last_round_age": None if last is None else round(manager.clock.seconds() - last, 3),
+        "failed_rounds": manager.failed_rounds,
+        "refused": manager.refused,
+    }
+    if status is None:  # before this node's first round made the tables
+        return {"cluster": True, "this_node": this_node, "nodes": [], "buckets": []}
+    found = cluster_status.summary(status)
+    found["database_time"] = _iso(status.now)
+    for node in found["nodes"]:
+        node["joined_at"] = _iso(node["joined_at"])
+    return {"cluster": True, "this_node": this_node, **found}
 
 
 async def _value(result: T) -> T:

@@ -523,4 +523,13 @@ def operation_routes(facade: Any) -> list[Route]:
             "before_id, limit)",
             tag="audit",
         ),
+        Route(
+            "GET",
+            f"{v1}/cluster",
+            handler(lambda call: facade.cluster(call.actor, "api")),
+            VIEWER,
+            "the nodes sharing the database: state, buckets per node, lease ages, database "
+            "time, who runs each singleton job; on a single gateway, that it is not a cluster",
+            tag="cluster",
+        ),
     ]

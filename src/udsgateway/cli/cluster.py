@@ -1,7 +1,8 @@
 """``udsgateway cluster status``: the nodes sharing this database and their bucket leases.
 
 It reads the cluster tables (``store.leases``) in one short transaction, beside
-the running nodes; times are the database's, so that lease ages and expiries
+the running nodes, and formats the rows of ``cluster.status`` (which the admin
+API and the console show too); times are the database's, so that lease ages and expiries
 mean the same whichever machine runs the command.
 """
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from udsgateway.cli.common import open_database, write_rows
 from udsgateway.cluster.leases import ranges
+from udsgateway.cluster.status import bucket_views, node_views, singleton_owners
 from udsgateway.store import leases
 
 if TYPE_CHECKING:
@@ -32,42 +34,29 @@ def _seconds(value: float) -> str:
 
 def node_rows(status: leases.ClusterStatus) -> list[dict[str, Any]]:
     """One row per node: its state, how many buckets it holds (unexpired) and which."""
-    held: dict[str, list[int]] = {}
-    for lease in status.buckets:
-        if lease.owner is not None and lease.expires_at > status.now:
-            held.setdefault(lease.owner, []).append(lease.bucket)
     return [
         {
-            "node": node.name,
-            "state": node.state(status.now),
-            "buckets": node.buckets,
-            "held": ranges(held.get(node.name, [])),
-            "heartbeat": _seconds(status.now - node.seen_at) + " ago",
-            "joined": _time(node.started_at),
+            "node": view["node"],
+            "state": view["state"],
+            "buckets": view["buckets"],
+            "held": view["held"],
+            "heartbeat": _seconds(view["heartbeat_age"]) + " ago",
+            "joined": _time(view["joined_at"]),
         }
-        for node in status.nodes
+        for view in node_views(status)
     ]
 
 
 def bucket_rows(status: leases.ClusterStatus) -> list[dict[str, Any]]:
     """One row per bucket: owner (empty when free or expired), epoch, lease age, expiry."""
-    rows = []
-    for lease in status.buckets:
-        valid = lease.owner is not None and lease.expires_at > status.now
-        rows.append(
-            {
-                "bucket": lease.bucket,
-                "owner": lease.owner if valid else None,
-                "epoch": lease.epoch,
-                "held_for": (
-                    _seconds(status.now - lease.acquired_at)
-                    if valid and lease.acquired_at is not None
-                    else None
-                ),
-                "expires_in": _seconds(lease.expires_at - status.now) if valid else None,
-            }
-        )
-    return rows
+    return [
+        {
+            **view,
+            "held_for": None if view["held_for"] is None else _seconds(view["held_for"]),
+            "expires_in": None if view["expires_in"] is None else _seconds(view["expires_in"]),
+        }
+        for view in bucket_views(status)
+    ]
 
 
 def cmd_cluster_status(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
@@ -88,6 +77,12 @@ def cmd_cluster_status(args: argparse.Namespace, config: GatewayConfig, out: Tex
         f"database time {_time(status.now)} UTC\n\n"
     )
     write_rows(nodes, out, False, NODE_COLUMNS)
+    jobs = singleton_owners(status)
+    out.write(
+        "\njobs: "
+        + ", ".join(f"{job} on {owner or 'no node (lease free)'}" for job, owner in jobs.items())
+        + "\n"
+    )
     if args.buckets:
         out.write("\n")
         write_rows(buckets, out, False, BUCKET_COLUMNS)

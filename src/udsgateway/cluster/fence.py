@@ -34,6 +34,17 @@ class Token:
     epoch: int
 
 
+def lease_token(manager: LeaseManager, bucket: int | None) -> Token | None:
+    """The bucket and the epoch this node holds it at, while it may still use the lease
+    on its monotonic clock; None otherwise (or for no bucket)."""
+    if bucket is None:
+        return None
+    epoch = manager.epoch(bucket)
+    if epoch is None or not manager.may_send(bucket, epoch):
+        return None
+    return Token(bucket, epoch)
+
+
 @implementer(ILaneFence)
 class BucketFence:
     """The fence of a cluster node, over its LeaseManager."""
@@ -49,13 +60,7 @@ class BucketFence:
         return bucket_of(lane, total) if total else None
 
     def token(self, lane: str) -> Token | None:
-        bucket = self.bucket(lane)
-        if bucket is None:
-            return None
-        epoch = self.manager.epoch(bucket)
-        if epoch is None or not self.manager.may_send(bucket, epoch):
-            return None
-        return Token(bucket, epoch)
+        return lease_token(self.manager, self.bucket(lane))
 
     def may_send(self, token: object) -> bool:
         return isinstance(token, Token) and self.manager.may_send(token.bucket, token.epoch)

@@ -100,11 +100,18 @@ class LeaseManager(Service):
         #: The buckets the database has (known after the first round).
         self.total = 0
         self.nodes: tuple[str, ...] = ()
-        #: Counters for the metrics: lease transitions and renewal failures.
+        #: Counters for the metrics: lease transitions and renewal failures. ``lost_count``
+        #: counts every bucket this node stopped using; of those, ``released_count`` it
+        #: handed over (share, clean stop), ``lapsed_count`` it dropped on its own clock
+        #: (no renewal in time); the rest were found taken or expired at a round.
         self.gained_count = 0
         self.lost_count = 0
+        self.released_count = 0
         self.lapsed_count = 0
         self.failed_rounds = 0
+        #: Monotonic time (``clock.seconds()``) at which the last successful round
+        #: started, or None before the first one.
+        self.last_round_at: float | None = None
         #: Why this node gave up (its name in use by a live process), or None.
         self.refused: str | None = None
         self._loop = LoopingCall(self.tick)
@@ -136,6 +143,7 @@ class LeaseManager(Service):
             if call is not None and call.active():
                 call.cancel()
         self._deadline = self._soon = None
+        self.released_count += len(self.owned)
         self._drop(list(self.owned))
         if self.refused is not None:
             # Never joined: the buckets under this name are the live process's.
@@ -221,6 +229,7 @@ class LeaseManager(Service):
             return None
         if not self.running:
             return result  # stopped while the round ran: stopService hands them over
+        self.last_round_at = started
         safe_until = started + self.lease_time - self.margin
         lost = [
             bucket for bucket, held in self.owned.items() if result.owned.get(bucket) != held.epoch
@@ -230,6 +239,7 @@ class LeaseManager(Service):
             for bucket, epoch in result.owned.items()
             if bucket not in self.owned or self.owned[bucket].epoch != epoch
         }
+        self.released_count += len(set(lost) & set(result.released))
         self._drop(lost)
         self.owned = {bucket: Held(epoch, safe_until) for bucket, epoch in result.owned.items()}
         self.total, self.nodes = result.total, result.nodes

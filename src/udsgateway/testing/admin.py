@@ -63,6 +63,23 @@ def parse_response(data: bytes, closed: bool) -> Response:
     return Response(status, headers, body, closed)
 
 
+def api_token(database_url: str, name: str, role: str, at: float = 1.7e9) -> str:
+    """A user of ``role`` with an API token in the store at ``database_url`` (its schema
+    made if new), as ``udsgateway users add`` and ``tokens create`` make them; the token.
+    For tests and benches that start a real gateway on that store."""
+    database = Database(make_engine(database_url), InlineRunner())
+    try:
+        database.transaction_now(ensure_schema)
+        hashed = auth.hash_password(f"{name} password", TEST_SCRYPT_N)
+        database.transaction_now(users.add_user, name, hashed, role, False, at)
+        token = auth.new_token()
+        digest = auth.token_digest(token)
+        database.transaction_now(users.add_token, name, "", digest, token[:12], at)
+    finally:
+        database.close()
+    return token
+
+
 def make_database(url: str = "sqlite:///:memory:") -> Database:
     database = Database(make_engine(url), InlineRunner())
     database.transaction_now(ensure_schema)

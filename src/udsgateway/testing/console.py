@@ -86,18 +86,20 @@ class ConsoleClient:
         dispatcher: Any = None,
         executor: Any = None,
         accounts: MemoryAccounts | None = None,
+        operations: Any = None,
     ) -> ConsoleClient:
         """The console over an operations facade of ``database`` on ``clock`` (a
         ``task.Clock``: its time is the wall time too)."""
         tenant = tenant or TenantConfig(name="test", listen="tcp:port=2575")
-        operations = Operations(
-            database,
-            clock,
-            clock.seconds,
-            dispatcher=dispatcher,
-            executor=executor,
-            tenants={tenant.name: tenant},
-        )
+        if operations is None:
+            operations = Operations(
+                database,
+                clock,
+                clock.seconds,
+                dispatcher=dispatcher,
+                executor=executor,
+                tenants={tenant.name: tenant},
+            )
         console = Console(operations, accounts or demo_accounts(), clock=clock.seconds)
         return cls(console)
 

@@ -306,6 +306,7 @@ class Console(Resource):
             ("GET", r"/logs/tail", self.logs_tail, VIEWER),
             ("GET", r"/audit", self.audit, ADMIN),
             ("GET", r"/users", self.users, ADMIN),
+            ("GET", r"/cluster", self.cluster, VIEWER),
         ):
             self._routes.append((method, re.compile(pattern + r"\Z"), handler, role))
 
@@ -962,6 +963,10 @@ class Console(Resource):
     async def users(self, page: Page, _: re.Match[str]) -> bytes:
         rows = await self.accounts.users()
         return page.render("users.html", title="Users", rows=rows)
+
+    async def cluster(self, page: Page, _: re.Match[str]) -> bytes:
+        view = await self.operations.cluster(page.user.name, "api")
+        return page.render("cluster.html", title="Cluster", view=view)
 
 
 #: A destination waiting longer than this (seconds) is a problem on the dashboard.
