@@ -729,7 +729,10 @@ class Cluster:
     database_url: str | None = None
     receiver_delay: float = 0.0
     #: More postgresql.conf settings of the private PostgreSQL.
-    postgres_settings: dict[str, str] = field(factory=lambda: dict(DEAD_CLIENT_SETTINGS))
+    # PostgreSQL's defaults: the nodes set what they need on their own sessions
+    # (store.engine.dead_peer_settings); DEAD_CLIENT_SETTINGS is what a database
+    # shared with other clients may add for them.
+    postgres_settings: dict[str, str] = field(factory=dict)
     postgres: PrivatePostgres | None = None
     namespace: Namespace | None = None
     members: dict[str, Node] = field(factory=dict)
