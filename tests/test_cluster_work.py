@@ -68,6 +68,29 @@ def flow_in(buckets: set[int], prefix: str, steps: int = 1) -> Flow:
     raise AssertionError("no such flow")
 
 
+def delivered(
+    database: Database, delivery: Any, step: int, at: float, after: Callable[..., Any]
+) -> None:
+    """Record ``delivery`` (action ``step``) as delivered at ``at``, the executor's
+    ``after`` hook in the same transaction (as the dispatcher records an ACK)."""
+    database.transaction_now(
+        outbox.record,
+        [
+            Settlement(
+                delivery.id,
+                DELIVERED,
+                1,
+                0.0,
+                execution_id=delivery.execution_id,
+                step=step,
+                control_id=delivery.control_id,
+            )
+        ],
+        at,
+        after,
+    )
+
+
 @implementer(IDeliveryQueue)
 class Queue:
     """The executor's delivery queue: records the lanes it is told of."""
@@ -251,22 +274,7 @@ class ExecutorClaimTests(SynchronousTestCase):
         self.database.transaction_now(inbound.commit_inbound, [record])
         (delivery,) = self.database.transaction_now(outbox.list_deliveries, (), None, 10)
         stale, _queue = self.executor(a)  # loaded with self.apps: not this flow
-        self.database.transaction_now(
-            outbox.record,
-            [
-                Settlement(
-                    delivery.id,
-                    DELIVERED,
-                    1,
-                    0.0,
-                    execution_id=delivery.execution_id,
-                    step=0,
-                    control_id=delivery.control_id,
-                )
-            ],
-            2.0,
-            stale.after_record,
-        )
+        delivered(self.database, delivery, 0, 2.0, stale.after_record)
         (row,) = self.database.transaction_now(executions.list_executions, (), 10)
         self.assertEqual((row.state, row.step), (PENDING, 1))
 
@@ -702,22 +710,7 @@ class PostgreSQLWorkTests(SynchronousTestCase):
             store.parse_work(heard).lanes,
             ((lane_name(two.flow_id, 0), delivery.destination, "mllp"),),
         )
-        self.database.transaction_now(
-            outbox.record,
-            [
-                Settlement(
-                    delivery.id,
-                    DELIVERED,
-                    1,
-                    0.0,
-                    execution_id=delivery.execution_id,
-                    step=0,
-                    control_id=delivery.control_id,
-                )
-            ],
-            2.0,
-            executor.after_record,
-        )
+        delivered(self.database, delivery, 0, 2.0, executor.after_record)
         heard = self.heard(driver, ours)
         self.assertEqual(store.parse_work(heard).steps, ((two.flow_id, 1),))
         self.assertEqual(store.parse_work(heard).finished, ())
@@ -728,22 +721,7 @@ class PostgreSQLWorkTests(SynchronousTestCase):
             for d in self.database.transaction_now(outbox.list_deliveries, (), None, 10)
             if d.step == 1
         )
-        self.database.transaction_now(
-            outbox.record,
-            [
-                Settlement(
-                    second.id,
-                    DELIVERED,
-                    1,
-                    0.0,
-                    execution_id=second.execution_id,
-                    step=1,
-                    control_id=second.control_id,
-                )
-            ],
-            3.0,
-            executor.after_record,
-        )
+        delivered(self.database, second, 1, 3.0, executor.after_record)
         heard = self.heard(
             driver, lambda payload: store.parse_work(payload).finished == (second.execution_id,)
         )

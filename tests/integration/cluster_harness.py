@@ -1019,12 +1019,7 @@ class Cluster:
                 status = store.cluster_status(connection)
         except Exception:
             return {}
-        owners: dict[str, set[int]] = {}
-        if status is not None:
-            for lease in status.buckets:
-                if lease.owner is not None and lease.expires_at > status.now:
-                    owners.setdefault(lease.owner, set()).add(lease.bucket)
-        return owners
+        return {} if status is None else status.holders()
 
     def wait_for(self, done: Callable[[], bool], what: str, timeout: float = 60.0) -> float:
         started = time.monotonic()

@@ -60,12 +60,7 @@ class LeaseNodesTests(SynchronousTestCase):
         """Valid leases per owner, on the database clock."""
         with self.engine.begin() as connection:
             status = store.cluster_status(connection)
-        owners: dict[str, set[int]] = {}
-        if status is not None:
-            for lease in status.buckets:
-                if lease.owner is not None and lease.expires_at > status.now:
-                    owners.setdefault(lease.owner, set()).add(lease.bucket)
-        return owners
+        return {} if status is None else status.holders()
 
     def wait_for(self, done: object, what: str) -> float:
         """Poll ``done(held)`` until true; the seconds it took."""

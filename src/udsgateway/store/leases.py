@@ -464,6 +464,14 @@ class ClusterStatus:
     nodes: tuple[NodeStatus, ...]
     buckets: tuple[BucketStatus, ...]
 
+    def holders(self) -> dict[str, set[int]]:
+        """owner -> the buckets it holds a valid lease on, on the database clock."""
+        owners: dict[str, set[int]] = {}
+        for lease in self.buckets:
+            if lease.owner is not None and lease.expires_at > self.now:
+                owners.setdefault(lease.owner, set()).add(lease.bucket)
+        return owners
+
 
 def cluster_status(connection: Connection) -> ClusterStatus | None:
     """Nodes and leases, or None when this database never ran in cluster mode."""
