@@ -33,7 +33,7 @@ from udsgateway.interfaces import IDeliveryQueue
 from udsgateway.outbound.executor import Executor, lane_name
 from udsgateway.store import executions, inbound, outbox
 from udsgateway.store import leases as store
-from udsgateway.store.engine import Database, InlineRunner, ensure_schema
+from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
 from udsgateway.store.outbox import DELIVERED, QUEUED, NewDelivery
 from udsgateway.store.records import PENDING, WAITING, Finished, Settlement
 from udsgateway.testing import (
@@ -487,6 +487,45 @@ class PayloadTests(SynchronousTestCase):
 
 class ConfigTests(SynchronousTestCase):
     BASE = '[gateway]\ndatabase = "postgresql+psycopg://u@h/db"\nnode_name = "n1"\n'
+
+    def test_leases_on_their_own_thread(self) -> None:
+        """A node's lease rounds use the database (thread and connection) given for
+        them; without one, the data path's."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        from udsgateway.service import GatewayService
+
+        config = parse_config(self.BASE + "[cluster]\nenabled = true\n")
+        data = Database(make_engine("sqlite://"), InlineRunner())
+        leases = Database(make_engine("sqlite://"), InlineRunner())
+        self.addCleanup(data.close)
+        self.addCleanup(leases.close)
+
+        class Threads:
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def start(self) -> None:
+                pass
+
+            def stop(self) -> None:
+                pass
+
+        service = GatewayService(
+            config,
+            MemoryReactorClock(),
+            data,
+            ControlIdSource("T"),
+            threads=Threads("data"),
+            lease_database=leases,
+            lease_threads=Threads("leases"),
+        )
+        assert service.leases is not None
+        self.assertIs(service.leases.database, leases)
+        self.assertEqual(service._lease_threads.name, "leases")  # type: ignore[union-attr]
+        shared = GatewayService(config, MemoryReactorClock(), data, ControlIdSource("T"))
+        assert shared.leases is not None
+        self.assertIs(shared.leases.database, data)
 
     def test_defaults_and_values(self) -> None:
         config = parse_config(self.BASE)

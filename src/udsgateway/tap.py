@@ -99,12 +99,18 @@ def makeService(options: Options) -> IService:
     runner = ThreadRunner(reactor)  # type: ignore[arg-type]
     database = Database(engine, runner)
     control_ids = ControlIdSource.for_boot(time.time())
+    # A cluster node renews its leases on a thread and connection of their own.
+    lease_runner = None
+    if config.cluster.enabled:
+        lease_runner = ThreadRunner(reactor, name="udsgateway-leases")  # type: ignore[arg-type]
     service = GatewayService(
         config,
         reactor,
         database,
         control_ids,
         threads=runner,
+        lease_database=Database(engine, lease_runner) if lease_runner is not None else None,
+        lease_threads=lease_runner,
         wall=time.time,
         identity=FileIdentity(path) if path is not None else None,
         lock=lock,
