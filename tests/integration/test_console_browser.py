@@ -350,9 +350,17 @@ class ConsoleBrowserTests(SynchronousTestCase):
         self.assertIn("received", logs.locator("#log-rows").inner_text())
         self.shot(logs, "execution_log")
 
-        page.goto(self.base + "/console/")
+        # "received" counts the message's search keys, written up to a second after
+        # its ACK (docs/operations.md, message search): reload until they are there.
         row = page.locator(f'tr[data-flow="{sender["flow_id"]}"]')
-        self.assertEqual(row.locator('td[data-col="received"]').inner_text(), "1")
+        deadline = time.monotonic() + 30
+        while True:
+            page.goto(self.base + "/console/")
+            received = row.locator('td[data-col="received"]').inner_text()
+            if received != "0" or time.monotonic() > deadline:
+                break
+            page.wait_for_timeout(200)
+        self.assertEqual(received, "1")
         self.assertEqual(row.locator('td[data-col="done"]').inner_text(), "1")
         self.shot(page, "dashboard")
 
