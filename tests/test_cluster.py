@@ -172,6 +172,28 @@ class LeaseContract(LeaseFixture):
                 sorted(manager.owned), sorted(k for k, v in owners.items() if v == manager.node)
             )
 
+    def test_excess_dropped_before_it_is_released(self) -> None:
+        """A node above its share stops using the excess (no frame may leave for it)
+        while the database still shows it as the owner, and releases it only after:
+        another node, woken by the release, can never send on a bucket this node may
+        still send on."""
+        a = self.manager("a")
+        self.manager("b")
+        seen_at_drop: dict[int, str | None] = {}
+
+        def dropped(buckets: list[int]) -> None:
+            self.lost["a"].extend(buckets)
+            owners = self.owners()
+            seen_at_drop.update({bucket: owners[bucket] for bucket in buckets})
+            self.assertFalse(any(a.may_send(bucket, 1) for bucket in buckets))
+
+        a.on_lost = dropped
+        a.tick()
+        self.assertEqual(seen_at_drop, dict.fromkeys([4, 5, 6, 7], "a"))
+        owners = self.owners()
+        self.assertEqual([owners[bucket] for bucket in (4, 5, 6, 7)], [None] * 4)
+        self.assertEqual(a.released_count, 4)
+
     def test_settled_cluster_moves_nothing(self) -> None:
         """Once three nodes hold 3, 3 and 2 of eight, further rounds move no bucket."""
         a, b, c = self.manager("a"), self.manager("b"), self.manager("c")

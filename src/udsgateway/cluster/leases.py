@@ -120,6 +120,14 @@ class LeaseManager(Service):
         self._ticking = False
         self._again = False
         self._soon: IDelayedCall | None = None
+        #: A share above what this node may keep is given up in two rounds: the first
+        #: keeps every lease but stops using the excess (``_withheld``, dropped at once:
+        #: no frame leaves for them), the next releases them in the database. So no
+        #: frame of this node follows a release that another node may act on at once.
+        #: ``_withheld_from``: the share (``wanted``) the excess was counted from.
+        self._withheld: set[int] = set()
+        self._withheld_from: int | None = None
+        self._excess_from: int | None = None
         #: Fires after the first round ended (taken part, refused or failed): a
         #: gateway starting in cluster mode waits for it.
         self.first_round: Deferred[None] = Deferred()
@@ -208,9 +216,14 @@ class LeaseManager(Service):
 
     async def _one_round(self) -> Round | None:
         started = self.clock.seconds()
+        self._excess_from = None
         try:
             result: Round = await self.database.transaction(
-                store.heartbeat_round, self.node, self.instance, self.lease_time, self.share
+                store.heartbeat_round,
+                self.node,
+                self.instance,
+                self.lease_time,
+                self._two_step_share(self._withheld_from if self._withheld else None),
             )
         except NodeNameInUseError as error:
             self.refused = str(error)
@@ -231,17 +244,33 @@ class LeaseManager(Service):
             return result  # stopped while the round ran: stopService hands them over
         self.last_round_at = started
         safe_until = started + self.lease_time - self.margin
+        # Above its share: stop using the excess now, release it at the next round.
+        withhold: set[int] = set()
+        if self._excess_from is not None:
+            withhold = set(sorted(result.owned)[self._excess_from :])
+        withheld_before = self._withheld
+        self._withheld, self._withheld_from = withhold, self._excess_from
         lost = [
-            bucket for bucket, held in self.owned.items() if result.owned.get(bucket) != held.epoch
+            bucket
+            for bucket, held in self.owned.items()
+            if result.owned.get(bucket) != held.epoch or bucket in withhold
         ]
         gained = {
             bucket: epoch
             for bucket, epoch in result.owned.items()
-            if bucket not in self.owned or self.owned[bucket].epoch != epoch
+            if bucket not in withhold
+            and (bucket not in self.owned or self.owned[bucket].epoch != epoch)
         }
-        self.released_count += len(set(lost) & set(result.released))
+        # Released now: withheld at the round before (already counted as lost), or lost now.
+        self.released_count += len(set(result.released) & (set(lost) | withheld_before))
         self._drop(lost)
-        self.owned = {bucket: Held(epoch, safe_until) for bucket, epoch in result.owned.items()}
+        self.owned = {
+            bucket: Held(epoch, safe_until)
+            for bucket, epoch in result.owned.items()
+            if bucket not in withhold
+        }
+        if withhold:
+            self._again = True  # release them at once, now that nothing is sent for them
         self.total, self.nodes = result.total, result.nodes
         self._arm(safe_until)
         if gained:
@@ -254,6 +283,25 @@ class LeaseManager(Service):
             )
             self.on_gained(gained)
         return result
+
+    def _two_step_share(self, withheld_from: int | None) -> store.SharePolicy:
+        """The share policy of one round: when this node holds more than it may keep,
+        it keeps everything this round (and notes from which share the excess counts,
+        ``_excess_from``) unless that excess was withheld at the round before, from a
+        share no larger than now (the excess is then among the withheld buckets)."""
+        policy = self.share
+
+        def share(
+            live: Sequence[str], me: str, total: int, counts: dict[str, int]
+        ) -> tuple[int, int]:
+            wanted, keep = policy(live, me, total, counts)
+            mine = counts.get(me, 0)
+            if mine > keep and (withheld_from is None or wanted < withheld_from):
+                self._excess_from = wanted
+                return mine, mine
+            return wanted, keep
+
+        return share
 
     def _arm(self, safe_until: float) -> None:
         if self._deadline is not None and self._deadline.active():
