@@ -1267,6 +1267,17 @@ class Cluster:
             for lease in by_bucket.get(bucket, ()):
                 if lease.acquired_at <= arrival.time:
                     current = lease
+            if current is not None and current.owner != arrival.node:
+                # Sent under this node's own lease just before it ended (a hand-over),
+                # read by the receiver after the next owner took the bucket: the same
+                # allowance as for a lease's end below.
+                mine = [
+                    lease
+                    for lease in by_bucket.get(bucket, ())
+                    if lease.owner == arrival.node and lease.acquired_at <= arrival.time
+                ]
+                if mine and arrival.time <= mine[-1].valid_until + TRANSIT:
+                    continue
             if current is None or current.owner != arrival.node:
                 owner = current.owner if current else "nobody"
                 found.append(
