@@ -154,6 +154,15 @@ class KeyWriterTests(SynchronousTestCase):
         )
         self.assertEqual([row.control_id for row in found], ["C2", "C1"])
 
+    def test_the_key_statements_are_compiled_before_listening(self) -> None:
+        """The catch-up at start compiles every chunk size of the keys' INSERT, so
+        the first batches after the listeners open wait for no compile."""
+        database = memory_database()
+        prepared = search._INSERT_KEYS._multi
+        prepared.clear()
+        self.successResultOf(_run(KeyWriter(database, MemoryReactorClock()).catch_up()))
+        self.assertEqual(sorted(prepared), [1, 2, 4, 8, 16, 32, 64, 128, 256])
+
     def test_an_older_store_is_not_scanned(self) -> None:
         """A store whose messages got their keys in the commit (before this version)
         has no mark: the first start sets it to the newest message, reading nothing."""

@@ -48,6 +48,7 @@ def _write(
 def _start_mark(connection: Connection, node: str) -> int | None:
     """This node's id, or None after setting it to the newest message (a store that
     wrote every key in its commits until now: nothing to catch up)."""
+    search.prepare_key_inserts(connection)
     through = meta.keys_through(connection, node)
     if through is None:
         meta.set_keys_through(connection, node, search.last_message_id(connection))
