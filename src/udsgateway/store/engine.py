@@ -8,6 +8,7 @@ that returned is on disk before any ACK is written (G4).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import fcntl
 import os
 import queue
@@ -467,10 +468,8 @@ class Checkpointer:
     def _close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 connection.close()
-            except sqlite3.Error:
-                pass
 
 
 def _rolled_back(connection: Connection) -> bool:
