@@ -4,7 +4,7 @@ fault harness.
     .venv/bin/python -m bench.cluster --nodes 1,2,3 [--messages 6000] [--connections 12]
         [--latency-rate 200] [--latency-messages 2000] [--no-latency] [--markdown PATH]
     .venv/bin/python -m bench.cluster --faults [--kills 6] [--lease 6]
-    .venv/bin/python -m bench.cluster --quick          # both, small, ~2 minutes
+    .venv/bin/python -m bench.cluster --quick          # both, small, a few minutes
 
 Throughput: for each node count, a fresh private PostgreSQL (initdb under a
 temporary directory, run as the user postgres: ``tests/integration/cluster_harness.py``),
