@@ -328,6 +328,39 @@ class OpsContract(_Base):
         self.assertEqual([m.control_id for m in found], ["M3"])
         self.assertEqual(len(self.tx(search.search, Query(status="rejected", tenant="t"))), 1)
 
+    def test_schema_4_is_migrated(self) -> None:
+        """Version 5's indexes (the status and the dashboard read them alone) are built
+        on a version-4 database, and the status reads answer from them."""
+        from sqlalchemy import inspect, update
+
+        from udsgateway.store import overview, schema
+
+        [result] = self.tx(inbound.commit_inbound, [stored("M4", 1000.0)])
+
+        def make_it_version_4(connection: Any) -> None:
+            for table, name in schema.STATUS_INDEXES:
+                schema.index(table, name).drop(connection)
+            connection.execute(
+                update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="4")
+            )
+
+        def indexes(connection: Any) -> set[str]:
+            inspector = inspect(connection)
+            return {
+                index["name"]
+                for table, _name in schema.STATUS_INDEXES
+                for index in inspector.get_indexes(table.name)
+            }
+
+        self.tx(make_it_version_4)
+        wanted = {name for _table, name in schema.STATUS_INDEXES}
+        self.assertEqual(self.tx(indexes) & wanted, set())
+        self.assertEqual(self.tx(ensure_schema), schema.SCHEMA_VERSION)
+        self.assertEqual(self.tx(indexes) & wanted, wanted)
+        [counts] = self.tx(overview.flow_counts)
+        self.assertEqual((counts.flow_id, sum(counts.executions.values())), ("F1", 1))
+        self.assertEqual(result.outcome.name, "STORED")
+
 
 class SQLiteOpsTests(OpsContract, SynchronousTestCase):
     def setUp(self) -> None:

@@ -74,7 +74,7 @@ class StatusOps(Core):
             self._check(actor, via)
         except OperationsError:
             return fail()
-        done = self._read(_status_rows, self.wall(), history)
+        done = self._read(status_rows, self.wall(), history)
         done.addCallback(self._status)
         return done
 
@@ -167,7 +167,7 @@ def _rates_of(rates: Mapping[str, Mapping[str, float]], prefix: str) -> dict[str
     }
 
 
-def _status_rows(connection: Connection, now: float, history: bool = False) -> dict[str, Any]:
+def status_rows(connection: Connection, now: float, history: bool = False) -> dict[str, Any]:
     """Flow and destination counts from the database (a read, off the database thread)."""
     flows: dict[str, dict[str, Any]] = {
         row.flow_id: {
