@@ -133,8 +133,9 @@ def find_messages(
     ]
 
 
+_SUMMARY_FIELDS = tuple(field.name for field in fields(MessageSummary))
 #: The columns of a ``MessageSummary`` (a stored message's metadata), in its fields' order.
-SUMMARY_COLUMNS = tuple(schema.messages.c[field.name] for field in fields(MessageSummary))
+SUMMARY_COLUMNS = tuple(schema.messages.c[name] for name in _SUMMARY_FIELDS)
 
 
 def summary_of(row: Any) -> MessageSummary:
@@ -143,7 +144,7 @@ def summary_of(row: Any) -> MessageSummary:
 
 
 def _summary_values(row: Any) -> dict[str, Any]:
-    values = {field.name: getattr(row, field.name) for field in fields(MessageSummary)}
+    values = {name: getattr(row, name) for name in _SUMMARY_FIELDS}
     values["accepted"] = bool(row.accepted)
     values["flows"] = tuple(json.loads(row.flows))
     return values
