@@ -9,6 +9,8 @@ the manhole (``via``). A row names its object (``delivery 12``, ``message
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from attrs import field, frozen
 from sqlalchemy import Connection, select
 
@@ -47,6 +49,10 @@ def append(
     return int(key[0]) if key is not None and key[0] is not None else 0
 
 
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
 @frozen
 class AuditQuery:
     """A search of the audit trail; every filter is optional, all given ones must match.
@@ -62,7 +68,7 @@ class AuditQuery:
     since: float | None = None  # at or after (epoch seconds)
     until: float | None = None  # before
     #: Where it was done (``VIA``): any of these; empty: anywhere.
-    vias: tuple[str, ...] = field(default=(), converter=tuple)
+    vias: tuple[str, ...] = field(default=(), converter=_strings)
     before_id: int | None = None  # keyset: rows older than this one
     limit: int = 100
 
