@@ -15,6 +15,7 @@ from udsgateway.hl7.header import parse_header
 from udsgateway.hl7.keys import search_keys
 from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.store import outbox, schema
+from udsgateway.store.audit import AuditQuery
 from udsgateway.store.search import Query
 from udsgateway.testing import (
     Gateway,
@@ -226,15 +227,24 @@ class MessageTests(SynchronousTestCase):
     def test_audit_trail_reads_newest_first(self) -> None:
         for who in ("ann", "bob", "cid"):
             result(self, self.operations.content(who, "api", 1, "inbound"))
-        trail = result(self, self.operations.audit_trail("ann", "api", limit=2))
+        trail = result(self, self.operations.audit_trail("ann", "api", AuditQuery(limit=2)))
         self.assertEqual([e["who"] for e in trail["entries"]], ["cid", "bob"])
         rest = result(
-            self, self.operations.audit_trail("ann", "api", before_id=trail["next"], limit=2)
+            self,
+            self.operations.audit_trail(
+                "ann", "api", AuditQuery(before_id=trail["next"], limit=2)
+            ),
         )
         self.assertEqual([e["who"] for e in rest["entries"]], ["ann"])
         self.assertIsNone(rest["next"])
-        only = result(self, self.operations.audit_trail("ann", "api", who="bob"))
+        only = result(self, self.operations.audit_trail("ann", "api", AuditQuery(who="bob")))
         self.assertEqual([e["action"] for e in only["entries"]], ["content.inbound"])
+        everything = result(self, self.operations.audit_trail("ann", "api"))
+        self.assertEqual(len(everything["entries"]), 3)
+        failure = self.failureResultOf(
+            self.operations.audit_trail("ann", "api", AuditQuery(vias=("telnet",))), Invalid
+        )
+        self.assertIn("via", failure.getErrorMessage())
 
 
 class QueueTests(SynchronousTestCase):

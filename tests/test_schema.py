@@ -80,6 +80,69 @@ class SchemaTests(SynchronousTestCase):
             plan = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, ("A", "B")).all()
         self.assertIn("USING INDEX messages_dedupe", " ".join(str(row[-1]) for row in plan))
 
+    def test_version_4_is_migrated(self) -> None:
+        """Version 5's indexes for the status and the dashboard are built on a version 4
+        database (its rows kept)."""
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            ensure_schema(connection)
+            commit_inbound(connection, [inbound_record("OLD4", flows=("F1",))])
+            for table, name in schema.STATUS_INDEXES:
+                schema.index(table, name).drop(connection)
+            connection.execute(
+                update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="4")
+            )
+        with engine.begin() as connection:
+            self.assertEqual(ensure_schema(connection), schema.SCHEMA_VERSION)
+            found = {
+                (table.name, index["name"]): index["column_names"]
+                for table, _name in schema.STATUS_INDEXES
+                for index in inspect(connection).get_indexes(table.name)
+            }
+            count = connection.exec_driver_sql("SELECT count(*) FROM messages").scalar()
+        self.assertEqual(
+            [found.get((table.name, name)) for table, name in schema.STATUS_INDEXES],
+            [["flow_id", "state"], ["event", "at", "flow_id"]],
+        )
+        self.assertEqual(count, 1)
+
+    def test_status_reads_indexes_only(self) -> None:
+        """The status's counts of executions and the dashboard's chart read their index
+        alone (SQLite says ``COVERING INDEX``), never the tables' rows; the chart a range
+        of it, not every line since."""
+        from sqlalchemy import event
+
+        from udsgateway.store import logs, overview
+
+        engine = make_engine("sqlite:///:memory:")
+        with engine.begin() as connection:
+            ensure_schema(connection)
+            statements: list[tuple[str, Any]] = []
+
+            def seen(_conn: Any, _cursor: Any, sql: str, params: Any, *_: Any) -> None:
+                statements.append((sql, params))
+
+            event.listen(connection, "before_cursor_execute", seen)
+            overview.flow_counts(connection)
+            logs.per_minute(connection, "execution", 1000.0, 60)
+            event.remove(connection, "before_cursor_execute", seen)
+            plans = {
+                sql: " ".join(
+                    str(row[-1])
+                    for row in connection.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)
+                )
+                for sql, params in statements
+                if "GROUP BY" in sql
+            }
+        self.assertEqual(len(plans), 2, plans)
+        self.assertEqual(
+            sorted(plan.split("COVERING INDEX ")[1].split()[0] for plan in plans.values()),
+            ["executions_flow", "logs_event"],
+            plans,
+        )
+        [chart] = [plan for sql, plan in plans.items() if "FROM logs" in sql]
+        self.assertIn("SEARCH logs USING COVERING INDEX logs_event (event=? AND at>?)", chart)
+
     def test_newer_database_is_refused(self) -> None:
         """A database written by a newer udsgateway is refused, not damaged."""
         engine = make_engine("sqlite:///:memory:")

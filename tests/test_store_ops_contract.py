@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+from attrs import fields
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.test_store_contract import throwaway_schema_engine
-from udsgateway.store import audit, destinations, executions, inbound, logs, search
+from udsgateway.store import audit, destinations, executions, inbound, logs, messages, search
 from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
-from udsgateway.store.records import LogEntry
+from udsgateway.store.records import LogEntry, MessageSummary
 from udsgateway.store.search import Query
 from udsgateway.testing import inbound_record
 
@@ -53,15 +54,24 @@ class OpsContract(_Base):
         rows = self.tx(audit.entries)
         self.assertEqual([r.who for r in rows], ["ann", "bob", "ann"])
         self.assertEqual(rows[0].result, "refused: x")
-        self.assertEqual([r.action for r in self.tx(audit.entries, "ann")][1], "delivery.skip")
-        self.assertEqual(len(self.tx(audit.entries, None, "delivery.")), 1)
-        self.assertEqual(len(self.tx(audit.entries, None, None, None, 15.0)), 2)
+        Q = audit.AuditQuery  # noqa: N806
         self.assertEqual(
-            [r.via for r in self.tx(audit.entries, None, None, None, None, None, rows[0].id)],
+            [r.action for r in self.tx(audit.entries, Q(who="ann"))][1], "delivery.skip"
+        )
+        self.assertEqual(len(self.tx(audit.entries, Q(action="delivery."))), 1)
+        self.assertEqual(len(self.tx(audit.entries, Q(action="delivery"))), 0)
+        self.assertEqual(len(self.tx(audit.entries, Q(target="message 3"))), 1)
+        self.assertEqual(len(self.tx(audit.entries, Q(since=15.0))), 2)
+        self.assertEqual(len(self.tx(audit.entries, Q(until=30.0))), 2)
+        self.assertEqual(len(self.tx(audit.entries, Q(limit=1))), 1)
+        self.assertEqual(
+            [r.via for r in self.tx(audit.entries, Q(before_id=rows[0].id))],
             ["cli", "api"],
         )
-        vias = self.tx(audit.entries, None, None, None, None, None, None, 100, ("cli",))
+        vias = self.tx(audit.entries, Q(vias=["cli"]))
         self.assertEqual([r.who for r in vias], ["bob"])
+        both = self.tx(audit.entries, Q(who="ann", vias=("api", "cli")))
+        self.assertEqual([r.action for r in both], ["delivery.skip"])
 
     def test_pauses(self) -> None:
         self.assertTrue(self.tx(destinations.pause, "h:1", "ann", "upgrade", 5.0))
@@ -113,6 +123,21 @@ class OpsContract(_Base):
             [line.outcome for line in self.tx(logs.log_lines, None, "accepted")],
             ["accepted"],
         )
+
+    def test_a_stored_message_and_its_summary_agree(self) -> None:
+        """``messages.find_messages`` (with content) and the browser's summary read the
+        same metadata: a ``StoredMessage`` is a ``MessageSummary`` with its bytes."""
+        [result] = self.tx(inbound.commit_inbound, [stored("S1", 100.0)])
+        [message] = self.tx(messages.find_messages, "t", "S1")
+        summary = self.tx(search.detail, result.message_id).message
+        self.assertIsInstance(message, MessageSummary)
+        self.assertEqual(
+            MessageSummary(**{f.name: getattr(message, f.name) for f in fields(MessageSummary)}),
+            summary,
+        )
+        self.assertEqual((summary.flows, summary.accepted), (("F1",), True))
+        self.assertEqual(self.tx(search.search, Query()), [summary])
+        self.assertEqual((message.raw[:3], message.ack), (b"MSH", b"ACK S1"))
 
     def test_one_log_query_for_timeline_events_pages_and_charts(self) -> None:
         """``logs.log_lines``: a message's lines (its own and its executions'), by event,
@@ -302,6 +327,39 @@ class OpsContract(_Base):
         found = self.tx(search.search, Query(keys=(("msh10", "M3"),)))
         self.assertEqual([m.control_id for m in found], ["M3"])
         self.assertEqual(len(self.tx(search.search, Query(status="rejected", tenant="t"))), 1)
+
+    def test_schema_4_is_migrated(self) -> None:
+        """Version 5's indexes (the status and the dashboard read them alone) are built
+        on a version-4 database, and the status reads answer from them."""
+        from sqlalchemy import inspect, update
+
+        from udsgateway.store import overview, schema
+
+        [result] = self.tx(inbound.commit_inbound, [stored("M4", 1000.0)])
+
+        def make_it_version_4(connection: Any) -> None:
+            for table, name in schema.STATUS_INDEXES:
+                schema.index(table, name).drop(connection)
+            connection.execute(
+                update(schema.meta).where(schema.meta.c.key == "schema_version").values(value="4")
+            )
+
+        def indexes(connection: Any) -> set[str]:
+            inspector = inspect(connection)
+            return {
+                index["name"]
+                for table, _name in schema.STATUS_INDEXES
+                for index in inspector.get_indexes(table.name)
+            }
+
+        self.tx(make_it_version_4)
+        wanted = {name for _table, name in schema.STATUS_INDEXES}
+        self.assertEqual(self.tx(indexes) & wanted, set())
+        self.assertEqual(self.tx(ensure_schema), schema.SCHEMA_VERSION)
+        self.assertEqual(self.tx(indexes) & wanted, wanted)
+        [counts] = self.tx(overview.flow_counts)
+        self.assertEqual((counts.flow_id, sum(counts.executions.values())), ("F1", 1))
+        self.assertEqual(result.outcome.name, "STORED")
 
 
 class SQLiteOpsTests(OpsContract, SynchronousTestCase):

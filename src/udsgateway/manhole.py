@@ -29,6 +29,7 @@ from zope.interface import implementer
 from udsgateway.admin.operations import Operations
 from udsgateway.config import ManholeConfig
 from udsgateway.store import search
+from udsgateway.store.audit import AuditQuery
 
 
 @implementer(IAuthorizedKeysDB)
@@ -155,8 +156,9 @@ def namespace(
         return ops.replay_messages(operator, via, query, reason, flow_id, confirm_count)
 
     def audit(**filters: Any) -> Any:
-        """The audit trail, newest first: who=, action=, target=, since=, until=, limit=."""
-        return ops.audit_trail(operator, via, **filters)
+        """The audit trail, newest first: who=, action=, target=, since=, until=, vias=,
+        before_id=, limit= (the fields of ``store.audit.AuditQuery``)."""
+        return ops.audit_trail(operator, via, AuditQuery(**filters))
 
     def cluster() -> Any:
         """The nodes sharing the database, their buckets and leases, who runs each job."""

@@ -59,3 +59,9 @@ class WheelTests(SynchronousTestCase):
         self.assertIn("udsgateway/wire/framing.py", names)
         self.assertIn("udsgateway/compiled.py", names)
         self.assertEqual([name for name in names if name.endswith(".so")], [])
+        # Every package of the source tree is listed in setup.cfg (none left out).
+        packages = sorted(
+            path.parent.relative_to(REPO / "src").as_posix()
+            for path in (REPO / "src" / "udsgateway").rglob("__init__.py")
+        )
+        self.assertEqual([p for p in packages if f"{p}/__init__.py" not in names], [])

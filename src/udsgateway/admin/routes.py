@@ -11,13 +11,13 @@ ID does not belong in a URL, which proxies and browsers keep.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from udsgateway.admin import operations as ops
 from udsgateway.admin.http import Call, HTTPError, Route
-from udsgateway.store import search
+from udsgateway.store import audit, search
 from udsgateway.store.users import ADMIN, OPERATOR, VIEWER
 
 _REASON = {"type": "string", "minLength": 1, "maxLength": 255}
@@ -150,6 +150,19 @@ def make_query(body: dict[str, Any]) -> search.Query:
     )
 
 
+def make_audit_query(query: Mapping[str, str]) -> audit.AuditQuery:
+    """The audit trail's filters from a URL's query (no content there: names, actions)."""
+    return audit.AuditQuery(
+        who=query.get("who") or None,
+        action=query.get("action") or None,
+        target=query.get("target") or None,
+        since=_time(query["since"], "since") if query.get("since") else None,
+        until=_time(query["until"], "until") if query.get("until") else None,
+        before_id=_int(query["before_id"], "before_id") if query.get("before_id") else None,
+        limit=_int(query.get("limit", "100"), "limit"),
+    )
+
+
 def operation_routes(facade: Any) -> list[Route]:
     """The routes over ``facade`` (an Operations)."""
 
@@ -205,18 +218,7 @@ def operation_routes(facade: Any) -> list[Route]:
         )
 
     def audit_trail(call: Call) -> Any:
-        query = call.query
-        return facade.audit_trail(
-            call.actor,
-            "api",
-            who=query.get("who") or None,
-            action=query.get("action") or None,
-            target=query.get("target") or None,
-            since=_time(query["since"], "since") if query.get("since") else None,
-            until=_time(query["until"], "until") if query.get("until") else None,
-            before_id=_int(query["before_id"], "before_id") if query.get("before_id") else None,
-            limit=_int(query.get("limit", "100"), "limit"),
-        )
+        return facade.audit_trail(call.actor, "api", make_audit_query(call.query))
 
     def logs(call: Call) -> Any:
         query = call.query

@@ -38,18 +38,15 @@ def audit_row(entry: audit.AuditEntry) -> dict[str, Any]:
 def cmd_audit(args: argparse.Namespace, config: GatewayConfig, out: TextIO) -> int:
     from udsgateway.cli.common import open_database, write_rows
 
-    since = time.time() - args.since if args.since else None
-    rows = open_database(config).transaction_now(
-        audit.entries,
-        args.who,
-        args.action,
-        args.target,
-        since,
-        None,
-        None,
-        args.limit,
-        tuple(args.via or ()),
+    query = audit.AuditQuery(
+        who=args.who,
+        action=args.action,
+        target=args.target,
+        since=time.time() - args.since if args.since else None,
+        vias=tuple(args.via or ()),
+        limit=args.limit,
     )
+    rows = open_database(config).transaction_now(audit.entries, query)
     write_rows([audit_row(row) for row in rows], out, args.json, AUDIT_COLUMNS)
     return 0
 

@@ -9,8 +9,9 @@ the manhole (``via``). A row names its object (``delivery 12``, ``message
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
+from attrs import field, frozen
 from sqlalchemy import Connection, select
 
 from udsgateway.store import schema
@@ -19,7 +20,7 @@ from udsgateway.store.records import AuditEntry
 #: Where an action can be done.
 VIA = ("api", "cli", "manhole")
 
-__all__ = ["VIA", "AuditEntry", "append", "entries"]
+__all__ = ["VIA", "AuditEntry", "AuditQuery", "append", "entries"]
 
 
 def append(
@@ -48,41 +49,53 @@ def append(
     return int(key[0]) if key is not None and key[0] is not None else 0
 
 
-def entries(
-    connection: Connection,
-    who: str | None = None,
-    action: str | None = None,
-    target: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-    before_id: int | None = None,
-    limit: int = 100,
-    vias: Sequence[str] = (),
-) -> list[AuditEntry]:
-    """Rows newest first, filtered; ``before_id`` pages on (keyset: rows older than it).
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
 
-    ``action`` matches a whole action (``delivery.skip``) or a family by its prefix
-    with a dot (``delivery.``); ``target`` matches the object exactly.
-    """
+
+@frozen
+class AuditQuery:
+    """A search of the audit trail; every filter is optional, all given ones must match.
+
+    The one set of filters of ``udsgateway audit``, the admin API's ``/audit``, the
+    console and the manhole (through ``Operations.audit_trail``)."""
+
+    who: str | None = None
+    #: A whole action (``delivery.skip``) or a family by its prefix with a dot
+    #: (``delivery.``).
+    action: str | None = None
+    target: str | None = None  # the object, exactly (``message 12``)
+    since: float | None = None  # at or after (epoch seconds)
+    until: float | None = None  # before
+    #: Where it was done (``VIA``): any of these; empty: anywhere.
+    vias: tuple[str, ...] = field(default=(), converter=_strings)
+    before_id: int | None = None  # keyset: rows older than this one
+    limit: int = 100
+
+
+def entries(connection: Connection, query: AuditQuery | None = None) -> list[AuditEntry]:
+    """Rows matching ``query`` (None: every row, up to the default limit), newest first;
+    ``before_id`` pages on (keyset: rows older than it)."""
+    query = query or AuditQuery()
     a = schema.audit
-    query = select(a).order_by(a.c.id.desc()).limit(max(1, limit))
-    if who is not None:
-        query = query.where(a.c.who == who)
-    if action is not None:
-        if action.endswith("."):
-            query = query.where(a.c.action.startswith(action, autoescape=True))
+    statement = select(a).order_by(a.c.id.desc()).limit(max(1, query.limit))
+    if query.who is not None:
+        statement = statement.where(a.c.who == query.who)
+    if query.action is not None:
+        if query.action.endswith("."):
+            statement = statement.where(a.c.action.startswith(query.action, autoescape=True))
         else:
-            query = query.where(a.c.action == action)
-    if target is not None:
-        query = query.where(a.c.target == target)
-    if since is not None:
-        query = query.where(a.c.at >= since)
-    if until is not None:
-        query = query.where(a.c.at < until)
-    if before_id is not None:
-        query = query.where(a.c.id < before_id)
-    if vias:
-        query = query.where(a.c.via.in_(list(vias)))
+            statement = statement.where(a.c.action == query.action)
+    if query.target is not None:
+        statement = statement.where(a.c.target == query.target)
+    if query.since is not None:
+        statement = statement.where(a.c.at >= query.since)
+    if query.until is not None:
+        statement = statement.where(a.c.at < query.until)
+    if query.before_id is not None:
+        statement = statement.where(a.c.id < query.before_id)
+    if query.vias:
+        statement = statement.where(a.c.via.in_(list(query.vias)))
     return [
         AuditEntry(
             id=row.id,
@@ -94,5 +107,5 @@ def entries(
             result=row.result,
             via=row.via,
         )
-        for row in connection.execute(query)
+        for row in connection.execute(statement)
     ]

@@ -13,11 +13,19 @@ from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any
 
+from attrs import fields
 from sqlalchemy import Connection, bindparam, delete, select, update
 
 from udsgateway.store import schema
 from udsgateway.store.engine import Prepared, insert_with_ids, prepared_insert
-from udsgateway.store.records import OPEN_STATES, UNFINISHED, InboundRecord, Origin, StoredMessage
+from udsgateway.store.records import (
+    OPEN_STATES,
+    UNFINISHED,
+    InboundRecord,
+    MessageSummary,
+    Origin,
+    StoredMessage,
+)
 
 _MESSAGE_COLUMNS = (
     "tenant",
@@ -120,25 +128,26 @@ def find_messages(
     if control_id is not None:
         query = query.where(m.c.control_id == control_id)
     return [
-        StoredMessage(
-            id=row.id,
-            tenant=row.tenant,
-            sender=row.sender,
-            control_id=row.control_id,
-            message_type=row.message_type,
-            peer=row.peer,
-            connection=row.connection,
-            received_at=row.received_at,
-            size=row.size,
-            raw=row.raw,
-            accepted=row.accepted,
-            flows=tuple(json.loads(row.flows)),
-            reason=row.reason,
-            ack_code=row.ack_code,
-            ack=row.ack,
-        )
+        StoredMessage(**_summary_values(row), raw=row.raw, ack=row.ack)
         for row in connection.execute(query)
     ]
+
+
+_SUMMARY_FIELDS = tuple(field.name for field in fields(MessageSummary))
+#: The columns of a ``MessageSummary`` (a stored message's metadata), in its fields' order.
+SUMMARY_COLUMNS = tuple(schema.messages.c[name] for name in _SUMMARY_FIELDS)
+
+
+def summary_of(row: Any) -> MessageSummary:
+    """A row with the ``SUMMARY_COLUMNS`` (or more) as a ``MessageSummary``."""
+    return MessageSummary(**_summary_values(row))
+
+
+def _summary_values(row: Any) -> dict[str, Any]:
+    values = {name: getattr(row, name) for name in _SUMMARY_FIELDS}
+    values["accepted"] = bool(row.accepted)
+    values["flows"] = tuple(json.loads(row.flows))
+    return values
 
 
 def _origin_statement(size: int) -> Any:

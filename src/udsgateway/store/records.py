@@ -177,8 +177,9 @@ class CommitResult:
 
 
 @frozen
-class StoredMessage:
-    """A stored inbound message, for operators and tests."""
+class MessageSummary:
+    """A stored inbound message's metadata, never its content: a row of the message
+    browser (``search``)."""
 
     id: int
     tenant: str
@@ -189,11 +190,18 @@ class StoredMessage:
     connection: str
     received_at: float
     size: int
-    raw: bytes
     accepted: bool
     flows: tuple[str, ...]
     reason: str
     ack_code: str
+
+
+@frozen
+class StoredMessage(MessageSummary):
+    """A stored inbound message with its content (the bytes received, the ACK sent), for
+    operators and tests."""
+
+    raw: bytes
     ack: bytes
 
 

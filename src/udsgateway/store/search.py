@@ -34,7 +34,8 @@ from sqlalchemy import Connection, delete, func, select
 
 from udsgateway.store import schema
 from udsgateway.store.engine import prepared_insert
-from udsgateway.store.records import InboundRecord
+from udsgateway.store.messages import SUMMARY_COLUMNS, summary_of
+from udsgateway.store.records import InboundRecord, MessageSummary
 
 #: Search keys, and what an operator calls them. MSH-10 is not written as a key row:
 #: the duplicate check's index has it (see ``search``).
@@ -206,25 +207,6 @@ def delete_keys(connection: Connection, message_ids: Sequence[int]) -> None:
 
 
 @frozen
-class MessageSummary:
-    """A row of the message browser: metadata, never content."""
-
-    id: int
-    tenant: str
-    sender: str
-    control_id: str
-    message_type: str
-    peer: str
-    connection: str
-    received_at: float
-    size: int
-    accepted: bool
-    flows: tuple[str, ...]
-    reason: str
-    ack_code: str
-
-
-@frozen
 class Query:
     """A message search; every filter is optional, all given ones must match."""
 
@@ -238,41 +220,6 @@ class Query:
     keys: tuple[tuple[str, str], ...] = ()
     before_id: int | None = None  # keyset: messages older than this one
     limit: int = 50
-
-
-_SUMMARY = (
-    schema.messages.c.id,
-    schema.messages.c.tenant,
-    schema.messages.c.sender,
-    schema.messages.c.control_id,
-    schema.messages.c.message_type,
-    schema.messages.c.peer,
-    schema.messages.c.connection,
-    schema.messages.c.received_at,
-    schema.messages.c.size,
-    schema.messages.c.accepted,
-    schema.messages.c.flows,
-    schema.messages.c.reason,
-    schema.messages.c.ack_code,
-)
-
-
-def _summary(row: Any) -> MessageSummary:
-    return MessageSummary(
-        id=row.id,
-        tenant=row.tenant,
-        sender=row.sender,
-        control_id=row.control_id,
-        message_type=row.message_type,
-        peer=row.peer,
-        connection=row.connection,
-        received_at=row.received_at,
-        size=row.size,
-        accepted=bool(row.accepted),
-        flows=tuple(json.loads(row.flows)),
-        reason=row.reason,
-        ack_code=row.ack_code,
-    )
 
 
 def id_range(
@@ -318,13 +265,13 @@ def _search(connection: Connection, query: Query) -> list[MessageSummary]:
         bounds = id_range(connection, query.since, query.until)
         if bounds is None:
             return []
-    return [_summary(row) for row in connection.execute(_statement(query, bounds))]
+    return [summary_of(row) for row in connection.execute(_statement(query, bounds))]
 
 
 def _statement(query: Query, bounds: tuple[int, int] | None = None) -> Any:
     """The SELECT of one search; ``bounds``: the ids of its time range."""
     m, k = schema.messages, schema.message_keys
-    statement = select(*_SUMMARY).limit(max(1, min(query.limit, 1000)))
+    statement = select(*SUMMARY_COLUMNS).limit(max(1, min(query.limit, 1000)))
     if bounds is not None:
         statement = statement.where(m.c.id.between(*bounds))
         if query.since is not None:
@@ -441,7 +388,7 @@ class MessageDetail:
 def detail(connection: Connection, message_id: int) -> MessageDetail | None:
     """Everything about one message except its content and log; None when there is none."""
     m, e, d = schema.messages, schema.executions, schema.deliveries
-    row = connection.execute(select(*_SUMMARY).where(m.c.id == message_id)).first()
+    row = connection.execute(select(*SUMMARY_COLUMNS).where(m.c.id == message_id)).first()
     if row is None:
         return None
     runs = tuple(
@@ -473,7 +420,7 @@ def detail(connection: Connection, message_id: int) -> MessageDetail | None:
                 .order_by(d.c.id)
             )
         )
-    return MessageDetail(_summary(row), runs, sent)
+    return MessageDetail(summary_of(row), runs, sent)
 
 
 def content(connection: Connection, message_id: int) -> tuple[bytes, bytes] | None:

@@ -46,6 +46,7 @@ from udsgateway.admin.sessions import (
 )
 from udsgateway.flows import Action, App, Flow, Trigger
 from udsgateway.store import outbox
+from udsgateway.store.audit import AuditQuery
 from udsgateway.store.search import Query
 
 log = Logger()
@@ -957,7 +958,7 @@ class Console(Resource):
         )
 
     async def audit(self, page: Page, _: re.Match[str]) -> bytes:
-        found = await self.operations.audit_trail(page.actor, VIA, limit=200)
+        found = await self.operations.audit_trail(page.actor, VIA, AuditQuery(limit=200))
         return page.render("audit.html", title="Audit log", rows=found["entries"])
 
     async def users(self, page: Page, _: re.Match[str]) -> bytes:
