@@ -1,7 +1,8 @@
 """Which modules the install compiles with mypyc, and which variant this process runs.
 
-The per-message work (framing, the MSH read, the ACK, HL7 escaping, the message parse)
-is plain typed Python, compiled to C extensions by ``pip install`` (``setup.py`` reads
+The per-message work (framing, the MSH read, the ACK, HL7 escaping, the message parse,
+the render of templates that are text and plain lookups, and the checks of a rendered
+body) is plain typed Python, compiled to C extensions by ``pip install`` (``setup.py`` reads
 the list below). The ``.py`` files stay the one source of truth and the fallback: an
 install with ``UDSGATEWAY_PURE=1`` in the environment compiles nothing, and Python then
 imports the same modules as source. Behaviour is the same either way; only the speed
@@ -30,6 +31,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "udsgateway.hl7.batch",
     "udsgateway.hl7.ack",
     "udsgateway.hl7.message",
+    "udsgateway.mapping.lookups",
 )
 """The modules ``setup.py`` compiles, in dependency order."""
 
