@@ -277,7 +277,8 @@ def render_lookups(
     """
     parts: list[str] = []
     size = 0
-    same = chars(trigger.delimiters) == chars(target)
+    source = trigger.delimiters
+    same = source is target or chars(source) == chars(target)
     try:
         for item in plan.items:
             kind = item.kind
