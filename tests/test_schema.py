@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -9,7 +10,13 @@ from sqlalchemy import inspect, select, update
 from twisted.trial.unittest import SynchronousTestCase
 
 from udsgateway.store import schema
-from udsgateway.store.engine import SchemaError, ThreadRunner, ensure_schema, make_engine
+from udsgateway.store.engine import (
+    Checkpointer,
+    SchemaError,
+    ThreadRunner,
+    ensure_schema,
+    make_engine,
+)
 from udsgateway.store.inbound import commit_inbound
 from udsgateway.testing import inbound_record
 
@@ -213,3 +220,87 @@ class AuditMigrationTests(SynchronousTestCase):
             [tuple(k) for k in keys],
             [("flow", "F1"), ("msh9", "ADT^A04"), ("tenant", "t")],
         )
+
+
+class CheckpointerTests(SynchronousTestCase):
+    """A SQLite store's WAL is copied into the database file by a thread of its own,
+    not by the commit that happens to fill it."""
+
+    PAGE = 4096
+
+    def write_pages(self, background: bool, pages: int) -> str:
+        """A file database whose commits appended about ``pages`` pages to the WAL."""
+        path = os.path.join(self.mktemp(), "store.db")
+        engine = make_engine("sqlite:///" + path, background_checkpoints=background)
+        self.addCleanup(engine.dispose)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE t (body BLOB)")
+        blob = b"x" * (self.PAGE * 8)
+        for _ in range(pages // 8):
+            with engine.begin() as connection:
+                connection.exec_driver_sql("INSERT INTO t VALUES (?)", (blob,))
+        return path
+
+    def wal_pages(self, path: str) -> int:
+        return os.path.getsize(path + "-wal") // self.PAGE
+
+    def test_commits_leave_the_wal_to_the_checkpointer(self) -> None:
+        # SQLite's default: the commit that passes 1,000 pages checkpoints, and the
+        # WAL starts again from its beginning, so its file stays near 1,000 pages.
+        self.assertLess(self.wal_pages(self.write_pages(False, 3000)), 1200)
+        # With background checkpoints the commits only append.
+        path = self.write_pages(True, 3000)
+        self.assertGreater(self.wal_pages(path), 2900)
+        checkpointer = Checkpointer(path)
+        self.addCleanup(checkpointer.stop)
+        answer = checkpointer.run_once()
+        assert answer is not None
+        busy, frames, copied = answer
+        self.assertEqual(busy, 0)
+        self.assertGreater(frames, 2900)
+        self.assertEqual(copied, frames)
+        # Nothing changed since: no second checkpoint.
+        self.assertIsNone(checkpointer.run_once())
+        self.assertEqual((checkpointer.checkpoints, checkpointer.failures), (1, 0))
+
+    def test_the_next_commit_starts_the_wal_again(self) -> None:
+        path = self.write_pages(True, 400)
+        checkpointer = Checkpointer(path)
+        self.addCleanup(checkpointer.stop)
+        checkpointer.run_once()
+        engine = make_engine("sqlite:///" + path, background_checkpoints=True)
+        self.addCleanup(engine.dispose)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("INSERT INTO t VALUES (x'00')")
+        answer = checkpointer.run_once()
+        assert answer is not None
+        self.assertEqual(answer[0], 0)
+        self.assertLess(answer[1], 10, "the commit after a full checkpoint reuses the WAL")
+
+    def test_no_wal_no_checkpoint(self) -> None:
+        path = os.path.join(self.mktemp(), "none.db")
+        self.assertIsNone(Checkpointer(path).run_once())
+
+    def test_a_failed_checkpoint_is_counted_and_tried_again(self) -> None:
+        # A database that cannot be opened (a directory), beside a WAL file.
+        base = self.mktemp()
+        path = os.path.join(base, "store.db")
+        os.makedirs(path)
+        with open(path + "-wal", "wb") as wal:
+            wal.write(b"\0" * 32)
+        checkpointer = Checkpointer(path)
+        self.assertIsNone(checkpointer.run_once())
+        self.assertIsNone(checkpointer.run_once())
+        self.assertEqual((checkpointer.checkpoints, checkpointer.failures), (0, 2))
+        self.flushLoggedErrors()
+
+    def test_start_and_stop(self) -> None:
+        path = self.write_pages(True, 80)
+        checkpointer = Checkpointer(path, interval=3600)
+        checkpointer.start()
+        thread = checkpointer._thread
+        assert thread is not None
+        self.assertEqual(thread.name, "udsgateway-checkpoint")
+        checkpointer.stop()  # does not wait for the interval
+        self.assertFalse(thread.is_alive())
+        checkpointer.stop()  # a second stop is harmless

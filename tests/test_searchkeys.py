@@ -14,7 +14,7 @@ from udsgateway.inbound.searchkeys import KeyWriter
 from udsgateway.service import GatewayService
 from udsgateway.store import meta, search
 from udsgateway.store.engine import Database
-from udsgateway.testing import hl7_message, memory_database, mllp
+from udsgateway.testing import ManualRunner, hl7_message, memory_database, mllp
 
 TENANT = TenantConfig(name="north", listen="tcp:port=2575:interface=127.0.0.1")
 CONFIG = GatewayConfig(path="test.toml", database="sqlite:///:memory:", tenants=(TENANT,))
@@ -92,6 +92,46 @@ class KeyWriterTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
         self.assertEqual(pid3(database, "MRN-S1"), ["S1"])
 
+    def test_a_flush_writes_in_slices_between_other_work(self) -> None:
+        """A second's worth of keys goes in transactions of ``slice`` messages, one
+        after the other, each queued behind the work queued meanwhile (an inbound
+        commit waits for one slice, not for all of them)."""
+        database = memory_database()
+        runner = ManualRunner()
+        queued = Database(database.engine, runner)
+        writer = KeyWriter(queued, MemoryReactorClock(), slice=2)
+        for number in range(1, 6):
+            writer.stored(number, (("pid3", f"MRN-{number}"),))
+        flushed = writer.flush()
+        self.assertIs(writer.flush(), flushed, "one flush at a time")
+        self.assertEqual(len(runner.calls), 1)
+        runner.run(lambda: "an inbound commit")  # queued while the first slice runs
+        order: list[str] = []
+        while runner.calls:
+            _function, args, _done = runner.calls[0]
+            order.append("keys" if args else "other")  # transaction_now(_write, ...)
+            runner.run_next()
+        self.assertEqual(order, ["keys", "other", "keys", "keys"])
+        self.successResultOf(flushed)
+        self.assertEqual((writer.written, writer.waiting), (5, 0))
+        self.assertEqual(key_rows(database), 5)
+        self.assertEqual(database.transaction_now(meta.keys_through, "node1"), 5)
+
+    def test_a_failed_slice_keeps_its_keys_and_the_rest(self) -> None:
+        database = memory_database()
+        runner = ManualRunner()
+        writer = KeyWriter(Database(database.engine, runner), MemoryReactorClock(), slice=2)
+        for number in range(1, 6):
+            writer.stored(number, (("pid3", f"MRN-{number}"),))
+        flushed = writer.flush()
+        runner.run_next()  # slice 1 written
+        runner.fail_next(RuntimeError("database refused"))  # slice 2 fails
+        self.successResultOf(flushed)
+        self.assertEqual((writer.written, writer.waiting), (2, 3))
+        self.assertEqual(runner.calls, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(writer._ids, [3, 4, 5], "kept in order for the next tick")
+
     def test_a_crash_loses_nothing_the_next_start_catches_up(self) -> None:
         """The keys waiting at a crash are written at the next start, from the stored
         messages (PID-3 read again from the raw bytes), before it listens."""
@@ -113,6 +153,15 @@ class KeyWriterTests(SynchronousTestCase):
             search.search, search.Query(message_type="ADT^A04", tenant="north")
         )
         self.assertEqual([row.control_id for row in found], ["C2", "C1"])
+
+    def test_the_key_statements_are_compiled_before_listening(self) -> None:
+        """The catch-up at start compiles every chunk size of the keys' INSERT, so
+        the first batches after the listeners open wait for no compile."""
+        database = memory_database()
+        prepared = search._INSERT_KEYS._multi
+        prepared.clear()
+        self.successResultOf(_run(KeyWriter(database, MemoryReactorClock()).catch_up()))
+        self.assertEqual(sorted(prepared), [1, 2, 4, 8, 16, 32, 64, 128, 256])
 
     def test_an_older_store_is_not_scanned(self) -> None:
         """A store whose messages got their keys in the commit (before this version)

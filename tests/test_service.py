@@ -116,10 +116,25 @@ class RecordingThreads:
         }
 
 
+@define
+class RecordingCheckpoints:
+    """The checkpoint thread: records when it is started and stopped."""
+
+    events: list[str]
+
+    def start(self) -> None:
+        self.events.append("checkpoints start")
+
+    def stop(self) -> None:
+        self.events.append("checkpoints stop")
+
+
 class ServiceOrderTests(SynchronousTestCase):
     """GatewayService starts and stops in the order docs/architecture.md gives."""
 
-    def start(self, in_use: tuple[int, ...] = ()) -> tuple[GatewayService, list[str]]:
+    def start(
+        self, in_use: tuple[int, ...] = (), checkpoints: bool = False
+    ) -> tuple[GatewayService, list[str]]:
         events: list[str] = []
         reactor = RecordingReactor(events, in_use)
         database = Database(make_engine("sqlite:///:memory:"), RecordingRunner(events))
@@ -133,6 +148,7 @@ class ServiceOrderTests(SynchronousTestCase):
             ControlIdSource(prefix="T"),
             threads=threads,
             wall=lambda: 1_700_000_000.0,
+            checkpoints=RecordingCheckpoints(events) if checkpoints else None,
         )
         threads.service = service
         service.startService()
@@ -170,6 +186,15 @@ class ServiceOrderTests(SynchronousTestCase):
             {"listeners": 0, "executor polling": False, "dispatcher started": False},
         )
         self.assertEqual([child for child in service if isinstance(child, ListenerService)], [])
+
+    def test_the_checkpoint_thread_runs_while_the_database_thread_does(self) -> None:
+        """A SQLite store's checkpoint thread starts right after the database thread,
+        before any SQL, and stops after everything else, just before it."""
+        service, events = self.start(checkpoints=True)
+        self.successResultOf(service.ready)
+        self.assertEqual(events[:2], ["threads start", "checkpoints start"])
+        self.successResultOf(service.stopService())
+        self.assertEqual(events[-2:], ["checkpoints stop", "threads stop"])
 
     def test_nothing_listens_while_recovery_waits(self) -> None:
         """Recovery that has not finished (the database is slow) keeps every port

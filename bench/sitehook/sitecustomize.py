@@ -1,10 +1,16 @@
-"""Counts the gateway's crossings to its database thread (bench/cpuab.py ``--count``).
+"""Counts the gateway's crossings to its database thread (bench/cpuab.py ``--count``), and
+times its stalls (bench/stalls.py).
 
 Put on ``PYTHONPATH`` of a gateway process with ``UDSGATEWAY_BENCH_COUNTS`` naming a file:
 every ``ThreadRunner.run`` (one hand-off to the database thread and one back) is counted
 by the name of the function it runs (for ``Database.transaction``, the function run in the
 transaction). ``SIGUSR2`` writes the counts so far to the file as JSON. Not loaded by the
 gateway otherwise; the counting itself costs a dict update per crossing.
+
+With ``UDSGATEWAY_BENCH_STALLS`` naming a file instead: every job of the database thread
+that runs longer than ``UDSGATEWAY_BENCH_STALL_MS`` (3 ms) and every time the reactor came
+back that much later than a 2 ms timer asked is kept as ``[kind, wall start, ms, what]``;
+``SIGUSR2`` writes the list to the file as JSON.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import signal
 from typing import Any
 
 _PATH = os.environ.get("UDSGATEWAY_BENCH_COUNTS")
+_STALLS = os.environ.get("UDSGATEWAY_BENCH_STALLS")
 
 
 def _name(function: Any) -> str:
+    function = getattr(function, "func", function)  # a functools.partial: what it calls
     name = getattr(function, "__qualname__", None)
     return name if isinstance(name, str) else type(function).__name__
 
@@ -73,5 +81,62 @@ def _install() -> None:
     signal.signal(signal.SIGUSR2, dump)
 
 
+def _install_stalls() -> None:
+    import time
+
+    from twisted.internet import reactor, task
+
+    from udsgateway.store import engine
+
+    limit = float(os.environ.get("UDSGATEWAY_BENCH_STALL_MS", "3")) / 1000
+    events: list[tuple[str, float, float, str]] = []
+    original = engine.ThreadRunner.run
+
+    def run(self: Any, function: Any, *args: Any) -> Any:
+        name = _name(function)
+        if name == "Database.transaction_now" and args:
+            name = _name(args[0])
+            if name == "GroupCommitter._run_batch":
+                name = "group commit: " + _name(args[0].__self__._batch)
+
+        def timed(*inner: Any) -> Any:
+            wall, start = time.time(), time.perf_counter()
+            try:
+                return function(*inner)
+            finally:
+                took = time.perf_counter() - start
+                if took > limit:
+                    events.append(("database", wall, took * 1000, name))
+
+        return original(self, timed, *args)
+
+    engine.ThreadRunner.run = run  # type: ignore[method-assign]
+    tick = 0.002
+    last = [time.perf_counter()]
+
+    def beat() -> None:
+        now = time.perf_counter()
+        late = now - last[0] - tick
+        if late > limit:
+            events.append(("reactor", time.time() - late, late * 1000, "late timer"))
+        last[0] = now
+
+    def begin() -> None:
+        last[0] = time.perf_counter()
+        task.LoopingCall(beat).start(tick, now=False)
+
+    reactor.callWhenRunning(begin)  # type: ignore[attr-defined]
+
+    def dump() -> None:
+        assert _STALLS is not None
+        with open(_STALLS + ".tmp", "w", encoding="utf-8") as out:
+            json.dump(events, out)
+        os.replace(_STALLS + ".tmp", _STALLS)
+
+    signal.signal(signal.SIGUSR2, lambda _s, _f: reactor.callFromThread(dump))  # type: ignore[attr-defined]
+
+
 if _PATH:
     _install()
+elif _STALLS:
+    _install_stalls()

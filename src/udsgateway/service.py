@@ -84,6 +84,7 @@ class GatewayService(MultiService):
         faults: Faults = NO_FAULTS,
         lease_database: Database | None = None,
         lease_threads: Threads | None = None,
+        checkpoints: Threads | None = None,
     ) -> None:
         super().__init__()
         self.config = config
@@ -98,6 +99,9 @@ class GatewayService(MultiService):
         # given (tap.py): a data path busy with commits or a lock wait never delays a
         # renewal into a lapse.
         self._lease_threads = lease_threads
+        # A SQLite store's WAL is checkpointed on a thread of its own (store.engine's
+        # Checkpointer), not inside the commit that happens to fill it.
+        self._checkpoints = checkpoints
         if config.cluster.enabled:
             self.leases = LeaseManager(
                 lease_database if lease_database is not None else database,
@@ -171,6 +175,8 @@ class GatewayService(MultiService):
             self._threads.start()
         if self._lease_threads is not None:
             self._lease_threads.start()
+        if self._checkpoints is not None:
+            self._checkpoints.start()
         super().startService()
         started = Deferred.fromCoroutine(self._start())
         started.addErrback(self._start_failed)
@@ -412,6 +418,8 @@ class GatewayService(MultiService):
             )
             self._notify = None
         await _maybe(super().stopService())
+        if self._checkpoints is not None:
+            self._checkpoints.stop()
         if self._lease_threads is not None:
             self._lease_threads.stop()
         if self._threads is not None:

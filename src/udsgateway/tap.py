@@ -20,6 +20,7 @@ from udsgateway.clock import monotonic_timers
 from udsgateway.config import ConfigError, load_config
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.store.engine import (
+    Checkpointer,
     Database,
     DatabaseInUseError,
     FileIdentity,
@@ -83,9 +84,11 @@ def makeService(options: Options) -> IService:
     monotonic_timers(reactor)
     # A node of a cluster bounds how long a dead or frozen peer can hold it up
     # (lock waits, sessions left in a transaction, connections gone silent).
+    path = sqlite_path(config.database)
     engine = make_engine(
         config.database,
         dead_peer_settings(config.cluster.lease_time) if config.cluster.enabled else None,
+        background_checkpoints=path is not None,
     )
     # Before anything reads the database: the lock (one gateway per database),
     # then the integrity checks, all before twistd forks and before the reactor runs.
@@ -95,7 +98,6 @@ def makeService(options: Options) -> IService:
         sys.stderr.write(f"udsgateway: not started: {error}\n")
         raise SystemExit(2) from None
     _check_integrity(config.database, engine, bool(options.get("accept-damaged-database")))
-    path = sqlite_path(config.database)
     runner = ThreadRunner(reactor)  # type: ignore[arg-type]
     database = Database(engine, runner)
     control_ids = ControlIdSource.for_boot(time.time())
@@ -111,6 +113,7 @@ def makeService(options: Options) -> IService:
         threads=runner,
         lease_database=Database(engine, lease_runner) if lease_runner is not None else None,
         lease_threads=lease_runner,
+        checkpoints=Checkpointer(path) if path is not None else None,
         wall=time.time,
         identity=FileIdentity(path) if path is not None else None,
         lock=lock,

@@ -4,8 +4,9 @@ The inbound commit stores a message and answers; its search keys (the message
 browser's index: type, tenant, flows, PID-3, SCH-1/2, see ``store.search``)
 are not in that commit. Ingest hands each stored message's keys to the
 ``KeyWriter``, which writes what has gathered every ``interval`` seconds (1 s;
-at once when ``batch`` keys wait) in one transaction, together with the id up
-to which this node's messages have their keys (``meta.keys_through``). A message
+at once when ``batch`` keys wait), in transactions of up to ``slice`` messages,
+each with the id up to which this node's messages have their keys
+(``meta.keys_through``). A message
 is found by a search of its keys within about ``interval`` seconds of its ACK.
 
 After a crash the keys that were waiting are gone: at start, before the
@@ -26,7 +27,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from udsgateway.hl7.header import HeaderProblem, parse_header
 from udsgateway.hl7.keys import search_keys
@@ -48,6 +48,7 @@ def _write(
 def _start_mark(connection: Connection, node: str) -> int | None:
     """This node's id, or None after setting it to the newest message (a store that
     wrote every key in its commits until now: nothing to catch up)."""
+    search.prepare_key_inserts(connection)
     through = meta.keys_through(connection, node)
     if through is None:
         meta.set_keys_through(connection, node, search.last_message_id(connection))
@@ -63,6 +64,8 @@ class KeyWriter:
     node: str = "node1"
     interval: float = 1.0
     batch: int = 4096
+    #: Messages whose keys one transaction writes (a flush writes several in turn).
+    slice: int = 64
     #: Each tenant's codec for messages without MSH-18 (the catch-up reads PID-3 again).
     charsets: Mapping[str, str] = field(factory=dict)
     _ids: list[int] = field(factory=list)
@@ -102,31 +105,39 @@ class KeyWriter:
         await self.flush()
 
     def flush(self) -> Deferred[None]:
-        """Write the keys gathered so far, in one transaction (one at a time)."""
+        """Write the keys gathered so far (one flush at a time), in transactions of
+        up to ``slice`` messages one after the other: the database thread runs the
+        inbound commits queued meanwhile between two of them, so an ACK waits for
+        at most one slice, not for a second's worth of keys."""
         if self._writing is not None:
             return self._writing
         if not self._ids:
             return succeed(None)
-        ids, keys = self._ids, self._keys
-        self._ids, self._keys = [], []
-        writing = self.database.transaction(_write, self.node, keys, ids, max(ids))
-
-        def done(_: object) -> None:
-            self._writing = None
-            self.written += len(ids)
-
-        def failed(failure: Failure) -> None:
-            # Kept for the next tick (the database refused: the inbound commits fail too).
-            self._writing = None
-            self._ids[:0], self._keys[:0] = ids, keys
-            log.failure(
-                "search keys not written; again in {interval}s", failure, interval=self.interval
-            )
-
-        writing.addCallbacks(done, failed)
+        writing = Deferred.fromCoroutine(self._drain(len(self._ids)))
         if not writing.called:
             self._writing = writing
         return writing
+
+    async def _drain(self, count: int) -> None:
+        try:
+            while count > 0 and self._ids:
+                size = min(count, self.slice)
+                ids, keys = self._ids[:size], self._keys[:size]
+                del self._ids[:size], self._keys[:size]
+                try:
+                    await self.database.transaction(_write, self.node, keys, ids, max(ids))
+                except Exception:
+                    # Kept for the next tick (the database refused: the inbound
+                    # commits fail too).
+                    self._ids[:0], self._keys[:0] = ids, keys
+                    log.failure(
+                        "search keys not written; again in {interval}s", interval=self.interval
+                    )
+                    return
+                self.written += size
+                count -= size
+        finally:
+            self._writing = None
 
     async def catch_up(self, page: int = 2048) -> int:
         """Write the keys of this node's messages a crash left without them (at start,
