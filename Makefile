@@ -24,7 +24,8 @@ PURE_STAMP := $(PURE_VENV)/.installed-stamp
 # variant check, and the integration smoke (a real gateway process and the demo flows).
 PURE_TESTS ?= tests.test_compiled tests.test_framing tests.test_header tests.test_ack \
 	tests.test_batch tests.test_message tests.test_framed tests.test_listener \
-	tests.test_application_ack tests.test_templating tests.test_catalogue \
+	tests.test_application_ack tests.test_templating tests.test_lookups tests.test_catalogue \
+	tests.test_operations.SearchKeysTests \
 	tests.test_listener_fuzz tests.integration.test_gateway_process \
 	tests.integration.test_flows_e2e.FlowsEndToEndTests
 

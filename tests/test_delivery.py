@@ -1603,6 +1603,10 @@ class RecordTests(DeliveryTestCase):
             timing.with_policy(custom.delivery_policy),
             Timing(connect_timeout=3.0, backoff_max=9.0),
         )
+        # The common case, a policy that repeats the timing: the same Timing serves.
+        self.assertIs(timing.with_policy(action.delivery_policy), timing)
+        self.assertIs(timing.with_policy({}), timing)
+        self.assertEqual(timing.with_policy({"backoff_max": "9"}), Timing(backoff_max=9.0))
 
 
 class TimingTests(SynchronousTestCase):

@@ -1,11 +1,12 @@
 """Which modules the install compiles with mypyc, and which variant this process runs.
 
-The per-message work (framing, the MSH read, the ACK, HL7 escaping, the message parse)
-is plain typed Python, compiled to C extensions by ``pip install`` (``setup.py`` reads
-the list below). The ``.py`` files stay the one source of truth and the fallback: an
-install with ``UDSGATEWAY_PURE=1`` in the environment compiles nothing, and Python then
-imports the same modules as source. Behaviour is the same either way; only the speed
-differs.
+The per-message work (framing, the MSH read, the ACK, HL7 escaping, the message parse,
+the search keys, the render of templates that are text and plain lookups and the checks
+of a rendered body) is plain typed Python, compiled to C extensions by ``pip install``
+(``setup.py`` reads the list below). The ``.py`` files stay the one source of truth and
+the fallback: an install with ``UDSGATEWAY_PURE=1`` in the environment compiles nothing,
+and Python then imports the same modules as source. Behaviour is the same either way;
+only the speed differs.
 
 This module imports nothing of the gateway when loaded: :func:`variant` imports the
 listed modules by name when asked.
@@ -26,10 +27,12 @@ PURE_ENV = "UDSGATEWAY_PURE"
 COMPILED_MODULES: tuple[str, ...] = (
     "udsgateway.wire.framing",
     "udsgateway.hl7.header",
+    "udsgateway.hl7.keys",
     "udsgateway.hl7.paths",
     "udsgateway.hl7.batch",
     "udsgateway.hl7.ack",
     "udsgateway.hl7.message",
+    "udsgateway.mapping.lookups",
 )
 """The modules ``setup.py`` compiles, in dependency order."""
 

@@ -35,7 +35,6 @@ from functools import lru_cache
 from udsgateway.hl7.header import Delimiters, codec_for
 from udsgateway.hl7.paths import ALL, Path, PathSyntaxError, parse_path
 
-_SEGMENT_BREAK = re.compile(r"\r\n|\r|\n")
 _SEGMENT_ID = re.compile(r"[A-Z][A-Z0-9]{2}")
 
 
@@ -84,6 +83,17 @@ def python_codec(charset: str) -> str | None:
     the templates always agree on what a message's bytes mean.
     """
     return codec_for(charset, "") if charset.strip() else None
+
+
+def split_lines(text: str) -> list[str]:
+    """Split ``text`` at every CR LF, lone CR and lone LF, as ``re.split`` on them would.
+
+    Plain string splits, faster than the regular expression: a received message
+    (segments ended by CR alone) takes one.
+    """
+    if "\n" not in text:
+        return text.split("\r")
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 def split(value: str, delimiter: str) -> list[str]:
@@ -223,7 +233,13 @@ def decode(data: bytes, default_charset: str = "utf-8") -> str:
     An empty MSH-18 uses ``default_charset`` (the tenant's default). Raises
     ``MessageParseError`` for an unknown MSH-18 or bytes invalid in the charset.
     """
-    header = _SEGMENT_BREAK.split(data[:4096].decode("latin-1"), maxsplit=1)[0]
+    head = data[:4096]
+    end = len(head)
+    for line_break in (b"\r", b"\n"):
+        found = head.find(line_break)
+        if 0 <= found < end:
+            end = found
+    header = head[:end].decode("latin-1")  # up to the first line break
     charset = ""
     if header.startswith("MSH") and len(header) > 3:
         fields = header.split(header[3])
@@ -251,7 +267,7 @@ def parse_message(data: str | bytes, *, default_charset: str = "utf-8") -> Messa
     """
     text = decode(data, default_charset) if isinstance(data, bytes) else data
     text = text.lstrip("\ufeff")
-    lines = [line for line in _SEGMENT_BREAK.split(text) if line.strip()]
+    lines = [line for line in split_lines(text) if line.strip()]
     if not lines:
         raise MessageParseError("the message is empty")
     delimiters = delimiters_from_header(lines[0])

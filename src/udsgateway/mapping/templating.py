@@ -61,7 +61,7 @@ from liquid.filter import with_context
 from liquid.limits import to_int
 from liquid.undefined import is_undefined
 
-from udsgateway.hl7.header import Delimiters, HeaderProblem, hl7_escape, parse_header
+from udsgateway.hl7.header import Delimiters, HeaderProblem, parse_header
 from udsgateway.hl7.message import (
     ALL,
     Message,
@@ -76,6 +76,20 @@ from udsgateway.hl7.message import (
     python_codec,
     split,
     value_in_segment,
+)
+from udsgateway.mapping.lookups import (
+    MAX_BODY_CHARS,
+    TIMESTAMP_FORMAT,
+    LookupPlan,
+    Once,
+    RenderError,
+    body_segments,
+    chars,
+    encode,
+    escape_value,
+    plan_lookups,
+    render_lookups,
+    translate,
 )
 
 if TYPE_CHECKING:
@@ -96,8 +110,6 @@ __all__ = [
     "render_body",
 ]
 
-MAX_BODY_CHARS: Final = 10 * 1024 * 1024
-"""Largest body a template may render (the default max frame size)."""
 MAX_LOOP_ITERATIONS: Final = 100_000
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -117,7 +129,7 @@ _DATE_FORMATS: Final = {
     "minute": "%Y%m%d%H%M",
     "second": "%Y%m%d%H%M%S",
 }
-_TIMESTAMP_FORMAT: Final = "%Y%m%d%H%M%S"
+_TIMESTAMP_FORMAT: Final = TIMESTAMP_FORMAT
 _CONTEXT_NAMES: Final = ("msg", "responses", "actions", "app", "now", "control_id")
 _CHECK_TIME: Final = datetime(2000, 1, 1)
 _CHECK_CONTROL_ID: Final = "CHECK"
@@ -127,65 +139,8 @@ _CHECK_CONTROL_ID: Final = "CHECK"
 DelimiterSet = Delimiters
 
 
-def _chars(delimiters: DelimiterSet) -> tuple[str, str, str, str, str]:
-    return (
-        delimiters.field,
-        delimiters.component,
-        delimiters.repetition,
-        delimiters.escape,
-        delimiters.subcomponent,
-    )
-
-
-def escape_value(text: str, delimiters: DelimiterSet) -> str:
-    """HL7-escape plain text for a message with ``delimiters``.
-
-    ``\\`` -> ``\\E\\``, ``|`` -> ``\\F\\``, ``^`` -> ``\\S\\``, ``&`` -> ``\\T\\``,
-    ``~`` -> ``\\R\\``, CR -> ``\\X0D\\``, LF -> ``\\X0A\\`` (with the message's own
-    characters in place of these defaults).
-
-    Other control characters become ``\\Xhh\\`` too: the header layer's
-    ``hl7_escape`` does the work, so listener and templates escape alike.
-    """
-    if not delimiters.escape:
-        raise ValueError("the delimiters declare no escape character")
-    return hl7_escape(text, delimiters)
-
-
-def _translate(text: str, source: DelimiterSet, target: DelimiterSet) -> str:
-    """Re-express wire text written with ``source`` delimiters in ``target`` ones.
-
-    The identity (byte-for-byte) when both are the same, which is nearly always the case.
-    Separators keep their role, escape sequences keep their letters, and characters that
-    are data in the source but delimiters in the target are escaped.
-    """
-    if _chars(source) == _chars(target):
-        return text
-    roles = {
-        source.field: target.field,
-        source.component: target.component,
-        source.repetition: target.repetition,
-        source.subcomponent: target.subcomponent,
-    }
-    roles.pop("", None)
-    special = {ch for ch in _chars(target) if ch} | {"\r", "\n"}
-    out: list[str] = []
-    index = 0
-    while index < len(text):
-        ch = text[index]
-        end = text.find(ch, index + 1) if ch == source.escape else -1
-        if end != -1:
-            out.append(target.escape + text[index + 1 : end] + target.escape)
-            index = end + 1
-            continue
-        if ch in roles:
-            out.append(roles[ch])
-        elif ch in special:
-            out.append(escape_value(ch, target))
-        else:
-            out.append(ch)
-        index += 1
-    return "".join(out)
+_chars = chars
+_translate = translate
 
 
 class WireText(str):
@@ -759,19 +714,6 @@ class TemplateError(Exception):
         self.problem = problem
 
 
-class RenderError(Exception):
-    """A body that could not be rendered or is not a valid message for the action.
-
-    ``reason`` never contains message content (it goes into execution logs); ``line`` is
-    the template line when known.
-    """
-
-    def __init__(self, reason: str, line: int | None = None) -> None:
-        super().__init__(reason if line is None else f"{reason} (template line {line})")
-        self.reason = reason
-        self.line = line
-
-
 @frozen
 class Template:
     """A compiled request-body template.
@@ -785,7 +727,7 @@ class Template:
     delimiters: Delimiters
     _bound: BoundTemplate = field(repr=False, eq=False)
     #: The template as text and lookups, when it is nothing more (see ``_lookups``).
-    _lookups: _Lookups | None = field(default=None, repr=False, eq=False)
+    _lookups: LookupPlan | None = field(default=None, repr=False, eq=False)
     #: The template starts with a literal MSH line of its own.
     declares_header: bool = True
     #: The template is ``{{ msg }}`` alone: the trigger's stored bytes are forwarded
@@ -930,8 +872,8 @@ class _RenderGlobals(Mapping[str, object]):
         self,
         data: TemplateData,
         target: DelimiterSet,
-        now: Callable[[], datetime],
-        new_control_id: Callable[[], str],
+        now: Callable[[], object],
+        new_control_id: Callable[[], object],
     ) -> None:
         responses = [MessageView(r.message, target) for r in data.responses]
         actions: dict[str, MessageView] = {}
@@ -968,16 +910,16 @@ _Lookups = tuple[str | tuple[str, ...], ...]
 _SPECIAL_KEYS: Final = frozenset({"size", "first", "last"})
 
 
-def _lookups(bound: BoundTemplate) -> _Lookups | None:
+def _lookups(bound: BoundTemplate) -> LookupPlan | None:
     """The template as text and plain lookups, or None when it uses anything else.
 
     Most request bodies are a fixed layout with values picked from the trigger
     (``{{ msg["PID-5.1"] }}``, ``{{ app.partner }}``, ``{{ control_id }}``).
     Liquid renders those through a render context, a scope chain and an output
-    stream per value, which costs more than the rest of an action's work; for
-    such templates ``_render_lookups`` does the same lookups directly. Tags,
-    filters, variables from tags, non-string keys and the keys Liquid treats
-    specially (size, first, last) all keep the full Liquid render.
+    stream per value, which costs more than the rest of an action's work; such
+    templates become a plan that ``udsgateway.mapping.lookups`` renders directly
+    (compiled). Tags, filters, variables from tags, non-string keys and the keys
+    Liquid treats specially (size, first, last) all keep the full Liquid render.
     """
     lookups: list[str | tuple[str, ...]] = []
     for node in bound.nodes:
@@ -998,40 +940,42 @@ def _lookups(bound: BoundTemplate) -> _Lookups | None:
         if any(name in _SPECIAL_KEYS for name in names[1:]):
             return None
         lookups.append(tuple(names))  # type: ignore[arg-type]
-    return tuple(lookups)
+    return plan_lookups(lookups)
 
 
-def _render_lookups(lookups: _Lookups, names: _RenderGlobals, target: DelimiterSet) -> str | None:
-    """Render a text-and-lookups template as Liquid would; None when Liquid must.
+class _OtherLookups:
+    """The lookups a plan leaves to Python (responses, segments, non-string values).
 
-    A lookup that fails (a missing key, a value that is not a mapping) or an
-    output over the size limit gives None, and the full render then produces
-    Liquid's own result or error for it. A value found is written exactly as
-    ``_OutputNode`` writes it.
+    Each is ``names[0][names[1]]...`` on the render's globals, built on first use,
+    written exactly as ``_OutputNode`` writes it; None when the lookup fails, and the
+    full Liquid render then produces Liquid's own result or error for it.
     """
-    parts: list[str] = []
-    size = 0
-    for item in lookups:
-        if type(item) is str:
-            parts.append(item)
-            size += len(item)
-            continue
+
+    def __init__(
+        self, data: TemplateData, target: DelimiterSet, now: Once, new_control_id: Once
+    ) -> None:
+        self._data = data
+        self._target = target
+        self._now = now
+        self._new_control_id = new_control_id
+        self._names: _RenderGlobals | None = None
+
+    def names(self) -> _RenderGlobals:
+        """The render's globals (the same object on every call)."""
+        if self._names is None:
+            self._names = _RenderGlobals(self._data, self._target, self._now, self._new_control_id)
+        return self._names
+
+    def __call__(self, item: tuple[str, ...]) -> str | None:
         try:
-            value = names[item[0]]
+            value = self.names()[item[0]]
             for key in item[1:]:
                 value = value[key]  # type: ignore[index]
             if is_undefined(value):
                 return None
-            text = _wire_text(value, target)
+            return _wire_text(value, self._target)
         except Exception:
             return None
-        parts.append(text)
-        size += len(text)
-    text = "".join(parts)
-    # Liquid's limit counts UTF-8 bytes: up to four per character.
-    if size * 4 > MAX_BODY_CHARS and len(text.encode("utf-8")) > MAX_BODY_CHARS:
-        return None
-    return text
 
 
 def _render(
@@ -1043,13 +987,17 @@ def _render(
     *,
     detailed: bool,
 ) -> str:
-    names = _RenderGlobals(data, target, now, new_control_id)
+    # Whichever way the template is rendered (or both), each helper is called at most once.
+    once_now, once_id = Once(now), Once(new_control_id)
+    other = _OtherLookups(data, target, once_now, once_id)
     if template._lookups is not None:
-        text = _render_lookups(template._lookups, names, target)
+        text = render_lookups(
+            template._lookups, data.trigger, data.app, target, once_now, once_id, other
+        )
         if text is not None:
             return text
     bound = template._bound
-    context = _Hl7RenderContext(bound, globals=names, delimiters=target)
+    context = _Hl7RenderContext(bound, globals=other.names(), delimiters=target)
     buffer = context.get_buffer()
     try:
         bound.render_with_context(context, buffer)
@@ -1119,56 +1067,8 @@ def _header_line(source: str) -> int:
     return 1
 
 
-def _body_segments(
-    text: str, message_type: str, target: DelimiterSet, *, detailed: bool
-) -> tuple[list[str], str]:
-    """Normalise and check a rendered body; return its segments and its MSH-18.
-
-    ``detailed`` (``flows import``, rendering the sample) may quote rendered values;
-    otherwise reasons go into execution logs and must not (the values may be PHI).
-    """
-    lines = [line.lstrip(" \t") for line in _LINE_BREAK.split(text)]
-    segments = [line for line in lines if line.strip()]
-    if not segments:
-        raise RenderError("the body is empty")
-    if not segments[0].startswith("MSH"):
-        raise RenderError("the body does not start with an MSH segment")
-    try:
-        declared = delimiters_from_header(segments[0])
-    except MessageParseError as err:
-        raise RenderError(err.reason) from None
-    if _chars(declared) != _chars(target) or not all(_chars(target)):
-        raise RenderError(
-            "MSH-1/MSH-2 do not declare the destination's delimiters "
-            f"{target.field}{target.component}{target.repetition}{target.escape}"
-            f"{target.subcomponent}"
-        )
-    for number, segment in enumerate(segments[1:], start=2):
-        if not (is_segment_id(segment[:3]) and segment[3:4] in ("", target.field)):
-            raise RenderError(f"segment {number} of the body does not start with a segment ID")
-    message = parse_message(segments[0])  # the checks below read only the header
-    expected = message_type.split("^")[:2]
-    actual = [message.get("MSH-9.1"), message.get("MSH-9.2")]
-    if actual != expected:
-        if detailed:
-            raise RenderError(
-                f"MSH-9 is {'^'.join(actual)!r} but the action sends {'^'.join(expected)}"
-            )
-        raise RenderError(f"MSH-9 is not {'^'.join(expected)}, the action's message type")
-    if not message.get("MSH-10"):
-        raise RenderError("MSH-10 (message control ID) is empty")
-    return segments, message.get("MSH-18[1]").strip()
-
-
-def _encode(segments: list[str], codec: str | None) -> bytes:
-    if codec is None:
-        raise RenderError("MSH-18 names a character set we do not know")
-    try:
-        return "".join(segment + "\r" for segment in segments).encode(codec)
-    except UnicodeEncodeError:
-        raise RenderError(f"the body has characters that {codec} cannot encode") from None
-    except LookupError:
-        raise RenderError(f"unknown character set {codec!r}") from None
+_body_segments = body_segments
+_encode = encode
 
 
 # -- static checks -------------------------------------------------------------------

@@ -385,9 +385,10 @@ class Dispatcher(Service):
         Actions with the same endpoint but other timeouts get connections of
         their own, so each action's timeouts and backoff apply as configured.
         """
-        timing = timing if timing is not None else self.timing(endpoint)
+        default = self.timing(endpoint)
+        timing = timing if timing is not None else default
         key = f"{protocol} {endpoint}"
-        if timing != self.timing(endpoint):
+        if timing is not default and timing != default:
             key += f" {timing}"
         destination = self.destinations.get(key)
         if destination is None:
