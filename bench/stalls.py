@@ -1,7 +1,8 @@
 """Where an ACK's slow moments come from: the gateway's stalls, next to the messages they held up.
 
 A p99 or a max ACK latency says that some messages waited, not why. This runs one gateway
-(a tree's ``src``, the suite's ingest-only flows, a fresh SQLite store on this disk), sends it
+(a tree's ``src``, the suite's ingest-only flows or with ``--actions`` the demo flows and a
+local receiver, a fresh SQLite store on this disk), sends it
 ``--messages`` messages at ``--rate`` messages/s over one stop-and-wait connection, and
 records, in the gateway (``bench/sitehook/sitecustomize.py`` with ``UDSGATEWAY_BENCH_STALLS``),
 every database-thread job that ran longer than ``--threshold`` ms and every time the reactor
@@ -9,7 +10,7 @@ came back later than that. It prints the latency percentiles, then each message 
 the threshold with the stall it overlapped, and a count of slow messages by what held them:
 
     .venv/bin/python -m bench.stalls [--tree DIR ...] [--runs 1] [--messages 3000]
-        [--rate 200] [--threshold 3]
+        [--rate 200] [--threshold 3] [--actions]
 
 With two or more ``--tree``, the runs alternate between the trees (A B A B ...). Latency runs
 from the write of a message to its ACK (the sender is a plain blocking socket, sleeping until
@@ -35,7 +36,7 @@ from typing import Any
 
 from bench import gateway_scenarios as gs
 from bench.messages import MESSAGE_TYPES, MessageFactory
-from bench.servers import gateway_flows
+from bench.servers import gateway_action_flows, gateway_flows
 
 HERE = Path(__file__).resolve().parent
 SITEHOOK = HERE / "sitehook"
@@ -57,6 +58,8 @@ def attribute(
         end = at + latency / 1000
         best: Stall | None = None
         for stall in stalls:
+            if stall[0] == "reactor stack":
+                continue
             start, stop = stall[1], stall[1] + stall[2] / 1000
             if start < end and stop > at and (best is None or stall[2] > best[2]):
                 best = stall
@@ -102,11 +105,18 @@ def _send(port: int, messages: int, rate: float) -> list[tuple[float, float]]:
     return results
 
 
-def run_once(tree: Path, messages: int, rate: float, threshold_ms: float) -> dict[str, Any]:
+def run_once(
+    tree: Path, messages: int, rate: float, threshold_ms: float, actions: bool = False
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-stalls-") as name:
         folder = Path(name)
         flows = folder / "flows.toml"
-        flows.write_text(gateway_flows(gs.TENANT))
+        receiver = None
+        if actions:
+            flows.write_text(gateway_action_flows(gs.RECEIVER_PORT, gs.TENANT))
+            receiver = gs._start_receiver(folder, None)
+        else:
+            flows.write_text(gateway_flows(gs.TENANT))
         stalls_file = folder / "stalls.json"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(tree / "src"), str(SITEHOOK)])
@@ -133,6 +143,8 @@ def run_once(tree: Path, messages: int, rate: float, threshold_ms: float) -> dic
                 ]
             finally:
                 gs._stop(gateway)
+                if receiver is not None:
+                    gs._stop(receiver)
     latencies = [latency for _at, latency in sent]
     slow = attribute(sent, stalls, threshold_ms)
     return {
@@ -155,6 +167,9 @@ def report(result: dict[str, Any], threshold_ms: float, show: int) -> str:
     ]
     for reason, count in summary(result["slow"]).most_common():
         lines.append(f"  {count:5d}  {reason}")
+    for stall in result["stalls"]:
+        if stall[0] == "reactor stack":
+            lines.append(f"    reactor at {stall[1] - begin:7.3f} s, late, was in: {stall[3]}")
     for at, latency, stall in result["slow"][:show]:
         held = (
             f"{stall[0]} {stall[3]} {stall[2]:.1f} ms at {stall[1] - begin:.3f} s"
@@ -180,6 +195,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="messages/s")
     parser.add_argument("--threshold", type=float, default=3.0, help="ms")
     parser.add_argument("--show", type=int, default=20, help="slow messages listed per run")
+    parser.add_argument(
+        "--actions",
+        action="store_true",
+        help="the demo flows (one mapped MLLP action per message) to a local receiver",
+    )
     args = parser.parse_args(argv)
     if args.messages < 1 or args.rate <= 0 or args.runs < 1 or args.threshold <= 0:
         parser.error("--messages, --runs, --rate and --threshold must be positive")
@@ -195,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"[{number + 1}/{total}] {tree}: {args.messages} messages at {args.rate:g}/s",
             flush=True,
         )
-        result = run_once(tree, args.messages, args.rate, args.threshold)
+        result = run_once(tree, args.messages, args.rate, args.threshold, args.actions)
         print(report(result, args.threshold, args.show), flush=True)
     return 0
 

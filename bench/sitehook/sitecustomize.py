@@ -82,7 +82,10 @@ def _install() -> None:
 
 
 def _install_stalls() -> None:
+    import sys
+    import threading
     import time
+    import traceback
 
     from twisted.internet import reactor, task
 
@@ -124,8 +127,42 @@ def _install_stalls() -> None:
     def begin() -> None:
         last[0] = time.perf_counter()
         task.LoopingCall(beat).start(tick, now=False)
+        threading.Thread(target=watch, args=(threading.get_ident(),), daemon=True).start()
+
+    def watch(reactor_thread: int) -> None:
+        # What the reactor is running while it is late: its stack, once per stall.
+        seen = 0.0
+        while True:
+            time.sleep(0.002)
+            beat_at = last[0]
+            if time.perf_counter() - beat_at > 5 * limit and beat_at != seen:
+                seen = beat_at
+                frame = sys._current_frames().get(reactor_thread)
+                if frame is not None:
+                    stack = traceback.extract_stack(frame)[-8:]
+                    where = " < ".join(
+                        f"{os.path.basename(f.filename)}:{f.lineno} {f.name}"
+                        for f in reversed(stack)
+                    )
+                    events.append(("reactor stack", time.time(), 0.0, where))
 
     reactor.callWhenRunning(begin)  # type: ignore[attr-defined]
+
+    import gc
+
+    collecting = [0.0, 0.0]
+
+    def collected(phase: str, info: dict[str, Any]) -> None:
+        # The garbage collector holds the GIL: every thread waits for a long collection.
+        if phase == "start":
+            collecting[0], collecting[1] = time.perf_counter(), time.time()
+            return
+        took = time.perf_counter() - collecting[0]
+        if took > limit:
+            what = f"generation {info.get('generation')}, {info.get('collected')} freed"
+            events.append(("garbage collector", collecting[1], took * 1000, what))
+
+    gc.callbacks.append(collected)
 
     def dump() -> None:
         assert _STALLS is not None
