@@ -5,6 +5,7 @@ This is the only module that touches the global reactor.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -119,7 +120,9 @@ def makeService(options: Options) -> IService:
         lock=lock,
         faults=_crash_points(),
     )
-    service.ready.addErrback(_exit_status_after_failed_start, reactor)
+    service.ready.addCallbacks(
+        freeze_heap, _exit_status_after_failed_start, errbackArgs=(reactor,)
+    )
     if config.manhole.enabled:
         manhole_service(config.manhole, service, reactor).setServiceParent(service)
     if config.admin.enabled:
@@ -163,6 +166,24 @@ def _check_integrity(url: str, engine: Any, accept_damage: bool) -> None:
         "what SQLite can read (what is listed above is then lost for good).\n"
     )
     raise SystemExit(2)
+
+
+def freeze_heap(_ready: object = None) -> None:
+    """Once started: collect, then leave every object alive now out of later collections.
+
+    What the start built (modules, flows, templates, the schema, Twisted, SQLAlchemy:
+    hundreds of thousands of objects) lives as long as the process. CPython's full
+    collection walks every tracked object while it holds the GIL, so each one stopped
+    the reactor and the database thread for 30 to 50 ms under load (the delivery path
+    allocates enough to start one every few seconds): that was the ACK latency's
+    maximum. ``gc.freeze`` moves these objects to a permanent generation that
+    collections skip; they were going to live anyway.
+    """
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "start-up objects left out of garbage collection: {count}", count=gc.get_freeze_count()
+    )
 
 
 #: twistd's exit status when the gateway could not start (the reason is logged).
