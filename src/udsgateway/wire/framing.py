@@ -37,14 +37,14 @@ byte per packet costs linear time, not quadratic.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeAlias
 
-from attrs import define, frozen
+from attrs import define
 from mypy_extensions import mypyc_attr
 from zope.interface import classImplements
 
 # IFramer lives in a module of its own, not compiled: mypyc cannot build a zope
 # Interface class. It is re-exported here, where it always was.
+from udsgateway.wire.frames import Frame, FrameEvent, FrameOverflow, OversizedFrame
 from udsgateway.wire.iframer import IFramer
 
 __all__ = [
@@ -83,41 +83,6 @@ _FHS = b"FHS"
 _BHS = b"BHS"
 # What can start a plain TCP frame without start bytes, in priority order.
 _STARTS = (_MSH, _FHS, _BHS)
-
-
-@frozen
-class Frame:
-    """One complete message: the bytes exactly as received between the delimiters."""
-
-    payload: bytes
-
-
-@frozen
-class OversizedFrame:
-    """A complete frame larger than the maximum size; it was not buffered.
-
-    ``head`` holds its first bytes (at most ``HEAD_SIZE`` and at most the
-    maximum frame size) so the caller can read MSH and answer NAK 104;
-    ``size`` is the full size of the message.
-    """
-
-    head: bytes
-    size: int
-
-
-@frozen
-class FrameOverflow:
-    """Fatal: a frame grew past the drain limit without ending.
-
-    ``size`` is how many bytes of the frame had arrived when this was noticed
-    (more than the drain limit). The caller must close the connection; the
-    framer ignores any further input.
-    """
-
-    size: int
-
-
-FrameEvent: TypeAlias = Frame | OversizedFrame | FrameOverflow
 
 
 @define

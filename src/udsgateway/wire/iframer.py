@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from zope.interface import Attribute, Interface
 
 if TYPE_CHECKING:
-    from udsgateway.wire.framing import FrameEvent
+    from udsgateway.wire.frames import FrameEvent
 
 __all__ = ["IFramer"]
 
