@@ -203,6 +203,39 @@ class DeadPeerSettingsTests(SynchronousTestCase):
             },
         )
 
+    def test_executemany_runs_no_pipeline(self) -> None:
+        """A node's executemany runs one statement per round trip: between two rows its
+        session is idle in the transaction, so a node frozen there is ended by the
+        idle-in-transaction timeout instead of holding its locks (a pipeline is not
+        "idle" until its Sync)."""
+        import psycopg
+
+        engine = make_engine(POSTGRES_URL, dead_peer_settings(6.0))
+        self.addCleanup(engine.dispose)
+        try:
+            connection = engine.connect()
+        except Exception as error:
+            if os.environ.get("CI"):
+                raise
+            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
+
+        def no_pipelines(*_args: object, **_kwargs: object) -> None:
+            raise AssertionError("executemany entered a pipeline")
+
+        self.patch(psycopg.Connection, "pipeline", no_pipelines)
+        self.patch(psycopg.Connection, "_pipeline_nolock", no_pipelines)
+        with connection:
+            connection.execute(text("CREATE TEMPORARY TABLE rows_here (id int, value int)"))
+            connection.execute(text("INSERT INTO rows_here VALUES (1, 0), (2, 0), (3, 0)"))
+            cursor = connection.connection.cursor()
+            cursor.executemany(
+                "UPDATE rows_here SET value = %s WHERE id = %s", [(10, 1), (20, 2), (30, 3)]
+            )
+            self.assertEqual(cursor.rowcount, 3)
+            cursor.close()
+            values = connection.execute(text("SELECT value FROM rows_here ORDER BY id")).all()
+            self.assertEqual([row[0] for row in values], [10, 20, 30])
+
     def test_scaled_by_the_lease(self) -> None:
         settings = dead_peer_settings(15.0)
         self.assertIn("-c lock_timeout=2500ms", settings["options"])

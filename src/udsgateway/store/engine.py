@@ -87,7 +87,9 @@ def dead_peer_settings(lease_time: float) -> dict[str, Any]:
     released), keepalives (probed after lease / 3, dropped after 2 unanswered) and
     ``tcp_user_timeout`` (lease / 2). On the client (libpq) the same keepalives and
     ``tcp_user_timeout``: a node cut off from PostgreSQL gets an error instead of a
-    read that never ends.
+    read that never ends. And no pipelines: ``executemany`` runs one statement at a
+    time (``_statement_cursor``), so the idle-in-transaction timeout covers a node
+    frozen between two rows of one.
     """
 
     def ms(fraction: float) -> int:
@@ -104,12 +106,41 @@ def dead_peer_settings(lease_time: float) -> dict[str, Any]:
     }
     return {
         "options": " ".join(f"-c {name}={value}" for name, value in server.items()),
+        "cursor_factory": _statement_cursor(),
         "keepalives": 1,
         "keepalives_idle": idle,
         "keepalives_interval": 1,
         "keepalives_count": 2,
         "tcp_user_timeout": ms(1 / 2),
     }
+
+
+def _statement_cursor() -> type:
+    """psycopg's cursor, with ``executemany`` one statement and one round trip at a time.
+
+    psycopg sends an ``executemany`` as a pipeline: every row's statement, one Sync at
+    the end. Between two of them the server is not "idle in transaction" but still
+    running the pipeline, so ``idle_in_transaction_session_timeout`` does not apply: a
+    node frozen (SIGSTOP, a stalled VM) in the middle of one kept its transaction and
+    its locks (the lease row it read ``FOR SHARE``) until it woke, and no other node
+    could take its buckets over (the fault harness's pause scenario caught it). One
+    statement at a time, the server is idle in the transaction between statements, and
+    a frozen node's session ends after lease / 3 like any other. The cost is a round
+    trip per row, on outcome groups of a few rows.
+    """
+    import psycopg
+
+    class StatementCursor(psycopg.Cursor[Any]):
+        def executemany(self, query: Any, params_seq: Any, *, returning: bool = False) -> None:
+            no_pipeline = getattr(self, "_executemany_gen_no_pipeline", None)
+            if no_pipeline is None:  # another psycopg: the plain loop (rowcount: the last)
+                for params in params_seq:
+                    self.execute(query, params)
+                return
+            with self._conn.lock:
+                self._conn.wait(no_pipeline(query, params_seq, returning))
+
+    return StatementCursor
 
 
 def make_engine(
