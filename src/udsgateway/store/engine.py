@@ -872,6 +872,9 @@ class FileLock:
 
 #: The key of the PostgreSQL advisory lock a gateway holds on its database.
 PG_LOCK_KEY = 0x75647367  # "udsg"
+#: How long a start waits for an advisory lock whose holder no session shows (its
+#: backend exiting after a stop) before it is refused (seconds).
+LOCK_HOLDER_EXIT_WAIT = 2.0
 
 
 @define
@@ -900,10 +903,16 @@ class AdvisoryLock:
                 "SELECT set_config('application_name', %(name)s, false)", {"name": name[:63]}
             )
             function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
-            got = connection.exec_driver_sql(
-                f"SELECT {function}(CAST(%(key)s AS bigint))", {"key": key}
-            ).scalar()
-            if not got:
+            # A holder whose session is ending (a gateway that just stopped) keeps the
+            # lock until its backend has exited, a moment after its close returned, and
+            # no session shows it meanwhile: try again for up to LOCK_HOLDER_EXIT_WAIT.
+            deadline = time.monotonic() + LOCK_HOLDER_EXIT_WAIT
+            while True:
+                got = connection.exec_driver_sql(
+                    f"SELECT {function}(CAST(%(key)s AS bigint))", {"key": key}
+                ).scalar()
+                if got:
+                    break
                 holder = connection.exec_driver_sql(
                     "SELECT a.application_name, a.client_addr::text, a.pid, l.mode"
                     " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
@@ -914,6 +923,9 @@ class AdvisoryLock:
                     " ORDER BY a.backend_start LIMIT 1",
                     {"key": key},
                 ).first()
+                if holder is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
                 connection.commit()
                 _end_session(connection)
                 who = "holder unknown"
