@@ -325,6 +325,8 @@ class CheckpointerTests(SynchronousTestCase):
         # Nothing changed since: no second checkpoint.
         self.assertIsNone(checkpointer.run_once())
         self.assertEqual((checkpointer.checkpoints, checkpointer.failures), (1, 0))
+        checkpointer.stop()  # closes its connection, thread or not
+        self.assertIsNone(checkpointer._connection)
 
     def test_the_next_commit_starts_the_wal_again(self) -> None:
         path = self.write_pages(True, 400)

@@ -446,11 +446,13 @@ class Checkpointer:
     def stop(self, timeout: float = 30.0) -> None:
         """End the thread (waits up to ``timeout`` for a checkpoint in progress)."""
         thread, self._thread = self._thread, None
-        if thread is not None:
-            self._stopping.set()
-            thread.join(timeout)
-            if thread.is_alive():
-                log.warn("the checkpoint thread did not stop within {timeout} s", timeout=timeout)
+        if thread is None:
+            self._close()  # a connection that run_once opened without the thread
+            return
+        self._stopping.set()
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warn("the checkpoint thread did not stop within {timeout} s", timeout=timeout)
 
     def _work(self) -> None:
         try:
