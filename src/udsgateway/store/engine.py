@@ -736,14 +736,32 @@ class RowInsert:
     chunk: int = 64
     _single: Prepared = field(init=False)
     _multi: dict[int, tuple[str, tuple[str, ...]]] = field(factory=dict, init=False)
+    _pg: dict[int, str] = field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self._single = Prepared(
             lambda: self.table.insert().values({c: bindparam(c) for c in self.columns})
         )
 
-    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> int | None:
-        """Insert ``rows`` (every column given); on SQLite return the last new rowid."""
+    def execute(
+        self, connection: Connection, rows: Sequence[Mapping[str, Any]], suffix: str = ""
+    ) -> int | None:
+        """Insert ``rows`` (every column given); on SQLite return the last new rowid.
+
+        ``suffix`` ends each statement (PostgreSQL: ``ON CONFLICT DO NOTHING``)."""
+        if connection.dialect.name == "postgresql":
+            # Multi-row statements here too, not psycopg's executemany: that one is a
+            # pipeline, and a cluster node sends none (dead_peer_settings), so it would
+            # cost a round trip per row.
+            cursor = connection.connection.cursor()
+            try:
+                for start in range(0, len(rows), self.chunk):
+                    part = rows[start : start + self.chunk]
+                    sql = self._pg_sql(connection, len(part)) + suffix
+                    cursor.execute(sql, [row[c] for row in part for c in self.columns])
+            finally:
+                cursor.close()
+            return None
         if connection.dialect.name != "sqlite":
             self._single.execute(connection, [dict(row) for row in rows])
             return None
@@ -756,6 +774,19 @@ class RowInsert:
             return int(cursor.lastrowid) if rows else None
         finally:
             cursor.close()
+
+    def _pg_sql(self, connection: Connection, size: int) -> str:
+        """PostgreSQL's multi-row statement for ``size`` rows (psycopg's ``%s``), in the
+        order of ``columns``; built once per size."""
+        found = self._pg.get(size)
+        if found is None:
+            quote = connection.dialect.identifier_preparer.quote
+            names = ", ".join(quote(c) for c in self.columns)
+            row = "(" + ", ".join(["%s"] * len(self.columns)) + ")"
+            found = self._pg[size] = (
+                f"INSERT INTO {quote(self.table.name)} ({names}) VALUES " + ", ".join([row] * size)
+            )
+        return found
 
     def _multi_sql(self, connection: Connection, size: int) -> tuple[str, tuple[str, ...]]:
         """SQLite's multi-row statement for ``size`` rows, compiled once per size, and

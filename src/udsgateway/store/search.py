@@ -80,19 +80,7 @@ def insert_keys(
         rows = [
             dict(zip(_KEY_COLUMNS, flat[i : i + 3], strict=True)) for i in range(0, len(flat), 3)
         ]
-        if again:
-            k = schema.message_keys
-            sql = (
-                f"INSERT INTO {k.name} (name, value, message_id) "
-                "VALUES (%(name)s, %(value)s, %(message_id)s) ON CONFLICT DO NOTHING"
-            )
-            cursor = connection.connection.cursor()
-            try:
-                cursor.executemany(sql, rows)
-            finally:
-                cursor.close()
-            return
-        _INSERT_KEYS.execute(connection, rows)
+        _INSERT_KEYS.execute(connection, rows, " ON CONFLICT DO NOTHING" if again else "")
         return
     cursor = connection.connection.cursor()
     try:
