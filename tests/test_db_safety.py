@@ -17,7 +17,7 @@ import sys
 from contextlib import closing
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, create_engine, text
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -174,15 +174,20 @@ class DeadPeerSettingsTests(SynchronousTestCase):
     """A cluster node's sessions carry the settings that keep a dead or frozen peer
     from stalling it (fractions of the lease time)."""
 
-    def test_a_nodes_sessions_have_them(self) -> None:
+    def node_connection(self) -> Connection:
+        """A connection as a cluster node opens it (lease 6 s); skipped without PostgreSQL
+        except in CI."""
         engine = make_engine(POSTGRES_URL, dead_peer_settings(6.0))
         self.addCleanup(engine.dispose)
         try:
-            connection = engine.connect()
+            return engine.connect()
         except Exception as error:
             if os.environ.get("CI"):
                 raise
             raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
+
+    def test_a_nodes_sessions_have_them(self) -> None:
+        connection = self.node_connection()
         with connection:
             shown = {
                 name: connection.execute(text(f"SHOW {name}")).scalar()
@@ -210,14 +215,7 @@ class DeadPeerSettingsTests(SynchronousTestCase):
         "idle" until its Sync)."""
         import psycopg
 
-        engine = make_engine(POSTGRES_URL, dead_peer_settings(6.0))
-        self.addCleanup(engine.dispose)
-        try:
-            connection = engine.connect()
-        except Exception as error:
-            if os.environ.get("CI"):
-                raise
-            raise SkipTest(f"no PostgreSQL at {POSTGRES_URL}: {type(error).__name__}") from None
+        connection = self.node_connection()
 
         def no_pipelines(*_args: object, **_kwargs: object) -> None:
             raise AssertionError("executemany entered a pipeline")

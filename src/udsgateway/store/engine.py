@@ -728,7 +728,9 @@ class RowInsert:
     per chunk of up to ``chunk`` rows, not one statement per row: each statement
     the database thread runs releases and re-takes the GIL, and on the inbound
     path those hand-offs with the busy reactor cost more than the SQL itself.
-    Other dialects (PostgreSQL) use the driver's executemany, one round trip.
+    PostgreSQL gets multi-row statements too (psycopg's executemany is a pipeline,
+    which a cluster node does not send: ``dead_peer_settings``); other dialects use
+    the driver's executemany.
     """
 
     table: Any
@@ -743,21 +745,14 @@ class RowInsert:
             lambda: self.table.insert().values({c: bindparam(c) for c in self.columns})
         )
 
-    def execute(
-        self, connection: Connection, rows: Sequence[Mapping[str, Any]], suffix: str = ""
-    ) -> int | None:
-        """Insert ``rows`` (every column given); on SQLite return the last new rowid.
-
-        ``suffix`` ends each statement (PostgreSQL: ``ON CONFLICT DO NOTHING``)."""
+    def execute(self, connection: Connection, rows: Sequence[Mapping[str, Any]]) -> int | None:
+        """Insert ``rows`` (every column given); on SQLite return the last new rowid."""
         if connection.dialect.name == "postgresql":
-            # Multi-row statements here too, not psycopg's executemany: that one is a
-            # pipeline, and a cluster node sends none (dead_peer_settings), so it would
-            # cost a round trip per row.
             cursor = connection.connection.cursor()
             try:
                 for start in range(0, len(rows), self.chunk):
                     part = rows[start : start + self.chunk]
-                    sql = self._pg_sql(connection, len(part)) + suffix
+                    sql = self._pg_sql(connection, len(part))
                     cursor.execute(sql, [row[c] for row in part for c in self.columns])
             finally:
                 cursor.close()

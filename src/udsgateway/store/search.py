@@ -65,9 +65,9 @@ def insert_keys(
 ) -> None:
     """Write the search keys of stored messages: ``keys[i]`` belongs to ``ids[i]``.
 
-    Flat parameter lists, multi-row statements of up to ``_CHUNK`` rows on SQLite
-    (executemany elsewhere), no per-row dicts. ``again``: some of these keys may be
-    there already (a catch-up after a crash, another node's): those are left alone.
+    Flat parameter lists, multi-row statements of up to ``_CHUNK`` rows (SQLite and
+    PostgreSQL alike), no per-row dicts. ``again``: some of these keys may be there
+    already (a catch-up after a crash, another node's): those are left alone.
     """
     flat: list[Any] = []
     for message_keys, message_id in zip(keys, ids, strict=True):
@@ -76,12 +76,7 @@ def insert_keys(
                 flat += (name, value[:MAX_VALUE], message_id)
     if not flat:
         return
-    if connection.dialect.name != "sqlite":
-        rows = [
-            dict(zip(_KEY_COLUMNS, flat[i : i + 3], strict=True)) for i in range(0, len(flat), 3)
-        ]
-        _INSERT_KEYS.execute(connection, rows, " ON CONFLICT DO NOTHING" if again else "")
-        return
+    sqlite = connection.dialect.name == "sqlite"
     cursor = connection.connection.cursor()
     try:
         start, left = 0, len(flat) // 3
@@ -90,10 +85,15 @@ def insert_keys(
             # once and kept in the driver's statement cache (a statement per size
             # would crowd the inbound commit's own statements out of it).
             size = min(_CHUNK, 1 << (left.bit_length() - 1))
-            sql, columns = _INSERT_KEYS._multi_sql(connection, size)
-            assert columns == _KEY_COLUMNS
-            if again:
-                sql = sql.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
+            if sqlite:
+                sql, columns = _INSERT_KEYS._multi_sql(connection, size)
+                assert columns == _KEY_COLUMNS
+                if again:
+                    sql = sql.replace("INSERT INTO", "INSERT OR IGNORE INTO", 1)
+            else:
+                sql = _INSERT_KEYS._pg_sql(connection, size)
+                if again:
+                    sql += " ON CONFLICT DO NOTHING"
             cursor.execute(sql, flat[start : start + size * 3])
             start += size * 3
             left -= size
