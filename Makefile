@@ -25,7 +25,7 @@ PURE_STAMP := $(PURE_VENV)/.installed-stamp
 PURE_TESTS ?= tests.test_compiled tests.test_framing tests.test_header tests.test_ack \
 	tests.test_batch tests.test_message tests.test_framed tests.test_listener \
 	tests.test_application_ack tests.test_templating tests.test_lookups tests.test_catalogue \
-	tests.test_operations.SearchKeysTests \
+	tests.test_operations.SearchKeysTests tests.test_delivery tests.test_executor \
 	tests.test_listener_fuzz tests.integration.test_gateway_process \
 	tests.integration.test_flows_e2e.FlowsEndToEndTests
 
@@ -44,8 +44,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
 	touch $(STAMP) $(EXT_STAMP)
 
-# A compiled module's source changed: build the extensions again (the venv has mypyc).
-$(EXT_STAMP): $(STAMP) $(COMPILED_SOURCES) setup.py
+# A compiled module's source changed, or the list of them (compiled.py): build the
+# extensions again (the venv has mypyc).
+$(EXT_STAMP): $(STAMP) $(COMPILED_SOURCES) src/udsgateway/compiled.py setup.py
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . \
 		--config-settings editable_mode=compat
 	touch $(EXT_STAMP)

@@ -33,6 +33,8 @@ COMPILED_MODULES: tuple[str, ...] = (
     "udsgateway.hl7.ack",
     "udsgateway.hl7.message",
     "udsgateway.mapping.lookups",
+    "udsgateway.outbound.policy",
+    "udsgateway.outbound.render",
 )
 """The modules ``setup.py`` compiles, in dependency order."""
 
