@@ -32,6 +32,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "udsgateway.hl7.batch",
     "udsgateway.hl7.ack",
     "udsgateway.hl7.message",
+    "udsgateway.inbound.routing",
     "udsgateway.mapping.lookups",
     "udsgateway.outbound.policy",
     "udsgateway.outbound.render",
