@@ -199,27 +199,32 @@ class Message:
 
 def value_in_segment(segment: Segment, path: Path, delimiters: Delimiters) -> str:
     """The value of ``path`` (its field part; the segment part is ignored) in ``segment``."""
-    assert path.field is not None and path.repetition != ALL
-    value = segment.field(path.field)
-    if path.repetition is None and path.component is None:
+    field, repetition = path.field, path.repetition
+    assert field is not None and repetition != ALL
+    value = segment.field(field)
+    component, subcomponent = path.component, path.subcomponent
+    if repetition is None and component is None:
         return value
-    indexes = [path.repetition or 1, path.component or 1, path.subcomponent or 1]
-    if segment.is_atomic(path.field):
-        return value if indexes == [1, 1, 1] else ""
-    if path.repetition is not None and path.component is None:
-        indexes = indexes[:1]
-    elif path.subcomponent is None:
-        indexes = indexes[:2]
-    for index, delimiter in zip(
-        indexes,
-        (delimiters.repetition, delimiters.component, delimiters.subcomponent),
-        strict=False,  # fewer indexes than levels: stop at the level asked for
-    ):
-        parts = split(value, delimiter)
-        if index > len(parts):
-            return ""
-        value = parts[index - 1]
-    return value
+    # Each level is cut on its own, no zip() over the levels: compiled, a zip with a
+    # keyword argument is a call into Python, the dearest part of a lookup that every
+    # render and every body check makes several times.
+    first = repetition if isinstance(repetition, int) else 1
+    if segment.is_atomic(field):
+        whole = first == 1 and (component or 1) == 1 and (subcomponent or 1) == 1
+        return value if whole else ""
+    value = _nth(value, delimiters.repetition, first)
+    if component is None:
+        return value  # a repetition alone
+    value = _nth(value, delimiters.component, component)
+    if subcomponent is None:
+        return value
+    return _nth(value, delimiters.subcomponent, subcomponent)
+
+
+def _nth(value: str, delimiter: str, index: int) -> str:
+    """Part ``index`` (1-based) of ``value`` split on ``delimiter``; "" past the last part."""
+    parts = split(value, delimiter)
+    return parts[index - 1] if index <= len(parts) else ""
 
 
 def is_segment_id(text: str) -> bool:
