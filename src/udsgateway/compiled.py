@@ -1,8 +1,9 @@
 """Which modules the install compiles with mypyc, and which variant this process runs.
 
 The per-message work (framing, the MSH read, the ACK, HL7 escaping, the message parse,
-the search keys, the render of templates that are text and plain lookups and the checks
-of a rendered body) is plain typed Python, compiled to C extensions by ``pip install``
+the routing, the search keys, the render of templates that are text and plain lookups and
+the checks of a rendered body, an action's render and a delivery's timing and response
+policy) is plain typed Python, compiled to C extensions by ``pip install``
 (``setup.py`` reads the list below). The ``.py`` files stay the one source of truth and
 the fallback: an install with ``UDSGATEWAY_PURE=1`` in the environment compiles nothing,
 and Python then imports the same modules as source. Behaviour is the same either way;
