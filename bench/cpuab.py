@@ -24,7 +24,7 @@ have been built there: ``make install`` in it, or ``python setup.py build_ext --
 The gateway runs with this interpreter (``.venv/bin/python``) and ``PYTHONPATH=<tree>/src``.
 
     .venv/bin/python -m bench.cpuab --a /work/wt/base --b . [--scenario relay|actions|ingest]
-        [--pairs 3] [--connections 8] [--messages 1000] [--count] [--instructions]
+        [--pairs 3] [--connections 8] [--messages 1000] [--count] [--instructions [--dumps D]]
 
 Scenarios: ``relay`` (five flows, each one mapped MLLP action to a local ``udsgateway
 receive``, as ``bench.gateway_scenarios relay``), ``actions`` (the demo flows of
@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -77,18 +78,24 @@ def _threads(pid: int) -> dict[int, tuple[int, int, int]]:
     return found
 
 
-def _settled(pid: int, quiet: float = 1.0, limit: float = 120.0) -> None:
-    """Wait until the process used no CPU for ``quiet`` seconds (at most ``limit``)."""
+def _settled(pid: int, quiet: float = 1.0, limit: float = 120.0, idle_share: float = 0.0) -> None:
+    """Wait until the process used at most ``idle_share`` of a core for ``quiet`` seconds
+    (at most ``limit``). Under callgrind the gateway's timers (the checkpoint thread's
+    tick) never leave it at exactly zero: a share of 0.2 there tells idle from busy."""
     deadline = time.monotonic() + limit
-    last = sum(t[0] for t in _threads(pid).values())
-    idle_since = time.monotonic()
+    samples = [(time.monotonic(), sum(t[0] for t in _threads(pid).values()))]
     while time.monotonic() < deadline:
         time.sleep(0.2)
-        now = sum(t[0] for t in _threads(pid).values())
-        if now != last:
-            last, idle_since = now, time.monotonic()
-        elif time.monotonic() - idle_since >= quiet:
+        now = time.monotonic()
+        samples.append((now, sum(t[0] for t in _threads(pid).values())))
+        window = [s for s in samples if s[0] >= now - quiet - 0.1]
+        if now - samples[0][0] < quiet:
+            continue
+        first = window[0]
+        used = (samples[-1][1] - first[1]) / CLK_TCK
+        if used <= idle_share * (now - first[0]):
             return
+        samples = window
 
 
 def _flows(scenario: str, receiver_port: int) -> str:
@@ -121,6 +128,7 @@ def run_once(
     count: bool,
     instructions: bool,
     profile: Path | None = None,
+    dumps: Path | None = None,
 ) -> dict[str, Any]:
     total = connections * messages
     with tempfile.TemporaryDirectory(prefix="bench-cpuab-") as name:
@@ -159,7 +167,7 @@ def run_once(
         )
         try:
             gs._wait_port(gs.GATEWAY_PORT, gateway, 600 if instructions else 60)
-            _settled(gateway.pid)
+            _settled(gateway.pid, idle_share=0.2 if instructions else 0.0)
             if count:
                 os.kill(gateway.pid, signal.SIGUSR2)
                 time.sleep(0.5)
@@ -202,7 +210,12 @@ def run_once(
                     settle=0,
                 )
             )
-            _settled(gateway.pid, quiet=3.0 if instructions else 1.0, limit=900)
+            _settled(
+                gateway.pid,
+                quiet=3.0 if instructions else 1.0,
+                limit=900,
+                idle_share=0.2 if instructions else 0.0,
+            )
             after = _threads(gateway.pid)
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
@@ -260,6 +273,12 @@ def run_once(
             }
         if instructions:
             run["instructions_per_msg"] = _instructions(folder) // total
+            if dumps is not None:
+                # For ``callgrind_annotate``: which functions (Python's eval loop, SQLite,
+                # the compiled modules) the instructions went to.
+                dumps.mkdir(parents=True, exist_ok=True)
+                for dump in folder.glob("callgrind.out*"):
+                    shutil.copy(dump, dumps / dump.name)
         return run
 
 
@@ -276,9 +295,15 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="py-spy's collapsed stacks of each run: PROFILE-a1.txt..."
     )
+    parser.add_argument(
+        "--dumps",
+        type=Path,
+        help="with --instructions: keep each run's callgrind dumps in DUMPS-a1/, DUMPS-b1/...",
+    )
     args = parser.parse_args()
-    if not (gs._port_free(gs.GATEWAY_PORT) and gs._port_free(gs.RECEIVER_PORT)):
-        gs.use_ports(gs._free_port(), gs._free_port())
+    # Ports of its own, never the fixed defaults: two A/Bs started at the same moment
+    # (engineers sharing a machine) would otherwise both find them free and collide.
+    gs.use_ports(gs._free_port(), gs._free_port())
     trees = {"a": args.a.resolve(), "b": args.b.resolve()}
     runs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
     load = []
@@ -298,6 +323,9 @@ def main() -> None:
                 args.count,
                 args.instructions,
                 profile,
+                None
+                if args.dumps is None
+                else args.dumps.with_name(f"{args.dumps.name}-{key}{len(runs[key]) + 1}"),
             )
             runs[key].append(run)
             print(key, json.dumps(run), file=sys.stderr, flush=True)
