@@ -157,6 +157,9 @@ class PathAccessTests(SynchronousTestCase):
         self.assertEqual(self.message.get("MSH-2[1]"), "^~\\&")
         self.assertEqual(self.message.get("MSH-2.2"), "")
         self.assertEqual(self.message.get("MSH-2[2]"), "")
+        self.assertEqual(self.message.get("MSH-2[1].1.1"), "^~\\&")
+        self.assertEqual(self.message.get("MSH-2.1.2"), "")
+        self.assertEqual(self.message.get("MSH-1[1].1"), "|")
 
     def test_missing_paths_are_empty(self) -> None:
         """Absent segments, fields, repetitions, components and subcomponents give ""."""
