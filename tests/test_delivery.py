@@ -32,7 +32,8 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -44,7 +45,7 @@ from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue
 from udsgateway.outbound.destination import Destination, _DestinationFactory
 from udsgateway.outbound.dispatcher import Dispatcher
-from udsgateway.outbound.errors import ConnectError, DeliveryError
+from udsgateway.outbound.errors import ConnectError, DeliveryError, ReplyTimeoutError
 from udsgateway.outbound.executor import Executor
 from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import DEFAULT_POLICY, TIMING_KEYS, Timing
@@ -1692,6 +1693,113 @@ class TurnTests(SynchronousTestCase):
             self.failureResultOf(first, DeliveryError).value.args, ("destination stopped",)
         )
         self.assertEqual(len(connects), 1)
+
+
+class ResponseDeadlineTests(SynchronousTestCase):
+    """One response deadline per connection, moved by each exchange (no timer per exchange)."""
+
+    TIMEOUT = 30.0
+
+    def connection(self) -> tuple[Any, Clock, StringTransport, list[tuple[float, float, str]]]:
+        """A destination protocol on a StringTransport, its clock and the log of its timers."""
+        clock = Clock()
+        timers = schedule_log(clock)
+        factory = _DestinationFactory("mllp", clock, Timing(response_timeout=self.TIMEOUT))
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, clock, transport, timers
+
+    def deadlines(self, timers: list[tuple[float, float, str]]) -> list[tuple[float, float]]:
+        """(made at, delay) of every response deadline the connection scheduled."""
+        return [(at, delay) for at, delay, what in timers if "deadline" in what]
+
+    def test_back_to_back_exchanges_share_one_timer(self) -> None:
+        """A hundred answered exchanges schedule one deadline timer between them."""
+        protocol, clock, transport, timers = self.connection()
+        for index in range(100):
+            sent = protocol.exchange(outbound_message(f"B{index}"))
+            clock.advance(0.25)
+            protocol.dataReceived(mllp(destination_ack(f"B{index}")))
+            self.assertEqual(self.successResultOf(sent), destination_ack(f"B{index}"))
+        self.assertEqual(self.deadlines(timers), [(0.0, self.TIMEOUT)])
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_reply_just_before_the_deadline_counts(self) -> None:
+        """A reply a moment before the deadline settles the exchange; the deadline
+        then passes on an idle connection, which stays open."""
+        protocol, clock, transport, _timers = self.connection()
+        sent = protocol.exchange(outbound_message("J1"))
+        clock.advance(self.TIMEOUT - 0.001)
+        protocol.dataReceived(mllp(destination_ack("J1")))
+        self.assertEqual(self.successResultOf(sent), destination_ack("J1"))
+        clock.advance(0.001 + TICK)
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(protocol.connected_ok)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_second_exchange_gets_a_full_timeout(self) -> None:
+        """An exchange made late in the previous one's timeout is not cut short by the
+        deadline the previous one had: it times out a full response timeout after it
+        was sent, with the usual error, and the connection is closed."""
+        protocol, clock, transport, _timers = self.connection()
+        first = protocol.exchange(outbound_message("F1"))
+        clock.advance(self.TIMEOUT - 1)
+        protocol.dataReceived(mllp(destination_ack("F1")))
+        self.successResultOf(first)
+        second = protocol.exchange(outbound_message("F2"))
+        clock.advance(1 + TICK)
+        self.assertNoResult(second)
+        clock.advance(self.TIMEOUT - 1 - 2 * TICK)
+        self.assertNoResult(second)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(2 * TICK)
+        failure = self.failureResultOf(second, ReplyTimeoutError)
+        self.assertEqual(str(failure.value), "no reply within 30s")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(protocol.connected_ok)
+
+    def test_timeout_after_the_timer_fired_idle(self) -> None:
+        """After the deadline passed on an idle connection, the next exchange gets a
+        timer of its own, and times out on it."""
+        protocol, clock, transport, timers = self.connection()
+        first = protocol.exchange(outbound_message("I1"))
+        protocol.dataReceived(mllp(destination_ack("I1")))
+        self.successResultOf(first)
+        clock.advance(self.TIMEOUT + 5)
+        second = protocol.exchange(outbound_message("I2"))
+        clock.advance(self.TIMEOUT - TICK)
+        self.assertNoResult(second)
+        clock.advance(2 * TICK)
+        self.failureResultOf(second, ReplyTimeoutError)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(
+            self.deadlines(timers), [(0.0, self.TIMEOUT), (self.TIMEOUT + 5, self.TIMEOUT)]
+        )
+
+    def test_a_late_reply_after_the_timeout_drops_the_connection(self) -> None:
+        """A reply after the timeout settles nothing more (the exchange failed once)."""
+        protocol, clock, transport, _timers = self.connection()
+        sent = protocol.exchange(outbound_message("L1"))
+        clock.advance(self.TIMEOUT + TICK)
+        self.failureResultOf(sent, ReplyTimeoutError)
+        protocol.connected_ok = True  # as if the close had not happened yet
+        protocol.dataReceived(mllp(destination_ack("L1")))
+        self.assertFalse(protocol.connected_ok)
+        self.assertEqual(protocol.exchanges, 0)
+
+    def test_connection_lost_cancels_the_deadline(self) -> None:
+        """A connection closed while idle leaves no timer behind; one closed while
+        waiting fails the exchange as lost, not later as timed out."""
+        protocol, clock, _transport, _timers = self.connection()
+        answered = protocol.exchange(outbound_message("C1"))
+        protocol.dataReceived(mllp(destination_ack("C1")))
+        self.successResultOf(answered)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        waiting = protocol.exchange(outbound_message("C2"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(waiting, DeliveryError)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 def stored(delivery_id: int, lane: str, control_id: str) -> Delivery:

@@ -47,6 +47,9 @@ class DestinationProtocol(Protocol):
         self._timing = timing
         self._waiting: Deferred[bytes] | None = None
         self._gap: IDelayedCall | None = None
+        #: The response deadline: one timer per connection, moved to a full
+        #: response timeout by each exchange (see ``_arm``).
+        self._deadline: IDelayedCall | None = None
         self.connected_ok = True
         #: Exchanges completed on this connection, and whether the one in
         #: flight has had any byte of reply yet.
@@ -66,17 +69,39 @@ class DestinationProtocol(Protocol):
         waiting: Deferred[bytes] = Deferred()
         self._waiting = waiting
         self._answered = False
-        waiting.addTimeout(self._timing.response_timeout, self._clock, self._timed_out)
+        self._arm()
         assert self.transport is not None
         write_now(self.transport, self._framer.encode(payload))
         return waiting
 
-    def _timed_out(self, result: Any, timeout: float) -> Any:
-        if isinstance(result, Failure) and result.check(CancelledError):
-            self._waiting = None
-            self.drop()
-            raise ReplyTimeoutError(f"no reply within {timeout:g}s")
-        return result
+    def _arm(self) -> None:
+        """Give the exchange starting now a full response timeout.
+
+        The connection keeps one timer for its deadline (Twisted's
+        ``TimeoutMixin`` idea) instead of a ``callLater`` and its cancel, and
+        a Deferred timeout's callbacks, per exchange: a reply leaves the timer
+        running, and the next exchange only moves it later, which a reactor
+        does without touching its queue of timers. Should it fire with no
+        exchange in flight, it does nothing (``_deadline_passed``).
+        """
+        deadline = self._deadline
+        if deadline is not None and deadline.active():
+            deadline.reset(self._timing.response_timeout)
+        else:
+            self._deadline = self._clock.callLater(
+                self._timing.response_timeout, self._deadline_passed
+            )
+
+    def _deadline_passed(self) -> None:
+        """The last exchange's response timeout is over: if it had no reply, it failed."""
+        self._deadline = None
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            return  # answered in time; the connection was idle since
+        self.drop()
+        waiting.errback(
+            ReplyTimeoutError(f"no reply within {self._timing.response_timeout:g}s")
+        )
 
     def dataReceived(self, data: bytes) -> None:
         self._answered = True
@@ -121,6 +146,9 @@ class DestinationProtocol(Protocol):
         self.connected_ok = False
         if self._gap is not None and self._gap.active():
             self._gap.cancel()
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         waiting, self._waiting = self._waiting, None
         if waiting is None:
             return
