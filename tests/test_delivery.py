@@ -24,7 +24,7 @@ from attrs import evolve
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from twisted.application.service import IService
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -1677,6 +1677,44 @@ class TurnTests(SynchronousTestCase):
         # The turn is free again: the next exchange takes it at once.
         later = Deferred.fromCoroutine(destination.exchange(b"MSH|", bytes))
         self.failureResultOf(later, ConnectError)
+
+    def test_an_uncontended_turn_is_taken_without_the_lock_deferreds(self) -> None:
+        """With nobody holding the turn, an exchange takes it without
+        ``DeferredLock.acquire``; exchanges that find it held wait in it, in
+        order, and each gets the turn when the one before is answered."""
+        clock = Clock()
+        peer = DestinationPeer(clock, latency=1.0)
+        destination = Destination(
+            DEST, "mllp", clock, Timing(), endpoint_factory=lambda _r, _e: peer.endpoint()
+        )
+        destination.start(None)
+        acquired: list[int] = []
+        acquire = DeferredLock.acquire
+
+        def counted(lock: DeferredLock) -> Deferred[DeferredLock]:
+            acquired.append(len(lock.waiting))
+            return acquire(lock)
+
+        self.patch(DeferredLock, "acquire", counted)
+        first = Deferred.fromCoroutine(destination.exchange(outbound_message("T1"), bytes))
+        self.assertEqual(acquired, [])
+        others = [
+            Deferred.fromCoroutine(destination.exchange(outbound_message(f"T{n}"), bytes))
+            for n in (2, 3)
+        ]
+        self.assertEqual((acquired, destination.waiting), ([0, 1], 2))
+        run_until(clock, lambda: all(each.called for each in [first, *others]))
+        self.assertEqual(peer.received_ids(), ["T1", "T2", "T3"])
+        self.assertEqual(
+            [self.successResultOf(each) for each in [first, *others]],
+            [destination_ack(f"T{n}") for n in (1, 2, 3)],
+        )
+        # Free again: the next exchange takes the turn without the lock's Deferreds.
+        last = Deferred.fromCoroutine(destination.exchange(outbound_message("T4"), bytes))
+        clock.advance(1)
+        self.assertEqual(self.successResultOf(last), destination_ack("T4"))
+        self.assertEqual(acquired, [0, 1])
+        self.assertEqual(len(peer.connections), 1)
 
     def test_stop_cancels_the_lanes_waiting_their_turn(self) -> None:
         """Stopping a destination ends the waits for its turn (CancelledError),

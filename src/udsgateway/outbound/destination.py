@@ -248,9 +248,21 @@ class Destination:
         untrustworthy (DeliveryError), the connection is closed before another
         lane can write to it.
         """
-        await self._turn.acquire()
+        turn = self._turn
+        if turn.locked:
+            await turn.acquire()
+        else:
+            # Nobody holds the turn, so nobody waits for it: take it as
+            # ``DeferredLock.acquire`` would, without its Deferred.
+            turn.locked = True
         try:
-            reply = await self._exchange(payload)
+            protocol = self._current
+            if protocol is None or not protocol.connected_ok:
+                protocol = await self._connection()
+            self.sent += 1
+            started = self._clock.seconds()
+            reply = await protocol.exchange(payload)
+            self.ack_wait.observe(self._clock.seconds() - started)
             try:
                 return judge(reply)
             except DeliveryError:
@@ -266,8 +278,13 @@ class Destination:
         call. That lane may fail at once (no connection) and pass the turn on
         from within it: that release is only counted here, and made by the
         loop below once the current one returns, so no chain of calls grows
-        with the number of lanes waiting.
+        with the number of lanes waiting. With nobody waiting and no release
+        running, the release is only the lock's flag.
         """
+        turn = self._turn
+        if not turn.waiting and not self._releasing:
+            turn.locked = False
+            return
         self._releases += 1
         if self._releasing:
             return
@@ -275,22 +292,12 @@ class Destination:
         try:
             while self._releases:
                 self._releases -= 1
-                self._turn.release()
+                turn.release()
         finally:
             self._releasing = False
 
-    async def _exchange(self, payload: bytes) -> bytes:
-        protocol = await self._connection()
-        self.sent += 1
-        started = self._clock.seconds()
-        reply = await protocol.exchange(payload)
-        self.ack_wait.observe(self._clock.seconds() - started)
-        return reply
-
     async def _connection(self) -> DestinationProtocol:
-        current = self._current
-        if current is not None and current.connected_ok:
-            return current
+        """A new connection (``exchange`` reuses an open one without calling this)."""
         self._current = None
         if self._client is None:
             raise StoppedError("destination stopped")
