@@ -99,9 +99,7 @@ class DestinationProtocol(Protocol):
         if waiting is None:
             return  # answered in time; the connection was idle since
         self.drop()
-        waiting.errback(
-            ReplyTimeoutError(f"no reply within {self._timing.response_timeout:g}s")
-        )
+        waiting.errback(ReplyTimeoutError(f"no reply within {self._timing.response_timeout:g}s"))
 
     def dataReceived(self, data: bytes) -> None:
         self._answered = True
