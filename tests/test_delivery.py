@@ -25,6 +25,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from twisted.application.service import IService
 from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -32,7 +33,6 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.task import Clock
-from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -49,7 +49,7 @@ from udsgateway.outbound.errors import ConnectError, DeliveryError, ReplyTimeout
 from udsgateway.outbound.executor import Executor
 from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import DEFAULT_POLICY, TIMING_KEYS, Timing
-from udsgateway.store import outbox, schema
+from udsgateway.store import destinations, outbox, schema
 from udsgateway.store.engine import IDatabaseRunner
 from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery, Settlement
 from udsgateway.testing import (
@@ -210,6 +210,29 @@ class HappyPathTests(DeliveryTestCase):
             [("A1", DELIVERED), ("A2", DELIVERED), ("A3", DELIVERED)],
         )
         self.assertEqual(len(peer.connections), 1, "one connection reused")
+
+    def test_counters_parse_an_endpoint_once(self) -> None:
+        """The attempt and delivery counters of every delivery are kept by address,
+        each endpoint's parsed once however many deliveries go to it."""
+        parsed: list[str] = []
+        parse = destinations.address_of
+
+        def counted(endpoint: str) -> str:
+            parsed.append(endpoint)
+            return parse(endpoint)
+
+        self.patch(destinations, "address_of", counted)
+        rig = self.outbound()
+        rig.start()
+        rig.enqueue("lane-1", DEST, ids("P", 10))
+        rig.enqueue("lane-2", OTHER, ids("Q", 5))
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(sorted(parsed), sorted([DEST, OTHER]))
+        dispatcher = rig.dispatcher
+        self.assertEqual(dispatcher.sent, {parse(DEST): 10, parse(OTHER): 5})
+        self.assertEqual(
+            dispatcher.attempts, {parse(DEST): {"accepted": 10}, parse(OTHER): {"accepted": 5}}
+        )
 
     def test_plain_tcp_reply_ends_at_idle_gap(self) -> None:
         """Over plain TCP the reply is unframed: it ends after the reply gap,
@@ -1817,7 +1840,7 @@ class ResponseDeadlineTests(SynchronousTestCase):
 
     def test_a_late_reply_after_the_timeout_drops_the_connection(self) -> None:
         """A reply after the timeout settles nothing more (the exchange failed once)."""
-        protocol, clock, transport, _timers = self.connection()
+        protocol, clock, _transport, _timers = self.connection()
         sent = protocol.exchange(outbound_message("L1"))
         clock.advance(self.TIMEOUT + TICK)
         self.failureResultOf(sent, ReplyTimeoutError)
