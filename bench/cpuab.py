@@ -24,7 +24,7 @@ have been built there: ``make install`` in it, or ``python setup.py build_ext --
 The gateway runs with this interpreter (``.venv/bin/python``) and ``PYTHONPATH=<tree>/src``.
 
     .venv/bin/python -m bench.cpuab --a /work/wt/base --b . [--scenario relay|actions|ingest]
-        [--pairs 3] [--connections 8] [--messages 1000] [--count] [--instructions]
+        [--pairs 3] [--connections 8] [--messages 1000] [--count] [--instructions [--dumps D]]
 
 Scenarios: ``relay`` (five flows, each one mapped MLLP action to a local ``udsgateway
 receive``, as ``bench.gateway_scenarios relay``), ``actions`` (the demo flows of
@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -121,6 +122,7 @@ def run_once(
     count: bool,
     instructions: bool,
     profile: Path | None = None,
+    dumps: Path | None = None,
 ) -> dict[str, Any]:
     total = connections * messages
     with tempfile.TemporaryDirectory(prefix="bench-cpuab-") as name:
@@ -260,6 +262,12 @@ def run_once(
             }
         if instructions:
             run["instructions_per_msg"] = _instructions(folder) // total
+            if dumps is not None:
+                # For ``callgrind_annotate``: which functions (Python's eval loop, SQLite,
+                # the compiled modules) the instructions went to.
+                dumps.mkdir(parents=True, exist_ok=True)
+                for dump in folder.glob("callgrind.out*"):
+                    shutil.copy(dump, dumps / dump.name)
         return run
 
 
@@ -276,9 +284,15 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="py-spy's collapsed stacks of each run: PROFILE-a1.txt..."
     )
+    parser.add_argument(
+        "--dumps",
+        type=Path,
+        help="with --instructions: keep each run's callgrind dumps in DUMPS-a1/, DUMPS-b1/...",
+    )
     args = parser.parse_args()
-    if not (gs._port_free(gs.GATEWAY_PORT) and gs._port_free(gs.RECEIVER_PORT)):
-        gs.use_ports(gs._free_port(), gs._free_port())
+    # Ports of its own, never the fixed defaults: two A/Bs started at the same moment
+    # (engineers sharing a machine) would otherwise both find them free and collide.
+    gs.use_ports(gs._free_port(), gs._free_port())
     trees = {"a": args.a.resolve(), "b": args.b.resolve()}
     runs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
     load = []
@@ -298,6 +312,9 @@ def main() -> None:
                 args.count,
                 args.instructions,
                 profile,
+                None if args.dumps is None else args.dumps.with_name(
+                    f"{args.dumps.name}-{key}{len(runs[key]) + 1}"
+                ),
             )
             runs[key].append(run)
             print(key, json.dumps(run), file=sys.stderr, flush=True)
