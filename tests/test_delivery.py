@@ -24,7 +24,8 @@ from attrs import evolve
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from twisted.application.service import IService
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, succeed
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IProtocol,
@@ -32,7 +33,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
@@ -44,11 +45,11 @@ from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.interfaces import IDeliveryOutcomes, IDeliveryQueue
 from udsgateway.outbound.destination import Destination, _DestinationFactory
 from udsgateway.outbound.dispatcher import Dispatcher
-from udsgateway.outbound.errors import ConnectError, DeliveryError
+from udsgateway.outbound.errors import ConnectError, DeliveryError, ReplyTimeoutError
 from udsgateway.outbound.executor import Executor
 from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import DEFAULT_POLICY, TIMING_KEYS, Timing
-from udsgateway.store import outbox, schema
+from udsgateway.store import destinations, outbox, schema
 from udsgateway.store.engine import IDatabaseRunner
 from udsgateway.store.outbox import DELIVERED, HELD, QUEUED, SKIPPED, Delivery, Settlement
 from udsgateway.testing import (
@@ -209,6 +210,29 @@ class HappyPathTests(DeliveryTestCase):
             [("A1", DELIVERED), ("A2", DELIVERED), ("A3", DELIVERED)],
         )
         self.assertEqual(len(peer.connections), 1, "one connection reused")
+
+    def test_counters_parse_an_endpoint_once(self) -> None:
+        """The attempt and delivery counters of every delivery are kept by address,
+        each endpoint's parsed once however many deliveries go to it."""
+        parsed: list[str] = []
+        parse = destinations.address_of
+
+        def counted(endpoint: str) -> str:
+            parsed.append(endpoint)
+            return parse(endpoint)
+
+        self.patch(destinations, "address_of", counted)
+        rig = self.outbound()
+        rig.start()
+        rig.enqueue("lane-1", DEST, ids("P", 10))
+        rig.enqueue("lane-2", OTHER, ids("Q", 5))
+        rig.run_until(all_delivered(rig))
+        self.assertEqual(sorted(parsed), sorted([DEST, OTHER]))
+        dispatcher = rig.dispatcher
+        self.assertEqual(dispatcher.sent, {parse(DEST): 10, parse(OTHER): 5})
+        self.assertEqual(
+            dispatcher.attempts, {parse(DEST): {"accepted": 10}, parse(OTHER): {"accepted": 5}}
+        )
 
     def test_plain_tcp_reply_ends_at_idle_gap(self) -> None:
         """Over plain TCP the reply is unframed: it ends after the reply gap,
@@ -1677,6 +1701,44 @@ class TurnTests(SynchronousTestCase):
         later = Deferred.fromCoroutine(destination.exchange(b"MSH|", bytes))
         self.failureResultOf(later, ConnectError)
 
+    def test_an_uncontended_turn_is_taken_without_the_lock_deferreds(self) -> None:
+        """With nobody holding the turn, an exchange takes it without
+        ``DeferredLock.acquire``; exchanges that find it held wait in it, in
+        order, and each gets the turn when the one before is answered."""
+        clock = Clock()
+        peer = DestinationPeer(clock, latency=1.0)
+        destination = Destination(
+            DEST, "mllp", clock, Timing(), endpoint_factory=lambda _r, _e: peer.endpoint()
+        )
+        destination.start(None)
+        acquired: list[int] = []
+        acquire = DeferredLock.acquire
+
+        def counted(lock: DeferredLock) -> Deferred[DeferredLock]:
+            acquired.append(len(lock.waiting))
+            return acquire(lock)
+
+        self.patch(DeferredLock, "acquire", counted)
+        first = Deferred.fromCoroutine(destination.exchange(outbound_message("T1"), bytes))
+        self.assertEqual(acquired, [])
+        others = [
+            Deferred.fromCoroutine(destination.exchange(outbound_message(f"T{n}"), bytes))
+            for n in (2, 3)
+        ]
+        self.assertEqual((acquired, destination.waiting), ([0, 1], 2))
+        run_until(clock, lambda: all(each.called for each in [first, *others]))
+        self.assertEqual(peer.received_ids(), ["T1", "T2", "T3"])
+        self.assertEqual(
+            [self.successResultOf(each) for each in [first, *others]],
+            [destination_ack(f"T{n}") for n in (1, 2, 3)],
+        )
+        # Free again: the next exchange takes the turn without the lock's Deferreds.
+        last = Deferred.fromCoroutine(destination.exchange(outbound_message("T4"), bytes))
+        clock.advance(1)
+        self.assertEqual(self.successResultOf(last), destination_ack("T4"))
+        self.assertEqual(acquired, [0, 1])
+        self.assertEqual(len(peer.connections), 1)
+
     def test_stop_cancels_the_lanes_waiting_their_turn(self) -> None:
         """Stopping a destination ends the waits for its turn (CancelledError),
         and the exchange in flight fails as stopped."""
@@ -1692,6 +1754,113 @@ class TurnTests(SynchronousTestCase):
             self.failureResultOf(first, DeliveryError).value.args, ("destination stopped",)
         )
         self.assertEqual(len(connects), 1)
+
+
+class ResponseDeadlineTests(SynchronousTestCase):
+    """One response deadline per connection, moved by each exchange (no timer per exchange)."""
+
+    TIMEOUT = 30.0
+
+    def connection(self) -> tuple[Any, Clock, StringTransport, list[tuple[float, float, str]]]:
+        """A destination protocol on a StringTransport, its clock and the log of its timers."""
+        clock = Clock()
+        timers = schedule_log(clock)
+        factory = _DestinationFactory("mllp", clock, Timing(response_timeout=self.TIMEOUT))
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, clock, transport, timers
+
+    def deadlines(self, timers: list[tuple[float, float, str]]) -> list[tuple[float, float]]:
+        """(made at, delay) of every response deadline the connection scheduled."""
+        return [(at, delay) for at, delay, what in timers if "deadline" in what]
+
+    def test_back_to_back_exchanges_share_one_timer(self) -> None:
+        """A hundred answered exchanges schedule one deadline timer between them."""
+        protocol, clock, transport, timers = self.connection()
+        for index in range(100):
+            sent = protocol.exchange(outbound_message(f"B{index}"))
+            clock.advance(0.25)
+            protocol.dataReceived(mllp(destination_ack(f"B{index}")))
+            self.assertEqual(self.successResultOf(sent), destination_ack(f"B{index}"))
+        self.assertEqual(self.deadlines(timers), [(0.0, self.TIMEOUT)])
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_reply_just_before_the_deadline_counts(self) -> None:
+        """A reply a moment before the deadline settles the exchange; the deadline
+        then passes on an idle connection, which stays open."""
+        protocol, clock, transport, _timers = self.connection()
+        sent = protocol.exchange(outbound_message("J1"))
+        clock.advance(self.TIMEOUT - 0.001)
+        protocol.dataReceived(mllp(destination_ack("J1")))
+        self.assertEqual(self.successResultOf(sent), destination_ack("J1"))
+        clock.advance(0.001 + TICK)
+        self.assertFalse(transport.disconnecting)
+        self.assertTrue(protocol.connected_ok)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_second_exchange_gets_a_full_timeout(self) -> None:
+        """An exchange made late in the previous one's timeout is not cut short by the
+        deadline the previous one had: it times out a full response timeout after it
+        was sent, with the usual error, and the connection is closed."""
+        protocol, clock, transport, _timers = self.connection()
+        first = protocol.exchange(outbound_message("F1"))
+        clock.advance(self.TIMEOUT - 1)
+        protocol.dataReceived(mllp(destination_ack("F1")))
+        self.successResultOf(first)
+        second = protocol.exchange(outbound_message("F2"))
+        clock.advance(1 + TICK)
+        self.assertNoResult(second)
+        clock.advance(self.TIMEOUT - 1 - 2 * TICK)
+        self.assertNoResult(second)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(2 * TICK)
+        failure = self.failureResultOf(second, ReplyTimeoutError)
+        self.assertEqual(str(failure.value), "no reply within 30s")
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(protocol.connected_ok)
+
+    def test_timeout_after_the_timer_fired_idle(self) -> None:
+        """After the deadline passed on an idle connection, the next exchange gets a
+        timer of its own, and times out on it."""
+        protocol, clock, transport, timers = self.connection()
+        first = protocol.exchange(outbound_message("I1"))
+        protocol.dataReceived(mllp(destination_ack("I1")))
+        self.successResultOf(first)
+        clock.advance(self.TIMEOUT + 5)
+        second = protocol.exchange(outbound_message("I2"))
+        clock.advance(self.TIMEOUT - TICK)
+        self.assertNoResult(second)
+        clock.advance(2 * TICK)
+        self.failureResultOf(second, ReplyTimeoutError)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(
+            self.deadlines(timers), [(0.0, self.TIMEOUT), (self.TIMEOUT + 5, self.TIMEOUT)]
+        )
+
+    def test_a_late_reply_after_the_timeout_drops_the_connection(self) -> None:
+        """A reply after the timeout settles nothing more (the exchange failed once)."""
+        protocol, clock, _transport, _timers = self.connection()
+        sent = protocol.exchange(outbound_message("L1"))
+        clock.advance(self.TIMEOUT + TICK)
+        self.failureResultOf(sent, ReplyTimeoutError)
+        protocol.connected_ok = True  # as if the close had not happened yet
+        protocol.dataReceived(mllp(destination_ack("L1")))
+        self.assertFalse(protocol.connected_ok)
+        self.assertEqual(protocol.exchanges, 0)
+
+    def test_connection_lost_cancels_the_deadline(self) -> None:
+        """A connection closed while idle leaves no timer behind; one closed while
+        waiting fails the exchange as lost, not later as timed out."""
+        protocol, clock, _transport, _timers = self.connection()
+        answered = protocol.exchange(outbound_message("C1"))
+        protocol.dataReceived(mllp(destination_ack("C1")))
+        self.successResultOf(answered)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        waiting = protocol.exchange(outbound_message("C2"))
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(waiting, DeliveryError)
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 def stored(delivery_id: int, lane: str, control_id: str) -> Delivery:

@@ -47,6 +47,9 @@ class DestinationProtocol(Protocol):
         self._timing = timing
         self._waiting: Deferred[bytes] | None = None
         self._gap: IDelayedCall | None = None
+        #: The response deadline: one timer per connection, moved to a full
+        #: response timeout by each exchange (see ``_arm``).
+        self._deadline: IDelayedCall | None = None
         self.connected_ok = True
         #: Exchanges completed on this connection, and whether the one in
         #: flight has had any byte of reply yet.
@@ -66,17 +69,37 @@ class DestinationProtocol(Protocol):
         waiting: Deferred[bytes] = Deferred()
         self._waiting = waiting
         self._answered = False
-        waiting.addTimeout(self._timing.response_timeout, self._clock, self._timed_out)
+        self._arm()
         assert self.transport is not None
         write_now(self.transport, self._framer.encode(payload))
         return waiting
 
-    def _timed_out(self, result: Any, timeout: float) -> Any:
-        if isinstance(result, Failure) and result.check(CancelledError):
-            self._waiting = None
-            self.drop()
-            raise ReplyTimeoutError(f"no reply within {timeout:g}s")
-        return result
+    def _arm(self) -> None:
+        """Give the exchange starting now a full response timeout.
+
+        The connection keeps one timer for its deadline (Twisted's
+        ``TimeoutMixin`` idea) instead of a ``callLater`` and its cancel, and
+        a Deferred timeout's callbacks, per exchange: a reply leaves the timer
+        running, and the next exchange only moves it later, which a reactor
+        does without touching its queue of timers. Should it fire with no
+        exchange in flight, it does nothing (``_deadline_passed``).
+        """
+        deadline = self._deadline
+        if deadline is not None and deadline.active():
+            deadline.reset(self._timing.response_timeout)
+        else:
+            self._deadline = self._clock.callLater(
+                self._timing.response_timeout, self._deadline_passed
+            )
+
+    def _deadline_passed(self) -> None:
+        """The last exchange's response timeout is over: if it had no reply, it failed."""
+        self._deadline = None
+        waiting, self._waiting = self._waiting, None
+        if waiting is None:
+            return  # answered in time; the connection was idle since
+        self.drop()
+        waiting.errback(ReplyTimeoutError(f"no reply within {self._timing.response_timeout:g}s"))
 
     def dataReceived(self, data: bytes) -> None:
         self._answered = True
@@ -121,6 +144,9 @@ class DestinationProtocol(Protocol):
         self.connected_ok = False
         if self._gap is not None and self._gap.active():
             self._gap.cancel()
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
         waiting, self._waiting = self._waiting, None
         if waiting is None:
             return
@@ -220,9 +246,21 @@ class Destination:
         untrustworthy (DeliveryError), the connection is closed before another
         lane can write to it.
         """
-        await self._turn.acquire()
+        turn = self._turn
+        if turn.locked:
+            await turn.acquire()
+        else:
+            # Nobody holds the turn, so nobody waits for it: take it as
+            # ``DeferredLock.acquire`` would, without its Deferred.
+            turn.locked = True
         try:
-            reply = await self._exchange(payload)
+            protocol = self._current
+            if protocol is None or not protocol.connected_ok:
+                protocol = await self._connection()
+            self.sent += 1
+            started = self._clock.seconds()
+            reply = await protocol.exchange(payload)
+            self.ack_wait.observe(self._clock.seconds() - started)
             try:
                 return judge(reply)
             except DeliveryError:
@@ -238,8 +276,13 @@ class Destination:
         call. That lane may fail at once (no connection) and pass the turn on
         from within it: that release is only counted here, and made by the
         loop below once the current one returns, so no chain of calls grows
-        with the number of lanes waiting.
+        with the number of lanes waiting. With nobody waiting and no release
+        running, the release is only the lock's flag.
         """
+        turn = self._turn
+        if not turn.waiting and not self._releasing:
+            turn.locked = False
+            return
         self._releases += 1
         if self._releasing:
             return
@@ -247,22 +290,12 @@ class Destination:
         try:
             while self._releases:
                 self._releases -= 1
-                self._turn.release()
+                turn.release()
         finally:
             self._releasing = False
 
-    async def _exchange(self, payload: bytes) -> bytes:
-        protocol = await self._connection()
-        self.sent += 1
-        started = self._clock.seconds()
-        reply = await protocol.exchange(payload)
-        self.ack_wait.observe(self._clock.seconds() - started)
-        return reply
-
     async def _connection(self) -> DestinationProtocol:
-        current = self._current
-        if current is not None and current.connected_ok:
-            return current
+        """A new connection (``exchange`` reuses an open one without calling this)."""
         self._current = None
         if self._client is None:
             raise StoppedError("destination stopped")

@@ -193,20 +193,26 @@ class Lane:
                 self.stop()
                 return
             self.state = "sending"
-            settlement, delay, outcome = await self._attempt(head, self.destination)
+            # The attempt and the commit of its outcome are awaited here, not in
+            # helpers of their own: each coroutine between this loop and the reply
+            # is one more frame to resume per delivery.
+            destination = self.destination
+            try:
+                judged = await destination.exchange(head.payload, self._judge(head))
+            except DeliveryError as failure:
+                settlement, delay, outcome = self._failed(head, destination, failure)
+            else:
+                settlement, delay, outcome = self._judged(head, destination, judged)
             if self._stopped:
                 return
             self._retry = (head.id, context.clock.seconds() + delay) if delay else None
             if settlement.response is not None:
                 context.answered()
-            settlement = evolve(
-                settlement,
-                execution_id=head.execution_id,
-                step=head.step,
-                control_id=head.control_id,
-            )
-            if not await self._record(settlement):
-                return
+            try:
+                await context.record(settlement)
+            except Exception as error:
+                if not await self._record_again(settlement, error):
+                    return
             context.attempted(head.destination, settlement, outcome)
             if settlement.state == DELIVERED:
                 context.delivered(head.destination, context.now() - head.created_at)
@@ -251,54 +257,83 @@ class Lane:
         self._retry = (head.id, clock.seconds() + wait)
         return wait
 
-    async def _attempt(
-        self, head: Delivery, destination: Destination
-    ) -> tuple[Settlement, float, str]:
-        """Send the head once: its new state, the seconds to wait before the next try,
-        and the attempt's outcome (``errors.ATTEMPT_OUTCOMES``)."""
+    def _judge(self, head: Delivery) -> Callable[[bytes], Settlement]:
+        """What the head's reply means (``policy.judge``), judged when it arrives."""
         context = self._context
-        try:
-            settlement = await destination.exchange(
-                head.payload,
-                lambda reply: judge(head, reply, context.now(), self._nak_retries),
-            )
-        except DeliveryError as failure:
-            reason = str(failure)
-            self._waiting_for_connect = isinstance(failure, ConnectError)
-            if isinstance(failure, StaleConnectionError):
-                # Closed after the previous ACK: no failure; again at once, newly connected.
-                delay = 0.0
-            elif self._waiting_for_connect:
-                # One reconnect backoff per destination, shared by its lanes.
-                delay = destination.reconnect_in()
-            else:
-                self._failures += 1
-                delay = destination.timing.backoff(self._failures, destination.rng)
-            destination.last_error = reason
-            log.info(
-                "delivery attempt failed: {reason}"
-                " (lane {lane}, delivery {delivery}, control ID {control_id})",
-                reason=reason,
-                lane=self.name,
-                delivery=head.id,
-                control_id=head.control_id,
-            )
-            settlement = Settlement(
-                head.id, QUEUED, head.attempts + 1, context.now() + delay, reason
-            )
-            return settlement, delay, failure.outcome
-        outcome = ack_outcome(settlement.response_code)
-        if settlement.state == QUEUED:
+        return lambda reply: judge(head, reply, context.now(), self._nak_retries)
+
+    def _failed(
+        self, head: Delivery, destination: Destination, failure: DeliveryError
+    ) -> tuple[Settlement, float, str]:
+        """An attempt at the head got no usable answer: its new state, the seconds to
+        wait before the next try, and the attempt's outcome (``errors.ATTEMPT_OUTCOMES``)."""
+        reason = str(failure)
+        self._waiting_for_connect = isinstance(failure, ConnectError)
+        if isinstance(failure, StaleConnectionError):
+            # Closed after the previous ACK: no failure; again at once, newly connected.
+            delay = 0.0
+        elif self._waiting_for_connect:
+            # One reconnect backoff per destination, shared by its lanes.
+            delay = destination.reconnect_in()
+        else:
+            self._failures += 1
+            delay = destination.timing.backoff(self._failures, destination.rng)
+        destination.last_error = reason
+        log.info(
+            "delivery attempt failed: {reason}"
+            " (lane {lane}, delivery {delivery}, control ID {control_id})",
+            reason=reason,
+            lane=self.name,
+            delivery=head.id,
+            control_id=head.control_id,
+        )
+        settlement = Settlement(
+            head.id,
+            QUEUED,
+            head.attempts + 1,
+            self._context.now() + delay,
+            reason,
+            execution_id=head.execution_id,
+            step=head.step,
+            control_id=head.control_id,
+        )
+        return settlement, delay, failure.outcome
+
+    def _judged(
+        self, head: Delivery, destination: Destination, judged: Settlement
+    ) -> tuple[Settlement, float, str]:
+        """The head was answered and ``judge`` made ``judged`` of the reply: the outcome
+        to record, the seconds to wait before the next try, and the attempt's outcome.
+
+        The outcome to record is ``judged`` with the head's own IDs (and, for a
+        negative ACK the policy retries, the backoff added to its next attempt),
+        made in one construction rather than ``evolve``d: this runs once per
+        delivery, and ``evolve`` costs several times a plain construction.
+        """
+        outcome = ack_outcome(judged.response_code)
+        delay = 0.0
+        if judged.state == QUEUED:
             # A negative ACK the policy retries: back off like any failure.
             self._nak_retries += 1
             self._failures += 1
             delay = destination.timing.backoff(self._failures, destination.rng)
-            settlement = evolve(settlement, next_attempt_at=settlement.next_attempt_at + delay)
-            return settlement, delay, outcome
-        return settlement, 0.0, outcome
+        settlement = Settlement(
+            judged.delivery_id,
+            judged.state,
+            judged.attempts,
+            judged.next_attempt_at + delay,
+            judged.last_error,
+            judged.response,
+            judged.response_code,
+            execution_id=head.execution_id,
+            step=head.step,
+            control_id=head.control_id,
+        )
+        return settlement, delay, outcome
 
-    async def _record(self, settlement: Settlement) -> bool:
-        """Commit the head's outcome, however long the store refuses it; False: stopped.
+    async def _record_again(self, settlement: Settlement, error: Exception) -> bool:
+        """The head's outcome was not committed (``error``): commit it again, however
+        long the store refuses it; False: stopped.
 
         While the outcome cannot be recorded (disk full, I/O errors) the lane
         sends nothing: the outcome is kept here and committed again after
@@ -306,32 +341,34 @@ class Lane:
         so the destination never gets the head again in this run.
         """
         failures = 0
-        while not self._stopped:
-            try:
-                await self._context.record(settlement)
-                return True
-            except FencedError:
+        while True:
+            if isinstance(error, FencedError):
                 # Another node holds the lane now: it sends the head again (at least once).
                 self.state = "fenced"
                 self.stop()
-                break
-            except Exception as error:
-                if self._stopped:
-                    break
-                failures += 1
-                delay = min(RECORD_RETRY_INITIAL * 2 ** min(failures - 1, 60), RECORD_RETRY_MAX)
-                log.warn(
-                    "delivery {delivery} (control ID {control_id}) of lane {lane}: outcome not"
-                    " recorded ({error}); lane paused, retry in {delay:g}s",
-                    error=type(error).__name__,
-                    delay=delay,
-                    lane=self.name,
-                    delivery=settlement.delivery_id,
-                    control_id=settlement.control_id,
-                )
-                self.state = "recording"
-                await self._sleep(delay)
-        return False
+                return False
+            if self._stopped:
+                return False
+            failures += 1
+            delay = min(RECORD_RETRY_INITIAL * 2 ** min(failures - 1, 60), RECORD_RETRY_MAX)
+            log.warn(
+                "delivery {delivery} (control ID {control_id}) of lane {lane}: outcome not"
+                " recorded ({error}); lane paused, retry in {delay:g}s",
+                error=type(error).__name__,
+                delay=delay,
+                lane=self.name,
+                delivery=settlement.delivery_id,
+                control_id=settlement.control_id,
+            )
+            self.state = "recording"
+            await self._sleep(delay)
+            if self._stopped:
+                return False
+            try:
+                await self._context.record(settlement)
+                return True
+            except Exception as again:
+                error = again
 
     def _reload_from(self, head_id: int) -> None:
         self._page.clear()
