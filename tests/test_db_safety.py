@@ -529,7 +529,12 @@ class SharedCommitsTests(SynchronousTestCase):
         notes = self.join(_note)
         later: list[Any] = []
         first = messages.submit(inbound_record("S6"))
-        first.addCallback(lambda result: later.append(notes.submit("after")) or result)
+
+        def submit_another(result: Any) -> Any:
+            later.append(notes.submit("after"))
+            return result
+
+        first.addCallback(submit_another)
         self.clock.advance(0)
         self.assertEqual(self.runner.calls, 2)
         self.assertEqual(self.successResultOf(later[0]), "after")
