@@ -458,6 +458,20 @@ class SharedCommitsTests(SynchronousTestCase):
         self.assertFalse(messages.busy or notes.busy)
         self.assertEqual((messages.committed, notes.committed), (1, 2))
 
+    def test_busy_is_per_member(self) -> None:
+        """A member is busy while a group of its own is due or committing, not while
+        another member's transaction runs alone (the ingest folds on its own groups)."""
+        messages = self.join(inbound.commit_inbound)
+        notes = self.join(_note)
+        seen: list[tuple[bool, bool]] = []
+        done = notes.submit("alone")
+        done.addCallback(lambda _: seen.append((messages.busy, notes.busy)))
+        self.assertEqual((messages.busy, notes.busy, self.shared.busy), (False, True, True))
+        self.clock.advance(0)
+        # During its own callbacks a member is still busy, as a lone committer is.
+        self.assertEqual(seen, [(False, True)])
+        self.assertEqual((messages.busy, notes.busy, self.shared.busy), (False, False, False))
+
     def test_one_member_pending_runs_alone(self) -> None:
         """With one committer pending, the transaction is its own (no savepoint)."""
         self.join(inbound.commit_inbound)

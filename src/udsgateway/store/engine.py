@@ -608,6 +608,7 @@ class GroupCommitter(Generic[Item, Result]):
         deferred: Deferred[Result] = Deferred()
         self._pending.append(_Pending(item, deferred))
         if self.shared is not None:
+            self._running = True  # this committer's group is due (``busy``)
             self.shared.due()
         elif not self._running:
             if self.clock is None:
@@ -624,8 +625,10 @@ class GroupCommitter(Generic[Item, Result]):
 
     @property
     def busy(self) -> bool:
-        """A group is committing or due: an item submitted now waits for it to end."""
-        return self.shared.busy if self.shared is not None else self._running
+        """A group of this committer is committing or due: an item submitted now waits
+        for it to end. (In a ``SharedCommits``, another member's transaction alone does
+        not make this one busy: the ingest's fold decision sees the inbound groups.)"""
+        return self._running
 
     def _take(self) -> list[_Pending[Item, Result]]:
         """The next group: the oldest pending items, at most ``max_batch`` of them."""
@@ -748,6 +751,10 @@ class SharedCommits:
             self.clock.callLater(0, self._next)
 
     def _next(self) -> None:
+        # After the last transaction's callbacks: members with nothing pending are idle.
+        for member in self._members:
+            if not member.queued:
+                member._running = False
         parts = [(member, member._take()) for member in self._members if member.queued]
         if not parts:
             self._running = False
