@@ -16,8 +16,11 @@ import sqlite3
 import sys
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.exc import OperationalError
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -27,7 +30,7 @@ from udsgateway.cli import main as cli
 from udsgateway.config import GatewayConfig, TenantConfig
 from udsgateway.hl7.ack import ControlIdSource
 from udsgateway.service import GatewayService
-from udsgateway.store import inbound
+from udsgateway.store import inbound, logs
 from udsgateway.store.engine import (
     AdvisoryLock,
     Database,
@@ -37,6 +40,7 @@ from udsgateway.store.engine import (
     FileLock,
     GroupCommitter,
     InlineRunner,
+    SharedCommits,
     damage_before_command,
     damage_before_open,
     dead_peer_settings,
@@ -45,6 +49,7 @@ from udsgateway.store.engine import (
     quick_check,
     read_wal,
 )
+from udsgateway.store.records import CommitOutcome, LogEntry
 from udsgateway.testing import inbound_record
 
 #: An HL7 message of a synthetic person, for the service tests.
@@ -386,6 +391,180 @@ class GuardedCommitTests(SynchronousTestCase):
             lambda connection: connection.execute(text("SELECT count(*) FROM messages")).scalar()
         )
         self.assertEqual(stored, 0)
+
+
+class _CountingRunner(InlineRunner):
+    """Runs database functions at once, counting the calls (one per transaction)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def run(self, function: Any, *args: Any) -> Any:
+        self.calls += 1
+        return super().run(function, *args)
+
+
+def _note(connection: Connection, texts: list[str]) -> list[str]:
+    """A second committer's batch: log lines (the table the outcome record writes)."""
+    logs.insert_logs(connection, [LogEntry(at=1.0, event="test", reason=t) for t in texts])
+    return texts
+
+
+def _failing(connection: Connection, texts: list[str]) -> list[str]:
+    logs.insert_logs(connection, [LogEntry(at=1.0, event="test", reason=t) for t in texts])
+    raise RuntimeError("a bug in this group")
+
+
+class SharedCommitsTests(SynchronousTestCase):
+    """Two committers' groups in one transaction, each in its savepoint."""
+
+    def setUp(self) -> None:
+        self.runner = _CountingRunner()
+        self.database = Database(make_engine("sqlite:///:memory:"), self.runner)
+        self.database.transaction_now(ensure_schema)
+        self.clock = Clock()
+        self.shared = SharedCommits(self.database, clock=self.clock)
+
+    def count(self, table: str) -> int:
+        return int(
+            self.database.transaction_now(
+                lambda connection: connection.execute(
+                    text(f"SELECT count(*) FROM {table}")
+                ).scalar()
+            )
+        )
+
+    def join(self, batch: Any, **options: Any) -> GroupCommitter[Any, Any]:
+        committer: GroupCommitter[Any, Any] = GroupCommitter(self.database, batch, **options)
+        self.shared.join(committer)
+        return committer
+
+    def test_one_transaction_for_both(self) -> None:
+        """Items of two committers pending at the end of the turn are committed in one
+        transaction, and each item gets its own committer's result."""
+        messages = self.join(inbound.commit_inbound)
+        notes = self.join(_note)
+        stored = messages.submit(inbound_record("S1"))
+        noted = [notes.submit("first"), notes.submit("second")]
+        self.assertTrue(messages.busy and notes.busy)
+        self.assertEqual(self.runner.calls, 0)
+        self.clock.advance(0)
+        self.assertEqual(
+            (self.runner.calls, self.shared.transactions, self.shared.joined), (1, 1, 1)
+        )
+        self.assertEqual(self.successResultOf(stored).outcome, CommitOutcome.STORED)
+        self.assertEqual([self.successResultOf(d) for d in noted], ["first", "second"])
+        self.assertEqual((self.count("messages"), self.count("logs")), (1, 3))
+        self.assertFalse(messages.busy or notes.busy)
+        self.assertEqual((messages.committed, notes.committed), (1, 2))
+
+    def test_busy_is_per_member(self) -> None:
+        """A member is busy while a group of its own is due or committing, not while
+        another member's transaction runs alone (the ingest folds on its own groups)."""
+        messages = self.join(inbound.commit_inbound)
+        notes = self.join(_note)
+        seen: list[tuple[bool, bool]] = []
+        done = notes.submit("alone")
+        done.addCallback(lambda _: seen.append((messages.busy, notes.busy)))
+        self.assertEqual((messages.busy, notes.busy, self.shared.busy), (False, True, True))
+        self.clock.advance(0)
+        # During its own callbacks a member is still busy, as a lone committer is.
+        self.assertEqual(seen, [(False, True)])
+        self.assertEqual((messages.busy, notes.busy, self.shared.busy), (False, False, False))
+
+    def test_one_member_pending_runs_alone(self) -> None:
+        """With one committer pending, the transaction is its own (no savepoint)."""
+        self.join(inbound.commit_inbound)
+        notes = self.join(_note)
+        done = notes.submit("alone")
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(done), "alone")
+        self.assertEqual((self.shared.transactions, self.shared.joined), (1, 0))
+
+    def test_a_failing_group_fails_alone(self) -> None:
+        """A group that raises is rolled back to its savepoint: its items fail, its
+        rows are gone, and the other committer's group commits."""
+        messages = self.join(inbound.commit_inbound)
+        broken = self.join(_failing)
+        stored = messages.submit(inbound_record("S2"))
+        failed = broken.submit("lost")
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(stored).outcome, CommitOutcome.STORED)
+        self.failureResultOf(failed, RuntimeError)
+        self.assertEqual(self.count("messages"), 1)
+        # The failing group's log line was rolled back; the stored message's stays.
+        self.assertEqual(self.count("logs"), 1)
+        self.flushLoggedErrors(RuntimeError)
+
+    def test_a_driver_error_fails_as_sqlalchemy_would(self) -> None:
+        """A driver error inside a savepoint reaches the caller as SQLAlchemy's error
+        (as it would from a transaction of its own), and the next transaction works."""
+
+        def bad_sql(connection: Connection, items: list[str]) -> list[str]:
+            cursor = connection.connection.cursor()
+            cursor.execute("INSERT INTO no_such_table VALUES (1)")
+            return items
+
+        messages = self.join(inbound.commit_inbound)
+        broken = self.join(bad_sql)
+        stored = messages.submit(inbound_record("S3"))
+        failed = broken.submit("x")
+        self.clock.advance(0)
+        self.failureResultOf(failed, OperationalError)
+        self.assertEqual(self.successResultOf(stored).outcome, CommitOutcome.STORED)
+        again = messages.submit(inbound_record("S4"))
+        self.clock.advance(0)
+        self.assertEqual(self.successResultOf(again).outcome, CommitOutcome.STORED)
+
+    def test_guard_refusal_fails_every_group(self) -> None:
+        """The guard runs once after every group's SQL; its refusal rolls the whole
+        transaction back and fails the items of every member."""
+        damaged: list[str] = []
+        calls: list[int] = []
+
+        def guard() -> None:
+            calls.append(1)
+            raise DatabaseDamagedError("database file x was deleted while the gateway ran")
+
+        messages = self.join(inbound.commit_inbound, guard=guard, on_damaged=damaged.append)
+        notes = self.join(_note)
+        stored = messages.submit(inbound_record("S5"))
+        noted = notes.submit("refused")
+        self.clock.advance(0)
+        self.failureResultOf(stored, DatabaseDamagedError)
+        self.failureResultOf(noted, DatabaseDamagedError)
+        self.assertEqual((len(calls), len(damaged)), (1, 1))
+        self.assertEqual((self.count("messages"), self.count("logs")), (0, 0))
+
+    def test_items_submitted_by_callbacks_go_in_the_next_transaction(self) -> None:
+        """An item submitted while the results are handed back waits for that hand-back
+        to end, then commits in the next transaction."""
+        messages = self.join(inbound.commit_inbound)
+        notes = self.join(_note)
+        later: list[Any] = []
+        first = messages.submit(inbound_record("S6"))
+
+        def submit_another(result: Any) -> Any:
+            later.append(notes.submit("after"))
+            return result
+
+        first.addCallback(submit_another)
+        self.clock.advance(0)
+        self.assertEqual(self.runner.calls, 2)
+        self.assertEqual(self.successResultOf(later[0]), "after")
+
+    def test_join_checks(self) -> None:
+        """A committer on another database, or one already in use, cannot join."""
+        other = Database(make_engine("sqlite:///:memory:"), InlineRunner())
+        with self.assertRaises(ValueError):
+            self.shared.join(GroupCommitter(other, _note))
+        used: GroupCommitter[Any, Any] = GroupCommitter(self.database, _note, clock=self.clock)
+        used.submit("pending")
+        with self.assertRaises(ValueError):
+            self.shared.join(used)
+        joined = self.join(_note)
+        with self.assertRaises(ValueError):
+            self.shared.join(joined)
 
 
 class ServiceIdentityTests(SynchronousTestCase):

@@ -39,7 +39,7 @@ from udsgateway.outbound.dispatcher import Dispatcher
 from udsgateway.outbound.executor import Executor
 from udsgateway.outbound.policy import Timing
 from udsgateway.store import inbound
-from udsgateway.store.engine import Database, GroupCommitter
+from udsgateway.store.engine import Database, GroupCommitter, SharedCommits
 from udsgateway.store.records import CommitResult, InboundRecord
 
 #: The function every inbound group commit runs: the messages, their executions,
@@ -244,6 +244,11 @@ def assemble(
         guard=guard,
         on_damaged=on_damaged,
     )
+    # Inbound groups and delivery outcomes share their transactions: one commit where
+    # the relay paid for two (SharedCommits).
+    shared = SharedCommits(database, clock=committer.clock)
+    shared.join(committer)
+    dispatcher.join_commits(shared)
     flows = flow_runner(executor)
     ingests = {
         tenant.name: Ingest(

@@ -31,7 +31,13 @@ from udsgateway.outbound.destination import Destination
 from udsgateway.outbound.lanes import Lane, LaneContext
 from udsgateway.outbound.policy import Timing
 from udsgateway.store import destinations, outbox
-from udsgateway.store.engine import DELIVERY_BUCKETS, Database, Durations, GroupCommitter
+from udsgateway.store.engine import (
+    DELIVERY_BUCKETS,
+    Database,
+    Durations,
+    GroupCommitter,
+    SharedCommits,
+)
 from udsgateway.store.records import Delivery, Settlement
 
 log = Logger()
@@ -467,6 +473,10 @@ class Dispatcher(Service):
             self._fill_soon()
 
     # -- recording outcomes
+
+    def join_commits(self, shared: SharedCommits) -> None:
+        """Record outcomes in ``shared``'s transactions, with the inbound groups."""
+        shared.join(self._committer)
 
     def record(self, settlement: Settlement) -> Deferred[Settlement]:
         """Commit an attempt's outcome (grouped with others); fire with it once committed.

@@ -377,19 +377,9 @@ class Database:
             if not _rolled_back(connection) or connection.invalidated:
                 self._held.connection = None
                 connection.close()
-            dbapi = connection.dialect.loaded_dbapi
-            if isinstance(error, dbapi.Error):
-                # A driver error from a statement run on the driver connection: raise
-                # it as SQLAlchemy would have (OperationalError, IntegrityError...),
-                # without its parameters, so callers see one family of errors.
-                raise DBAPIError.instance(
-                    None,
-                    None,
-                    error,
-                    dbapi.Error,
-                    hide_parameters=True,
-                    dialect=connection.dialect,
-                ) from error
+            converted = _as_sqlalchemy_error(connection, error)
+            if converted is not None:
+                raise converted from error
             raise
 
     def close(self) -> None:
@@ -505,6 +495,18 @@ class Checkpointer:
                 connection.close()
 
 
+def _as_sqlalchemy_error(connection: Connection, error: BaseException) -> Exception | None:
+    """A driver error from a statement run on the driver connection, as SQLAlchemy
+    would have raised it (OperationalError, IntegrityError...), without its parameters,
+    so callers see one family of errors; None for any other exception."""
+    dbapi = connection.dialect.loaded_dbapi
+    if not isinstance(error, dbapi.Error):
+        return None
+    return DBAPIError.instance(
+        None, None, error, dbapi.Error, hide_parameters=True, dialect=connection.dialect
+    )
+
+
 def _rolled_back(connection: Connection) -> bool:
     """Roll back after a failure; False when the connection no longer answers.
 
@@ -593,6 +595,8 @@ class GroupCommitter(Generic[Item, Result]):
     #: commit (the admin service's metrics read it).
     commit_times: Durations = field(factory=Durations)
     _started_at: float = 0.0
+    #: Set by ``SharedCommits.join``: this committer's groups share its transactions.
+    shared: SharedCommits | None = field(default=None, init=False)
 
     @property
     def database(self) -> Database:
@@ -603,7 +607,10 @@ class GroupCommitter(Generic[Item, Result]):
         """Queue an item for the next group; fire with its result once committed."""
         deferred: Deferred[Result] = Deferred()
         self._pending.append(_Pending(item, deferred))
-        if not self._running:
+        if self.shared is not None:
+            self._running = True  # this committer's group is due (``busy``)
+            self.shared.due()
+        elif not self._running:
             if self.clock is None:
                 self._next()
             else:
@@ -618,18 +625,25 @@ class GroupCommitter(Generic[Item, Result]):
 
     @property
     def busy(self) -> bool:
-        """A group is committing or due: an item submitted now waits for it to end."""
+        """A group of this committer is committing or due: an item submitted now waits
+        for it to end. (In a ``SharedCommits``, another member's transaction alone does
+        not make this one busy: the ingest's fold decision sees the inbound groups.)"""
         return self._running
+
+    def _take(self) -> list[_Pending[Item, Result]]:
+        """The next group: the oldest pending items, at most ``max_batch`` of them."""
+        group = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        self.groups += 1
+        self._started_at = time.perf_counter()
+        return group
 
     def _next(self) -> None:
         if not self._pending:
             self._running = False
             return
         self._running = True
-        group = self._pending[: self._max_batch]
-        del self._pending[: self._max_batch]
-        self.groups += 1
-        self._started_at = time.perf_counter()
+        group = self._take()
         done = self._database.transaction(self._run_batch, [p.item for p in group])
         done.addCallbacks(
             self._committed, self._failed, callbackArgs=(group,), errbackArgs=(group,)
@@ -644,17 +658,26 @@ class GroupCommitter(Generic[Item, Result]):
         return results
 
     def _committed(self, results: list[Result], group: list[_Pending[Item, Result]]) -> None:
-        self.commit_times.observe(time.perf_counter() - self._started_at)
-        self.committed += len(group)
         # The callbacks first, then the next group. Handing the next group over first
         # (so the database thread commits it while the callbacks run) was tried: ingest
         # +7 to 14 %, but the relay 0.93x in one A/B and 1.08x in another (the database
         # thread and the lanes' sends then contend for the GIL); bench/RESULTS.md.
-        for pending, result in zip(group, results, strict=True):
-            pending.deferred.callback(result)
+        self._hand_back(results, group)
         self._next()
 
+    def _hand_back(self, results: list[Result], group: list[_Pending[Item, Result]]) -> None:
+        """Fire the group's Deferreds with their results, once its transaction committed."""
+        self.commit_times.observe(time.perf_counter() - self._started_at)
+        self.committed += len(group)
+        for pending, result in zip(group, results, strict=True):
+            pending.deferred.callback(result)
+
     def _failed(self, failure: Any, group: list[_Pending[Item, Result]]) -> None:
+        self._fail_group(failure, group)
+        self._next()
+
+    def _fail_group(self, failure: Any, group: list[_Pending[Item, Result]]) -> None:
+        """Fail every item of a group that was not committed (the caller NAKs them)."""
         if failure.check(DatabaseDamagedError):
             log.warn("group commit refused: the database is damaged", size=len(group))
             if self.on_damaged is not None:
@@ -670,7 +693,140 @@ class GroupCommitter(Generic[Item, Result]):
             )
         for pending in group:
             pending.deferred.errback(failure)
+
+
+@define
+class SharedCommits:
+    """One transaction for the pending groups of several committers.
+
+    The gateway commits inbound messages (``assembly``: the ingest's committer) and
+    delivery outcomes (the dispatcher's) in groups of their own. Run as two
+    transactions, every relayed message paid for two commits, and a commit is most
+    of the database thread's CPU (the WAL's pages written and flushed): the lanes'
+    outcome groups are small (one settlement per lane). Joined here, whatever the
+    members have pending when the database is free goes into one transaction, one
+    commit, one hand-back to the reactor.
+
+    Each member's group runs in a savepoint of its own: a group that fails (a
+    fault, a bug) is rolled back alone and only its items fail, as they would
+    have in a transaction of their own; the others commit. A ``guard`` refusal
+    (``DatabaseDamagedError``) or a failed commit fails every group of the
+    transaction. With one member pending the transaction is exactly the
+    member's own (no savepoint). Members run in the order they joined.
+
+    ``clock``: as ``GroupCommitter.clock``, a transaction that would start while
+    the database is idle starts at the end of the reactor turn.
+    """
+
+    _database: Database
+    clock: IReactorTime | None = None
+    _members: list[GroupCommitter[Any, Any]] = field(factory=list)
+    _running: bool = False
+    #: Transactions run, and those that held the groups of more than one member.
+    transactions: int = 0
+    joined: int = 0
+
+    def join(self, committer: GroupCommitter[Any, Any]) -> None:
+        """From now on, ``committer``'s groups go into this object's transactions."""
+        if committer.database is not self._database:
+            raise ValueError("a shared transaction needs every committer on one database")
+        if committer.shared is not None or committer.busy or committer.queued:
+            raise ValueError("join a committer before it commits anything")
+        committer.shared = self
+        self._members.append(committer)
+
+    @property
+    def busy(self) -> bool:
+        """A transaction is running or due: an item submitted now waits for it to end."""
+        return self._running
+
+    def due(self) -> None:
+        """A member has an item pending: start a transaction unless one is running."""
+        if self._running:
+            return
+        self._running = True
+        if self.clock is None:
+            self._next()
+        else:
+            self.clock.callLater(0, self._next)
+
+    def _next(self) -> None:
+        # After the last transaction's callbacks: members with nothing pending are idle.
+        for member in self._members:
+            if not member.queued:
+                member._running = False
+        parts = [(member, member._take()) for member in self._members if member.queued]
+        if not parts:
+            self._running = False
+            return
+        self._running = True
+        self.transactions += 1
+        if len(parts) > 1:
+            self.joined += 1
+        done = self._database.transaction(
+            self._run, [(member, [p.item for p in group]) for member, group in parts]
+        )
+        done.addCallbacks(
+            self._committed, self._failed, callbackArgs=(parts,), errbackArgs=(parts,)
+        )
+
+    def _run(
+        self, connection: Connection, parts: list[tuple[GroupCommitter[Any, Any], list[Any]]]
+    ) -> list[tuple[bool, Any]]:
+        """In the database thread: every member's group, each in its savepoint; then the
+        guards, once each, before the commit."""
+        if len(parts) == 1:
+            member, items = parts[0]
+            return [(True, member._run_batch(connection, items))]
+        outcomes: list[tuple[bool, Any]] = []
+        for index, (member, items) in enumerate(parts):
+            savepoint = f"udsgateway_group_{index}"
+            _driver_sql(connection, f"SAVEPOINT {savepoint}")
+            try:
+                if member.before_batch is not None:
+                    member.before_batch()
+                outcomes.append((True, member._batch(connection, items)))
+            except Exception as error:
+                converted = _as_sqlalchemy_error(connection, error)
+                outcomes.append((False, Failure() if converted is None else Failure(converted)))
+                # When SQLite rolled the whole transaction back itself (a full disk, an
+                # I/O error), this fails too, and so does every group: none committed.
+                _driver_sql(connection, f"ROLLBACK TO SAVEPOINT {savepoint}")
+            _driver_sql(connection, f"RELEASE SAVEPOINT {savepoint}")
+        guards = []
+        for member, _items in parts:
+            if member.guard is not None and member.guard not in guards:
+                guards.append(member.guard)
+                member.guard()
+        return outcomes
+
+    def _committed(
+        self,
+        outcomes: list[tuple[bool, Any]],
+        parts: list[tuple[GroupCommitter[Any, Any], list[_Pending[Any, Any]]]],
+    ) -> None:
+        for (member, group), (succeeded, value) in zip(parts, outcomes, strict=True):
+            if succeeded:
+                member._hand_back(value, group)
+            else:
+                member._fail_group(value, group)
         self._next()
+
+    def _failed(
+        self, failure: Any, parts: list[tuple[GroupCommitter[Any, Any], list[_Pending[Any, Any]]]]
+    ) -> None:
+        for member, group in parts:
+            member._fail_group(failure, group)
+        self._next()
+
+
+def _driver_sql(connection: Connection, sql: str) -> None:
+    """One statement on the driver connection (its transaction is the caller's)."""
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(sql)
+    finally:
+        cursor.close()
 
 
 @define
