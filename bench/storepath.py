@@ -167,9 +167,7 @@ def main() -> None:
 
         pending_outcomes: list[list[Settlement]] = []
 
-        def both(
-            connection: Any, group: list[InboundRecord], outcomes: list[Settlement]
-        ) -> Any:
+        def both(connection: Any, group: list[InboundRecord], outcomes: list[Settlement]) -> Any:
             if outcomes:
                 outbox.record(connection, outcomes, 2000.0, after)
             return inbound.commit_inbound(connection, group, False, False)
@@ -184,9 +182,7 @@ def main() -> None:
                     outcomes = pending_outcomes[-1] if pending_outcomes else []
                     results = database.transaction_now(both, group, outcomes)
                 else:
-                    results = database.transaction_now(
-                        inbound.commit_inbound, group, False, False
-                    )
+                    results = database.transaction_now(inbound.commit_inbound, group, False, False)
                 commit += time.process_time() - began
                 settlements = []
                 for item, result in zip(group, results, strict=True):
