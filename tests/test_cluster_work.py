@@ -682,7 +682,7 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         def on(name: str) -> Any:
             def handler(payload: str) -> None:
                 heard[name].append(payload)
-                if heard["leases"] and heard["work"]:
+                if MISSED in heard["leases"] and MISSED in heard["work"]:
                     missed.set()
 
             return handler
@@ -695,8 +695,14 @@ class PostgreSQLWorkTests(SynchronousTestCase):
         )
         listener.start()
         self.addCleanup(listener.stop)
+
+        # Other trial workers share the database and its channels: their announcements
+        # may arrive too; what this test is about is the "missed" marker, once each.
+        def markers() -> dict[str, list[str]]:
+            return {name: [p for p in payloads if p == MISSED] for name, payloads in heard.items()}
+
         self.assertTrue(listener.listening.wait(30))
-        self.assertEqual(heard, {"leases": [], "work": []})
+        self.assertEqual(markers(), {"leases": [], "work": []})
         with self.engine.connect() as connection:
             ended = connection.execute(
                 text(
@@ -707,7 +713,7 @@ class PostgreSQLWorkTests(SynchronousTestCase):
             ).scalar_one()
         self.assertEqual(ended, 1)
         self.assertTrue(missed.wait(30), heard)
-        self.assertEqual(heard, {"leases": [MISSED], "work": [MISSED]})
+        self.assertEqual(markers(), {"leases": [MISSED], "work": [MISSED]})
         self.assertEqual(store.parse_work(MISSED), store.Work(all=True))
 
     def heard(self, driver: Any, mine: Callable[[str], bool]) -> str:
