@@ -42,9 +42,6 @@ from udsgateway.store.records import Delivery, Settlement
 
 log = Logger()
 
-#: Endpoints whose address the dispatcher keeps parsed (``Dispatcher._address``).
-MAX_ADDRESSES = 4096
-
 
 @define(eq=False)
 class _Unlocked:
@@ -121,8 +118,6 @@ class Dispatcher(Service):
     #: The fencing token of each running lane, and of each delivery being sent.
     _lane_tokens: dict[str, object] = field(factory=dict)
     _sending: dict[int, object] = field(factory=dict)
-    #: ``host:port`` of the endpoints seen (see ``_address``).
-    _addresses: dict[str, str] = field(factory=dict)
 
     def __attrs_post_init__(self) -> None:
         self._committer = GroupCommitter(self.database, self._record_batch, 256)
@@ -141,33 +136,17 @@ class Dispatcher(Service):
             may_send=self._may_send,
         )
 
-    def _address(self, endpoint: str) -> str:
-        """``destinations.address_of(endpoint)``, parsed once per endpoint.
-
-        The counters ask for the address of every delivery attempted and
-        delivered, and parsing the endpoint string is a regular expression and
-        a dict each time. The endpoints are the flows' destinations, so the
-        cache stays small; it is emptied should it ever grow past
-        ``MAX_ADDRESSES``.
-        """
-        address = self._addresses.get(endpoint)
-        if address is None:
-            if len(self._addresses) >= MAX_ADDRESSES:
-                self._addresses.clear()
-            address = self._addresses[endpoint] = destinations.address_of(endpoint)
-        return address
-
     def attempted(self, endpoint: str, settlement: Settlement, outcome: str) -> None:
         """Count a recorded attempt by destination address and outcome (one of
         ``errors.ATTEMPT_OUTCOMES``: accepted, error, rejected, timeout, connect_failed...)."""
-        counts = self.attempts.setdefault(self._address(endpoint), {})
+        counts = self.attempts.setdefault(destinations.address_of(endpoint), {})
         counts[outcome] = counts.get(outcome, 0) + 1
 
     def paused_by(self, endpoint: str) -> str | None:
         """Who paused the destination of ``endpoint``; None when it is not paused."""
         if not self.paused:
             return None
-        return self.paused.get(self._address(endpoint))
+        return self.paused.get(destinations.address_of(endpoint))
 
     def set_pauses(self, found: Mapping[str, str]) -> None:
         """The paused destinations as the store has them now (address -> who): lanes
@@ -176,7 +155,7 @@ class Dispatcher(Service):
         self.paused = dict(found)
         if resumed:
             for lane in list(self.lanes.values()):
-                if self._address(lane.destination.endpoint) in resumed:
+                if destinations.address_of(lane.destination.endpoint) in resumed:
                     lane.rewind()
 
     async def _load_pauses(self) -> None:
@@ -575,6 +554,6 @@ class Dispatcher(Service):
         """One delivery left the destination's queue (backpressure counter), ``seconds``
         after it was queued (the delivery latency, on the wall clock)."""
         self.delivery_latency.observe(max(0.0, seconds))
-        address = self._address(destination)
+        address = destinations.address_of(destination)
         self.sent[address] = self.sent.get(address, 0) + 1
         self.queued[destination] = max(0, self.queued.get(destination, 0) - 1)
