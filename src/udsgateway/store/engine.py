@@ -362,11 +362,7 @@ class Database:
         driver = connection.connection
         try:
             if connection.dialect.name == "sqlite":
-                cursor = driver.cursor()
-                try:
-                    cursor.execute("BEGIN IMMEDIATE")
-                finally:
-                    cursor.close()
+                _driver_sql(connection, "BEGIN IMMEDIATE")
             result = function(connection, *args)
             if connection.in_transaction():
                 connection.commit()
@@ -650,12 +646,17 @@ class GroupCommitter(Generic[Item, Result]):
         )
 
     def _run_batch(self, connection: Connection, items: list[Item]) -> list[Result]:
-        if self.before_batch is not None:
-            self.before_batch()
-        results = self._batch(connection, items)
+        results = self._sql(connection, items)
         if self.guard is not None:
             self.guard()
         return results
+
+    def _sql(self, connection: Connection, items: list[Item]) -> list[Result]:
+        """A group's statements (after the fault hook), without the guard: a
+        ``SharedCommits`` runs each member's, then the guards once each."""
+        if self.before_batch is not None:
+            self.before_batch()
+        return self._batch(connection, items)
 
     def _committed(self, results: list[Result], group: list[_Pending[Item, Result]]) -> None:
         # The callbacks first, then the next group. Handing the next group over first
@@ -783,9 +784,7 @@ class SharedCommits:
             savepoint = f"udsgateway_group_{index}"
             _driver_sql(connection, f"SAVEPOINT {savepoint}")
             try:
-                if member.before_batch is not None:
-                    member.before_batch()
-                outcomes.append((True, member._batch(connection, items)))
+                outcomes.append((True, member._sql(connection, items)))
             except Exception as error:
                 converted = _as_sqlalchemy_error(connection, error)
                 outcomes.append((False, Failure() if converted is None else Failure(converted)))
