@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.messages import MESSAGE_TYPES, MessageFactory
+import attrs
 
-KEY_SLICE = 64
+from bench.messages import MESSAGE_TYPES, MessageFactory
 
 
 class _Timed:
@@ -89,6 +89,7 @@ def main() -> None:
     from udsgateway.compiled import variant
     from udsgateway.hl7.header import Header, parse_header
     from udsgateway.hl7.keys import search_keys
+    from udsgateway.inbound.searchkeys import KeyWriter
     from udsgateway.store import inbound, outbox, search
     from udsgateway.store.engine import Database, InlineRunner, ensure_schema, make_engine
     from udsgateway.store.executions import advance
@@ -142,6 +143,7 @@ def main() -> None:
         )
 
     records = [record(p, i) for i, p in enumerate(payloads)]
+    key_slice = attrs.fields(KeyWriter).slice.default
     timed = _Timed()
 
     with tempfile.TemporaryDirectory(prefix="bench-storepath-") as folder:
@@ -203,7 +205,7 @@ def main() -> None:
                             control_id=delivery.control_id,
                         )
                     )
-                if len(unwritten) >= KEY_SLICE or start + args.group >= len(part):
+                if len(unwritten) >= key_slice or start + args.group >= len(part):
                     began = time.process_time()
                     database.transaction_now(
                         search.insert_keys,
